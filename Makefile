@@ -1,0 +1,31 @@
+# The two commands of the quick start: `make demo` (everything end to end) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-integration lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/headrace demo
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check client workers models cluster tests
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) benchmarks/e2e_vs_raw.py
+
+clean:
+	rm -rf $(VENV) model_repo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,70 @@
+"""Redis key names of wire protocol v1.
+
+Every key of one model carries the model name as a Redis Cluster hash tag (``{model}``), so
+the request stream, its dead-letter stream, the dedupe markers and the reply streams the
+SDK uses for that model all live in one slot: the worker's atomic result+ack script may
+touch them together, on a single Redis and on Redis Cluster alike.
+
+    <ns>:{<model>}:requests            request stream (consumer group "workers")
+    <ns>:{<model>}:dlq                 dead-letter stream
+    <ns>:{<model>}:done:<request_id>   dedupe marker (string, TTL)
+    <ns>:{<model>}:stats               recent batch statistics (capped stream)
+    <ns>:{<model>}:reply:<client_id>   a client's reply stream for this model
+    <ns>:models                        hash: model -> JSON info of the workers serving it
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import DEFAULT_GROUP, DEFAULT_NAMESPACE, validate_model_name, validate_namespace
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    """The key names for one model in one namespace."""
+
+    namespace: str
+    model: str
+    group: str = DEFAULT_GROUP
+
+    def __post_init__(self) -> None:
+        validate_namespace(self.namespace)
+        validate_model_name(self.model)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}:{{{self.model}}}"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}:stats"
+
+    @property
+    def done_prefix(self) -> str:
+        """Prefix of the dedupe markers; the request id is appended."""
+        return f"{self.prefix}:done:"
+
+    def done(self, request_id: str) -> str:
+        return f"{self.done_prefix}{request_id}"
+
+    def reply(self, client_id: str) -> str:
+        return f"{self.prefix}:reply:{client_id}"
+
+
+def registry_key(namespace: str = DEFAULT_NAMESPACE) -> str:
+    """Hash of served models (field = model name, value = JSON worker info)."""
+    validate_namespace(namespace)
+    return f"{namespace}:models"
+
+
+def model_keys(model: str, namespace: str = DEFAULT_NAMESPACE) -> ModelKeys:
+    return ModelKeys(namespace=namespace, model=model)

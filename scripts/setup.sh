@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root with everything headrace needs to run and test.
+# Idempotent: re-running only installs what changed (pyproject.toml is the stamp's key).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.headrace-setup
+key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# The pinned CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[worker,dev]"
+echo "$key" > "$stamp"
+echo "headrace: environment ready in .venv/"

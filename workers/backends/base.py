@@ -1,0 +1,78 @@
+"""The one small interface between the worker loop and a model.
+
+The worker loop knows nothing of ONNX Runtime or torch: it hands a list of decoded
+requests (one sample each) to a :class:`Servable` and gets one output map per request.
+A servable owns pre-processing (tokenising text, stacking tensors), the backend run and
+post-processing (splitting the batch back into per-request outputs).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from headrace.client.protocol import Request
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model, per sample (the batch dimension is left out).
+
+    ``shape`` uses -1 for a dynamic axis (e.g. sequence length).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Servable(abc.ABC):
+    """A loaded model ready to run batches.
+
+    Attributes:
+        name: model name as served (``minilm``).
+        version: repository version loaded.
+        accepts_text: requests carry ``text`` instead of tensors.
+        inputs / outputs: per-sample signature.
+    """
+
+    name: str
+    version: str
+    accepts_text: bool = False
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @abc.abstractmethod
+    def check(self, request: Request) -> None:
+        """Validate one request against the signature before it joins a batch.
+
+        Raises:
+            ProtocolError subclasses (codes ``missing_field``, ``bad_dtype``, ``bad_shape``,
+            ``bad_value``) for a request this model cannot take. Never raises for a valid one.
+        """
+
+    def length(self, request: Request) -> int:
+        """Cost proxy used to bucket variable-length inputs (e.g. characters of text)."""
+        return len(request.text) if request.text is not None else 0
+
+    @abc.abstractmethod
+    def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
+        """Run one batch; return one output map per request, in order.
+
+        Called off the event loop (in a thread). Requests were already ``check``-ed.
+
+        Raises:
+            ModelError: the backend failed for this batch.
+        """
+
+    def close(self) -> None:
+        """Release sessions/threads. Idempotent."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description (for the registry and ``headrace status``)."""
+        return {"model": self.name, "version": self.version, "accepts_text": self.accepts_text,
+                "inputs": [s.__dict__ for s in self.inputs], "outputs": [s.__dict__ for s in self.outputs]}
