@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,15 @@ class Limits:
 
 DEFAULT_LIMITS: Final = Limits()
 
+# Error messages quote what the producer sent; reprlib bounds depth and length, because a
+# plain repr() of a 1000-level nested list (msgpack accepts ~1023) raises RecursionError.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxstring, _QUOTE.maxother = 3, 10, 40, 40
+
+
+def _quote(value: Any) -> str:
+    return _QUOTE.repr(value)
+
 
 # --- tensors -----------------------------------------------------------------------------
 
@@ -93,7 +103,8 @@ def encode_tensor(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     if name not in DTYPES:
         raise E.InvalidTensorError(f"dtype {name!r} is not a wire dtype; use one of {sorted(DTYPES)}",
                                    code=E.BAD_DTYPE)
-    a = np.ascontiguousarray(a, dtype=DTYPES[name])
+    # asarray(order="C"), not ascontiguousarray: the latter turns 0-d scalars into shape (1,).
+    a = np.asarray(a, dtype=DTYPES[name], order="C")
     return {"dtype": name, "shape": list(a.shape), "data": a.tobytes()}
 
 
@@ -112,12 +123,12 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
             raise E.MissingFieldError(f"{name}: tensor field {key!r} is missing")
     dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise E.InvalidTensorError(f"{name}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}",
+        raise E.InvalidTensorError(f"{name}: dtype {_quote(dtype_name)} is not one of {sorted(DTYPES)}",
                                    code=E.BAD_DTYPE)
     if (not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise E.InvalidTensorError(f"{name}: shape must be a list of at most {MAX_DIMS} "
-                                   f"non-negative integers, got {shape!r}", code=E.BAD_SHAPE)
+                                   f"non-negative integers, got {_quote(shape)}", code=E.BAD_SHAPE)
     if not isinstance(data, (bytes, bytearray)):
         raise E.DecodeError(f"{name}: tensor data must be msgpack bin (raw bytes)")
     # math.prod on Python ints cannot overflow; compare before trusting any allocation.
@@ -170,7 +181,14 @@ def _unpack(data: bytes, limits: Limits) -> Any:
             max_array_len=limits.max_elements, max_map_len=limits.max_inputs * 4 + 16,
             max_ext_len=0,
         )
-    except Exception as e:  # msgpack raises many types (ValueError, ExtraData, StackError...)
+    except ValueError as e:
+        # msgpack's own length caps (max_map_len etc.) refuse a huge container before
+        # building it; to the producer that is "too large", not "undecodable". Extension
+        # types (max_ext_len=0) are not part of the protocol at all: those stay decode errors.
+        if "exceeds max_" in str(e) and "max_ext_len" not in str(e):
+            raise E.PayloadTooLargeError(f"body holds a container beyond the decoder's limits: {e}") from e
+        raise E.DecodeError(f"body is not valid msgpack: {type(e).__name__}: {e}") from e
+    except Exception as e:  # msgpack raises many types (ExtraData, StackError, UnicodeDecodeError...)
         raise E.DecodeError(f"body is not valid msgpack: {type(e).__name__}: {e}") from e
 
 
@@ -396,12 +414,20 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     if not isinstance(body, dict):
         raise E.DecodeError("result body must be a msgpack map")
     outputs_raw = body.get("outputs") or {}
+    # Only ProtocolError may leave here: the SDK's reply reader skips an undecodable result,
+    # but any other exception would make it re-read the same entry forever.
+    if not isinstance(outputs_raw, dict):
+        raise E.DecodeError("result outputs must be a map of name -> tensor")
     big = Limits(max_payload_bytes=1 << 30, max_elements=1 << 30)
     outputs = {str(k): decode_tensor(v, big, name=str(k)) for k, v in outputs_raw.items()}
+    try:
+        timings = Timings.from_wire(body.get("timings"))
+    except (TypeError, ValueError) as e:
+        raise E.DecodeError(f"result timings are malformed: {e}") from e
     return Result(
         request_id=request_id, status=status, outputs=outputs,
         code=_s(fields, b"code", required=False) or "",
         message=_s(fields, b"message", required=False) or "",
-        timings=Timings.from_wire(body.get("timings")),
+        timings=timings,
         model=str(body.get("model") or ""), version=str(body.get("version") or ""),
     )

@@ -1,0 +1,12 @@
+"""Model backends behind the :class:`~headrace.workers.backends.base.Servable` interface.
+
+``load_servable(settings)`` reads the manifest from the model repository and returns an
+ONNX Runtime or torch servable; the heavy libraries are imported only when used.
+"""
+
+from __future__ import annotations
+
+from .base import Servable, TensorSpec
+from .loader import load_servable, select_manifest, servable_from_manifest
+
+__all__ = ["Servable", "TensorSpec", "load_servable", "select_manifest", "servable_from_manifest"]

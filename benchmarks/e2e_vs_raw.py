@@ -1,0 +1,222 @@
+"""The data plane's cost: raw backend throughput vs end-to-end through Redis, same model,
+same batch size, same threads, one run.
+
+For each model artifact (MiniLM INT8 and fp32 by default):
+
+1. **raw limit**: the servable the worker uses (tokenise, length buckets, ONNX Runtime,
+   split) on back-to-back batches of ``--batch`` real sentences, in this process.
+2. **end-to-end**: a standalone worker process (``python -m headrace.workers``, same
+   threads, ``max_batch = --batch``) on a private Redis, loaded by the asyncio SDK in
+   closed loop with ``--concurrency`` requests outstanding. Raw and end-to-end alternate
+   (raw, e2e, raw, e2e, ..., raw) so drift of the shared machine hits both; the ratio is
+   end-to-end over the mean of the raw runs around each round.
+3. **queue overhead at half load**: Poisson arrivals at ``--load`` x the raw limit through
+   a probed worker (``headrace.cluster.bench_probe``: the same worker loop, broker and
+   servable, with timestamps). Per request, queue overhead = send -> worker read
+   + commit start -> client decoded (see ``bench_probe.split_overhead``); the
+   worker's own serving time (batch formation, waiting for and running the model) is not
+   overhead. Cross-check: the same arrivals into an in-process reference (the worker's
+   batcher and servable, no Redis), compared percentile by percentile.
+
+Prints a table and writes JSON. Asserts nothing about speed.
+
+    .venv/bin/python benchmarks/e2e_vs_raw.py --threads 2 --batch 32 [--models int8,fp32] [--json runs/e2e_vs_raw.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from headrace.client.aio import AsyncClient
+from headrace.client.embedded_redis import EmbeddedRedis
+from headrace.cluster.bench import host_info
+from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loop
+from headrace.cluster.bench_models import ensure_benchmark_models
+from headrace.cluster.bench_probe import PROBE_ENV, load_probes, split_overhead
+from headrace.cluster.bench_stats import LatencySummary, LoadPoint, fmt_ms, overhead, summarize
+from headrace.cluster.bench_systems import WorkerProcesses, pin_threads
+from headrace.cluster.bench_targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
+from headrace.workers.backends import load_servable
+from headrace.workers.settings import WorkerSettings
+
+log = logging.getLogger("e2e_vs_raw")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", default="model_repo", help="model repository (MiniLM built/quantized if needed)")
+    ap.add_argument("--models", default="int8,fp32", help="comma list of int8 / fp32")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads everywhere")
+    ap.add_argument("--batch", type=int, default=32, help="raw batch size = worker max_batch")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="worker (and reference) batching wait")
+    ap.add_argument("--raw-s", type=float, default=6.0, help="seconds per raw measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="end-to-end rounds, each between two raw runs")
+    ap.add_argument("--duration-s", type=float, default=15.0, help="measured window of each load run")
+    ap.add_argument("--warmup-s", type=float, default=3.0)
+    ap.add_argument("--concurrency", type=int, default=0, help="closed-loop outstanding requests (0 = 4 x batch)")
+    ap.add_argument("--load", type=float, default=0.5, help="fraction of the raw limit for the overhead runs")
+    ap.add_argument("--timeout-s", type=float, default=60.0)
+    ap.add_argument("--pool", type=int, default=512, help="distinct real sentences cycled through")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="runs/e2e_vs_raw.json", help="write the figures here")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args()
+
+
+def load_point(rr: Any, label: str, mode: str, **kw: Any) -> LoadPoint:
+    return summarize(rr.samples, label=label, mode=mode, start_s=rr.start_s, end_s=rr.end_s,
+                     extra=rr.generator_stats(), **kw)
+
+
+async def reference_run(servable: Any, payloads: Payloads, args: argparse.Namespace, rate: float,
+                        limits: RunLimits, progress: bool) -> LoadPoint:
+    async with InProcessTarget(servable, payloads, max_batch=args.batch, max_wait_ms=args.max_wait_ms) as target:
+        async with Ticker(limits.total_s, f"reference {rate:.0f}/s", progress) as tick:
+            rr = await open_loop(target, rate, limits, seed=args.seed, progress=tick)
+    return load_point(rr, f"in-process {rate:.0f}/s", "open", offered_rps=rate)
+
+
+async def throughput_rounds(url: str, ns: str, model: str, servable: Any, payloads: Payloads,
+                            args: argparse.Namespace, limits: RunLimits, progress: bool
+                            ) -> tuple[list[dict[str, float]], list[LoadPoint]]:
+    """raw, e2e, raw, e2e, ..., raw: each e2e round is compared with the raw runs around it,
+    so a slow drift of the (shared) machine does not pass for overhead."""
+    conc = args.concurrency or 4 * args.batch
+    raws = [raw_throughput(servable, payloads, args.batch, args.raw_s)]
+    closed: list[LoadPoint] = []
+    async with AsyncClient(url, namespace=ns, timeout_s=args.timeout_s) as client:
+        target = HeadraceTarget(client, model, payloads)
+        for k in range(args.rounds):
+            async with Ticker(limits.total_s, f"headrace c={conc} round {k + 1}", progress) as tick:
+                rr = await closed_loop(target, conc, limits, progress=tick)
+            closed.append(load_point(rr, f"headrace c={conc}", "closed", concurrency=conc))
+            raws.append(raw_throughput(servable, payloads, args.batch, args.raw_s))
+    return raws, closed
+
+
+async def probed_run(url: str, ns: str, model: str, payloads: Payloads, args: argparse.Namespace, rate: float,
+                     limits: RunLimits, progress: bool) -> Any:
+    async with AsyncClient(url, namespace=ns, timeout_s=args.timeout_s) as client:
+        target = HeadraceTarget(client, model, payloads)
+        async with Ticker(limits.total_s, f"headrace {rate:.0f}/s (probed)", progress) as tick:
+            return await open_loop(target, rate, limits, seed=args.seed, progress=tick)
+
+
+def queue_split(rr: Any, probes: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Percentiles of each latency part (see bench_probe.split_overhead) over the ok
+    requests sent inside the window."""
+    parts: dict[str, list[float]] = {}
+    joined = 0
+    for s in rr.samples:
+        if not (s.ok and rr.start_s <= s.sent_s < rr.end_s and s.key in probes):
+            continue
+        sent = rr.origin + s.sent_s
+        split = split_overhead(sent, sent + (s.e2e_ms or 0.0) / 1000.0, probes[s.key])
+        if split is None:
+            continue
+        joined += 1
+        for k, v in split.items():
+            parts.setdefault(k, []).append(v)
+    return {"joined": joined, **{k: asdict(LatencySummary.of(v)) for k, v in parts.items()}}
+
+
+def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payloads,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    progress = not args.no_progress
+    repo = str(Path(args.repo).absolute())
+    settings = WorkerSettings(model=manifest.name, version=manifest.version, model_repo=repo,
+                              intra_op_threads=args.threads, max_batch=args.batch, max_wait_ms=args.max_wait_ms)
+    limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, args.timeout_s)
+    flags = {"max_batch": args.batch, "max_wait_ms": args.max_wait_ms}
+    common = {"version": manifest.version, "model_repo": repo, "threads": args.threads, "settings": flags}
+    servable = load_servable(settings, providers=["CPUExecutionProvider"])
+    try:
+        ns = f"bench-{uuid.uuid4().hex[:6]}"
+        with WorkerProcesses(redis.url, ns, manifest.name, **common):
+            raws, closed = asyncio.run(throughput_rounds(redis.url, ns, manifest.name, servable, payloads, args,
+                                                         limits, progress))
+        raw_rps = sum(r["rps"] for r in raws) / len(raws)
+        rounds = [{"raw_rps": (raws[k]["rps"] + raws[k + 1]["rps"]) / 2, "e2e_rps": c.throughput_rps,
+                   "ratio": c.throughput_rps / ((raws[k]["rps"] + raws[k + 1]["rps"]) / 2)}
+                  for k, c in enumerate(closed)]
+        ratio = sum(r["e2e_rps"] for r in rounds) / sum(r["raw_rps"] for r in rounds)
+        rate = args.load * raw_rps
+        ref = asyncio.run(reference_run(servable, payloads, args, rate, limits, progress))
+    finally:
+        servable.close()
+    with tempfile.TemporaryDirectory(prefix="headrace-probe-") as tmp:
+        probe_file = str(Path(tmp) / "probes.jsonl")
+        ns = f"bench-{uuid.uuid4().hex[:6]}"
+        with WorkerProcesses(redis.url, ns, manifest.name, module="headrace.cluster.bench_probe",
+                             env={PROBE_ENV: probe_file}, **common):
+            rr = asyncio.run(probed_run(redis.url, ns, manifest.name, payloads, args, rate, limits, progress))
+        probes = load_probes(probe_file)
+    opened = load_point(rr, f"headrace {rate:.0f}/s", "open", offered_rps=rate)
+    return {"kind": kind, "model": f"{manifest.name}/{manifest.version}", "precision": manifest.precision,
+            "raws": raws, "raw_rps": raw_rps, "rounds": rounds, "e2e_rps": sum(c.throughput_rps for c in closed)
+            / len(closed), "ratio": ratio, "load_rps": rate, "queue_split": queue_split(rr, probes),
+            "vs_reference_ms": overhead(opened.e2e, ref.e2e), "closed": [c.to_json() for c in closed],
+            "open": opened.to_json(), "reference": ref.to_json()}
+
+
+def render(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
+    t = Table(title=f"MiniLM: raw backend vs end-to-end through Redis (batch {args.batch}, {args.threads} threads)")
+    for c in ("model", "raw/s", "e2e/s", "e2e/raw (rounds)", f"load/s ({args.load:.0%})", "e2e p50/p99 ms",
+              "queue overhead p50/p99 ms", "wire in / deliver p50 ms", "vs in-process p50/p99 ms", "errors"):
+        t.add_column(c, justify="right")
+    for r in results:
+        o, q, vr = r["open"], r["queue_split"], r["vs_reference_ms"]
+        errs = sum(sum(c["errors"].values()) for c in r["closed"]) + sum(o["errors"].values())
+        qq = q.get("queue", {})
+        t.add_row(f"{r['model']} ({r['precision']})", f"{r['raw_rps']:.1f}", f"{r['e2e_rps']:.1f}",
+                  f"{100 * r['ratio']:.1f}% (" + ", ".join(f"{100 * x['ratio']:.0f}" for x in r["rounds"]) + ")",
+                  f"{r['load_rps']:.0f}", f"{fmt_ms(o['e2e']['p50'], 1)}/{fmt_ms(o['e2e']['p99'], 1)}",
+                  f"{fmt_ms(qq.get('p50'), 2)}/{fmt_ms(qq.get('p99'), 2)}",
+                  "/".join(fmt_ms(q.get(k, {}).get("p50"), 2) for k in ("wire_in", "deliver")),
+                  f"{fmt_ms(vr['p50'], 1)}/{fmt_ms(vr['p99'], 1)}", str(errs))
+    return t
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pin_threads(args.threads)
+    kinds = tuple(k.strip() for k in args.models.split(",") if k.strip())
+    manifests = ensure_benchmark_models(args.repo, kinds)
+    payloads = text_payloads(args.pool, seed=args.seed)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.monotonic()
+    results = []
+    with EmbeddedRedis() as redis:
+        for kind in kinds:
+            results.append(measure_model(kind, manifests[kind], redis, payloads, args))
+    console = Console()
+    console.print(render(results, args))
+    for r in results:
+        qq = r["queue_split"].get("queue", {})
+        console.print(f"{r['model']}: end-to-end {r['e2e_rps']:.1f}/s = {100 * r['ratio']:.1f}% of raw "
+                      f"{r['raw_rps']:.1f}/s; queue overhead at {args.load:.0%} load p50 "
+                      f"{fmt_ms(qq.get('p50'), 2)} ms, p99 {fmt_ms(qq.get('p99'), 2)} ms")
+    doc = {"benchmark": "e2e_vs_raw", "started_at": started, "wall_s": round(time.monotonic() - t0, 1),
+           "host": host_info(), "args": vars(args), "payloads": payloads.describe(), "results": results}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+        console.print(f"JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Building request entries and enqueueing them with backpressure (the submit Lua script).
+
+The script itself lives next to this module in ``submit.lua`` so producers in other
+languages can ``EVAL`` the very same file (see ``docs/protocol.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import numpy as np
+
+from . import errors as E
+from . import protocol
+from .config import ClientSettings
+from .keys import ModelKeys
+
+SUBMIT_LUA: Final[str] = resources.files(__package__).joinpath("submit.lua").read_text(encoding="utf-8")
+
+
+_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+def new_client_id() -> str:
+    """A client id unique per process and instance: host, pid and a random suffix."""
+    host = re.sub(r"[^A-Za-z0-9.\-]", "-", socket.gethostname())[:24] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def resolve_settings(settings: ClientSettings | None, client_id: str | None, **overrides: Any) -> tuple[ClientSettings, str]:
+    """Settings from ``settings`` (or the ``HEADRACE_*`` environment) with non-None
+    ``overrides`` applied, and a checked client id.
+
+    Raises:
+        ConfigError: an invalid setting or client id.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    resolved = settings.replace(**given) if settings is not None else ClientSettings.from_env(**given)
+    cid = client_id or new_client_id()
+    if not _CLIENT_ID_RE.match(cid):
+        raise E.ConfigError(f"client_id {cid!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    return resolved, cid
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 hex characters (valid under the wire id rules)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """An encoded request, ready to be enqueued (and re-enqueued by ``resubmit``)."""
+
+    model: str
+    request_id: str
+    stream: str
+    reply_to: str
+    deadline_ms: int
+    fields: Mapping[bytes, bytes]
+
+
+def prepare_request(keys: ModelKeys, reply_to: str, inputs: Mapping[str, Any] | None, text: str | None, *,
+                    request_id: str | None, deadline_s: float) -> PreparedRequest:
+    """Encode one request for ``keys.model``.
+
+    Args:
+        inputs: named arrays (anything ``np.asarray`` accepts), one sample each.
+        text: a text input instead of tensors.
+        request_id: caller-chosen id (1-128 chars of ``[A-Za-z0-9._:-]``); None picks one.
+        deadline_s: time-to-live in seconds from now; 0 means no deadline.
+
+    Raises:
+        ProtocolError: neither or both of ``inputs``/``text``, or an invalid request id.
+        InvalidTensorError: an input dtype that is not a wire dtype (``bad_dtype``).
+    """
+    if deadline_s < 0:
+        raise E.ProtocolError(f"deadline_s must be >= 0 seconds, got {deadline_s}", code=E.BAD_VALUE)
+    if text is not None and not isinstance(text, str):
+        raise E.ProtocolError(f"text must be a str, got {type(text).__name__}", code=E.BAD_VALUE)
+    arrays = {str(k): np.asarray(v) for k, v in (inputs or {}).items()}
+    rid = request_id if request_id is not None else new_request_id()
+    now = protocol.now_ms()
+    env = protocol.Envelope(request_id=rid, reply_to=reply_to, model=keys.model, ts_ms=now,
+                            deadline_ms=now + int(deadline_s * 1000) if deadline_s else 0)
+    fields = protocol.encode_request(protocol.Request(envelope=env, inputs=arrays, text=text))
+    # Run the worker's own envelope checks here, so a bad request id fails in the caller
+    # instead of coming back as an error result that the caller cannot match.
+    protocol.decode_envelope(fields)
+    return PreparedRequest(model=keys.model, request_id=rid, stream=keys.requests, reply_to=reply_to,
+                           deadline_ms=env.deadline_ms, fields=fields)
+
+
+def script_args(keys: ModelKeys, prepared: PreparedRequest, max_backlog: int) -> tuple[list[str], list[Any]]:
+    """``(KEYS, ARGV)`` for :data:`SUBMIT_LUA`."""
+    argv: list[Any] = [keys.group, max_backlog]
+    for k, v in prepared.fields.items():
+        argv += [k, v]
+    return [keys.requests], argv
+
+
+def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
+    """Interpret the script's answer; return the request stream entry id.
+
+    Raises:
+        QueueFull: the model's backlog was at or above ``max_backlog``; nothing was added.
+        BrokerError: the reply has an unexpected shape.
+    """
+    try:
+        added, value = int(reply[0]), reply[1]
+    except (TypeError, ValueError, IndexError) as e:
+        raise E.BrokerError(f"unexpected reply from the submit script: {reply!r}") from e
+    if not added:
+        raise E.QueueFull(
+            f"model {prepared.model!r} has a backlog of {int(value)} requests (max_backlog={max_backlog}); "
+            f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise "
+            "HEADRACE_MAX_BACKLOG")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def split_item(item: Any) -> tuple[Mapping[str, Any] | None, str | None]:
+    """One ``map`` item as ``(inputs, text)``: a ``str`` is a text input, a mapping is
+    named tensors.
+
+    Raises:
+        ProtocolError: any other type (``bad_value``).
+    """
+    if isinstance(item, str):
+        return None, item
+    if isinstance(item, Mapping):
+        return item, None
+    raise E.ProtocolError(
+        f"map items must be a str (text) or a mapping of input name -> array, got {type(item).__name__}; "
+        "wrap a bare array as {'<input name>': array}", code=E.BAD_VALUE)

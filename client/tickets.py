@@ -1,0 +1,181 @@
+"""Tickets (future-like handles of submitted requests) and the book that matches reply
+entries to them. Shared by the thread-based :class:`Client` and the :class:`AsyncClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from typing import Any
+
+from . import errors as E
+from . import protocol
+from .protocol import Result
+from .submit import PreparedRequest
+
+log = logging.getLogger(__name__)
+
+# XREAD cursor of a reply stream nobody read yet: "0-0" rather than "$", because a result
+# written between the XADD of the request and the reader's first XREAD must not be skipped.
+START_ID = "0-0"
+
+
+class Ticket:
+    """Handle of one submitted request; completes when its result arrives.
+
+    Works from threads (:meth:`result`) and from asyncio (``await ticket``). A ticket stays
+    collectable after a :class:`ResultTimeout`: the request may still be answered later.
+
+    Attributes:
+        request_id: the id on the wire (also the dedupe key on the worker side).
+        model: the model the request was sent to.
+        reply_to: the reply stream the result will be written to.
+        deadline_ms: absolute Unix deadline in ms (0 = none).
+        entry_id: id of the request stream entry of the latest (re)submission.
+        submitted: ``time.monotonic()`` of the latest (re)submission.
+    """
+
+    def __init__(self, prepared: PreparedRequest, entry_id: str = "", default_timeout_s: float = 60.0) -> None:
+        self.prepared = prepared
+        self.request_id = prepared.request_id
+        self.model = prepared.model
+        self.reply_to = prepared.reply_to
+        self.deadline_ms = prepared.deadline_ms
+        self.entry_id = entry_id
+        self.submitted = time.monotonic()
+        self.default_timeout_s = default_timeout_s
+        self._future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"Ticket(model={self.model!r}, request_id={self.request_id!r}, {state})"
+
+    def done(self) -> bool:
+        """True once the result arrived."""
+        return self._future.done()
+
+    def result(self, timeout_s: float | None = None) -> Result:
+        """Block until the result arrives and return it (also when it is an error result;
+        call :meth:`Result.raise_for_status` to turn those into exceptions).
+
+        Args:
+            timeout_s: longest wait in seconds; None uses the client's ``timeout_s``.
+
+        Raises:
+            ResultTimeout: no result within ``timeout_s`` (the ticket stays collectable).
+        """
+        wait = self.default_timeout_s if timeout_s is None else timeout_s
+        try:
+            return self._future.result(timeout=wait)
+        except concurrent.futures.TimeoutError as e:
+            raise E.ResultTimeout(
+                f"no result for request {self.request_id} (model {self.model!r}) within {wait:.3f}s; "
+                "the ticket stays collectable") from e
+
+    async def wait(self, timeout_s: float | None = None) -> Result:
+        """Async form of :meth:`result`.
+
+        Raises:
+            ResultTimeout: no result within ``timeout_s``.
+        """
+        wait = self.default_timeout_s if timeout_s is None else timeout_s
+        try:
+            # shield: a timeout must not cancel the shared future (the ticket stays usable).
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), wait)
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            raise E.ResultTimeout(
+                f"no result for request {self.request_id} (model {self.model!r}) within {wait:.3f}s; "
+                "the ticket stays collectable") from e
+
+    def __await__(self) -> Generator[Any, None, Result]:
+        return self.wait().__await__()
+
+    def add_done_callback(self, fn: Callable[[Ticket], None]) -> None:
+        """Call ``fn(ticket)`` when the result arrives (in the reader's thread)."""
+        self._future.add_done_callback(lambda _f: fn(self))
+
+    def _resolve(self, result: Result) -> bool:
+        try:
+            self._future.set_result(result)
+            return True
+        except concurrent.futures.InvalidStateError:
+            return False
+
+
+class TicketBook:
+    """Outstanding tickets by request id, plus the XREAD cursor of each reply stream.
+
+    Thread-safe: the submitting threads add tickets while the reader resolves them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tickets: dict[str, Ticket] = {}
+        self._cursors: dict[str, str] = {}
+
+    def add(self, ticket: Ticket) -> bool:
+        """Track ``ticket``; return True when its reply stream is new to this book."""
+        with self._lock:
+            self._tickets[ticket.request_id] = ticket
+            if ticket.reply_to not in self._cursors:
+                self._cursors[ticket.reply_to] = START_ID
+                return True
+            return False
+
+    def discard(self, ticket: Ticket) -> None:
+        with self._lock:
+            if self._tickets.get(ticket.request_id) is ticket:
+                del self._tickets[ticket.request_id]
+
+    def outstanding(self) -> list[Ticket]:
+        with self._lock:
+            return list(self._tickets.values())
+
+    def cursors(self) -> dict[str, str]:
+        """A snapshot ``{reply stream: last id read}`` for the next XREAD."""
+        with self._lock:
+            return dict(self._cursors)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tickets)
+
+    def deliver(self, stream: str, entries: Sequence[tuple[Any, Mapping[bytes, bytes]]]) -> list[str]:
+        """Resolve the tickets answered by ``entries`` (XREAD output of one reply stream),
+        advance that stream's cursor, and return the entry ids to delete from it.
+
+        Entries that do not decode still resolve their ticket (when the id is readable)
+        with an ``error`` result carrying the decode error's code.
+        """
+        ids: list[str] = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            ids.append(entry_id)
+            try:
+                result = protocol.decode_result(fields)
+            except E.ProtocolError as e:
+                rid = fields.get(b"id", b"").decode("utf-8", "replace")
+                log.error("undecodable result %s for request %s on %s: %s", entry_id, rid, stream, e)
+                result = protocol.error_result(rid, e.code, f"the result could not be decoded: {e.message}")
+            with self._lock:
+                ticket = self._tickets.pop(result.request_id, None)
+            if ticket is None:
+                # A result for a ticket this client no longer tracks (it was answered
+                # already, or belongs to an earlier client with the same id): drop it.
+                log.debug("result %s for unknown request %s on %s dropped", entry_id, result.request_id, stream)
+                continue
+            if not ticket._resolve(result):
+                log.debug("duplicate result for request %s dropped", result.request_id)
+        if ids:
+            with self._lock:
+                self._cursors[stream] = ids[-1]
+        return ids
+
+
+def ordered_results(tickets: Iterable[Ticket]) -> list[Result]:
+    """Results of tickets that are all done, in the given order."""
+    return [t._future.result(timeout=0) for t in tickets]

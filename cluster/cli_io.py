@@ -1,0 +1,153 @@
+"""Input loading and rich rendering for the ``headrace`` CLI (numpy, json and rich only)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from headrace.client import errors as E
+from headrace.client.protocol import Result
+
+
+def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+    """Named input arrays from ``--input`` values.
+
+    Each spec is ``PATH`` or ``NAME=PATH``:
+
+    * ``.npy``: one array, named NAME or the file's stem (``x.npy`` -> ``x``);
+    * ``.npz``: every array in it under its own name;
+    * ``.json``: a map ``{name: [numbers...]}`` (float32) or
+      ``{name: {"dtype": "int64", "data": [...], "shape": [...]}}``.
+
+    Raises:
+        ProtocolError: unreadable file, unknown suffix or malformed JSON (``bad_value``).
+    """
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in specs:
+        name, sep, raw_path = spec.partition("=")
+        if not sep:
+            name, raw_path = "", spec
+        path = Path(raw_path)
+        try:
+            suffix = path.suffix.lower()
+            if suffix == ".npy":
+                out[name or path.stem] = np.load(path, allow_pickle=False)
+            elif suffix == ".npz":
+                with np.load(path, allow_pickle=False) as npz:
+                    for key in npz.files:
+                        out[key] = npz[key]
+            elif suffix == ".json":
+                out.update(_json_inputs(json.loads(path.read_text(encoding="utf-8")), path))
+            else:
+                raise E.ProtocolError(f"{path}: use a .npy, .npz or .json file", code=E.BAD_VALUE)
+        except (OSError, ValueError) as e:
+            raise E.ProtocolError(f"cannot read input {path}: {e}", code=E.BAD_VALUE) from e
+    return out
+
+
+def _json_inputs(doc: Any, path: Path) -> dict[str, np.ndarray[Any, Any]]:
+    if not isinstance(doc, dict) or not doc:
+        raise E.ProtocolError(f"{path}: expected a JSON object {{name: values}}", code=E.BAD_VALUE)
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for name, value in doc.items():
+        if isinstance(value, dict):
+            arr = np.asarray(value.get("data"), dtype=value.get("dtype", "float32"))
+            if "shape" in value:
+                arr = arr.reshape(value["shape"])
+        else:
+            arr = np.asarray(value, dtype=np.float32)
+        out[str(name)] = arr
+    return out
+
+
+def _preview(arr: np.ndarray[Any, Any], n: int = 6) -> str:
+    flat = arr.reshape(-1)
+    vals = ", ".join(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in flat[:n].tolist())
+    return f"[{vals}{', …' if flat.size > n else ''}]"
+
+
+def result_table(result: Result) -> Table:
+    """Outputs (dtype, shape, first values, L2 norm) and timings of one result."""
+    # escape(): codes and messages contain "[...]", which rich would take for markup.
+    table = Table(title=escape(f"request {result.request_id}: {result.status}"
+                               + (f" [{result.code}] {result.message}" if not result.ok else "")))
+    for col in ("output", "dtype", "shape", "values", "L2 norm"):
+        table.add_column(col)
+    for name, arr in result.outputs.items():
+        norm = float(np.linalg.norm(arr.astype(np.float64))) if arr.dtype.kind in "fiu" else float("nan")
+        table.add_row(name, str(arr.dtype), str(list(arr.shape)), _preview(arr), f"{norm:.4g}")
+    t = result.timings
+    table.caption = (f"model {result.model or '?'} v{result.version or '?'} · queue {t.queue_ms:.2f} ms · "
+                     f"infer {t.infer_ms:.2f} ms · batch {t.batch_size} · worker {t.worker or '?'}")
+    return table
+
+
+def result_json(result: Result) -> dict[str, Any]:
+    """A JSON-able dict of one result (outputs as nested lists)."""
+    return {"request_id": result.request_id, "status": result.status, "code": result.code,
+            "message": result.message, "model": result.model, "version": result.version,
+            "outputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()}
+                        for k, v in result.outputs.items()},
+            "timings": result.timings.to_wire()}
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN: no data in the window
+            return "-"
+        return f"{value:.1f}{unit}"
+    return f"{value}{unit}"
+
+
+def status_table(statuses: Iterable[tuple[str, Any]], namespace: str) -> Table:
+    """One row per model from ``(model, ModelStatus)`` pairs (``model_status`` results)."""
+    # A light box keeps ten columns inside an 80-column terminal.
+    table = Table(title=f"headrace status · namespace {namespace}", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, collapse_padding=True)
+    table.add_column("model", no_wrap=True)
+    for col in ("stream", "lag", "pending", "consumers", "workers", "DLQ", "req/s", "p50 ms", "p99 ms"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for model, st in statuses:
+        consumers = _get(st, "consumers", []) or []
+        workers = _get(st, "workers", None)
+        if isinstance(workers, (list, tuple, dict)):
+            workers = len(workers)
+        table.add_row(model, _fmt(_get(st, "stream_length")), _fmt(_get(st, "lag")), _fmt(_get(st, "pending")),
+                      str(len(consumers)), _fmt(workers), _fmt(_get(st, "dead_letters")),
+                      _fmt(_get(st, "throughput_rps")), _fmt(_get(st, "p50_ms")), _fmt(_get(st, "p99_ms")))
+    if table.row_count == 0:
+        table.caption = "no models: start a worker (headrace worker --model NAME) or submit a request"
+    return table
+
+
+def dlq_table(letters: Iterable[Any], model: str) -> Table:
+    """Dead letters (``DeadLetter`` records) as a table, oldest first."""
+    import datetime as dt
+
+    table = Table(title=f"dead letters of {model}")
+    for col in ("dlq id", "request id", "code", "reason", "deliveries", "dead-lettered at (UTC)"):
+        table.add_column(col, overflow="fold")
+    for d in letters:
+        ts = _get(d, "ts_ms", 0) or 0
+        when = dt.datetime.fromtimestamp(ts / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+        table.add_row(str(_get(d, "dlq_id", "")), escape(str(_get(d, "request_id", "")) or "-"),
+                      str(_get(d, "code", "")), escape(str(_get(d, "reason", ""))[:200]),
+                      str(_get(d, "deliveries", "")), when)
+    if table.row_count == 0:
+        table.caption = "(empty)"
+    return table

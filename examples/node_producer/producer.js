@@ -1,0 +1,199 @@
+#!/usr/bin/env node
+// A headrace producer in Node.js: wire protocol v1 (docs/protocol.md) with a plain Redis
+// client. It submits requests with the same backpressure Lua script the Python SDK uses
+// (client/submit.lua; or a plain XADD with --plain), then reads its reply stream with
+// XREAD BLOCK, decodes the msgpack results, prints one JSON line per result, and deletes
+// the entries it consumed.
+//
+//   npm ci && node producer.js --url redis://127.0.0.1:6379/0 --model affine --count 3
+//   node producer.js --model minilm --text "A sentence to embed."
+'use strict';
+
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { createClient, RESP_TYPES } = require('redis');
+const { encode, decode } = require('@msgpack/msgpack');
+
+const PROTOCOL_VERSION = '1';
+const GROUP = 'workers';
+const SUBMIT_LUA = path.resolve(__dirname, '..', '..', 'client', 'submit.lua');
+// Replies as Buffers: result bodies are binary msgpack.
+const BINARY = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } };
+
+const TYPED = {
+  bool: Uint8Array, int8: Int8Array, uint8: Uint8Array, int16: Int16Array, uint16: Uint16Array,
+  int32: Int32Array, uint32: Uint32Array, int64: BigInt64Array, uint64: BigUint64Array,
+  float32: Float32Array, float64: Float64Array,
+};
+
+function parseArgs(argv) {
+  const opts = {
+    url: process.env.HEADRACE_REDIS_URL || 'redis://127.0.0.1:6379/0',
+    namespace: process.env.HEADRACE_NAMESPACE || 'headrace',
+    model: 'affine', count: 1, text: null, input: 'x', dtype: 'float32', values: '1,2,3,4',
+    plain: false, maxBacklog: 100000, timeoutMs: 30000, deadlineMs: 0, wait: true,
+  };
+  for (let i = 2; i < argv.length; i++) {
+    const arg = argv[i];
+    const next = () => { if (i + 1 >= argv.length) throw new Error(`${arg} needs a value`); return argv[++i]; };
+    switch (arg) {
+      case '--url': opts.url = next(); break;
+      case '--namespace': opts.namespace = next(); break;
+      case '--model': opts.model = next(); break;
+      case '--count': opts.count = parseInt(next(), 10); break;
+      case '--text': opts.text = next(); break;
+      case '--input': opts.input = next(); break;
+      case '--dtype': opts.dtype = next(); break;
+      case '--values': opts.values = next(); break;
+      case '--plain': opts.plain = true; break;
+      case '--max-backlog': opts.maxBacklog = parseInt(next(), 10); break;
+      case '--timeout-ms': opts.timeoutMs = parseInt(next(), 10); break;
+      case '--deadline-ms': opts.deadlineMs = parseInt(next(), 10); break;
+      case '--no-wait': opts.wait = false; break;
+      case '-h': case '--help':
+        console.log('usage: node producer.js [--url URL] [--namespace NS] [--model M] [--count N] ' +
+          '[--text T | --input NAME --dtype D --values 1,2,3,4] [--plain] [--max-backlog N] ' +
+          '[--deadline-ms MS] [--timeout-ms MS] [--no-wait]');
+        process.exit(0);
+        break;
+      default: throw new Error(`unknown argument ${arg}`);
+    }
+  }
+  if (!(opts.count >= 1)) throw new Error('--count must be >= 1');
+  if (!TYPED[opts.dtype]) throw new Error(`--dtype must be one of ${Object.keys(TYPED).join(', ')}`);
+  return opts;
+}
+
+// A wire tensor: {dtype, shape, data}, data = raw little-endian C-order bytes.
+function encodeTensor(dtype, shape, values) {
+  if (os.endianness() !== 'LE') throw new Error('this example assumes a little-endian host');
+  const Typed = TYPED[dtype];
+  const big = Typed === BigInt64Array || Typed === BigUint64Array;
+  const arr = Typed.from(values, (v) => (big ? BigInt(v) : Number(v)));
+  return { dtype, shape, data: new Uint8Array(arr.buffer, arr.byteOffset, arr.byteLength) };
+}
+
+function decodeTensor(t) {
+  const Typed = TYPED[t.dtype];
+  if (!Typed) return { dtype: t.dtype, shape: t.shape, data: null };
+  // Copy into a fresh (aligned) buffer: msgpack bin data may start at any offset.
+  const bytes = Uint8Array.from(t.data);
+  const arr = new Typed(bytes.buffer, 0, bytes.byteLength / Typed.BYTES_PER_ELEMENT);
+  const data = Array.from(arr, (v) => (typeof v === 'bigint' ? Number(v) : v));
+  return { dtype: t.dtype, shape: t.shape, data: t.dtype === 'bool' ? data.map(Boolean) : data };
+}
+
+function requestFields({ id, replyTo, model, deadlineMs, body }) {
+  return [
+    'v', PROTOCOL_VERSION, 'id', id, 'reply_to', replyTo, 'model', model,
+    'deadline_ms', String(deadlineMs ? Date.now() + deadlineMs : 0), 'ts_ms', String(Date.now()),
+    'body', Buffer.from(encode(body)),
+  ];
+}
+
+async function loadScript(client) {
+  return String(await client.sendCommand(['SCRIPT', 'LOAD', fs.readFileSync(SUBMIT_LUA, 'utf8')]));
+}
+
+// EVALSHA the submit script (atomic backpressure check + XADD); reload it after NOSCRIPT
+// (e.g. Redis restarted and lost its script cache).
+async function submit(client, state, stream, fields, opts) {
+  if (opts.plain) return String(await client.sendCommand(['XADD', stream, '*', ...fields]));
+  const args = () => ['EVALSHA', state.sha, '1', stream, GROUP, String(opts.maxBacklog), ...fields];
+  let reply;
+  try {
+    reply = await client.sendCommand(args());
+  } catch (e) {
+    if (!String(e.message).startsWith('NOSCRIPT')) throw e;
+    state.sha = await loadScript(client);
+    reply = await client.sendCommand(args());
+  }
+  if (Number(reply[0]) !== 1) {
+    const err = new Error(`${stream} has a backlog of ${reply[1]} (max ${opts.maxBacklog})`);
+    err.code = 'queue_full';
+    throw err;
+  }
+  return String(reply[1]);
+}
+
+function decodeResult(kv) {
+  const f = {};
+  for (let i = 0; i < kv.length; i += 2) f[kv[i].toString()] = kv[i + 1];
+  const body = f.body && f.body.length ? decode(f.body) : {};
+  const outputs = {};
+  for (const [name, t] of Object.entries(body.outputs || {})) outputs[name] = decodeTensor(t);
+  return {
+    id: String(f.id), status: String(f.status), code: String(f.code || ''), message: String(f.message || ''),
+    model: body.model || '', version: body.version || '', outputs, timings: body.timings || {},
+  };
+}
+
+// Read the reply stream from 0-0 (a result may land before the first XREAD) until every
+// id is answered, deleting consumed entries: this producer is their only reader.
+async function collect(client, replyTo, ids, timeoutMs) {
+  const pending = new Set(ids);
+  const results = new Map();
+  const giveUp = Date.now() + timeoutMs;
+  let cursor = '0-0';
+  while (pending.size && Date.now() < giveUp) {
+    const block = String(Math.max(1, Math.min(1000, giveUp - Date.now())));
+    const reply = await client.sendCommand(['XREAD', 'COUNT', '100', 'BLOCK', block, 'STREAMS', replyTo, cursor], BINARY);
+    if (!reply) continue;
+    const consumed = [];
+    for (const [, entries] of reply) {
+      for (const [rawId, kv] of entries) {
+        cursor = rawId.toString();
+        consumed.push(cursor);
+        const res = decodeResult(kv);
+        if (pending.delete(res.id)) results.set(res.id, res);
+      }
+    }
+    if (consumed.length) await client.sendCommand(['XDEL', replyTo, ...consumed]);
+  }
+  return { results, missing: [...pending] };
+}
+
+async function main() {
+  const opts = parseArgs(process.argv);
+  const client = createClient({ url: opts.url, RESP: 2 });
+  client.on('error', (e) => console.error(`redis: ${e.message}`));
+  await client.connect();
+  try {
+    const prefix = `${opts.namespace}:{${opts.model}}`; // the model is the Redis Cluster hash tag
+    const stream = `${prefix}:requests`;
+    const replyTo = `${prefix}:reply:node-${process.pid}-${crypto.randomBytes(3).toString('hex')}`;
+    const state = { sha: opts.plain ? null : await loadScript(client) };
+    const base = opts.values.split(',').map(Number);
+    const ids = [];
+    for (let k = 0; k < opts.count; k++) {
+      const id = `node-${crypto.randomUUID()}`;
+      const body = opts.text !== null
+        ? { text: opts.text }
+        : { inputs: { [opts.input]: encodeTensor(opts.dtype, [base.length], base.map((v) => v + k)) } };
+      const entryId = await submit(client, state, stream, requestFields({
+        id, replyTo, model: opts.model, deadlineMs: opts.deadlineMs, body,
+      }), opts);
+      ids.push(id);
+      console.error(`submitted ${id} as ${entryId}`);
+    }
+    if (!opts.wait) {
+      console.log(JSON.stringify({ reply_to: replyTo, ids }));
+      return;
+    }
+    const { results, missing } = await collect(client, replyTo, ids, opts.timeoutMs);
+    for (const id of ids) if (results.has(id)) console.log(JSON.stringify(results.get(id)));
+    if (missing.length) {
+      console.error(`no result within ${opts.timeoutMs} ms for ${missing.length} request(s)`);
+      process.exitCode = 3;
+    }
+  } finally {
+    await client.quit();
+  }
+}
+
+main().catch((e) => {
+  console.error(`error: ${e.code ? `[${e.code}] ` : ''}${e.message}`);
+  process.exit(e.code === 'queue_full' ? 4 : 1);
+});

@@ -1,0 +1,117 @@
+"""The headrace CLI against a real private Redis with in-process fake workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from _client_helpers import affine_inputs, start_fake_worker, wait_until
+from click.testing import CliRunner
+
+from headrace.client import Client
+from headrace.cluster.cli import main
+from headrace.workers.backends.fake import affine_reference
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def workers(redis_url: str) -> Iterator[None]:
+    ws = [start_fake_worker(redis_url, "affine", "affine"), start_fake_worker(redis_url, "length", "length")]
+    yield
+    for w in ws:
+        w.stop()
+
+
+def invoke(redis_url: str, *args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, ["--redis-url", redis_url, *args], env={"COLUMNS": "200"})
+    return res.exit_code, res.output
+
+
+def test_submit_npy_json_and_text(redis_url: str, workers: None, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.array([1, 2, 3, 4], np.float32))
+    code, out = invoke(redis_url, "submit", "affine", "--input", str(tmp_path / "x.npy"), "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    assert doc["status"] == "ok" and doc["outputs"]["y"]["data"] == [3.0, 5.0, 7.0, 9.0]
+    assert doc["timings"]["batch_size"] >= 1
+
+    (tmp_path / "in.json").write_text(json.dumps({"x": [0, 0.5, 1, 1.5]}))
+    code, out = invoke(redis_url, "submit", "affine", "--input", str(tmp_path / "in.json"))
+    assert code == 0, out
+    assert "request" in out and "y" in out and "float32" in out and "queue" in out
+
+    code, out = invoke(redis_url, "submit", "length", "--text", "hello", "--json")
+    assert code == 0 and json.loads(out)["outputs"]["length"]["data"] == [5]
+
+
+def test_submit_error_result_exits_2(redis_url: str, workers: None, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.ones(3, np.float32))
+    code, out = invoke(redis_url, "submit", "affine", "--input", str(tmp_path / "x.npy"))
+    assert code == 2 and "bad_shape" in out
+
+
+def test_status_shows_served_and_unserved_models(redis_url: str, workers: None) -> None:
+    with Client(redis_url) as c:
+        for i in range(5):
+            c.infer("affine", affine_inputs(i))
+        c.submit("nobody", affine_inputs(0))  # queued for a model without workers
+    r = redis.Redis.from_url(redis_url)
+    assert wait_until(lambda: r.xlen("headrace:{affine}:stats") > 0)
+    code, out = invoke(redis_url, "status")
+    assert code == 0, out
+    rows = {cells[0]: cells for cells in (line.split() for line in out.splitlines()) if len(cells) == 10}
+    assert {"affine", "length", "nobody"} <= set(rows)
+    assert rows["affine"][-1] != "-" and float(rows["affine"][-1]) >= 0  # p99 from the stats stream
+    assert rows["nobody"][:3] == ["nobody", "1", "1"]  # stream 1, lag 1
+
+
+def test_dlq_list_empty_and_purge(redis_url: str) -> None:
+    code, out = invoke(redis_url, "dlq", "list", "affine")
+    assert code == 0 and "(empty)" in out
+    code, out = invoke(redis_url, "dlq", "purge", "affine", "--yes")
+    assert code == 0 and "purged 0" in out
+
+
+def test_unreachable_redis_is_a_clean_error() -> None:
+    code, out = invoke("redis://127.0.0.1:1/0", "submit", "affine", "--text", "x", "--timeout-s", "1")
+    assert code == 1 and "Error: [internal_error]" in out and "Traceback" not in out
+
+
+def test_worker_and_redis_commands_as_processes(tmp_path: Path) -> None:
+    """`headrace redis` prints a URL; `headrace worker --fake affine` serves it; SIGTERM drains."""
+    exe = str(Path(sys.executable).with_name("headrace"))
+    env = {**os.environ, "HEADRACE_LOG_LEVEL": "WARNING"}
+    server = subprocess.Popen([exe, "redis", "--data-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    worker = None
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        assert url.startswith("redis://127.0.0.1:")
+        worker = subprocess.Popen([exe, "--redis-url", url, "worker", "--fake", "affine", "--block-ms", "100"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        with Client(url, timeout_s=30) as c:
+            res = c.infer("affine", affine_inputs(7))
+            np.testing.assert_array_equal(res.outputs["y"], affine_reference(affine_inputs(7)["x"]))
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        r = redis.Redis.from_url(url)
+        assert all(int(g["pending"]) == 0 for g in r.xinfo_groups("headrace:{affine}:requests"))
+    finally:
+        for p in (worker, server):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    assert server.returncode is not None

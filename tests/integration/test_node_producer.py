@@ -1,0 +1,121 @@
+"""The Node.js producer (examples/node_producer) against a private Redis with fake workers;
+results checked against the fake model computed in Python and decoded with the Python codec."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from _client_helpers import start_fake_worker
+
+from headrace.client import errors as E
+from headrace.client import protocol as P
+from headrace.workers.backends.fake import affine_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "node_producer"
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def node_example() -> Path:
+    """examples/node_producer with its npm dependencies installed (skip when impossible)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node/npm not on PATH: the Node.js producer cannot run here")
+    major = subprocess.run([node, "-p", "process.versions.node.split('.')[0]"], capture_output=True, text=True)
+    if major.returncode != 0 or int(major.stdout.strip() or 0) < 20:
+        pytest.skip(f"Node.js >= 20 needed by the redis npm package, found {major.stdout.strip() or '?'}")
+    lock = EXAMPLE / "package-lock.json"
+    stamp = EXAMPLE / "node_modules" / ".package-lock.json"
+    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
+        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=EXAMPLE, capture_output=True,
+                              text=True, timeout=180)
+        if proc.returncode != 0:
+            pytest.skip(f"npm ci failed (no registry access?): {proc.stderr.strip()[-300:]}")
+    return EXAMPLE
+
+
+@pytest.fixture
+def workers(redis_url: str) -> Iterator[None]:
+    ws = [start_fake_worker(redis_url, "affine", "affine"), start_fake_worker(redis_url, "length", "length")]
+    yield
+    for w in ws:
+        w.stop()
+
+
+def run_node(example: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["node", "producer.js", *args], cwd=example, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"node exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def lines(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_node_producer_affine_results_match_the_model(node_example: Path, redis_url: str, workers: None) -> None:
+    out = lines(run_node(node_example, "--url", redis_url, "--model", "affine", "--count", "3",
+                         "--values", "0.5,-1,2,8"))
+    assert len(out) == 3
+    base = np.array([0.5, -1, 2, 8], np.float32)
+    for k, res in enumerate(out):
+        assert res["status"] == "ok" and res["model"] == "affine" and res["id"].startswith("node-")
+        assert res["outputs"]["y"]["dtype"] == "float32" and res["outputs"]["y"]["shape"] == [4]
+        np.testing.assert_array_equal(np.array(res["outputs"]["y"]["data"], np.float32),
+                                      affine_reference(base + np.float32(k)))
+        assert res["timings"]["batch_size"] >= 1 and res["timings"]["worker"]
+
+
+def test_node_requests_decoded_by_python(node_example: Path, redis_url: str, workers: None) -> None:
+    """--no-wait leaves the results in the reply stream; decode them with the Python codec."""
+    sub = json.loads(run_node(node_example, "--url", redis_url, "--count", "2", "--no-wait").stdout)
+    r = redis.Redis.from_url(redis_url)
+    reply_to, ids = sub["reply_to"], sub["ids"]
+    assert reply_to.startswith("headrace:{affine}:reply:node-")
+    results: dict[str, P.Result] = {}
+    cursor = "0-0"
+    for _ in range(50):
+        for _stream, entries in r.xread({reply_to: cursor}, block=200) or []:
+            for eid, fields in entries:
+                cursor = eid.decode()
+                res = P.decode_result(fields)
+                results[res.request_id] = res
+        if len(results) == 2:
+            break
+    assert set(results) == set(ids)
+    for k, rid in enumerate(ids):
+        np.testing.assert_array_equal(results[rid].outputs["y"],
+                                      affine_reference(np.array([1, 2, 3, 4], np.float32) + np.float32(k)))
+    assert r.exists(f"headrace:{{affine}}:done:{ids[0]}") == 1
+
+
+def test_node_text_plain_xadd_and_errors(node_example: Path, redis_url: str, workers: None) -> None:
+    out = lines(run_node(node_example, "--url", redis_url, "--model", "length", "--text", "naïve café", "--plain"))
+    assert out[0]["status"] == "ok" and out[0]["outputs"]["length"]["data"] == [len("naïve café")]
+    bad = lines(run_node(node_example, "--url", redis_url, "--values", "1,2,3"))
+    assert bad[0]["status"] == "error" and bad[0]["code"] == E.BAD_SHAPE and not bad[0]["outputs"]
+
+
+def test_node_submit_script_refuses_when_the_queue_is_full(node_example: Path, redis_url: str) -> None:
+    # no worker for "idle": the first request is queued, the second is refused by submit.lua
+    proc = run_node(node_example, "--url", redis_url, "--model", "idle", "--count", "2", "--max-backlog", "1",
+                    "--no-wait", check=False)
+    assert proc.returncode == 4 and "queue_full" in proc.stderr
+    r = redis.Redis.from_url(redis_url)
+    assert r.xlen("headrace:{idle}:requests") == 1
+    group = r.xinfo_groups("headrace:{idle}:requests")[0]
+    assert group["name"] == b"workers" and group["last-delivered-id"] == b"0-0"
+    [(_, fields)] = r.xrange("headrace:{idle}:requests")
+    req = P.decode_request(fields)
+    assert req.envelope.model == "idle" and req.inputs["x"].dtype == np.float32
+    np.testing.assert_array_equal(req.inputs["x"], [1, 2, 3, 4])

@@ -1,0 +1,158 @@
+"""SDK internals without Redis: request preparation, tickets, matching reply entries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from headrace.client import errors as E
+from headrace.client import protocol as P
+from headrace.client.keys import ModelKeys
+from headrace.client.submit import SUBMIT_LUA, parse_reply, prepare_request, script_args, split_item
+from headrace.client.tickets import START_ID, Ticket, TicketBook
+
+KEYS = ModelKeys(namespace="ns", model="affine")
+REPLY = KEYS.reply("c1")
+
+
+def _ticket(rid: str | None = None, timeout_s: float = 5.0) -> Ticket:
+    prepared = prepare_request(KEYS, REPLY, {"x": np.ones(4, np.float32)}, None, request_id=rid, deadline_s=0)
+    return Ticket(prepared, default_timeout_s=timeout_s)
+
+
+def _ok(rid: str, value: float = 1.0) -> dict[bytes, bytes]:
+    return P.Result(request_id=rid, status=P.STATUS_OK, outputs={"y": np.full(4, value, np.float32)}).encode()
+
+
+def test_prepare_request_encodes_a_decodable_entry() -> None:
+    p = prepare_request(KEYS, REPLY, {"x": [1.0, 2.0, 3.0, 4.0]}, None, request_id="r-1", deadline_s=2.0)
+    req = P.decode_request(p.fields)
+    assert req.request_id == "r-1" and req.envelope.reply_to == REPLY and req.envelope.model == "affine"
+    assert p.stream == "ns:{affine}:requests"
+    assert 1500 <= p.deadline_ms - req.envelope.ts_ms <= 2000
+    np.testing.assert_array_equal(req.inputs["x"], [1, 2, 3, 4])
+    t = prepare_request(KEYS, REPLY, None, "hello", request_id=None, deadline_s=0)
+    assert P.decode_request(t.fields).text == "hello" and len(t.request_id) == 32 and t.deadline_ms == 0
+
+
+@pytest.mark.parametrize("kwargs,code", [
+    ({"inputs": None, "text": None}, E.MISSING_FIELD),
+    ({"inputs": {"x": np.ones(1)}, "text": "t"}, E.MISSING_FIELD),
+    ({"inputs": None, "text": "t", "request_id": "bad id"}, E.DECODE_ERROR),
+    ({"inputs": None, "text": "t", "deadline_s": -1}, E.BAD_VALUE),
+    ({"inputs": None, "text": b"bytes"}, E.BAD_VALUE),
+    ({"inputs": {"x": np.ones(1, np.complex64)}, "text": None}, E.BAD_DTYPE),
+])
+def test_prepare_request_refuses_bad_requests(kwargs: dict[str, object], code: str) -> None:
+    args = {"request_id": None, "deadline_s": 0.0, **kwargs}
+    with pytest.raises(E.ProtocolError) as info:
+        prepare_request(KEYS, REPLY, args.pop("inputs"), args.pop("text"), **args)  # type: ignore[arg-type]
+    assert info.value.code == code
+
+
+def test_script_args_and_reply_parsing() -> None:
+    p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
+    keys, argv = script_args(KEYS, p, 10)
+    assert keys == [KEYS.requests] and argv[:2] == ["workers", 10]
+    assert dict(zip(argv[2::2], argv[3::2], strict=True)) == dict(p.fields)
+    assert parse_reply([1, b"1-0"], p, 10) == "1-0"
+    with pytest.raises(E.QueueFull) as info:
+        parse_reply([0, 10], p, 10)
+    assert info.value.code == E.QUEUE_FULL and "backlog of 10" in str(info.value)
+    with pytest.raises(E.BrokerError):
+        parse_reply(None, p, 10)
+    assert "XINFO" in SUBMIT_LUA and "MKSTREAM" in SUBMIT_LUA
+
+
+def test_split_item() -> None:
+    assert split_item("text") == (None, "text")
+    inputs = {"x": np.ones(4)}
+    assert split_item(inputs) == (inputs, None)
+    with pytest.raises(E.ProtocolError):
+        split_item(np.ones(4))
+
+
+def test_ticket_times_out_then_stays_collectable() -> None:
+    t = _ticket("r1", timeout_s=0.01)
+    with pytest.raises(E.ResultTimeout) as info:
+        t.result()
+    assert "r1" in str(info.value) and not t.done()
+    book = TicketBook()
+    assert book.add(t) is True
+    assert book.deliver(REPLY, [(b"5-0", _ok("r1"))]) == ["5-0"]
+    assert t.done() and t.result(0).ok
+    assert len(book) == 0 and book.cursors() == {REPLY: "5-0"}
+
+
+def test_book_tracks_streams_and_drops_unknown_or_duplicate_results() -> None:
+    book = TicketBook()
+    a, b = _ticket("a"), _ticket("b")
+    assert book.add(a) is True and book.add(b) is False
+    assert book.cursors() == {REPLY: START_ID}
+    seen: list[str] = []
+    a.add_done_callback(lambda t: seen.append(t.request_id))
+    ids = book.deliver(REPLY, [(b"1-0", _ok("zzz")), (b"2-0", _ok("a", 3.0)), (b"3-0", _ok("a", 4.0))])
+    assert ids == ["1-0", "2-0", "3-0"]
+    assert seen == ["a"] and float(a.result(0).outputs["y"][0]) == 3.0  # the first answer wins
+    assert [t.request_id for t in book.outstanding()] == ["b"]
+    book.discard(b)
+    assert len(book) == 0
+
+
+def test_undecodable_result_resolves_its_ticket_with_the_code() -> None:
+    book = TicketBook()
+    t = _ticket("r9")
+    book.add(t)
+    fields = _ok("r9")
+    fields[b"status"] = b"unheard-of"
+    book.deliver(REPLY, [(b"1-0", fields)])
+    res = t.result(0)
+    assert res.status == P.STATUS_ERROR and res.code == E.DECODE_ERROR
+    with pytest.raises(E.InferenceFailed):
+        res.raise_for_status()
+
+
+def test_ticket_resolved_from_another_thread_wakes_waiters() -> None:
+    book = TicketBook()
+    t = _ticket("r2")
+    book.add(t)
+    threading.Timer(0.05, lambda: book.deliver(REPLY, [(b"1-0", _ok("r2", 7.0))])).start()
+    assert float(t.result(5).outputs["y"][0]) == 7.0
+
+
+def test_ticket_is_awaitable_and_async_timeout_keeps_it_usable() -> None:
+    async def scenario() -> float:
+        book = TicketBook()
+        t = _ticket("r3")
+        book.add(t)
+        with pytest.raises(E.ResultTimeout):
+            await t.wait(0.01)
+        asyncio.get_running_loop().call_later(0.02, book.deliver, REPLY, [(b"1-0", _ok("r3", 5.0))])
+        res = await t
+        return float(res.outputs["y"][0])
+
+    assert asyncio.run(scenario()) == 5.0
+
+
+def test_redis_urls_pass_straight_through_to_redis_py() -> None:
+    """ACL user/password and rediss:// (TLS) reach redis-py unchanged; nothing connects yet."""
+    import redis
+
+    from headrace.client import AsyncClient, Client
+
+    c = Client("rediss://alice:s3cret@cache.example:6380/2", client_id="c1")
+    try:
+        pool = c._redis.connection_pool
+        assert issubclass(pool.connection_class, redis.SSLConnection)
+        kw = pool.connection_kwargs
+        assert (kw["username"], kw["password"], kw["host"], kw["port"], kw["db"]) == (
+            "alice", "s3cret", "cache.example", 6380, 2)
+        assert c.reply_stream("minilm") == "headrace:{minilm}:reply:c1"
+    finally:
+        c.close()
+    a = AsyncClient("redis://bob:pw@h:1/0", namespace="ns")
+    kw = a._redis.connection_pool.connection_kwargs
+    assert (kw["username"], kw["password"]) == ("bob", "pw") and a.reply_stream("m").startswith("ns:{m}:reply:")

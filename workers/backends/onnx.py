@@ -1,0 +1,183 @@
+"""ONNX Runtime servable: any ONNX model described by a repository manifest.
+
+Text models (``preprocess: bert_tokenizer``) are tokenised here; every other model is a
+generic tensor-in/tensor-out graph driven by the manifest signature alone, so a user's
+folder with ``model.onnx`` and a manifest is servable without code.
+
+Execution providers are taken in the order TensorRT, CUDA, CPU among those this
+onnxruntime build offers; if a GPU provider fails to initialise (missing libraries, no
+device) the session is created again with the next ones, so a worker still comes up on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headrace.client import errors as E
+from headrace.client.protocol import Request
+from headrace.models.repository import Manifest
+
+from . import prepost
+from .base import Servable
+from .validate import check_tensors, check_text
+
+log = logging.getLogger(__name__)
+
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(available: Sequence[str], requested: Sequence[str] | None = None) -> list[str]:
+    """Providers to try, best first: ``requested`` (if given) or TensorRT > CUDA > CPU,
+    filtered to those ``available``; CPU is always last as the fallback.
+
+    Raises:
+        ConfigError: a requested provider is not available in this onnxruntime build.
+    """
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise E.ConfigError(f"execution providers {missing} are not in this onnxruntime build "
+                                f"(available: {list(available)}); install onnxruntime-gpu or drop them")
+        chosen = list(requested)
+    else:
+        chosen = [p for p in PROVIDER_PREFERENCE if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _provider_options(name: str, manifest: Manifest, cache_dir: Path) -> dict[str, Any]:
+    if name == "TensorrtExecutionProvider":
+        # Engines are built per input-shape profile and take minutes; cache them on disk so a
+        # restarted replica does not rebuild.
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                "trt_fp16_enable": manifest.precision in {"fp16", "mixed"},
+                "trt_int8_enable": False}
+    return {}
+
+
+class OnnxServable(Servable):
+    """A manifest-described ONNX model on an onnxruntime ``InferenceSession``.
+
+    Args:
+        manifest: the version's manifest (signature, pre/post-processing, max_batch).
+        model_path: the verified ``model.onnx``.
+        tokenizer_path: ``tokenizer.json`` for text models.
+        intra_op_threads: onnxruntime intra-op threads (0 = onnxruntime default).
+        providers: explicit execution providers; None = best available.
+        reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
+
+    Raises:
+        ModelError: the session cannot be created, or the graph does not match the manifest.
+    """
+
+    def __init__(self, manifest: Manifest, model_path: Path, *, tokenizer_path: Path | None = None,
+                 intra_op_threads: int = 0, providers: Sequence[str] | None = None,
+                 reject_non_finite: bool = True) -> None:
+        import onnxruntime as ort
+
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.accepts_text = manifest.accepts_text
+        self.inputs = prepost.specs(manifest.inputs)
+        self.outputs = prepost.specs(manifest.outputs)
+        self.reject_non_finite = reject_non_finite
+        self._output_names = [s.name for s in self.outputs]
+        self._encoder: prepost.TextEncoder | None = None
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if intra_op_threads > 0:
+            opts.intra_op_num_threads = intra_op_threads
+        # One run at a time per worker already: a second inter-op pool would only compete.
+        opts.inter_op_num_threads = 1
+        chain = choose_providers(ort.get_available_providers(), providers)
+        cache = Path(os.environ.get("HEADRACE_TRT_CACHE", Path.home() / ".cache" / "headrace" / "trt"))
+        cache = cache / f"{manifest.name}-{manifest.version}"
+        self.session: Any = None
+        last: Exception | None = None
+        for start in range(len(chain)):
+            tried = chain[start:]
+            try:
+                self.session = ort.InferenceSession(
+                    str(model_path), sess_options=opts,
+                    providers=[(p, _provider_options(p, manifest, cache)) for p in tried])
+                break
+            except Exception as e:  # noqa: BLE001 - EP init failures have many types; try the next EP
+                last = e
+                log.warning("onnxruntime session for %s/%s with %s failed (%s); trying %s",
+                            self.name, self.version, tried, e, chain[start + 1:] or "nothing")
+        if self.session is None:
+            raise E.ModelError(f"cannot load {model_path} with onnxruntime: {last}") from last
+        self.providers = list(self.session.get_providers())
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing_out = [n for n in self._output_names if n not in graph_outputs]
+        if missing_out:
+            raise E.ModelError(f"{self.name}/{self.version}: manifest outputs {missing_out} are not graph "
+                               f"outputs {sorted(graph_outputs)}")
+        if self.accepts_text:
+            if tokenizer_path is None:
+                raise E.ModelError(f"{self.name}/{self.version}: text model without a tokenizer file")
+            self._text_inputs = prepost.text_inputs_of(manifest)
+            if sorted(graph_inputs) != sorted(self._text_inputs):
+                raise E.ModelError(f"{self.name}/{self.version}: graph inputs {graph_inputs} do not match "
+                                   f"the manifest's {list(self._text_inputs)}")
+            self._encoder = prepost.TextEncoder(tokenizer_path, int(manifest.extra.get("max_length", 256)))
+        elif sorted(graph_inputs) != sorted(s.name for s in self.inputs):
+            raise E.ModelError(f"{self.name}/{self.version}: graph inputs {graph_inputs} do not match the "
+                               f"manifest's {[s.name for s in self.inputs]}")
+        log.info("loaded %s/%s (onnx, %s) on %s", self.name, self.version, manifest.precision, self.providers)
+
+    def check(self, request: Request) -> None:
+        """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""
+        if self.accepts_text:
+            check_text(request)
+        else:
+            check_tensors(request, self.inputs, self.reject_non_finite)
+
+    def length(self, request: Request) -> int:
+        """Token count for text models (what padding costs), else total input elements."""
+        if self._encoder is not None and request.text is not None:
+            return self._encoder.count(request.text)
+        return int(sum(a.size for a in request.inputs.values()))
+
+    def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        try:
+            outs = self.session.run(self._output_names, feed)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidArgument/RuntimeException
+            raise E.ModelError(f"{self.name}/{self.version}: onnxruntime run failed: {e}") from e
+        return dict(zip(self._output_names, outs, strict=True))
+
+    def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
+        """Run one batch. Raises ModelError if the backend fails."""
+        if not requests:
+            return []
+        if self._encoder is not None:
+            results: list[dict[str, np.ndarray[Any, Any]]] = []
+            step = self.manifest.max_batch or len(requests)
+            for start in range(0, len(requests), step):
+                chunk = requests[start:start + step]
+                ids, mask = self._encoder.encode([r.text or "" for r in chunk])
+                outs = self._run(prepost.text_feed(ids, mask, self._text_inputs))
+                results.extend(prepost.split(outs, len(chunk), self.manifest.postprocess))
+            return results
+        return prepost.run_tensor_batch(requests, self.manifest, self.inputs, self._run)
+
+    def close(self) -> None:
+        self.session = None
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(backend="onnxruntime", format=self.manifest.format, precision=self.manifest.precision,
+                 providers=self.providers)
+        return d

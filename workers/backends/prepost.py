@@ -1,0 +1,143 @@
+"""Pre- and post-processing shared by the ONNX and torch servables.
+
+* text models (manifest ``preprocess: bert_tokenizer``): tokenise a batch, padded to its
+  longest member, truncated at the manifest's ``max_length``;
+* tensor models: stack per-sample tensors along a new batch axis. Requests whose
+  dynamic axes differ cannot share one array, so a batch is split into groups of equal
+  shapes (and into ``max_batch`` chunks) that run one after the other;
+* outputs are split back per request and post-processed (``l2_normalize``, ``softmax``,
+  ``argmax`` along the last axis).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headrace.client.errors import ModelError
+from headrace.client.protocol import Request
+from headrace.models.repository import IOSpec, Manifest
+
+from .base import TensorSpec
+
+Array = np.ndarray[Any, Any]
+TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def specs(items: Sequence[IOSpec]) -> tuple[TensorSpec, ...]:
+    """Repository signature entries as the worker's :class:`TensorSpec`."""
+    return tuple(TensorSpec(name=s.name, dtype=s.dtype, shape=tuple(s.shape)) for s in items)
+
+
+class TextEncoder:
+    """Tokeniser for a text model: ``encode`` for batches, ``count`` for bucketing.
+
+    Two tokenizer instances: ``count`` runs on the worker's event loop while ``encode``
+    runs in the inference thread, and the batch one carries padding state.
+    """
+
+    def __init__(self, tokenizer_path: Path, max_length: int) -> None:
+        from headrace.models.tokenizer import load_tokenizer
+
+        self.max_length = max_length
+        self._batch = load_tokenizer(tokenizer_path, max_length=max_length)
+        self._single = load_tokenizer(tokenizer_path, max_length=max_length)
+        self._single.no_padding()
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str]) -> tuple[Array, Array]:
+        """``(input_ids, attention_mask)`` int64 ``[B, S]``, S = longest (<= max_length)."""
+        from headrace.models.tokenizer import encode_batch
+
+        return encode_batch(self._batch, texts)
+
+    def count(self, text: str) -> int:
+        """Tokens of ``text`` after truncation (special tokens included)."""
+        with self._lock:
+            return len(self._single.encode(text).ids)
+
+
+def text_feed(ids: Array, mask: Array, wanted: Sequence[str]) -> dict[str, Array]:
+    """The model inputs a BERT-like graph declares, from token ids and mask."""
+    feed: dict[str, Array] = {}
+    for name in wanted:
+        if name == "input_ids":
+            feed[name] = ids
+        elif name == "attention_mask":
+            feed[name] = mask
+        elif name == "token_type_ids":
+            feed[name] = np.zeros_like(ids)
+        else:
+            raise ModelError(f"text model input {name!r} is not one of {TEXT_INPUT_NAMES}")
+    return feed
+
+
+def shape_groups(requests: Sequence[Request], names: Sequence[str], max_batch: int) -> Iterator[list[int]]:
+    """Indices of requests that can be stacked together (same per-input shapes), in chunks
+    of at most ``max_batch`` (0 = unbounded)."""
+    groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        key = tuple(tuple(r.inputs[n].shape) for n in names)
+        groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        step = max_batch or len(idx)
+        for start in range(0, len(idx), step):
+            yield idx[start:start + step]
+
+
+def stack(requests: Sequence[Request], idx: Sequence[int], inputs: Sequence[TensorSpec]) -> dict[str, Array]:
+    """Stack the chosen requests' inputs into batch arrays (dtype from the signature)."""
+    return {s.name: np.stack([np.asarray(requests[i].inputs[s.name], dtype=s.dtype) for i in idx])
+            for s in inputs}
+
+
+def postprocess(kind: str, arr: Array) -> Array:
+    """Apply the manifest's post-processing to one batch output (along the last axis)."""
+    if kind == "none":
+        return arr
+    if kind == "l2_normalize":
+        a = arr.astype(np.float32, copy=False)
+        return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    if kind == "softmax":
+        a = arr.astype(np.float32, copy=False)
+        e = np.exp(a - a.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if kind == "argmax":
+        return np.argmax(arr, axis=-1).astype(np.int64)
+    raise ModelError(f"unknown postprocess {kind!r}")
+
+
+def split(outputs: Mapping[str, Array], n: int, kind: str) -> list[dict[str, Array]]:
+    """Batch outputs -> one output map per request (rows are views; no copy)."""
+    processed = {}
+    for name, arr in outputs.items():
+        a = postprocess(kind, np.asarray(arr))
+        if a.shape[:1] != (n,):
+            raise ModelError(f"output {name!r} has batch size {a.shape[:1]}, expected {n}")
+        processed[name] = a
+    return [{name: a[i] for name, a in processed.items()} for i in range(n)]
+
+
+def run_tensor_batch(requests: Sequence[Request], manifest: Manifest, inputs: Sequence[TensorSpec],
+                     run: Callable[[dict[str, Array]], dict[str, Array]]) -> list[dict[str, Array]]:
+    """Run a tensor-model batch group by group with ``run(feed) -> outputs`` and reassemble
+    the per-request results in request order."""
+    results: list[dict[str, Array] | None] = [None] * len(requests)
+    for idx in shape_groups(requests, [s.name for s in inputs], manifest.max_batch):
+        outs = split(run(stack(requests, idx, inputs)), len(idx), manifest.postprocess)
+        for i, o in zip(idx, outs, strict=True):
+            results[i] = o
+    return [r if r is not None else {} for r in results]
+
+
+def text_inputs_of(manifest: Manifest) -> tuple[str, ...]:
+    """Which token tensors a text model takes (from its signature)."""
+    names = tuple(s.name for s in manifest.inputs) or ("input_ids", "attention_mask")
+    bad = [n for n in names if n not in TEXT_INPUT_NAMES]
+    if bad:
+        raise ModelError(f"{manifest.name}: bert_tokenizer models take {TEXT_INPUT_NAMES}, not {bad}")
+    return names

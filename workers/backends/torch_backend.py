@@ -1,0 +1,194 @@
+"""torch servable for ``format: torch`` entries: a safetensors state dict (never a pickle,
+so no ``torch.load``) plus code that knows the architecture.
+
+The architecture comes from the manifest: ``extra.arch == "minilm"`` builds our
+:class:`~headrace.models.minilm.MiniLM` from ``model.safetensors`` + ``minilm_config.json``;
+otherwise ``extra.torch_factory = "headrace.some.module:function"`` names a factory
+``function(folder: Path, manifest: Manifest) -> torch.nn.Module``. Factories are only looked
+up inside the ``headrace`` package, so a manifest cannot make a worker import arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from headrace.client import errors as E
+from headrace.client.protocol import Request
+from headrace.models.repository import Manifest
+
+from . import prepost
+from .base import Servable
+from .validate import check_tensors, check_text
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[[Path, Manifest], "torch.nn.Module"]
+FACTORY_PREFIX = "headrace."
+
+
+def _minilm_factory(folder: Path, manifest: Manifest) -> torch.nn.Module:
+    from headrace.models.minilm import load_minilm
+
+    return load_minilm(folder / manifest.model_file)
+
+
+BUILTIN_ARCHS: dict[str, Factory] = {"minilm": _minilm_factory}
+
+
+def resolve_factory(manifest: Manifest) -> Factory:
+    """The module factory for a torch-format manifest.
+
+    Raises:
+        ModelError: no ``arch``/``torch_factory``, an unknown arch, or a factory outside ``headrace``.
+    """
+    arch = manifest.extra.get("arch")
+    if isinstance(arch, str) and arch in BUILTIN_ARCHS:
+        return BUILTIN_ARCHS[arch]
+    ref = manifest.extra.get("torch_factory")
+    if not isinstance(ref, str) or ":" not in ref:
+        raise E.ModelError(f"{manifest.name}/{manifest.version}: a torch entry needs extra.arch in "
+                           f"{sorted(BUILTIN_ARCHS)} or extra.torch_factory='headrace.module:function'")
+    mod_name, _, fn_name = ref.partition(":")
+    if not mod_name.startswith(FACTORY_PREFIX):
+        raise E.ModelError(f"torch_factory {ref!r} must live in the headrace package; refusing to import it")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise E.ModelError(f"cannot import torch_factory {ref!r}: {e}") from e
+    if not callable(fn):
+        raise E.ModelError(f"torch_factory {ref!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def pick_device(requested: str | None = None) -> str:
+    import torch
+
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TorchServable(Servable):
+    """A torch module served batch by batch under ``torch.inference_mode``.
+
+    Args:
+        manifest: signature and pre/post-processing.
+        module: the model; called with the inputs in manifest order (text models:
+            ``module(input_ids, attention_mask)``).
+        tokenizer_path: ``tokenizer.json`` for text models.
+        intra_op_threads: ``torch.set_num_threads`` (process-wide!) when > 0.
+        device: ``cpu``/``cuda``/...; None = CUDA when available.
+        reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
+    """
+
+    def __init__(self, manifest: Manifest, module: torch.nn.Module, *, tokenizer_path: Path | None = None,
+                 intra_op_threads: int = 0, device: str | None = None, reject_non_finite: bool = True) -> None:
+        import torch
+
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.accepts_text = manifest.accepts_text
+        self.inputs = prepost.specs(manifest.inputs)
+        self.outputs = prepost.specs(manifest.outputs)
+        self.reject_non_finite = reject_non_finite
+        if intra_op_threads > 0:
+            torch.set_num_threads(intra_op_threads)
+        self.device = pick_device(device)
+        self.module: Any = module.to(self.device).eval()
+        self._encoder: prepost.TextEncoder | None = None
+        if self.accepts_text:
+            if tokenizer_path is None:
+                raise E.ModelError(f"{self.name}/{self.version}: text model without a tokenizer file")
+            self._text_inputs = prepost.text_inputs_of(manifest)
+            self._encoder = prepost.TextEncoder(tokenizer_path, int(manifest.extra.get("max_length", 256)))
+        log.info("loaded %s/%s (torch, %s) on %s", self.name, self.version, manifest.precision, self.device)
+
+    def check(self, request: Request) -> None:
+        """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""
+        if self.accepts_text:
+            check_text(request)
+        else:
+            check_tensors(request, self.inputs, self.reject_non_finite)
+
+    def length(self, request: Request) -> int:
+        """Token count for text models, else total input elements."""
+        if self._encoder is not None and request.text is not None:
+            return self._encoder.count(request.text)
+        return int(sum(a.size for a in request.inputs.values()))
+
+    def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        import torch
+
+        if self.module is None:
+            raise E.ModelError(f"{self.name}/{self.version} is closed")
+        try:
+            with torch.inference_mode():
+                args = [torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for v in feed.values()]
+                out = self.module(*args)
+        except Exception as e:  # noqa: BLE001 - a model can raise anything; the worker must survive it
+            raise E.ModelError(f"{self.name}/{self.version}: torch forward failed: {e}") from e
+        if isinstance(out, dict):
+            outs = [out[s.name] for s in self.outputs]
+        elif isinstance(out, (tuple, list)):
+            outs = list(out)
+        else:
+            outs = [out]
+        if len(outs) != len(self.outputs):
+            raise E.ModelError(f"{self.name}/{self.version}: module returned {len(outs)} outputs, "
+                               f"manifest lists {len(self.outputs)}")
+        return {s.name: o.detach().float().cpu().numpy().astype(s.dtype, copy=False)
+                for s, o in zip(self.outputs, outs, strict=True)}
+
+    def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
+        """Run one batch. Raises ModelError if the forward pass fails."""
+        if not requests:
+            return []
+        if self._encoder is not None:
+            results: list[dict[str, np.ndarray[Any, Any]]] = []
+            step = self.manifest.max_batch or len(requests)
+            for start in range(0, len(requests), step):
+                chunk = requests[start:start + step]
+                ids, mask = self._encoder.encode([r.text or "" for r in chunk])
+                feed = prepost.text_feed(ids, mask, self._text_inputs)
+                results.extend(prepost.split(self._run(feed), len(chunk), self.manifest.postprocess))
+            return results
+        # Order the feed like the manifest: the module takes its inputs positionally.
+        return prepost.run_tensor_batch(requests, self.manifest, self.inputs,
+                                        lambda feed: self._run({s.name: feed[s.name] for s in self.inputs}))
+
+    def close(self) -> None:
+        self.module = None
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(backend="torch", format=self.manifest.format, precision=self.manifest.precision, device=self.device)
+        return d
+
+
+def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Path | None = None,
+                        intra_op_threads: int = 0, device: str | None = None,
+                        reject_non_finite: bool = True) -> TorchServable:
+    """Build the module with the manifest's factory and wrap it.
+
+    Raises:
+        ModelError: no usable factory, or the weights do not load.
+    """
+    factory = resolve_factory(manifest)
+    try:
+        module = factory(folder, manifest)
+    except E.HeadraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - factories are model code
+        raise E.ModelError(f"{manifest.name}/{manifest.version}: building the torch module failed: {e}") from e
+    return TorchServable(manifest, module, tokenizer_path=tokenizer_path, intra_op_threads=intra_op_threads,
+                         device=device, reject_non_finite=reject_non_finite)

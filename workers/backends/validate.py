@@ -1,0 +1,83 @@
+"""Shared request validation for servables: signature checks and non-finite rejection.
+
+Servables call :func:`check_tensors` (tensor models) or :func:`check_text` (text models)
+from their ``check`` method; the worker loop additionally calls :func:`check_finite` on every
+request when ``WorkerSettings.reject_non_finite`` is set, so a NaN never reaches a backend
+even through a servable that forgot to check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from headrace.client import errors as E
+from headrace.client.protocol import Request
+
+from .base import TensorSpec
+
+
+def _shape_matches(actual: tuple[int, ...], spec: tuple[int, ...]) -> bool:
+    return len(actual) == len(spec) and all(s == -1 or a == s for a, s in zip(actual, spec, strict=True))
+
+
+def check_finite(request: Request) -> None:
+    """Reject float inputs that hold NaN or +-Inf.
+
+    Raises:
+        InvalidTensorError: code ``bad_value``, naming the input.
+    """
+    for name, arr in request.inputs.items():
+        if arr.dtype.kind == "f" and arr.size and not bool(np.isfinite(arr).all()):
+            raise E.InvalidTensorError(
+                f"input {name!r} of request {request.request_id} holds NaN or Inf; send finite values",
+                code=E.BAD_VALUE)
+
+
+def check_tensors(request: Request, specs: Sequence[TensorSpec], reject_non_finite: bool = True) -> None:
+    """Check one request's named tensors against a per-sample signature.
+
+    ``-1`` in a spec's shape accepts any size on that axis. Inputs not named by ``specs``
+    are refused so a producer's typo surfaces instead of being silently ignored.
+
+    Raises:
+        MissingFieldError: the request carries text, or lacks a named input (``missing_field``).
+        InvalidTensorError: wrong dtype (``bad_dtype``), wrong shape (``bad_shape``), or a
+            non-finite float when ``reject_non_finite`` (``bad_value``).
+        ProtocolError: an input name the model does not have (``decode_error``).
+    """
+    if request.text is not None:
+        raise E.MissingFieldError(
+            f"this model takes tensors {[s.name for s in specs]}, not text")
+    names = {s.name for s in specs}
+    extra = sorted(set(request.inputs) - names)
+    if extra:
+        raise E.ProtocolError(f"unknown input(s) {extra}; this model takes {sorted(names)}")
+    for spec in specs:
+        arr: np.ndarray[Any, Any] | None = request.inputs.get(spec.name)
+        if arr is None:
+            raise E.MissingFieldError(f"input {spec.name!r} is missing")
+        if arr.dtype.name != spec.dtype:
+            raise E.InvalidTensorError(
+                f"input {spec.name!r} has dtype {arr.dtype.name}, expected {spec.dtype}", code=E.BAD_DTYPE)
+        if not _shape_matches(tuple(arr.shape), tuple(spec.shape)):
+            raise E.InvalidTensorError(
+                f"input {spec.name!r} has shape {list(arr.shape)}, expected {list(spec.shape)} "
+                f"(-1 = any; no batch dimension)", code=E.BAD_SHAPE)
+    if reject_non_finite:
+        check_finite(request)
+
+
+def check_text(request: Request, max_chars: int | None = None) -> None:
+    """Check that a request for a text model carries a (bounded) text.
+
+    Raises:
+        MissingFieldError: no ``text`` (``missing_field``).
+        PayloadTooLargeError: longer than ``max_chars`` (``payload_too_large``).
+    """
+    if request.text is None:
+        raise E.MissingFieldError("this model takes 'text', not tensors")
+    if max_chars is not None and len(request.text) > max_chars:
+        raise E.PayloadTooLargeError(f"text of {len(request.text)} chars exceeds {max_chars}")

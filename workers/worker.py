@@ -1,0 +1,515 @@
+"""The stream worker: a pipelined loop from a model's request stream to its reply streams.
+
+Tasks of one :class:`StreamWorker` (one event loop):
+
+* reader: ``XREADGROUP ... COUNT <room> BLOCK block_ms >``, then admission (decode, dedupe
+  pre-check, deadline, model/version/shape checks). Requests that cannot run are answered
+  right away; the rest go to the :class:`~headrace.workers.batcher.Batcher`. The reader
+  prefetches at most one batch ahead, so the next batch is read and decoded while the
+  current one runs.
+* claimer: every ``lease_s / 2`` takes over entries abandoned by dead consumers
+  (``XAUTOCLAIM``); entries delivered more than ``max_deliveries`` times are dead-lettered.
+* inference: one batch at a time in a dedicated thread (the backend releases the GIL); a
+  failing batch is re-run one request at a time so batch-mates still get answered, and the
+  failing request is left un-acked to be retried after the lease, then dead-lettered.
+* writer: one atomic commit script per batch (results + dedupe markers + acks), merging
+  what queued up meanwhile, while the next batch already runs.
+* lease: every ``lease_s / 3`` refreshes the idle time of everything in flight, so a batch
+  that outlives the lease is not stolen and run twice.
+* maintenance: heartbeat in ``<ns>:models``, backlog metrics, trimming, idle-consumer cleanup.
+
+Redis outages never end the loop: each task backs off exponentially (capped at 2 s) and
+resumes; :meth:`StreamWorker.healthy` reports the outage meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from headrace.client import errors as E
+from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Envelope, Result, Timings, decode_envelope, now_ms
+
+from .admission import Admission, Answers, Unit, Work
+from .backends.base import Servable
+from .batcher import Batcher, split_by_length
+from .broker import DUPLICATE, UNWRITABLE, BatchStats, Broker, DeadLetterOp, Entry
+from .metrics import NullMetrics, WorkerMetrics
+from .settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 2.0
+HEARTBEAT_S = 2.0
+MAX_COMMIT_OPS = 4096  # ops merged into one commit script call
+RECONFIGURABLE = frozenset({"max_batch", "preferred_batch", "max_wait_ms"})
+
+
+def consumer_idle_delete_ms(settings: WorkerSettings) -> int:
+    """Idle time after which a consumer with nothing pending is deleted from the group:
+    well beyond any live worker's gap between two reads."""
+    return int(max(60.0, 10 * settings.lease_s, 5 * settings.block_ms / 1000.0) * 1000)
+
+
+class _Backoff:
+    """Exponential backoff of one loop. ``wake_on_stop``: a stop request ends the wait (for
+    loops that exit when stopping); the writer keeps its pace while draining instead of
+    spinning on a dead connection."""
+
+    def __init__(self, worker: StreamWorker, what: str, wake_on_stop: bool = True) -> None:
+        self.worker, self.what, self.failures, self.wake_on_stop = worker, what, 0, wake_on_stop
+
+    async def wait(self, err: BaseException) -> None:
+        self.failures += 1
+        self.worker._redis_ok = False
+        delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1)) * random.uniform(0.75, 1.0)
+        lvl = logging.WARNING if self.failures in (1, 10) or self.failures % 50 == 0 else logging.DEBUG
+        log.log(lvl, "%s failed (%d in a row), retrying in %.2fs: %s", self.what, self.failures, delay, err)
+        if self.wake_on_stop:
+            await self.worker._sleep(delay)
+        else:
+            await asyncio.sleep(delay)
+
+    def ok(self) -> None:
+        self.failures = 0
+        self.worker._redis_ok = True
+        self.worker._last_ok_s = time.monotonic()
+
+
+class StreamWorker:
+    """Consume one model's request stream (see module doc and docs/design.md).
+
+    Args:
+        settings: what to consume and how.
+        servable: the loaded model.
+        broker: queue access; ``None`` uses :class:`~headrace.workers.broker.RedisBroker`.
+        metrics: where to report; ``None`` discards.
+    """
+
+    def __init__(self, settings: WorkerSettings, servable: Servable, broker: Broker | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
+        if broker is None:
+            from .broker import RedisBroker
+
+            broker = RedisBroker(settings)
+        self.settings = settings
+        self.servable = servable
+        self.broker = broker
+        self.consumer = broker.consumer
+        self.metrics: WorkerMetrics = metrics if metrics is not None else NullMetrics()
+        self._batcher: Batcher[Work] = Batcher(settings.max_batch, settings.preferred_batch, settings.max_wait_ms)
+        self._in_flight: dict[str, Entry] = {}
+        self._commits: asyncio.Queue[Unit | None] | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._finished: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"headrace-infer-{settings.model}")
+        self._counters: Counter[str] = Counter()
+        self._answers = Answers(settings.model, servable.version, self.consumer)
+        self._admission = Admission(settings, servable, self._answers, self._counters)
+        self._stopping = False
+        self._drain = True
+        self._running = False
+        self._redis_ok = True
+        self._last_ok_s = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- public API ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; returns after draining. Never raises for a request
+        or a Redis outage."""
+        self._stop_event, self._finished = asyncio.Event(), asyncio.Event()
+        self._commits = asyncio.Queue()
+        try:
+            backoff = _Backoff(self, "create consumer group")
+            while not self._stopping:
+                try:
+                    await self.broker.ensure_group()
+                    backoff.ok()
+                    break
+                except E.BrokerError as e:
+                    await backoff.wait(e)
+            if self._stopping:
+                return
+            self._running = True
+            log.info("worker %s serving %s (version %s) max_batch=%d lease_s=%.1f", self.consumer,
+                     self.settings.model, self.servable.version, self.settings.max_batch, self.settings.lease_s)
+            spawn = asyncio.get_running_loop().create_task
+            readers = [spawn(self._read_loop(), name="read"), spawn(self._claim_loop(), name="claim")]
+            infer = spawn(self._infer_loop(), name="infer")
+            writer = spawn(self._write_loop(), name="write")
+            maint = [spawn(self._lease_loop(), name="lease"), spawn(self._maintenance_loop(), name="maint")]
+            self._tasks = [*readers, infer, writer, *maint]
+            await self._stop_event.wait()
+            if self._drain:
+                try:
+                    await asyncio.wait_for(self._drain_pipeline(readers, infer, writer),
+                                           timeout=self.settings.drain_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("drain timed out after %.1fs; %d entries stay pending for other workers",
+                                self.settings.drain_timeout_s, len(self._in_flight))
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._leave()
+        finally:
+            self._running = False
+            self._executor.shutdown(wait=False)
+            await self.broker.close()
+            self._finished.set()
+            log.info("worker %s stopped: %s", self.consumer, dict(self._counters))
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop reading; with ``drain`` finish and ack in-flight work (up to
+        ``drain_timeout_s``), else abandon it to be reclaimed after the lease. Returns when
+        the loop has ended. Safe to call more than once."""
+        self._drain = self._drain and drain
+        self._stopping = True
+        # Wake the reader if it waits for room; the batcher itself is closed only once the
+        # readers are done, so entries returned by a read still in flight get run too.
+        self._batcher.wake()
+        if not self._drain:
+            self._batcher.close()
+        if self._stop_event is None or self._finished is None:
+            return
+        self._stop_event.set()
+        await self._finished.wait()
+
+    def healthy(self) -> bool:
+        """True while the loop runs, every task is alive and Redis answered recently."""
+        if not self._running or self._stopping:
+            return False
+        if any(t.done() for t in self._tasks):
+            return False
+        recent = time.monotonic() - self._last_ok_s < max(10.0, 3 * self.settings.block_ms / 1000.0)
+        return self._redis_ok and recent
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change ``max_batch``, ``preferred_batch`` and/or ``max_wait_ms`` live.
+
+        Raises:
+            ConfigError: another setting was named, or a value is invalid.
+        """
+        unknown = set(changes) - RECONFIGURABLE
+        if unknown:
+            raise E.ConfigError(f"cannot reconfigure {sorted(unknown)} live; only {sorted(RECONFIGURABLE)}")
+        self.settings = self.settings.replace(**changes)
+        self._batcher.configure(max_batch=self.settings.max_batch, preferred_batch=self.settings.preferred_batch,
+                                max_wait_ms=self.settings.max_wait_ms)
+        log.info("worker %s reconfigured: %s", self.consumer, changes)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for status and autoscaling (a snapshot; plain JSON-able values)."""
+        c = self._counters
+        return {
+            "consumer": self.consumer, "model": self.settings.model, "version": self.servable.version,
+            "running": self._running, "healthy": self.healthy(), "in_flight": len(self._in_flight),
+            "queued": len(self._batcher), "max_batch": self.settings.max_batch,
+            "preferred_batch": self.settings.effective_preferred_batch, "max_wait_ms": self.settings.max_wait_ms,
+            "avg_batch": (c["batched_requests"] / c["batches"]) if c["batches"] else 0.0, **dict(c),
+        }
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early when stopping."""
+        assert self._stop_event is not None
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _emit(self, unit: Unit) -> None:
+        if unit.ops:
+            assert self._commits is not None
+            self._commits.put_nowait(unit)
+
+    # --- admission ---------------------------------------------------------------------------
+
+    async def _admit(self, entries: Sequence[Entry]) -> None:
+        """Decode and check entries (one dedupe pre-check round trip for all of them);
+        answer what cannot run, queue the rest for batching."""
+        unit = Unit()
+        at = now_ms()
+        routed: list[tuple[Entry, Envelope]] = []
+        for entry in entries:
+            if entry.entry_id in self._in_flight:
+                continue  # our own entry, re-claimed after a late lease refresh: already on its way
+            self._in_flight[entry.entry_id] = entry
+            self._counters["read"] += 1
+            try:
+                routed.append((entry, decode_envelope(entry.fields)))
+            except E.HeadraceError as err:
+                self._admission.undecodable(entry, err, unit)
+        try:
+            done = await self.broker.answered([env.request_id for _, env in routed])
+        except E.BrokerError as err:
+            # The commit script dedupes anyway; the pre-check only saves running them.
+            log.debug("dedupe pre-check skipped: %s", err)
+            done = [False] * len(routed)
+        for (entry, env), answered in zip(routed, done, strict=True):
+            work = self._admission.admit(entry, env, answered, at, unit)
+            if work is not None:
+                self._batcher.put(work, self._admission.length(work))
+        self._emit(unit)
+
+    # --- loops -------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = _Backoff(self, "XREADGROUP")
+        while not self._stopping:
+            try:
+                await self._batcher.wait_for_room(self.settings.max_batch, until=lambda: self._stopping)
+                if self._stopping:
+                    break
+                room = max(1, self.settings.max_batch - len(self._batcher))
+                entries = await self.broker.read(room, self.settings.block_ms)
+                backoff.ok()
+                if entries:
+                    await self._admit(entries)
+            except E.BrokerError as e:
+                await backoff.wait(e)
+            except Exception as e:  # noqa: BLE001 - keep serving; this is a bug to log, not a reason to die
+                log.exception("read loop error")
+                await backoff.wait(e)
+
+    async def _claim_loop(self) -> None:
+        backoff = _Backoff(self, "XAUTOCLAIM")
+        lease_ms = int(self.settings.lease_s * 1000)
+        while not self._stopping:
+            try:
+                entries = await self.broker.claim_abandoned(lease_ms, self.settings.max_batch)
+                backoff.ok()
+                if entries:
+                    self._counters["claimed"] += len(entries)
+                    log.info("claimed %d abandoned entries (e.g. %s, %d deliveries)", len(entries),
+                             entries[0].entry_id, entries[0].deliveries)
+                    await self._admit(entries)
+                await self._sleep(self.settings.lease_s / 2)
+            except E.BrokerError as e:
+                await backoff.wait(e)
+            except Exception as e:  # noqa: BLE001
+                log.exception("claim loop error")
+                await backoff.wait(e)
+
+    async def _lease_loop(self) -> None:
+        backoff = _Backoff(self, "lease refresh")
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            ids = list(self._in_flight)
+            if not ids:
+                continue
+            try:
+                owned = set(await self.broker.refresh_lease(ids))
+                backoff.ok()
+            except E.BrokerError as e:
+                await backoff.wait(e)
+                continue
+            for lost in (i for i in ids if i not in owned and i in self._in_flight):
+                # Claimed by another worker (we were stalled past the lease); its answer or
+                # ours wins the dedupe marker, so stop renewing it.
+                log.warning("lease lost on entry %s; another worker owns it now", lost)
+                self._in_flight.pop(lost, None)
+                self._counters["leases_lost"] += 1
+
+    async def _maintenance_loop(self) -> None:
+        backoff = _Backoff(self, "maintenance")
+        next_trim = time.monotonic()
+        describe: dict[str, Any] | None
+        try:
+            describe = self.servable.describe()
+        except Exception:  # noqa: BLE001 - the description is informational only
+            describe = None
+        while True:
+            try:
+                await self.broker.heartbeat(self.servable.version, describe,
+                                            stale_ms=int(max(30.0, 5 * HEARTBEAT_S) * 1000))
+                bl = await self.broker.backlog()
+                self.metrics.set_backlog(bl.lag, bl.pending)
+                if time.monotonic() >= next_trim:
+                    next_trim = time.monotonic() + self.settings.trim_interval_s
+                    trimmed = await self.broker.trim()
+                    self._counters["trimmed"] += trimmed
+                    gone = await self.broker.delete_idle_consumers(consumer_idle_delete_ms(self.settings))
+                    if gone:
+                        log.info("deleted idle consumers with nothing pending: %s", gone)
+                backoff.ok()
+            except E.BrokerError as e:
+                await backoff.wait(e)
+                continue
+            except Exception:  # noqa: BLE001
+                log.exception("maintenance error")
+            await asyncio.sleep(min(HEARTBEAT_S, self.settings.trim_interval_s))
+
+    async def _infer_loop(self) -> None:
+        while True:
+            batch = await self._batcher.next_batch()
+            if batch is None:
+                return
+            try:
+                await self._run_batch(batch)
+            except Exception:  # noqa: BLE001 - release the batch for redelivery rather than die
+                log.exception("batch of %d failed outside the model; releasing for redelivery", len(batch))
+                for w in batch:
+                    self._in_flight.pop(w.entry.entry_id, None)
+
+    async def _infer(self, works: Sequence[Work]) -> list[dict[str, Any]]:
+        reqs = [w.request for w in works]
+        outs = await asyncio.get_running_loop().run_in_executor(self._executor, self.servable.infer, reqs)
+        if not isinstance(outs, list) or len(outs) != len(reqs) or not all(isinstance(o, dict) for o in outs):
+            raise E.ModelError(f"servable returned {type(outs).__name__} of {len(outs) if hasattr(outs, '__len__') else '?'}"
+                               f" items for {len(reqs)} requests; expected one output map per request")
+        return outs
+
+    async def _run_batch(self, batch: list[Work]) -> None:
+        unit = Unit()
+        at = now_ms()
+        live: list[Work] = []
+        for w in batch:
+            env = w.request.envelope
+            if env.expired(at):
+                self._answers.error(env, w.entry, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker", unit,
+                            status=STATUS_EXPIRED)
+            else:
+                live.append(w)
+        buckets = (split_by_length([self._admission.length(w) for w in live])
+                   if self.servable.accepts_text else [list(range(len(live)))])
+        for bucket in buckets:
+            if bucket:
+                await self._run_bucket([live[i] for i in bucket], unit)
+        self._emit(unit)
+
+    async def _run_bucket(self, works: list[Work], unit: Unit) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = await self._infer(works)
+        except Exception as err:  # noqa: BLE001 - isolate the failing request(s) below
+            if len(works) == 1:
+                self._failed(works[0], err, unit)
+                return
+            log.warning("batch of %d failed (%s); re-running one by one to isolate", len(works), err)
+            for w in works:
+                await self._run_bucket([w], unit)
+            return
+        infer_s = time.perf_counter() - t0
+        self.metrics.observe_batch(len(works), infer_s)
+        self._counters["batches"] += 1
+        self._counters["batched_requests"] += len(works)
+        unit.batch += len(works)
+        unit.infer_ms += infer_s * 1000
+        for w, out in zip(works, outs, strict=True):
+            env = w.request.envelope
+            queue_ms = max(0.0, float(w.read_ms - env.ts_ms)) if env.ts_ms else 0.0
+            res = Result(env.request_id, STATUS_OK, out, model=self.settings.model, version=self.servable.version,
+                         timings=Timings(queue_ms, infer_s * 1000, len(works), self.consumer))
+            try:
+                self._answers.reply(env, w.entry, res, unit, queue_ms / 1000)
+            except E.HeadraceError as err:  # e.g. an output dtype that is not a wire dtype
+                self._answers.error(env, w.entry, E.MODEL_ERROR, f"cannot encode the model output: {err.message}", unit)
+
+    def _failed(self, w: Work, err: BaseException, unit: Unit) -> None:
+        entry, env = w.entry, w.request.envelope
+        if entry.deliveries >= self.settings.max_deliveries:
+            self._answers.dead_letter(entry, env, E.MODEL_ERROR,
+                              f"model failed on each of {entry.deliveries} deliveries; last: "
+                              f"{type(err).__name__}: {err}", unit)
+            return
+        # Leave it pending and stop renewing its lease: after lease_s some worker reclaims it
+        # (delivery count + 1) and tries again, until max_deliveries sends it to the DLQ.
+        self._in_flight.pop(entry.entry_id, None)
+        self._counters["retried"] += 1
+        log.warning("request %s failed on delivery %d/%d, will be retried after the lease: %s",
+                    env.request_id, entry.deliveries, self.settings.max_deliveries, err)
+
+    async def _write_loop(self) -> None:
+        assert self._commits is not None
+        backoff = _Backoff(self, "commit", wake_on_stop=False)
+        last = False
+        while not last:
+            first = await self._commits.get()
+            if first is None:
+                return
+            units = [first]
+            n_ops = len(first.ops)
+            while not self._commits.empty() and n_ops < MAX_COMMIT_OPS:
+                nxt = self._commits.get_nowait()
+                if nxt is None:
+                    last = True
+                    break
+                units.append(nxt)
+                n_ops += len(nxt.ops)
+            ops = [op for u in units for op in u.ops]
+            while True:
+                at = now_ms()
+                stats = [self._stats_line(u, at) for u in units]
+                try:
+                    outcomes = await self.broker.commit(ops, stats)
+                    backoff.ok()
+                    break
+                except E.BrokerError as e:
+                    await backoff.wait(e)
+            self._after_commit(units, outcomes, now_ms())
+
+    def _stats_line(self, u: Unit, at: int) -> BatchStats:
+        ok = sum(1 for m in u.meta if m is not None and m.status == STATUS_OK)
+        failed = sum(1 for m in u.meta if m is not None and m.status != STATUS_OK)
+        lat = [float(at - m.ts_ms) for m in u.meta if m is not None and m.ts_ms]
+        return BatchStats(self.consumer, u.batch, ok, failed, round(u.infer_ms, 3), lat)
+
+    def _after_commit(self, units: Sequence[Unit], outcomes: Sequence[int], at: int) -> None:
+        metas = [m for u in units for m in u.meta]
+        ops = [op for u in units for op in u.ops]
+        for op, meta, outcome in zip(ops, metas, outcomes, strict=True):
+            self._in_flight.pop(op.entry_id, None)
+            if meta is None:
+                continue
+            if outcome == DUPLICATE:
+                self._counters["duplicates"] += 1
+                continue
+            if outcome == UNWRITABLE:
+                self._counters["unwritable_reply"] += 1
+                log.warning("reply stream of entry %s is not writable; moved to the DLQ", op.entry_id)
+                continue
+            self._counters[f"answered_{meta.status}"] += 1
+            if isinstance(op, DeadLetterOp):
+                self._counters["dead_lettered"] += 1
+            total_s = max(0.0, (at - meta.ts_ms) / 1000.0) if meta.ts_ms else 0.0
+            self.metrics.observe_request(meta.status, meta.code, meta.queue_s, total_s)
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    async def _drain_pipeline(self, readers: list[asyncio.Task[None]], infer: asyncio.Task[None],
+                              writer: asyncio.Task[None]) -> None:
+        # Readers finish their current (blocking, <= block_ms) call and admit what it
+        # returned; then the batcher hands out the rest, inference ends, the writer flushes.
+        await asyncio.gather(*readers, return_exceptions=True)
+        log.debug("drain: readers done, %d queued, %d in flight", len(self._batcher), len(self._in_flight))
+        self._batcher.close()
+        await infer
+        log.debug("drain: inference done")
+        assert self._commits is not None
+        self._commits.put_nowait(None)
+        await writer
+        log.debug("drain: results written, %d in flight", len(self._in_flight))
+
+    async def _leave(self) -> None:
+        try:
+            await self.broker.unregister()
+            # Deletes this consumer only when it owns nothing (atomic check in the script):
+            # entries still pending after a timed-out drain must stay claimable.
+            await self.broker.delete_idle_consumers(0, only=self.consumer)
+        except E.BrokerError as e:
+            log.warning("could not unregister %s: %s", self.consumer, e)
+
+
+# WorkerThread lives in its own module; re-exported here as part of the worker contract.
+from .worker_thread import WorkerThread  # noqa: E402
+
+__all__ = ["StreamWorker", "WorkerThread", "consumer_idle_delete_ms"]
