@@ -47,12 +47,27 @@ from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loo
 from headrace.cluster.bench_models import ensure_benchmark_models
 from headrace.cluster.bench_probe import PROBE_ENV, load_probes, split_overhead
 from headrace.cluster.bench_stats import LatencySummary, LoadPoint, fmt_ms, overhead, summarize
-from headrace.cluster.bench_systems import WorkerProcesses, pin_threads
+from headrace.cluster.bench_systems import WorkerProcesses, pin_threads, process_cpu_s
 from headrace.cluster.bench_targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
 from headrace.workers.backends import load_servable
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger("e2e_vs_raw")
+
+
+NOSPIN_DIR = Path(__file__).resolve().parent / "ort_nospin"
+
+
+def ort_spin_off() -> None:
+    """Apply the no-spin hook here and, through PYTHONPATH, in every child process."""
+    import importlib.util
+    import os
+
+    # Loaded by path: a "sitecustomize" imported at start-up may already sit in sys.modules.
+    spec = importlib.util.spec_from_file_location("headrace_ort_nospin", NOSPIN_DIR / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(NOSPIN_DIR), os.environ.get("PYTHONPATH")) if p)
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,6 +87,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pool", type=int, default=512, help="distinct real sentences cycled through")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="runs/e2e_vs_raw.json", help="write the figures here")
+    ap.add_argument("--ort-spin", choices=("on", "off"), default="on",
+                    help="off: every system's ONNX Runtime sessions run without intra-op spin-wait "
+                         "(experiment hook benchmarks/ort_nospin)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args()
 
@@ -89,22 +107,50 @@ async def reference_run(servable: Any, payloads: Payloads, args: argparse.Namesp
     return load_point(rr, f"in-process {rate:.0f}/s", "open", offered_rps=rate)
 
 
+def model_time(p: LoadPoint, rr: Any) -> LoadPoint:
+    """Add how long the worker's model ran per request (each request's share of its
+    model call) and how busy that kept the model, over the window."""
+    shares = [s.infer_ms / s.batch_size for s in rr.samples
+              if s.ok and s.infer_ms is not None and s.batch_size and rr.start_s <= s.sent_s < rr.end_s]
+    per_req = sum(shares) / len(shares) if shares else None
+    p.extra["model_ms_per_request"] = per_req
+    p.extra["model_busy"] = None if per_req is None else p.throughput_rps * per_req / 1000.0
+    return p
+
+
+def timed_raw(servable: Any, payloads: Payloads, args: argparse.Namespace) -> dict[str, float]:
+    """A raw run, plus this process' CPU microseconds per request during it."""
+    c0 = time.process_time()
+    r = raw_throughput(servable, payloads, args.batch, args.raw_s)
+    r["cpu_us_per_request"] = (time.process_time() - c0) * 1e6 / (r["rps"] * r["seconds"])
+    r["model_ms_per_request"] = 1000.0 / r["rps"]
+    return r
+
+
 async def throughput_rounds(url: str, ns: str, model: str, servable: Any, payloads: Payloads,
-                            args: argparse.Namespace, limits: RunLimits, progress: bool
-                            ) -> tuple[list[dict[str, float]], list[LoadPoint]]:
+                            args: argparse.Namespace, limits: RunLimits, progress: bool, pids: dict[str, list[int]]
+                            ) -> tuple[list[dict[str, float]], list[LoadPoint], list[dict[str, float]]]:
     """raw, e2e, raw, e2e, ..., raw: each e2e round is compared with the raw runs around it,
-    so a slow drift of the (shared) machine does not pass for overhead."""
+    so a slow drift of the (shared) machine does not pass for overhead. Also notes the CPU
+    each process spent per answered request in every e2e round."""
     conc = args.concurrency or 4 * args.batch
-    raws = [raw_throughput(servable, payloads, args.batch, args.raw_s)]
+    raws = [timed_raw(servable, payloads, args)]
     closed: list[LoadPoint] = []
+    cpu: list[dict[str, float]] = []
     async with AsyncClient(url, namespace=ns, timeout_s=args.timeout_s) as client:
         target = HeadraceTarget(client, model, payloads)
         for k in range(args.rounds):
+            before = {who: sum(process_cpu_s(p) for p in ps) for who, ps in pids.items()}
+            c0 = time.process_time()
             async with Ticker(limits.total_s, f"headrace c={conc} round {k + 1}", progress) as tick:
                 rr = await closed_loop(target, conc, limits, progress=tick)
-            closed.append(load_point(rr, f"headrace c={conc}", "closed", concurrency=conc))
-            raws.append(raw_throughput(servable, payloads, args.batch, args.raw_s))
-    return raws, closed
+            answered = max(1, sum(1 for s in rr.samples if s.ok))
+            used = {who: sum(process_cpu_s(p) for p in ps) - before[who] for who, ps in pids.items()}
+            used["client"] = time.process_time() - c0
+            cpu.append({who: v * 1e6 / answered for who, v in used.items()})
+            closed.append(model_time(load_point(rr, f"headrace c={conc}", "closed", concurrency=conc), rr))
+            raws.append(timed_raw(servable, payloads, args))
+    return raws, closed, cpu
 
 
 async def probed_run(url: str, ns: str, model: str, payloads: Payloads, args: argparse.Namespace, rate: float,
@@ -145,9 +191,10 @@ def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
     servable = load_servable(settings, providers=["CPUExecutionProvider"])
     try:
         ns = f"bench-{uuid.uuid4().hex[:6]}"
-        with WorkerProcesses(redis.url, ns, manifest.name, **common):
-            raws, closed = asyncio.run(throughput_rounds(redis.url, ns, manifest.name, servable, payloads, args,
-                                                         limits, progress))
+        with WorkerProcesses(redis.url, ns, manifest.name, **common) as workers:
+            pids = {"worker": workers.pids, "redis": [redis.proc.pid] if redis.proc else []}
+            raws, closed, cpu = asyncio.run(throughput_rounds(redis.url, ns, manifest.name, servable, payloads,
+                                                              args, limits, progress, pids))
         raw_rps = sum(r["rps"] for r in raws) / len(raws)
         rounds = [{"raw_rps": (raws[k]["rps"] + raws[k + 1]["rps"]) / 2, "e2e_rps": c.throughput_rps,
                    "ratio": c.throughput_rps / ((raws[k]["rps"] + raws[k + 1]["rps"]) / 2)}
@@ -166,7 +213,9 @@ def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
         probes = load_probes(probe_file)
     opened = load_point(rr, f"headrace {rate:.0f}/s", "open", offered_rps=rate)
     return {"kind": kind, "model": f"{manifest.name}/{manifest.version}", "precision": manifest.precision,
-            "raws": raws, "raw_rps": raw_rps, "rounds": rounds, "e2e_rps": sum(c.throughput_rps for c in closed)
+            "raws": raws, "raw_rps": raw_rps, "rounds": rounds, "cpu_us_per_request": {
+                "raw": sum(r["cpu_us_per_request"] for r in raws) / len(raws),
+                **{who: sum(c[who] for c in cpu) / len(cpu) for who in cpu[0]}}, "e2e_rps": sum(c.throughput_rps for c in closed)
             / len(closed), "ratio": ratio, "load_rps": rate, "queue_split": queue_split(rr, probes),
             "vs_reference_ms": overhead(opened.e2e, ref.e2e), "closed": [c.to_json() for c in closed],
             "open": opened.to_json(), "reference": ref.to_json()}
@@ -194,6 +243,8 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pin_threads(args.threads)
+    if args.ort_spin == "off":
+        ort_spin_off()
     kinds = tuple(k.strip() for k in args.models.split(",") if k.strip())
     manifests = ensure_benchmark_models(args.repo, kinds)
     payloads = text_payloads(args.pool, seed=args.seed)
@@ -206,6 +257,10 @@ def main() -> None:
     console = Console()
     console.print(render(results, args))
     for r in results:
+        cu = r["cpu_us_per_request"]
+        console.print(f"{r['model']}: CPU per request (us): raw {cu['raw']:.0f}; end-to-end worker {cu['worker']:.0f} "
+                      f"+ redis {cu['redis']:.0f} + load generator {cu['client']:.0f} = "
+                      f"{cu['worker'] + cu['redis'] + cu['client']:.0f}")
         qq = r["queue_split"].get("queue", {})
         console.print(f"{r['model']}: end-to-end {r['e2e_rps']:.1f}/s = {100 * r['ratio']:.1f}% of raw "
                       f"{r['raw_rps']:.1f}/s; queue overhead at {args.load:.0%} load p50 "

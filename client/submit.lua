@@ -49,7 +49,11 @@ else
     -- entries not trimmed yet, so it is a safe upper bound of lag + pending.
     backlog = redis.call('XLEN', stream)
   else
-    backlog = tonumber(lag) + tonumber(info['pending'])
+    -- Every unread and every pending entry is still in the stream (trimming keeps them),
+    -- so XLEN bounds lag + pending. Redis 7.0 can report a stale, too large lag for good
+    -- after an AOF rewrite followed by a restart (the group's entries-read is reloaded
+    -- from the rewrite); unbounded, that phantom lag would refuse requests to an empty queue.
+    backlog = math.min(tonumber(lag) + tonumber(info['pending']), redis.call('XLEN', stream))
   end
 end
 

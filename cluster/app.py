@@ -148,8 +148,8 @@ class ModelAppArgs(Settings):
         require(self.tp_timeout_s > 0, "tp_timeout_s", "must be > 0 s")
         require(self.tp_backend in ("auto", "nccl", "gloo"), "tp_backend",
                 "must be auto (NCCL on GPU bundles, else gloo), nccl or gloo")
-        require(not set(self.worker_overrides) & {"model", "version", "redis_url", "namespace", "consumer"},
-                "worker_overrides", "must not set model/version/redis_url/namespace/consumer (set them directly)")
+        direct = sorted(set(self.worker_overrides) & _DIRECT_WORKER_FIELDS)
+        require(not direct, "worker_overrides", f"must not set {direct}: set them as app args directly")
         if self.autoscale:
             self.policy_settings()  # raises ConfigError for bad policy values
             lag_autoscaling_config(self.policy_settings(), min_replicas=self.min_replicas,
@@ -269,7 +269,8 @@ def build_app(args: dict[str, Any]) -> Application:
     from .deployment import StreamWorkerDeployment
 
     a = ModelAppArgs.from_dict(args)
-    return StreamWorkerDeployment.options(**a.deployment_options()).bind(dataclasses.asdict(a))
+    deployment: Any = StreamWorkerDeployment
+    return deployment.options(**a.deployment_options()).bind(dataclasses.asdict(a))  # type: ignore[no-any-return]
 
 
 def build_ingress(args: dict[str, Any]) -> Application:
@@ -281,7 +282,8 @@ def build_ingress(args: dict[str, Any]) -> Application:
     from .ingress import IngressDeployment
 
     a = IngressArgs.from_dict(args)
-    return IngressDeployment.options(
+    deployment: Any = IngressDeployment  # a serve.Deployment once decorated
+    return deployment.options(  # type: ignore[no-any-return]
         name=INGRESS_DEPLOYMENT, num_replicas=a.num_replicas, ray_actor_options={"num_cpus": a.num_cpus},
     ).bind(dataclasses.asdict(a))
 
@@ -309,4 +311,9 @@ def absolute_repo(args: dict[str, Any], base: str | os.PathLike[str] | None = No
     return out
 
 
+# WorkerSettings fields set from ModelAppArgs fields (or per replica): not overridable.
+_DIRECT_WORKER_FIELDS = frozenset({
+    "model", "version", "redis_url", "namespace", "consumer", "model_repo", "backend", "max_batch",
+    "preferred_batch", "max_wait_ms", "block_ms", "lease_s", "max_deliveries", "drain_timeout_s",
+    "intra_op_threads"})
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelAppArgs) if f.default is not dataclasses.MISSING}

@@ -236,24 +236,31 @@ def _json_settings(settings: BenchSettings) -> dict[str, Any]:
     return d
 
 
+def batch_summary(batches: dict[int, float], top: int = 3) -> str:
+    """The most frequent batch sizes as ``size x batches``, e.g. ``32x40 17x2``."""
+    common = sorted(batches.items(), key=lambda kv: -kv[1])[:top]
+    return " ".join(f"{size}x{n:.0f}" for size, n in common) or "-"
+
+
 def report_table(report: BenchReport) -> Any:
-    """A rich table of the report's load levels."""
+    """A rich table of the report's load levels (latencies in ms)."""
     from rich.table import Table
 
     from .bench_stats import fmt_ms
 
     t = Table(title=f"headrace bench {report.model} ({report.mode} loop, {len(report.workers)} worker(s), "
-                    f"{report.payloads.get('kind')} inputs)")
-    cols = ("load", "sent/s", "ok/s", "errors", "p50 ms", "p90 ms", "p99 ms", "queue p50/p99",
-            "infer p50", "delivery p50/p99", "mean batch")
+                    f"{report.payloads.get('kind')} inputs; ms)")
+    cols = ("load", "sent/s", "ok/s", "errors", "e2e p50/p90/p99", "queue p50/p99", "infer p50",
+            "delivery p50/p99", "mean batch", "batch sizes")
     for c in cols:
         t.add_column(c, justify="right")
     for p in report.points:
         errs = ", ".join(f"{k}={v}" for k, v in sorted(p.errors.items())) or "0"
-        t.add_row(p.label, f"{p.achieved_rps:.1f}", f"{p.throughput_rps:.1f}", errs, fmt_ms(p.e2e.p50, 2),
-                  fmt_ms(p.e2e.p90, 2), fmt_ms(p.e2e.p99, 2), f"{fmt_ms(p.queue.p50)}/{fmt_ms(p.queue.p99)}",
-                  fmt_ms(p.infer.p50), f"{fmt_ms(p.delivery.p50)}/{fmt_ms(p.delivery.p99)}",
-                  "-" if p.mean_batch is None else f"{p.mean_batch:.1f}")
+        t.add_row(p.label, f"{p.achieved_rps:.1f}", f"{p.throughput_rps:.1f}", errs,
+                  f"{fmt_ms(p.e2e.p50, 2)}/{fmt_ms(p.e2e.p90, 2)}/{fmt_ms(p.e2e.p99, 2)}",
+                  f"{fmt_ms(p.queue.p50)}/{fmt_ms(p.queue.p99)}", fmt_ms(p.infer.p50),
+                  f"{fmt_ms(p.delivery.p50)}/{fmt_ms(p.delivery.p99)}",
+                  "-" if p.mean_batch is None else f"{p.mean_batch:.1f}", batch_summary(p.batches))
     return t
 
 

@@ -15,14 +15,16 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from headrace.models.repository import Manifest, ModelRepository
 
 log = logging.getLogger(__name__)
 
 INT8_NAME = "minilm-int8"
-INT8_RECIPE = {"step": "quantize-dynamic", "params": {"weight_type": "int8", "per_channel": True,
-                                                      "reduce_range": False, "tool": "onnxruntime.quantization"}}
+INT8_PARAMS: dict[str, Any] = {"weight_type": "int8", "per_channel": True, "reduce_range": False,
+                               "tool": "onnxruntime.quantization"}
+INT8_RECIPE: dict[str, Any] = {"step": "quantize-dynamic", "params": INT8_PARAMS}
 
 
 @contextlib.contextmanager
@@ -60,7 +62,7 @@ def ensure_minilm_int8(repo: ModelRepository | str | Path) -> Manifest:
     r = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
     fp32 = ensure_minilm_fp32(r)
     key = build_key("minilm-int8-dynamic", default_model_path(),
-                    {"from": fp32.extra.get("build_key", fp32.version), **INT8_RECIPE["params"]})
+                    {"from": fp32.extra.get("build_key", fp32.version), **INT8_PARAMS})
     with _locked(r, INT8_NAME):
         cached = find_build(r, INT8_NAME, key)
         if cached is not None:

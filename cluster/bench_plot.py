@@ -31,13 +31,13 @@ def plot_latency_vs_load(series: Mapping[str, Sequence[LoadPoint]], path: str | 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, points) in enumerate(series.items()):
-        pts = sorted((p for p in points if p.e2e.p50 is not None), key=load_of)
+        pts = sorted((p for p in points if p.e2e.p50 is not None and p.e2e.p99 is not None), key=load_of)
         if not pts:
             continue
         c = colours[k % len(colours)]
         xs = [load_of(p) for p in pts]
-        ax.plot(xs, [p.e2e.p50 for p in pts], "-o", color=c, label=f"{name} p50", markersize=4)
-        ax.plot(xs, [p.e2e.p99 for p in pts], "--", color=c, label=f"{name} p99", alpha=0.8)
+        ax.plot(xs, [float(p.e2e.p50 or 0.0) for p in pts], "-o", color=c, label=f"{name} p50", markersize=4)
+        ax.plot(xs, [float(p.e2e.p99 or 0.0) for p in pts], "--", color=c, label=f"{name} p99", alpha=0.8)
     if limit_rps:
         ax.axvline(limit_rps, color="grey", linestyle=":", label=f"raw limit {limit_rps:.0f}/s")
     ax.set_xlabel("offered load (requests/s; closed loop: delivered)")

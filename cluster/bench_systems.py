@@ -44,6 +44,18 @@ def pin_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far; 0.0 when it is
+    gone or ``/proc`` is not available (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            # The command name (field 2) may hold spaces; the numbers follow the last ')'.
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def live_workers(redis_url: str, namespace: str, model: str) -> list[str]:
     """Names of the workers whose registry heartbeat for ``model`` is recent.
 
@@ -140,6 +152,10 @@ class WorkerProcesses:
             self.stop()
             raise
         return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def stop(self) -> None:
         """SIGTERM (drain), then SIGKILL after ``stop_timeout_s``. Idempotent."""

@@ -168,6 +168,7 @@ class HeadraceTarget:
 
     def __init__(self, client: AsyncClient, model: str, payloads: Payloads, name: str = "headrace") -> None:
         self.client, self.model, self.payloads, self.name = client, model, payloads, name
+        self._reported: set[str] = set()
 
     async def call(self, index: int, timeout_s: float) -> Outcome:
         inputs, text = self.payloads.item(index)
@@ -175,6 +176,10 @@ class HeadraceTarget:
         try:
             ticket = await self.client.submit(self.model, inputs, text)
         except E.HeadraceError as e:
+            kind = f"{type(e).__name__}:{e.code}"
+            if kind not in self._reported:  # once per kind: a run may fail thousands of times alike
+                self._reported.add(kind)
+                log.warning("submitting request %d to %s failed: %s", index, self.model, e)
             return Outcome(STATUS_SEND_ERROR, e.code)
         ticket.add_done_callback(lambda _t: arrived.append(time.perf_counter()))
         try:

@@ -185,9 +185,8 @@ def status(cfg: CliConfig, models: tuple[str, ...], watch: bool, interval_s: flo
     ns = cfg.ns
 
     def render() -> Any:
-        from .cli_status import collect_status
-
         from .cli_cluster import with_replicas
+        from .cli_status import collect_status
 
         return with_replicas(status_table(collect_status(r, ns, list(models), window_s), ns))
 
@@ -314,24 +313,32 @@ def models_build(cfg: CliConfig, torch_format: bool) -> None:
     click.echo(f"{m.name} v{m.version} ({m.format}, {m.precision}) in {cfg.repo}")
 
 
+COMPRESS_STEPS = "export, quantize-dynamic, quantize-static, prune, distill, fp16, tensorrt"
+
+
 @main.command()
-@click.argument("model")
-@click.option("--steps", default=None, help="Comma-separated steps, e.g. export,quantize-dynamic,prune,distill.")
+@click.argument("model", default="minilm")
+@click.option("--steps", default=None, help=f"Comma-separated subset of: {COMPRESS_STEPS}. [default: all]")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Scratch space and distillation checkpoints (a rerun resumes). [default: runs/compress]")
+@click.option("--threads", type=int, default=None, help="Threads of every backend while measuring. [default: 2]")
 @click.option("--distill-steps", type=int, default=None, help="Training steps of the distillation step.")
-@click.option("--version", "version", default=None, help="Source version (default: latest).")
+@click.option("--prune-heads", type=float, default=None, help="Share of attention heads to remove.")
+@click.option("--prune-ffn", type=float, default=None, help="Share of FFN neurons to remove.")
+@click.option("--prune-recover-steps", type=int, default=None, help="Recovery training steps after pruning.")
+@click.option("--held-out", type=int, default=None, help="Held-out sentences for fidelity (0 = the default set).")
+@click.option("--fidelity-budget", type=float, default=None, help="Mean cosine the mixed-precision step must keep.")
+@click.option("--bench/--no-bench", default=None, help="Measure speed and fidelity (--no-bench: only build).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG path of the speed-vs-fidelity plot.")
+@click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--progress/--no-progress", default=None, help="Show progress bars.")
 @pass_cfg
-def compress(cfg: CliConfig, model: str, steps: str | None, distill_steps: int | None, version: str | None) -> None:
-    """Run the compression pipeline on MODEL and print the report (see models/compress)."""
+def compress(cfg: CliConfig, model: str, **opts: Any) -> None:
+    """Compress MODEL (minilm or digits) into the repository and print the report."""
     from headrace.models.compress.pipeline import compress_main
 
-    kwargs: dict[str, Any] = {"repo": cfg.repo}
-    if steps is not None:
-        kwargs["steps"] = [s.strip() for s in steps.split(",") if s.strip()]
-    if distill_steps is not None:
-        kwargs["distill_steps"] = distill_steps
-    if version is not None:
-        kwargs["version"] = version
-    compress_main(model, **kwargs)
+    # Options not given are left out, so compress_main's own defaults stay the one source.
+    compress_main(model, repo=cfg.repo, **{k: v for k, v in opts.items() if v is not None})
 
 
 # --- demo ------------------------------------------------------------------------------------

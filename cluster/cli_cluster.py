@@ -32,6 +32,8 @@ def up_cmd(cfg: Any, config_path: str, num_cpus: int | None, dashboard_port: int
                    metrics_port=metrics_port, say=click.echo)
     click.echo(f"Ray dashboard: {state.dashboard_url}")
     click.echo(f"Redis: {_redact(state.redis_url)}   Prometheus: http://127.0.0.1:{state.metrics_port}/metrics")
+    if not cfg.redis_url:
+        click.echo(f"For the SDK and `headrace status`: export HEADRACE_REDIS_URL={state.redis_url}")
     click.echo("Next: headrace status | headrace scale MODEL N | headrace deploy MODEL --version V | headrace down")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from typing import Any
@@ -61,7 +62,7 @@ class _BacklogTap:
         self.inner.set_backlog(lag, pending)
 
 
-def load_replica_servable(args: ModelAppArgs, settings: Any) -> tuple[Servable, Any]:
+def load_replica_servable(args: ModelAppArgs, settings: Any, name: str = "") -> tuple[Servable, Any]:
     """The servable of one replica and, with tensor parallelism, its encoder group.
 
     Raises:
@@ -81,7 +82,8 @@ def load_replica_servable(args: ModelAppArgs, settings: Any) -> tuple[Servable, 
     if args.tensor_parallel > 1:
         from .tp import load_tp_servable
 
-        return load_tp_servable(settings, args.tensor_parallel, timeout_s=args.tp_timeout_s, backend=args.tp_backend)
+        return load_tp_servable(settings, args.tensor_parallel, timeout_s=args.tp_timeout_s, backend=args.tp_backend,
+                                name=name)
     from headrace.workers.backends import load_servable
 
     return load_servable(settings), None
@@ -118,12 +120,15 @@ class StreamWorkerReplica:
         self.thread: WorkerThread | None = None
         self._unhealthy_since: float | None = None
         started = time.monotonic()
-        self.servable, self.tp = load_replica_servable(self.args, self.settings)
+        self.servable, self.tp = load_replica_servable(self.args, self.settings,
+                                                       name=f"headrace-tp-{self.app_name}-{self.replica_id}")
         try:
             self.thread = WorkerThread(self.settings, self.servable, metrics=self.metrics).start(timeout_s=60.0)
         except BrokerError:
             self._close_model()
             raise
+        if self.tp is not None:
+            self.tp.on_broken = self._abandon
         log.info("replica %s of %s consuming as %s (model %s/%s, tp=%d) after %.1fs", self.replica_id,
                  self.app_name, self.settings.consumer, self.args.model, self.servable.version,
                  self.args.tensor_parallel, time.monotonic() - started)
@@ -148,7 +153,7 @@ class StreamWorkerReplica:
         """Raises ModelError when the replica should be replaced (see module doc)."""
         if self.thread is None or not self.thread.alive:
             raise ModelError(f"replica {self.replica_id}: worker loop is not running")
-        if self.tp is not None and not self.tp.healthy():
+        if self.tp is not None and not self.tp.probe(timeout_s=min(10.0, self.args.health_check_timeout_s / 2)):
             raise ModelError(f"replica {self.replica_id}: tensor-parallel group is broken")
         if self.thread.healthy():
             self._unhealthy_since = None
@@ -173,6 +178,19 @@ class StreamWorkerReplica:
             log.info("replica %s drained and left the group", getattr(self, "replica_id", "?"))
         self._close_model()
 
+    def _abandon(self, reason: str) -> None:
+        """The model cannot run any more (a tensor-parallel rank died): stop consuming at
+        once without draining, so healthy replicas reclaim the entries after their lease
+        instead of this one burning their delivery attempts; the health check then fails
+        and Serve replaces the replica."""
+        thread = self.thread
+        if thread is None:
+            return
+        log.error("replica %s stops consuming: %s", self.replica_id, reason)
+        # Not on the calling (inference) thread: stop() waits for that very thread.
+        threading.Thread(target=thread.stop, kwargs={"drain": False, "timeout_s": 30.0},
+                         name="headrace-abandon", daemon=True).start()
+
     # --- admin calls through a handle -----------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -186,6 +204,8 @@ class StreamWorkerReplica:
         if self.tp is not None:
             out["tp_rank_nodes"] = self.tp.rank_nodes()
             out["tp_shards"] = self.tp.reports
+            out["tp_rank_actors"] = [f"headrace-tp-{self.app_name}-{self.replica_id}-rank{i}"
+                                     for i in range(1, self.args.tensor_parallel)]
         return out
 
     def _close_model(self) -> None:
@@ -201,4 +221,4 @@ class StreamWorkerReplica:
             tp.close()
 
 
-StreamWorkerDeployment = serve.deployment(StreamWorkerReplica, name="StreamWorker")
+StreamWorkerDeployment: Any = serve.deployment(StreamWorkerReplica, name="StreamWorker")

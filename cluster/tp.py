@@ -1,34 +1,23 @@
-"""Tensor-parallel MiniLM: Megatron-style sharding and the Ray rank actors of one replica.
+"""Tensor-parallel MiniLM inside a Ray Serve replica: the rank actors and rank 0.
 
-Sharding (per encoder layer, :func:`megatron_plan`):
+Process layout (``tensor_parallel: N``): the replica reserved N bundles
+(``placement_group_bundles`` with ``STRICT_PACK``, so one node); it is rank 0 and starts
+N-1 :class:`_TPRank` actors in bundles 1..N-1 (:class:`TensorParallelEncoder`). All N
+processes join one ``torch.distributed`` group (NCCL on GPUs, gloo on CPU) and shard the
+model Megatron-style (:mod:`headrace.cluster.tp_shard`). For each batch rank 0 hands the
+token tensors to every rank through Ray, runs its own shard, and returns its output (every
+rank ends with the same full activations after each all-reduce).
 
-    attention.q / k / v   column-parallel  (each rank computes num_heads / N whole heads)
-    attention.out         row-parallel     (partial sums -> one all-reduce)
-    ffn.inter             column-parallel  (1 / N of the FFN width, GELU is elementwise)
-    ffn.out               row-parallel     (partial sums -> one all-reduce)
-
-So every sublayer costs exactly one all-reduce; embeddings and LayerNorms stay replicated.
-The plan is applied with ``torch.distributed.tensor.parallel.parallelize_module`` (DTensor),
-verified on CPU/gloo against the unsharded model in ``tests/unit/test_tp.py``; with
-``src_data_rank=None`` every rank cuts its own shard out of the (identical) weights it
-loaded, so no weights cross the wire and each rank keeps only its shard afterwards.
-
-Process layout inside a Ray Serve replica (``tensor_parallel: N``): the replica reserved N
-bundles (``placement_group_bundles`` with ``STRICT_PACK``, so one node); it is rank 0 and
-starts N-1 :class:`_TPRank` actors in bundles 1..N-1 (:class:`TensorParallelEncoder`).
-All N processes join one ``torch.distributed`` group (NCCL on GPUs, gloo on CPU). For each
-batch rank 0 hands the token tensors to every rank through Ray, runs its own shard, and
-returns its output (every rank ends with the same full activations after each all-reduce).
+:func:`load_tp_servable` wraps the group in the regular torch servable, so tokenisation and
+output handling are the same as for the unsharded model.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import threading
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,200 +25,33 @@ import numpy as np
 from headrace.client.embedded_redis import free_port
 from headrace.client.errors import ConfigError, ModelError, ModelNotFoundError
 
+from .tp_shard import (
+    COLUMN_PARALLEL,
+    ROW_PARALLEL,
+    SHARDED_LINEARS,
+    ShardReport,
+    TPModelSpec,
+    _RankState,
+    check_shardable,
+    load_rank_model,
+    megatron_plan,
+    shard_minilm,
+    shard_report,
+    verify_sharding,
+)
+
 if TYPE_CHECKING:
     import torch
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor.parallel import ParallelStyle
 
-    from headrace.models.minilm import MiniLM
     from headrace.workers.settings import WorkerSettings
 
+__all__ = [
+    "COLUMN_PARALLEL", "ROW_PARALLEL", "SHARDED_LINEARS", "ShardReport", "TPModelSpec", "TensorParallelEncoder",
+    "check_shardable", "load_rank_model", "load_tp_servable", "megatron_plan", "shard_minilm", "shard_report",
+    "verify_sharding",
+]
+
 log = logging.getLogger(__name__)
-
-COLUMN_PARALLEL = ("attention.q", "attention.k", "attention.v", "ffn.inter")
-ROW_PARALLEL = ("attention.out", "ffn.out")
-SHARDED_LINEARS = COLUMN_PARALLEL + ROW_PARALLEL
-
-
-# --- sharding (pure torch) ---------------------------------------------------------------
-
-
-def megatron_plan(model: MiniLM) -> dict[str, ParallelStyle]:
-    """The module-FQN -> parallel style plan for :func:`parallelize_module`."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    plan: dict[str, ParallelStyle] = {}
-    for i in range(len(model.layers)):
-        for name in COLUMN_PARALLEL:
-            plan[f"layers.{i}.{name}"] = ColwiseParallel()
-        for name in ROW_PARALLEL:
-            plan[f"layers.{i}.{name}"] = RowwiseParallel()
-    return plan
-
-
-def check_shardable(num_heads: tuple[int, ...], intermediate_sizes: tuple[int, ...], world_size: int) -> None:
-    """Whole heads and equal FFN slices per rank, or refuse.
-
-    Raises:
-        ConfigError: ``world_size`` < 1, or a layer whose head count / FFN width is not a
-            positive multiple of ``world_size`` (e.g. a head-pruned model).
-    """
-    if world_size < 1:
-        raise ConfigError(f"tensor_parallel must be >= 1, got {world_size}")
-    for i, (h, inter) in enumerate(zip(num_heads, intermediate_sizes, strict=True)):
-        if h <= 0 or h % world_size or inter <= 0 or inter % world_size:
-            raise ConfigError(
-                f"layer {i} has {h} heads and FFN width {inter}: tensor_parallel={world_size} needs both "
-                f"to be positive multiples of it; pick a divisor of {h} (and of {inter})")
-
-
-def shard_minilm(model: MiniLM, mesh: DeviceMesh) -> MiniLM:
-    """Shard ``model`` in place over the 1-D ``mesh`` (this rank keeps 1/N of each sharded
-    Linear) and return it. Every rank must call this with identical weights.
-
-    Raises:
-        ConfigError: the architecture does not split evenly (:func:`check_shardable`).
-    """
-    from torch.distributed.tensor.parallel import parallelize_module
-
-    world = mesh.size()
-    cfg = model.current_config()
-    check_shardable(cfg.num_heads, cfg.intermediate_sizes, world)
-    if world == 1:
-        return model
-    parallelize_module(model, mesh, megatron_plan(model), src_data_rank=None)
-    for layer in model.layers:
-        # The attention module reshapes to [B, S, num_heads, head_dim]; after the
-        # column split this rank holds num_heads / N of them.
-        layer.attention.num_heads //= world  # type: ignore[union-attr,operator]
-    return model
-
-
-@dataclass(frozen=True)
-class ShardReport:
-    """Parameter bytes of one rank.
-
-    Attributes:
-        rank / world_size: position in the group.
-        sharded_local_bytes: storage this rank holds for the sharded Linears (weights and
-            biases; row-parallel biases are replicated and counted whole).
-        sharded_full_bytes: what those Linears take unsharded.
-        replicated_bytes: everything else (embeddings, LayerNorms).
-    """
-
-    rank: int
-    world_size: int
-    sharded_local_bytes: int
-    sharded_full_bytes: int
-    replicated_bytes: int
-
-    @property
-    def sharded_fraction(self) -> float:
-        return self.sharded_local_bytes / max(1, self.sharded_full_bytes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world_size": self.world_size,
-                "sharded_local_bytes": self.sharded_local_bytes,
-                "sharded_full_bytes": self.sharded_full_bytes,
-                "replicated_bytes": self.replicated_bytes, "sharded_fraction": self.sharded_fraction}
-
-
-def shard_report(model: torch.nn.Module, rank: int = 0, world_size: int = 1) -> ShardReport:
-    """Measure the bytes this process really holds (storage of the local shards, so a
-    shard that still aliased the full weight would be counted whole)."""
-    from torch.distributed.tensor import DTensor
-
-    local = full = other = 0
-    for name, p in model.named_parameters():
-        module_path = name.rsplit(".", 1)[0]
-        data = p.to_local() if isinstance(p, DTensor) else p.data
-        held = data.untyped_storage().nbytes()
-        if any(module_path.endswith(s) for s in SHARDED_LINEARS):
-            local += held
-            full += p.numel() * p.element_size()  # DTensor.numel() is the global size
-        else:
-            other += held
-    return ShardReport(rank=rank, world_size=world_size, sharded_local_bytes=local,
-                       sharded_full_bytes=full, replicated_bytes=other)
-
-
-# --- one rank's model ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TPModelSpec:
-    """What every rank loads: a MiniLM weights folder (None = the packaged model) or, for
-    tests, a random MiniLM of ``config`` seeded with ``seed``."""
-
-    path: str | None = None
-    config: dict[str, Any] | None = None
-    seed: int | None = None
-
-
-def load_rank_model(spec: TPModelSpec) -> MiniLM:
-    """Load the identical full model on every rank (before sharding).
-
-    Raises:
-        ModelNotFoundError / ModelError: from :func:`headrace.models.minilm.load_minilm`.
-    """
-    import torch
-
-    from headrace.models.minilm import MiniLM, MiniLMConfig, load_minilm
-
-    if spec.seed is not None:
-        torch.manual_seed(spec.seed)
-        return MiniLM(MiniLMConfig.from_dict(spec.config or {})).eval()
-    return load_minilm(spec.path, config=spec.config)
-
-
-class _RankState:
-    """A process's membership in a TP group and its shard (rank 0 and the actors alike)."""
-
-    def __init__(self, rank: int, world_size: int, device: str) -> None:
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
-        self.model: MiniLM | None = None
-
-    def join(self, master_addr: str, master_port: int, backend: str, timeout_s: float, spec: TPModelSpec) -> ShardReport:
-        """Join the process group (blocks until all ranks arrived), load and shard."""
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-
-        try:
-            dist.init_process_group(
-                backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
-                rank=self.rank, world_size=self.world_size,
-                # A dead peer must turn into an error, not a forever-blocked collective.
-                timeout=datetime.timedelta(seconds=timeout_s))
-            mesh = init_device_mesh(self.device, (self.world_size,))
-            model = load_rank_model(spec).to(self.device)
-            self.model = shard_minilm(model, mesh)
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ModelError(f"tensor-parallel rank {self.rank}/{self.world_size} failed to start: {e}") from e
-        report = shard_report(self.model, self.rank, self.world_size)
-        log.info("tp rank %d/%d ready: %d of %d sharded bytes", self.rank, self.world_size,
-                 report.sharded_local_bytes, report.sharded_full_bytes)
-        return report
-
-    def forward(self, input_ids: np.ndarray[Any, Any], attention_mask: np.ndarray[Any, Any]) -> torch.Tensor:
-        import torch
-
-        if self.model is None:
-            raise ModelError(f"tensor-parallel rank {self.rank} has no model (join first)")
-        with torch.inference_mode():
-            # Copies: arrays that came through Ray's object store are read-only.
-            ids = torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(self.device)
-            mask = torch.from_numpy(np.array(attention_mask, dtype=np.int64)).to(self.device)
-            out: torch.Tensor = self.model(ids, mask)
-        return out
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        self.model = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class _TPRank:
@@ -276,6 +98,8 @@ class TensorParallelEncoder:
         num_threads: torch intra-op threads per rank (0 = torch default).
         backend: ``auto`` (NCCL on CUDA when the bundles hold GPUs, else gloo on CPU),
             ``nccl`` or ``gloo`` (CPU even on GPU bundles).
+        name: prefix of the rank actors' names (``<name>-rank<i>``, in this job's
+            namespace); empty leaves them unnamed.
 
     Raises:
         ConfigError: not inside a big enough placement group, or an unknown backend.
@@ -283,7 +107,7 @@ class TensorParallelEncoder:
     """
 
     def __init__(self, world_size: int, spec: TPModelSpec, *, timeout_s: float = 120.0, num_threads: int = 1,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", name: str = "") -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -299,6 +123,8 @@ class TensorParallelEncoder:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._broken: str | None = None
+        # Called once, from the thread that noticed, when the group breaks.
+        self.on_broken: Callable[[str], None] | None = None
         if backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"tensor-parallel backend {backend!r} must be auto, nccl or gloo")
         if backend == "auto":
@@ -308,15 +134,18 @@ class TensorParallelEncoder:
             import torch
 
             torch.set_num_threads(num_threads)
-        remote_rank = ray.remote(_TPRank)
+        # Health probes get their own concurrency group, so they are answered while a
+        # batch runs (must be declared here: .options() cannot set it).
+        remote_rank = ray.remote(concurrency_groups={"health": 1})(_TPRank)  # type: ignore[call-overload]
         self._ranks: list[Any] = []
         for i in range(1, world_size):
             bundle = pg.bundle_specs[i]
+            extra = {"name": f"{name}-rank{i}"} if name else {}
             self._ranks.append(remote_rank.options(
                 num_cpus=float(bundle.get("CPU", 0)), num_gpus=float(bundle.get("GPU", 0)),
                 # One batch at a time, in submission order: the collectives of
                 # consecutive batches must pair up across ranks.
-                max_concurrency=1, max_restarts=0,
+                max_concurrency=1, max_restarts=0, **extra,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=i),
             ).remote(i, world_size, device, num_threads))
@@ -350,20 +179,53 @@ class TensorParallelEncoder:
                 out = self._state.forward(input_ids, attention_mask)
                 ray.get(refs, timeout=self.timeout_s)
             except Exception as e:  # noqa: BLE001 - gloo/NCCL errors, dead actors, timeouts
-                self._broken = f"{type(e).__name__}: {e}"
+                self._mark_broken(f"{type(e).__name__}: {e}")
                 raise ModelError(f"tensor-parallel forward failed: {e}") from e
         result: np.ndarray[Any, Any] = out.float().cpu().numpy()
         return result
 
+    def _mark_broken(self, reason: str) -> None:
+        if self._broken is not None:
+            return
+        self._broken = reason
+        log.error("tensor-parallel group broken: %s", reason)
+        if self.on_broken is not None:
+            try:
+                self.on_broken(reason)
+            except Exception as e:  # noqa: BLE001 - the callback must not mask the failure
+                log.warning("on_broken callback failed: %s", e)
+
     def healthy(self) -> bool:
+        """False once a batch failed on the group (it is never repaired in place)."""
         return self._broken is None
+
+    def probe(self, timeout_s: float = 10.0) -> bool:
+        """Ask every rank actor whether it is alive (marks the group broken when one died).
+
+        A slow answer is not a death: it counts as alive, the next probe asks again.
+        """
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        if self._broken:
+            return False
+        try:
+            ray.get([r.node_id.options(concurrency_group="health").remote() for r in self._ranks],
+                    timeout=timeout_s)
+        except RayActorError as e:
+            self._mark_broken(f"a rank actor died: {e}")
+            return False
+        except GetTimeoutError:
+            log.warning("tensor-parallel ranks did not answer a probe within %.0fs", timeout_s)
+        return True
 
     def rank_nodes(self) -> list[str]:
         """Node ids of every rank, rank 0 first (to check that a group shares one node)."""
         import ray
 
         here = str(ray.get_runtime_context().get_node_id())
-        return [here] + [str(n) for n in ray.get([r.node_id.remote() for r in self._ranks], timeout=30)]
+        refs = [r.node_id.options(concurrency_group="health").remote() for r in self._ranks]
+        return [here] + [str(n) for n in ray.get(refs, timeout=30)]
 
     def close(self) -> None:
         import ray
@@ -379,74 +241,6 @@ class TensorParallelEncoder:
             state.close()
         # Keep the replica's own pid out of any reuse confusion in logs.
         log.info("tensor-parallel group closed (pid %d)", os.getpid())
-
-
-# --- offline check (no Ray): N local processes over gloo ------------------------------------
-
-
-def _local_rank_main(rank: int, world_size: int, port: int, spec: TPModelSpec,
-                     input_ids: np.ndarray[Any, Any], attention_mask: np.ndarray[Any, Any], queue: Any) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    state = _RankState(rank, world_size, "cpu")
-    try:
-        report = state.join("127.0.0.1", port, "gloo", 60.0, spec)
-        out = state.forward(input_ids, attention_mask).numpy()
-        queue.put((rank, report.to_dict(), out, ""))
-    except Exception as e:  # noqa: BLE001 - reported to the parent instead of a silent exit code
-        queue.put((rank, None, None, f"{type(e).__name__}: {e}"))
-    finally:
-        state.close()
-
-
-def verify_sharding(world_size: int, spec: TPModelSpec, input_ids: np.ndarray[Any, Any],
-                    attention_mask: np.ndarray[Any, Any], timeout_s: float = 120.0) -> dict[str, Any]:
-    """Run the sharded model in ``world_size`` local processes (gloo on CPU) and compare
-    every rank's output with the unsharded model in this process.
-
-    Returns:
-        ``{"max_abs_diff": float, "reports": [ShardReport dicts by rank], "outputs": [B, 384]}``.
-
-    Raises:
-        ModelError: a rank failed or did not answer within ``timeout_s``.
-    """
-    import multiprocessing as mp
-    import queue as queue_mod
-
-    import torch
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_local_rank_main, args=(r, world_size, port, spec, input_ids, attention_mask, q),
-                         daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    with torch.inference_mode():
-        ref = load_rank_model(spec)(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
-    got: dict[int, tuple[dict[str, Any], np.ndarray[Any, Any]]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(got) < world_size:
-            try:
-                rank, report, out, err = q.get(timeout=0.5)
-            except queue_mod.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in got]
-                if dead or time.monotonic() > deadline:
-                    raise ModelError(f"tensor-parallel ranks {dead or 'all'} died or did not answer "
-                                     f"within {timeout_s}s") from None
-                continue
-            if err:
-                raise ModelError(f"tensor-parallel rank {rank} failed: {err}")
-            got[rank] = (report, out)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    diff = max(float(np.abs(got[r][1] - ref).max()) for r in got)
-    return {"max_abs_diff": diff, "reports": [got[r][0] for r in sorted(got)], "outputs": got[0][1]}
 
 
 # --- the servable a tensor-parallel replica serves ------------------------------------------
@@ -473,7 +267,7 @@ class _TPModule:
 
 
 def load_tp_servable(settings: WorkerSettings, world_size: int, *, timeout_s: float = 120.0,
-                     backend: str = "auto") -> tuple[Any, TensorParallelEncoder]:
+                     backend: str = "auto", name: str = "") -> tuple[Any, TensorParallelEncoder]:
     """The model ``settings`` names, served by a tensor-parallel group of ``world_size``.
 
     Picks the torch-format version (``minilm-torch`` entries built by
@@ -509,7 +303,7 @@ def load_tp_servable(settings: WorkerSettings, world_size: int, *, timeout_s: fl
     weights = repo.file_path(m, m.model_file)
     tok = repo.file_path(m, str(m.extra.get("tokenizer", "tokenizer.json")))
     encoder = TensorParallelEncoder(world_size, TPModelSpec(path=str(weights)), timeout_s=timeout_s,
-                                    num_threads=settings.intra_op_threads, backend=backend)
+                                    num_threads=settings.intra_op_threads, backend=backend, name=name)
     try:
         servable = TorchServable(m, _TPModule(encoder), tokenizer_path=tok,  # type: ignore[arg-type]
                                  device="cpu", reject_non_finite=settings.reject_non_finite)

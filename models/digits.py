@@ -148,12 +148,24 @@ def train(
     lr: float = 2e-3,
     weight_decay: float = 1e-4,
     model: DigitsMLP | None = None,
+    threads: int = 1,
 ) -> tuple[DigitsMLP, TrainReport]:
     """Train (or fine-tune ``model``) with AdamW + cross-entropy; deterministic for a seed.
 
-    Takes about a second for the default 60 epochs on one CPU core.
+    Takes about a second for the default 60 epochs on one CPU core. ``threads`` is the torch
+    intra-op thread count while training (restored afterwards): this model is so small that
+    one thread is fastest, and more only spin against other processes on a busy machine.
     """
-    data = data or load_data(seed=seed)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(data or load_data(seed=seed), config, seed, epochs, batch_size, lr, weight_decay, model)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(data: DigitsData, config: DigitsConfig | None, seed: int, epochs: int, batch_size: int, lr: float,
+           weight_decay: float, model: DigitsMLP | None) -> tuple[DigitsMLP, TrainReport]:
     torch.manual_seed(seed)
     net = model if model is not None else DigitsMLP(config)
     gen = torch.Generator().manual_seed(seed)

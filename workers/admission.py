@@ -18,6 +18,7 @@ from headrace.client import errors as E
 from headrace.client.protocol import (
     STATUS_ERROR,
     STATUS_EXPIRED,
+    STATUS_OK,
     Envelope,
     Request,
     Result,
@@ -30,7 +31,7 @@ from headrace.client.protocol import (
 
 from .backends.base import Servable
 from .backends.validate import check_finite
-from .broker import Ack, DeadLetterOp, Entry, Op, Reply
+from .broker import Ack, BatchStats, DeadLetterOp, Entry, Op, Reply
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ class Unit:
     def add(self, op: Op, meta: Meta | None) -> None:
         self.ops.append(op)
         self.meta.append(meta)
+
+    def stats_line(self, worker: str, at_ms: int) -> BatchStats:
+        """This unit's line of the stats stream, latencies measured up to ``at_ms``."""
+        answered = [m for m in self.meta if m is not None]
+        ok = sum(1 for m in answered if m.status == STATUS_OK)
+        lat = [float(at_ms - m.ts_ms) for m in answered if m.ts_ms]
+        return BatchStats(worker, self.batch, ok, len(answered) - ok, round(self.infer_ms, 3), lat)
 
 
 def route_of(fields: Any) -> tuple[str, str] | None:

@@ -58,13 +58,13 @@ def split_by_length(lengths: Sequence[int], call_cost: int = 64) -> list[list[in
     The cost of a bucket is ``len(bucket) * max_length + call_cost`` (``call_cost`` in the
     same units as the lengths, e.g. characters: the fixed price of one more model call).
     Optimal contiguous partition of the sorted lengths by dynamic programming; for large
-    batches (> 256) a single bucket is returned (the O(n^2) search is not worth it there).
+    batches (> 128) a single bucket is returned (the O(n^2) search would cost milliseconds).
 
     Returns buckets of indices, each sorted by length ascending.
     """
     n = len(lengths)
     order = sorted(range(n), key=lambda i: (lengths[i], i))
-    if n <= 1 or n > 256 or lengths[order[0]] == lengths[order[-1]]:
+    if n <= 1 or n > 128 or lengths[order[0]] == lengths[order[-1]]:
         return [order] if n else []
     srt = [lengths[i] for i in order]
     best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted items
@@ -101,7 +101,9 @@ class Batcher(Generic[T]):
         self._seq = 0
         self._clock = clock
         self._closed = False
-        self._event: asyncio.Event | None = None
+        # Waiters hold the current change future and every change resolves it: unlike a
+        # shared Event that each waiter clears, no waiter can clear away another's wakeup.
+        self._changed: asyncio.Future[None] | None = None
         self.max_batch = 1
         self.preferred_batch = 1
         self._preferred_raw = 0
@@ -151,8 +153,14 @@ class Batcher(Generic[T]):
         self._wake()
 
     def _wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    def _change(self) -> asyncio.Future[None]:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
 
     def wake(self) -> None:
         """Make waiters re-check their conditions (e.g. a stop flag of ``wait_for_room``)."""
@@ -187,26 +195,22 @@ class Batcher(Generic[T]):
 
     async def next_batch(self) -> list[T] | None:
         """Wait for a ready batch. Returns None once closed and empty."""
-        if self._event is None:
-            self._event = asyncio.Event()
         while True:
-            self._event.clear()
+            changed = self._change()  # taken before the checks: no change can slip between
             batch = self.take_ready()
             if batch:
                 return batch
             if self._closed and not self._items:
                 return None
-            ttr = self.time_to_ready()
-            try:
-                await asyncio.wait_for(self._event.wait(), timeout=ttr)
-            except asyncio.TimeoutError:
-                pass
+            # asyncio.wait, not wait_for: it never loses a cancellation (CPython gh-86296)
+            # and never cancels the shared future.
+            await asyncio.wait({changed}, timeout=self.time_to_ready())
 
     async def wait_for_room(self, limit: int, until: Callable[[], bool] | None = None) -> None:
         """Wait until fewer than ``limit`` requests are queued (reader back-pressure), the
         batcher is closed, or ``until()`` is true (checked on every :meth:`wake`)."""
-        if self._event is None:
-            self._event = asyncio.Event()
-        while len(self._items) >= limit and not self._closed and not (until is not None and until()):
-            self._event.clear()
-            await self._event.wait()
+        while True:
+            changed = self._change()
+            if len(self._items) < limit or self._closed or (until is not None and until()):
+                return
+            await asyncio.wait({changed})

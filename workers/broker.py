@@ -193,6 +193,21 @@ def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
 
+def _stream_entries(resp: Any) -> list[tuple[Any, Any]]:
+    """(id, fields) pairs of a one-stream XREADGROUP reply, whichever shape redis-py gives:
+    RESP2-style ``[[stream, entries]]``, or RESP3-style ``{stream: entries}`` /
+    ``{stream: [entries]}``."""
+    if not resp:
+        return []
+    groups = list(resp.values()) if isinstance(resp, dict) else [item[1] for item in resp]
+    out: list[tuple[Any, Any]] = []
+    for entries in groups:
+        if entries and isinstance(entries[0], list):  # {stream: [entries]}
+            entries = [e for sub in entries for e in sub]
+        out.extend((e[0], e[1]) for e in entries)
+    return out
+
+
 def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
     out: list[bytes] = [str(len(fields)).encode()]
     for k, v in fields.items():
@@ -275,11 +290,7 @@ class RedisBroker(Broker):
                                                 count=count, block=block_ms)
 
         resp = await self._call("XREADGROUP", go)
-        out: list[Entry] = []
-        for _stream, entries in resp or []:
-            for entry_id, fields in entries:
-                out.append(Entry(_s(entry_id), fields or {}, 1))
-        return out
+        return [Entry(_s(entry_id), fields or {}, 1) for entry_id, fields in _stream_entries(resp)]
 
     async def claim_abandoned(self, min_idle_ms: int, count: int) -> list[Entry]:
         out: list[Entry] = []
@@ -317,13 +328,23 @@ class RedisBroker(Broker):
         if not request_ids:
             return []
 
-        async def go() -> Any:
+        keys = [self.keys.done(rid) for rid in request_ids]
+
+        async def count() -> Any:
+            return await self.client.exists(*keys)
+
+        # Common case: one multi-key EXISTS says none was answered. Only when some were,
+        # ask per key (pipelined, one round trip) which ones.
+        if not int(await self._call("dedupe pre-check", count)):
+            return [False] * len(keys)
+
+        async def each() -> Any:
             pipe = self.client.pipeline(transaction=False)
-            for rid in request_ids:
-                pipe.exists(self.keys.done(rid))
+            for key in keys:
+                pipe.exists(key)
             return await pipe.execute()
 
-        return [bool(x) for x in await self._call("dedupe pre-check", go)]
+        return [bool(x) for x in await self._call("dedupe pre-check", each)]
 
     def _commit_args(self, ops: Sequence[Op], at_ms: int) -> tuple[list[str], list[Any]]:
         keys = [self.keys.requests, self.keys.dlq]
@@ -332,6 +353,8 @@ class RedisBroker(Broker):
             if isinstance(op, Ack):
                 args += [b"A", op.entry_id]
             elif isinstance(op, Reply):
+                # reply_to comes from the producer: the SDK keeps it in this model's hash slot
+                # (cluster-safe); on a single Redis any key works.
                 keys += [self.keys.done(op.request_id), op.reply_to]
                 args += [b"R", op.entry_id, *_flat(op.fields)]
             else:
@@ -369,12 +392,15 @@ class RedisBroker(Broker):
 
     async def backlog(self) -> Backlog:
         async def go() -> Any:
-            return await self.client.xinfo_groups(self.keys.requests)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xinfo_groups(self.keys.requests)
+            pipe.xlen(self.keys.requests)
+            return await pipe.execute()
 
         import redis
 
         try:
-            groups = await self._call("XINFO GROUPS", go)
+            groups, length = await self._call("XINFO GROUPS", go)
         except E.BrokerError as e:
             if isinstance(e.__cause__, redis.ResponseError):  # no stream yet
                 return Backlog(0, 0)
@@ -382,7 +408,12 @@ class RedisBroker(Broker):
         for g in groups:
             if _s(g.get("name", b"")) == self.settings.group:
                 lag = g.get("lag")
-                return Backlog(int(lag) if lag is not None else 0, int(g.get("pending", 0)))
+                pending = int(g.get("pending", 0))
+                # Unread and pending entries are all still in the stream, so XLEN bounds the
+                # lag; Redis 7.0 reports a stale, too large lag for good after an AOF rewrite
+                # and a restart (see client/submit.lua), which would inflate autoscaling.
+                lag_n = min(int(lag), max(0, int(length) - pending)) if lag is not None else 0
+                return Backlog(lag_n, pending)
         return Backlog(0, 0)
 
     async def heartbeat(self, version: str, describe: Mapping[str, Any] | None = None,

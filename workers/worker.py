@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,15 +37,14 @@ from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Envelope, Result
 
 from .admission import Admission, Answers, Unit, Work
 from .backends.base import Servable
+from .backoff import Backoff, wait_event
 from .batcher import Batcher, split_by_length
-from .broker import DUPLICATE, UNWRITABLE, BatchStats, Broker, DeadLetterOp, Entry
+from .broker import DUPLICATE, UNWRITABLE, Broker, DeadLetterOp, Entry
 from .metrics import NullMetrics, WorkerMetrics
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE_S = 0.05
-BACKOFF_CAP_S = 2.0
 HEARTBEAT_S = 2.0
 MAX_COMMIT_OPS = 4096  # ops merged into one commit script call
 RECONFIGURABLE = frozenset({"max_batch", "preferred_batch", "max_wait_ms"})
@@ -56,31 +54,6 @@ def consumer_idle_delete_ms(settings: WorkerSettings) -> int:
     """Idle time after which a consumer with nothing pending is deleted from the group:
     well beyond any live worker's gap between two reads."""
     return int(max(60.0, 10 * settings.lease_s, 5 * settings.block_ms / 1000.0) * 1000)
-
-
-class _Backoff:
-    """Exponential backoff of one loop. ``wake_on_stop``: a stop request ends the wait (for
-    loops that exit when stopping); the writer keeps its pace while draining instead of
-    spinning on a dead connection."""
-
-    def __init__(self, worker: StreamWorker, what: str, wake_on_stop: bool = True) -> None:
-        self.worker, self.what, self.failures, self.wake_on_stop = worker, what, 0, wake_on_stop
-
-    async def wait(self, err: BaseException) -> None:
-        self.failures += 1
-        self.worker._redis_ok = False
-        delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1)) * random.uniform(0.75, 1.0)
-        lvl = logging.WARNING if self.failures in (1, 10) or self.failures % 50 == 0 else logging.DEBUG
-        log.log(lvl, "%s failed (%d in a row), retrying in %.2fs: %s", self.what, self.failures, delay, err)
-        if self.wake_on_stop:
-            await self.worker._sleep(delay)
-        else:
-            await asyncio.sleep(delay)
-
-    def ok(self) -> None:
-        self.failures = 0
-        self.worker._redis_ok = True
-        self.worker._last_ok_s = time.monotonic()
 
 
 class StreamWorker:
@@ -106,6 +79,7 @@ class StreamWorker:
         self.metrics: WorkerMetrics = metrics if metrics is not None else NullMetrics()
         self._batcher: Batcher[Work] = Batcher(settings.max_batch, settings.preferred_batch, settings.max_wait_ms)
         self._in_flight: dict[str, Entry] = {}
+        self._committing: set[str] = set()  # acked by a commit that has not returned yet
         self._commits: asyncio.Queue[Unit | None] | None = None
         self._stop_event: asyncio.Event | None = None
         self._finished: asyncio.Event | None = None
@@ -114,6 +88,7 @@ class StreamWorker:
         self._answers = Answers(settings.model, servable.version, self.consumer)
         self._admission = Admission(settings, servable, self._answers, self._counters)
         self._stopping = False
+        self._shutdown = False
         self._drain = True
         self._running = False
         self._redis_ok = True
@@ -128,7 +103,7 @@ class StreamWorker:
         self._stop_event, self._finished = asyncio.Event(), asyncio.Event()
         self._commits = asyncio.Queue()
         try:
-            backoff = _Backoff(self, "create consumer group")
+            backoff = self._backoff("create consumer group")
             while not self._stopping:
                 try:
                     await self.broker.ensure_group()
@@ -149,15 +124,14 @@ class StreamWorker:
             self._tasks = [*readers, infer, writer, *maint]
             await self._stop_event.wait()
             if self._drain:
-                try:
-                    await asyncio.wait_for(self._drain_pipeline(readers, infer, writer),
-                                           timeout=self.settings.drain_timeout_s)
-                except asyncio.TimeoutError:
+                # asyncio.wait, not wait_for: on timeout we must not block on cancelling it.
+                drain = spawn(self._drain_pipeline(readers, infer, writer), name="drain")
+                self._tasks.append(drain)
+                done, _ = await asyncio.wait({drain}, timeout=self.settings.drain_timeout_s)
+                if not done:
                     log.warning("drain timed out after %.1fs; %d entries stay pending for other workers",
                                 self.settings.drain_timeout_s, len(self._in_flight))
-            for t in self._tasks:
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._end_tasks()
             await self._leave()
         finally:
             self._running = False
@@ -218,13 +192,20 @@ class StreamWorker:
 
     # --- helpers -----------------------------------------------------------------------------
 
+    def _backoff(self, what: str, wake_on_stop: bool = True) -> Backoff:
+        """``wake_on_stop``: a stop request ends the wait (loops that exit when stopping);
+        the writer keeps its pace while draining instead of spinning on a dead connection."""
+        return Backoff(what, self._redis_state, self._sleep if wake_on_stop else asyncio.sleep)
+
+    def _redis_state(self, ok: bool) -> None:
+        self._redis_ok = ok
+        if ok:
+            self._last_ok_s = time.monotonic()
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake early when stopping."""
         assert self._stop_event is not None
-        try:
-            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self._stop_event, seconds)
 
     def _emit(self, unit: Unit) -> None:
         if unit.ops:
@@ -263,7 +244,7 @@ class StreamWorker:
     # --- loops -------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        backoff = _Backoff(self, "XREADGROUP")
+        backoff = self._backoff("XREADGROUP")
         while not self._stopping:
             try:
                 await self._batcher.wait_for_room(self.settings.max_batch, until=lambda: self._stopping)
@@ -281,7 +262,7 @@ class StreamWorker:
                 await backoff.wait(e)
 
     async def _claim_loop(self) -> None:
-        backoff = _Backoff(self, "XAUTOCLAIM")
+        backoff = self._backoff("XAUTOCLAIM")
         lease_ms = int(self.settings.lease_s * 1000)
         while not self._stopping:
             try:
@@ -292,7 +273,12 @@ class StreamWorker:
                     log.info("claimed %d abandoned entries (e.g. %s, %d deliveries)", len(entries),
                              entries[0].entry_id, entries[0].deliveries)
                     await self._admit(entries)
-                await self._sleep(self.settings.lease_s / 2)
+                if len(entries) >= self.settings.max_batch:
+                    # A dead worker left more behind: take the next batch as soon as there is
+                    # room, rather than one batch per lease_s / 2.
+                    await self._batcher.wait_for_room(self.settings.max_batch, until=lambda: self._stopping)
+                else:
+                    await self._sleep(self.settings.lease_s / 2)
             except E.BrokerError as e:
                 await backoff.wait(e)
             except Exception as e:  # noqa: BLE001
@@ -300,8 +286,8 @@ class StreamWorker:
                 await backoff.wait(e)
 
     async def _lease_loop(self) -> None:
-        backoff = _Backoff(self, "lease refresh")
-        while True:
+        backoff = self._backoff("lease refresh")
+        while not self._shutdown:
             await asyncio.sleep(self.settings.lease_s / 3)
             ids = list(self._in_flight)
             if not ids:
@@ -312,7 +298,7 @@ class StreamWorker:
             except E.BrokerError as e:
                 await backoff.wait(e)
                 continue
-            for lost in (i for i in ids if i not in owned and i in self._in_flight):
+            for lost in (i for i in ids if i not in owned and i in self._in_flight and i not in self._committing):
                 # Claimed by another worker (we were stalled past the lease); its answer or
                 # ours wins the dedupe marker, so stop renewing it.
                 log.warning("lease lost on entry %s; another worker owns it now", lost)
@@ -320,14 +306,14 @@ class StreamWorker:
                 self._counters["leases_lost"] += 1
 
     async def _maintenance_loop(self) -> None:
-        backoff = _Backoff(self, "maintenance")
+        backoff = self._backoff("maintenance")
         next_trim = time.monotonic()
         describe: dict[str, Any] | None
         try:
             describe = self.servable.describe()
         except Exception:  # noqa: BLE001 - the description is informational only
             describe = None
-        while True:
+        while not self._shutdown:
             try:
                 await self.broker.heartbeat(self.servable.version, describe,
                                             stale_ms=int(max(30.0, 5 * HEARTBEAT_S) * 1000))
@@ -349,7 +335,7 @@ class StreamWorker:
             await asyncio.sleep(min(HEARTBEAT_S, self.settings.trim_interval_s))
 
     async def _infer_loop(self) -> None:
-        while True:
+        while not self._shutdown:
             batch = await self._batcher.next_batch()
             if batch is None:
                 return
@@ -364,8 +350,9 @@ class StreamWorker:
         reqs = [w.request for w in works]
         outs = await asyncio.get_running_loop().run_in_executor(self._executor, self.servable.infer, reqs)
         if not isinstance(outs, list) or len(outs) != len(reqs) or not all(isinstance(o, dict) for o in outs):
-            raise E.ModelError(f"servable returned {type(outs).__name__} of {len(outs) if hasattr(outs, '__len__') else '?'}"
-                               f" items for {len(reqs)} requests; expected one output map per request")
+            n = len(outs) if hasattr(outs, "__len__") else "?"
+            raise E.ModelError(f"servable returned {type(outs).__name__} of {n} items for {len(reqs)} requests; "
+                               "expected one output map per request")
         return outs
 
     async def _run_batch(self, batch: list[Work]) -> None:
@@ -375,8 +362,8 @@ class StreamWorker:
         for w in batch:
             env = w.request.envelope
             if env.expired(at):
-                self._answers.error(env, w.entry, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker", unit,
-                            status=STATUS_EXPIRED)
+                self._answers.error(env, w.entry, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker",
+                                    unit, status=STATUS_EXPIRED)
             else:
                 live.append(w)
         buckets = (split_by_length([self._admission.length(w) for w in live])
@@ -417,9 +404,8 @@ class StreamWorker:
     def _failed(self, w: Work, err: BaseException, unit: Unit) -> None:
         entry, env = w.entry, w.request.envelope
         if entry.deliveries >= self.settings.max_deliveries:
-            self._answers.dead_letter(entry, env, E.MODEL_ERROR,
-                              f"model failed on each of {entry.deliveries} deliveries; last: "
-                              f"{type(err).__name__}: {err}", unit)
+            self._answers.dead_letter(entry, env, E.MODEL_ERROR, f"model failed on each of {entry.deliveries} "
+                                      f"deliveries; last: {type(err).__name__}: {err}", unit)
             return
         # Leave it pending and stop renewing its lease: after lease_s some worker reclaims it
         # (delivery count + 1) and tries again, until max_deliveries sends it to the DLQ.
@@ -430,7 +416,7 @@ class StreamWorker:
 
     async def _write_loop(self) -> None:
         assert self._commits is not None
-        backoff = _Backoff(self, "commit", wake_on_stop=False)
+        backoff = self._backoff("commit", wake_on_stop=False)
         last = False
         while not last:
             first = await self._commits.get()
@@ -446,22 +432,22 @@ class StreamWorker:
                 units.append(nxt)
                 n_ops += len(nxt.ops)
             ops = [op for u in units for op in u.ops]
+            self._committing.update(op.entry_id for op in ops)
             while True:
                 at = now_ms()
-                stats = [self._stats_line(u, at) for u in units]
+                stats = [u.stats_line(self.consumer, at) for u in units]
                 try:
                     outcomes = await self.broker.commit(ops, stats)
                     backoff.ok()
                     break
                 except E.BrokerError as e:
+                    if self._shutdown:
+                        log.warning("giving up on writing %d results at shutdown; their entries stay "
+                                    "pending and are redelivered after the lease", len(ops))
+                        return
                     await backoff.wait(e)
             self._after_commit(units, outcomes, now_ms())
-
-    def _stats_line(self, u: Unit, at: int) -> BatchStats:
-        ok = sum(1 for m in u.meta if m is not None and m.status == STATUS_OK)
-        failed = sum(1 for m in u.meta if m is not None and m.status != STATUS_OK)
-        lat = [float(at - m.ts_ms) for m in u.meta if m is not None and m.ts_ms]
-        return BatchStats(self.consumer, u.batch, ok, failed, round(u.infer_ms, 3), lat)
+            self._committing.clear()
 
     def _after_commit(self, units: Sequence[Unit], outcomes: Sequence[int], at: int) -> None:
         metas = [m for u in units for m in u.meta]
@@ -498,6 +484,19 @@ class StreamWorker:
         self._commits.put_nowait(None)
         await writer
         log.debug("drain: results written, %d in flight", len(self._in_flight))
+
+    async def _end_tasks(self) -> None:
+        # On Python < 3.12 a cancellation can be lost inside redis-py (its asyncio.wait_for
+        # around socket writes drops a cancel that races the write's completion, CPython
+        # gh-86296) and the task just carries on with its loop: so every loop also checks
+        # _shutdown, and this wait is bounded.
+        self._shutdown = True
+        self._batcher.close()
+        for t in self._tasks:
+            t.cancel()
+        _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+        for t in stuck:
+            log.warning("task %s did not end within 5 s of shutdown; abandoning it", t.get_name())
 
     async def _leave(self) -> None:
         try:

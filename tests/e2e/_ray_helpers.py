@@ -106,6 +106,18 @@ class RawProducer:
         self.sent += ids
         return ids
 
+    def send_texts(self, texts: Sequence[str]) -> list[str]:
+        ids = []
+        pipe = self.r.pipeline(transaction=False)
+        for text in texts:
+            rid = f"raw-{len(self.sent) + len(ids)}-{uuid.uuid4().hex[:6]}"
+            entry = encode_request(Request(Envelope(rid, self.reply_to, model=self.keys.model), text=text))
+            pipe.xadd(self.keys.requests, entry)  # type: ignore[arg-type]
+            ids.append(rid)
+        pipe.execute()
+        self.sent += ids
+        return ids
+
     def poll(self) -> int:
         while True:
             got = self.r.xread({self.reply_to: self._last}, count=1000)
@@ -161,6 +173,16 @@ def replica_actor(app: str, replica_id: str) -> Any:
         if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(f"#{replica_id}") and f"{app}#" in a["name"]:
             return ray.get_actor(a["name"], namespace=a["namespace"])
     raise AssertionError(f"no actor for replica {replica_id} of {app}")
+
+
+def named_actor(name: str) -> Any:
+    """A named actor in whatever namespace it was created."""
+    import ray
+
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"] == name:
+            return ray.get_actor(name, namespace=a["namespace"])
+    raise AssertionError(f"no actor named {name}")
 
 
 def results_by_id(results: Sequence[Result]) -> dict[str, Result]:

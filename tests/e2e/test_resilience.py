@@ -8,7 +8,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from _ray_helpers import RawProducer, RayEnv, group_backlog, group_consumers, local_ray, replica_actor, serve_replicas, wait_until
+from _ray_helpers import (
+    RawProducer,
+    RayEnv,
+    group_backlog,
+    group_consumers,
+    local_ray,
+    replica_actor,
+    serve_replicas,
+    wait_until,
+)
 
 from headrace.cluster import ops
 from headrace.cluster.app import ModelAppArgs, app_config

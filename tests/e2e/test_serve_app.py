@@ -14,7 +14,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from _ray_helpers import ROOT, RawProducer, RayEnv, group_consumers, local_ray, serve_replicas, wait_until
+from _ray_helpers import (
+    ROOT,
+    RawProducer,
+    RayEnv,
+    group_consumers,
+    local_ray,
+    named_actor,
+    serve_replicas,
+    wait_until,
+)
 
 from headrace.client import Client
 from headrace.client.errors import ConfigError
@@ -159,33 +168,51 @@ def test_live_reconfigure_then_scale_up_and_down_with_graceful_drain(env: RayEnv
         ops.scaled({"applications": [_affine(env, autoscale=True)]}, "affine", 2)
 
 
-def test_worker_metrics_reach_rays_prometheus_endpoint(env: RayEnv) -> None:
+def test_worker_metrics_reach_rays_prometheus_endpoint_with_every_dashboard_series(env: RayEnv) -> None:
+    import json
+    import re
+
+    from headrace.client.protocol import Envelope, Request, encode_request
+
     ops.apply(env.deployer, {"applications": [_affine(env, num_replicas=1)]})
-    prod = RawProducer(env.r(), "affine")
+    r = env.r()
+    prod = RawProducer(r, "affine")
     prod.send(40)
-    prod.wait_all(60)
+    # One request the model refuses (wrong shape), so the failure counter exists too.
+    bad = encode_request(Request(Envelope("bad-1", prod.reply_to, model="affine"), inputs={"x": np.zeros(3, np.float32)}))
+    r.xadd(prod.keys.requests, bad)  # type: ignore[arg-type]
+    prod.sent.append("bad-1")
+    results = prod.wait_all(60)
+    assert next(x for x in results if x.request_id == "bad-1").code == "bad_shape"
     replica = serve_replicas(env.deployer, "affine")[0].replica_id
+    dashboard = (ROOT / "docs" / "grafana" / "headrace-ray.json").read_text()
+    wanted = set(re.findall(r"ray_headrace_[a-z_]+", dashboard)) | {"ray_serve_deployment_replica_healthy"}
+    assert json.loads(dashboard)["panels"]
 
     def scrape() -> str | None:
         text = urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics", timeout=5).read().decode()
-        lines = [ln for ln in text.splitlines() if ln.startswith("ray_headrace_") and f'replica="{replica}"' in ln]
-        names = {ln.split("{")[0] for ln in lines}
-        want = {"ray_headrace_request_success_total", "ray_headrace_batch_size_bucket", "ray_headrace_stream_lag"}
-        return "\n".join(lines) if want <= names else None
+        names = {ln.split("{")[0] for ln in text.splitlines()
+                 if not ln.startswith("#") and (f'replica="{replica}"' in ln or ln.startswith("ray_serve_"))}
+        return text if wanted <= names else None
 
-    text = wait_until(scrape, 60, interval_s=1.0, what="headrace metrics on Ray's endpoint")
-    success = [ln for ln in text.splitlines() if ln.startswith("ray_headrace_request_success_total")]
-    assert any('model="affine"' in ln for ln in success)
+    text = wait_until(scrape, 90, interval_s=1.0, what=f"all of {sorted(wanted)} on Ray's endpoint")
+    mine = [ln for ln in text.splitlines() if f'replica="{replica}"' in ln]
+    success = [ln for ln in mine if ln.startswith("ray_headrace_request_success_total")]
+    assert all('model="affine"' in ln for ln in success)
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in success) >= 40
+    failure = [ln for ln in mine if ln.startswith("ray_headrace_request_failure_total")]
+    assert any('code="bad_shape"' in ln for ln in failure)
 
 
-def test_tensor_parallel_2_matches_tp1_end_to_end_through_redis(env: RayEnv, repo: Path) -> None:
+def test_tensor_parallel_2_matches_tp1_end_to_end_through_redis_and_survives_a_dead_rank(
+        env: RayEnv, repo: Path) -> None:
+    import ray
     from ray import serve
 
     texts = [f"Sentence {i}: {'the weather is rainy' if i % 3 else 'stock prices fell sharply'} today."
              for i in range(12)]
     base = {"model": "minilm-torch", "redis_url": env.redis_url, "model_repo": str(repo), "num_cpus": 0.5,
-            "max_batch": 16, "max_wait_ms": 20.0}
+            "max_batch": 16, "max_wait_ms": 20.0, "lease_s": 3.0, "health_check_period_s": 1.0}
 
     def served() -> tuple[np.ndarray, set[str]]:
         with Client(env.redis_url, timeout_s=120.0) as c:
@@ -209,3 +236,17 @@ def test_tensor_parallel_2_matches_tp1_end_to_end_through_redis(env: RayEnv, rep
     for shard in stats["tp_shards"]:
         assert shard["world_size"] == 2
         assert abs(shard["sharded_local_bytes"] / shard["sharded_full_bytes"] - 0.5) < 0.01
+
+    # A rank dies: the replica stops consuming, fails its health check and is replaced by
+    # a new TP group; what was in flight is reclaimed and answered exactly once.
+    ray.kill(named_actor(stats["tp_rank_actors"][0]), no_restart=True)
+    prod = RawProducer(env.r(), "minilm-torch")
+    prod.send_texts(texts)
+    results = prod.wait_all(timeout_s=240)
+    assert prod.duplicates() == {}
+    assert all(x.ok for x in results), [x.message for x in results if not x.ok]
+    got = np.stack([{x.request_id: x for x in results}[i].outputs["embeddings"] for i in prod.sent])
+    assert float(np.abs(got - tp1).max()) <= 1e-4
+    after = wait_until(lambda: (s := handle.stats.remote().result()).get("replica") != stats["replica"] and s, 120,
+                       what="a replacement TP replica")
+    assert after["tensor_parallel"] == 2 and len(after["tp_shards"]) == 2

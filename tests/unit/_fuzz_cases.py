@@ -360,3 +360,4 @@ def dump_outcomes(path: str | os.PathLike[str]) -> None:
         key = f"{layer}|{family}|{outcome}"
         old[key] = old.get(key, 0) + n
     p.write_text(json.dumps(old, indent=1, sort_keys=True))
+    OUTCOMES.clear()  # each module dumps at its end; never count a case twice

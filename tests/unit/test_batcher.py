@@ -154,3 +154,40 @@ def test_configure_validates_eagerly_and_applies() -> None:
     assert (b.max_batch, b.preferred_batch) == (2, 2)
     b.configure(max_batch=16, preferred_batch=0)
     assert b.preferred_batch == 16
+
+
+def test_no_lost_wakeups_with_concurrent_producers_room_waiters_and_consumer() -> None:
+    """Two back-pressured producers and one consumer share the batcher's wakeups; none may
+    sleep through a change meant for it (every item must come out, promptly)."""
+    import random
+
+    async def go(seed: int) -> list[int]:
+        rng = random.Random(seed)
+        b: Batcher[int] = Batcher(max_batch=4, preferred_batch=3, max_wait_ms=60_000)
+        out: list[int] = []
+
+        async def producer(start: int) -> None:
+            for i in range(start, start + 200):
+                await b.wait_for_room(4)
+                b.put(i)
+                if rng.random() < 0.5:
+                    await asyncio.sleep(0)
+
+        async def consumer() -> None:
+            while True:
+                batch = await b.next_batch()
+                if batch is None:
+                    return
+                out.extend(batch)
+                if rng.random() < 0.5:
+                    await asyncio.sleep(0)
+
+        eat = asyncio.ensure_future(consumer())
+        await asyncio.wait_for(asyncio.gather(producer(0), producer(1000)), 5.0)
+        b.close()
+        await asyncio.wait_for(eat, 5.0)
+        return out
+
+    for seed in range(5):
+        got = asyncio.run(go(seed))
+        assert sorted(got) == list(range(200)) + list(range(1000, 1200))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -161,14 +160,21 @@ def test_dlq_commands(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_compress_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    from headrace.models.compress import pipeline
+
+    real_params = set(inspect.signature(pipeline.compress_main).parameters)
+    cmd = main.get_command(click.Context(main), "compress")
+    assert cmd is not None
+    assert {p.name for p in cmd.params} <= real_params  # every option is a real parameter
     calls: list[Any] = []
-    fake = types.ModuleType("headrace.models.compress.pipeline")
-    fake.compress_main = lambda model, **kw: calls.append((model, kw))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "headrace.models.compress.pipeline", fake)
-    res = CliRunner().invoke(main, ["--repo", "/tmp/r", "compress", "minilm", "--steps", "export, quantize-dynamic",
-                                    "--distill-steps", "5"])
+    monkeypatch.setattr(pipeline, "compress_main", lambda model, **kw: calls.append((model, kw)))
+    res = CliRunner().invoke(main, ["--repo", "/tmp/r", "compress", "digits", "--steps", "export,prune",
+                                    "--distill-steps", "5", "--no-bench", "--prune-ffn", "0.5"])
     assert res.exit_code == 0, res.output
-    assert calls == [("minilm", {"repo": "/tmp/r", "steps": ["export", "quantize-dynamic"], "distill_steps": 5})]
+    assert calls == [("digits", {"repo": "/tmp/r", "steps": "export,prune", "distill_steps": 5, "bench": False,
+                                 "prune_ffn": 0.5})]
 
 
 def test_models_list_on_an_empty_repository(tmp_path: Path) -> None:

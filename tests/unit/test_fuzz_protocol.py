@@ -19,14 +19,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from headrace.client import errors as E
-from headrace.client import protocol as P
-from headrace.workers.backends.fake import AffineServable
-from headrace.workers.backends.validate import check_finite
-
 from _fuzz_cases import (
     INPUT_CODES,
     OK,
@@ -39,6 +31,14 @@ from _fuzz_cases import (
     pack,
     record,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from headrace.client import errors as E
+from headrace.client import protocol as P
+from headrace.workers.backends.fake import AffineServable
+from headrace.workers.backends.validate import check_finite
+
 
 def fuzz(n: int) -> settings:
     """``n`` examples (times HEADRACE_FUZZ_SCALE); derandomized in CI so a red run can be
@@ -103,7 +103,9 @@ def test_decoder_answers_every_input_with_a_request_or_a_specific_code(case: Cas
 def test_oversize_entries_are_refused_as_too_large(case: Case) -> None:
     # Separate from the mixed run so every oversize flavour (body, text, inputs, msgpack map
     # cap) is drawn in CI, not only when the mixed strategy happens to pick it.
-    assert decode_outcome(case) == E.PAYLOAD_TOO_LARGE
+    outcome = decode_outcome(case)
+    record("decoder", case.family, outcome)
+    assert outcome == E.PAYLOAD_TOO_LARGE
 
 
 @fuzz(100)
@@ -114,10 +116,12 @@ def test_size_limits_hold_for_any_limit(body: bytes, max_payload: int) -> None:
     try:
         req = P.decode_body(env, body, limits)
     except E.ProtocolError as err:
+        record("decoder", "random_body_any_limit", err.code)
         assert err.code in INPUT_CODES
         if len(body) > max_payload:
             assert err.code == E.PAYLOAD_TOO_LARGE
         return
+    record("decoder", "random_body_any_limit", OK)
     assert len(body) <= max_payload
     assert all(a.size <= limits.max_elements for a in req.inputs.values())
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from _fuzz_cases import INPUT_CODES, OK, Case, any_case, dump_outcomes, examples, record, valid_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,8 +28,6 @@ from headrace.workers.backends.validate import check_finite
 from headrace.workers.memory_broker import MemoryBroker, MemoryStore
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.worker import WorkerThread
-
-from _fuzz_cases import INPUT_CODES, OK, Case, any_case, dump_outcomes, examples, record, valid_case
 
 
 @dataclass

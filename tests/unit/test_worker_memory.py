@@ -271,6 +271,23 @@ async def test_entries_returned_by_a_read_in_progress_at_stop_are_still_run() ->
 
 
 @pytest.mark.timeout(20)
+async def test_drain_gives_up_after_drain_timeout_when_results_cannot_be_written() -> None:
+    store = MemoryStore()
+    w = StreamWorker(settings(drain_timeout_s=0.3), AffineServable(delay_ms=100), MemoryBroker(store, "w1"))
+    task = asyncio.ensure_future(w.run())
+    store.add(affine_fields("r0"))
+    await wait_for(lambda: bool(store.pending_ids("w1")))
+    store.fail_ops = 10**9  # Redis gone for good: the commit can never succeed
+    t0 = time.monotonic()
+    await w.stop(drain=True)
+    await task
+    assert time.monotonic() - t0 < 3.0
+    store.fail_ops = 0
+    assert store.pending_ids() == [store.pending_ids("w1")[0]]  # still pending: redelivered later
+    assert not store.results(REPLY)
+
+
+@pytest.mark.timeout(20)
 async def test_broker_outage_is_ridden_out_and_reported_unhealthy() -> None:
     store = MemoryStore()
     w = StreamWorker(settings(), AffineServable(), MemoryBroker(store, "w1"))

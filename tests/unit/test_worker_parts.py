@@ -143,3 +143,13 @@ def test_memory_broker_trim_and_claim_follow_stream_semantics() -> None:
         assert await a.answered(["q1", "q2"]) == [True, False]
 
     asyncio.run(go())
+
+
+def test_xreadgroup_reply_shapes_are_all_understood() -> None:
+    from headrace.workers.broker import _stream_entries
+
+    entries = [(b"1-0", {b"a": b"1"}), (b"1-1", {b"b": b"2"})]
+    assert _stream_entries(None) == [] and _stream_entries({}) == [] and _stream_entries([]) == []
+    assert _stream_entries([[b"s", entries]]) == entries  # RESP2 / legacy shape
+    assert _stream_entries({b"s": entries}) == entries  # unified dict shape
+    assert _stream_entries({b"s": [entries]}) == entries  # RESP3 shape

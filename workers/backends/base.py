@@ -69,7 +69,7 @@ class Servable(abc.ABC):
             ModelError: the backend failed for this batch.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release sessions/threads. Idempotent."""
 
     def describe(self) -> dict[str, Any]:
