@@ -52,7 +52,7 @@ from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loo
 from headrace.cluster.bench_models import ensure_benchmark_models
 from headrace.cluster.bench_plot import plot_latency_vs_load, plot_throughput_bars
 from headrace.cluster.bench_stats import LoadPoint, fmt_ms, summarize
-from headrace.cluster.bench_systems import WorkerProcesses, pin_threads, thread_env, wait_for_workers
+from headrace.cluster.bench_systems import CpuMeter, WorkerProcesses, pin_threads, thread_env, wait_for_workers
 from headrace.cluster.bench_targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
 from headrace.workers.backends import load_servable
 from headrace.workers.settings import WorkerSettings
@@ -90,7 +90,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--raw-s", type=float, default=6.0, help="seconds per raw measurement")
     ap.add_argument("--duration-s", type=float, default=10.0, help="measured window of each load run")
     ap.add_argument("--warmup-s", type=float, default=3.0)
-    ap.add_argument("--concurrency", type=int, default=0, help="closed-loop outstanding requests (0 = 4 x batch)")
+    ap.add_argument("--concurrency", type=int, default=0, help="closed-loop outstanding requests (0 = 3 x batch)")
     ap.add_argument("--loads", default="0.5,0.8", help="open-loop rates as fractions of the raw limit")
     ap.add_argument("--celery-concurrency", type=int, default=5,
                     help="Celery worker threads (Ray's default max_ongoing_requests is 5)")
@@ -118,7 +118,7 @@ class Env:
                  http_port: int) -> None:
         self.args, self.redis, self.manifest, self.payloads, self.http_port = args, redis, manifest, payloads, http_port
         self.repo = str(Path(args.repo).absolute())
-        self.conc = args.concurrency or 4 * args.batch
+        self.conc = args.concurrency or 3 * args.batch
 
     def settings(self, threads: int) -> WorkerSettings:
         return WorkerSettings(model=self.manifest.name, version=self.manifest.version, model_repo=self.repo,
@@ -218,9 +218,12 @@ def point(rr: Any, label: str, mode: str, **kw: Any) -> LoadPoint:
 async def load_system(name: str, target: Any, env: Env, rates: list[float], progress: bool) -> dict[str, Any]:
     args = env.args
     limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, args.timeout_s)
+    meter = CpuMeter().start()
     async with Ticker(limits.total_s, f"{name} closed c={env.conc}", progress) as tick:
         rr = await closed_loop(target, env.conc, limits, progress=tick)
+    meter.stop()
     closed = point(rr, f"{name} c={env.conc}", "closed", concurrency=env.conc)
+    closed.extra["cpu_us_per_request"] = meter.per_request_us(sum(1 for x in rr.samples if x.ok))
     opened: dict[str, Any] = {}
     for frac, rate in zip(parse_loads(args.loads), rates, strict=True):
         key = f"{frac:.0%}"
@@ -245,6 +248,14 @@ async def reference(servable: Any, env: Env, rates: list[float], progress: bool)
     return opened
 
 
+def timed_raw(servable: Any, payloads: Payloads, batch: int, seconds: float) -> dict[str, float]:
+    """A raw run plus its CPU microseconds per request (this process: the model's threads)."""
+    c0 = time.process_time()
+    r = raw_throughput(servable, payloads, batch, seconds)
+    r["cpu_us_per_request"] = (time.process_time() - c0) * 1e6 / (r["rps"] * r["seconds"])
+    return r
+
+
 def parse_loads(raw: str) -> list[float]:
     return [float(x) for x in raw.split(",") if x.strip()]
 
@@ -256,7 +267,7 @@ def compare_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
     console = Console(stderr=True)
     servable = load_servable(env.settings(args.threads), providers=["CPUExecutionProvider"])
     try:
-        raw = {str(b): raw_throughput(servable, payloads, b, args.raw_s) for b in sorted({1, 8, args.batch})}
+        raw = {str(b): timed_raw(servable, payloads, b, args.raw_s) for b in sorted({1, 8, args.batch})}
         limit = raw[str(args.batch)]["rps"]
         rates = [f * limit for f in parse_loads(args.loads)]
         console.print(f"[bold]{manifest.name}/{manifest.version}[/]: raw limit {limit:.1f}/s at batch {args.batch}")
@@ -281,7 +292,7 @@ def compare_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
         console.print(f"  {LABELS[name]}: done in {time.monotonic() - t0:.0f}s")
     servable = load_servable(env.settings(args.threads), providers=["CPUExecutionProvider"])
     try:
-        out["raw_after"] = raw_throughput(servable, payloads, args.batch, args.raw_s)
+        out["raw_after"] = timed_raw(servable, payloads, args.batch, args.raw_s)
     finally:
         servable.close()
     return out
@@ -295,19 +306,23 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> Table:
     t = Table(title=f"{res['model']} ({res['precision']}): raw limit {res['limit_rps']:.1f}/s at batch {args.batch} "
                     f"(after the run: {res['raw_after']['rps']:.1f}/s), {args.threads} model threads per system")
     t.add_column("system")
-    t.add_column(f"throughput/s (c={args.concurrency or 4 * args.batch})", justify="right")
+    t.add_column(f"throughput/s (c={args.concurrency or 3 * args.batch})", justify="right")
     t.add_column("of limit", justify="right")
+    t.add_column("CPU us/req (system + load gen)", justify="right")
     t.add_column("closed p50/p99 ms", justify="right")
     for lv in loads:
         t.add_column(f"p50/p99 ms @{lv}", justify="right")
     t.add_column("errors", justify="right")
     for name, s in res["systems"].items():
         if "failed" in s:
-            t.add_row(LABELS[name], "failed", "", s["failed"][:60], *([""] * len(loads)), "")
+            t.add_row(LABELS[name], "failed", "", "", s["failed"][:60], *([""] * len(loads)), "")
             continue
         c = s["closed"]
         thr = res["limit_rps"] if c is None else c["throughput_rps"]
+        cpu = None if c is None else c["extra"].get("cpu_us_per_request")
         cells = [f"{thr:.1f}", f"{100 * thr / res['limit_rps']:.1f}%",
+                 f"{res['raw'][str(args.batch)]['cpu_us_per_request']:.0f}" if c is None
+                 else (f"{cpu['system']:.0f} + {cpu['load_generator']:.0f}" if cpu else "-"),
                  "-" if c is None else f"{fmt_ms(c['e2e']['p50'])}/{fmt_ms(c['e2e']['p99'])}"]
         errs = 0 if c is None else sum(c["errors"].values())
         for lv in loads:

@@ -81,12 +81,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="end-to-end rounds, each between two raw runs")
     ap.add_argument("--duration-s", type=float, default=15.0, help="measured window of each load run")
     ap.add_argument("--warmup-s", type=float, default=3.0)
-    ap.add_argument("--concurrency", type=int, default=0, help="closed-loop outstanding requests (0 = 4 x batch)")
+    ap.add_argument("--concurrency", type=int, default=0, help="closed-loop outstanding requests (0 = 3 x batch)")
     ap.add_argument("--load", type=float, default=0.5, help="fraction of the raw limit for the overhead runs")
     ap.add_argument("--timeout-s", type=float, default=60.0)
     ap.add_argument("--pool", type=int, default=512, help="distinct real sentences cycled through")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="runs/e2e_vs_raw.json", help="write the figures here")
+    ap.add_argument("--fake-rate", type=float, default=0.0,
+                    help="also measure the queue overhead alone: a zero-cost fake model at this rate (req/s)")
     ap.add_argument("--ort-spin", choices=("on", "off"), default="on",
                     help="off: every system's ONNX Runtime sessions run without intra-op spin-wait "
                          "(experiment hook benchmarks/ort_nospin)")
@@ -133,7 +135,7 @@ async def throughput_rounds(url: str, ns: str, model: str, servable: Any, payloa
     """raw, e2e, raw, e2e, ..., raw: each e2e round is compared with the raw runs around it,
     so a slow drift of the (shared) machine does not pass for overhead. Also notes the CPU
     each process spent per answered request in every e2e round."""
-    conc = args.concurrency or 4 * args.batch
+    conc = args.concurrency or 3 * args.batch
     raws = [timed_raw(servable, payloads, args)]
     closed: list[LoadPoint] = []
     cpu: list[dict[str, float]] = []
@@ -221,6 +223,27 @@ def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
             "open": opened.to_json(), "reference": ref.to_json()}
 
 
+def measure_fake(redis: EmbeddedRedis, args: argparse.Namespace) -> dict[str, Any]:
+    """The queue overhead with no model cost: the probed worker serving the ``affine`` fake
+    (microseconds per batch) under Poisson arrivals at ``--fake-rate``. What is left is
+    what the data plane itself takes when the CPU is not busy with a model."""
+    from headrace.cluster.bench_targets import tensor_payloads
+
+    payloads = tensor_payloads([{"name": "x", "dtype": "float32", "shape": [4]}], args.pool, seed=args.seed)
+    limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, args.timeout_s)
+    with tempfile.TemporaryDirectory(prefix="headrace-probe-") as tmp:
+        probe_file = str(Path(tmp) / "probes.jsonl")
+        ns = f"bench-{uuid.uuid4().hex[:6]}"
+        with WorkerProcesses(redis.url, ns, "affine", fake="affine", module="headrace.cluster.bench_probe",
+                             env={PROBE_ENV: probe_file}, threads=args.threads,
+                             settings={"max_batch": args.batch, "max_wait_ms": args.max_wait_ms}):
+            rr = asyncio.run(probed_run(redis.url, ns, "affine", payloads, args, args.fake_rate, limits,
+                                        not args.no_progress))
+        probes = load_probes(probe_file)
+    opened = load_point(rr, f"fake {args.fake_rate:.0f}/s", "open", offered_rps=args.fake_rate)
+    return {"rate_rps": args.fake_rate, "open": opened.to_json(), "queue_split": queue_split(rr, probes)}
+
+
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
     t = Table(title=f"MiniLM: raw backend vs end-to-end through Redis (batch {args.batch}, {args.threads} threads)")
     for c in ("model", "raw/s", "e2e/s", "e2e/raw (rounds)", f"load/s ({args.load:.0%})", "e2e p50/p99 ms",
@@ -251,10 +274,17 @@ def main() -> None:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.monotonic()
     results = []
+    fake: dict[str, Any] | None = None
     with EmbeddedRedis() as redis:
         for kind in kinds:
             results.append(measure_model(kind, manifests[kind], redis, payloads, args))
+        if args.fake_rate > 0:
+            fake = measure_fake(redis, args)
     console = Console()
+    if fake is not None:
+        fq = fake["queue_split"].get("queue", {})
+        console.print(f"zero-cost model at {args.fake_rate:.0f}/s: queue overhead p50 {fmt_ms(fq.get('p50'), 2)} ms, "
+                      f"p99 {fmt_ms(fq.get('p99'), 2)} ms")
     console.print(render(results, args))
     for r in results:
         cu = r["cpu_us_per_request"]
@@ -266,7 +296,8 @@ def main() -> None:
                       f"{r['raw_rps']:.1f}/s; queue overhead at {args.load:.0%} load p50 "
                       f"{fmt_ms(qq.get('p50'), 2)} ms, p99 {fmt_ms(qq.get('p99'), 2)} ms")
     doc = {"benchmark": "e2e_vs_raw", "started_at": started, "wall_s": round(time.monotonic() - t0, 1),
-           "host": host_info(), "args": vars(args), "payloads": payloads.describe(), "results": results}
+           "host": host_info(), "args": vars(args), "payloads": payloads.describe(), "results": results,
+           "fake": fake}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2))

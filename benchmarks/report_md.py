@@ -23,8 +23,9 @@ def e2e_vs_raw(doc: dict[str, Any]) -> str:
              f"load {a['load']:.0%} of the raw limit", "",
              "| model | raw limit /s | end-to-end /s | e2e / raw (per round) | queue overhead p50 / p99 ms "
              "| wire in p50 / p99 ms | deliver p50 / p99 ms | e2e p50 / p99 ms at load | in-process p50 / p99 ms "
-             "| CPU us/req raw vs worker + redis + load gen | model ms/req raw vs worker (model busy) | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| CPU us/req raw vs worker + redis + load gen | CPU-normalized e2e/raw (without load gen) "
+             "| model ms/req raw vs worker (model busy) | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["results"]:
         q = r["queue_split"]
         cu = r["cpu_us_per_request"]
@@ -39,7 +40,18 @@ def e2e_vs_raw(doc: dict[str, Any]) -> str:
             f"{ms(r['open']['e2e']['p50'])} / {ms(r['open']['e2e']['p99'])} | "
             f"{ms(r['reference']['e2e']['p50'])} / {ms(r['reference']['e2e']['p99'])} | "
             f"{cu['raw']:.0f} vs {cu['worker']:.0f} + {cu['redis']:.0f} + {cu['client']:.0f} | "
+            f"{100 * cu['raw'] / (cu['worker'] + cu['redis'] + cu['client']):.0f}% "
+            f"({100 * cu['raw'] / (cu['worker'] + cu['redis']):.0f}%) | "
             f"{model_line(r)} | {errs} |")
+    fake = doc.get("fake")
+    if fake:
+        q, o = fake["queue_split"], fake["open"]
+        lines += ["", f"Zero-cost model (the `affine` fake) at {fake['rate_rps']:.0f} requests/s, same probes: "
+                      f"queue overhead p50 / p99 **{ms(q['queue']['p50'], 2)} / {ms(q['queue']['p99'], 2)} ms** "
+                      f"(wire in {ms(q['wire_in']['p50'], 2)} / {ms(q['wire_in']['p99'], 2)}, deliver "
+                      f"{ms(q['deliver']['p50'], 2)} / {ms(q['deliver']['p99'], 2)}); end-to-end p50 / p99 "
+                      f"{ms(o['e2e']['p50'], 2)} / {ms(o['e2e']['p99'], 2)} ms (includes the {a['max_wait_ms']:g} ms "
+                      f"batching wait), {sum(o['errors'].values())} errors"]
     return "\n".join(lines)
 
 
@@ -61,8 +73,10 @@ LABELS = {"raw": "raw limit (in-process)", "standalone": "headrace standalone wo
 def compare(doc: dict[str, Any]) -> str:
     a = doc["args"]
     loads = [f"{float(x):.0%}" for x in a["loads"].split(",")]
+    conc = next((s["closed"]["concurrency"] for res in doc["results"].values() for s in res["systems"].values()
+                 if s.get("closed")), a["concurrency"])
     out = [f"`{doc['started_at']}`, {doc['host']['cpus']} CPUs, batch {a['batch']}, {a['threads']} model threads per "
-           f"system, ORT spin-wait {a.get('ort_spin', 'on')}, closed loop c={a['concurrency'] or 4 * a['batch']}, "
+           f"system, ORT spin-wait {a.get('ort_spin', 'on')}, closed loop c={conc}, "
            f"{a['duration_s']:g} s windows"]
     for res in doc["results"].values():
         raw = res["raw"]
@@ -70,17 +84,28 @@ def compare(doc: dict[str, Any]) -> str:
                     + ", ".join(f"batch {b}: {v['rps']:.1f}/s" for b, v in raw.items())
                     + f"; limit = batch {a['batch']} = {res['limit_rps']:.1f}/s "
                       f"(re-measured after the run: {res['raw_after']['rps']:.1f}/s)", "",
-                "| system | throughput /s | of limit | closed-loop p50 / p99 ms | "
+                "| system | throughput /s | of limit | CPU us/req (system + load gen) | CPU-normalized of limit | "
+                "closed-loop p50 / p99 ms | "
                 + " | ".join(f"p50 / p99 ms at {lv} ({r:.0f}/s)" for lv, r in zip(loads, res["rates"], strict=True))
                 + " | errors |",
-                "|---|---:|---:|---:|" + "---:|" * len(loads) + "---:|"]
+                "|---|---:|---:|---:|---:|---:|" + "---:|" * len(loads) + "---:|"]
         for name, s in res["systems"].items():
             if "failed" in s:
-                out.append(f"| {LABELS[name]} | failed: {s['failed'][:80]} |" + " |" * (len(loads) + 3))
+                out.append(f"| {LABELS[name]} | failed: {s['failed'][:80]} |" + " |" * (len(loads) + 5))
                 continue
             c = s["closed"]
             thr = res["limit_rps"] if c is None else c["throughput_rps"]
-            cells = [f"{thr:.1f}", f"{100 * thr / res['limit_rps']:.0f}%",
+            raw_cpu = (raw[str(a["batch"])].get("cpu_us_per_request", 0.0)
+                       + res["raw_after"].get("cpu_us_per_request", 0.0)) / 2
+            cpu = None if c is None else c["extra"].get("cpu_us_per_request")
+            if c is None:
+                cpu_cells = [f"{raw_cpu:.0f} (model only)", "100%"]
+            elif cpu:
+                cpu_cells = [f"{cpu['system']:.0f} + {cpu['load_generator']:.0f}",
+                             f"{100 * raw_cpu / cpu['total']:.0f}%"]
+            else:
+                cpu_cells = ["-", "-"]
+            cells = [f"{thr:.1f}", f"{100 * thr / res['limit_rps']:.0f}%", *cpu_cells,
                      "-" if c is None else f"{ms(c['e2e']['p50'])} / {ms(c['e2e']['p99'])}"]
             errs = 0 if c is None else sum(c["errors"].values())
             for lv in loads:

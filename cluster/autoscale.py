@@ -41,6 +41,7 @@ from headrace.client.config import (
 )
 from headrace.client.errors import BrokerError
 from headrace.client.keys import ModelKeys
+from headrace.workers.backlog import group_backlog
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,9 @@ def desired_replicas(backlog: float, target_backlog_per_replica: float) -> float
 
 
 def read_backlog(client: Any, keys: ModelKeys) -> tuple[int, int]:
-    """``(lag, pending)`` of the model's consumer group, from ``XINFO GROUPS``.
-
-    ``lag`` is nil in Redis when entries between the group's last delivered id and the tail
-    were deleted (XDEL) or the id was set by hand: then the undelivered entries are
-    counted with ``XRANGE`` after the last delivered id (capped at 100 000). A stream or
-    group that does not exist yet has no backlog.
+    """``(lag, pending)`` of the model's consumer group, from ``XINFO GROUPS`` and ``XLEN``
+    (read as :func:`headrace.workers.backlog.group_backlog` does). A stream or group that
+    does not exist yet has no backlog.
 
     Raises:
         BrokerError: Redis is unreachable or answered unexpectedly.
@@ -105,28 +103,18 @@ def read_backlog(client: Any, keys: ModelKeys) -> tuple[int, int]:
     import redis
 
     try:
-        groups = client.xinfo_groups(keys.requests)
+        pipe = client.pipeline(transaction=False)
+        pipe.xinfo_groups(keys.requests)
+        pipe.xlen(keys.requests)
+        groups, length = pipe.execute()
     except redis.ResponseError as e:
         if "no such key" in str(e).lower():
             return 0, 0
         raise BrokerError(f"XINFO GROUPS {keys.requests} failed: {e}") from e
     except redis.RedisError as e:
         raise BrokerError(f"cannot read the backlog of {keys.requests}: {e}") from e
-    for g in groups:
-        name = g.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) != keys.group:
-            continue
-        pending = int(g.get("pending") or 0)
-        lag = g.get("lag")
-        if lag is None:
-            last = g.get("last-delivered-id") or b"0-0"
-            last_s = last.decode() if isinstance(last, bytes) else str(last)
-            try:
-                lag = len(client.xrange(keys.requests, min=f"({last_s}", max="+", count=100_000))
-            except redis.RedisError as e:
-                raise BrokerError(f"XRANGE {keys.requests} failed: {e}") from e
-        return int(lag), pending
-    return 0, 0
+    backlog = group_backlog(groups, keys.group, int(length))
+    return backlog.lag, backlog.pending
 
 
 class LagAutoscalingPolicy:

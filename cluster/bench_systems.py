@@ -56,6 +56,65 @@ def process_cpu_s(pid: int) -> float:
         return 0.0
 
 
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (children, grandchildren...), from ``/proc``;
+    ``[root]`` where ``/proc`` is not available."""
+    parents: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return [root]
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+class CpuMeter:
+    """CPU seconds spent by this process (the load generator) and by all its descendants
+    (worker processes, Redis, a local Ray cluster and its replicas) between ``start`` and
+    ``stop``. Unlike wall-clock throughput, CPU per request hardly moves when other tenants
+    of the machine take cores away, so it is the steadier measure on a shared machine.
+    Processes that start and end inside the interval are missed."""
+
+    def __init__(self) -> None:
+        self.me = os.getpid()
+        self._before: dict[int, float] = {}
+        self.driver_s = 0.0
+        self.others_s = 0.0
+
+    def _snap(self) -> dict[int, float]:
+        return {pid: process_cpu_s(pid) for pid in descendants(self.me)}
+
+    def start(self) -> CpuMeter:
+        self._before = self._snap()
+        return self
+
+    def stop(self) -> CpuMeter:
+        after = self._snap()
+        delta = {pid: v - self._before.get(pid, 0.0) for pid, v in after.items()}
+        self.driver_s = delta.pop(self.me, 0.0)
+        self.others_s = sum(v for v in delta.values() if v > 0)
+        return self
+
+    def per_request_us(self, n: int) -> dict[str, float]:
+        """``{"load_generator", "system", "total"}`` in CPU microseconds per request."""
+        n = max(1, n)
+        return {"load_generator": self.driver_s * 1e6 / n, "system": self.others_s * 1e6 / n,
+                "total": (self.driver_s + self.others_s) * 1e6 / n}
+
+
 def live_workers(redis_url: str, namespace: str, model: str) -> list[str]:
     """Names of the workers whose registry heartbeat for ``model`` is recent.
 

@@ -340,7 +340,9 @@ def serve_locally(settings: Any, replicas: int = 1, *, num_cpus: int | None = No
         max_wait_ms=settings.max_wait_ms, lease_s=settings.lease_s, block_ms=settings.block_ms,
         max_deliveries=settings.max_deliveries, drain_timeout_s=settings.drain_timeout_s,
         intra_op_threads=settings.intra_op_threads or 1, num_cpus=0.5)
-    ray.init(num_cpus=num_cpus or max(2, replicas), include_dashboard=False, log_to_driver=False,
+    # address="local": a private instance even when another Ray runs on this machine
+    # (ray.init() without an address would join any cluster it can find).
+    ray.init(address="local", num_cpus=num_cpus or max(2, replicas), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
 
     def stop() -> None:

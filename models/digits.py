@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -119,7 +119,7 @@ class DigitsMLP(nn.Module):
         return out
 
     def current_config(self) -> DigitsConfig:
-        return DigitsConfig(tuple(int(layer.out_features) for layer in self.hidden))  # type: ignore[union-attr]
+        return DigitsConfig(tuple(cast(nn.Linear, layer).out_features for layer in self.hidden))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -25,6 +25,7 @@ from headrace.client.keys import ModelKeys, registry_key
 from headrace.client.protocol import now_ms
 
 from . import scripts
+from .backlog import Backlog, group_backlog
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,6 @@ class BatchStats:
                 b"ok": str(self.ok).encode(), b"failed": str(self.failed).encode(),
                 b"infer_ms": f"{self.infer_ms:.3f}".encode(),
                 b"lat_ms": msgpack.packb([round(float(x), 3) for x in self.lat_ms])}
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """``lag``: entries not yet delivered to the group; ``pending``: delivered, unacked."""
-
-    lag: int
-    pending: int
 
 
 class Broker(abc.ABC):
@@ -405,16 +398,7 @@ class RedisBroker(Broker):
             if isinstance(e.__cause__, redis.ResponseError):  # no stream yet
                 return Backlog(0, 0)
             raise
-        for g in groups:
-            if _s(g.get("name", b"")) == self.settings.group:
-                lag = g.get("lag")
-                pending = int(g.get("pending", 0))
-                # Unread and pending entries are all still in the stream, so XLEN bounds the
-                # lag; Redis 7.0 reports a stale, too large lag for good after an AOF rewrite
-                # and a restart (see client/submit.lua), which would inflate autoscaling.
-                lag_n = min(int(lag), max(0, int(length) - pending)) if lag is not None else 0
-                return Backlog(lag_n, pending)
-        return Backlog(0, 0)
+        return group_backlog(groups, self.settings.group, int(length))
 
     async def heartbeat(self, version: str, describe: Mapping[str, Any] | None = None,
                         stale_ms: int = 30_000) -> None:

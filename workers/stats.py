@@ -20,6 +20,8 @@ from headrace.client import errors as E
 from headrace.client.config import DEFAULT_GROUP
 from headrace.client.keys import ModelKeys, registry_key
 
+from .backlog import group_backlog
+
 ALIVE_MS = 30_000  # a worker whose last heartbeat is older is not counted as serving
 
 
@@ -136,12 +138,11 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
         consumers: tuple[ConsumerInfo, ...] = ()
         try:
             stream_length = int(redis.xlen(keys.requests))
-            grp = next((g for g in redis.xinfo_groups(keys.requests) if _s(g.get("name")) == group), None)
-            if grp is not None:
-                pending = int(grp.get("pending") or 0)
-                lag = _lag(redis, keys, grp)
-                consumers = tuple(ConsumerInfo(_s(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0))
-                                  for c in redis.xinfo_consumers(keys.requests, group))
+            backlog = group_backlog(redis.xinfo_groups(keys.requests), group, stream_length)
+            lag, pending = backlog.lag, backlog.pending
+            # NOGROUP (no worker or producer created the group yet) lands in the except below.
+            consumers = tuple(ConsumerInfo(_s(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0))
+                              for c in redis.xinfo_consumers(keys.requests, group))
         except redis_mod.ResponseError:
             pass  # no stream or group yet: nothing queued
         dead = int(redis.xlen(keys.dlq))
@@ -168,11 +169,3 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
                        window_s=window_s, answered=answered, failed=failed, version=info.version if info else "")
 
 
-def _lag(redis: Any, keys: ModelKeys, grp: dict[str, Any]) -> int:
-    """The group's lag; XINFO reports None after deletions/trims that make it unknowable,
-    then count the entries after last-delivered-id (bounded)."""
-    lag = grp.get("lag")
-    if lag is not None:
-        return int(lag)
-    last = _s(grp.get("last-delivered-id") or "0-0")
-    return len(redis.xrange(keys.requests, min=f"({last}", max="+", count=100_000))

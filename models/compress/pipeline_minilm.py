@@ -67,6 +67,16 @@ def _add_text(repo: Any, name: str, files: dict[str, Path], *, fmt: str = "onnx"
                     description=description)
 
 
+def _run_dir(opts: CompressOptions, prefix: str, cfg: Any, spec: Any) -> Path:
+    """A checkpoint folder per distinct run: the same settings resume, other settings start
+    their own run instead of being refused by the resume check."""
+    import hashlib
+    import json
+
+    key = json.dumps({"cfg": cfg.to_dict(), "spec": spec.to_dict() if spec else None}, sort_keys=True)
+    return opts.work_dir / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
 def run_minilm(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
     import torch
 
@@ -177,7 +187,7 @@ def run_minilm(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
         recipe = [{"step": "prune", "params": prep.to_dict()}]
         if opts.prune_recover_steps:
             cfg = D.DistillConfig(steps=opts.prune_recover_steps, lr=1e-4, warmup_steps=30, seed=opts.seed)
-            pruned, dres = D.distill(pruned, teacher, tok, corpus.train, opts.work_dir / "prune-recover", cfg,
+            pruned, dres = D.distill(pruned, teacher, tok, corpus.train, _run_dir(opts, "prune-recover", cfg, spec), cfg,
                                      progress=opts.progress, targets=targets)
             recipe.append({"step": "distill", "params": {**dres.to_dict(), "purpose": "recover after pruning"}})
             res.details["prune-recover"] = dres.to_dict()
@@ -198,7 +208,7 @@ def run_minilm(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
         layers = tuple(opts.distill_layers)
         student = D.init_student(layers)
         cfg = D.DistillConfig(steps=opts.distill_steps, lr=opts.distill_lr, seed=opts.seed)
-        run_dir = opts.work_dir / f"distill-{'-'.join(map(str, layers))}"
+        run_dir = _run_dir(opts, f"distill-{'-'.join(map(str, layers))}", cfg, None)
         student, dres = D.distill(student, teacher, tok, corpus.train, run_dir, cfg, progress=opts.progress,
                                   targets=targets)
         res.details["distill"] = dres.to_dict()

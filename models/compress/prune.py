@@ -248,7 +248,7 @@ def _fold_mean(out: nn.Linear, stats: UnitStats, keep: Sequence[int]) -> None:
     removed = [u for u in range(stats.mean.shape[0]) if u not in set(keep)]
     if removed and out.bias is not None:
         with torch.no_grad():
-            out.bias += stats.mean[removed].sum(dim=0).to(out.bias.dtype)
+            out.bias.add_(stats.mean[removed].sum(dim=0).to(out.bias.dtype))
 
 
 def _global_keep(scores: Sequence[torch.Tensor], fraction: float, floor: int, multiple: int = 1) -> list[list[int]]:

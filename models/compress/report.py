@@ -1,9 +1,9 @@
 """The compression report: speed and fidelity of every artifact, side by side, in one run.
 
 Every artifact is a callable on a batch (text batches for MiniLM, pixel batches for digits).
-Speed is measured *interleaved*: each timed round runs every artifact once on the same batch,
-so a noisy, shared machine slows all of them alike and the ratios stay meaningful. Thread
-counts are pinned (torch ``set_num_threads``, onnxruntime ``intra_op_num_threads``) to the
+Speed is measured *interleaved*: the artifacts take short turns on the same batches
+(:func:`measure_speed`), so a noisy, shared machine slows all of them alike and the ratios
+stay meaningful. Thread counts are pinned (torch ``set_num_threads``, onnxruntime ``intra_op_num_threads``) to the
 same value for every backend.
 
 Fidelity is against the fp32 torch teacher on held-out data (:mod:`.fidelity`). Results go
@@ -149,13 +149,17 @@ def outputs_of(artifact: Artifact, batches: Sequence[Batch]) -> np.ndarray[Any, 
 
 
 def measure_speed(artifacts: Sequence[Artifact], batches_by_size: dict[int, Sequence[Batch]], *,
-                  min_time_s: float = 2.0, max_rounds: int = 200, warmup: int = 2,
+                  min_time_s: float = 2.0, block_s: float = 0.25, max_turns: int = 400, warmup: int = 2,
                   progress: bool = True) -> dict[str, dict[int, list[float]]]:
-    """Per artifact label and batch size, the seconds each timed round took.
+    """Per artifact label and batch size, the seconds each timed batch took.
 
-    Rounds are interleaved: round ``r`` runs every artifact on batch ``r mod len(batches)``
-    before the next round starts. Stops after ``max_rounds`` or once every artifact has
-    ``min_time_s`` of timed work at that batch size.
+    Artifacts take turns: each turn runs one artifact on consecutive batches for about
+    ``block_s`` (at least one batch), then the next artifact continues from the same batch
+    position. Turns (rather than single batches) keep one backend's idle thread pool, still
+    spin-waiting after its last batch (onnxruntime and OpenMP both spin briefly), from eating
+    into the next backend's first timed batch; taking turns still exposes every artifact to
+    the same slow and fast moments of a shared machine. Stops once every artifact has
+    ``min_time_s`` of timed work at that batch size, or after ``max_turns`` turns each.
     """
     from tqdm.auto import tqdm
 
@@ -168,15 +172,22 @@ def measure_speed(artifacts: Sequence[Artifact], batches_by_size: dict[int, Sequ
             for b in batches[:warmup]:
                 a.run(b)
             out[a.label][size] = []
-        bar = tqdm(total=max_rounds, desc=f"bench batch {size}", unit="round", disable=not progress, leave=False)
-        for r in range(max_rounds):
-            batch = batches[r % len(batches)]
+        pos = 0
+        bar = tqdm(total=max_turns, desc=f"bench batch {size}", unit="turn", disable=not progress, leave=False)
+        for _ in range(max_turns):
+            start = pos
             for a in timed:
-                t0 = time.perf_counter()
-                a.run(batch)
-                out[a.label][size].append(time.perf_counter() - t0)
+                pos = start
+                spent = 0.0
+                while spent < block_s or pos == start:
+                    t0 = time.perf_counter()
+                    a.run(batches[pos % len(batches)])
+                    dt = time.perf_counter() - t0
+                    out[a.label][size].append(dt)
+                    spent += dt
+                    pos += 1
             bar.update(1)
-            if r + 1 >= len(batches) and all(sum(out[a.label][size]) >= min_time_s for a in timed):
+            if all(sum(out[a.label][size]) >= min_time_s for a in timed):
                 break
         bar.close()
     return out

@@ -62,7 +62,7 @@ def test_sigkill_workers_mid_batch_repeatedly_under_steady_load(redis_url: str, 
     assert report.ok, report.line()
     assert report.sent == 1500 and report.answered == 1500
     assert report.codes["decode_error"] == len(prod.garbage) > 0  # bad input answered, once
-    assert f.kills >= 5 and mid_batch_kills >= f.kills - 1, (f.kills, mid_batch_kills)
+    assert f.kills >= 5 and mid_batch_kills >= f.kills // 2, (f.kills, mid_batch_kills)
     assert all(code == -9 for code in f.exit_codes[: f.kills]), f.exit_codes
     assert exit_codes and all(code == 0 for code in exit_codes), (exit_codes, f.logs())
     # Work of killed workers really was done twice, and still answered once.

@@ -63,7 +63,8 @@ def local_ray(num_cpus: int = 4) -> Iterator[RayEnv]:
 
     with EmbeddedRedis() as rs:
         metrics_port = free_port()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+        # address="local": never join another Ray found on the machine (other test runs).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
                  log_to_driver=False, configure_logging=False)
         http_port = free_port()
         try:

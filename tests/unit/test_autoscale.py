@@ -24,12 +24,13 @@ from headrace.cluster.autoscale import (
 
 
 class FakeStreams:
-    """Answers XINFO GROUPS / XRANGE like redis-py does (bytes keys, str field names)."""
+    """Answers XINFO GROUPS / XLEN like redis-py does (bytes keys, str field names), directly
+    or through a non-transactional pipeline."""
 
-    def __init__(self, groups: list[dict[str, Any]] | None = None, entries_after: int = 0,
+    def __init__(self, groups: list[dict[str, Any]] | None = None, length: int = 1000,
                  fail: Exception | None = None) -> None:
         self.groups = groups
-        self.entries_after = entries_after
+        self.length = length
         self.fail = fail
         self.calls = 0
 
@@ -41,9 +42,26 @@ class FakeStreams:
             raise redis.ResponseError("no such key")
         return self.groups
 
-    def xrange(self, key: str, min: str = "-", max: str = "+", count: int | None = None) -> list[Any]:  # noqa: A002
-        assert min.startswith("("), "must count strictly after the last delivered id"
-        return [(b"x", {})] * self.entries_after
+    def xlen(self, key: str) -> int:
+        return self.length
+
+    def pipeline(self, transaction: bool = True) -> FakePipeline:
+        return FakePipeline(self)
+
+
+class FakePipeline:
+    def __init__(self, streams: FakeStreams) -> None:
+        self.streams = streams
+        self.queued: list[tuple[str, str]] = []
+
+    def xinfo_groups(self, key: str) -> None:
+        self.queued.append(("xinfo_groups", key))
+
+    def xlen(self, key: str) -> None:
+        self.queued.append(("xlen", key))
+
+    def execute(self) -> list[Any]:
+        return [getattr(self.streams, name)(key) for name, key in self.queued]
 
 
 KEYS = ModelKeys("headrace", "m")
@@ -76,8 +94,14 @@ def test_read_backlog_uses_lag_and_pending_of_the_right_group() -> None:
     assert read_backlog(fake, KEYS) == (7, 3)
 
 
-def test_read_backlog_counts_undelivered_entries_when_lag_is_unknown() -> None:
-    assert read_backlog(FakeStreams([_group(None, 2)], entries_after=4), KEYS) == (4, 2)
+def test_read_backlog_bounds_unknown_lag_by_stream_length() -> None:
+    # Unread and pending entries are all still in the stream: lag <= XLEN - pending.
+    assert read_backlog(FakeStreams([_group(None, 2)], length=6), KEYS) == (4, 2)
+
+
+def test_read_backlog_caps_a_stale_lag_at_the_stream_length() -> None:
+    # Redis 7.0 after an AOF rewrite and a restart reports a lag the stream cannot hold.
+    assert read_backlog(FakeStreams([_group(59_000, 3)], length=10), KEYS) == (7, 3)
 
 
 def test_read_backlog_of_missing_stream_or_group_is_zero() -> None:

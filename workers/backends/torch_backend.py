@@ -105,6 +105,13 @@ class TorchServable(Servable):
             torch.set_num_threads(intra_op_threads)
         self.device = pick_device(device)
         self.module: Any = module.to(self.device).eval()
+        if manifest.precision == "fp16":
+            # fp16 is a GPU target: CPU kernels for half matmuls are slow or missing, so on a
+            # CPU host the same weights run in fp32 (and the log says so).
+            if self.device.startswith("cuda"):
+                self.module = self.module.half()
+            else:
+                log.warning("%s/%s is fp16 but runs on %s: serving it in fp32", self.name, self.version, self.device)
         self._encoder: prepost.TextEncoder | None = None
         if self.accepts_text:
             if tokenizer_path is None:
