@@ -38,9 +38,11 @@ def main() -> int:
     ap.add_argument("--held-out", type=int, default=0, help="held-out sentences for fidelity (0 = all)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("onnxruntime", "root", "onnx_model", "fusion_utils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
+    # onnxruntime's quantizer logs every tensor at INFO on the root logger: show headrace's
+    # progress and everyone's warnings only.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.name.startswith("headrace") or r.levelno >= logging.WARNING)
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
