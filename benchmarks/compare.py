@@ -64,19 +64,12 @@ LABELS = {"raw": "raw limit (in-process)", "standalone": "headrace standalone", 
           "http": "Ray Serve HTTP @serve.batch"}
 
 
-NOSPIN_DIR = Path(__file__).resolve().parent / "ort_nospin"
-
-
-def ort_spin_off() -> None:
-    """Apply the no-spin hook here and, through PYTHONPATH, in every child process."""
-    import importlib.util
+def set_ort_spin(on: bool) -> None:
+    """ONNX Runtime spin-wait for every compared system alike: this process reads it through
+    ``WorkerSettings.from_env`` and worker processes / Ray replicas inherit the variable."""
     import os
 
-    # Loaded by path: a "sitecustomize" imported at start-up may already sit in sys.modules.
-    spec = importlib.util.spec_from_file_location("headrace_ort_nospin", NOSPIN_DIR / "sitecustomize.py")
-    assert spec is not None and spec.loader is not None
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(NOSPIN_DIR), os.environ.get("PYTHONPATH")) if p)
+    os.environ["HEADRACE_ORT_SPIN"] = "1" if on else "0"
 
 
 def parse_args() -> argparse.Namespace:
@@ -101,8 +94,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--plot-dir", default="runs", help="PNG plots go here")
     ap.add_argument("--ort-spin", choices=("on", "off"), default="on",
                     help="off: every system's ONNX Runtime sessions run without intra-op spin-wait "
-                         "(experiment hook benchmarks/ort_nospin)")
+                         "(sets HEADRACE_ORT_SPIN for every compared system)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--replot", default="", metavar="JSON",
+                    help="only redraw the plots (and tables) of an earlier run's JSON into --plot-dir")
     return ap.parse_args()
 
 
@@ -121,7 +116,7 @@ class Env:
         self.conc = args.concurrency or 3 * args.batch
 
     def settings(self, threads: int) -> WorkerSettings:
-        return WorkerSettings(model=self.manifest.name, version=self.manifest.version, model_repo=self.repo,
+        return WorkerSettings.from_env(model=self.manifest.name, version=self.manifest.version, model_repo=self.repo,
                               intra_op_threads=threads, max_batch=self.args.batch, max_wait_ms=self.args.max_wait_ms)
 
 
@@ -369,12 +364,23 @@ def _from_json(d: dict[str, Any]) -> LoadPoint:
                      concurrency=d.get("concurrency"))
 
 
+def replot(path: str, plot_dir: str) -> None:
+    doc = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**{**doc["args"], "plot_dir": plot_dir})
+    console = Console()
+    for kind, res in doc["results"].items():
+        console.print(render(res, args))
+        console.print(", ".join(plots(res, kind, args)))
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.replot:
+        replot(args.replot, args.plot_dir)
+        return
     pin_threads(args.threads)
-    if args.ort_spin == "off":
-        ort_spin_off()
+    set_ort_spin(args.ort_spin == "on")
     kinds = tuple(k.strip() for k in args.models.split(",") if k.strip())
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(ALL_SYSTEMS)

@@ -55,19 +55,12 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger("e2e_vs_raw")
 
 
-NOSPIN_DIR = Path(__file__).resolve().parent / "ort_nospin"
-
-
-def ort_spin_off() -> None:
-    """Apply the no-spin hook here and, through PYTHONPATH, in every child process."""
-    import importlib.util
+def set_ort_spin(on: bool) -> None:
+    """ONNX Runtime spin-wait for every compared system alike: this process reads it through
+    ``WorkerSettings.from_env`` and worker processes / Ray replicas inherit the variable."""
     import os
 
-    # Loaded by path: a "sitecustomize" imported at start-up may already sit in sys.modules.
-    spec = importlib.util.spec_from_file_location("headrace_ort_nospin", NOSPIN_DIR / "sitecustomize.py")
-    assert spec is not None and spec.loader is not None
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(NOSPIN_DIR), os.environ.get("PYTHONPATH")) if p)
+    os.environ["HEADRACE_ORT_SPIN"] = "1" if on else "0"
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,7 +84,7 @@ def parse_args() -> argparse.Namespace:
                     help="also measure the queue overhead alone: a zero-cost fake model at this rate (req/s)")
     ap.add_argument("--ort-spin", choices=("on", "off"), default="on",
                     help="off: every system's ONNX Runtime sessions run without intra-op spin-wait "
-                         "(experiment hook benchmarks/ort_nospin)")
+                         "(sets HEADRACE_ORT_SPIN for every compared system)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args()
 
@@ -185,7 +178,7 @@ def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
                   args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     repo = str(Path(args.repo).absolute())
-    settings = WorkerSettings(model=manifest.name, version=manifest.version, model_repo=repo,
+    settings = WorkerSettings.from_env(model=manifest.name, version=manifest.version, model_repo=repo,
                               intra_op_threads=args.threads, max_batch=args.batch, max_wait_ms=args.max_wait_ms)
     limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, args.timeout_s)
     flags = {"max_batch": args.batch, "max_wait_ms": args.max_wait_ms}
@@ -266,8 +259,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pin_threads(args.threads)
-    if args.ort_spin == "off":
-        ort_spin_off()
+    set_ort_spin(args.ort_spin == "on")
     kinds = tuple(k.strip() for k in args.models.split(",") if k.strip())
     manifests = ensure_benchmark_models(args.repo, kinds)
     payloads = text_payloads(args.pool, seed=args.seed)

@@ -41,7 +41,7 @@ from rich.table import Table
 
 from headrace.client.embedded_redis import EmbeddedRedis
 from headrace.cluster.bench import host_info
-from headrace.cluster.bench_systems import WorkerProcesses
+from headrace.cluster.bench_systems import WorkerProcesses, process_cpu_s
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,7 +79,7 @@ def main() -> None:
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="headrace-ops-") as tmp:
         r = redis.Redis.from_url(server.url)
         with WorkerProcesses(server.url, ns, "affine", fake="affine", n=args.workers, threads=1,
-                             settings={"max_batch": args.max_batch, "max_wait_ms": 2.0}):
+                             settings={"max_batch": args.max_batch, "max_wait_ms": 2.0}) as workers:
             cmd = [sys.executable, "-m", "headrace.cluster.cli", "--redis-url", server.url, "--namespace", ns,
                    "bench", "affine", "--concurrency", str(args.concurrency), "--duration-s", str(args.duration_s),
                    "--warmup-s", "2", "--no-progress"]
@@ -88,8 +88,12 @@ def main() -> None:
                      for out in outs]
             time.sleep(2.5)  # past the clients' warm-up
             a = snapshot(r)
+            cpu_a = {"workers": sum(map(process_cpu_s, workers.pids)),
+                     "clients": sum(process_cpu_s(p.pid) for p in procs)}
             time.sleep(args.duration_s - 1.0)
             b = snapshot(r)
+            cpu_b = {"workers": sum(map(process_cpu_s, workers.pids)),
+                     "clients": sum(process_cpu_s(p.pid) for p in procs)}
             for p in procs:
                 _, err = p.communicate(timeout=args.duration_s + 120)
                 if p.returncode != 0:
@@ -103,6 +107,7 @@ def main() -> None:
     cpu_s = b["cpu_s"] - a["cpu_s"]
     cpu_us_per_req = cpu_s * 1e6 / answered
     cmds = diff(a, b)
+    python_us = {k: (cpu_b[k] - cpu_a[k]) * 1e6 / answered for k in cpu_a}
     ops_s = sum(c for c, _ in cmds.values()) / secs
     t = Table(title=f"Redis work per request ({args.workers} workers, {args.clients} clients x c={args.concurrency}, "
                     f"max_batch {args.max_batch}; {rps:.0f} req/s answered)")
@@ -115,12 +120,14 @@ def main() -> None:
     ceiling = 1e6 / cpu_us_per_req
     console.print(f"Redis CPU: {100 * cpu_s / secs:.0f}% of one core for {rps:.0f} req/s = {cpu_us_per_req:.1f} us "
                   f"per request; {ops_s:.0f} commands/s (script-internal included).")
+    console.print(f"Python around it: workers {python_us['workers']:.0f} us and load generators (asyncio SDK) "
+                  f"{python_us['clients']:.0f} us of CPU per request.")
     console.print(f"Estimated ceiling of one Redis core with this pattern: {ceiling:.0f} req/s "
                   f"(mean batch {', '.join(f'{m:.1f}' for m in mean_batch if m)}).")
     doc = {"benchmark": "redis_ops", "started_at": started, "host": host_info(), "args": vars(args),
            "answered_rps": rps, "window_s": secs, "redis_cpu_fraction": cpu_s / secs,
            "redis_cpu_us_per_request": cpu_us_per_req, "ceiling_rps_estimate": ceiling, "commands_per_s": ops_s,
-           "mean_batch": mean_batch, "redis_version": os.popen("redis-server --version").read().strip(),
+           "mean_batch": mean_batch, "python_cpu_us_per_request": python_us, "redis_version": os.popen("redis-server --version").read().strip(),
            "commands": {k: {"calls_per_request": c / answered, "usec_per_call": u / c, "usec_per_request": u / answered}
                         for k, (c, u) in cmds.items()}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,9 @@ def redis_ops(doc: dict[str, Any]) -> str:
            f"{doc['commands_per_s']:.0f} Redis commands/s (script-internal included)",
            f"- Redis CPU: {100 * doc['redis_cpu_fraction']:.0f}% of one core = "
            f"**{doc['redis_cpu_us_per_request']:.1f} us per request**",
+           *([f"- around it: the workers' Python {doc['python_cpu_us_per_request']['workers']:.0f} us and the "
+              f"load generators' asyncio SDK {doc['python_cpu_us_per_request']['clients']:.0f} us of CPU per request"]
+             if "python_cpu_us_per_request" in doc else []),
            f"- ceiling of one Redis core with this pattern (estimate, 1e6 / us per request): "
            f"**~{doc['ceiling_rps_estimate']:.0f} requests/s**", "",
            "| command | calls per request | us per call |", "|---|---:|---:|"]

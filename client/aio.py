@@ -45,7 +45,11 @@ class AsyncClient:
         self.settings, self.client_id = resolve_settings(settings, client_id, redis_url=redis_url,
                                                          namespace=namespace, **overrides)
         url = self.settings.effective_redis_url
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        # A blocking pool: with more concurrent commands than connections (map/bench with
+        # hundreds in flight) callers wait for a free connection instead of failing with
+        # "Too many connections".
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=self.settings.timeout_s))
         # One dedicated connection for the reader (see Client: CLIENT UNBLOCK needs its id).
         self._reader_redis: aioredis.Redis = aioredis.Redis.from_url(
             url, single_connection_client=True, retry=Retry(NoBackoff(), 0),

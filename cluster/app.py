@@ -173,7 +173,9 @@ class ModelAppArgs(Settings):
             ConfigError: an invalid worker setting.
         """
         try:
-            return WorkerSettings(
+            # from_env: fields the app args do not set (e.g. HEADRACE_ORT_SPIN) follow the
+            # replica's environment, like a standalone worker's.
+            return WorkerSettings.from_env(
                 model=self.model, version=self.version, redis_url=self.redis_url, namespace=self.namespace,
                 consumer=consumer, model_repo=self.model_repo, backend=self.backend, max_batch=self.max_batch,
                 preferred_batch=self.preferred_batch, max_wait_ms=self.max_wait_ms, block_ms=self.block_ms,
@@ -181,6 +183,10 @@ class ModelAppArgs(Settings):
                 intra_op_threads=self.intra_op_threads, **self.worker_overrides)
         except TypeError as e:
             raise ConfigError(f"worker_overrides: {e}; valid names are the WorkerSettings fields") from e
+        except ConfigError as e:
+            if "unknown setting" in e.message:
+                raise ConfigError(f"worker_overrides: {e.message}") from e
+            raise
 
     def policy_settings(self) -> LagPolicySettings:
         group = str(self.worker_overrides.get("group", "") or LagPolicySettings.group)

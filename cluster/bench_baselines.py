@@ -38,7 +38,7 @@ def _servable(model_repo: str, model: str, version: str, threads: int) -> Any:
     from headrace.workers.backends import load_servable
     from headrace.workers.settings import WorkerSettings
 
-    return load_servable(WorkerSettings(model=model, version=version, model_repo=model_repo,
+    return load_servable(WorkerSettings.from_env(model=model, version=version, model_repo=model_repo,
                                        intra_op_threads=threads), providers=["CPUExecutionProvider"])
 
 

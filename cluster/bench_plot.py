@@ -19,7 +19,8 @@ def load_of(point: LoadPoint) -> float:
 def plot_latency_vs_load(series: Mapping[str, Sequence[LoadPoint]], path: str | Path, *, title: str,
                          limit_rps: float | None = None) -> Path:
     """End-to-end p50 (solid) and p99 (dashed) latency against offered load, one colour per
-    series; a vertical line at ``limit_rps`` (the raw model's throughput) when given.
+    series; closed-loop (saturation) points as x (p50) and ^ (p99) at their throughput; a
+    vertical line at ``limit_rps`` (the raw model's throughput) when given.
 
     Returns the written path.
     """
@@ -35,12 +36,21 @@ def plot_latency_vs_load(series: Mapping[str, Sequence[LoadPoint]], path: str | 
         if not pts:
             continue
         c = colours[k % len(colours)]
-        xs = [load_of(p) for p in pts]
-        ax.plot(xs, [float(p.e2e.p50 or 0.0) for p in pts], "-o", color=c, label=f"{name} p50", markersize=4)
-        ax.plot(xs, [float(p.e2e.p99 or 0.0) for p in pts], "--", color=c, label=f"{name} p99", alpha=0.8)
+        # Open-loop levels form the curve; a closed-loop point (the system saturated by a
+        # fixed number of outstanding requests) is drawn apart: its latency is set by
+        # that number, not by an offered rate.
+        curve = [p for p in pts if p.mode == "open"]
+        if curve:
+            xs = [load_of(p) for p in curve]
+            ax.plot(xs, [float(p.e2e.p50 or 0.0) for p in curve], "-o", color=c, label=f"{name} p50", markersize=4)
+            ax.plot(xs, [float(p.e2e.p99 or 0.0) for p in curve], "--", color=c, label=f"{name} p99", alpha=0.8)
+        for i, p in enumerate(p for p in pts if p.mode != "open"):
+            label = None if curve or i else f"{name} (saturated only)"
+            ax.plot([load_of(p)], [float(p.e2e.p50 or 0.0)], "x", color=c, markersize=7, label=label)
+            ax.plot([load_of(p)], [float(p.e2e.p99 or 0.0)], "^", color=c, markersize=5, alpha=0.8)
     if limit_rps:
         ax.axvline(limit_rps, color="grey", linestyle=":", label=f"raw limit {limit_rps:.0f}/s")
-    ax.set_xlabel("offered load (requests/s; closed loop: delivered)")
+    ax.set_xlabel("offered load, requests/s (x, ^: closed-loop saturation at its throughput)")
     ax.set_ylabel("end-to-end latency (ms)")
     ax.set_yscale("log")
     ax.set_title(title)

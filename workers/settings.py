@@ -53,6 +53,10 @@ class WorkerSettings(Settings):
         intra_op_threads: backend threads (0 = backend default).
         metrics_port: serve Prometheus metrics on this port (0 = do not serve).
         reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
+        ort_spin: let ONNX Runtime's idle intra-op threads spin-wait for work. Off by
+            default: on a shared CPU the spinning threads take the cores the event loop,
+            Redis and the producers need (measured ~70% more raw throughput with it off on
+            2 cores, BENCHMARKS.md); turn it on for a dedicated many-core host.
     """
 
     model: str = "minilm"
@@ -77,6 +81,7 @@ class WorkerSettings(Settings):
     intra_op_threads: int = 0
     metrics_port: int = 0
     reject_non_finite: bool = True
+    ort_spin: bool = False
 
     def validate(self) -> None:
         validate_model_name(self.model)

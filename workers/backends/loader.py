@@ -46,7 +46,7 @@ def select_manifest(repo: ModelRepository, model: str, version: str = "", backen
 
 def servable_from_manifest(repo: ModelRepository, manifest: Manifest, *, intra_op_threads: int = 0,
                            reject_non_finite: bool = True, providers: Sequence[str] | None = None,
-                           device: str | None = None) -> Servable:
+                           device: str | None = None, ort_spin: bool = False) -> Servable:
     """Verify the version's checksums and build the servable for its format.
 
     Raises:
@@ -63,7 +63,8 @@ def servable_from_manifest(repo: ModelRepository, manifest: Manifest, *, intra_o
         from .onnx import OnnxServable
 
         return OnnxServable(m, model_path, tokenizer_path=tok, intra_op_threads=intra_op_threads,
-                            providers=providers, reject_non_finite=reject_non_finite)
+                            providers=providers, reject_non_finite=reject_non_finite,
+                            allow_spinning=ort_spin)
     if m.format == "torch":
         from .torch_backend import load_torch_servable
 
@@ -94,6 +95,6 @@ def load_servable(settings: WorkerSettings, *, repo: ModelRepository | None = No
     m = select_manifest(repo, settings.model, settings.version, settings.backend)
     servable = servable_from_manifest(repo, m, intra_op_threads=settings.intra_op_threads,
                                       reject_non_finite=settings.reject_non_finite,
-                                      providers=providers, device=device)
+                                      providers=providers, device=device, ort_spin=settings.ort_spin)
     log.info("serving %s/%s from %s", m.name, m.version, repo.root)
     return servable

@@ -70,6 +70,7 @@ class OnnxServable(Servable):
         manifest: the version's manifest (signature, pre/post-processing, max_batch).
         model_path: the verified ``model.onnx``.
         tokenizer_path: ``tokenizer.json`` for text models.
+        allow_spinning: idle intra-op threads spin-wait (see ``WorkerSettings.ort_spin``).
         intra_op_threads: onnxruntime intra-op threads (0 = onnxruntime default).
         providers: explicit execution providers; None = best available.
         reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
@@ -80,7 +81,7 @@ class OnnxServable(Servable):
 
     def __init__(self, manifest: Manifest, model_path: Path, *, tokenizer_path: Path | None = None,
                  intra_op_threads: int = 0, providers: Sequence[str] | None = None,
-                 reject_non_finite: bool = True) -> None:
+                 reject_non_finite: bool = True, allow_spinning: bool = False) -> None:
         import onnxruntime as ort
 
         self.manifest = manifest
@@ -100,6 +101,9 @@ class OnnxServable(Servable):
             opts.intra_op_num_threads = intra_op_threads
         # One run at a time per worker already: a second inter-op pool would only compete.
         opts.inter_op_num_threads = 1
+        # Spinning idle threads burn the cores the event loop, Redis and producers need
+        # between batches (WorkerSettings.ort_spin).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         chain = choose_providers(ort.get_available_providers(), providers)
         cache = Path(os.environ.get("HEADRACE_TRT_CACHE", Path.home() / ".cache" / "headrace" / "trt"))
         cache = cache / f"{manifest.name}-{manifest.version}"
