@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from headrace.client import errors as E
+from headrace.client.keys import ModelKeys
 from headrace.client.protocol import (
     STATUS_ERROR,
     STATUS_EXPIRED,
@@ -130,12 +131,20 @@ class Admission:
     def __init__(self, settings: WorkerSettings, servable: Servable, answers: Answers,
                  counters: Counter[str]) -> None:
         self.settings, self.servable, self.answers, self.counters = settings, servable, answers, counters
+        self.reply_prefix = ModelKeys(settings.namespace, settings.model, settings.group).reply("")
+
+    def reply_allowed(self, reply_to: str) -> bool:
+        """A result may only go to a reply stream of this model (``<ns>:{<model>}:reply:*``):
+        otherwise a producer could make workers write into any key they can write (another
+        model's request stream, the DLQ), and on Redis Cluster a foreign slot would break the
+        atomic commit script."""
+        return not self.settings.restrict_reply_to or reply_to.startswith(self.reply_prefix)
 
     def undecodable(self, entry: Entry, err: E.HeadraceError, unit: Unit) -> None:
         """Answer an entry whose envelope did not decode, or dead-letter it when it has no
         usable id/reply_to (nobody can be told)."""
         route = route_of(entry.fields)
-        if route is None:
+        if route is None or not self.reply_allowed(route[1]):
             self.answers.dead_letter(entry, None, err.code, f"unroutable entry: {err.message}", unit)
         else:
             self.answers.error(Envelope(request_id=route[0], reply_to=route[1]), entry, err.code, err.message, unit)
@@ -151,6 +160,11 @@ class Admission:
 
     def _admit(self, entry: Entry, env: Envelope, answered: bool, at: int, unit: Unit) -> Work | None:
         s, ans = self.settings, self.answers
+        if not self.reply_allowed(env.reply_to):
+            ans.dead_letter(entry, None, E.DECODE_ERROR,
+                            f"reply_to {env.reply_to[:80]!r} is not a reply stream of this model "
+                            f"({self.reply_prefix}<client>); nobody was answered", unit)
+            return None
         if answered:
             self.counters["duplicates"] += 1
             log.debug("request %s (entry %s) was answered before; acking", env.request_id, entry.entry_id)

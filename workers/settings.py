@@ -57,6 +57,9 @@ class WorkerSettings(Settings):
             default: on a shared CPU the spinning threads take the cores the event loop,
             Redis and the producers need (measured ~70% more raw throughput with it off on
             2 cores, BENCHMARKS.md); turn it on for a dedicated many-core host.
+        restrict_reply_to: write results only to this model's reply streams
+            (``<ns>:{<model>}:reply:<client>``); an entry naming another key is
+            dead-lettered unanswered. Turn off only for trusted producers on a single Redis.
     """
 
     model: str = "minilm"
@@ -82,6 +85,7 @@ class WorkerSettings(Settings):
     metrics_port: int = 0
     reject_non_finite: bool = True
     ort_spin: bool = False
+    restrict_reply_to: bool = True
 
     def validate(self) -> None:
         validate_model_name(self.model)

@@ -45,8 +45,9 @@ def test_each_bad_input_kind_gets_its_code_and_the_worker_keeps_serving(redis_ur
         "text": (encode_request(Request(Envelope("text", reply), text="hi")), E.MISSING_FIELD),
     }
     unroutable = {b"v": b"1", b"id": b"has spaces!", b"reply_to": reply.encode(), b"body": b""}
-    r.set("not-a-stream", "x")
-    unwritable = affine_request("unwritable", 1.0, "not-a-stream")
+    wrongtype = keys.reply("not-a-stream")  # a reply key of this model that holds a string
+    r.set(wrongtype, "x")
+    unwritable = affine_request("unwritable", 1.0, wrongtype)
     with worker_procs(redis_url, tmp_path) as spawn:
         w = spawn("--consumer", "w", "--block-ms", "20", "--max-wait-ms", "20", "--max-batch", "32",
                   env={"HEADRACE_MAX_PAYLOAD_BYTES": "2048"})
@@ -71,6 +72,6 @@ def test_each_bad_input_kind_gets_its_code_and_the_worker_keeps_serving(redis_ur
     assert dead[E.DECODE_ERROR].fields[b"id"] == b"has spaces!"  # unroutable: kept for inspection
     assert "unroutable" in dead[E.DECODE_ERROR].reason
     assert dead[E.INTERNAL_ERROR].request_id == "unwritable" and "WRONGTYPE" in dead[E.INTERNAL_ERROR].reason
-    assert r.get("not-a-stream") == b"x"
+    assert r.get(wrongtype) == b"x"
     assert not r.exists(keys.done("unwritable"))  # not marked answered: a replay may answer it
     assert pending_count(r, keys) == 0

@@ -131,6 +131,34 @@ async def test_each_bad_input_gets_its_code_and_good_requests_keep_flowing() -> 
 
 
 @pytest.mark.timeout(20)
+async def test_reply_to_outside_the_models_reply_streams_is_dead_lettered_unanswered() -> None:
+    store = MemoryStore()
+    sv = AffineServable()
+    w = StreamWorker(settings(), sv, MemoryBroker(store, "w1"))
+    foreign = ["headrace:{minilm}:requests", "headrace:{affine}:dlq", "elsewhere"]
+    async with running(w):
+        for i, key in enumerate(foreign):
+            store.add(affine_fields(f"f{i}", reply_to=key))
+        store.add(affine_fields("fine"))
+        await wait_for(lambda: len(store.dlq) == len(foreign) and len(store.results(REPLY)) == 1)
+    assert all(not store.results(key) for key in foreign), "nothing may be written to a foreign key"
+    assert {f[b"id"] for _, f in store.dlq} == {b"f0", b"f1", b"f2"}
+    assert all(f[b"dlq_code"] == E.DECODE_ERROR.encode() for _, f in store.dlq)
+    assert not any(rid.startswith("f") and rid != "fine" for rid in sv.invocations)
+    assert by_id(store)["fine"][0].ok
+
+
+@pytest.mark.timeout(20)
+async def test_foreign_reply_to_is_answered_when_the_restriction_is_off() -> None:
+    store = MemoryStore()
+    w = StreamWorker(settings(restrict_reply_to=False), AffineServable(), MemoryBroker(store, "w1"))
+    async with running(w):
+        store.add(affine_fields("f", reply_to="elsewhere"))
+        await wait_for(lambda: len(store.results("elsewhere")) == 1)
+    assert store.results("elsewhere")[0].ok and not store.dlq
+
+
+@pytest.mark.timeout(20)
 async def test_expired_request_is_answered_expired_without_running() -> None:
     store = MemoryStore()
     sv = AffineServable()
