@@ -157,12 +157,12 @@ def run_digits(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
                 res.skipped[f"bench {label}"] = f"cannot run on this machine: {ex}"
         full = [{DG.INPUT_NAME: x[i:i + 64]} for i in range(0, len(x), 64)]
         ref_logits = R.outputs_of(arts[0], full)
-        times = R.measure_speed(arts, by_size, min_time_s=0.5, progress=opts.progress)
+        times = R.measure_speed(arts, by_size, min_passes=5, min_time_s=0.5, progress=opts.progress)
         rows = []
         for a in arts:
             row = R.Row(a.label, a.backend, a.precision, a.params, a.size_bytes, repo_ref=a.repo_ref, note=a.note)
             if a.label in times:
-                R.summarize_speed(row, times[a.label], {b: b for b in R.BATCH_SIZES})
+                R.summarize_speed(row, times[a.label], R.pass_rows(by_size))
             row.fidelity = classifier_fidelity(R.outputs_of(a, full), data.y_test, ref_logits).to_dict()
             rows.append(row)
         R.add_speedups(rows, "fp32 torch")

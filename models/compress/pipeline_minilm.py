@@ -264,8 +264,8 @@ def run_minilm(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
                 res.skipped[f"bench {e.label}"] = f"cannot run on this machine: {ex}"
         ref = R.outputs_of(arts[0], fid_batches)
         rows = []
-        times = R.measure_speed(arts, by_size, progress=opts.progress)
-        rows_per = {b: int(np.mean([len(x["input_ids"]) for x in by_size[b]])) for b in by_size}
+        times = R.measure_speed(arts, by_size, min_passes=5, progress=opts.progress)
+        rows_per = R.pass_rows(by_size)
         for a in arts:
             row = R.Row(a.label, a.backend, a.precision, a.params, a.size_bytes, repo_ref=a.repo_ref, note=a.note)
             if a.label in times:

@@ -1,8 +1,8 @@
 """The compression report: speed and fidelity of every artifact, side by side, in one run.
 
 Every artifact is a callable on a batch (text batches for MiniLM, pixel batches for digits).
-Speed is measured *interleaved*: the artifacts take short turns on the same batches
-(:func:`measure_speed`), so a noisy, shared machine slows all of them alike and the ratios
+Speed is measured *interleaved*: the artifacts take turns, one pass over the same batches
+each (:func:`measure_speed`), so a noisy, shared machine slows all of them alike and the ratios
 stay meaningful. Thread counts are pinned (torch ``set_num_threads``, onnxruntime ``intra_op_num_threads``) to the
 same value for every backend.
 
@@ -149,22 +149,24 @@ def outputs_of(artifact: Artifact, batches: Sequence[Batch]) -> np.ndarray[Any, 
 
 
 def measure_speed(artifacts: Sequence[Artifact], batches_by_size: dict[int, Sequence[Batch]], *,
-                  min_time_s: float = 2.0, block_s: float = 0.25, max_turns: int = 400, warmup: int = 2,
-                  progress: bool = True) -> dict[str, dict[int, list[float]]]:
-    """Per artifact label and batch size, the seconds each timed batch took.
+                  min_passes: int = 3, min_time_s: float = 2.0, max_passes: int = 50, warmup: int = 2,
+                  progress: bool = True) -> dict[str, dict[int, list[list[float]]]]:
+    """Per artifact label and batch size, the seconds each timed batch took, grouped by pass.
 
-    Artifacts take turns: each turn runs one artifact on consecutive batches for about
-    ``block_s`` (at least one batch), then the next artifact continues from the same batch
-    position. Turns (rather than single batches) keep one backend's idle thread pool, still
-    spin-waiting after its last batch (onnxruntime and OpenMP both spin briefly), from eating
-    into the next backend's first timed batch; taking turns still exposes every artifact to
-    the same slow and fast moments of a shared machine. Stops once every artifact has
-    ``min_time_s`` of timed work at that batch size, or after ``max_turns`` turns each.
+    Artifacts take turns, one *pass* over the same list of batches each: every artifact is
+    timed on exactly the same batches equally often (with length-bucketed batches some are
+    several times costlier than others, so a subset would bias the ratio), and passes rather
+    than single batches keep one backend's idle thread pool, still spin-waiting after its
+    last batch (onnxruntime and OpenMP both spin briefly), from eating into the next
+    backend's timing. Turns expose every artifact to the same slow and fast moments of a
+    shared machine, and :func:`summarize_speed` takes the median pass, so a burst of someone
+    else's work during one pass does not decide the figure. Stops after ``min_passes`` once
+    every artifact also has ``min_time_s`` of timed work, or after ``max_passes``.
     """
     from tqdm.auto import tqdm
 
     timed = [a for a in artifacts if a.bench_speed]
-    out: dict[str, dict[int, list[float]]] = {a.label: {} for a in timed}
+    out: dict[str, dict[int, list[list[float]]]] = {a.label: {} for a in timed}
     for size, batches in batches_by_size.items():
         if not batches:
             raise ConfigError(f"no batches of size {size} to benchmark")
@@ -172,38 +174,36 @@ def measure_speed(artifacts: Sequence[Artifact], batches_by_size: dict[int, Sequ
             for b in batches[:warmup]:
                 a.run(b)
             out[a.label][size] = []
-        pos = 0
-        bar = tqdm(total=max_turns, desc=f"bench batch {size}", unit="turn", disable=not progress, leave=False)
-        for _ in range(max_turns):
-            start = pos
+        bar = tqdm(total=max_passes, desc=f"bench batch {size}", unit="pass", disable=not progress, leave=False)
+        for n in range(1, max_passes + 1):
             for a in timed:
-                pos = start
-                spent = 0.0
-                while spent < block_s or pos == start:
+                times = []
+                for b in batches:
                     t0 = time.perf_counter()
-                    a.run(batches[pos % len(batches)])
-                    dt = time.perf_counter() - t0
-                    out[a.label][size].append(dt)
-                    spent += dt
-                    pos += 1
+                    a.run(b)
+                    times.append(time.perf_counter() - t0)
+                out[a.label][size].append(times)
             bar.update(1)
-            if all(sum(out[a.label][size]) >= min_time_s for a in timed):
+            if n >= min_passes and all(sum(map(sum, out[a.label][size])) >= min_time_s for a in timed):
                 break
         bar.close()
     return out
 
 
-def summarize_speed(row: Row, times: dict[int, list[float]], batch_rows: dict[int, int]) -> None:
-    """Fill ``row.throughput`` (samples/s over all rounds) and latency percentiles (ms/batch).
+def pass_rows(batches_by_size: dict[int, Sequence[Batch]]) -> dict[int, int]:
+    """Samples in one pass over each batch list (rows of the first input of every batch)."""
+    return {size: sum(len(next(iter(b.values()))) for b in batches) for size, batches in batches_by_size.items()}
 
-    ``batch_rows[size]`` is the mean number of samples per batch of that size (the last
-    batch of a pool can be short).
-    """
-    for size, ts in times.items():
-        arr = np.asarray(ts)
-        row.throughput[size] = float(batch_rows[size] * len(arr) / arr.sum())
-        row.latency_ms[size] = {"p50": float(np.percentile(arr, 50) * 1e3), "p95": float(np.percentile(arr, 95) * 1e3),
-                                "mean": float(arr.mean() * 1e3)}
+
+def summarize_speed(row: Row, passes: dict[int, list[list[float]]], rows_per_pass: dict[int, int]) -> None:
+    """Fill ``row.throughput`` (samples/s of the median pass) and latency percentiles (ms per
+    batch, over every timed batch)."""
+    for size, ps in passes.items():
+        per_pass = [rows_per_pass[size] / sum(p) for p in ps]
+        flat = np.asarray([t for p in ps for t in p])
+        row.throughput[size] = float(np.median(per_pass))
+        row.latency_ms[size] = {"p50": float(np.percentile(flat, 50) * 1e3), "p95": float(np.percentile(flat, 95) * 1e3),
+                                "mean": float(flat.mean() * 1e3), "passes": float(len(ps))}
 
 
 def add_speedups(rows: Sequence[Row], reference: str) -> None:
