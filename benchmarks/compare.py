@@ -52,7 +52,14 @@ from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loo
 from headrace.cluster.bench_models import ensure_benchmark_models
 from headrace.cluster.bench_plot import plot_latency_vs_load, plot_throughput_bars
 from headrace.cluster.bench_stats import LoadPoint, fmt_ms, summarize
-from headrace.cluster.bench_systems import CpuMeter, WorkerProcesses, pin_threads, thread_env, wait_for_workers
+from headrace.cluster.bench_systems import (
+    CpuMeter,
+    WorkerProcesses,
+    pin_threads,
+    set_ort_spin,
+    thread_env,
+    wait_for_workers,
+)
 from headrace.cluster.bench_targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
 from headrace.workers.backends import load_servable
 from headrace.workers.settings import WorkerSettings
@@ -62,14 +69,6 @@ ALL_SYSTEMS = ("standalone", "ray1", "ray2", "celery", "http")
 LABELS = {"raw": "raw limit (in-process)", "standalone": "headrace standalone", "ray1": "headrace on Ray, 1 replica",
           "ray2": "headrace on Ray, 2 replicas", "celery": "Ray async inference (Celery)",
           "http": "Ray Serve HTTP @serve.batch"}
-
-
-def set_ort_spin(on: bool) -> None:
-    """ONNX Runtime spin-wait for every compared system alike: this process reads it through
-    ``WorkerSettings.from_env`` and worker processes / Ray replicas inherit the variable."""
-    import os
-
-    os.environ["HEADRACE_ORT_SPIN"] = "1" if on else "0"
 
 
 def parse_args() -> argparse.Namespace:

@@ -47,20 +47,12 @@ from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loo
 from headrace.cluster.bench_models import ensure_benchmark_models
 from headrace.cluster.bench_probe import PROBE_ENV, load_probes, split_overhead
 from headrace.cluster.bench_stats import LatencySummary, LoadPoint, fmt_ms, overhead, summarize
-from headrace.cluster.bench_systems import WorkerProcesses, pin_threads, process_cpu_s
+from headrace.cluster.bench_systems import WorkerProcesses, pin_threads, process_cpu_s, set_ort_spin
 from headrace.cluster.bench_targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
 from headrace.workers.backends import load_servable
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger("e2e_vs_raw")
-
-
-def set_ort_spin(on: bool) -> None:
-    """ONNX Runtime spin-wait for every compared system alike: this process reads it through
-    ``WorkerSettings.from_env`` and worker processes / Ray replicas inherit the variable."""
-    import os
-
-    os.environ["HEADRACE_ORT_SPIN"] = "1" if on else "0"
 
 
 def parse_args() -> argparse.Namespace:

@@ -35,6 +35,14 @@ def thread_env(threads: int) -> dict[str, str]:
             "HEADRACE_INTRA_OP_THREADS": n}
 
 
+def set_ort_spin(on: bool) -> None:
+    """ONNX Runtime spin-wait for every compared system alike: this process reads it through
+    ``WorkerSettings.from_env`` and worker processes / Ray replicas inherit the variable."""
+    import os
+
+    os.environ["HEADRACE_ORT_SPIN"] = "1" if on else "0"
+
+
 def pin_threads(threads: int) -> None:
     """Pin this process: the env of :func:`thread_env` (for libraries loaded later) and
     torch's intra-op pool when torch is already imported."""
