@@ -24,8 +24,6 @@ from headrace.client.protocol import Request
 from headrace.models.repository import Manifest
 
 from . import prepost
-from .base import Servable
-from .validate import check_tensors, check_text
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ def _provider_options(name: str, manifest: Manifest, cache_dir: Path) -> dict[st
     return {}
 
 
-class OnnxServable(Servable):
+class OnnxServable(prepost.ManifestServable):
     """A manifest-described ONNX model on an onnxruntime ``InferenceSession``.
 
     Args:
@@ -141,19 +139,6 @@ class OnnxServable(Servable):
             raise E.ModelError(f"{self.name}/{self.version}: graph inputs {graph_inputs} do not match the "
                                f"manifest's {[s.name for s in self.inputs]}")
         log.info("loaded %s/%s (onnx, %s) on %s", self.name, self.version, manifest.precision, self.providers)
-
-    def check(self, request: Request) -> None:
-        """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""
-        if self.accepts_text:
-            check_text(request)
-        else:
-            check_tensors(request, self.inputs, self.reject_non_finite)
-
-    def length(self, request: Request) -> int:
-        """Token count for text models (what padding costs), else total input elements."""
-        if self._encoder is not None and request.text is not None:
-            return self._encoder.count(request.text)
-        return int(sum(a.size for a in request.inputs.values()))
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         try:

@@ -22,7 +22,8 @@ from headrace.client.errors import ModelError
 from headrace.client.protocol import Request
 from headrace.models.repository import IOSpec, Manifest
 
-from .base import TensorSpec
+from .base import Servable, TensorSpec
+from .validate import check_tensors, check_text
 
 Array = np.ndarray[Any, Any]
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -141,3 +142,25 @@ def text_inputs_of(manifest: Manifest) -> tuple[str, ...]:
     if bad:
         raise ModelError(f"{manifest.name}: bert_tokenizer models take {TEXT_INPUT_NAMES}, not {bad}")
     return names
+
+
+class ManifestServable(Servable):
+    """What the ONNX and torch servables share: requests are checked against the manifest's
+    signature and costed for length bucketing the same way, whatever runs the model.
+    Subclasses set ``inputs``, ``accepts_text``, ``reject_non_finite`` and ``_encoder``."""
+
+    reject_non_finite: bool = True
+    _encoder: TextEncoder | None = None
+
+    def check(self, request: Request) -> None:
+        """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""
+        if self.accepts_text:
+            check_text(request)
+        else:
+            check_tensors(request, self.inputs, self.reject_non_finite)
+
+    def length(self, request: Request) -> int:
+        """Token count for text models (what padding costs), else total input elements."""
+        if self._encoder is not None and request.text is not None:
+            return self._encoder.count(request.text)
+        return int(sum(a.size for a in request.inputs.values()))

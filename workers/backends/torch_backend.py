@@ -23,8 +23,6 @@ from headrace.client.protocol import Request
 from headrace.models.repository import Manifest
 
 from . import prepost
-from .base import Servable
-from .validate import check_tensors, check_text
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +75,7 @@ def pick_device(requested: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class TorchServable(Servable):
+class TorchServable(prepost.ManifestServable):
     """A torch module served batch by batch under ``torch.inference_mode``.
 
     Args:
@@ -119,19 +117,6 @@ class TorchServable(Servable):
             self._text_inputs = prepost.text_inputs_of(manifest)
             self._encoder = prepost.TextEncoder(tokenizer_path, int(manifest.extra.get("max_length", 256)))
         log.info("loaded %s/%s (torch, %s) on %s", self.name, self.version, manifest.precision, self.device)
-
-    def check(self, request: Request) -> None:
-        """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""
-        if self.accepts_text:
-            check_text(request)
-        else:
-            check_tensors(request, self.inputs, self.reject_non_finite)
-
-    def length(self, request: Request) -> int:
-        """Token count for text models, else total input elements."""
-        if self._encoder is not None and request.text is not None:
-            return self._encoder.count(request.text)
-        return int(sum(a.size for a in request.inputs.values()))
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         import torch
