@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from headrace.client import errors as E
-from headrace.client.protocol import Request
 from headrace.models.repository import Manifest
 
 from . import prepost
@@ -146,21 +145,6 @@ class OnnxServable(prepost.ManifestServable):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidArgument/RuntimeException
             raise E.ModelError(f"{self.name}/{self.version}: onnxruntime run failed: {e}") from e
         return dict(zip(self._output_names, outs, strict=True))
-
-    def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
-        """Run one batch. Raises ModelError if the backend fails."""
-        if not requests:
-            return []
-        if self._encoder is not None:
-            results: list[dict[str, np.ndarray[Any, Any]]] = []
-            step = self.manifest.max_batch or len(requests)
-            for start in range(0, len(requests), step):
-                chunk = requests[start:start + step]
-                ids, mask = self._encoder.encode([r.text or "" for r in chunk])
-                outs = self._run(prepost.text_feed(ids, mask, self._text_inputs))
-                results.extend(prepost.split(outs, len(chunk), self.manifest.postprocess))
-            return results
-        return prepost.run_tensor_batch(requests, self.manifest, self.inputs, self._run)
 
     def close(self) -> None:
         self.session = None

@@ -147,10 +147,36 @@ def text_inputs_of(manifest: Manifest) -> tuple[str, ...]:
 class ManifestServable(Servable):
     """What the ONNX and torch servables share: requests are checked against the manifest's
     signature and costed for length bucketing the same way, whatever runs the model.
-    Subclasses set ``inputs``, ``accepts_text``, ``reject_non_finite`` and ``_encoder``."""
+    Subclasses set ``manifest``, ``inputs``, ``accepts_text``, ``reject_non_finite``,
+    ``_encoder`` and ``_text_inputs``, and implement ``_run`` (one backend call)."""
 
+    manifest: Manifest
     reject_non_finite: bool = True
     _encoder: TextEncoder | None = None
+    _text_inputs: tuple[str, ...] = ()
+
+    def _run(self, feed: dict[str, Array]) -> dict[str, Array]:
+        """One backend call on a ready feed. Raises ModelError."""
+        raise NotImplementedError
+
+    def _run_tensors(self, feed: dict[str, Array]) -> dict[str, Array]:
+        """The backend call for stacked tensor inputs (a hook for positional backends)."""
+        return self._run(feed)
+
+    def infer(self, requests: Sequence[Request]) -> list[dict[str, Array]]:
+        """Run one batch (text: tokenised per ``max_batch`` chunk). Raises ModelError if the backend fails."""
+        if not requests:
+            return []
+        if self._encoder is not None:
+            results: list[dict[str, Array]] = []
+            step = self.manifest.max_batch or len(requests)
+            for start in range(0, len(requests), step):
+                chunk = requests[start:start + step]
+                ids, mask = self._encoder.encode([r.text or "" for r in chunk])
+                outs = self._run(text_feed(ids, mask, self._text_inputs))
+                results.extend(split(outs, len(chunk), self.manifest.postprocess))
+            return results
+        return run_tensor_batch(requests, self.manifest, self.inputs, self._run_tensors)
 
     def check(self, request: Request) -> None:
         """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""

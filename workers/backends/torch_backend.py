@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from headrace.client import errors as E
-from headrace.client.protocol import Request
 from headrace.models.repository import Manifest
 
 from . import prepost
@@ -141,22 +140,9 @@ class TorchServable(prepost.ManifestServable):
         return {s.name: o.detach().float().cpu().numpy().astype(s.dtype, copy=False)
                 for s, o in zip(self.outputs, outs, strict=True)}
 
-    def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
-        """Run one batch. Raises ModelError if the forward pass fails."""
-        if not requests:
-            return []
-        if self._encoder is not None:
-            results: list[dict[str, np.ndarray[Any, Any]]] = []
-            step = self.manifest.max_batch or len(requests)
-            for start in range(0, len(requests), step):
-                chunk = requests[start:start + step]
-                ids, mask = self._encoder.encode([r.text or "" for r in chunk])
-                feed = prepost.text_feed(ids, mask, self._text_inputs)
-                results.extend(prepost.split(self._run(feed), len(chunk), self.manifest.postprocess))
-            return results
+    def _run_tensors(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         # Order the feed like the manifest: the module takes its inputs positionally.
-        return prepost.run_tensor_batch(requests, self.manifest, self.inputs,
-                                        lambda feed: self._run({s.name: feed[s.name] for s in self.inputs}))
+        return self._run({s.name: feed[s.name] for s in self.inputs})
 
     def close(self) -> None:
         self.module = None
