@@ -136,6 +136,15 @@ class ModelError(HeadraceError):
     code = MODEL_ERROR
 
 
+class ModelTimeoutError(ModelError):
+    """Raised inside a worker when one model call runs longer than ``infer_timeout_s``.
+    The call cannot be interrupted, so the worker reports itself unhealthy and stops
+    consuming; its in-flight requests are redelivered after the lease (and dead-lettered
+    with ``model_error`` if they keep hanging workers)."""
+
+    code = MODEL_ERROR
+
+
 class ModelNotFoundError(ModelError):
     """Raised when a model name or version is not in the repository, or not served here."""
 

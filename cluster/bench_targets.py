@@ -214,7 +214,6 @@ class InProcessTarget:
 
         self.servable, self.payloads, self.name = servable, payloads, name
         self._requests = [payloads.request(i) for i in range(len(payloads))]
-        self._lengths = [int(servable.length(r)) for r in self._requests]
         self._batcher: Batcher[_Pending] = Batcher(max_batch, preferred_batch, max_wait_ms)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="bench-infer")
         self._task: asyncio.Task[None] | None = None
@@ -232,7 +231,9 @@ class InProcessTarget:
     async def call(self, index: int, timeout_s: float) -> Outcome:
         k = index % len(self._requests)
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._batcher.put(_Pending(self._requests[k], self._lengths[k], fut), self._lengths[k])
+        # Costed on arrival, as the worker's admission does (text servables keep the tokens).
+        length = int(self.servable.length(self._requests[k]))
+        self._batcher.put(_Pending(self._requests[k], length, fut), length)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except asyncio.TimeoutError:
@@ -279,14 +280,15 @@ def raw_throughput(servable: Servable, payloads: Payloads, batch: int, seconds: 
     from headrace.workers.batcher import split_by_length
 
     requests = [payloads.request(i) for i in range(len(payloads))]
-    lengths = [int(servable.length(r)) for r in requests]
 
     def run(start: int) -> None:
-        idx = [(start + k) % len(requests) for k in range(batch)]
-        buckets = (split_by_length([lengths[i] for i in idx]) if bucketing and servable.accepts_text
-                   else [list(range(batch))])
+        chosen = [requests[(start + k) % len(requests)] for k in range(batch)]
+        # The length hint is part of the timed work, as in the worker (it admits each
+        # request with its length, and text servables keep the tokens for the batch).
+        buckets = (split_by_length([int(servable.length(r)) for r in chosen])
+                   if bucketing and servable.accepts_text else [list(range(batch))])
         for b in buckets:
-            servable.infer([requests[idx[j]] for j in b])
+            servable.infer([chosen[j] for j in b])
 
     run(0)
     lat: list[float] = []

@@ -40,11 +40,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Work:
-    """A checked request waiting for (or in) a batch; ``read_ms`` is when it was read."""
+    """A checked request waiting for (or in) a batch; ``read_ms`` is when it was read;
+    ``length`` the servable's batching cost hint (computed once, at admission)."""
 
     entry: Entry
     request: Request
     read_ms: int
+    length: int = 0
 
 
 @dataclass(frozen=True)
@@ -195,11 +197,11 @@ class Admission:
             log.exception("servable check raised for request %s", env.request_id)
             ans.error(env, entry, E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}", unit)
             return None
-        return Work(entry, req, at)
+        return Work(entry, req, at, self.length(req))
 
-    def length(self, work: Work) -> int:
+    def length(self, request: Request) -> int:
         """The servable's batching cost hint; 0 when it fails."""
         try:
-            return int(self.servable.length(work.request))
+            return int(self.servable.length(request))
         except Exception:  # noqa: BLE001 - length is only a batching hint
             return 0

@@ -140,6 +140,12 @@ class Broker(abc.ABC):
         those it still owns (the others were claimed by someone else)."""
 
     @abc.abstractmethod
+    async def release(self, entries: Sequence[Entry], idle_ms: int) -> list[str]:
+        """Hand back entries this consumer holds but never ran: each becomes claimable at
+        once (idle ``idle_ms``) with its delivery count as before this consumer got it.
+        Returns the ids handed back (entries claimed by someone else are left alone)."""
+
+    @abc.abstractmethod
     async def answered(self, request_ids: Sequence[str]) -> list[bool]:
         """Whether each request id has a dedupe marker (was answered)."""
 
@@ -317,6 +323,19 @@ class RedisBroker(Broker):
             owned += [_s(x) for x in await self._call("lease refresh", go)]
         return owned
 
+    async def release(self, entries: Sequence[Entry], idle_ms: int) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(entries), REFRESH_CHUNK // 2):
+            args: list[Any] = [self.settings.group, self.consumer, int(idle_ms)]
+            for e in entries[i:i + REFRESH_CHUNK // 2]:
+                args += [e.entry_id, e.deliveries]
+
+            async def go(args: list[Any] = args) -> Any:
+                return await self._script("RELEASE")(keys=[self.keys.requests], args=args)
+
+            out += [_s(x) for x in await self._call("release", go)]
+        return out
+
     async def answered(self, request_ids: Sequence[str]) -> list[bool]:
         if not request_ids:
             return []
@@ -366,13 +385,29 @@ class RedisBroker(Broker):
         keys, args = self._commit_args(ops, at)
 
         async def go() -> Any:
+            import redis
+
             # One round trip: the atomic commit script and the (non-critical) stats line.
+            # EVALSHA goes straight into the pipeline: a registered Script in a pipeline
+            # makes redis-py send SCRIPT EXISTS before every execute, a second round trip
+            # per batch on the hot path.
+            script = self._script("COMMIT")
             pipe = self.client.pipeline(transaction=False)
             if ops:
-                await self._script("COMMIT")(keys=keys, args=args, client=pipe)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
             for line in stats:
                 pipe.xadd(self.keys.stats, line.to_fields(at), maxlen=STATS_MAXLEN, approximate=True)
-            return await pipe.execute()
+            res = list(await pipe.execute(raise_on_error=False))
+            if ops and isinstance(res[0], redis.exceptions.NoScriptError):
+                # Script cache empty (Redis restarted, SCRIPT FLUSH): nothing was written;
+                # the Script call loads it and runs the commit on its own.
+                res[0] = await script(keys=keys, args=args)
+            if ops and isinstance(res[0], Exception):
+                raise res[0]
+            for r in res[1 if ops else 0:]:
+                if isinstance(r, Exception):
+                    log.debug("stats line not written: %s", r)
+            return res
 
         res = await self._call("commit", go)
         return [int(x) for x in res[0]] if ops else []

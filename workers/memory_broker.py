@@ -194,6 +194,18 @@ class MemoryBroker(Broker):
                     owned.append(entry_id)
             return owned
 
+    async def release(self, entries: Sequence[Entry], idle_ms: int) -> list[str]:
+        s = self.store
+        with s.lock:
+            s._check_up()
+            out = []
+            for e in entries:
+                p = s.pel.get(e.entry_id)
+                if p is not None and p.consumer == self.consumer:
+                    s.pel[e.entry_id] = Pending(self.consumer, s.clock() - idle_ms / 1000.0, max(0, e.deliveries - 1))
+                    out.append(e.entry_id)
+            return out
+
     async def answered(self, request_ids: Sequence[str]) -> list[bool]:
         with self.store.lock:
             self.store._check_up()

@@ -66,6 +66,7 @@ def run_standalone(settings: WorkerSettings, servable: Servable | None = None, *
 
     Raises:
         ModelError / RepositoryError: the model cannot be loaded.
+        ModelTimeoutError: a model call ran past ``infer_timeout_s`` (the worker stopped).
         ConfigError: the metrics port cannot be bound.
     """
     if servable is None:
@@ -85,6 +86,10 @@ def run_standalone(settings: WorkerSettings, servable: Servable | None = None, *
         worker = asyncio.run(serve(settings, servable, metrics=metrics))
         log.info("worker %s exited: %s", worker.consumer, {k: v for k, v in worker.stats().items()
                                                             if isinstance(v, int) and not isinstance(v, bool)})
+        if worker.stuck is not None:
+            # Exit non-zero so a supervisor restarts us: the stuck call still holds the
+            # inference thread (a daemon thread, so it does not keep the process alive).
+            raise worker.stuck
     finally:
         if server is not None:
             server.shutdown()

@@ -50,6 +50,11 @@ class WorkerSettings(Settings):
         reply_ttl_s: reply streams expire this long after the last result written.
         trim_interval_s: how often the request stream is trimmed to acknowledged entries.
         drain_timeout_s: on stop, how long in-flight work may take before giving up.
+        infer_timeout_s: longest one model call may run (0 = no limit). A call past it
+            cannot be interrupted, so the worker marks itself unhealthy and stops consuming
+            (its in-flight requests are redelivered after ``lease_s``; a standalone worker
+            exits non-zero for its supervisor to restart it, a Ray replica fails its health
+            check). Set it well above the slowest legitimate batch.
         intra_op_threads: backend threads (0 = backend default).
         metrics_port: serve Prometheus metrics on this port (0 = do not serve).
         reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
@@ -81,6 +86,7 @@ class WorkerSettings(Settings):
     reply_ttl_s: int = 86_400
     trim_interval_s: float = 5.0
     drain_timeout_s: float = 30.0
+    infer_timeout_s: float = 300.0
     intra_op_threads: int = 0
     metrics_port: int = 0
     reject_non_finite: bool = True
@@ -104,6 +110,8 @@ class WorkerSettings(Settings):
         require(self.reply_ttl_s >= 1, "reply_ttl_s", "must be >= 1 s")
         require(self.trim_interval_s > 0, "trim_interval_s", "must be > 0 s")
         require(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0 s")
+        require(self.infer_timeout_s >= 0, "infer_timeout_s",
+                "must be >= 0 s (0 = no limit); set it well above your slowest batch")
         require(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0 (0 = backend default)")
         require(0 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port or 0")
 

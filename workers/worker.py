@@ -9,9 +9,11 @@ Tasks of one :class:`StreamWorker` (one event loop):
   current one runs.
 * claimer: every ``lease_s / 2`` takes over entries abandoned by dead consumers
   (``XAUTOCLAIM``); entries delivered more than ``max_deliveries`` times are dead-lettered.
-* inference: one batch at a time in a dedicated thread (the backend releases the GIL); a
-  failing batch is re-run one request at a time so batch-mates still get answered, and the
-  failing request is left un-acked to be retried after the lease, then dead-lettered.
+* inference: one batch at a time in a dedicated thread (the backend releases the GIL), see
+  :class:`~headrace.workers.inference.BatchRunner`: a failing batch is re-run one request at
+  a time so batch-mates still get answered, and the failing request is left un-acked to be
+  retried after the lease, then dead-lettered. A model call past ``infer_timeout_s`` stops
+  the worker (unhealthy): its entries go to other workers after the lease.
 * writer: one atomic commit script per batch (results + dedupe markers + acks), merging
   what queued up meanwhile, while the next batch already runs.
 * lease: every ``lease_s / 3`` refreshes the idle time of everything in flight, so a batch
@@ -29,17 +31,17 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from headrace.client import errors as E
-from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Envelope, Result, Timings, decode_envelope, now_ms
+from headrace.client.protocol import Envelope, decode_envelope, now_ms
 
 from .admission import Admission, Answers, Unit, Work
 from .backends.base import Servable
 from .backoff import Backoff, wait_event
-from .batcher import Batcher, split_by_length
+from .batcher import Batcher
 from .broker import DUPLICATE, UNWRITABLE, Broker, DeadLetterOp, Entry
+from .inference import BatchRunner
 from .metrics import NullMetrics, WorkerMetrics
 from .settings import WorkerSettings
 
@@ -83,10 +85,14 @@ class StreamWorker:
         self._commits: asyncio.Queue[Unit | None] | None = None
         self._stop_event: asyncio.Event | None = None
         self._finished: asyncio.Event | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"headrace-infer-{settings.model}")
         self._counters: Counter[str] = Counter()
         self._answers = Answers(settings.model, servable.version, self.consumer)
         self._admission = Admission(settings, servable, self._answers, self._counters)
+        self._runner = BatchRunner(settings, servable, self._answers, self._counters, self.metrics,
+                                   lambda entry_id: self._in_flight.pop(entry_id, None), self.consumer)
+        self._background: set[asyncio.Task[None]] = set()
+        #: set when a model call ran past ``infer_timeout_s`` (the worker then stops).
+        self.stuck: E.ModelTimeoutError | None = None
         self._stopping = False
         self._shutdown = False
         self._drain = True
@@ -131,11 +137,13 @@ class StreamWorker:
                 if not done:
                     log.warning("drain timed out after %.1fs; %d entries stay pending for other workers",
                                 self.settings.drain_timeout_s, len(self._in_flight))
+            if self.stuck is not None:
+                await self._hand_back()
             await self._end_tasks()
             await self._leave()
         finally:
             self._running = False
-            self._executor.shutdown(wait=False)
+            self._runner.close()
             await self.broker.close()
             self._finished.set()
             log.info("worker %s stopped: %s", self.consumer, dict(self._counters))
@@ -158,7 +166,7 @@ class StreamWorker:
 
     def healthy(self) -> bool:
         """True while the loop runs, every task is alive and Redis answered recently."""
-        if not self._running or self._stopping:
+        if not self._running or self._stopping or self.stuck is not None:
             return False
         if any(t.done() for t in self._tasks):
             return False
@@ -238,7 +246,7 @@ class StreamWorker:
         for (entry, env), answered in zip(routed, done, strict=True):
             work = self._admission.admit(entry, env, answered, at, unit)
             if work is not None:
-                self._batcher.put(work, self._admission.length(work))
+                self._batcher.put(work, work.length)
         self._emit(unit)
 
     # --- loops -------------------------------------------------------------------------------
@@ -339,80 +347,31 @@ class StreamWorker:
             batch = await self._batcher.next_batch()
             if batch is None:
                 return
+            unit = Unit()
             try:
-                await self._run_batch(batch)
+                await self._runner.run_batch(batch, unit)
+                self._emit(unit)
+            except E.ModelTimeoutError as err:
+                # The call cannot be interrupted and holds the one inference thread: commit
+                # what finished, stop consuming (drain flushes the writer, then the entries
+                # never run are handed back, see run()). The stuck call's own entries keep
+                # their delivery: after lease_s another worker runs each of them alone, and
+                # one that hangs every worker reaches the DLQ after max_deliveries.
+                self._emit(unit)
+                log.error("%s; this worker stops (unhealthy); requests of that call are retried by other "
+                          "workers after lease_s=%.1f", err, self.settings.lease_s)
+                self._counters["infer_timeouts"] += 1
+                self.stuck = err
+                for w in self._runner.running:
+                    self._in_flight.pop(w.entry.entry_id, None)
+                stopper = asyncio.get_running_loop().create_task(self.stop(drain=True))
+                self._background.add(stopper)
+                stopper.add_done_callback(self._background.discard)
+                return
             except Exception:  # noqa: BLE001 - release the batch for redelivery rather than die
                 log.exception("batch of %d failed outside the model; releasing for redelivery", len(batch))
                 for w in batch:
                     self._in_flight.pop(w.entry.entry_id, None)
-
-    async def _infer(self, works: Sequence[Work]) -> list[dict[str, Any]]:
-        reqs = [w.request for w in works]
-        outs = await asyncio.get_running_loop().run_in_executor(self._executor, self.servable.infer, reqs)
-        if not isinstance(outs, list) or len(outs) != len(reqs) or not all(isinstance(o, dict) for o in outs):
-            n = len(outs) if hasattr(outs, "__len__") else "?"
-            raise E.ModelError(f"servable returned {type(outs).__name__} of {n} items for {len(reqs)} requests; "
-                               "expected one output map per request")
-        return outs
-
-    async def _run_batch(self, batch: list[Work]) -> None:
-        unit = Unit()
-        at = now_ms()
-        live: list[Work] = []
-        for w in batch:
-            env = w.request.envelope
-            if env.expired(at):
-                self._answers.error(env, w.entry, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker",
-                                    unit, status=STATUS_EXPIRED)
-            else:
-                live.append(w)
-        buckets = (split_by_length([self._admission.length(w) for w in live])
-                   if self.servable.accepts_text else [list(range(len(live)))])
-        for bucket in buckets:
-            if bucket:
-                await self._run_bucket([live[i] for i in bucket], unit)
-        self._emit(unit)
-
-    async def _run_bucket(self, works: list[Work], unit: Unit) -> None:
-        t0 = time.perf_counter()
-        try:
-            outs = await self._infer(works)
-        except Exception as err:  # noqa: BLE001 - isolate the failing request(s) below
-            if len(works) == 1:
-                self._failed(works[0], err, unit)
-                return
-            log.warning("batch of %d failed (%s); re-running one by one to isolate", len(works), err)
-            for w in works:
-                await self._run_bucket([w], unit)
-            return
-        infer_s = time.perf_counter() - t0
-        self.metrics.observe_batch(len(works), infer_s)
-        self._counters["batches"] += 1
-        self._counters["batched_requests"] += len(works)
-        unit.batch += len(works)
-        unit.infer_ms += infer_s * 1000
-        for w, out in zip(works, outs, strict=True):
-            env = w.request.envelope
-            queue_ms = max(0.0, float(w.read_ms - env.ts_ms)) if env.ts_ms else 0.0
-            res = Result(env.request_id, STATUS_OK, out, model=self.settings.model, version=self.servable.version,
-                         timings=Timings(queue_ms, infer_s * 1000, len(works), self.consumer))
-            try:
-                self._answers.reply(env, w.entry, res, unit, queue_ms / 1000)
-            except E.HeadraceError as err:  # e.g. an output dtype that is not a wire dtype
-                self._answers.error(env, w.entry, E.MODEL_ERROR, f"cannot encode the model output: {err.message}", unit)
-
-    def _failed(self, w: Work, err: BaseException, unit: Unit) -> None:
-        entry, env = w.entry, w.request.envelope
-        if entry.deliveries >= self.settings.max_deliveries:
-            self._answers.dead_letter(entry, env, E.MODEL_ERROR, f"model failed on each of {entry.deliveries} "
-                                      f"deliveries; last: {type(err).__name__}: {err}", unit)
-            return
-        # Leave it pending and stop renewing its lease: after lease_s some worker reclaims it
-        # (delivery count + 1) and tries again, until max_deliveries sends it to the DLQ.
-        self._in_flight.pop(entry.entry_id, None)
-        self._counters["retried"] += 1
-        log.warning("request %s failed on delivery %d/%d, will be retried after the lease: %s",
-                    env.request_id, entry.deliveries, self.settings.max_deliveries, err)
 
     async def _write_loop(self) -> None:
         assert self._commits is not None
@@ -497,6 +456,20 @@ class StreamWorker:
         _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
         for t in stuck:
             log.warning("task %s did not end within 5 s of shutdown; abandoning it", t.get_name())
+
+    async def _hand_back(self) -> None:
+        """Release the entries read but never run (a stuck model call stopped the worker),
+        so other workers take them at once without counting this delivery."""
+        unrun = [e for i, e in self._in_flight.items() if i not in self._committing]
+        if not unrun:
+            return
+        try:
+            done = await self.broker.release(unrun, int(self.settings.lease_s * 1000))
+            log.info("handed back %d entries never run (e.g. %s)", len(done), unrun[0].entry_id)
+            for entry_id in done:
+                self._in_flight.pop(entry_id, None)
+        except E.BrokerError as e:
+            log.warning("could not hand back %d entries (%s); they are redelivered after the lease", len(unrun), e)
 
     async def _leave(self) -> None:
         try:

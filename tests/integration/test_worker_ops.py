@@ -90,3 +90,30 @@ def test_status_of_a_model_nobody_served_yet(redis_url: str) -> None:
     st = model_status(r, "headrace", "nothing-here")
     assert (st.stream_length, st.lag, st.pending, st.dead_letters, st.consumers, st.workers) == (0, 0, 0, 0, (), ())
     assert st.throughput_rps == 0.0 and st.p50_ms is None and st.to_dict()["model"] == "nothing-here"
+
+
+@pytest.mark.timeout(30)
+def test_commit_survives_an_emptied_script_cache(redis_url: str) -> None:
+    """The commit script is sent by EVALSHA alone (no SCRIPT EXISTS per batch); after
+    SCRIPT FLUSH (what a Redis restart does to the cache) the NOSCRIPT answer makes it load
+    the script and commit, and nothing is answered twice."""
+    r = redis.Redis.from_url(redis_url)
+    keys = ModelKeys("headrace", "affine")
+    reply = keys.reply("c")
+    wt = WorkerThread(WorkerSettings(model="affine", redis_url=redis_url, consumer="w", block_ms=20),
+                      AffineServable()).start()
+    try:
+        collector = Collector(r, reply)
+        produce(r, keys, [affine_request(f"a{i}", 1.0, reply) for i in range(5)])
+        collector.wait_for(5, timeout_s=10)
+        before = int(r.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
+        r.script_flush()
+        produce(r, keys, [affine_request(f"b{i}", 2.0, reply) for i in range(5)])
+        got = collector.wait_for(10, timeout_s=10)
+        wait_until(lambda: pending_count(r, keys) == 0)
+        assert sorted(x.request_id for x in got) == sorted([f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)])
+        assert all(x.status == "ok" for x in got)
+        after = int(r.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
+        assert after == before  # the hot path never asks whether the script exists
+    finally:
+        wt.stop(timeout_s=10)

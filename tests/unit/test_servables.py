@@ -240,3 +240,25 @@ def test_ensure_minilm_reuses_identical_build(minilm_repo: ModelRepository) -> N
     assert {f.path for f in m.files} == {"model.onnx", "tokenizer.json"}
     assert m.recipe[0]["params"]["exporter"] == "torchscript"
     assert m.measured["fidelity"]["min_cosine"] > 0.9999
+
+
+def test_text_encoder_tokenises_each_text_once() -> None:
+    """The ids kept by ``count`` (admission) build the same padded batch the tokenizer's
+    own batch padding gives, and ``encode`` tokenises only what was never counted."""
+    from headrace.models.minilm import default_model_path
+    from headrace.workers.backends.prepost import TextEncoder
+
+    texts = ["short", "a somewhat longer sentence with more tokens in it", "", "short", "x " * 400]
+    enc = TextEncoder(default_model_path(), 256, cache_size=3)
+    ref_ids, ref_mask = encode_batch(load_tokenizer(), texts)
+    counts = [enc.count(t) for t in texts]  # cache of 3: the first texts are evicted again
+    assert counts == [int(m.sum()) for m in ref_mask] and max(counts) == 256
+    calls: list[int] = []
+    real = enc._tok.encode_batch
+    enc._tok.encode_batch = lambda batch: calls.append(len(batch)) or real(batch)  # type: ignore[method-assign]
+    ids, mask = enc.encode(texts)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(mask, ref_mask)
+    assert calls == [2]  # "a somewhat longer..." evicted + the second "short" (its ids were taken)
+    ids2, _ = enc.encode(texts[:2])  # nothing counted any more: tokenised here
+    np.testing.assert_array_equal(ids2, encode_batch(load_tokenizer(), texts[:2])[0])

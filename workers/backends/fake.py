@@ -10,6 +10,8 @@ started with ``python -m headrace.workers --fake affine`` can be told from a tes
     HEADRACE_FAKE_POISON     affine: a float; length: a substring. A batch holding a matching
                              request raises ModelError (a "poison" request)
     HEADRACE_FAKE_CRASH      like POISON, but the process exits at once (os._exit(17))
+    HEADRACE_FAKE_HANG       affine: a float; a batch holding it never returns (a wedged
+                             model call, until ``unhang()``)
     HEADRACE_FAKE_RECORD     append "<request_id>\\n" per request per model run to this file,
                              to count invocations across processes
 
@@ -82,18 +84,26 @@ class AffineServable(_FakeBase):
     Args:
         poison: a request whose ``x`` contains this value makes its batch raise ModelError.
         crash: a request whose ``x`` contains this value exits the process (code 17).
+        hang: a request whose ``x`` contains this value blocks its model call until
+            :meth:`unhang` (a model stuck in native code).
     """
 
     inputs = (TensorSpec("x", "float32", (4,)),)
     outputs = (TensorSpec("y", "float32", (4,)),)
 
     def __init__(self, name: str = "affine", version: str = "1", *, delay_ms: float = 0.0,
-                 poison: float | None = None, crash: float | None = None,
+                 poison: float | None = None, crash: float | None = None, hang: float | None = None,
                  record_path: str | None = None, reject_non_finite: bool = True) -> None:
         super().__init__(name, version, delay_ms, record_path)
         self.poison = poison
         self.crash = crash
+        self.hang = hang
+        self._unhang = threading.Event()
         self.reject_non_finite = reject_non_finite
+
+    def unhang(self) -> None:
+        """Let hung model calls return (and fail with ModelError)."""
+        self._unhang.set()
 
     def check(self, request: Request) -> None:
         check_tensors(request, self.inputs, self.reject_non_finite)
@@ -103,6 +113,9 @@ class AffineServable(_FakeBase):
         xs = np.stack([np.asarray(r.inputs["x"], dtype=np.float32) for r in requests])
         if self.crash is not None and bool((xs == self.crash).any()):
             os._exit(CRASH_EXIT_CODE)
+        if self.hang is not None and bool((xs == self.hang).any()):
+            self._unhang.wait()
+            raise E.ModelError("hung model call released")
         self._sleep()
         if self.poison is not None:
             bad = [r.request_id for r, x in zip(requests, xs, strict=True) if bool((x == self.poison).any())]
@@ -177,13 +190,15 @@ def fake_from_env(kind: str, name: str | None = None, env: Mapping[str, str] | N
     record = env.get("HEADRACE_FAKE_RECORD") or None
     poison_raw = env.get("HEADRACE_FAKE_POISON") or None
     crash_raw = env.get("HEADRACE_FAKE_CRASH") or None
+    hang_raw = env.get("HEADRACE_FAKE_HANG") or None
     if kind == "affine":
         try:
             poison = float(poison_raw) if poison_raw is not None else None
             crash = float(crash_raw) if crash_raw is not None else None
+            hang = float(hang_raw) if hang_raw is not None else None
         except ValueError as e:
-            raise E.ConfigError("HEADRACE_FAKE_POISON / HEADRACE_FAKE_CRASH must be floats for 'affine'") from e
-        return AffineServable(name or "affine", delay_ms=delay_ms, poison=poison, crash=crash,
+            raise E.ConfigError("HEADRACE_FAKE_POISON / _CRASH / _HANG must be floats for 'affine'") from e
+        return AffineServable(name or "affine", delay_ms=delay_ms, poison=poison, crash=crash, hang=hang,
                               record_path=record, reject_non_finite=reject_non_finite)
     if kind == "length":
         return LengthServable(name or "length", delay_ms=delay_ms, poison=poison_raw, crash=crash_raw,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,31 +36,59 @@ def specs(items: Sequence[IOSpec]) -> tuple[TensorSpec, ...]:
 
 
 class TextEncoder:
-    """Tokeniser for a text model: ``encode`` for batches, ``count`` for bucketing.
+    """Tokeniser for a text model: ``count`` for bucketing, ``encode`` for batches.
 
-    Two tokenizer instances: ``count`` runs on the worker's event loop while ``encode``
-    runs in the inference thread, and the batch one carries padding state.
+    Each text is tokenised once: ``count`` (on the worker's event loop, when a request is
+    admitted) keeps the token ids it computed, and ``encode`` (in the inference thread)
+    takes them back instead of tokenising the batch again. Texts never counted (or
+    evicted from the bounded cache) are tokenised in ``encode``.
     """
 
-    def __init__(self, tokenizer_path: Path, max_length: int) -> None:
+    def __init__(self, tokenizer_path: Path, max_length: int, cache_size: int = 8192) -> None:
         from headrace.models.tokenizer import load_tokenizer
 
         self.max_length = max_length
-        self._batch = load_tokenizer(tokenizer_path, max_length=max_length)
-        self._single = load_tokenizer(tokenizer_path, max_length=max_length)
-        self._single.no_padding()
+        self._tok = load_tokenizer(tokenizer_path, max_length=max_length)
+        self._tok.no_padding()  # padding is done here, per batch, from the ids
+        pad = self._tok.token_to_id("[PAD]")
+        self._pad_id = 0 if pad is None else int(pad)
+        # text -> ids counted but not yet encoded. Bounded: a request answered without
+        # running (expired, failed check) never comes to take its ids back.
+        self._counted: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache_size = cache_size
         self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> tuple[Array, Array]:
-        """``(input_ids, attention_mask)`` int64 ``[B, S]``, S = longest (<= max_length)."""
-        from headrace.models.tokenizer import encode_batch
-
-        return encode_batch(self._batch, texts)
+        """``(input_ids, attention_mask)`` int64 ``[B, S]``, S = longest (<= max_length),
+        padded with ``[PAD]`` exactly as the tokenizer's own batch padding does."""
+        rows: list[list[int] | None] = []
+        with self._lock:
+            for t in texts:
+                rows.append(self._counted.pop(t, None))
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            encs = self._tok.encode_batch([texts[i] for i in missing])
+            for i, enc in zip(missing, encs, strict=True):
+                rows[i] = enc.ids
+        seqs = [r for r in rows if r is not None]
+        width = max((len(r) for r in seqs), default=0)
+        ids = np.full((len(seqs), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, r in enumerate(seqs):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        return ids, mask
 
     def count(self, text: str) -> int:
-        """Tokens of ``text`` after truncation (special tokens included)."""
+        """Tokens of ``text`` after truncation (special tokens included); keeps its ids
+        for the ``encode`` that follows."""
+        ids = self._tok.encode(text).ids
         with self._lock:
-            return len(self._single.encode(text).ids)
+            self._counted[text] = ids
+            self._counted.move_to_end(text)
+            while len(self._counted) > self._cache_size:
+                self._counted.popitem(last=False)
+        return len(ids)
 
 
 def text_feed(ids: Array, mask: Array, wanted: Sequence[str]) -> dict[str, Array]:
