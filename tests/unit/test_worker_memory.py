@@ -388,3 +388,32 @@ def test_worker_thread_serves_and_stops() -> None:
         wt.stop(timeout_s=5)
     assert not wt.alive and not wt.healthy()
     np.testing.assert_array_equal(store.results(REPLY)[0].outputs["y"], affine_reference(np.full(4, 2.0)))
+
+
+@pytest.mark.timeout(20)
+async def test_redelivered_requests_run_alone_and_a_stuck_call_hands_back_the_rest() -> None:
+    """Entries a dead worker left behind are suspects: each runs on its own. A model call
+    past infer_timeout_s stops the worker; the entries it never ran are handed back with
+    their delivery count undone, the stuck one keeps its delivery."""
+    store = MemoryStore()
+    dead = MemoryBroker(store, "dead")
+    await dead.ensure_group()
+    ids = [store.add(affine_fields("hang", 13.0))] + [store.add(affine_fields(f"r{i}", float(i))) for i in range(3)]
+    assert len(await dead.read(10, 0)) == 4
+    for i in ids:
+        store.pel[i].delivered_at_s -= 10  # abandoned long ago
+    sv = AffineServable(hang=13.0)
+    w = StreamWorker(settings(lease_s=0.2, infer_timeout_s=0.2), sv, MemoryBroker(store, "w1"))
+    try:
+        await asyncio.wait_for(w.run(), 10)  # ends by itself: the stuck call stops it
+        assert w.stuck is not None and w.stats()["infer_timeouts"] == 1
+        assert sv.batches == [["hang"]]  # alone: no batch-mate was in the stuck call
+        assert {store.pel[i].deliveries for i in ids[1:]} == {1}  # handed back: 2 - 1
+        assert store.pel[ids[0]].deliveries == 2 and store.pel[ids[0]].consumer == "w1"
+    finally:
+        sv.unhang()
+    rescuer_sv = AffineServable()
+    async with running(StreamWorker(settings(lease_s=0.2), rescuer_sv, MemoryBroker(store, "rescuer"))):
+        await wait_for(lambda: len(store.results(REPLY)) == 4)
+    assert rescuer_sv.batches and all(len(b) == 1 for b in rescuer_sv.batches)
+    assert sorted(by_id(store)) == ["hang", "r0", "r1", "r2"] and store.pending_ids() == []
