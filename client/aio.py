@@ -10,7 +10,6 @@ reader task instead of a thread.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -23,11 +22,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import errors as E
+from .bulk import MapWindow, Step, settle
 from .config import ClientSettings
 from .keys import ModelKeys
+from .pipeline import AutoPipeline
 from .protocol import Result
-from .submit import SUBMIT_LUA, parse_reply, prepare_request, resolve_settings, script_args, split_item
-from .tickets import Ticket, TicketBook, ordered_results
+from .submit import evalsha_command, prepare_request, resolve_settings
+from .tickets import Ticket, TicketBook, ordered_results, resolve_all
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ class AsyncClient:
     """asyncio twin of :class:`~headrace.client.Client`; the methods are coroutines.
 
     Args and raised errors as :class:`~headrace.client.Client`. Use it from one event loop.
+
+    Submits are auto-pipelined: the ``submit``/``infer`` calls that coroutines make during
+    one pass of the event loop go to Redis together, one ``EVALSHA`` each in one pipeline
+    (see :mod:`headrace.client.pipeline`), and each caller still gets its own outcome
+    (ticket, :class:`QueueFull`, :class:`BrokerError`). ``map``/``imap`` submit in batches.
     """
 
     def __init__(self, redis_url: str | None = None, *, namespace: str | None = None,
@@ -54,7 +60,7 @@ class AsyncClient:
         self._reader_redis: aioredis.Redis = aioredis.Redis.from_url(
             url, single_connection_client=True, retry=Retry(NoBackoff(), 0),
             socket_timeout=self.settings.reply_block_ms / 1000 + 10)
-        self._script = self._redis.register_script(SUBMIT_LUA)
+        self._pipeline = AutoPipeline(self._redis)
         self._book = TicketBook()
         self._keys: dict[str, ModelKeys] = {}
         self._closed = asyncio.Event()
@@ -75,6 +81,7 @@ class AsyncClient:
         if self._closed.is_set():
             return
         self._closed.set()
+        await self._pipeline.aclose()  # submits already queued get their answers first
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -120,12 +127,16 @@ class AsyncClient:
             QueueFull, ProtocolError, BrokerError.
         """
         self._check_open()
+        ticket = self._new_ticket(model, inputs, text, request_id, deadline_s)
+        await self._enqueue(ticket)
+        return ticket
+
+    def _new_ticket(self, model: str, inputs: Mapping[str, Any] | None, text: str | None,
+                    request_id: str | None, deadline_s: float | None) -> Ticket:
         keys = self.model_keys(model)
         prepared = prepare_request(keys, keys.reply(self.client_id), inputs, text, request_id=request_id,
                                    deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
-        ticket = Ticket(prepared, default_timeout_s=self.settings.timeout_s)
-        await self._enqueue(ticket, keys)
-        return ticket
+        return Ticket(prepared, default_timeout_s=self.settings.timeout_s)
 
     async def resubmit(self, ticket: Ticket) -> Ticket:
         """Enqueue ``ticket``'s request again, same request id; see :meth:`Client.resubmit`.
@@ -136,30 +147,62 @@ class AsyncClient:
         self._check_open()
         if ticket.done():
             return ticket
-        await self._enqueue(ticket, self.model_keys(ticket.model))
+        await self._enqueue(ticket)
         return ticket
 
-    async def _enqueue(self, ticket: Ticket, keys: ModelKeys) -> None:
-        prepared = ticket.prepared
-        # Register before XADD: the result may arrive before the script call returns.
-        new_stream = self._book.add(ticket)
+    async def _enqueue(self, ticket: Ticket) -> None:
+        """Submit ``ticket`` through the auto-pipeline.
+
+        Raises:
+            QueueFull, BrokerError: as :meth:`submit` (the ticket is no longer tracked).
+        """
+        keys = self.model_keys(ticket.model)
+        # Register before XADD: the result may arrive before the script reply does.
+        if self._book.add(ticket):
+            self._ensure_reader()
+            await self._wake_reader()
+        else:
+            self._ensure_reader()
+        reply_future = self._pipeline.submit(evalsha_command(keys, ticket.prepared, self.settings.max_backlog))
+        try:
+            reply = await reply_future
+        except redis.RedisError as e:
+            reply = e
+        err = settle(ticket, keys, reply, self.settings.max_backlog)
+        if err is not None:
+            self._book.discard(ticket)
+            raise err
+
+    async def _submit_tickets(self, tickets: Sequence[Ticket]) -> list[E.HeadraceError | None]:
+        """Submit ``tickets`` together (one pipeline); per ticket the error that refused it,
+        None when enqueued. Refused tickets are no longer tracked."""
+        if not tickets:
+            return []
+        new_stream = False
+        for t in tickets:
+            new_stream = self._book.add(t) or new_stream
         self._ensure_reader()
         if new_stream:
             await self._wake_reader()
-        skeys, argv = script_args(keys, prepared, self.settings.max_backlog)
+        max_backlog = self.settings.max_backlog
+        futures = [self._pipeline.submit(evalsha_command(self.model_keys(t.model), t.prepared, max_backlog))
+                   for t in tickets]
+        errors: list[E.HeadraceError | None] = []
         try:
-            reply = await self._script(keys=skeys, args=argv)
-            ticket.entry_id = parse_reply(reply, prepared, self.settings.max_backlog)
-        except E.QueueFull:
-            self._book.discard(ticket)
+            for t, fut in zip(tickets, futures, strict=True):
+                try:
+                    reply = await fut
+                except redis.RedisError as e:
+                    reply = e
+                err = settle(t, self.model_keys(t.model), reply, max_backlog)
+                if err is not None:
+                    self._book.discard(t)
+                errors.append(err)
+        except asyncio.CancelledError:
+            for fut in futures:
+                fut.cancel()  # not sent yet: left out of the pipeline
             raise
-        except redis.RedisError as e:
-            self._book.discard(ticket)
-            raise E.BrokerError(
-                f"submitting request {prepared.request_id} to {keys.requests} failed: {e}; it may or may not "
-                "have been enqueued, retry with the same request_id") from e
-        ticket.submitted = time.monotonic()
-        log.debug("submitted request %s to %s as %s", prepared.request_id, keys.requests, ticket.entry_id)
+        return errors
 
     async def result(self, ticket: Ticket, timeout_s: float | None = None) -> Result:
         """Wait for ``ticket``'s result.
@@ -189,12 +232,15 @@ class AsyncClient:
             ResultTimeout, InferenceFailed, RequestExpired.
         """
         wait = self.settings.timeout_s if timeout_s is None else timeout_s
-        futures = [asyncio.wrap_future(t._future) for t in tickets]
-        if futures:
-            # Never cancel these wrappers: cancelling a wrap_future() wrapper cancels the
-            # ticket's own future, and a timed-out ticket must stay collectable.
-            _done, not_done = await asyncio.wait(futures, timeout=wait)
+        # Private waiters (see Ticket._async_waiter): dropping them on a timeout leaves the
+        # tickets collectable.
+        waiters = {t._async_waiter(): t for t in tickets if not t.done()}
+        if waiters:
+            _done, not_done = await asyncio.wait(waiters, timeout=wait)
             if not_done:
+                for w in not_done:
+                    waiters[w]._forget(w)
+                    w.cancel()
                 raise E.ResultTimeout(f"{len(not_done)} of {len(tickets)} results did not arrive within "
                                       f"{wait:.3f}s; the tickets stay collectable")
         results = ordered_results(tickets)
@@ -210,16 +256,25 @@ class AsyncClient:
             ResultTimeout: the rest did not arrive within ``timeout_s`` in total.
         """
         wait = self.settings.timeout_s if timeout_s is None else timeout_s
-        pending = {asyncio.wrap_future(t._future) for t in tickets}
+        waiters = {t._async_waiter(): t for t in tickets}
+        pending = set(waiters)
         give_up = time.monotonic() + wait
-        # The wrappers are left alone on timeout (cancelling one would cancel its ticket).
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, give_up - time.monotonic()),
-                                               return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                raise E.ResultTimeout(f"{len(pending)} results did not arrive within {wait:.3f}s")
-            for f in done:
-                yield f.result()
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=max(0.0, give_up - time.monotonic()),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise E.ResultTimeout(f"{len(pending)} results did not arrive within {wait:.3f}s")
+                for w in done:
+                    result = w.result()
+                    assert result is not None  # waiters complete with None only in Ticket.wait
+                    yield result
+        finally:
+            # Given up (timeout, or the caller stopped iterating): drop the private waiters;
+            # the tickets stay collectable.
+            for w in pending:
+                waiters[w]._forget(w)
+                w.cancel()
 
     def outstanding(self) -> list[Ticket]:
         """Tickets not answered yet (for ``resubmit``)."""
@@ -234,34 +289,35 @@ class AsyncClient:
             total = len(items)  # type: ignore[arg-type]
         from tqdm.auto import tqdm
 
-        window: collections.deque[Ticket] = collections.deque()
+        def prepare(inputs: Mapping[str, Any] | None, text: str | None, request_id: str | None) -> Ticket:
+            return self._new_ticket(model, inputs, text, request_id, deadline_s)
+
+        window = MapWindow(items, self.settings.max_in_flight, wait, prepare)
         with tqdm(total=total, disable=not progress, unit="req", desc=model) as bar:
 
-            async def pop() -> Result:
-                res = await window.popleft().wait(wait)
+            def out(res: Result) -> Result:
                 bar.update(1)
                 return res.raise_for_status() if raise_on_error else res
 
-            for item in items:
-                inputs, text = split_item(item)
-                while len(window) >= self.settings.max_in_flight:
-                    yield await pop()
-                backoff_s, give_up = 0.01, time.monotonic() + wait
-                while True:
-                    try:
-                        window.append(await self.submit(model, inputs, text, deadline_s=deadline_s))
-                        break
-                    except E.QueueFull:
-                        # Backpressure: see Client.imap.
-                        if time.monotonic() > give_up:
-                            raise
-                        if window:
-                            yield await pop()
-                        else:
-                            await asyncio.sleep(backoff_s)
-                            backoff_s = min(backoff_s * 2, 1.0)
-            while window:
-                yield await pop()
+            while True:
+                step = window.step()
+                if step is Step.SEND:
+                    self._check_open()
+                    window.sent(await self._submit_tickets(window.to_send()))
+                elif step is Step.POP:
+                    res = await window.oldest().wait(wait)
+                    window.popleft()
+                    yield out(res)
+                    # The results right behind it are often in already (a worker answers a
+                    # batch at once): take them too, so the next send is one batch as well.
+                    while window.oldest_done():
+                        yield out(await window.popleft().wait(0))
+                    window.popped()
+                elif step is Step.BACK_OFF:
+                    # Backpressure with nothing of ours out: wait, then try again.
+                    await asyncio.sleep(window.back_off_s())
+                else:
+                    return
 
     async def map(self, model: str, items: Iterable[Any], *, progress: bool = True,
                   timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = False,
@@ -328,8 +384,15 @@ class AsyncClient:
                 backoff_s = min(backoff_s * 2, self.settings.reconnect_backoff_max_s)
                 continue
             backoff_s = 0.05
+            answered: list[tuple[Ticket, Result]] = []
             for stream_raw, entries in reply or []:
                 stream = stream_raw.decode() if isinstance(stream_raw, bytes) else str(stream_raw)
-                ids = self._book.deliver(stream, entries)
+                ids, got = self._book.take(stream, entries)
+                answered += got
                 if ids:
                     self._to_delete.setdefault(stream, []).extend(ids)
+            if answered:
+                # Resolve in the next pass of the loop, not right here: this task first goes
+                # on to write the XDEL of these entries, so a caller that wakes up with its
+                # result finds them deleted (or on their way), as it did before.
+                asyncio.get_running_loop().call_soon(resolve_all, answered)

@@ -9,11 +9,9 @@ model, read by a background thread with blocking ``XREAD``.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -23,10 +21,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import errors as E
+from .bulk import MapWindow, Step, settle
 from .config import ClientSettings
 from .keys import ModelKeys
+from .pipeline import run_submits
 from .protocol import Result
-from .submit import SUBMIT_LUA, parse_reply, prepare_request, resolve_settings, script_args, split_item
+from .submit import evalsha_command, prepare_request, resolve_settings
 from .tickets import Ticket, TicketBook, ordered_results
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ class Client:
         url = self.settings.effective_redis_url
         self._redis: redis.Redis = redis.Redis.from_url(url)
         self._reader_redis: redis.Redis | None = None  # created by the reader thread
-        self._script = self._redis.register_script(SUBMIT_LUA)
         self._book = TicketBook()
         self._keys: dict[str, ModelKeys] = {}
         self._closed = threading.Event()
@@ -143,12 +142,18 @@ class Client:
                 retry with the same ``request_id`` to stay effectively-once).
         """
         self._check_open()
+        ticket = self._new_ticket(model, inputs, text, request_id, deadline_s)
+        err = self._submit_tickets([ticket])[0]
+        if err is not None:
+            raise err
+        return ticket
+
+    def _new_ticket(self, model: str, inputs: Mapping[str, Any] | None, text: str | None,
+                    request_id: str | None, deadline_s: float | None) -> Ticket:
         keys = self.model_keys(model)
         prepared = prepare_request(keys, keys.reply(self.client_id), inputs, text, request_id=request_id,
                                    deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
-        ticket = Ticket(prepared, default_timeout_s=self.settings.timeout_s)
-        self._enqueue(ticket, keys)
-        return ticket
+        return Ticket(prepared, default_timeout_s=self.settings.timeout_s)
 
     def resubmit(self, ticket: Ticket) -> Ticket:
         """Enqueue ``ticket``'s request again with the same request id (after Redis lost
@@ -161,31 +166,37 @@ class Client:
         self._check_open()
         if ticket.done():
             return ticket
-        self._enqueue(ticket, self.model_keys(ticket.model))
+        err = self._submit_tickets([ticket])[0]
+        if err is not None:
+            raise err
         return ticket
 
-    def _enqueue(self, ticket: Ticket, keys: ModelKeys) -> None:
-        prepared = ticket.prepared
-        # Register before XADD: the result may arrive before the script call returns.
-        if self._book.add(ticket):
-            self._ensure_reader()
+    def _submit_tickets(self, tickets: Sequence[Ticket]) -> list[E.HeadraceError | None]:
+        """Submit ``tickets`` in one pipeline (one round trip); per ticket the error that
+        refused it (QueueFull, BrokerError), None when enqueued. Refused tickets are no
+        longer tracked."""
+        if not tickets:
+            return []
+        # Register before XADD: the result may arrive before the script reply does.
+        new_stream = False
+        for t in tickets:
+            new_stream = self._book.add(t) or new_stream
+        self._ensure_reader()
+        if new_stream:
             self._wake_reader()
-        else:
-            self._ensure_reader()
-        skeys, argv = script_args(keys, prepared, self.settings.max_backlog)
+        max_backlog = self.settings.max_backlog
+        commands = [evalsha_command(self.model_keys(t.model), t.prepared, max_backlog) for t in tickets]
         try:
-            reply = self._script(keys=skeys, args=argv)
-            ticket.entry_id = parse_reply(reply, prepared, self.settings.max_backlog)
-        except E.QueueFull:
-            self._book.discard(ticket)
-            raise
+            replies = run_submits(self._redis, commands)
         except redis.RedisError as e:
-            self._book.discard(ticket)
-            raise E.BrokerError(
-                f"submitting request {prepared.request_id} to {keys.requests} failed: {e}; it may or may not "
-                "have been enqueued, retry with the same request_id") from e
-        ticket.submitted = time.monotonic()
-        log.debug("submitted request %s to %s as %s", prepared.request_id, keys.requests, ticket.entry_id)
+            replies = [e] * len(tickets)
+        errors: list[E.HeadraceError | None] = []
+        for t, reply in zip(tickets, replies, strict=True):
+            err = settle(t, self.model_keys(t.model), reply, max_backlog)
+            if err is not None:
+                self._book.discard(t)
+            errors.append(err)
+        return errors
 
     # --- collecting ----------------------------------------------------------------------
 
@@ -268,41 +279,42 @@ class Client:
             total = len(items)  # type: ignore[arg-type]
         from tqdm.auto import tqdm
 
-        window: collections.deque[Ticket] = collections.deque()
+        def prepare(inputs: Mapping[str, Any] | None, text: str | None, request_id: str | None) -> Ticket:
+            return self._new_ticket(model, inputs, text, request_id, deadline_s)
+
+        window = MapWindow(items, self.settings.max_in_flight, wait, prepare)
         with tqdm(total=total, disable=not progress, unit="req", desc=model) as bar:
 
-            def pop() -> Result:
-                res = window.popleft().result(wait)
+            def out(res: Result) -> Result:
                 bar.update(1)
                 return res.raise_for_status() if raise_on_error else res
 
-            for item in items:
-                inputs, text = split_item(item)
-                while len(window) >= self.settings.max_in_flight:
-                    yield pop()
-                backoff_s, give_up = 0.01, time.monotonic() + wait
-                while True:
-                    try:
-                        window.append(self.submit(model, inputs, text, deadline_s=deadline_s))
-                        break
-                    except E.QueueFull:
-                        # Backpressure: drain our own oldest result if we have one out,
-                        # else wait; give up after timeout_s of refusals.
-                        if time.monotonic() > give_up:
-                            raise
-                        if window:
-                            yield pop()
-                        else:
-                            self._closed.wait(backoff_s)
-                            backoff_s = min(backoff_s * 2, 1.0)
-            while window:
-                yield pop()
+            while True:
+                step = window.step()
+                if step is Step.SEND:
+                    self._check_open()
+                    window.sent(self._submit_tickets(window.to_send()))
+                elif step is Step.POP:
+                    res = window.oldest().result(wait)
+                    window.popleft()
+                    yield out(res)
+                    # The results right behind it are often in already (a worker answers a
+                    # batch at once): take them too, so the next send is one batch as well.
+                    while window.oldest_done():
+                        yield out(window.popleft().result(0))
+                    window.popped()
+                elif step is Step.BACK_OFF:
+                    # Backpressure with nothing of ours out: wait, then try again.
+                    self._closed.wait(window.back_off_s())
+                else:
+                    return
 
     def map(self, model: str, items: Iterable[Any], *, progress: bool = True, timeout_s: float | None = None,
             deadline_s: float | None = None, raise_on_error: bool = False, total: int | None = None) -> list[Result]:
         """Run ``model`` on every item with at most ``settings.max_in_flight`` requests
         outstanding; return the results in input order. While the queue is full
-        (:class:`QueueFull`) it waits and retries instead of failing.
+        (:class:`QueueFull`) it waits and retries instead of failing. Requests are
+        submitted in batches, one Redis round trip for all there is room for.
 
         Args:
             items: ``str`` items are text inputs, mappings are named input arrays.

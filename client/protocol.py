@@ -252,6 +252,27 @@ def encode_request(req: Request) -> dict[bytes, bytes]:
     return fields
 
 
+def check_request_id(request_id: str) -> None:
+    """Apply the wire rule for request ids: 1-128 chars of ``[A-Za-z0-9._:-]``.
+
+    Raises:
+        DecodeError: ``request_id`` breaks the rule (or is not a str).
+    """
+    if not isinstance(request_id, str) or not _ID_RE.match(request_id):
+        shown = request_id[:64] if isinstance(request_id, str) else request_id
+        raise E.DecodeError(f"request id {shown!r} must be 1-128 chars of [A-Za-z0-9._:-]")
+
+
+def check_reply_to(reply_to: str) -> None:
+    """Apply the wire rule for ``reply_to``: a 1-512 character key without control characters.
+
+    Raises:
+        DecodeError: ``reply_to`` breaks the rule.
+    """
+    if not isinstance(reply_to, str) or not _KEY_RE.match(reply_to):
+        raise E.DecodeError("reply_to must be a 1-512 character key without control characters")
+
+
 def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     """Decode and check the routing fields of a request entry.
 
@@ -265,10 +286,8 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     request_id = _s(fields, b"id")
     reply_to = _s(fields, b"reply_to")
     assert request_id is not None and reply_to is not None
-    if not _ID_RE.match(request_id):
-        raise E.DecodeError(f"request id {request_id[:64]!r} must be 1-128 chars of [A-Za-z0-9._:-]")
-    if not _KEY_RE.match(reply_to):
-        raise E.DecodeError("reply_to must be a 1-512 character key without control characters")
+    check_request_id(request_id)
+    check_reply_to(reply_to)
     try:
         deadline_ms = int(_s(fields, b"deadline_ms", required=False) or 0)
         ts_ms = int(_s(fields, b"ts_ms", required=False) or 0)
@@ -395,6 +414,12 @@ def encode_result(res: Result) -> dict[bytes, bytes]:
     }
 
 
+# A client trusts its workers' results far more than a worker trusts requests: these bounds
+# only stop a corrupt entry from allocating without limit. One shared instance, because the
+# reply reader decodes every result with it.
+_RESULT_LIMITS: Final = Limits(max_payload_bytes=1 << 30, max_elements=1 << 30)
+
+
 def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS) -> Result:
     """Decode a reply-stream entry.
 
@@ -410,7 +435,7 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     if status not in STATUSES:
         raise E.DecodeError(f"result status {status!r} is not one of {sorted(STATUSES)}")
     body_raw = fields.get(b"body")
-    body = _unpack(body_raw, Limits(max_payload_bytes=1 << 30, max_elements=1 << 30)) if body_raw else {}
+    body = _unpack(body_raw, _RESULT_LIMITS) if body_raw else {}
     if not isinstance(body, dict):
         raise E.DecodeError("result body must be a msgpack map")
     outputs_raw = body.get("outputs") or {}
@@ -418,8 +443,7 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     # but any other exception would make it re-read the same entry forever.
     if not isinstance(outputs_raw, dict):
         raise E.DecodeError("result outputs must be a map of name -> tensor")
-    big = Limits(max_payload_bytes=1 << 30, max_elements=1 << 30)
-    outputs = {str(k): decode_tensor(v, big, name=str(k)) for k, v in outputs_raw.items()}
+    outputs = {str(k): decode_tensor(v, _RESULT_LIMITS, name=str(k)) for k, v in outputs_raw.items()}
     try:
         timings = Timings.from_wire(body.get("timings"))
     except (TypeError, ValueError) as e:

@@ -49,6 +49,10 @@ class Ticket:
         self.submitted = time.monotonic()
         self.default_timeout_s = default_timeout_s
         self._future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        # asyncio futures of coroutines waiting for the result (see _async_waiter): resolved
+        # directly when the result is delivered on their own loop, which is the AsyncClient
+        # case, instead of through a thread-safe hop per ticket (asyncio.wrap_future).
+        self._waiters: list[asyncio.Future[Result | None]] = []
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
@@ -82,14 +86,24 @@ class Ticket:
         Raises:
             ResultTimeout: no result within ``timeout_s``.
         """
+        if self._future.done():
+            return self._future.result()
         wait = self.default_timeout_s if timeout_s is None else timeout_s
+        waiter = self._async_waiter()
+        # The timer completes the waiter with None ("no result yet"); the waiter is private to
+        # this call, so neither the timeout nor cancelling the caller touches the ticket.
+        timer = waiter.get_loop().call_later(wait, _expire, waiter)
         try:
-            # shield: a timeout must not cancel the shared future (the ticket stays usable).
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._future)), wait)
-        except (asyncio.TimeoutError, TimeoutError) as e:
+            result = await waiter
+        finally:
+            timer.cancel()
+            if not waiter.done() or waiter.cancelled() or waiter.result() is None:
+                self._forget(waiter)  # timed out or cancelled: _resolve did not take it
+        if result is None:
             raise E.ResultTimeout(
                 f"no result for request {self.request_id} (model {self.model!r}) within {wait:.3f}s; "
-                "the ticket stays collectable") from e
+                "the ticket stays collectable")
+        return result
 
     def __await__(self) -> Generator[Any, None, Result]:
         return self.wait().__await__()
@@ -98,12 +112,65 @@ class Ticket:
         """Call ``fn(ticket)`` when the result arrives (in the reader's thread)."""
         self._future.add_done_callback(lambda _f: fn(self))
 
+    def _async_waiter(self) -> asyncio.Future[Result | None]:
+        """A future of the running loop that completes with the result (at once when the
+        ticket is done). It belongs to the caller: cancelling it, or completing it with
+        None on a timeout, leaves the ticket alone. Pass it to :meth:`_forget` when giving up.
+        """
+        waiter: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        # The result may have been set by another thread (the sync Client's reader) between
+        # the caller's check and the append above; _resolve sets the result before it
+        # takes the waiter list, so checking again here closes that gap.
+        if self._future.done():
+            self._forget(waiter)
+            waiter.set_result(self._future.result())
+        return waiter
+
+    def _forget(self, waiter: asyncio.Future[Result | None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass  # already taken by _resolve
+
     def _resolve(self, result: Result) -> bool:
         try:
             self._future.set_result(result)
-            return True
         except concurrent.futures.InvalidStateError:
             return False
+        waiters, self._waiters = self._waiters, []
+        if waiters:
+            _wake(waiters, result)
+        return True
+
+
+def _expire(waiter: asyncio.Future[Result | None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _set_if_pending(waiter: asyncio.Future[Result | None], result: Result) -> None:
+    if not waiter.done():
+        waiter.set_result(result)
+
+
+def _wake(waiters: list[asyncio.Future[Result | None]], result: Result) -> None:
+    """Complete ``waiters`` with ``result``: directly when called on their loop (the
+    AsyncClient's reader task), else through ``call_soon_threadsafe`` (the sync Client's
+    reader thread, or a loop other than the reader's)."""
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for waiter in waiters:
+        loop = waiter.get_loop()
+        if loop is running:
+            _set_if_pending(waiter, result)
+        elif not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(_set_if_pending, waiter, result)
+            except RuntimeError:
+                pass  # the loop closed in between: nobody is waiting on it any more
 
 
 class TicketBook:
@@ -151,7 +218,17 @@ class TicketBook:
         Entries that do not decode still resolve their ticket (when the id is readable)
         with an ``error`` result carrying the decode error's code.
         """
+        ids, answered = self.take(stream, entries)
+        resolve_all(answered)
+        return ids
+
+    def take(self, stream: str, entries: Sequence[tuple[Any, Mapping[bytes, bytes]]]
+             ) -> tuple[list[str], list[tuple[Ticket, Result]]]:
+        """:meth:`deliver` without the resolving: stop tracking the answered tickets and
+        advance the cursor; return the entry ids to delete and the ``(ticket, result)``
+        pairs for :func:`resolve_all`."""
         ids: list[str] = []
+        answered: list[tuple[Ticket, Result]] = []
         for raw_id, fields in entries:
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             ids.append(entry_id)
@@ -168,12 +245,18 @@ class TicketBook:
                 # already, or belongs to an earlier client with the same id): drop it.
                 log.debug("result %s for unknown request %s on %s dropped", entry_id, result.request_id, stream)
                 continue
-            if not ticket._resolve(result):
-                log.debug("duplicate result for request %s dropped", result.request_id)
+            answered.append((ticket, result))
         if ids:
             with self._lock:
                 self._cursors[stream] = ids[-1]
-        return ids
+        return ids, answered
+
+
+def resolve_all(answered: Iterable[tuple[Ticket, Result]]) -> None:
+    """Complete each ticket with its result (see :meth:`TicketBook.take`)."""
+    for ticket, result in answered:
+        if not ticket._resolve(result):
+            log.debug("duplicate result for request %s dropped", result.request_id)
 
 
 def ordered_results(tickets: Iterable[Ticket]) -> list[Result]:

@@ -137,6 +137,47 @@ def test_ticket_is_awaitable_and_async_timeout_keeps_it_usable() -> None:
     assert asyncio.run(scenario()) == 5.0
 
 
+def test_async_waiters_are_woken_directly_on_their_loop_and_forgotten_on_timeout() -> None:
+    async def scenario() -> None:
+        book = TicketBook()
+        t = _ticket("r4")
+        book.add(t)
+        waiting = asyncio.ensure_future(t.wait(5))
+        await asyncio.sleep(0)
+        assert len(t._waiters) == 1
+        book.deliver(REPLY, [(b"1-0", _ok("r4", 2.0))])
+        # delivered on the waiter's own loop: completed in place, no thread-safe hop
+        assert t._waiters == [] and float((await waiting).outputs["y"][0]) == 2.0
+        assert (await t.wait(0)).ok  # done: answered at once, even with a zero timeout
+
+        late = _ticket("r5")
+        book.add(late)
+        with pytest.raises(E.ResultTimeout):
+            await late.wait(0.01)
+        assert late._waiters == []  # a timed-out wait leaves nothing behind
+        caller = asyncio.ensure_future(late.wait(5))
+        await asyncio.sleep(0)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert late._waiters == [] and not late.done()  # cancelling a caller never cancels the ticket
+        book.deliver(REPLY, [(b"2-0", _ok("r5"))])
+        assert (await late).ok
+
+    asyncio.run(scenario())
+
+
+def test_async_waiter_woken_from_the_sync_clients_reader_thread() -> None:
+    async def scenario() -> float:
+        book = TicketBook()
+        t = _ticket("r6")
+        book.add(t)
+        threading.Timer(0.05, lambda: book.deliver(REPLY, [(b"1-0", _ok("r6", 9.0))])).start()
+        return float((await t.wait(5)).outputs["y"][0])
+
+    assert asyncio.run(scenario()) == 9.0
+
+
 def test_redis_urls_pass_straight_through_to_redis_py() -> None:
     """ACL user/password and rediss:// (TLS) reach redis-py unchanged; nothing connects yet."""
     import redis

@@ -1,0 +1,195 @@
+"""Shared by :class:`~headrace.client.Client` and :class:`~headrace.client.AsyncClient`:
+what a submit script's answer means for a ticket (:func:`settle`), and the bookkeeping of
+``map``/``imap`` (:class:`MapWindow`), which submits its requests in pipelined batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import redis
+
+from . import errors as E
+from .keys import ModelKeys
+from .pipeline import MAX_PIPELINE
+from .submit import parse_reply, split_item
+from .tickets import Ticket
+
+log = logging.getLogger(__name__)
+
+
+def settle(ticket: Ticket, keys: ModelKeys, reply: Any, max_backlog: int) -> E.HeadraceError | None:
+    """Apply the submit script's answer for ``ticket`` (or the ``redis.RedisError`` its
+    command got) and return the error to raise for it, None when it was enqueued (then
+    ``ticket.entry_id`` and ``ticket.submitted`` are set).
+
+    The error is :class:`QueueFull` (nothing was added) or :class:`BrokerError` (it may or
+    may not have been added: retry with the same request id).
+    """
+    prepared = ticket.prepared
+    if isinstance(reply, redis.RedisError):
+        err = E.BrokerError(
+            f"submitting request {prepared.request_id} to {keys.requests} failed: {reply}; it may or may not "
+            "have been enqueued, retry with the same request_id")
+        err.__cause__ = reply
+        return err
+    try:
+        ticket.entry_id = parse_reply(reply, prepared, max_backlog)
+    except E.HeadraceError as e:
+        return e
+    ticket.submitted = time.monotonic()
+    log.debug("submitted request %s to %s as %s", prepared.request_id, keys.requests, ticket.entry_id)
+    return None
+
+
+class Step(Enum):
+    """What a ``map`` driver does next (see :meth:`MapWindow.step`)."""
+
+    SEND = "send"          # submit MapWindow.to_send() as one pipeline, report with sent()
+    POP = "pop"            # wait for oldest(), then take popleft() while oldest_done(); popped()
+    BACK_OFF = "back_off"  # the queue is full and nothing of ours is out: sleep back_off_s()
+    DONE = "done"
+
+
+@dataclass
+class _Slot:
+    """One map item in input order: its inputs, and its ticket once prepared."""
+
+    inputs: Mapping[str, Any] | None
+    text: str | None
+    ticket: Ticket | None = None
+    sent: bool = False
+    first_refused: float = 0.0  # time.monotonic() of its first QueueFull; 0.0 = none
+
+
+class MapWindow:
+    """Input-ordered window of at most ``max_in_flight`` outstanding ``map`` requests.
+
+    A driver (the sync or the async ``imap``) loops on :meth:`step`. Requests go out in
+    batches: every item the window has room for is prepared and submitted in one pipeline,
+    and a driver that pops a result also pops the results right behind it that are already
+    in, so room (and the next batch) comes in the size the workers answer in. A request
+    refused with :class:`QueueFull` keeps its place in the order; after the driver popped
+    one of our results (or, with none out, backed off) it is prepared again (a fresh
+    deadline, the same request id) and resent, until it has been refused for ``wait_s``.
+
+    Args:
+        items: the map items (``str`` or mapping each), read lazily as room frees up.
+        max_in_flight: most requests outstanding.
+        wait_s: longest time one request may be refused before :class:`QueueFull` is raised.
+        prepare: ``prepare(inputs, text, request_id)`` -> a new, unsent :class:`Ticket`
+            (``request_id`` None picks a new id).
+    """
+
+    def __init__(self, items: Iterable[Any], max_in_flight: int, wait_s: float,
+                 prepare: Callable[[Mapping[str, Any] | None, str | None, str | None], Ticket]) -> None:
+        self._items: Iterator[Any] | None = iter(items)
+        self._max_in_flight = max_in_flight
+        self._wait_s = wait_s
+        self._prepare = prepare
+        self._window: collections.deque[_Slot] = collections.deque()
+        self._unsent: list[_Slot] = []  # in input order: refused ones first, then new ones
+        self._retry = False  # refused requests may be resent (after a pop or a back-off)
+        self._backoff_s = 0.01
+
+    def step(self) -> Step:
+        """What to do next."""
+        if self._unsent:
+            if self._retry or not self._unsent[0].first_refused:
+                return Step.SEND
+            # The queue is full: make room by taking our own oldest result, else wait.
+            return Step.POP if self._window[0].sent else Step.BACK_OFF
+        if self._items is not None and len(self._window) < self._max_in_flight:
+            return Step.SEND
+        return Step.POP if self._window else Step.DONE
+
+    def to_send(self) -> list[Ticket]:
+        """For SEND: read items while there is room and (re)prepare every unsent one; return
+        their tickets in input order, for one pipeline (at most ``MAX_PIPELINE``).
+
+        Raises:
+            ProtocolError: an item is neither ``str`` nor a mapping, or is invalid.
+        """
+        while (self._items is not None and len(self._window) < self._max_in_flight
+               and len(self._unsent) < MAX_PIPELINE):
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self._items = None
+                break
+            slot = _Slot(*split_item(item))
+            self._window.append(slot)
+            self._unsent.append(slot)
+        tickets: list[Ticket] = []
+        for slot in self._unsent[:MAX_PIPELINE]:
+            rid = slot.ticket.request_id if slot.ticket is not None else None
+            slot.ticket = self._prepare(slot.inputs, slot.text, rid)
+            tickets.append(slot.ticket)
+        return tickets
+
+    def sent(self, errors: list[E.HeadraceError | None]) -> None:
+        """Report the outcome of each ticket :meth:`to_send` returned (None = enqueued).
+
+        Raises:
+            HeadraceError: the first error other than :class:`QueueFull` (BrokerError).
+            QueueFull: a request has been refused for longer than ``wait_s``.
+        """
+        batch, rest = self._unsent[:len(errors)], self._unsent[len(errors):]
+        refused: list[_Slot] = []
+        refusal: E.HeadraceError | None = None
+        now = time.monotonic()
+        for slot, err in zip(batch, errors, strict=True):
+            if err is None:
+                slot.sent = True
+                slot.inputs = slot.text = None  # encoded in the ticket: let the caller's arrays go
+            elif isinstance(err, E.QueueFull):
+                slot.first_refused = slot.first_refused or now
+                refusal = refusal or err
+                refused.append(slot)
+            else:
+                self._unsent = refused + rest
+                raise err
+        self._unsent = refused + rest
+        self._retry = False
+        if not refused:
+            self._backoff_s = 0.01
+        elif now - refused[0].first_refused > self._wait_s:
+            assert refusal is not None
+            raise refusal
+
+    def oldest(self) -> Ticket:
+        """For POP: the oldest ticket (sent); wait for its result, then :meth:`popleft`."""
+        slot = self._window[0]
+        assert slot.sent and slot.ticket is not None
+        return slot.ticket
+
+    def popleft(self) -> Ticket:
+        """Remove the oldest ticket (its result is in) and return it."""
+        ticket = self._window.popleft().ticket
+        assert ticket is not None
+        return ticket
+
+    def oldest_done(self) -> bool:
+        """True when the oldest ticket is sent and its result is in already."""
+        if not self._window:
+            return False
+        slot = self._window[0]
+        return slot.sent and slot.ticket is not None and slot.ticket.done()
+
+    def popped(self) -> None:
+        """A POP is over: refused requests may be resent."""
+        self._retry = True
+
+    def back_off_s(self) -> float:
+        """For BACK_OFF: how long to sleep (seconds, doubling up to 1 s while refusals go on);
+        resending is allowed after it."""
+        s = self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, 1.0)
+        self._retry = True
+        return s
