@@ -17,6 +17,10 @@ For each model artifact (MiniLM INT8 and fp32 by default):
    worker's own serving time (batch formation, waiting for and running the model) is not
    overhead. Cross-check: the same arrivals into an in-process reference (the worker's
    batcher and servable, no Redis), compared percentile by percentile.
+4. **the floor** under that overhead: a bare Redis Streams round trip (two plain redis-py
+   processes, ``XADD`` -> ``XREADGROUP`` -> ``XADD`` -> ``XREAD``; see
+   ``headrace.cluster.bench_floor``) at the same arrival rate on the same Redis: what this
+   machine's scheduler, loopback and Redis cost for the two hops every request takes.
 
 Prints a table and writes JSON. Asserts nothing about speed.
 
@@ -43,6 +47,7 @@ from rich.table import Table
 from headrace.client.aio import AsyncClient
 from headrace.client.embedded_redis import EmbeddedRedis
 from headrace.cluster.bench import host_info
+from headrace.cluster.bench_floor import stream_round_trip_floor
 from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loop
 from headrace.cluster.bench_models import ensure_benchmark_models
 from headrace.cluster.bench_probe import PROBE_ENV, load_probes, split_overhead
@@ -77,6 +82,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ort-spin", choices=("on", "off"), default="on",
                     help="off: every system's ONNX Runtime sessions run without intra-op spin-wait "
                          "(sets HEADRACE_ORT_SPIN for every compared system)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the bare Redis round-trip floor runs")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args()
 
@@ -199,7 +205,9 @@ def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
             rr = asyncio.run(probed_run(redis.url, ns, manifest.name, payloads, args, rate, limits, progress))
         probes = load_probes(probe_file)
     opened = load_point(rr, f"headrace {rate:.0f}/s", "open", offered_rps=rate)
-    return {"kind": kind, "model": f"{manifest.name}/{manifest.version}", "precision": manifest.precision,
+    floor = None if args.no_floor else stream_round_trip_floor(redis.url, rate, args.duration_s, args.warmup_s,
+                                                               args.seed)
+    return {"floor": floor, "kind": kind, "model": f"{manifest.name}/{manifest.version}", "precision": manifest.precision,
             "raws": raws, "raw_rps": raw_rps, "rounds": rounds, "cpu_us_per_request": {
                 "raw": sum(r["cpu_us_per_request"] for r in raws) / len(raws),
                 **{who: sum(c[who] for c in cpu) / len(cpu) for who in cpu[0]}}, "e2e_rps": sum(c.throughput_rps for c in closed)
@@ -226,7 +234,10 @@ def measure_fake(redis: EmbeddedRedis, args: argparse.Namespace) -> dict[str, An
                                         not args.no_progress))
         probes = load_probes(probe_file)
     opened = load_point(rr, f"fake {args.fake_rate:.0f}/s", "open", offered_rps=args.fake_rate)
-    return {"rate_rps": args.fake_rate, "open": opened.to_json(), "queue_split": queue_split(rr, probes)}
+    floor = None if args.no_floor else stream_round_trip_floor(redis.url, args.fake_rate, args.duration_s,
+                                                               args.warmup_s, args.seed)
+    return {"rate_rps": args.fake_rate, "open": opened.to_json(), "queue_split": queue_split(rr, probes),
+            "floor": floor}
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
@@ -245,6 +256,14 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
                   "/".join(fmt_ms(q.get(k, {}).get("p50"), 2) for k in ("wire_in", "deliver")),
                   f"{fmt_ms(vr['p50'], 1)}/{fmt_ms(vr['p99'], 1)}", str(errs))
     return t
+
+
+def floor_text(floor: dict[str, Any] | None) -> str:
+    if not floor:
+        return ""
+    rt = floor["round_trip_ms"]
+    return (f" (floor: bare Redis Streams round trip at {floor['rate_rps']:.0f}/s p50 {fmt_ms(rt.get('p50'), 2)} ms, "
+            f"p99 {fmt_ms(rt.get('p99'), 2)} ms)")
 
 
 def main() -> None:
@@ -268,7 +287,7 @@ def main() -> None:
     if fake is not None:
         fq = fake["queue_split"].get("queue", {})
         console.print(f"zero-cost model at {args.fake_rate:.0f}/s: queue overhead p50 {fmt_ms(fq.get('p50'), 2)} ms, "
-                      f"p99 {fmt_ms(fq.get('p99'), 2)} ms")
+                      f"p99 {fmt_ms(fq.get('p99'), 2)} ms{floor_text(fake.get('floor'))}")
     console.print(render(results, args))
     for r in results:
         cu = r["cpu_us_per_request"]
@@ -278,7 +297,8 @@ def main() -> None:
         qq = r["queue_split"].get("queue", {})
         console.print(f"{r['model']}: end-to-end {r['e2e_rps']:.1f}/s = {100 * r['ratio']:.1f}% of raw "
                       f"{r['raw_rps']:.1f}/s; queue overhead at {args.load:.0%} load p50 "
-                      f"{fmt_ms(qq.get('p50'), 2)} ms, p99 {fmt_ms(qq.get('p99'), 2)} ms")
+                      f"{fmt_ms(qq.get('p50'), 2)} ms, p99 {fmt_ms(qq.get('p99'), 2)} ms"
+                      f"{floor_text(r.get('floor'))}")
     doc = {"benchmark": "e2e_vs_raw", "started_at": started, "wall_s": round(time.monotonic() - t0, 1),
            "host": host_info(), "args": vars(args), "payloads": payloads.describe(), "results": results,
            "fake": fake}

@@ -22,10 +22,11 @@ def e2e_vs_raw(doc: dict[str, Any]) -> str:
              f"ORT spin-wait {a.get('ort_spin', 'on')}, {a['rounds']} rounds x {a['duration_s']:g} s, "
              f"load {a['load']:.0%} of the raw limit", "",
              "| model | raw limit /s | end-to-end /s | e2e / raw (per round) | queue overhead p50 / p99 ms "
+             "| floor: bare Streams round trip p50 / p99 ms "
              "| wire in p50 / p99 ms | deliver p50 / p99 ms | e2e p50 / p99 ms at load | in-process p50 / p99 ms "
              "| CPU us/req raw vs worker + redis + load gen | CPU-normalized e2e/raw (without load gen) "
              "| model ms/req raw vs worker (model busy) | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["results"]:
         q = r["queue_split"]
         cu = r["cpu_us_per_request"]
@@ -34,7 +35,7 @@ def e2e_vs_raw(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} ({r['precision']}) | {r['raw_rps']:.1f} | {r['e2e_rps']:.1f} | "
             f"**{100 * r['ratio']:.1f}%** ({rounds}) | "
-            f"**{ms(q['queue']['p50'], 2)} / {ms(q['queue']['p99'], 2)}** | "
+            f"**{ms(q['queue']['p50'], 2)} / {ms(q['queue']['p99'], 2)}** | {floor_cell(r.get('floor'))} | "
             f"{ms(q['wire_in']['p50'], 2)} / {ms(q['wire_in']['p99'], 2)} | "
             f"{ms(q['deliver']['p50'], 2)} / {ms(q['deliver']['p99'], 2)} | "
             f"{ms(r['open']['e2e']['p50'])} / {ms(r['open']['e2e']['p99'])} | "
@@ -51,8 +52,16 @@ def e2e_vs_raw(doc: dict[str, Any]) -> str:
                       f"(wire in {ms(q['wire_in']['p50'], 2)} / {ms(q['wire_in']['p99'], 2)}, deliver "
                       f"{ms(q['deliver']['p50'], 2)} / {ms(q['deliver']['p99'], 2)}); end-to-end p50 / p99 "
                       f"{ms(o['e2e']['p50'], 2)} / {ms(o['e2e']['p99'], 2)} ms (includes the {a['max_wait_ms']:g} ms "
-                      f"batching wait), {sum(o['errors'].values())} errors"]
+                      f"batching wait), {sum(o['errors'].values())} errors; floor (bare Streams round trip at the "
+                      f"same rate) p50 / p99 {floor_cell(fake.get('floor'))} ms"]
     return "\n".join(lines)
+
+
+def floor_cell(floor: dict[str, Any] | None) -> str:
+    if not floor:
+        return "-"
+    rt = floor["round_trip_ms"]
+    return f"{ms(rt['p50'], 2)} / {ms(rt['p99'], 2)}"
 
 
 def model_line(r: dict[str, Any]) -> str:

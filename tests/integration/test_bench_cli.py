@@ -75,3 +75,17 @@ def test_rejects_an_unbounded_run(redis_url: str) -> None:
     res = bench(redis_url, "affine", "--concurrency", "1,2,3", "--duration-s", "900", "--max-total-s", "60")
     assert res.exit_code == 1
     assert "max_total_s" in res.output
+
+
+@pytest.mark.timeout(60)
+def test_stream_round_trip_floor_measures_and_cleans_up(redis_url: str) -> None:
+    import redis
+
+    from headrace.cluster.bench_floor import stream_round_trip_floor
+
+    before = set(redis.Redis.from_url(redis_url).keys("floor-*"))
+    out = stream_round_trip_floor(redis_url, 200.0, duration_s=1.0, warmup_s=0.5, seed=1)
+    rt = out["round_trip_ms"]
+    assert out["rate_rps"] == 200.0 and rt["n"] > 100  # ~200 measured arrivals, all echoed back
+    assert 0 < rt["p50"] <= rt["p99"] < 1000
+    assert set(redis.Redis.from_url(redis_url).keys("floor-*")) == before
