@@ -88,7 +88,6 @@ async def _produce(url: str, prefix: str, rate_per_s: float, duration_s: float, 
     done.set()
     await asyncio.wait_for(task, 30)
     await r.xadd(req, {b"stop": b"1"})
-    await r.delete(req, rep)
     await r.aclose()
     await reader.aclose()
     return lat
@@ -97,7 +96,8 @@ async def _produce(url: str, prefix: str, rate_per_s: float, duration_s: float, 
 def stream_round_trip_floor(url: str, rate_per_s: float, duration_s: float = 10.0, warmup_s: float = 2.0,
                             seed: int = 0) -> dict[str, Any]:
     """Measure the bare two-hop Streams round trip at ``rate_per_s`` (Poisson) on the Redis
-    at ``url``; returns ``{"rate_rps", "round_trip_ms": LatencySummary as dict}``."""
+    at ``url``; returns ``{"rate_rps", "round_trip_ms": LatencySummary as dict, "echo_exit":
+    the echo process' exit code (0 = clean)}``."""
     from dataclasses import asdict
 
     prefix = f"floor-{uuid.uuid4().hex[:6]}"
@@ -110,7 +110,11 @@ def stream_round_trip_floor(url: str, rate_per_s: float, duration_s: float = 10.
         except subprocess.TimeoutExpired:
             echo.kill()
             echo.wait(5)
-    return {"rate_rps": rate_per_s, "round_trip_ms": asdict(LatencySummary.of(lat))}
+        import redis
+
+        # Only once the echo has stopped reading: it would fail on a deleted group.
+        redis.Redis.from_url(url).delete(f"{prefix}:req", f"{prefix}:rep")
+    return {"rate_rps": rate_per_s, "round_trip_ms": asdict(LatencySummary.of(lat)), "echo_exit": echo.returncode}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,6 +86,6 @@ def test_stream_round_trip_floor_measures_and_cleans_up(redis_url: str) -> None:
     before = set(redis.Redis.from_url(redis_url).keys("floor-*"))
     out = stream_round_trip_floor(redis_url, 200.0, duration_s=1.0, warmup_s=0.5, seed=1)
     rt = out["round_trip_ms"]
-    assert out["rate_rps"] == 200.0 and rt["n"] > 100  # ~200 measured arrivals, all echoed back
+    assert out["rate_rps"] == 200.0 and out["echo_exit"] == 0 and rt["n"] > 100  # ~200 measured arrivals, all echoed back
     assert 0 < rt["p50"] <= rt["p99"] < 1000
     assert set(redis.Redis.from_url(redis_url).keys("floor-*")) == before
