@@ -68,6 +68,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--models", default="int8,fp32", help="comma list of int8 / fp32")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads everywhere")
     ap.add_argument("--batch", type=int, default=32, help="raw batch size = worker max_batch")
+    ap.add_argument("--instances", type=int, default=1,
+                    help="model calls at once (worker `instances`; raw and reference run as many threads); "
+                         "with --threads 1 and --instances 2 the model gets the same 2 threads in total")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="worker (and reference) batching wait")
     ap.add_argument("--raw-s", type=float, default=6.0, help="seconds per raw measurement")
     ap.add_argument("--rounds", type=int, default=3, help="end-to-end rounds, each between two raw runs")
@@ -96,7 +99,8 @@ def load_point(rr: Any, label: str, mode: str, **kw: Any) -> LoadPoint:
 
 async def reference_run(servable: Any, payloads: Payloads, args: argparse.Namespace, rate: float,
                         limits: RunLimits, progress: bool) -> LoadPoint:
-    async with InProcessTarget(servable, payloads, max_batch=args.batch, max_wait_ms=args.max_wait_ms) as target:
+    async with InProcessTarget(servable, payloads, max_batch=args.batch, max_wait_ms=args.max_wait_ms,
+                               instances=args.instances) as target:
         async with Ticker(limits.total_s, f"reference {rate:.0f}/s", progress) as tick:
             rr = await open_loop(target, rate, limits, seed=args.seed, progress=tick)
     return load_point(rr, f"in-process {rate:.0f}/s", "open", offered_rps=rate)
@@ -116,7 +120,7 @@ def model_time(p: LoadPoint, rr: Any) -> LoadPoint:
 def timed_raw(servable: Any, payloads: Payloads, args: argparse.Namespace) -> dict[str, float]:
     """A raw run, plus this process' CPU microseconds per request during it."""
     c0 = time.process_time()
-    r = raw_throughput(servable, payloads, args.batch, args.raw_s)
+    r = raw_throughput(servable, payloads, args.batch, args.raw_s, instances=args.instances)
     r["cpu_us_per_request"] = (time.process_time() - c0) * 1e6 / (r["rps"] * r["seconds"])
     r["model_ms_per_request"] = 1000.0 / r["rps"]
     return r
@@ -181,7 +185,7 @@ def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
     settings = WorkerSettings.from_env(model=manifest.name, version=manifest.version, model_repo=repo,
                               intra_op_threads=args.threads, max_batch=args.batch, max_wait_ms=args.max_wait_ms)
     limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, args.timeout_s)
-    flags = {"max_batch": args.batch, "max_wait_ms": args.max_wait_ms}
+    flags = {"max_batch": args.batch, "max_wait_ms": args.max_wait_ms, "instances": args.instances}
     common = {"version": manifest.version, "model_repo": repo, "threads": args.threads, "settings": flags}
     servable = load_servable(settings, providers=["CPUExecutionProvider"])
     try:
@@ -251,7 +255,8 @@ def measure_fake(redis: EmbeddedRedis, args: argparse.Namespace) -> dict[str, An
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
-    t = Table(title=f"MiniLM: raw backend vs end-to-end through Redis (batch {args.batch}, {args.threads} threads)")
+    t = Table(title=f"MiniLM: raw backend vs end-to-end through Redis (batch {args.batch}, {args.instances} x "
+                    f"{args.threads} threads)")
     for c in ("model", "raw/s", "e2e/s", "e2e/raw (rounds)", f"load/s ({args.load:.0%})", "e2e p50/p99 ms",
               "queue overhead p50/p99 ms", "wire in / deliver p50 ms", "vs in-process p50/p99 ms", "errors"):
         t.add_column(c, justify="right")

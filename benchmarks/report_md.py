@@ -18,7 +18,8 @@ def ms(v: Any, digits: int = 1) -> str:
 
 def e2e_vs_raw(doc: dict[str, Any]) -> str:
     a = doc["args"]
-    lines = [f"`{doc['started_at']}`, {doc['host']['cpus']} CPUs, batch {a['batch']}, {a['threads']} ORT threads, "
+    lines = [f"`{doc['started_at']}`, {doc['host']['cpus']} CPUs, batch {a['batch']}, "
+             f"{a.get('instances', 1)} x {a['threads']} ORT threads (instances x threads per call), "
              f"ORT spin-wait {a.get('ort_spin', 'on')}, {a['rounds']} rounds x {a['duration_s']:g} s, "
              f"load {a['load']:.0%} of the raw limit", "",
              "| model | raw limit /s | end-to-end /s | e2e / raw (per round) | queue overhead p50 / p99 ms "

@@ -93,6 +93,7 @@ class ProbeServable(Servable):
     """Delegates to ``inner``, noting the start and end of each model call."""
 
     def __init__(self, inner: Servable, probes: Probes) -> None:
+        self.thread_safe = inner.thread_safe
         self.inner, self.probes = inner, probes
         self.name, self.version = inner.name, inner.version
         self.accepts_text, self.inputs, self.outputs = inner.accepts_text, inner.inputs, inner.outputs

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -205,27 +206,28 @@ class InProcessTarget:
     Args:
         servable: the loaded model.
         payloads: inputs, cycled.
-        max_batch / preferred_batch / max_wait_ms: as the worker's settings.
+        max_batch / preferred_batch / max_wait_ms / instances: as the worker's settings.
     """
 
     def __init__(self, servable: Servable, payloads: Payloads, *, max_batch: int = 32, preferred_batch: int = 0,
-                 max_wait_ms: float = 5.0, name: str = "in-process") -> None:
+                 max_wait_ms: float = 5.0, name: str = "in-process", instances: int = 1) -> None:
         from headrace.workers.batcher import Batcher
 
         self.servable, self.payloads, self.name = servable, payloads, name
         self._requests = [payloads.request(i) for i in range(len(payloads))]
         self._batcher: Batcher[_Pending] = Batcher(max_batch, preferred_batch, max_wait_ms)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="bench-infer")
-        self._task: asyncio.Task[None] | None = None
+        self._instances = instances
+        self._executor = ThreadPoolExecutor(instances, thread_name_prefix="bench-infer")
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> InProcessTarget:
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._serve()) for _ in range(self._instances)]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._batcher.close()
-        if self._task is not None:
-            await self._task
+        await asyncio.gather(*self._tasks)
         self._executor.shutdown(wait=True)
 
     async def call(self, index: int, timeout_s: float) -> Outcome:
@@ -267,12 +269,14 @@ class InProcessTarget:
 
 
 def raw_throughput(servable: Servable, payloads: Payloads, batch: int, seconds: float, *,
-                   min_batches: int = 3, bucketing: bool = True) -> dict[str, float]:
+                   min_batches: int = 3, bucketing: bool = True, instances: int = 1) -> dict[str, float]:
     """The limit: ``servable.infer`` on back-to-back batches of ``batch`` consecutive pool
     items for about ``seconds`` (at least ``min_batches``), after one warm-up batch. With
-    ``bucketing`` a text batch is split by length exactly as the worker splits it.
+    ``bucketing`` a text batch is split by length exactly as the worker splits it. With
+    ``instances`` > 1, that many threads run batches at once on the one servable, as a
+    worker with ``instances`` does.
 
-    Returns ``{"batch", "rps", "batch_ms_p50", "batches", "seconds"}``.
+    Returns ``{"batch", "rps", "instances", "batch_ms_p50", "batches", "seconds"}``.
 
     Raises:
         ModelError: the servable failed.
@@ -292,14 +296,31 @@ def raw_throughput(servable: Servable, payloads: Payloads, batch: int, seconds: 
 
     run(0)
     lat: list[float] = []
-    done, start_index = 0, 0
+    done = [0] * instances
     t_start = time.perf_counter()
-    while time.perf_counter() - t_start < seconds or len(lat) < min_batches:
-        t0 = time.perf_counter()
-        run(start_index)
-        lat.append(time.perf_counter() - t0)
-        done += batch
-        start_index += batch
+
+    def loop(k: int) -> None:
+        # Each instance walks its own stretch of the pool, as concurrent batches would.
+        start_index = k * batch * 1000
+        n = 0
+        while time.perf_counter() - t_start < seconds or n < min_batches:
+            t0 = time.perf_counter()
+            run(start_index)
+            lat.append(time.perf_counter() - t0)
+            done[k] += batch
+            start_index += batch
+            n += 1
+
+    if instances == 1:
+        loop(0)
+    else:
+        threads = [threading.Thread(target=loop, args=(k,), name=f"raw-{k}") for k in range(instances)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     total = time.perf_counter() - t_start
-    return {"batch": float(batch), "rps": done / total, "batch_ms_p50": statistics.median(lat) * 1000.0,
+    done_total = sum(done)
+    return {"batch": float(batch), "rps": done_total / total, "instances": float(instances),
+            "batch_ms_p50": statistics.median(lat) * 1000.0,
             "batches": float(len(lat)), "seconds": total}

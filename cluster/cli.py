@@ -90,7 +90,9 @@ def main(ctx: click.Context, redis_url: str | None, namespace: str | None, repo:
 @click.option("--lease-s", type=float, default=None, help="Idle time after which pending work is reclaimed (s).")
 @click.option("--max-deliveries", type=int, default=None, help="Deliveries before the dead-letter stream.")
 @click.option("--consumer", default=None, help="Consumer name (default: host-pid-random).")
-@click.option("--threads", "intra_op_threads", type=int, default=None, help="Backend threads (0 = default).")
+@click.option("--threads", "intra_op_threads", type=int, default=None, help="Backend threads per model call (0 = default).")
+@click.option("--instances", type=int, default=None,
+              help="Model calls at once on the one loaded model (CPU: cores, with --threads 1).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (0 = off).")
 @pass_cfg
 def worker(cfg: CliConfig, model: str | None, version: str | None, fake: str | None, **opts: Any) -> None:

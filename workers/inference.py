@@ -77,10 +77,11 @@ class BatchRunner:
         release: called with an entry id the worker should stop holding (no lease refresh
             any more), so the entry is redelivered after ``lease_s``.
         consumer: this worker's consumer name (reported in result timings).
+        index: which of the worker's ``instances`` this runner is (names its thread).
     """
 
     def __init__(self, settings: WorkerSettings, servable: Servable, answers: Answers, counters: Counter[str],
-                 metrics: WorkerMetrics, release: Callable[[str], object], consumer: str) -> None:
+                 metrics: WorkerMetrics, release: Callable[[str], object], consumer: str, index: int = 0) -> None:
         self.settings = settings
         self.servable = servable
         self.answers = answers
@@ -88,7 +89,7 @@ class BatchRunner:
         self.metrics = metrics
         self.release = release
         self.consumer = consumer
-        self.thread = InferenceThread(f"headrace-infer-{settings.model}")
+        self.thread = InferenceThread(f"headrace-infer-{settings.model}-{index}")
         #: the requests of the model call in progress (or the last one).
         self.running: list[Work] = []
 

@@ -88,8 +88,12 @@ class StreamWorker:
         self._counters: Counter[str] = Counter()
         self._answers = Answers(settings.model, servable.version, self.consumer)
         self._admission = Admission(settings, servable, self._answers, self._counters)
-        self._runner = BatchRunner(settings, servable, self._answers, self._counters, self.metrics,
-                                   lambda entry_id: self._in_flight.pop(entry_id, None), self.consumer)
+        if settings.instances > 1 and not servable.thread_safe:
+            raise E.ConfigError(f"instances={settings.instances} needs a thread-safe servable; "
+                                f"{type(servable).__name__} is not: use instances=1")
+        self._runners = [BatchRunner(settings, servable, self._answers, self._counters, self.metrics,
+                                     lambda entry_id: self._in_flight.pop(entry_id, None), self.consumer, k)
+                         for k in range(settings.instances)]
         self._background: set[asyncio.Task[None]] = set()
         #: set when a model call ran past ``infer_timeout_s`` (the worker then stops).
         self.stuck: E.ModelTimeoutError | None = None
@@ -124,10 +128,10 @@ class StreamWorker:
                      self.settings.model, self.servable.version, self.settings.max_batch, self.settings.lease_s)
             spawn = asyncio.get_running_loop().create_task
             readers = [spawn(self._read_loop(), name="read"), spawn(self._claim_loop(), name="claim")]
-            infer = spawn(self._infer_loop(), name="infer")
+            infer = [spawn(self._infer_loop(r), name=f"infer-{k}") for k, r in enumerate(self._runners)]
             writer = spawn(self._write_loop(), name="write")
             maint = [spawn(self._lease_loop(), name="lease"), spawn(self._maintenance_loop(), name="maint")]
-            self._tasks = [*readers, infer, writer, *maint]
+            self._tasks = [*readers, *infer, writer, *maint]
             await self._stop_event.wait()
             if self._drain:
                 # asyncio.wait, not wait_for: on timeout we must not block on cancelling it.
@@ -143,7 +147,8 @@ class StreamWorker:
             await self._leave()
         finally:
             self._running = False
-            self._runner.close()
+            for runner in self._runners:
+                runner.close()
             await self.broker.close()
             self._finished.set()
             log.info("worker %s stopped: %s", self.consumer, dict(self._counters))
@@ -193,7 +198,7 @@ class StreamWorker:
         return {
             "consumer": self.consumer, "model": self.settings.model, "version": self.servable.version,
             "running": self._running, "healthy": self.healthy(), "in_flight": len(self._in_flight),
-            "queued": len(self._batcher), "max_batch": self.settings.max_batch,
+            "queued": len(self._batcher), "max_batch": self.settings.max_batch, "instances": self.settings.instances,
             "preferred_batch": self.settings.effective_preferred_batch, "max_wait_ms": self.settings.max_wait_ms,
             "avg_batch": (c["batched_requests"] / c["batches"]) if c["batches"] else 0.0, **dict(c),
         }
@@ -342,17 +347,17 @@ class StreamWorker:
                 log.exception("maintenance error")
             await asyncio.sleep(min(HEARTBEAT_S, self.settings.trim_interval_s))
 
-    async def _infer_loop(self) -> None:
+    async def _infer_loop(self, runner: BatchRunner) -> None:
         while not self._shutdown:
             batch = await self._batcher.next_batch()
             if batch is None:
                 return
             unit = Unit()
             try:
-                await self._runner.run_batch(batch, unit)
+                await runner.run_batch(batch, unit)
                 self._emit(unit)
             except E.ModelTimeoutError as err:
-                # The call cannot be interrupted and holds the one inference thread: commit
+                # The call cannot be interrupted and holds its inference thread: commit
                 # what finished, stop consuming (drain flushes the writer, then the entries
                 # never run are handed back, see run()). The stuck call's own entries keep
                 # their delivery: after lease_s another worker runs each of them alone, and
@@ -362,7 +367,7 @@ class StreamWorker:
                           "workers after lease_s=%.1f", err, self.settings.lease_s)
                 self._counters["infer_timeouts"] += 1
                 self.stuck = err
-                for w in self._runner.running:
+                for w in runner.running:
                     self._in_flight.pop(w.entry.entry_id, None)
                 stopper = asyncio.get_running_loop().create_task(self.stop(drain=True))
                 self._background.add(stopper)
@@ -430,14 +435,14 @@ class StreamWorker:
 
     # --- shutdown ----------------------------------------------------------------------------
 
-    async def _drain_pipeline(self, readers: list[asyncio.Task[None]], infer: asyncio.Task[None],
+    async def _drain_pipeline(self, readers: list[asyncio.Task[None]], infer: list[asyncio.Task[None]],
                               writer: asyncio.Task[None]) -> None:
         # Readers finish their current (blocking, <= block_ms) call and admit what it
         # returned; then the batcher hands out the rest, inference ends, the writer flushes.
         await asyncio.gather(*readers, return_exceptions=True)
         log.debug("drain: readers done, %d queued, %d in flight", len(self._batcher), len(self._in_flight))
         self._batcher.close()
-        await infer
+        await asyncio.gather(*infer)
         log.debug("drain: inference done")
         assert self._commits is not None
         self._commits.put_nowait(None)

@@ -417,3 +417,51 @@ async def test_redelivered_requests_run_alone_and_a_stuck_call_hands_back_the_re
         await wait_for(lambda: len(store.results(REPLY)) == 4)
     assert rescuer_sv.batches and all(len(b) == 1 for b in rescuer_sv.batches)
     assert sorted(by_id(store)) == ["hang", "r0", "r1", "r2"] and store.pending_ids() == []
+
+
+class _Overlap(AffineServable):
+    """Counts how many model calls run at the same time."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        import threading
+
+        self._gate = threading.Lock()
+        self.now = self.most = 0
+
+    def infer(self, requests: Any) -> Any:
+        with self._gate:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return super().infer(requests)
+        finally:
+            with self._gate:
+                self.now -= 1
+
+
+@pytest.mark.timeout(20)
+async def test_instances_run_batches_side_by_side_and_answer_each_once() -> None:
+    store = MemoryStore()
+    sv = _Overlap(delay_ms=150)
+    w = StreamWorker(settings(max_batch=4, instances=2), sv, MemoryBroker(store, "w1"))
+    for i in range(16):
+        store.add(affine_fields(f"r{i}", float(i)))
+    async with running(w):
+        await wait_for(lambda: len(store.results(REPLY)) == 16)
+    assert sv.most == 2  # two batches in the model at once, never more
+    assert sv.invocations == {f"r{i}": 1 for i in range(16)}
+    got = by_id(store)
+    assert all(len(v) == 1 for v in got.values()) and len(got) == 16
+    np.testing.assert_array_equal(got["r3"][0].outputs["y"], affine_reference(np.full(4, 3.0, np.float32)))
+    assert w.stats()["instances"] == 2 and store.pending_ids() == []
+
+
+def test_instances_need_a_thread_safe_servable() -> None:
+    class Unsafe(AffineServable):
+        thread_safe = False
+
+    with pytest.raises(E.ConfigError, match="thread-safe"):
+        StreamWorker(settings(instances=2), Unsafe(), MemoryBroker(MemoryStore(), "w"))
+    with pytest.raises(E.ConfigError, match="instances"):
+        settings(instances=0)

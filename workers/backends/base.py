@@ -38,11 +38,14 @@ class Servable(abc.ABC):
         version: repository version loaded.
         accepts_text: requests carry ``text`` instead of tensors.
         inputs / outputs: per-sample signature.
+        thread_safe: ``infer`` may run in several threads at once (needed for a worker
+            with ``instances`` > 1).
     """
 
     name: str
     version: str
     accepts_text: bool = False
+    thread_safe: bool = False
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
 

@@ -47,6 +47,8 @@ def affine_reference(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 class _FakeBase(Servable):
     """Shared delay / poison / crash / recording behaviour."""
 
+    thread_safe = True  # records under a lock; the rest is per call
+
     def __init__(self, name: str, version: str, delay_ms: float, record_path: str | None) -> None:
         self.name = name
         self.version = version

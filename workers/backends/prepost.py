@@ -181,6 +181,9 @@ class ManifestServable(Servable):
 
     manifest: Manifest
     reject_non_finite: bool = True
+    # ONNX Runtime sessions and torch modules in inference mode take concurrent calls; the
+    # tokenizer is shared read-only (its kept ids are behind a lock).
+    thread_safe = True
     _encoder: TextEncoder | None = None
     _text_inputs: tuple[str, ...] = ()
 
