@@ -10,12 +10,17 @@ cost; headrace's *queue overhead* (see ``bench_probe.split_overhead``) can appro
 not go below it.
 
     python -m headrace.cluster.bench_floor --echo REDIS_URL STREAM_PREFIX   # the echo side
+    python -m headrace.cluster.bench_floor --produce REDIS_URL STREAM_PREFIX RATE DURATION_S WARMUP_S SEED
+
+Both sides run as processes of their own, so neither shares an interpreter (or its GIL)
+with whatever else the calling benchmark runs meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -101,9 +106,13 @@ def stream_round_trip_floor(url: str, rate_per_s: float, duration_s: float = 10.
     from dataclasses import asdict
 
     prefix = f"floor-{uuid.uuid4().hex[:6]}"
-    echo = subprocess.Popen([sys.executable, "-m", "headrace.cluster.bench_floor", "--echo", url, prefix])
+    me = [sys.executable, "-m", "headrace.cluster.bench_floor"]
+    echo = subprocess.Popen([*me, "--echo", url, prefix])
     try:
-        lat = asyncio.run(_produce(url, prefix, rate_per_s, duration_s, warmup_s, seed))
+        out = subprocess.run([*me, "--produce", url, prefix, str(rate_per_s), str(duration_s), str(warmup_s),
+                              str(seed)], capture_output=True, text=True, timeout=duration_s + warmup_s + 120,
+                             check=True)
+        lat = [float(x) for x in json.loads(out.stdout)]
     finally:
         try:
             echo.wait(10)
@@ -119,9 +128,17 @@ def stream_round_trip_floor(url: str, rate_per_s: float, duration_s: float = 10.
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--echo", nargs=2, metavar=("REDIS_URL", "PREFIX"), required=True)
+    side = ap.add_mutually_exclusive_group(required=True)
+    side.add_argument("--echo", nargs=2, metavar=("REDIS_URL", "PREFIX"))
+    side.add_argument("--produce", nargs=6, metavar=("REDIS_URL", "PREFIX", "RATE", "DURATION_S", "WARMUP_S", "SEED"),
+                      help="send, time the round trips, print them (ms) as a JSON list")
     args = ap.parse_args(argv)
-    asyncio.run(_echo(*args.echo))
+    if args.echo:
+        asyncio.run(_echo(*args.echo))
+        return 0
+    url, prefix, rate, duration, warmup, seed = args.produce
+    lat = asyncio.run(_produce(url, prefix, float(rate), float(duration), float(warmup), int(seed)))
+    print(json.dumps([round(x, 4) for x in lat]))
     return 0
 
 
