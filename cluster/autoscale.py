@@ -41,7 +41,7 @@ from headrace.client.config import (
 )
 from headrace.client.errors import BrokerError
 from headrace.client.keys import ModelKeys
-from headrace.workers.backlog import group_backlog
+from headrace.workers.backlog import group_backlog, last_entry_id
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,15 @@ def read_backlog(client: Any, keys: ModelKeys) -> tuple[int, int]:
         pipe = client.pipeline(transaction=False)
         pipe.xinfo_groups(keys.requests)
         pipe.xlen(keys.requests)
-        groups, length = pipe.execute()
+        pipe.xrevrange(keys.requests, "+", "-", count=1)
+        groups, length, tail = pipe.execute()
     except redis.ResponseError as e:
         if "no such key" in str(e).lower():
             return 0, 0
         raise BrokerError(f"XINFO GROUPS {keys.requests} failed: {e}") from e
     except redis.RedisError as e:
         raise BrokerError(f"cannot read the backlog of {keys.requests}: {e}") from e
-    backlog = group_backlog(groups, keys.group, int(length))
+    backlog = group_backlog(groups, keys.group, int(length), last_entry_id(tail))
     return backlog.lag, backlog.pending
 
 

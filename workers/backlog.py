@@ -4,7 +4,10 @@
 Unread and pending entries are all still in the stream, so ``lag <= XLEN - pending``. Redis
 reports ``lag`` as nil when it cannot know it (entries deleted between the group's last
 delivered id and the tail), and Redis 7.0 keeps reporting a stale, too large ``lag`` for good
-after an AOF rewrite and a restart; either way the stream length bounds it.
+after an AOF rewrite and a restart; either way the stream length bounds it. That bound is
+loose while acknowledged entries wait to be trimmed, so the stream's last entry id (when
+given) settles the common case exactly: at or before the group's last delivered id,
+nothing is unread.
 """
 
 from __future__ import annotations
@@ -30,8 +33,35 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def group_backlog(groups: Iterable[Mapping[Any, Any]], group: str, stream_length: int) -> Backlog:
-    """``Backlog`` of ``group`` from the rows of ``XINFO GROUPS`` and ``XLEN``.
+def stream_id(value: Any) -> tuple[int, int]:
+    """A stream entry id (``"<ms>-<seq>"``, str or bytes) as a comparable pair."""
+    ms, _, seq = _s(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def last_entry_id(xrevrange_reply: Any) -> str | None:
+    """The id from an ``XREVRANGE <stream> + - COUNT 1`` reply (None: empty stream)."""
+    return _s(xrevrange_reply[0][0]) if xrevrange_reply else None
+
+
+def stale_lag(groups: Iterable[Mapping[Any, Any]], group: str, last_id: str | None) -> bool:
+    """Whether ``group`` reports unread entries (or an unknown lag) although nothing in the
+    stream comes after its last delivered id: the stale lag a worker repairs (scripts
+    ``REPAIR_LAG``)."""
+    for g in groups:
+        if _s(g.get("name", b"")) != group:
+            continue
+        delivered, lag = g.get("last-delivered-id"), g.get("lag")
+        if last_id is None or delivered is None or stream_id(last_id) > stream_id(delivered):
+            return False
+        return lag is None or int(lag) > 0
+    return False
+
+
+def group_backlog(groups: Iterable[Mapping[Any, Any]], group: str, stream_length: int,
+                  last_id: str | None = None) -> Backlog:
+    """``Backlog`` of ``group`` from the rows of ``XINFO GROUPS``, ``XLEN`` and, optionally,
+    the stream's last entry id (``XREVRANGE <stream> + - COUNT 1``, see module doc).
 
     A group that does not exist (yet) has no backlog.
     """
@@ -40,6 +70,9 @@ def group_backlog(groups: Iterable[Mapping[Any, Any]], group: str, stream_length
             continue
         pending = int(g.get("pending") or 0)
         bound = max(0, int(stream_length) - pending)
+        delivered = g.get("last-delivered-id")
+        if last_id is not None and delivered is not None and stream_id(last_id) <= stream_id(delivered):
+            bound = 0  # nothing after the group's last delivered id: no entry is unread
         lag = g.get("lag")
         return Backlog(bound if lag is None else min(int(lag), bound), pending)
     return Backlog(0, 0)

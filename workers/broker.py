@@ -25,7 +25,7 @@ from headrace.client.keys import ModelKeys, registry_key
 from headrace.client.protocol import now_ms
 
 from . import scripts
-from .backlog import Backlog, group_backlog
+from .backlog import Backlog, group_backlog, last_entry_id, stale_lag
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -423,17 +423,26 @@ class RedisBroker(Broker):
             pipe = self.client.pipeline(transaction=False)
             pipe.xinfo_groups(self.keys.requests)
             pipe.xlen(self.keys.requests)
+            pipe.xrevrange(self.keys.requests, "+", "-", count=1)
             return await pipe.execute()
 
         import redis
 
         try:
-            groups, length = await self._call("XINFO GROUPS", go)
+            groups, length, tail = await self._call("XINFO GROUPS", go)
         except E.BrokerError as e:
             if isinstance(e.__cause__, redis.ResponseError):  # no stream yet
                 return Backlog(0, 0)
             raise
-        return group_backlog(groups, self.settings.group, int(length))
+        last_id = last_entry_id(tail)
+        if stale_lag(groups, self.settings.group, last_id):
+            async def repair() -> Any:
+                return await self._script("REPAIR_LAG")(keys=[self.keys.requests], args=[self.settings.group])
+
+            if int(await self._call("lag repair", repair)):
+                log.info("repaired the stale lag of group %s on %s (Redis reloaded an old entries-read)",
+                         self.settings.group, self.keys.requests)
+        return group_backlog(groups, self.settings.group, int(length), last_id)
 
     async def heartbeat(self, version: str, describe: Mapping[str, Any] | None = None,
                         stale_ms: int = 30_000) -> None:

@@ -20,7 +20,7 @@ from headrace.client import errors as E
 from headrace.client.config import DEFAULT_GROUP
 from headrace.client.keys import ModelKeys, registry_key
 
-from .backlog import group_backlog
+from .backlog import group_backlog, last_entry_id
 
 ALIVE_MS = 30_000  # a worker whose last heartbeat is older is not counted as serving
 
@@ -138,7 +138,8 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
         consumers: tuple[ConsumerInfo, ...] = ()
         try:
             stream_length = int(redis.xlen(keys.requests))
-            backlog = group_backlog(redis.xinfo_groups(keys.requests), group, stream_length)
+            backlog = group_backlog(redis.xinfo_groups(keys.requests), group, stream_length,
+                                    last_entry_id(redis.xrevrange(keys.requests, "+", "-", count=1)))
             lag, pending = backlog.lag, backlog.pending
             # NOGROUP (no worker or producer created the group yet) lands in the except below.
             consumers = tuple(ConsumerInfo(_s(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0))

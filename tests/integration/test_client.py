@@ -284,3 +284,52 @@ def test_closed_client_refuses_work(redis_url: str) -> None:
     c.close()
     with pytest.raises(E.HeadraceError, match="closed"):
         c.submit("affine", affine_inputs(0))
+
+
+@pytest.mark.timeout(30)
+def test_stale_lag_over_an_untrimmed_stream_is_repaired_by_the_worker(redis_url: str) -> None:
+    """XINFO's lag can be stale and far too large (Redis 7.0 after an AOF rewrite and a
+    restart; here set directly with XGROUP SETID ... ENTRIESREAD 0) while the stream still
+    holds acknowledged, untrimmed entries, so XLEN does not bound it. The submit script
+    cannot tell (producers may not read the stream), so it refuses; the worker's backlog
+    reading notices that nothing comes after the last delivered id and repairs the group
+    (scripts.REPAIR_LAG), after which producers are served again."""
+    import asyncio
+
+    from headrace.client.keys import ModelKeys
+    from headrace.workers.broker import RedisBroker
+    from headrace.workers.settings import WorkerSettings
+
+    r = redis.Redis.from_url(redis_url)
+    keys = ModelKeys("headrace", "affine")
+    r.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+    for i in range(400):
+        r.xadd(keys.requests, {"n": str(i)})
+    got = r.xreadgroup(keys.group, "w", {keys.requests: ">"}, count=1000)
+    r.xack(keys.requests, keys.group, *[eid for eid, _ in got[0][1]])
+    r.execute_command("XGROUP", "SETID", keys.requests, keys.group, "$", "ENTRIESREAD", "0")
+
+    def reported_lag() -> int:
+        return int(next(g for g in r.xinfo_groups(keys.requests) if g["name"] == keys.group.encode())["lag"])
+
+    assert reported_lag() == 400 and int(r.xlen(keys.requests)) == 400  # the phantom, untrimmed
+    broker = RedisBroker(WorkerSettings(model="affine", redis_url=redis_url, consumer="probe"))
+
+    async def backlog() -> tuple[int, int]:
+        try:
+            b = await broker.backlog()
+            return b.lag, b.pending
+        finally:
+            await broker.close()
+
+    with Client(redis_url, client_id="ph", max_backlog=300) as c:
+        with pytest.raises(QueueFull):
+            c.submit("affine", affine_inputs(1.0))  # before any worker looked: refused
+        assert asyncio.run(backlog()) == (0, 0)  # nothing after the last delivered id
+        assert reported_lag() == 0  # repaired in Redis, for every reader of XINFO
+        assert c.submit("affine", affine_inputs(1.0)).entry_id  # served again
+        assert reported_lag() == 1
+        for i in range(300):  # a real backlog is still refused
+            r.xadd(keys.requests, {"n": f"more{i}"})
+        with pytest.raises(QueueFull):
+            c.submit("affine", affine_inputs(1.0))

@@ -24,13 +24,15 @@ from headrace.cluster.autoscale import (
 
 
 class FakeStreams:
-    """Answers XINFO GROUPS / XLEN like redis-py does (bytes keys, str field names), directly
-    or through a non-transactional pipeline."""
+    """Answers XINFO GROUPS / XLEN / XREVRANGE like redis-py does (bytes keys, str field
+    names), directly or through a non-transactional pipeline. ``tail``: the stream's last
+    entry id (by default newer than the groups' last delivered id, so lag is as reported)."""
 
     def __init__(self, groups: list[dict[str, Any]] | None = None, length: int = 1000,
-                 fail: Exception | None = None) -> None:
+                 fail: Exception | None = None, tail: bytes | None = b"999999-0") -> None:
         self.groups = groups
         self.length = length
+        self.tail = tail
         self.fail = fail
         self.calls = 0
 
@@ -44,6 +46,9 @@ class FakeStreams:
 
     def xlen(self, key: str) -> int:
         return self.length
+
+    def xrevrange(self, key: str, *args: Any, **kw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        return [] if self.tail is None else [(self.tail, {})]
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self)
@@ -59,6 +64,9 @@ class FakePipeline:
 
     def xlen(self, key: str) -> None:
         self.queued.append(("xlen", key))
+
+    def xrevrange(self, key: str, *args: Any, **kw: Any) -> None:
+        self.queued.append(("xrevrange", key))
 
     def execute(self) -> list[Any]:
         return [getattr(self.streams, name)(key) for name, key in self.queued]
