@@ -156,21 +156,8 @@ class AsyncClient:
         Raises:
             QueueFull, BrokerError: as :meth:`submit` (the ticket is no longer tracked).
         """
-        keys = self.model_keys(ticket.model)
-        # Register before XADD: the result may arrive before the script reply does.
-        if self._book.add(ticket):
-            self._ensure_reader()
-            await self._wake_reader()
-        else:
-            self._ensure_reader()
-        reply_future = self._pipeline.submit(evalsha_command(keys, ticket.prepared, self.settings.max_backlog))
-        try:
-            reply = await reply_future
-        except redis.RedisError as e:
-            reply = e
-        err = settle(ticket, keys, reply, self.settings.max_backlog)
+        err = (await self._submit_tickets([ticket]))[0]
         if err is not None:
-            self._book.discard(ticket)
             raise err
 
     async def _submit_tickets(self, tickets: Sequence[Ticket]) -> list[E.HeadraceError | None]:
@@ -178,9 +165,8 @@ class AsyncClient:
         None when enqueued. Refused tickets are no longer tracked."""
         if not tickets:
             return []
-        new_stream = False
-        for t in tickets:
-            new_stream = self._book.add(t) or new_stream
+        # Register before XADD: the result may arrive before the script reply does.
+        new_stream = self._book.add_all(tickets)
         self._ensure_reader()
         if new_stream:
             await self._wake_reader()

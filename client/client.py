@@ -178,9 +178,7 @@ class Client:
         if not tickets:
             return []
         # Register before XADD: the result may arrive before the script reply does.
-        new_stream = False
-        for t in tickets:
-            new_stream = self._book.add(t) or new_stream
+        new_stream = self._book.add_all(tickets)
         self._ensure_reader()
         if new_stream:
             self._wake_reader()

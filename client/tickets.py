@@ -193,6 +193,13 @@ class TicketBook:
                 return True
             return False
 
+    def add_all(self, tickets: Sequence[Ticket]) -> bool:
+        """Track every ticket; return True when any reply stream is new to this book."""
+        new_stream = False
+        for t in tickets:
+            new_stream = self.add(t) or new_stream
+        return new_stream
+
     def discard(self, ticket: Ticket) -> None:
         with self._lock:
             if self._tickets.get(ticket.request_id) is ticket:
