@@ -44,18 +44,25 @@ def last_entry_id(xrevrange_reply: Any) -> str | None:
     return _s(xrevrange_reply[0][0]) if xrevrange_reply else None
 
 
+def _row(groups: Iterable[Mapping[Any, Any]], group: str) -> Mapping[Any, Any] | None:
+    return next((g for g in groups if _s(g.get("name", b"")) == group), None)
+
+
+def _nothing_unread(row: Mapping[Any, Any], last_id: str | None) -> bool:
+    """The stream's last entry is at or before the group's last delivered id."""
+    delivered = row.get("last-delivered-id")
+    return last_id is not None and delivered is not None and stream_id(last_id) <= stream_id(delivered)
+
+
 def stale_lag(groups: Iterable[Mapping[Any, Any]], group: str, last_id: str | None) -> bool:
     """Whether ``group`` reports unread entries (or an unknown lag) although nothing in the
     stream comes after its last delivered id: the stale lag a worker repairs (scripts
     ``REPAIR_LAG``)."""
-    for g in groups:
-        if _s(g.get("name", b"")) != group:
-            continue
-        delivered, lag = g.get("last-delivered-id"), g.get("lag")
-        if last_id is None or delivered is None or stream_id(last_id) > stream_id(delivered):
-            return False
-        return lag is None or int(lag) > 0
-    return False
+    row = _row(groups, group)
+    if row is None or not _nothing_unread(row, last_id):
+        return False
+    lag = row.get("lag")
+    return lag is None or int(lag) > 0
 
 
 def group_backlog(groups: Iterable[Mapping[Any, Any]], group: str, stream_length: int,
@@ -65,14 +72,11 @@ def group_backlog(groups: Iterable[Mapping[Any, Any]], group: str, stream_length
 
     A group that does not exist (yet) has no backlog.
     """
-    for g in groups:
-        if _s(g.get("name", b"")) != group:
-            continue
-        pending = int(g.get("pending") or 0)
-        bound = max(0, int(stream_length) - pending)
-        delivered = g.get("last-delivered-id")
-        if last_id is not None and delivered is not None and stream_id(last_id) <= stream_id(delivered):
-            bound = 0  # nothing after the group's last delivered id: no entry is unread
-        lag = g.get("lag")
-        return Backlog(bound if lag is None else min(int(lag), bound), pending)
-    return Backlog(0, 0)
+    row = _row(groups, group)
+    if row is None:
+        return Backlog(0, 0)
+    pending = int(row.get("pending") or 0)
+    # Nothing after the group's last delivered id: no entry is unread, whatever lag says.
+    bound = 0 if _nothing_unread(row, last_id) else max(0, int(stream_length) - pending)
+    lag = row.get("lag")
+    return Backlog(bound if lag is None else min(int(lag), bound), pending)
