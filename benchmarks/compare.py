@@ -51,7 +51,7 @@ from headrace.cluster.bench import host_info
 from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loop
 from headrace.cluster.bench_models import ensure_benchmark_models
 from headrace.cluster.bench_plot import plot_latency_vs_load, plot_throughput_bars
-from headrace.cluster.bench_stats import LoadPoint, fmt_ms, summarize
+from headrace.cluster.bench_stats import LoadPoint, latency_pair, open_level_cells, summarize
 from headrace.cluster.bench_systems import (
     CpuMeter,
     WorkerProcesses,
@@ -317,18 +317,10 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> Table:
         cells = [f"{thr:.1f}", f"{100 * thr / res['limit_rps']:.1f}%",
                  f"{res['raw'][str(args.batch)]['cpu_us_per_request']:.0f}" if c is None
                  else (f"{cpu['system']:.0f} + {cpu['load_generator']:.0f}" if cpu else "-"),
-                 "-" if c is None else f"{fmt_ms(c['e2e']['p50'])}/{fmt_ms(c['e2e']['p99'])}"]
-        errs = 0 if c is None else sum(c["errors"].values())
-        for lv in loads:
-            o = s["open"].get(lv)
-            if o is None:
-                cells.append("-")
-            elif o.get("overloaded"):
-                cells.append(f"overloaded ({o['sustained_rps']:.0f}/s max)")
-            else:
-                cells.append(f"{fmt_ms(o['e2e']['p50'])}/{fmt_ms(o['e2e']['p99'])}")
-                errs += sum(o["errors"].values())
-        t.add_row(LABELS[name], *cells, str(errs))
+                 "-" if c is None else latency_pair(c, "/")]
+        open_cells, open_errs = open_level_cells(s, loads, "/")
+        errs = (0 if c is None else sum(c["errors"].values())) + open_errs
+        t.add_row(LABELS[name], *cells, *open_cells, str(errs))
     return t
 
 

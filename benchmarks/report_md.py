@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from headrace.cluster.bench_stats import latency_pair, open_level_cells
+
 
 def ms(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{float(v):.{digits}f}"
@@ -116,18 +118,10 @@ def compare(doc: dict[str, Any]) -> str:
             else:
                 cpu_cells = ["-", "-"]
             cells = [f"{thr:.1f}", f"{100 * thr / res['limit_rps']:.0f}%", *cpu_cells,
-                     "-" if c is None else f"{ms(c['e2e']['p50'])} / {ms(c['e2e']['p99'])}"]
-            errs = 0 if c is None else sum(c["errors"].values())
-            for lv in loads:
-                o = s["open"].get(lv)
-                if o is None:
-                    cells.append("-")
-                elif o.get("overloaded"):
-                    cells.append(f"overloaded (max {o['sustained_rps']:.0f}/s)")
-                else:
-                    cells.append(f"{ms(o['e2e']['p50'])} / {ms(o['e2e']['p99'])}")
-                    errs += sum(o["errors"].values())
-            out.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {errs} |")
+                     "-" if c is None else latency_pair(c)]
+            open_cells, open_errs = open_level_cells(s, loads)
+            errs = (0 if c is None else sum(c["errors"].values())) + open_errs
+            out.append(f"| {LABELS[name]} | " + " | ".join([*cells, *open_cells]) + f" | {errs} |")
     return "\n".join(out)
 
 

@@ -225,3 +225,26 @@ def overhead(system: LatencySummary, reference: LatencySummary) -> dict[str, flo
 def fmt_ms(v: float | None, digits: int = 1) -> str:
     """A latency for tables: ``12.3`` or ``-`` when missing."""
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def latency_pair(point: Mapping[str, Any], sep: str = " / ") -> str:
+    """``p50<sep>p99`` (ms) of a load point's end-to-end latency, in its JSON form."""
+    return f"{fmt_ms(point['e2e']['p50'])}{sep}{fmt_ms(point['e2e']['p99'])}"
+
+
+def open_level_cells(system: Mapping[str, Any], loads: Sequence[str], sep: str = " / ") -> tuple[list[str], int]:
+    """Table cells of a compared system's open-loop levels (``benchmarks/compare.py`` JSON):
+    per level its p50/p99, ``overloaded (max N/s)`` when the level was above what the system
+    sustained (not run), ``-`` when missing; and the errors of the levels that ran."""
+    cells: list[str] = []
+    errors = 0
+    for lv in loads:
+        o = system["open"].get(lv)
+        if o is None:
+            cells.append("-")
+        elif o.get("overloaded"):
+            cells.append(f"overloaded (max {o['sustained_rps']:.0f}/s)")
+        else:
+            cells.append(latency_pair(o, sep))
+            errors += sum(o["errors"].values())
+    return cells, errors
