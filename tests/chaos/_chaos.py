@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from _polling import poll_until
 
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Envelope, Request, Result, decode_result, encode_request
@@ -47,14 +48,7 @@ NS = "headrace"
 
 def wait_until(cond: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> Any:
     """Poll ``cond`` until truthy; raise AssertionError after ``timeout_s``."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"not met within {timeout_s}s: {what or cond}")
-        time.sleep(interval_s)
+    return poll_until(cond, timeout_s, interval_s, what or str(cond))
 
 
 def value_of(i: int) -> float:

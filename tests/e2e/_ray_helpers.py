@@ -3,7 +3,6 @@ reply-stream collectors (every result kept, duplicates included)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from _polling import poll_until
 
 from headrace.client.embedded_redis import EmbeddedRedis, free_port
 from headrace.client.keys import ModelKeys
@@ -25,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def wait_until(cond: Callable[[], Any], timeout_s: float = 60.0, interval_s: float = 0.2,
                what: str = "condition") -> Any:
     """Poll ``cond`` until truthy; AssertionError after ``timeout_s``."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"{what} not met within {timeout_s}s")
-        time.sleep(interval_s)
+    return poll_until(cond, timeout_s, interval_s, what)
 
 
 @dataclass

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from _polling import poll_until
 
 from headrace.workers.backends.fake import make_fake
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
-    """Poll ``cond`` until true or ``timeout_s``; return its last value."""
-    give_up = time.monotonic() + timeout_s
-    while time.monotonic() < give_up:
-        if cond():
-            return True
-        time.sleep(interval_s)
-    return bool(cond())
+    """Poll ``cond`` until true; raise AssertionError after ``timeout_s``."""
+    return bool(poll_until(cond, timeout_s, interval_s))
 
 
 def affine_inputs(i: int) -> dict[str, np.ndarray[Any, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from _polling import poll_until
 
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Envelope, Request, Result, decode_result, encode_request
@@ -24,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02) -> Any:
     """Poll ``cond`` until truthy; raise AssertionError after ``timeout_s``."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        time.sleep(interval_s)
+    return poll_until(cond, timeout_s, interval_s)
 
 
 def affine_request(rid: str, value: float, reply_to: str, **env: Any) -> dict[bytes, bytes]:

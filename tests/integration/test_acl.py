@@ -9,15 +9,15 @@ client's results nor the dead-letter stream, nor the requests of others.
 from __future__ import annotations
 
 import re
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
+from _worker_helpers import wait_until
 
 from headrace.client import Client
 from headrace.client.keys import ModelKeys
@@ -81,14 +81,6 @@ def denials(admin: redis.Redis, user: str) -> list[dict[Any, Any]]:
         if name in (user, user.encode()) and d.get(b"object") != b"client|setinfo":
             out.append(d)
     return out
-
-
-def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0) -> Any:
-    give_up = time.monotonic() + timeout_s
-    while not (value := cond()):
-        assert time.monotonic() < give_up, "condition not met in time"
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture
