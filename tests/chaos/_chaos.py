@@ -19,11 +19,9 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -35,13 +33,13 @@ from typing import Any
 import numpy as np
 import redis
 from _polling import poll_until
+from _procs import WorkerProc
 
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Envelope, Request, Result, decode_result, encode_request
 from headrace.workers.backends.fake import affine_reference
 
 log = logging.getLogger("headrace.chaos")
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "affine"
 NS = "headrace"
 
@@ -61,38 +59,6 @@ def affine_fields(rid: str, value: float, reply_to: str) -> dict[bytes, bytes]:
 
 
 # --- workers ---------------------------------------------------------------------------------
-
-
-class WorkerProc:
-    """One ``python -m headrace.workers`` child; stdout+stderr go to ``log_path``."""
-
-    def __init__(self, name: str, url: str, log_path: Path, args: Sequence[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = log_path
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_")}
-        full_env.update(env)
-        full_env.setdefault("HEADRACE_LOG_LEVEL", "WARNING")
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in reap()
-        cmd = [sys.executable, "-m", "headrace.workers", "--fake", MODEL, "--redis-url", url,
-               "--consumer", name, *args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive:
-            self.proc.send_signal(sig)
-
-    def reap(self, timeout_s: float = 30.0) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        finally:
-            self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class Fleet:
@@ -116,7 +82,8 @@ class Fleet:
 
     def spawn(self, *extra: str, env: dict[str, str] | None = None, name: str | None = None) -> WorkerProc:
         name = name or f"w{next(self._names)}"
-        p = WorkerProc(name, self.url, self.folder / f"{name}.log", [*self.args, *extra], {**self.env, **(env or {})})
+        p = WorkerProc(self.url, self.folder / f"{name}.log", "--consumer", name, *self.args, *extra, fake=MODEL,
+                       env={"HEADRACE_LOG_LEVEL": "WARNING", **self.env, **(env or {})}, name=name)
         self.procs.append(p)
         return p
 
@@ -125,12 +92,12 @@ class Fleet:
 
     def sigkill(self, p: WorkerProc) -> None:
         p.signal(signal.SIGKILL)
-        self.exit_codes.append(p.reap(10))
+        self.exit_codes.append(p.wait(10))
         self.kills += 1
 
     def stop(self, p: WorkerProc, timeout_s: float = 30.0) -> int:
         p.signal(signal.SIGTERM)
-        code = p.reap(timeout_s)
+        code = p.wait(timeout_s)
         self.exit_codes.append(code)
         return code
 
@@ -138,7 +105,7 @@ class Fleet:
         live = self.alive()
         for p in live:
             p.signal(signal.SIGTERM)
-        codes = [p.reap(timeout_s) for p in live]
+        codes = [p.wait(timeout_s) for p in live]
         self.exit_codes += codes
         return codes
 
@@ -154,7 +121,7 @@ class Fleet:
             if p.alive:
                 p.signal(signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.reap(10)
+                    p.wait(10)
             elif not p._log.closed:
                 p._log.close()
 

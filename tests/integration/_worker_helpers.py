@@ -3,10 +3,7 @@ worker processes (``python -m headrace.workers --fake ...``)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,11 +13,10 @@ from typing import Any
 import numpy as np
 import redis
 from _polling import poll_until
+from _procs import WorkerProc
 
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Envelope, Request, Result, decode_result, encode_request
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02) -> Any:
@@ -71,38 +67,6 @@ class Collector:
         for res in self.results:
             out.setdefault(res.request_id, []).append(res)
         return out
-
-
-class WorkerProc:
-    """A ``python -m headrace.workers`` child process; its log goes to ``log_path``."""
-
-    def __init__(self, url: str, log_path: Path, *args: str, fake: str = "affine",
-                 env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_")}
-        full_env.update(env or {})
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
-        cmd = [sys.executable, "-m", "headrace.workers", "--fake", fake, "--redis-url", url, *args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait(self, timeout_s: float = 30.0) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @contextmanager
