@@ -17,14 +17,7 @@ from headrace.models.corpus import load_corpus, sample
 from headrace.models.minilm import MiniLM, MiniLMConfig
 from headrace.models.tokenizer import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    # Tiny models: one thread is fastest, and more only spin against other processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

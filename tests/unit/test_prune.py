@@ -22,14 +22,7 @@ from headrace.models.compress.prune import (
 )
 from headrace.models.minilm import MiniLM, MiniLMConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    # Small models: one thread is fastest, and more only spin against other processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(heads: tuple[int, ...] = (4, 4), ffn: int = 64) -> MiniLM:

@@ -8,21 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from headrace.client.errors import ConfigError, ModelError
 from headrace.models import digits as DG
 from headrace.models.compress import quantize as Q
 from headrace.models.compress.fidelity import INT8_MIN_MEAN_COSINE, INT8_MIN_OVERLAP_AT_10, embedding_fidelity
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    # Small models: one thread is fastest, and more only spin against other processes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def op_counts(path: Path) -> collections.Counter[str]:
