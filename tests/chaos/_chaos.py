@@ -191,6 +191,10 @@ class SteadyProducer(threading.Thread):
             value = self.poison_value
         return rid, value, affine_fields(rid, value, reply)
 
+    def acked_ids(self) -> set[str]:
+        """Ids whose XADD Redis acknowledged: each must get exactly one result."""
+        return {rid for rid, s in self.sent.items() if s.acked}
+
     def run(self) -> None:
         r = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
         start = time.monotonic()
@@ -366,7 +370,7 @@ class Ledger(threading.Thread):
             codes = Counter(self.codes)
         if self.keep:
             bad = {k for k, res in results.items() if k in producer.sent and not check(k, res)}
-        sent = {rid for rid, s in producer.sent.items() if s.acked}
+        sent = producer.acked_ids()
         return Report(
             sent=len(sent), answered=len(sent & counts.keys()), lost=sorted(sent - counts.keys()),
             duplicated={k: n for k, n in counts.items() if n > 1}, wrong=sorted(bad),
@@ -388,6 +392,11 @@ def default_check(producer: SteadyProducer) -> Callable[[str, Result], bool]:
 
 
 # --- Redis observation -----------------------------------------------------------------------
+
+
+def wait_nothing_pending(r: redis.Redis, timeout_s: float) -> None:
+    """Wait until the ``workers`` group has no pending entry (AssertionError after ``timeout_s``)."""
+    wait_until(lambda: group_state(r).get("pending", 1) == 0, timeout_s, what="nothing pending")
 
 
 def group_state(r: redis.Redis) -> dict[str, Any]:

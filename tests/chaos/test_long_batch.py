@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, fleet, group_state, wait_until
+from _chaos import Ledger, SteadyProducer, fleet, wait_nothing_pending
 
 LEASE_S = 1.2
 BATCH_S = 3.0  # each model run takes 2.5 leases
@@ -33,9 +33,9 @@ def test_batches_longer_than_the_lease_are_neither_stolen_nor_run_twice(redis_ur
         ledger.start()
         prod.start()
         prod.join(30)
-        ledger.wait_for({rid for rid, s in prod.sent.items() if s.acked}, timeout_s=90)
+        ledger.wait_for(prod.acked_ids(), timeout_s=90)
         time.sleep(LEASE_S + 1.0)
-        wait_until(lambda: group_state(r).get("pending", 1) == 0, 10, what="nothing pending")
+        wait_nothing_pending(r, 10)
         exit_codes = f.stop_all()
         runs = f.runs()
         logs = f.logs()

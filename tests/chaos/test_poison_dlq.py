@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _chaos import MODEL, NS, Ledger, SteadyProducer, fleet, group_state, wait_until
+from _chaos import MODEL, NS, Ledger, SteadyProducer, fleet, wait_nothing_pending, wait_until
 
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Result
@@ -48,9 +48,9 @@ def test_poison_requests_reach_the_dlq_producers_are_told_and_replay_answers_the
         ledger.start()
         prod.start()
         prod.join(30)
-        ledger.wait_for({rid for rid, s in prod.sent.items() if s.acked}, timeout_s=60)
+        ledger.wait_for(prod.acked_ids(), timeout_s=60)
         time.sleep(LEASE_S + 0.5)
-        wait_until(lambda: group_state(r).get("pending", 1) == 0, 10, what="nothing pending")
+        wait_nothing_pending(r, 10)
 
         def first_pass(rid: str, res: Result) -> bool:
             if rid in prod.poison:

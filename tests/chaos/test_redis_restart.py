@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, fleet, group_state, wait_until
+from _chaos import Ledger, SteadyProducer, fleet, wait_nothing_pending, wait_until
 
 from headrace.client import Client
 from headrace.client import errors as E
@@ -90,7 +90,7 @@ def test_redis_crash_and_restart_under_load(appendfsync: str, tmp_path: Path,
                 restarts += 1
             prod.join(60)
             sdk.join(60)
-            acked = {rid for rid, s in prod.sent.items() if s.acked}
+            acked = prod.acked_ids()
             if appendfsync == "always":
                 ledger.wait_for(acked, timeout_s=60)
             else:
@@ -106,7 +106,7 @@ def test_redis_crash_and_restart_under_load(appendfsync: str, tmp_path: Path,
                     sdk_results.append((None, value))
             time.sleep(2 * LEASE_S + 0.5)  # late duplicates would land now
             r = redis.Redis.from_url(url)
-            wait_until(lambda: group_state(r).get("pending", 1) == 0, 15, what="nothing pending")
+            wait_nothing_pending(r, 15)
             report = ledger.report(prod)
             assert all(w.alive for w in workers), f"a worker died of the outage:\n{f.logs()}"
             exit_codes = f.stop_all()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, fleet, group_state, wait_until
+from _chaos import Ledger, SteadyProducer, fleet, group_state, wait_nothing_pending, wait_until
 
 from headrace.workers.broker import RedisBroker
 from headrace.workers.settings import WorkerSettings
@@ -60,9 +60,9 @@ def test_scaled_down_consumers_with_pending_work_are_reclaimed_not_dropped(redis
         removed_early = cleanup(redis_url)
         still_there = group_state(r)["consumers"]
         prod.join(30)
-        ledger.wait_for({rid for rid, s in prod.sent.items() if s.acked}, timeout_s=60)
+        ledger.wait_for(prod.acked_ids(), timeout_s=60)
         time.sleep(LEASE_S + 0.5)
-        wait_until(lambda: group_state(r).get("pending", 1) == 0, 10, what="nothing pending")
+        wait_nothing_pending(r, 10)
         removed_late = cleanup(redis_url)
         report = ledger.report(prod)
         keeper_code = f.stop(keeper)

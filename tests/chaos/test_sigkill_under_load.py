@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, WorkerProc, fleet, group_state, wait_until
+from _chaos import Ledger, SteadyProducer, WorkerProc, fleet, group_state, wait_nothing_pending
 
 LEASE_S = 1.0
 
@@ -48,10 +48,10 @@ def test_sigkill_workers_mid_batch_repeatedly_under_steady_load(redis_url: str, 
             mid_batch_kills += bool(owners)
             f.sigkill(victim)
             f.spawn()
-        acked = {rid for rid, s in prod.sent.items() if s.acked}
+        acked = prod.acked_ids()
         ledger.wait_for(acked, timeout_s=60)
         time.sleep(2 * LEASE_S + 0.5)  # a late duplicate (a reclaimed, re-run entry) would land now
-        wait_until(lambda: group_state(r).get("pending", 1) == 0, 10, what="nothing pending")
+        wait_nothing_pending(r, 10)
         exit_codes = f.stop_all()
         report = ledger.report(prod)
         runs = f.runs()

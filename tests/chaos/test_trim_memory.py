@@ -64,7 +64,7 @@ def test_trimming_under_load_keeps_unacked_entries_and_memory_bounded(redis_url:
         f.sigkill(victim)
         prod.join(60)
         load_end = time.monotonic()
-        ledger.wait_for({rid for rid, s in prod.sent.items() if s.acked}, timeout_s=60)
+        ledger.wait_for(prod.acked_ids(), timeout_s=60)
         # Trimmed back once everything is acknowledged (XTRIM MINID keeps the last delivered one).
         wait_until(lambda: r.xlen(keys.requests) <= 1, 15, what="request stream trimmed")
         wait_until(lambda: count_keys(r, keys.done_prefix + "*") == 0, DEDUPE_TTL_S + 10,
