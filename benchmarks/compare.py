@@ -7,7 +7,7 @@ Systems, per model artifact (MiniLM INT8 and fp32 by default):
   batches of 1, 8 and ``--batch`` (no queue); for latency, the worker's own batcher and
   servable in process under the same Poisson arrivals (``InProcessTarget``).
 * ``standalone``: a headrace worker process (``python -m headrace.workers``).
-* ``ray1`` / ``ray2``: headrace's Ray Serve app (``headrace.cluster.app:build_app``) with 1
+* ``ray1`` / ``ray2``: headrace's Ray Serve app (``headrace.cluster.serve.app:build_app``) with 1
   and 2 replicas; the threads are split between the replicas (2 replicas x 1 thread for
   ``--threads 2``), so every system has the same number of model threads.
 * ``celery``: Ray Serve asynchronous inference (``@task_consumer`` + Celery adapter on the
@@ -45,14 +45,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from headrace.client.aio import AsyncClient
-from headrace.client.embedded_redis import EmbeddedRedis, free_port
-from headrace.cluster.bench import host_info
-from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loop
-from headrace.cluster.bench_models import ensure_benchmark_models
-from headrace.cluster.bench_plot import plot_latency_vs_load, plot_throughput_bars
-from headrace.cluster.bench_stats import LoadPoint, latency_pair, open_level_cells, summarize
-from headrace.cluster.bench_systems import (
+from benchmarks.lib.models import ensure_benchmark_models
+from benchmarks.lib.systems import (
     CpuMeter,
     WorkerProcesses,
     pin_threads,
@@ -60,7 +54,13 @@ from headrace.cluster.bench_systems import (
     thread_env,
     wait_for_workers,
 )
-from headrace.cluster.bench_targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
+from headrace.client.aio import AsyncClient
+from headrace.cluster.bench.load import RunLimits, Ticker, closed_loop, open_loop
+from headrace.cluster.bench.plot import plot_latency_vs_load, plot_throughput_bars
+from headrace.cluster.bench.run import host_info
+from headrace.cluster.bench.stats import LoadPoint, latency_pair, open_level_cells, summarize
+from headrace.cluster.bench.targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_port
 from headrace.workers.backends import load_servable
 from headrace.workers.settings import WorkerSettings
 
@@ -133,7 +133,7 @@ async def standalone(env: Env) -> AsyncIterator[Any]:
 async def ray_app(env: Env, replicas: int) -> AsyncIterator[Any]:
     from ray import serve
 
-    from headrace.cluster.app import build_app
+    from headrace.cluster.serve.app import build_app
 
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     name = f"bench-{ns}"
@@ -154,7 +154,7 @@ async def ray_app(env: Env, replicas: int) -> AsyncIterator[Any]:
 async def celery(env: Env) -> AsyncIterator[Any]:
     from ray import serve
 
-    from headrace.cluster.bench_baselines import CeleryTarget, build_celery_app, purge_celery_queue
+    from benchmarks.lib.baselines import CeleryTarget, build_celery_app, purge_celery_queue
 
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     app = build_celery_app(env.redis.url, queue, model_repo=env.repo, model=env.manifest.name,
@@ -178,7 +178,7 @@ async def celery(env: Env) -> AsyncIterator[Any]:
 async def http(env: Env) -> AsyncIterator[Any]:
     from ray import serve
 
-    from headrace.cluster.bench_baselines import HttpTarget, build_http_batch_app
+    from benchmarks.lib.baselines import HttpTarget, build_http_batch_app
 
     name = f"bench-http-{uuid.uuid4().hex[:6]}"
     app = build_http_batch_app(model_repo=env.repo, model=env.manifest.name, version=env.manifest.version,
@@ -345,7 +345,7 @@ def plots(res: dict[str, Any], kind: str, args: argparse.Namespace) -> list[str]
 
 
 def _from_json(d: dict[str, Any]) -> LoadPoint:
-    from headrace.cluster.bench_stats import LatencySummary
+    from headrace.cluster.bench.stats import LatencySummary
 
     return LoadPoint(label=d["label"], mode=d["mode"], window_s=d["window_s"], sent=d["sent"],
                      completed=d["completed"], ok=d["ok"], errors=d["errors"], throughput_rps=d["throughput_rps"],

@@ -11,7 +11,7 @@ For each model artifact (MiniLM INT8 and fp32 by default):
    (raw, e2e, raw, e2e, ..., raw) so drift of the shared machine hits both; the ratio is
    end-to-end over the mean of the raw runs around each round.
 3. **queue overhead at half load**: Poisson arrivals at ``--load`` x the raw limit through
-   a probed worker (``headrace.cluster.bench_probe``: the same worker loop, broker and
+   a probed worker (``benchmarks.lib.probe``: the same worker loop, broker and
    servable, with timestamps). Per request, queue overhead = send -> worker read
    + commit start -> client decoded (see ``bench_probe.split_overhead``); the
    worker's own serving time (batch formation, waiting for and running the model) is not
@@ -19,7 +19,7 @@ For each model artifact (MiniLM INT8 and fp32 by default):
    batcher and servable, no Redis), compared percentile by percentile.
 4. **the floor** under that overhead: a bare Redis Streams round trip (two plain redis-py
    processes, ``XADD`` -> ``XREADGROUP`` -> ``XADD`` -> ``XREAD``; see
-   ``headrace.cluster.bench_floor``) at the same arrival rate on the same Redis, taken while
+   ``benchmarks.lib.floor``) at the same arrival rate on the same Redis, taken while
    the in-process reference keeps the model as busy as in the probed run: what this
    machine's scheduler, loopback and Redis cost for the two hops every request takes.
 
@@ -46,16 +46,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.lib.floor import stream_round_trip_floor
+from benchmarks.lib.models import ensure_benchmark_models
+from benchmarks.lib.probe import PROBE_ENV, load_probes, split_overhead
+from benchmarks.lib.systems import WorkerProcesses, pin_threads, process_cpu_s, set_ort_spin
 from headrace.client.aio import AsyncClient
-from headrace.client.embedded_redis import EmbeddedRedis
-from headrace.cluster.bench import host_info
-from headrace.cluster.bench_floor import stream_round_trip_floor
-from headrace.cluster.bench_load import RunLimits, Ticker, closed_loop, open_loop
-from headrace.cluster.bench_models import ensure_benchmark_models
-from headrace.cluster.bench_probe import PROBE_ENV, load_probes, split_overhead
-from headrace.cluster.bench_stats import LatencySummary, LoadPoint, fmt_ms, overhead, summarize
-from headrace.cluster.bench_systems import WorkerProcesses, pin_threads, process_cpu_s, set_ort_spin
-from headrace.cluster.bench_targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
+from headrace.cluster.bench.load import RunLimits, Ticker, closed_loop, open_loop
+from headrace.cluster.bench.run import host_info
+from headrace.cluster.bench.stats import LatencySummary, LoadPoint, fmt_ms, overhead, summarize
+from headrace.cluster.bench.targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends import load_servable
 from headrace.workers.settings import WorkerSettings
 
@@ -216,7 +216,7 @@ def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
     with tempfile.TemporaryDirectory(prefix="headrace-probe-") as tmp:
         probe_file = str(Path(tmp) / "probes.jsonl")
         ns = f"bench-{uuid.uuid4().hex[:6]}"
-        with WorkerProcesses(redis.url, ns, manifest.name, module="headrace.cluster.bench_probe",
+        with WorkerProcesses(redis.url, ns, manifest.name, module="benchmarks.lib.probe",
                              env={PROBE_ENV: probe_file}, **common):
             rr = asyncio.run(probed_run(redis.url, ns, manifest.name, payloads, args, rate, limits, progress))
         probes = load_probes(probe_file)
@@ -234,14 +234,14 @@ def measure_fake(redis: EmbeddedRedis, args: argparse.Namespace) -> dict[str, An
     """The queue overhead with no model cost: the probed worker serving the ``affine`` fake
     (microseconds per batch) under Poisson arrivals at ``--fake-rate``. What is left is
     what the data plane itself takes when the CPU is not busy with a model."""
-    from headrace.cluster.bench_targets import tensor_payloads
+    from headrace.cluster.bench.targets import tensor_payloads
 
     payloads = tensor_payloads([{"name": "x", "dtype": "float32", "shape": [4]}], args.pool, seed=args.seed)
     limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, args.timeout_s)
     with tempfile.TemporaryDirectory(prefix="headrace-probe-") as tmp:
         probe_file = str(Path(tmp) / "probes.jsonl")
         ns = f"bench-{uuid.uuid4().hex[:6]}"
-        with WorkerProcesses(redis.url, ns, "affine", fake="affine", module="headrace.cluster.bench_probe",
+        with WorkerProcesses(redis.url, ns, "affine", fake="affine", module="benchmarks.lib.probe",
                              env={PROBE_ENV: probe_file}, threads=args.threads,
                              settings={"max_batch": args.batch, "max_wait_ms": args.max_wait_ms}):
             rr = asyncio.run(probed_run(redis.url, ns, "affine", payloads, args, args.fake_rate, limits,

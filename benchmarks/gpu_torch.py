@@ -39,9 +39,9 @@ def main() -> int:
     import torch
 
     from headrace.client.protocol import Envelope, Request
-    from headrace.models.build import build_minilm_torch
-    from headrace.models.corpus import load_corpus, sample
-    from headrace.models.repository import ModelRepository
+    from headrace.models.builtin.build import build_minilm_torch
+    from headrace.models.builtin.corpus import load_corpus, sample
+    from headrace.models.repository.store import ModelRepository
     from headrace.workers.backends import load_servable
     from headrace.workers.settings import WorkerSettings
 

@@ -19,15 +19,15 @@ from rich.table import Table
 from tqdm import tqdm
 
 from headrace.client.protocol import Envelope, Request
-from headrace.models.build import MINILM_NAME, MINILM_TORCH_NAME, ensure_minilm
-from headrace.models.repository import ModelRepository
+from headrace.models.builtin.build import MINILM_NAME, MINILM_TORCH_NAME, ensure_minilm
+from headrace.models.repository.store import ModelRepository
 from headrace.workers.backends import load_servable
 from headrace.workers.backends.base import Servable
 from headrace.workers.settings import WorkerSettings
 
 
 def sentences(n: int) -> list[str]:
-    from headrace.models.corpus import load_corpus, sample
+    from headrace.models.builtin.corpus import load_corpus, sample
 
     return sample(load_corpus(("pydoc",)).held_out, n, seed=0)
 

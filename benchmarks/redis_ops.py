@@ -39,9 +39,9 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from headrace.client.embedded_redis import EmbeddedRedis
-from headrace.cluster.bench import host_info
-from headrace.cluster.bench_systems import WorkerProcesses, process_cpu_s
+from benchmarks.lib.systems import WorkerProcesses, process_cpu_s
+from headrace.cluster.bench.run import host_info
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,7 +80,7 @@ def main() -> None:
         r = redis.Redis.from_url(server.url)
         with WorkerProcesses(server.url, ns, "affine", fake="affine", n=args.workers, threads=1,
                              settings={"max_batch": args.max_batch, "max_wait_ms": 2.0}) as workers:
-            cmd = [sys.executable, "-m", "headrace.cluster.cli", "--redis-url", server.url, "--namespace", ns,
+            cmd = [sys.executable, "-m", "headrace.cluster.cli.main", "--redis-url", server.url, "--namespace", ns,
                    "bench", "affine", "--concurrency", str(args.concurrency), "--duration-s", str(args.duration_s),
                    "--warmup-s", "2", "--no-progress"]
             outs = [str(Path(tmp) / f"c{i}.json") for i in range(args.clients)]

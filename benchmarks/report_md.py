@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from headrace.cluster.bench_stats import latency_pair, open_level_cells
+from headrace.cluster.bench.stats import latency_pair, open_level_cells
 
 
 def ms(v: Any, digits: int = 1) -> str:

@@ -31,9 +31,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from headrace.client.embedded_redis import EmbeddedRedis
-from headrace.cluster.bench import BenchSettings, host_info, run_bench_async
-from headrace.cluster.bench_systems import WorkerProcesses, wait_for_workers
+from benchmarks.lib.systems import WorkerProcesses, wait_for_workers
+from headrace.cluster.bench.run import BenchSettings, host_info, run_bench_async
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,7 +77,7 @@ def ray_cluster(args: argparse.Namespace, redis: EmbeddedRedis) -> list[dict[str
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from headrace.cluster.app import build_app
+    from headrace.cluster.serve.app import build_app
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     for _ in range(args.nodes - 1):

@@ -42,9 +42,9 @@ import numpy as np
 import redis
 
 import headrace.client
+from benchmarks.lib.systems import WorkerProcesses, process_cpu_s
 from headrace.client import AsyncClient, Client
-from headrace.client.embedded_redis import EmbeddedRedis
-from headrace.cluster.bench_systems import WorkerProcesses, process_cpu_s
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
 
 def parse_args() -> argparse.Namespace:

@@ -35,7 +35,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "chaos"))
 
-from _chaos import (  # noqa: E402
+from headrace.client.keys import ModelKeys  # noqa: E402
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis  # noqa: E402
+from tests.support.chaos import (  # noqa: E402
     Fleet,
     Ledger,
     Report,
@@ -46,9 +48,6 @@ from _chaos import (  # noqa: E402
     registered_workers,
     wait_until,
 )
-
-from headrace.client.embedded_redis import EmbeddedRedis  # noqa: E402
-from headrace.client.keys import ModelKeys  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

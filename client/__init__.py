@@ -3,10 +3,10 @@
 Light by design: importing it never imports ray, torch or onnxruntime.
 """
 
-from .aio import AsyncClient
-from .client import Client
-from .config import ClientSettings
-from .errors import (
+from headrace.client.aio import AsyncClient
+from headrace.client.client import Client
+from headrace.client.config import ClientSettings
+from headrace.client.errors import (
     BrokerError,
     ConfigError,
     HeadraceError,
@@ -18,8 +18,8 @@ from .errors import (
     ResultError,
     ResultTimeout,
 )
-from .protocol import Result, Timings
-from .tickets import Ticket
+from headrace.client.protocol import Result, Timings
+from headrace.client.tickets import Ticket
 
 __all__ = [
     "AsyncClient",

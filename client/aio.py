@@ -21,14 +21,14 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import errors as E
-from .bulk import MapWindow, Step, settle
-from .config import ClientSettings
-from .keys import ModelKeys
-from .pipeline import AutoPipeline
-from .protocol import Result
-from .submit import evalsha_command, prepare_request, resolve_settings
-from .tickets import Ticket, TicketBook, ordered_results, resolve_all
+from headrace.client import errors as E
+from headrace.client.bulk import MapWindow, Step, settle
+from headrace.client.config import ClientSettings
+from headrace.client.keys import ModelKeys
+from headrace.client.pipeline import AutoPipeline
+from headrace.client.protocol import Result
+from headrace.client.submit import evalsha_command, prepare_request, resolve_settings
+from headrace.client.tickets import Ticket, TicketBook, ordered_results, resolve_all
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import redis
 
-from . import errors as E
-from .keys import ModelKeys
-from .pipeline import MAX_PIPELINE
-from .submit import parse_reply, split_item
-from .tickets import Ticket
+from headrace.client import errors as E
+from headrace.client.keys import ModelKeys
+from headrace.client.pipeline import MAX_PIPELINE
+from headrace.client.submit import parse_reply, split_item
+from headrace.client.tickets import Ticket
 
 log = logging.getLogger(__name__)
 

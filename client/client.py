@@ -20,14 +20,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import errors as E
-from .bulk import MapWindow, Step, settle
-from .config import ClientSettings
-from .keys import ModelKeys
-from .pipeline import run_submits
-from .protocol import Result
-from .submit import evalsha_command, prepare_request, resolve_settings
-from .tickets import Ticket, TicketBook, ordered_results
+from headrace.client import errors as E
+from headrace.client.bulk import MapWindow, Step, settle
+from headrace.client.config import ClientSettings
+from headrace.client.keys import ModelKeys
+from headrace.client.pipeline import run_submits
+from headrace.client.protocol import Result
+from headrace.client.submit import evalsha_command, prepare_request, resolve_settings
+from headrace.client.tickets import Ticket, TicketBook, ordered_results
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-from .errors import ConfigError
+from headrace.client.errors import ConfigError
 
 ENV_PREFIX = "HEADRACE_"
 DEFAULT_NAMESPACE = "headrace"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DEFAULT_GROUP, DEFAULT_NAMESPACE, validate_model_name, validate_namespace
+from headrace.client.config import DEFAULT_GROUP, DEFAULT_NAMESPACE, validate_model_name, validate_namespace
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from .submit import SUBMIT_LUA
+from headrace.client.submit import SUBMIT_LUA
 
 log = logging.getLogger(__name__)
 

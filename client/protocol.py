@@ -35,7 +35,7 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 
-from . import errors as E
+from headrace.client import errors as E
 
 PROTOCOL_VERSION: Final = "1"
 SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})

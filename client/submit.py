@@ -18,10 +18,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from . import errors as E
-from . import protocol
-from .config import ClientSettings
-from .keys import ModelKeys
+from headrace.client import errors as E
+from headrace.client import protocol
+from headrace.client.config import ClientSettings
+from headrace.client.keys import ModelKeys
 
 SUBMIT_LUA: Final[str] = resources.files(__package__).joinpath("submit.lua").read_text(encoding="utf-8")
 # EVALSHA name of the script (redis-py encodes str arguments as UTF-8, so this matches the

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any
 
-from . import errors as E
-from . import protocol
-from .protocol import Result
-from .submit import PreparedRequest
+from headrace.client import errors as E
+from headrace.client import protocol
+from headrace.client.protocol import Result
+from headrace.client.submit import PreparedRequest
 
 log = logging.getLogger(__name__)
 

@@ -99,9 +99,9 @@ class ServingHandle:
 
 def start_serving(settings: Any, n_workers: int = 1) -> ServingHandle:
     """Start serving ``settings.model`` with ``n_workers`` Ray Serve replicas on a local Ray
-    instance (:func:`headrace.cluster.ops.serve_locally`); if Ray cannot start or deploy here,
+    instance (:func:`headrace.cluster.ops.lifecycle.serve_locally`); if Ray cannot start or deploy here,
     fall back to ``n_workers`` standalone workers (one
-    :class:`~headrace.workers.worker.WorkerThread` each, in this process).
+    :class:`~headrace.workers.engine.worker.WorkerThread` each, in this process).
 
     Args:
         settings: :class:`~headrace.workers.settings.WorkerSettings` (consumer names are
@@ -112,7 +112,7 @@ def start_serving(settings: Any, n_workers: int = 1) -> ServingHandle:
         ModelError: it failed to load.
     """
     try:
-        from .ops import serve_locally
+        from headrace.cluster.ops.lifecycle import serve_locally
 
         description, stop_ray = serve_locally(settings, n_workers)
         return ServingHandle(description=description, _stop=stop_ray)
@@ -120,8 +120,8 @@ def start_serving(settings: Any, n_workers: int = 1) -> ServingHandle:
         log.warning("Ray Serve could not serve the demo (%s); falling back to standalone worker threads", e)
 
     from headrace.workers.backends import load_servable
+    from headrace.workers.engine.worker import WorkerThread
     from headrace.workers.settings import default_consumer_name
-    from headrace.workers.worker import WorkerThread
 
     threads: list[Any] = []
     servables: list[Any] = []
@@ -204,11 +204,10 @@ def run_demo(*, redis_url: str | None = None, namespace: str | None = None, repo
     """
     from headrace.client import Client
     from headrace.client.config import ClientSettings
-    from headrace.client.embedded_redis import EmbeddedRedis
+    from headrace.cluster.cli.render import status_table
+    from headrace.cluster.cli.status import collect_status
+    from headrace.cluster.ops.embedded_redis import EmbeddedRedis
     from headrace.workers.settings import WorkerSettings
-
-    from .cli_io import status_table
-    from .cli_status import collect_status
 
     con = console or Console()
     settings = ClientSettings.from_env(redis_url=redis_url, namespace=namespace, timeout_s=300.0)
@@ -224,7 +223,7 @@ def run_demo(*, redis_url: str | None = None, namespace: str | None = None, repo
         with Client(settings=settings) as client:
             client.ping()
             con.print(f"[bold]2/5 Model[/]: making sure {DEMO_MODEL!r} is in the repository {repo} …")
-            from headrace.models.build import ensure_minilm
+            from headrace.models.builtin.build import ensure_minilm
 
             t0 = time.perf_counter()
             manifest = ensure_minilm(repo)

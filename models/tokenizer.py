@@ -37,7 +37,7 @@ def load_tokenizer(path: str | Path | None = None, *, max_length: int = MAX_SEQ_
     from tokenizers import Tokenizer
 
     if path is None:
-        from headrace.models.minilm import default_model_path
+        from headrace.models.builtin.minilm import default_model_path
 
         path = default_model_path()
     p = Path(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from headrace.client.embedded_redis import EmbeddedRedis
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
 TIERS = ("unit", "integration", "e2e", "chaos")
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from headrace.client.errors import HeadraceError
-
-from .settings import WorkerSettings
+from headrace.workers.settings import WorkerSettings
 
 _FLAGS: tuple[tuple[str, type], ...] = (
     ("model", str), ("version", str), ("redis_url", str), ("namespace", str), ("group", str),
@@ -49,10 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = WorkerSettings.from_env(**overrides)
         servable = None
         if args.fake:
-            from .backends.fake import fake_from_env
+            from headrace.workers.backends.fake import fake_from_env
 
             servable = fake_from_env(args.fake, name=settings.model, reject_non_finite=settings.reject_non_finite)
-        from .run import run_standalone
+        from headrace.workers.run import run_standalone
 
         run_standalone(settings, servable)
     except HeadraceError as e:

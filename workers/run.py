@@ -8,11 +8,11 @@ import logging
 import signal
 from typing import Any
 
-from .backends.base import Servable
-from .broker import Broker
-from .metrics import NullMetrics, PrometheusMetrics, WorkerMetrics, start_metrics_server
-from .settings import WorkerSettings
-from .worker import StreamWorker
+from headrace.workers.backends.base import Servable
+from headrace.workers.broker.redis_broker import Broker
+from headrace.workers.engine.worker import StreamWorker
+from headrace.workers.metrics import NullMetrics, PrometheusMetrics, WorkerMetrics, start_metrics_server
+from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def run_standalone(settings: WorkerSettings, servable: Servable | None = None, *
         ConfigError: the metrics port cannot be bound.
     """
     if servable is None:
-        from .backends import load_servable  # type: ignore[attr-defined]  # heavy: ORT / torch
+        from headrace.workers.backends import load_servable  # type: ignore[attr-defined]  # heavy: ORT / torch
 
         servable = load_servable(settings)
     assert servable is not None

@@ -2,14 +2,14 @@
 
 The student starts from teacher layers (e.g. ``[0, 2, 4]``: :func:`init_student`) or from a
 pruned copy, and is trained to match the fp32 teacher's normalised embeddings of real
-sentences (:mod:`headrace.models.corpus`) with ``mse_weight * ||s - t||^2 + cosine_weight *
+sentences (:mod:`headrace.models.builtin.corpus`) with ``mse_weight * ||s - t||^2 + cosine_weight *
 (1 - cos(s, t))`` (the squared distance is summed over the embedding, so for unit vectors
 both terms measure the same angle at different scales), AdamW, linear warm-up and decay.
 
 Runs are reproducible and resumable: the order of batches is a pure function of the seed
 and the step (a new length-bucketed shuffle each epoch), the learning rate a pure function of the step,
 and every ``checkpoint_every`` steps the student (safetensors via
-:func:`~headrace.models.minilm.save_minilm`), the optimizer moments (safetensors) and a JSON
+:func:`~headrace.models.builtin.minilm.save_minilm`), the optimizer moments (safetensors) and a JSON
 state are written to ``<run_dir>/checkpoint-<step>/``; ``latest.json`` names the newest
 complete one. Calling :func:`distill` again on the same ``run_dir`` continues from there and
 ends in the same weights as an uninterrupted run. Nothing is pickled.
@@ -139,7 +139,7 @@ def init_student(layers: Sequence[int] = DEFAULT_STUDENT_LAYERS, model_path: str
     Raises:
         ModelError: the layers are out of range or the weights are missing.
     """
-    from headrace.models.minilm import load_minilm
+    from headrace.models.builtin.minilm import load_minilm
 
     student = load_minilm(model_path, layers=list(layers))
     log.info("student initialised from teacher layers %s (%d params)", list(layers), student.num_parameters())
@@ -285,7 +285,7 @@ def _write_checkpoint(run_dir: Path, step: int, student: Any, opt: torch.optim.O
                       state: dict[str, Any], keep: int) -> Path:
     from safetensors.torch import save_file
 
-    from headrace.models.minilm import save_minilm
+    from headrace.models.builtin.minilm import save_minilm
 
     final = run_dir / f"checkpoint-{step}"
     # Written under a temporary name and renamed, then named in latest.json: a run killed
@@ -326,7 +326,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_student(checkpoint: str | Path) -> Any:
     """The student saved in a checkpoint folder (eval mode)."""
-    from headrace.models.minilm import load_minilm
+    from headrace.models.builtin.minilm import load_minilm
 
     return load_minilm(checkpoint)
 

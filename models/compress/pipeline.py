@@ -6,7 +6,7 @@ Steps (any subset, always run in this order): ``export``, ``quantize-dynamic``,
 every other step. Artifacts are repository entries named ``<model>-<suffix>``:
 
 =====================  ===========================================================
-``minilm``             fp32 ONNX, BERT-fused (built by :mod:`headrace.models.build`)
+``minilm``             fp32 ONNX, BERT-fused (built by :mod:`headrace.models.builtin.build`)
 ``minilm-int8``        dynamic INT8, per-channel (+ fp32 MatMuls if the budget needs)
 ``minilm-int8-static`` static QDQ INT8, calibrated; most sensitive MatMuls kept fp32
 ``minilm-pruned``      heads + FFN neurons removed, briefly re-distilled; fp32
@@ -214,7 +214,7 @@ def run(opts: CompressOptions, *, console: Any = None) -> CompressResult:
     from rich.console import Console
     from rich.markup import escape
 
-    from headrace.models.repository import ModelRepository
+    from headrace.models.repository.store import ModelRepository
 
     con = console or Console()
     if console is None and not con.is_terminal:
@@ -223,12 +223,12 @@ def run(opts: CompressOptions, *, console: Any = None) -> CompressResult:
     opts.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=opts.work_dir, prefix=".scratch-") as tmp:
         if opts.model == "minilm":
-            from headrace.models.compress.pipeline_minilm import run_minilm
+            from headrace.models.compress.recipes.minilm import run_minilm
 
             result = run_minilm(opts, repo, Path(tmp))
             kind, title = "embedding", "all-MiniLM-L6-v2: speed vs fidelity to the fp32 teacher"
         else:
-            from headrace.models.compress.pipeline_digits import run_digits
+            from headrace.models.compress.recipes.digits import run_digits
 
             result = run_digits(opts, repo, Path(tmp))
             kind, title = "classifier", "digits MLP: speed vs test accuracy"

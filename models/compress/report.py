@@ -16,7 +16,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,7 +148,7 @@ def outputs_of(artifact: Artifact, batches: Sequence[Batch]) -> np.ndarray[Any, 
     return np.concatenate([artifact.run(b) for b in batches])
 
 
-def measure_speed(artifacts: Sequence[Artifact], batches_by_size: dict[int, Sequence[Batch]], *,
+def measure_speed(artifacts: Sequence[Artifact], batches_by_size: Mapping[int, Sequence[Batch]], *,
                   min_passes: int = 3, min_time_s: float = 2.0, max_passes: int = 50, warmup: int = 2,
                   progress: bool = True) -> dict[str, dict[int, list[list[float]]]]:
     """Per artifact label and batch size, the seconds each timed batch took, grouped by pass.
@@ -190,7 +190,7 @@ def measure_speed(artifacts: Sequence[Artifact], batches_by_size: dict[int, Sequ
     return out
 
 
-def pass_rows(batches_by_size: dict[int, Sequence[Batch]]) -> dict[int, int]:
+def pass_rows(batches_by_size: Mapping[int, Sequence[Batch]]) -> dict[int, int]:
     """Samples in one pass over each batch list (rows of the first input of every batch)."""
     return {size: sum(len(next(iter(b.values()))) for b in batches) for size, batches in batches_by_size.items()}
 

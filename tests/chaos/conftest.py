@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _chaos import Report  # noqa: E402
+from tests.support.chaos import Report  # noqa: E402
 
 
 @pytest.fixture

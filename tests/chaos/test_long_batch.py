@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, fleet, wait_nothing_pending
+
+from tests.support.chaos import Ledger, SteadyProducer, fleet, wait_nothing_pending
 
 LEASE_S = 1.2
 BATCH_S = 3.0  # each model run takes 2.5 leases

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _chaos import MODEL, NS, Ledger, SteadyProducer, fleet, wait_nothing_pending, wait_until
 
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Result
+from headrace.workers.admin.dlq import dlq_list
 from headrace.workers.backends.fake import affine_reference
-from headrace.workers.dlq import dlq_list
+from tests.support.chaos import MODEL, NS, Ledger, SteadyProducer, fleet, wait_nothing_pending, wait_until
 
 LEASE_S = 1.0
 MAX_DELIVERIES = 3
@@ -28,7 +28,7 @@ POISON = -1.0
 
 def headrace_cli(url: str, *args: str) -> str:
     exe = Path(sys.executable).with_name("headrace")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "headrace.cluster.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "headrace.cluster.cli.main"]
     out = subprocess.run([*cmd, "--redis-url", url, *args], capture_output=True, text=True, timeout=60, check=True)
     return out.stdout
 

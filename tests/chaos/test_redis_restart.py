@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, fleet, wait_nothing_pending, wait_until
 
 from headrace.client import Client
 from headrace.client import errors as E
-from headrace.client.embedded_redis import EmbeddedRedis
 from headrace.client.tickets import Ticket
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
+from tests.support.chaos import Ledger, SteadyProducer, fleet, wait_nothing_pending, wait_until
 
 LEASE_S = 1.0
 
@@ -151,9 +151,9 @@ def test_backlog_is_not_inflated_after_an_aof_rewrite_and_a_crash(tmp_path: Path
     # made the submit script refuse an *empty* queue (QueueFull) and inflated the workers'
     # backlog metric (autoscaling). The backlog must be bounded by what the stream holds.
     from headrace.workers.backends.fake import make_fake
-    from headrace.workers.broker import RedisBroker
+    from headrace.workers.broker.redis_broker import RedisBroker
+    from headrace.workers.engine.worker import WorkerThread
     from headrace.workers.settings import WorkerSettings
-    from headrace.workers.worker import WorkerThread
 
     (tmp_path / "redis").mkdir()
     server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True, appendfsync="always").start()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, fleet, group_state, wait_nothing_pending, wait_until
 
-from headrace.workers.broker import RedisBroker
+from headrace.workers.broker.redis_broker import RedisBroker
 from headrace.workers.settings import WorkerSettings
+from tests.support.chaos import Ledger, SteadyProducer, fleet, group_state, wait_nothing_pending, wait_until
 
 LEASE_S = 1.0
 

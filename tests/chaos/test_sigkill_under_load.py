@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from _chaos import Ledger, SteadyProducer, WorkerProc, fleet, group_state, wait_nothing_pending
+
+from tests.support.chaos import Ledger, SteadyProducer, WorkerProc, fleet, group_state, wait_nothing_pending
 
 LEASE_S = 1.0
 

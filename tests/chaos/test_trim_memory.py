@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from _chaos import (
+
+from headrace.client.keys import ModelKeys
+from headrace.workers.broker.redis_broker import STATS_MAXLEN
+from tests.support.chaos import (
     MODEL,
     NS,
     Ledger,
@@ -29,9 +32,6 @@ from _chaos import (
     registered_workers,
     wait_until,
 )
-
-from headrace.client.keys import ModelKeys
-from headrace.workers.broker import STATS_MAXLEN
 
 LEASE_S = 1.0
 DEDUPE_TTL_S = 4

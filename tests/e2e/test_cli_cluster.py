@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from headrace.client.embedded_redis import free_port
+from headrace.cluster.ops.embedded_redis import free_port
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -43,11 +43,11 @@ http_options: {{host: 127.0.0.1, port: {http_port}}}
 applications:
   - name: affine
     route_prefix: null
-    import_path: headrace.cluster.app:build_app
+    import_path: headrace.cluster.serve.app:build_app
     args: {{model: affine, fake: affine, num_replicas: 1, num_cpus: 0.25, drain_timeout_s: 10}}
   - name: http
     route_prefix: /
-    import_path: headrace.cluster.app:build_ingress
+    import_path: headrace.cluster.serve.app:build_ingress
     args: {{timeout_s: 20}}
 """)
     env = {**os.environ, "HEADRACE_STATE_DIR": str(tmp_path / "state")}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from headrace.client.embedded_redis import EmbeddedRedis
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
 
 @pytest.mark.timeout(300)

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _ray_helpers import RawProducer, group_backlog, group_consumers, serve_replicas, wait_until
 
 from headrace.client import Client
-from headrace.client.embedded_redis import EmbeddedRedis, free_port
-from headrace.cluster import ops
-from headrace.cluster.app import ModelAppArgs, app_config
+from headrace.cluster.ops import lifecycle as ops
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_port
+from headrace.cluster.serve.app import ModelAppArgs, app_config
+from tests.support.ray import RawProducer, group_backlog, group_consumers, serve_replicas, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -81,7 +81,7 @@ def test_replicas_spread_over_nodes_and_gpu_replicas_land_on_gpu_nodes(sim: Sim)
 def test_tensor_parallel_group_ranks_share_one_gpu_node(sim: Sim, model_repo_dir: Path) -> None:
     from ray import serve
 
-    from headrace.models.build import ensure_minilm
+    from headrace.models.builtin.build import ensure_minilm
 
     ensure_minilm(model_repo_dir, torch_format=True)
     tp = ModelAppArgs(model="minilm-torch", redis_url=sim.redis.url, model_repo=str(model_repo_dir),

@@ -8,7 +8,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from _ray_helpers import (
+
+from headrace.cluster.ops import lifecycle as ops
+from headrace.cluster.serve.app import ModelAppArgs, app_config
+from tests.support.ray import (
     RawProducer,
     RayEnv,
     group_backlog,
@@ -18,9 +21,6 @@ from _ray_helpers import (
     serve_replicas,
     wait_until,
 )
-
-from headrace.cluster import ops
-from headrace.cluster.app import ModelAppArgs, app_config
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -14,7 +14,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from _ray_helpers import (
+
+from headrace.client import Client
+from headrace.client.errors import ConfigError
+from headrace.cluster.ops import lifecycle as ops
+from headrace.cluster.serve.app import IngressArgs, ModelAppArgs, app_config, ingress_config
+from tests.support.ray import (
     ROOT,
     RawProducer,
     RayEnv,
@@ -24,11 +29,6 @@ from _ray_helpers import (
     serve_replicas,
     wait_until,
 )
-
-from headrace.client import Client
-from headrace.client.errors import ConfigError
-from headrace.cluster import ops
-from headrace.cluster.app import IngressArgs, ModelAppArgs, app_config, ingress_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,7 +41,7 @@ def env() -> Iterator[RayEnv]:
 
 @pytest.fixture(scope="module")
 def repo(model_repo_dir: Path) -> Path:
-    from headrace.models.build import ensure_minilm
+    from headrace.models.builtin.build import ensure_minilm
 
     ensure_minilm(model_repo_dir)
     ensure_minilm(model_repo_dir, torch_format=True)

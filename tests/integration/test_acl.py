@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from _worker_helpers import wait_until
 
 from headrace.client import Client
 from headrace.client.keys import ModelKeys
 from headrace.workers.backends.fake import affine_reference, make_fake
+from headrace.workers.engine.worker import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from headrace.workers.worker import WorkerThread
+from tests.support.worker import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "headrace"

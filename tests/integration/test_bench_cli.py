@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _client_helpers import start_fake_worker, wait_until
 from click.testing import CliRunner
 
-from headrace.cluster.bench_systems import live_workers
-from headrace.cluster.cli import main
+from benchmarks.lib.systems import live_workers
+from headrace.cluster.cli.main import main
+from tests.support.client import start_fake_worker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +81,7 @@ def test_rejects_an_unbounded_run(redis_url: str) -> None:
 def test_stream_round_trip_floor_measures_and_cleans_up(redis_url: str) -> None:
     import redis
 
-    from headrace.cluster.bench_floor import stream_round_trip_floor
+    from benchmarks.lib.floor import stream_round_trip_floor
 
     before = set(redis.Redis.from_url(redis_url).keys("floor-*"))
     out = stream_round_trip_floor(redis_url, 200.0, duration_s=1.0, warmup_s=0.5, seed=1)

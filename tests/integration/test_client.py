@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from _client_helpers import affine_inputs, start_fake_worker, wait_until
 
 from headrace.client import Client, InferenceFailed, QueueFull, RequestExpired, ResultTimeout
 from headrace.client import errors as E
 from headrace.client import protocol as P
-from headrace.client.embedded_redis import EmbeddedRedis
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
+from tests.support.client import affine_inputs, start_fake_worker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -297,7 +297,7 @@ def test_stale_lag_over_an_untrimmed_stream_is_repaired_by_the_worker(redis_url:
     import asyncio
 
     from headrace.client.keys import ModelKeys
-    from headrace.workers.broker import RedisBroker
+    from headrace.workers.broker.redis_broker import RedisBroker
     from headrace.workers.settings import WorkerSettings
 
     r = redis.Redis.from_url(redis_url)

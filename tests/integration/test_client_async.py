@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from _client_helpers import affine_inputs, start_fake_worker, wait_until
 
 from headrace.client import AsyncClient, InferenceFailed, QueueFull, ResultTimeout
 from headrace.client import errors as E
-from headrace.client.embedded_redis import EmbeddedRedis
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
+from tests.support.client import affine_inputs, start_fake_worker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,8 +9,8 @@ import pytest
 
 from headrace.client import AsyncClient
 from headrace.workers.backends.fake import AffineServable, affine_reference
+from headrace.workers.engine.worker import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from headrace.workers.worker import WorkerThread
 
 
 @pytest.mark.timeout(60)

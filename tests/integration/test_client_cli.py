@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _client_helpers import affine_inputs, start_fake_worker, wait_until
 from click.testing import CliRunner
 
 from headrace.client import Client
-from headrace.cluster.cli import main
+from headrace.cluster.cli.main import main
 from headrace.workers.backends.fake import affine_reference
+from tests.support.client import affine_inputs, start_fake_worker, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

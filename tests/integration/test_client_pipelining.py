@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from _client_helpers import affine_inputs, start_fake_worker
 
 import headrace.client.client as client_module
 from headrace.client import AsyncClient, BrokerError, Client, QueueFull
-from headrace.client.embedded_redis import EmbeddedRedis
 from headrace.client.pipeline import run_submits
 from headrace.client.submit import SUBMIT_SHA
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
+from tests.support.client import affine_inputs, start_fake_worker
 
 pytestmark = pytest.mark.timeout(60)
 

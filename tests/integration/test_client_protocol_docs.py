@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _client_helpers import start_fake_worker
 
 from headrace.client import protocol as P
+from tests.support.client import start_fake_worker
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from _client_helpers import start_fake_worker
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
 from headrace.workers.backends.fake import affine_reference
+from tests.support.client import start_fake_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "node_producer"

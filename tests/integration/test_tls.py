@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from headrace.client import Client
-from headrace.client.embedded_redis import find_redis_server, free_port
+from headrace.cluster.ops.embedded_redis import find_redis_server, free_port
 from headrace.workers.backends.fake import affine_reference, make_fake
+from headrace.workers.engine.worker import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from headrace.workers.worker import WorkerThread
 
 
 def _name(cn: str) -> x509.Name:

@@ -10,13 +10,13 @@ import msgpack
 import numpy as np
 import pytest
 import redis
-from _worker_helpers import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Envelope, Request, encode_request
+from headrace.workers.admin.dlq import dlq_list
 from headrace.workers.backends.fake import affine_reference
-from headrace.workers.dlq import dlq_list
+from tests.support.worker import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 
 @pytest.mark.timeout(60)

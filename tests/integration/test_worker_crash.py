@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _worker_helpers import (
+
+from headrace.client.keys import ModelKeys
+from headrace.workers.backends.fake import affine_reference
+from tests.support.worker import (
     Collector,
     affine_request,
     consumers,
@@ -19,9 +22,6 @@ from _worker_helpers import (
     wait_until,
     worker_procs,
 )
-
-from headrace.client.keys import ModelKeys
-from headrace.workers.backends.fake import affine_reference
 
 
 @pytest.mark.timeout(90)

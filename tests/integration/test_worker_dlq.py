@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _worker_helpers import Collector, affine_request, pending_count, produce, records, wait_until, worker_procs
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
+from headrace.workers.admin.dlq import dlq_list, dlq_purge, dlq_replay
 from headrace.workers.backends.fake import AffineServable, affine_reference
-from headrace.workers.dlq import dlq_list, dlq_purge, dlq_replay
+from headrace.workers.engine.worker import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from headrace.workers.worker import WorkerThread
+from tests.support.worker import Collector, affine_request, pending_count, produce, records, wait_until, worker_procs
 
 POISON = -13.0
 

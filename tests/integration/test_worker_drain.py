@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from _worker_helpers import (
+
+from headrace.client.keys import ModelKeys
+from headrace.workers.admin.status import list_models
+from tests.support.worker import (
     Collector,
     affine_request,
     consumers,
@@ -18,9 +21,6 @@ from _worker_helpers import (
     wait_until,
     worker_procs,
 )
-
-from headrace.client.keys import ModelKeys
-from headrace.workers.stats import list_models
 
 
 @pytest.mark.timeout(60)

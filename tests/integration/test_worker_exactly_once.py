@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from _worker_helpers import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 from headrace.client.keys import ModelKeys
+from headrace.workers.admin.status import list_models, model_status
 from headrace.workers.backends.fake import affine_reference
-from headrace.workers.stats import list_models, model_status
+from tests.support.worker import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 
 @pytest.mark.timeout(120)

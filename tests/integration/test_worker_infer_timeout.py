@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import redis
-from _worker_helpers import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 from headrace.client.keys import ModelKeys
 from headrace.workers.backends.fake import AffineServable
+from headrace.workers.engine.worker import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from headrace.workers.worker import WorkerThread
+from tests.support.worker import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 HANG = 13.0
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from _worker_helpers import Collector, affine_request, consumers, pending_count, produce, wait_until, worker_procs
 
-from headrace.client.embedded_redis import free_port
 from headrace.client.keys import ModelKeys
+from headrace.cluster.ops.embedded_redis import free_port
+from headrace.workers.admin.status import model_status
 from headrace.workers.backends.fake import AffineServable
-from headrace.workers.broker import RedisBroker
+from headrace.workers.broker.redis_broker import RedisBroker
+from headrace.workers.engine.worker import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from headrace.workers.stats import model_status
-from headrace.workers.worker import WorkerThread
+from tests.support.worker import Collector, affine_request, consumers, pending_count, produce, wait_until, worker_procs
 
 
 @pytest.mark.timeout(60)

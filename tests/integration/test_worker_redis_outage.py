@@ -7,13 +7,13 @@ import time
 
 import pytest
 import redis
-from _worker_helpers import Collector, affine_request, produce, wait_until
 
-from headrace.client.embedded_redis import EmbeddedRedis
 from headrace.client.keys import ModelKeys
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import AffineServable
+from headrace.workers.engine.worker import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from headrace.workers.worker import WorkerThread
+from tests.support.worker import Collector, affine_request, produce, wait_until
 
 
 @pytest.mark.timeout(60)

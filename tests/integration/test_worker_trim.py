@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from _worker_helpers import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 from headrace.client.keys import ModelKeys
-from headrace.workers import scripts
+from headrace.workers.broker import scripts
+from tests.support.worker import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 
 def _trim(r: redis.Redis, keys: ModelKeys) -> int:

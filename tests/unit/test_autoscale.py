@@ -11,7 +11,7 @@ import redis
 
 from headrace.client.errors import BrokerError, ConfigError
 from headrace.client.keys import ModelKeys
-from headrace.cluster.autoscale import (
+from headrace.cluster.serve.autoscale import (
     LAG_METRIC,
     PENDING_METRIC,
     POLICY_IMPORT_PATH,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from headrace.workers.backlog import Backlog, group_backlog
+from headrace.workers.broker.backlog import Backlog, group_backlog
 
 
 def test_reported_lag_used_when_consistent() -> None:
@@ -38,7 +38,7 @@ def test_phantom_lag_over_untrimmed_stream_is_zero_when_nothing_is_after_the_las
 
 
 def test_stale_lag_is_flagged_only_when_nothing_follows_the_last_delivered_id() -> None:
-    from headrace.workers.backlog import stale_lag
+    from headrace.workers.broker.backlog import stale_lag
 
     rows = [{"name": b"workers", "lag": 400, "pending": 0, "last-delivered-id": b"10-3"}]
     assert stale_lag(rows, "workers", "10-3") and stale_lag(rows, "workers", "9-9")

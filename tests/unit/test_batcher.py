@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headrace.client.errors import ConfigError
-from headrace.workers.batcher import Batcher, select_window, split_by_length
-from headrace.workers.memory_broker import ManualClock
+from headrace.workers.engine.batcher import Batcher, select_window, split_by_length
+from headrace.workers.testing.memory_broker import ManualClock
 
 
 def test_ready_when_preferred_batch_waits() -> None:

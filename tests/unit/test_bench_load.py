@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks.lib.probe import split_overhead
 from headrace.client.errors import ConfigError
-from headrace.cluster.bench import BenchSettings, registry_entry
-from headrace.cluster.bench_load import Outcome, RunLimits, closed_loop, open_loop, poisson_schedule
-from headrace.cluster.bench_probe import split_overhead
-from headrace.cluster.bench_targets import InProcessTarget, Payloads, raw_throughput, tensor_payloads
+from headrace.cluster.bench.load import Outcome, RunLimits, closed_loop, open_loop, poisson_schedule
+from headrace.cluster.bench.run import BenchSettings, registry_entry
+from headrace.cluster.bench.targets import InProcessTarget, Payloads, raw_throughput, tensor_payloads
 from headrace.workers.backends.fake import AffineServable, affine_reference
 
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from headrace.cluster.bench_stats import (
+from headrace.cluster.bench.stats import (
     LatencySummary,
     Sample,
     batch_distribution,
@@ -93,7 +93,7 @@ def test_overhead_is_percentile_difference() -> None:
 
 
 def test_batch_summary_lists_the_most_frequent_sizes() -> None:
-    from headrace.cluster.bench import batch_summary
+    from headrace.cluster.bench.run import batch_summary
 
     assert batch_summary({1: 2.0, 32: 40.0, 17: 3.0, 5: 1.0}) == "32x40 17x3 1x2"
     assert batch_summary({}) == "-"

@@ -16,9 +16,9 @@ from rich.console import Console
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
-from headrace.cluster import cli as cli_mod
-from headrace.cluster.cli import _redact, main
-from headrace.cluster.cli_io import dlq_table, load_inputs, result_json, result_table, status_table
+from headrace.cluster.cli import main as cli_mod
+from headrace.cluster.cli.main import _redact, main
+from headrace.cluster.cli.render import dlq_table, load_inputs, result_json, result_table, status_table
 from headrace.cluster.demo import DEMO_SENTENCES, pick_sentences, similarity_report
 
 pytestmark = pytest.mark.timeout(30)
@@ -64,7 +64,7 @@ def test_help_of_every_command(path: tuple[str, ...]) -> None:
 
 
 def test_cli_module_imports_light() -> None:
-    code = ("import sys, headrace.cluster.cli; "
+    code = ("import sys, headrace.cluster.cli.main; "
             "print([m for m in ('ray', 'torch', 'onnxruntime') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -107,8 +107,8 @@ def test_submit_needs_text_or_input() -> None:
 
 
 def test_status_renders_model_status(monkeypatch: pytest.MonkeyPatch) -> None:
-    from headrace.cluster import cli_status
-    from headrace.workers.stats import ConsumerInfo, ModelStatus
+    from headrace.cluster.cli import status as cli_status
+    from headrace.workers.admin.status import ConsumerInfo, ModelStatus
 
     st = ModelStatus(model="affine", stream_length=12, lag=3, pending=2,
                      consumers=(ConsumerInfo("w1", 2, 10), ConsumerInfo("w2", 0, 5)), dead_letters=1,
@@ -129,7 +129,7 @@ def test_status_renders_model_status(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_status_table_without_data_and_empty() -> None:
-    from headrace.workers.stats import ModelStatus
+    from headrace.workers.admin.status import ModelStatus
 
     st = ModelStatus(model="m", stream_length=0, lag=0, pending=0, consumers=(), dead_letters=0,
                      throughput_rps=0.0, p50_ms=None, p99_ms=None, workers=(), window_s=60.0)
@@ -139,7 +139,7 @@ def test_status_table_without_data_and_empty() -> None:
 
 
 def test_dlq_commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    import headrace.workers.dlq as dlq_mod
+    import headrace.workers.admin.dlq as dlq_mod
 
     letter = dlq_mod.DeadLetter(dlq_id="5-0", request_id="r1", reply_to="x", reason="poison", code=E.MAX_DELIVERIES,
                                 entry_id="1-0", deliveries=4, ts_ms=1_700_000_000_000)

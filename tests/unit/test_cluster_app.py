@@ -11,8 +11,8 @@ import pytest
 
 from headrace.client import errors as E
 from headrace.client.errors import ConfigError
-from headrace.cluster import ops
-from headrace.cluster.app import (
+from headrace.cluster.ops import lifecycle as ops
+from headrace.cluster.serve.app import (
     APP_BUILDER,
     WORKER_DEPLOYMENT,
     IngressArgs,
@@ -97,7 +97,7 @@ def test_shipped_ray_config_is_valid_and_prepared_for_deploy(tmp_path: Path) -> 
     assert apps["minilm"]["args"]["redis_url"] == apps["http"]["args"]["redis_url"] == "redis://r:6380/0"
     assert apps["minilm"]["args"]["model_repo"] == str(ROOT / "model_repo")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("applications:\n  - name: x\n    import_path: headrace.cluster.app:build_app\n"
+    bad.write_text("applications:\n  - name: x\n    import_path: headrace.cluster.serve.app:build_app\n"
                    "    args: {model: x, max_batch: -1}\n")
     with pytest.raises(ConfigError, match="application 'x'.*max_batch"):
         ops.load_config(bad)
@@ -172,7 +172,7 @@ def test_cluster_state_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_ingress_maps_wire_codes_to_http_statuses_and_decodes_json_tensors() -> None:
-    from headrace.cluster.ingress import TensorJSON, decode_inputs, http_status
+    from headrace.cluster.serve.ingress import TensorJSON, decode_inputs, http_status
 
     assert http_status(E.QUEUE_FULL) == 429
     assert http_status(E.DEADLINE_EXCEEDED) == 504
@@ -193,8 +193,8 @@ def test_ingress_maps_wire_codes_to_http_statuses_and_decodes_json_tensors() -> 
 
 
 def test_backlog_tap_remembers_the_last_backlog_for_autoscaling() -> None:
-    from headrace.cluster.autoscale import LAG_METRIC, PENDING_METRIC
-    from headrace.cluster.deployment import StreamWorkerReplica, _BacklogTap
+    from headrace.cluster.serve.autoscale import LAG_METRIC, PENDING_METRIC
+    from headrace.cluster.serve.replica import StreamWorkerReplica, _BacklogTap
     from headrace.workers.metrics import InMemoryMetrics
 
     inner = InMemoryMetrics()

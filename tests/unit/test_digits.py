@@ -12,8 +12,8 @@ import torch
 
 from headrace.client.errors import ConfigError, ModelNotFoundError
 from headrace.client.protocol import Envelope, Request
-from headrace.models import digits as DG
-from headrace.models.repository import ModelRepository
+from headrace.models.builtin import digits as DG
+from headrace.models.repository.store import ModelRepository
 
 
 @pytest.fixture(scope="module")

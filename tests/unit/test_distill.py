@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from headrace.client.errors import ConfigError
+from headrace.models.builtin.corpus import load_corpus, sample
+from headrace.models.builtin.minilm import MiniLM, MiniLMConfig
 from headrace.models.compress import distill as D
-from headrace.models.corpus import load_corpus, sample
-from headrace.models.minilm import MiniLM, MiniLMConfig
 from headrace.models.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -145,7 +145,7 @@ def test_config_validation() -> None:
 
 @pytest.mark.timeout(60)
 def test_init_student_takes_teacher_layers() -> None:
-    from headrace.models.minilm import load_minilm
+    from headrace.models.builtin.minilm import load_minilm
 
     teacher = load_minilm()
     student = D.init_student((0, 5))

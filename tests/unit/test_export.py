@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from headrace.client.errors import ModelError
+from headrace.models.builtin.minilm import MiniLM, MiniLMConfig
 from headrace.models.compress.export import (
     OptimizeOptions,
     export_minilm,
     export_onnx,
     minilm_example_inputs,
 )
-from headrace.models.minilm import MiniLM, MiniLMConfig
 
 
 def tiny_minilm(heads: tuple[int, ...] = (2, 2)) -> MiniLM:

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headrace.client.errors import ConfigError
+from headrace.models.builtin.corpus import load_corpus, sample, split_sentences
 from headrace.models.compress import fidelity as fd
-from headrace.models.corpus import load_corpus, sample, split_sentences
 
 
 def _emb(n: int = 40, d: int = 16, seed: int = 0) -> np.ndarray:

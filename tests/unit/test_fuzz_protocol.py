@@ -19,7 +19,14 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from _fuzz_cases import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from headrace.client import errors as E
+from headrace.client import protocol as P
+from headrace.workers.backends.fake import AffineServable
+from headrace.workers.backends.validate import check_finite
+from tests.support.fuzz_cases import (
     INPUT_CODES,
     OK,
     Case,
@@ -31,13 +38,6 @@ from _fuzz_cases import (
     pack,
     record,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from headrace.client import errors as E
-from headrace.client import protocol as P
-from headrace.workers.backends.fake import AffineServable
-from headrace.workers.backends.validate import check_finite
 
 
 def fuzz(n: int) -> settings:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headrace.client.errors import ModelError, ModelNotFoundError
-from headrace.models.minilm import (
+from headrace.models.builtin.minilm import (
     MiniLM,
     MiniLMConfig,
     default_model_path,

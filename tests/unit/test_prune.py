@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from headrace.client.errors import ConfigError
-from headrace.models import digits as DG
+from headrace.models.builtin import digits as DG
+from headrace.models.builtin.minilm import MiniLM, MiniLMConfig
 from headrace.models.compress.prune import (
     PruneSpec,
     UnitStats,
@@ -20,7 +21,6 @@ from headrace.models.compress.prune import (
     prune_minilm,
     prune_mlp,
 )
-from headrace.models.minilm import MiniLM, MiniLMConfig
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from headrace.client.errors import ConfigError, ModelError
-from headrace.models import digits as DG
+from headrace.models.builtin import digits as DG
 from headrace.models.compress import quantize as Q
 from headrace.models.compress.fidelity import INT8_MIN_MEAN_COSINE, INT8_MIN_OVERLAP_AT_10, embedding_fidelity
 
@@ -37,10 +37,10 @@ def accuracy(path: Path, data: DG.DigitsData) -> float:
 @pytest.mark.timeout(240)
 def test_dynamic_int8_minilm_meets_fidelity_gate(model_repo_dir: Path, tmp_path: Path) -> None:
     """The real all-MiniLM-L6-v2, per-channel dynamic INT8, on 64 held-out real sentences."""
-    from headrace.models.build import ensure_minilm
+    from headrace.models.builtin.build import ensure_minilm
+    from headrace.models.builtin.corpus import load_corpus, sample
     from headrace.models.compress.report import ort_runner
-    from headrace.models.corpus import load_corpus, sample
-    from headrace.models.repository import ModelRepository
+    from headrace.models.repository.store import ModelRepository
     from headrace.models.tokenizer import encode_batch, load_tokenizer
 
     m = ensure_minilm(model_repo_dir)

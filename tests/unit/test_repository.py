@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from headrace.client.errors import ModelNotFoundError, RepositoryError
-from headrace.models.repository import MANIFEST_FILE, IOSpec, Manifest, ModelRepository
-from headrace.models.repository_view import format_models_table, show_manifest
+from headrace.models.repository.store import MANIFEST_FILE, IOSpec, Manifest, ModelRepository
+from headrace.models.repository.view import format_models_table, show_manifest
 
 X = [IOSpec("x", "float32", (4,))]
 Y = [IOSpec("y", "float32", (2,))]
@@ -206,7 +206,7 @@ def test_tables_render(repo: ModelRepository, src: Path) -> None:
 
 
 def test_find_build_ignores_tampered_cache(repo: ModelRepository, src: Path) -> None:
-    from headrace.models.build import find_build
+    from headrace.models.builtin.build import find_build
 
     add(repo, src, extra={"build_key": "k1"})
     add(repo, src, extra={"build_key": "k2"})

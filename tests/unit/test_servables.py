@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, Request
-from headrace.models.build import MINILM_TORCH_NAME, ensure_minilm
-from headrace.models.minilm import encode_batch, load_minilm, load_tokenizer
-from headrace.models.repository import IOSpec, Manifest, ModelRepository
+from headrace.models.builtin.build import MINILM_TORCH_NAME, ensure_minilm
+from headrace.models.builtin.minilm import encode_batch, load_minilm, load_tokenizer
+from headrace.models.repository.store import IOSpec, Manifest, ModelRepository
 from headrace.workers.backends import load_servable
 from headrace.workers.backends.onnx import choose_providers
 from headrace.workers.backends.torch_backend import resolve_factory
@@ -245,7 +245,7 @@ def test_ensure_minilm_reuses_identical_build(minilm_repo: ModelRepository) -> N
 def test_text_encoder_tokenises_each_text_once() -> None:
     """The ids kept by ``count`` (admission) build the same padded batch the tokenizer's
     own batch padding gives, and ``encode`` tokenises only what was never counted."""
-    from headrace.models.minilm import default_model_path
+    from headrace.models.builtin.minilm import default_model_path
     from headrace.workers.backends.prepost import TextEncoder
 
     texts = ["short", "a somewhat longer sentence with more tokens in it", "", "short", "x " * 400]

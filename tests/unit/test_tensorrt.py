@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from headrace.client.errors import ConfigError, ModelError
-from headrace.models import digits as DG
+from headrace.models.builtin import digits as DG
 from headrace.models.compress import quantize as Q
 from headrace.models.compress import tensorrt as T
 

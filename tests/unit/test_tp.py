@@ -12,7 +12,7 @@ import torch
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from headrace.client.errors import ConfigError
-from headrace.cluster.tp import (
+from headrace.cluster.tp.ranks import (
     SHARDED_LINEARS,
     TPModelSpec,
     check_shardable,
@@ -21,7 +21,7 @@ from headrace.cluster.tp import (
     shard_report,
     verify_sharding,
 )
-from headrace.models.minilm import MiniLM, MiniLMConfig
+from headrace.models.builtin.minilm import MiniLM, MiniLMConfig
 
 SMALL: dict[str, Any] = {"vocab_size": 100, "hidden_size": 64, "head_dim": 16, "num_heads": [4, 4],
                          "intermediate_sizes": [128, 128], "max_position": 32, "source_layers": [0, 1]}

@@ -11,13 +11,13 @@ import pytest
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, Request, encode_request
 from headrace.workers.__main__ import parse_args
+from headrace.workers.admin.dlq import DeadLetter
 from headrace.workers.backends.base import TensorSpec
 from headrace.workers.backends.fake import AffineServable, LengthServable, fake_from_env, make_fake
 from headrace.workers.backends.validate import check_finite, check_tensors, check_text
-from headrace.workers.broker import Ack, BatchStats, DeadLetterOp, Reply
-from headrace.workers.dlq import DeadLetter
-from headrace.workers.memory_broker import ManualClock, MemoryBroker, MemoryStore
+from headrace.workers.broker.redis_broker import Ack, BatchStats, DeadLetterOp, Reply
 from headrace.workers.metrics import InMemoryMetrics, NullMetrics, PrometheusMetrics, WorkerMetrics
+from headrace.workers.testing.memory_broker import ManualClock, MemoryBroker, MemoryStore
 
 SPECS = (TensorSpec("x", "float32", (-1, 3)), TensorSpec("mask", "int64", (-1,)))
 
@@ -146,7 +146,7 @@ def test_memory_broker_trim_and_claim_follow_stream_semantics() -> None:
 
 
 def test_xreadgroup_reply_shapes_are_all_understood() -> None:
-    from headrace.workers.broker import _stream_entries
+    from headrace.workers.broker.redis_broker import _stream_entries
 
     entries = [(b"1-0", {b"a": b"1"}), (b"1-1", {b"b": b"2"})]
     assert _stream_entries(None) == [] and _stream_entries({}) == [] and _stream_entries([]) == []

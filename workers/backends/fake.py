@@ -31,9 +31,8 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import Request
-
-from .base import Servable, TensorSpec
-from .validate import check_tensors, check_text
+from headrace.workers.backends.base import Servable, TensorSpec
+from headrace.workers.backends.validate import check_tensors, check_text
 
 FAKE_KINDS = ("affine", "length")
 CRASH_EXIT_CODE = 17

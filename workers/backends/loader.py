@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from headrace.client import errors as E
-from headrace.models.repository import Manifest, ModelRepository
+from headrace.models.repository.store import Manifest, ModelRepository
+from headrace.workers.backends.base import Servable
 from headrace.workers.settings import WorkerSettings
-
-from .base import Servable
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +59,13 @@ def servable_from_manifest(repo: ModelRepository, manifest: Manifest, *, intra_o
     if m.accepts_text:
         tok = repo.file_path(m, str(m.extra.get("tokenizer", "tokenizer.json")))
     if m.format == "onnx":
-        from .onnx import OnnxServable
+        from headrace.workers.backends.onnx import OnnxServable
 
         return OnnxServable(m, model_path, tokenizer_path=tok, intra_op_threads=intra_op_threads,
                             providers=providers, reject_non_finite=reject_non_finite,
                             allow_spinning=ort_spin)
     if m.format == "torch":
-        from .torch_backend import load_torch_servable
+        from headrace.workers.backends.torch_backend import load_torch_servable
 
         return load_torch_servable(m, folder, tokenizer_path=tok, intra_op_threads=intra_op_threads,
                                    device=device, reject_non_finite=reject_non_finite)

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 
 from headrace.client import errors as E
-from headrace.models.repository import Manifest
-
-from . import prepost
+from headrace.models.repository.store import Manifest
+from headrace.workers.backends import prepost
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,9 @@ import numpy as np
 
 from headrace.client.errors import ModelError
 from headrace.client.protocol import Request
-from headrace.models.repository import IOSpec, Manifest
-
-from .base import Servable, TensorSpec
-from .validate import check_tensors, check_text
+from headrace.models.repository.store import IOSpec, Manifest
+from headrace.workers.backends.base import Servable, TensorSpec
+from headrace.workers.backends.validate import check_tensors, check_text
 
 Array = np.ndarray[Any, Any]
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")

@@ -2,7 +2,7 @@
 so no ``torch.load``) plus code that knows the architecture.
 
 The architecture comes from the manifest: ``extra.arch == "minilm"`` builds our
-:class:`~headrace.models.minilm.MiniLM` from ``model.safetensors`` + ``minilm_config.json``;
+:class:`~headrace.models.builtin.minilm.MiniLM` from ``model.safetensors`` + ``minilm_config.json``;
 otherwise ``extra.torch_factory = "headrace.some.module:function"`` names a factory
 ``function(folder: Path, manifest: Manifest) -> torch.nn.Module``. Factories are only looked
 up inside the ``headrace`` package, so a manifest cannot make a worker import arbitrary code.
@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from headrace.client import errors as E
-from headrace.models.repository import Manifest
-
-from . import prepost
+from headrace.models.repository.store import Manifest
+from headrace.workers.backends import prepost
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +32,7 @@ FACTORY_PREFIX = "headrace."
 
 
 def _minilm_factory(folder: Path, manifest: Manifest) -> torch.nn.Module:
-    from headrace.models.minilm import load_minilm
+    from headrace.models.builtin.minilm import load_minilm
 
     return load_minilm(folder / manifest.model_file)
 

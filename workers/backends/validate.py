@@ -15,8 +15,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import Request
-
-from .base import TensorSpec
+from headrace.workers.backends.base import TensorSpec
 
 
 def _shape_matches(actual: tuple[int, ...], spec: tuple[int, ...]) -> bool:

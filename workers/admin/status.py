@@ -1,0 +1,171 @@
+"""Read-side status of served models: what ``headrace status`` shows.
+
+Workers write one line per committed batch to ``<ns>:{<model>}:stats`` (a stream capped at
+about 2000 lines; see ``broker.BatchStats``) and heartbeat into the ``<ns>:models`` hash.
+This module turns those, plus ``XINFO`` on the request stream, into typed snapshots. It
+takes a synchronous ``redis.Redis`` created with ``decode_responses=False`` (the default):
+the latency field is msgpack, which a decoding client cannot read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from headrace.client import errors as E
+from headrace.client.config import DEFAULT_GROUP
+from headrace.client.keys import ModelKeys, registry_key
+from headrace.workers.broker.backlog import group_backlog, last_entry_id
+
+ALIVE_MS = 30_000  # a worker whose last heartbeat is older is not counted as serving
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _field(fields: Any, name: str) -> Any:
+    v = fields.get(name.encode())
+    return fields.get(name) if v is None else v
+
+
+@dataclass(frozen=True)
+class ConsumerInfo:
+    """One consumer of the group: entries it owns (``pending``) and ms since it last acted."""
+
+    name: str
+    pending: int
+    idle_ms: int
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model's queue and recent performance.
+
+    Attributes:
+        stream_length: entries in the request stream (acked ones until trimmed).
+        lag: entries not yet delivered to the group.
+        pending: delivered but not yet acknowledged.
+        consumers: the group's consumers.
+        dead_letters: entries in the dead-letter stream.
+        throughput_rps: requests answered per second over the last ``window_s``.
+        p50_ms / p99_ms: submit-to-result latency over the window (None without data).
+        workers: names of workers whose heartbeat is recent.
+        answered / failed: requests answered (any status) / not ok within the window.
+    """
+
+    model: str
+    stream_length: int
+    lag: int
+    pending: int
+    consumers: tuple[ConsumerInfo, ...]
+    dead_letters: int
+    throughput_rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    workers: tuple[str, ...]
+    window_s: float
+    answered: int = 0
+    failed: int = 0
+    version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: version served, live workers (name -> last heartbeat, Unix ms)."""
+
+    model: str
+    version: str
+    workers: dict[str, int] = field(default_factory=dict)
+    heartbeat_ms: int = 0
+    servable: dict[str, Any] = field(default_factory=dict)
+
+    def alive_workers(self, now_ms: int, alive_ms: int = ALIVE_MS) -> tuple[str, ...]:
+        return tuple(sorted(w for w, ts in self.workers.items() if now_ms - ts <= alive_ms))
+
+
+def _server_ms(redis: Any) -> int:
+    sec, usec = redis.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def list_models(redis: Any, namespace: str) -> list[ModelInfo]:
+    """Models registered by workers in ``<ns>:models`` (sorted by name).
+
+    Raises:
+        BrokerError: Redis unreachable.
+    """
+    try:
+        raw = redis.hgetall(registry_key(namespace))
+    except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
+        raise E.BrokerError(f"cannot read the model registry: {e}") from e
+    out = []
+    for k, v in raw.items():
+        try:
+            info = json.loads(_s(v))
+        except ValueError:
+            continue
+        workers = info.get("workers") if isinstance(info.get("workers"), dict) else {}
+        out.append(ModelInfo(model=_s(k), version=str(info.get("version") or ""),
+                             workers={str(w): int(ts) for w, ts in workers.items()},
+                             heartbeat_ms=int(info.get("heartbeat_ms") or 0),
+                             servable=info.get("servable") if isinstance(info.get("servable"), dict) else {}))
+    return sorted(out, key=lambda m: m.model)
+
+
+def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
+                 group: str = DEFAULT_GROUP) -> ModelStatus:
+    """Snapshot of one model's queue and its last ``window_s`` seconds of work.
+
+    Raises:
+        BrokerError: Redis unreachable.
+        ConfigError: invalid namespace or model name.
+    """
+    import redis as redis_mod
+
+    keys = ModelKeys(namespace, model, group)
+    try:
+        now = _server_ms(redis)
+        stream_length = lag = pending = 0
+        consumers: tuple[ConsumerInfo, ...] = ()
+        try:
+            stream_length = int(redis.xlen(keys.requests))
+            backlog = group_backlog(redis.xinfo_groups(keys.requests), group, stream_length,
+                                    last_entry_id(redis.xrevrange(keys.requests, "+", "-", count=1)))
+            lag, pending = backlog.lag, backlog.pending
+            # NOGROUP (no worker or producer created the group yet) lands in the except below.
+            consumers = tuple(ConsumerInfo(_s(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0))
+                              for c in redis.xinfo_consumers(keys.requests, group))
+        except redis_mod.ResponseError:
+            pass  # no stream or group yet: nothing queued
+        dead = int(redis.xlen(keys.dlq))
+        lines = redis.xrange(keys.stats, min=f"{max(0, now - int(window_s * 1000))}-0", max="+")
+        models = {m.model: m for m in list_models(redis, namespace)}
+    except redis_mod.RedisError as e:
+        raise E.BrokerError(f"cannot read the status of {model!r}: {e}") from e
+    answered = failed = 0
+    lat: list[float] = []
+    for _id, f in lines:
+        answered += int(_field(f, "ok") or 0) + int(_field(f, "failed") or 0)
+        failed += int(_field(f, "failed") or 0)
+        raw = _field(f, "lat_ms")
+        if raw:
+            try:
+                lat += [float(x) for x in msgpack.unpackb(raw if isinstance(raw, bytes) else raw.encode("latin-1"))]
+            except (ValueError, TypeError, msgpack.UnpackException):
+                pass
+    info = models.get(model)
+    p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat else (None, None)
+    return ModelStatus(model=model, stream_length=stream_length, lag=lag, pending=pending, consumers=consumers,
+                       dead_letters=dead, throughput_rps=answered / window_s if window_s > 0 else 0.0,
+                       p50_ms=p50, p99_ms=p99, workers=info.alive_workers(now) if info else (),
+                       window_s=window_s, answered=answered, failed=failed, version=info.version if info else "")
+
+
