@@ -176,3 +176,13 @@ class ClientSettings(Settings):
     @property
     def effective_redis_url(self) -> str:
         return self.redis_url or "redis://127.0.0.1:6379/0"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for logs and terminal output."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user + ':***@' if user else '***@'}{host}"

@@ -205,7 +205,7 @@ def run_demo(*, redis_url: str | None = None, namespace: str | None = None, repo
     from headrace.client import Client
     from headrace.client.config import ClientSettings
     from headrace.cluster.cli.render import status_table
-    from headrace.cluster.cli.status import collect_status
+    from headrace.cluster.cli.status_data import collect_status
     from headrace.cluster.ops.embedded_redis import EmbeddedRedis
     from headrace.workers.settings import WorkerSettings
 

@@ -31,7 +31,9 @@ def up_cmd(cfg: Any, config_path: str, num_cpus: int | None, dashboard_port: int
     state = ops.up(config_path, redis_url=cfg.redis_url, num_cpus=num_cpus, dashboard_port=dashboard_port,
                    metrics_port=metrics_port, say=click.echo)
     click.echo(f"Ray dashboard: {state.dashboard_url}")
-    click.echo(f"Redis: {_redact(state.redis_url)}   Prometheus: http://127.0.0.1:{state.metrics_port}/metrics")
+    from headrace.client.config import redact_url
+
+    click.echo(f"Redis: {redact_url(state.redis_url)}   Prometheus: http://127.0.0.1:{state.metrics_port}/metrics")
     if not cfg.redis_url:
         click.echo(f"For the SDK and `headrace status`: export HEADRACE_REDIS_URL={state.redis_url}")
     click.echo("Next: headrace status | headrace scale MODEL N | headrace deploy MODEL --version V | headrace down")
@@ -96,18 +98,3 @@ def with_replicas(renderable: Any) -> Any:
     except Exception as e:  # noqa: BLE001 - show the problem instead of failing the status
         return Group(renderable, f"[yellow]Ray Serve at {url}: {e}[/]")
     return Group(renderable, ops.replica_table(rows, title=f"Ray Serve replicas ({url})"))
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + ':***@' if user else '***@'}{host}"
-
-
-def register(group: click.Group) -> None:
-    """Add the cluster commands to the ``headrace`` group."""
-    for cmd in (up_cmd, down_cmd, scale_cmd, deploy_cmd):
-        group.add_command(cmd)

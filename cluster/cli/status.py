@@ -1,51 +1,48 @@
-"""Gathering per-model status for ``headrace status`` and the demo."""
+"""``headrace status``: the queue of every model, and the Ray Serve replicas."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+import time
 from typing import Any
 
-import redis
+import click
 
-from headrace.client.keys import model_keys
-
-log = logging.getLogger(__name__)
+from headrace.cluster.cli.context import CliConfig, pass_cfg
 
 
-def known_models(r: redis.Redis, namespace: str) -> list[str]:
-    """Models registered by workers (``<ns>:models``) plus models whose request stream
-    exists without a worker yet (found with SCAN, so a backlog nobody serves still shows)."""
-    from headrace.workers.admin.status import list_models
+@click.command()
+@click.option("--model", "models", multiple=True, help="Only these models (repeatable; default: all known).")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval-s", type=float, default=2.0, help="Refresh interval with --watch (s).")
+@click.option("--window-s", type=float, default=60.0, help="Window of throughput and latency percentiles (s).")
+@pass_cfg
+def status(cfg: CliConfig, models: tuple[str, ...], watch: bool, interval_s: float, window_s: float) -> None:
+    """Per model: stream length, lag, pending, consumers, dead letters, throughput, p50/p99."""
+    from rich.console import Console
 
-    names: set[str] = set()
-    listed = list_models(r, namespace)
-    for item in listed.keys() if isinstance(listed, dict) else listed:
-        names.add(item if isinstance(item, str) else str(getattr(item, "model", getattr(item, "name", item))))
-    prefix = f"{namespace}:{{"
-    for key in r.scan_iter(match=f"{namespace}:{{*}}:requests", count=500):
-        k = key.decode() if isinstance(key, bytes) else str(key)
-        if k.startswith(prefix) and k.endswith("}:requests"):
-            names.add(k[len(prefix):-len("}:requests")])
-    return sorted(names)
+    from headrace.cluster.cli.render import status_table
 
+    r = cfg.redis()
+    ns = cfg.ns
 
-def collect_status(r: redis.Redis, namespace: str, models: Sequence[str], window_s: float) -> list[tuple[str, Any]]:
-    """``(model, ModelStatus)`` for ``models`` (all known models when empty).
+    def render() -> Any:
+        from headrace.cluster.cli.cluster import with_replicas
+        from headrace.cluster.cli.status_data import collect_status
 
-    Raises:
-        BrokerError: Redis is unreachable.
-        ConfigError: an invalid model name.
-    """
-    from headrace.client import errors as E
-    from headrace.workers.admin.status import model_status
+        return with_replicas(status_table(collect_status(r, ns, list(models), window_s), ns))
 
+    console = Console()
     try:
-        names = list(models) or known_models(r, namespace)
-        out = []
-        for m in names:
-            model_keys(m, namespace)  # validates the name before it becomes a key
-            out.append((m, model_status(r, namespace, m, window_s=window_s)))
-        return out
-    except redis.RedisError as e:
-        raise E.BrokerError(f"reading status from Redis failed: {e}") from e
+        if not watch:
+            console.print(render())
+            return
+        from rich.live import Live
+
+        with Live(render(), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(render())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        r.close()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import BrokerError, ConfigError, HeadraceError
-from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_port
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_ports
 from headrace.cluster.serve.app import APP_BUILDER
 from headrace.cluster.serve.config import (
     DashboardDeployer,
@@ -199,9 +199,10 @@ def up(config_path: str | os.PathLike[str] = DEFAULT_CONFIG, *, redis_url: str |
         redis_url, redis_pid = server.url, server.proc.pid if server.proc else None
         say(f"Redis: started a private redis-server at {redis_url} (data in {data})")
     cfg = prepare_config(cfg, redis_url=redis_url)
-    metrics_port = metrics_port or free_port()
-    # Ray's GCS defaults to port 6379, Redis' own port: pick a free one.
-    gcs_port = free_port()
+    # Ray's GCS defaults to port 6379, Redis' own port: pick a free one (both picked at once,
+    # so that they cannot come out equal).
+    picked_metrics, gcs_port = free_ports(2)
+    metrics_port = metrics_port or picked_metrics
     cmd = [_ray_cli(), "start", "--head", "--block", f"--port={gcs_port}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            f"--metrics-export-port={metrics_port}", "--disable-usage-stats"]

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from headrace.cluster.ops.embedded_redis import free_port
+from headrace.cluster.ops.embedded_redis import free_ports
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_scale_deploy_status_down(tmp_path: Path) -> None:
-    http_port = free_port()
+    http_port, dashboard_port = free_ports(2)
     config = tmp_path / "ray_config.yaml"
     config.write_text(f"""
 proxy_location: HeadOnly
@@ -55,7 +55,7 @@ applications:
     env.pop("RAY_DASHBOARD_ADDRESS", None)
     state_file = tmp_path / "state" / "cluster.json"
     try:
-        out = _run(["up", "--config", str(config), "--num-cpus", "2", "--dashboard-port", str(free_port()),
+        out = _run(["up", "--config", str(config), "--num-cpus", "2", "--dashboard-port", str(dashboard_port),
                     "--no-build"], env)
         state = json.loads(state_file.read_text())
         assert f"Ray dashboard: {state['dashboard_url']}" in out

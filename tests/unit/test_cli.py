@@ -16,8 +16,9 @@ from rich.console import Console
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
-from headrace.cluster.cli import main as cli_mod
-from headrace.cluster.cli.main import _redact, main
+from headrace.client.config import redact_url as _redact
+from headrace.cluster.cli import context as cli_mod
+from headrace.cluster.cli.main import main
 from headrace.cluster.cli.render import dlq_table, load_inputs, result_json, result_table, status_table
 from headrace.cluster.demo import DEMO_SENTENCES, pick_sentences, similarity_report
 
@@ -107,7 +108,7 @@ def test_submit_needs_text_or_input() -> None:
 
 
 def test_status_renders_model_status(monkeypatch: pytest.MonkeyPatch) -> None:
-    from headrace.cluster.cli import status as cli_status
+    from headrace.cluster.cli import status_data as cli_status
     from headrace.workers.admin.status import ConsumerInfo, ModelStatus
 
     st = ModelStatus(model="affine", stream_length=12, lag=3, pending=2,

@@ -1,0 +1,46 @@
+"""What every ``headrace`` command shares: the global options and the error handling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+
+@dataclass
+class CliConfig:
+    """Global options shared by every command (None falls through to ``HEADRACE_*``)."""
+
+    redis_url: str | None
+    namespace: str | None
+    repo: str
+
+    def client_settings(self, **overrides: Any) -> Any:
+        from headrace.client.config import ClientSettings
+
+        return ClientSettings.from_env(redis_url=self.redis_url, namespace=self.namespace, **overrides)
+
+    def redis(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.client_settings().effective_redis_url)
+
+    @property
+    def ns(self) -> str:
+        return str(self.client_settings().namespace)
+
+
+class HeadraceGroup(click.Group):
+    """Turns headrace errors into one clean ``Error: [code] message`` line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from headrace.client.errors import HeadraceError
+
+        try:
+            return super().invoke(ctx)
+        except HeadraceError as e:
+            raise click.ClickException(str(e)) from e
+
+
+pass_cfg = click.make_pass_decorator(CliConfig)

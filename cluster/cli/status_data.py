@@ -1,0 +1,51 @@
+"""Gathering per-model status for ``headrace status`` and the demo."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from headrace.client.keys import model_keys
+
+log = logging.getLogger(__name__)
+
+
+def known_models(r: redis.Redis, namespace: str) -> list[str]:
+    """Models registered by workers (``<ns>:models``) plus models whose request stream
+    exists without a worker yet (found with SCAN, so a backlog nobody serves still shows)."""
+    from headrace.workers.admin.status import list_models
+
+    names: set[str] = set()
+    listed = list_models(r, namespace)
+    for item in listed.keys() if isinstance(listed, dict) else listed:
+        names.add(item if isinstance(item, str) else str(getattr(item, "model", getattr(item, "name", item))))
+    prefix = f"{namespace}:{{"
+    for key in r.scan_iter(match=f"{namespace}:{{*}}:requests", count=500):
+        k = key.decode() if isinstance(key, bytes) else str(key)
+        if k.startswith(prefix) and k.endswith("}:requests"):
+            names.add(k[len(prefix):-len("}:requests")])
+    return sorted(names)
+
+
+def collect_status(r: redis.Redis, namespace: str, models: Sequence[str], window_s: float) -> list[tuple[str, Any]]:
+    """``(model, ModelStatus)`` for ``models`` (all known models when empty).
+
+    Raises:
+        BrokerError: Redis is unreachable.
+        ConfigError: an invalid model name.
+    """
+    from headrace.client import errors as E
+    from headrace.workers.admin.status import model_status
+
+    try:
+        names = list(models) or known_models(r, namespace)
+        out = []
+        for m in names:
+            model_keys(m, namespace)  # validates the name before it becomes a key
+            out.append((m, model_status(r, namespace, m, window_s=window_s)))
+        return out
+    except redis.RedisError as e:
+        raise E.BrokerError(f"reading status from Redis failed: {e}") from e
