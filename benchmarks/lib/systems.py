@@ -21,8 +21,7 @@ from typing import Any
 import redis
 
 from headrace.client import errors as E
-from headrace.client.keys import registry_key
-from headrace.cluster.bench.run import registry_entry
+from headrace.client.registry import read_model
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +129,10 @@ def live_workers(redis_url: str, namespace: str, model: str) -> list[str]:
     """
     r = redis.Redis.from_url(redis_url)
     try:
-        raw = r.hget(registry_key(namespace), model)
-    except redis.RedisError as e:
-        raise E.BrokerError(f"cannot read the worker registry at {redis_url}: {e}") from e
+        record, now_ms = read_model(r, namespace, model)
     finally:
         r.close()
-    return registry_entry(raw)[0]
+    return [w.consumer for w in record.live_workers(now_ms)] if record else []
 
 
 def wait_for_workers(redis_url: str, namespace: str, model: str, n: int, timeout_s: float = 180.0,
