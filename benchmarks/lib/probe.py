@@ -34,7 +34,10 @@ import numpy as np
 
 from headrace.client.protocol import Request
 from headrace.workers.backends.base import Servable
-from headrace.workers.broker.redis_broker import BatchStats, Entry, Op, RedisBroker
+from headrace.workers.broker.redis_broker import RedisBroker
+from headrace.workers.pipeline.entry import Entry
+from headrace.workers.pipeline.ops import Op
+from headrace.workers.pipeline.stats import BatchStats
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,8 @@ class ProbeBroker(RedisBroker):
         super().__init__(settings)
         self.probes = probes
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        entries = await super().read(count, block_ms)
+    async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
+        entries = await super().read(count, block_ms, budget_bytes)
         t = time.perf_counter()
         for e in entries:
             raw = e.fields.get(b"id")
@@ -103,6 +106,9 @@ class ProbeServable(Servable):
 
     def length(self, request: Request) -> int:
         return self.inner.length(request)
+
+    def plan(self, requests: Sequence[Request]) -> list[list[int]]:
+        return self.inner.plan(requests)
 
     def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
         t0 = time.perf_counter()
@@ -167,21 +173,19 @@ def load_probes(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from headrace.client.errors import HeadraceError
-    from headrace.workers.__main__ import _FLAGS, parse_args
+    from headrace.workers.cli import parse_args, settings_from_args
     from headrace.workers.run import serve
 
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (args.log_level or os.environ.get("HEADRACE_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = os.environ.get(PROBE_ENV)
     if not out:
         logging.getLogger(__name__).error("set %s to the file the probes go to", PROBE_ENV)
         return 2
-    overrides = {name: getattr(args, name) for name, _ in _FLAGS}
-    if args.fake and overrides["model"] is None:
-        overrides["model"] = args.fake
     probes = Probes()
     try:
-        settings = WorkerSettings.from_env(**overrides)
+        settings = settings_from_args(args)
         inner: Servable
         if args.fake:
             from headrace.workers.backends.fake import fake_from_env

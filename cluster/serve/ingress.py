@@ -34,7 +34,7 @@ from ray import serve
 
 from headrace.client import errors as E
 from headrace.client.protocol import DTYPES, Result
-from headrace.cluster.serve.app import IngressArgs
+from headrace.cluster.serve.args import IngressArgs
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,9 @@ class IngressDeployment:
 
             from headrace.client.aio import AsyncClient
 
-            self._client = AsyncClient(self.args.redis_url or None, namespace=self.args.namespace,
+            self._client = AsyncClient(self.args.effective_redis_url, namespace=self.args.namespace,
                                        max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s)
-            self._redis = aioredis.Redis.from_url(self.args.redis_url or "redis://127.0.0.1:6379/0")
+            self._redis = aioredis.Redis.from_url(self.args.effective_redis_url)
         return self._client, self._redis
 
     @api.get("/healthz")

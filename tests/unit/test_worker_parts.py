@@ -10,14 +10,17 @@ import pytest
 
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, Request, encode_request
-from headrace.workers.__main__ import parse_args
+from headrace.workers.cli import parse_args
 from headrace.workers.admin.dlq import DeadLetter
 from headrace.workers.backends.base import TensorSpec
 from headrace.workers.backends.fake import AffineServable, LengthServable, fake_from_env, make_fake
 from headrace.workers.backends.validate import check_finite, check_tensors, check_text
-from headrace.workers.broker.redis_broker import Ack, BatchStats, DeadLetterOp, Reply
-from headrace.workers.metrics import InMemoryMetrics, NullMetrics, PrometheusMetrics, WorkerMetrics
-from headrace.workers.testing.memory_broker import ManualClock, MemoryBroker, MemoryStore
+from headrace.workers.pipeline.ops import Ack, DeadLetterOp, Reply
+from headrace.workers.pipeline.stats import BatchStats
+from headrace.workers.metrics import NullMetrics, PrometheusMetrics, WorkerMetrics
+from headrace.workers.testing.metrics import InMemoryMetrics
+from headrace.workers.testing.clock import ManualClock
+from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
 
 SPECS = (TensorSpec("x", "float32", (-1, 3)), TensorSpec("mask", "int64", (-1,)))
 

@@ -209,6 +209,14 @@ class ManifestServable(Servable):
             return results
         return run_tensor_batch(requests, self.manifest, self.inputs, self._run_tensors)
 
+    def plan(self, requests: Sequence[Request]) -> list[list[int]]:
+        """The model calls :meth:`infer` would make: ``max_batch`` chunks of text, or groups
+        of equal input shapes in ``max_batch`` chunks."""
+        if self._encoder is not None:
+            step = self.manifest.max_batch or len(requests) or 1
+            return [list(range(i, min(i + step, len(requests)))) for i in range(0, len(requests), step)]
+        return list(shape_groups(requests, [s.name for s in self.inputs], self.manifest.max_batch))
+
     def check(self, request: Request) -> None:
         """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""
         if self.accepts_text:
