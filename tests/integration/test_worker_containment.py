@@ -7,6 +7,11 @@ serving normal requests afterwards.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import redis
@@ -17,7 +22,7 @@ from headrace.workers.admin.dlq import dlq_list
 from headrace.workers.backends.fake import AffineServable, affine_reference
 from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
-from tests.support.worker import Collector, affine_request, pending_count, produce
+from tests.support.worker import Collector, affine_request, pending_count, produce, wait_until, worker_procs
 
 NINES = b"9" * 400
 
@@ -103,3 +108,36 @@ def test_4000_fields_and_a_foreign_reply_to_are_dead_lettered_not_retried_foreve
         assert pending_count(r, keys) == 0 and not r.exists("elsewhere")
     finally:
         wt.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_standalone_worker_whose_task_dies_exits_non_zero_and_its_entries_are_rescued(
+        redis_url: str, tmp_path: Path) -> None:
+    # The writer task dies (an exception where a bug would raise it): the process must not
+    # stay up heartbeating while answering nothing; it exits 2 for its supervisor, and its
+    # pending entries go to another worker once their lease lapses.
+    r = redis.Redis.from_url(redis_url)
+    keys = ModelKeys("headrace", "affine")
+    reply = keys.reply("c")
+    produce(r, keys, [affine_request(f"r{i}", float(i), reply) for i in range(6)])
+    code = ("import sys\n"
+            "from headrace.workers.broker.redis_broker import RedisBroker\n"
+            "async def boom(self, *args, **kw):\n"
+            "    raise RuntimeError('injected into the writer')\n"
+            "RedisBroker.commit = boom\n"
+            "from headrace.workers.__main__ import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_")}
+    proc = subprocess.run([sys.executable, "-c", code, "--fake", "affine", "--redis-url", redis_url,
+                           "--lease-s", "1", "--block-ms", "50", "--consumer", "victim"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "worker task 'write' died" in proc.stderr
+    assert {c["name"].decode(): c["pending"] for c in r.xinfo_consumers(keys.requests, keys.group)} == {"victim": 6}
+    with worker_procs(redis_url, tmp_path) as spawn:
+        spawn("--lease-s", "1", "--block-ms", "50")
+        collector = Collector(r, reply)
+        collector.wait_for(6, timeout_s=30)
+        got = collector.by_id()
+        assert sorted(got) == [f"r{i}" for i in range(6)] and all(len(v) == 1 and v[0].ok for v in got.values())
+        wait_until(lambda: pending_count(r, keys) == 0)

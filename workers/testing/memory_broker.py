@@ -174,7 +174,6 @@ class MemoryBroker(Broker):
         s = self.store
         with s.lock:
             s._check_up()
-            s._touch(self.consumer)
             out: list[Entry] = []
             total = 0
             for entry_id, fields in s.entries.items():
@@ -191,6 +190,8 @@ class MemoryBroker(Broker):
                 total += entry.size_bytes
                 if entry.truncated:
                     break
+            if out:  # as Redis: a consumer exists once it was delivered something
+                s._touch(self.consumer)
             return out
 
     async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
@@ -224,6 +225,8 @@ class MemoryBroker(Broker):
                 s.pel[entry_id] = Pending(self.consumer, now, p.deliveries + 1)
                 total += 0 if entry.truncated else entry.size_bytes
                 out.append(entry)
+            if out:
+                s._touch(self.consumer)
             return out
 
     async def refresh_lease(self, entry_ids: Sequence[str]) -> list[str]:
