@@ -23,10 +23,9 @@ from headrace.workers.pipeline.entry import (
     ROUTING_FIELD_MAX_BYTES,
     ROUTING_FIELDS,
     Entry,
-    fields_bytes,
     truncated_entry,
 )
-from headrace.workers.pipeline.ops import DLQ_SCRIPT_NAMES, Ack, DeadLetterOp, Op, Reply
+from headrace.workers.pipeline.ops import DLQ_SCRIPT_NAMES, Ack, Op, Reply
 from headrace.workers.pipeline.stats import BatchStats
 from headrace.workers.settings import WorkerSettings
 

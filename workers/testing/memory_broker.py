@@ -30,7 +30,6 @@ from headrace.workers.pipeline.ops import (
     UNWRITABLE,
     WRITTEN,
     Ack,
-    DeadLetterOp,
     Op,
     Reply,
 )
