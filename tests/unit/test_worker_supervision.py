@@ -121,3 +121,29 @@ def test_worker_thread_reports_the_failure() -> None:
         time.sleep(0.01)
     assert wt.failed is not None and "maint" in wt.failed.message
     assert not wt.healthy() and not wt.alive
+
+
+@pytest.mark.timeout(30)
+async def test_a_commit_redis_refuses_is_split_and_blocks_nobody_else() -> None:
+    # The DLQ key holds another type: every commit holding a dead letter is refused. The
+    # writer splits the commit until the dead letter is alone; the others are answered, and
+    # the refused entry stays pending (never acked unrecorded) until the DLQ is writable.
+    store = MemoryStore()
+    store.wrong_type.add(store.dlq_key)
+    w = StreamWorker(settings(max_wait_ms=50, lease_s=0.3), AffineServable(), MemoryBroker(store, "w"))
+    with store.lock:
+        ids = [store.add(fields(f"r{i}", float(i))) for i in range(3)]
+        bad = store.add({b"v": b"1", b"body": b"junk"})  # no id, no reply_to: dead-lettered
+        ids += [store.add(fields(f"r{i}", float(i))) for i in range(3, 6)]
+    run = asyncio.ensure_future(w.run())
+    try:
+        await wait_for(lambda: len(store.results(REPLY)) == 6)
+        await wait_for(lambda: w.stats().get("commit_refused", 0) >= 1)
+        assert bad in store.pending_ids() and not store.dlq and w.healthy()
+        store.wrong_type.discard(store.dlq_key)  # the operator fixes the DLQ key
+        await wait_for(lambda: len(store.dlq) == 1, timeout_s=10)
+    finally:
+        await w.stop()
+        await run
+    assert store.dlq[0][0] == bad and store.pending_ids() == []
+    assert sorted(r.request_id for r in store.results(REPLY)) == [f"r{i}" for i in range(6)]
