@@ -6,9 +6,10 @@
   current one runs.
 * claimer: every ``lease_s / 2`` takes over entries abandoned by dead consumers; entries
   delivered more than ``max_deliveries`` times are dead-lettered at admission.
-* admission (:mod:`~headrace.workers.engine.admission`): cheap steps on the event loop, the
-  body decoding and input checks on the admission thread, so a costly request (a long
-  text to tokenise, a large tensor) never stalls the loop.
+* admission (:mod:`~headrace.workers.engine.admission`): cheap steps on the event loop; the
+  body decoding and input checks of texts (tokenising) and of large bodies on the admission
+  thread, so a costly request never stalls the loop (small tensor bodies are checked on the
+  loop: cheaper than the hop to the thread).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from headrace.workers.pipeline.entry import Entry
 from headrace.workers.pipeline.work import Unit, Work
 
 log = logging.getLogger(__name__)
+
+#: bodies up to this many bytes in all (per read) are checked on the event loop: less work
+#: than the hop to the admission thread. Larger ones, and every text (tokenising), go there.
+INLINE_BODY_BYTES = 64 * 1024
 
 
 class Intake:
@@ -127,6 +132,9 @@ class Intake:
             return [False] * len(request_ids)
 
     async def _prepare(self, items: list[tuple[Entry, Envelope]], at: int) -> list[Work | Refusal]:
+        body_bytes = sum(len(entry.fields.get(b"body") or b"") for entry, _ in items)
+        if not self.shared.servable.accepts_text and body_bytes <= INLINE_BODY_BYTES:
+            return self.admission.prepare_all(items, at)
         try:
             return await self.thread.run(self.admission.prepare_all, items, at)
         except Exception as err:  # noqa: BLE001 - prepare never raises; a failure here is the thread's

@@ -173,6 +173,9 @@ class MemoryBroker(Broker):
         s = self.store
         with s.lock:
             s._check_up()
+            # Every read registers the consumer (Redis 7.0 does so once a read delivers
+            # something); when a consumer appears is not part of the broker contract.
+            s._touch(self.consumer)
             out: list[Entry] = []
             total = 0
             for entry_id, fields in s.entries.items():
@@ -189,8 +192,6 @@ class MemoryBroker(Broker):
                 total += entry.size_bytes
                 if entry.truncated:
                     break
-            if out:  # as Redis: a consumer exists once it was delivered something
-                s._touch(self.consumer)
             return out
 
     async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
