@@ -20,7 +20,6 @@ batch formation, waiting for the model, the model runs of its batch).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -166,42 +165,15 @@ def load_probes(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from headrace.client.errors import HeadraceError
-    from headrace.workers.__main__ import _FLAGS, parse_args
-    from headrace.workers.run import serve
+    """``python -m benchmarks.lib.probe``: :mod:`benchmarks.lib.bench_worker` with probes
+    to ``$HEADRACE_PROBE_OUT`` (required)."""
+    from benchmarks.lib.bench_worker import main as worker_main
 
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = os.environ.get(PROBE_ENV)
-    if not out:
-        logging.getLogger(__name__).error("set %s to the file the probes go to", PROBE_ENV)
+    if not os.environ.get(PROBE_ENV):
+        logging.basicConfig()
+        log.error("set %s to the file the probes go to", PROBE_ENV)
         return 2
-    overrides = {name: getattr(args, name) for name, _ in _FLAGS}
-    if args.fake and overrides["model"] is None:
-        overrides["model"] = args.fake
-    probes = Probes()
-    try:
-        settings = WorkerSettings.from_env(**overrides)
-        inner: Servable
-        if args.fake:
-            from headrace.workers.backends.fake import fake_from_env
-
-            inner = fake_from_env(args.fake, name=settings.model)
-        else:
-            from headrace.workers.backends import load_servable
-
-            inner = load_servable(settings)
-        servable = ProbeServable(inner, probes)
-        try:
-            asyncio.run(serve(settings, servable, broker=ProbeBroker(settings, probes)))
-        finally:
-            servable.close()
-    except HeadraceError as e:
-        log.error("%s", e)
-        return 2
-    n = probes.dump(out)
-    log.info("wrote %d probes to %s", n, out)
-    return 0
+    return worker_main(argv)
 
 
 if __name__ == "__main__":
