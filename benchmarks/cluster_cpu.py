@@ -53,7 +53,7 @@ def partition_tags(rc: RedisCluster, k: int) -> list[str]:
     return tags
 
 
-def run_partitions(rc: RedisCluster, k: int, requests: int, per_round: int) -> None:
+def run_partitions(rc: Any, k: int, requests: int, per_round: int) -> None:
     tags = partition_tags(rc, k)
     streams = [f"cpu:{{{t}}}:requests" for t in tags]
     replies = [f"cpu:{{{t}}}:reply:c" for t in tags]

@@ -50,10 +50,9 @@ def make_servable(own: argparse.Namespace, args: argparse.Namespace, settings: W
         ConfigError / ModelError / RepositoryError: it cannot be built.
     """
     if own.standin:
-        from benchmarks.lib.standin import DEFAULT_CURVE_FILE, LatencyCurve, StandInServable
+        from benchmarks.lib.standin import make_standin
 
-        curve = LatencyCurve.load(own.curve or DEFAULT_CURVE_FILE, own.standin)
-        return StandInServable(curve, name=settings.model, max_batch=settings.max_batch)
+        return make_standin(own.standin, own.curve, settings.max_batch, name=settings.model)
     if args.fake:
         from headrace.workers.backends.fake import fake_from_env
 

@@ -79,7 +79,7 @@ def result_fields(request_id: bytes, y: np.ndarray[Any, Any]) -> dict[bytes, byt
 def _consume(url: str, req: str, rep: str, count: int, stop: Any) -> None:
     import redis
 
-    r = redis.Redis.from_url(url)
+    r: Any = redis.Redis.from_url(url)  # untyped use: redis-py's stream reply types are unions
     while not stop.is_set():
         resp = r.xreadgroup(GROUP, "c", {req: ">"}, count=count, block=100)
         if not resp:
@@ -98,7 +98,7 @@ def _consume(url: str, req: str, rep: str, count: int, stop: Any) -> None:
 def _read(url: str, rep: str, count: int, received: Any, stop: Any) -> None:
     import redis
 
-    r = redis.Redis.from_url(url)
+    r: Any = redis.Redis.from_url(url)  # untyped use: redis-py's stream reply types are unions
     last = b"0-0"
     while not stop.is_set():
         resp = r.xread({rep: last}, count=count, block=100)
@@ -117,7 +117,7 @@ def _produce(url: str, req: str, pool: list[dict[bytes, bytes]], cfg: CeilingCon
              sent: Any, stop: Any) -> None:
     import redis
 
-    r = redis.Redis.from_url(url)
+    r: Any = redis.Redis.from_url(url)  # untyped use: redis-py's stream reply types are unions
     k = cfg.samples_per_entry
     i = 0
     while not stop.is_set():
@@ -153,7 +153,7 @@ def bare_ceiling(url: str, cfg: CeilingConfig) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     prefix = f"ceiling-{uuid.uuid4().hex[:6]}"
     req, rep = f"{prefix}:{{m}}:requests", f"{prefix}:{{m}}:reply"
-    r = redis.Redis.from_url(url)
+    r: Any = redis.Redis.from_url(url)  # untyped use: redis-py's stream reply types are unions
     r.xgroup_create(req, GROUP, id="0", mkstream=True)
     received, sent = ctx.RawValue("q", 0), ctx.RawValue("q", 0)
     stop = ctx.Event()

@@ -26,12 +26,14 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from headrace.client.protocol import Request
+from headrace.cluster.bench.stats import LatencySummary
 from headrace.workers.backends.base import Servable
 from headrace.workers.broker.redis_broker import BatchStats, Entry, Op, RedisBroker
 from headrace.workers.settings import WorkerSettings
@@ -148,6 +150,24 @@ def split_overhead(sent: float, received: float, stamps: Mapping[str, float]) ->
     out = {k: v * 1000.0 for k, v in parts.items()}
     out["queue"] = out["wire_in"] + out["deliver"]
     return out
+
+
+def queue_split(rr: Any, probes: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Percentiles (ms) of each latency part (see :func:`split_overhead`) over the ok
+    requests of a load run ``rr`` sent inside its window, joined with the worker's probes."""
+    parts: dict[str, list[float]] = {}
+    joined = 0
+    for s in rr.samples:
+        if not (s.ok and rr.start_s <= s.sent_s < rr.end_s and s.key in probes):
+            continue
+        sent = rr.origin + s.sent_s
+        split = split_overhead(sent, sent + (s.e2e_ms or 0.0) / 1000.0, probes[s.key])
+        if split is None:
+            continue
+        joined += 1
+        for k, v in split.items():
+            parts.setdefault(k, []).append(v)
+    return {"joined": joined, **{k: asdict(LatencySummary.of(v)) for k, v in parts.items()}}
 
 
 def load_probes(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:

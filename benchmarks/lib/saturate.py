@@ -44,12 +44,15 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
 
     statuses: Counter[str] = Counter()
     batch_sizes: list[int] = []
+    total = 0
     t0 = time.perf_counter()
     start, end = t0 + warmup_s, t0 + warmup_s + duration_s
     c_start = 0.0
     async with AsyncClient(url, namespace=namespace, max_in_flight=in_flight, timeout_s=60.0) as client:
-        async with contextlib.aclosing(client.imap(model, items(kind), progress=False)) as results:
+        stream: Any = client.imap(model, items(kind), progress=False)  # an async generator: closable
+        async with contextlib.aclosing(stream) as results:
             async for res in results:
+                total += 1
                 now = time.perf_counter()
                 if now < start:
                     continue
@@ -61,7 +64,8 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
                 batch_sizes.append(res.timings.batch_size)
     cpu_s = time.process_time() - c_start
     n = sum(statuses.values())
-    return {"samples_per_s": statuses["ok"] / duration_s, "answers": n, "statuses": dict(statuses),
+    return {"samples_per_s": statuses["ok"] / duration_s, "answers": n, "answers_total": total,
+            "statuses": dict(statuses),
             "mean_batch": (sum(batch_sizes) / len(batch_sizes)) if batch_sizes else 0.0,
             "load_generator_cpu_us_per_sample": cpu_s * 1e6 / max(1, n)}
 

@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,21 @@ class StandInServable(Servable):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "simulation": SIMULATION_LABEL, "curve": self.device.curve.describe()}
+
+
+def make_standin(run: str = DEFAULT_RUN, curve_file: str = "", max_batch: int = 256,
+                 name: str = "minilm-standin") -> StandInServable:
+    """A :class:`StandInServable` on the curve ``run`` of ``curve_file`` (default: the H100 report).
+
+    Raises:
+        ConfigError: no such curve.
+    """
+    return StandInServable(LatencyCurve.load(curve_file or DEFAULT_CURVE_FILE, run), name=name, max_batch=max_batch)
+
+
+def standin_factory(run: str = DEFAULT_RUN, curve_file: str = "", max_batch: int = 256) -> Callable[[], Servable]:
+    """A picklable no-argument factory of the stand-in (for Ray deployments and processes)."""
+    return functools.partial(make_standin, run, curve_file, max_batch)
 
 
 def curve_limit(curve: LatencyCurve, batch: int, seconds: float = 2.0) -> dict[str, float]:
