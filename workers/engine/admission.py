@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
-from headrace.client.protocol import STATUS_EXPIRED, Envelope, decode_body
+from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
 from headrace.workers.pipeline.answers import Answers
@@ -153,10 +153,10 @@ class Admission:
             return Refusal(E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}")
         return Work(entry, req, at_ms, self.length(req))
 
-    def length(self, request: object) -> int:
+    def length(self, request: Request) -> int:
         """The servable's batching cost hint; 0 when it fails."""
         try:
-            return int(self.servable.length(request))  # type: ignore[arg-type]
+            return int(self.servable.length(request))
         except Exception:  # noqa: BLE001 - length is only a batching hint
             return 0
 
