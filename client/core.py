@@ -177,7 +177,7 @@ class ClientCore:
 
     def timeout_error(self, ticket: Ticket, wait_s: float, given: float | None) -> E.ResultTimeout:
         """:class:`ResultTimeout` for ``ticket``, naming the timeout as the caller set it."""
-        how = "timeout_s argument" if given is not None else self.settings.setting_hint("timeout_s")
+        how = "the timeout_s argument" if given is not None else self.settings.setting_hint("timeout_s")
         return E.ResultTimeout(f"no result for request {ticket.request_id} (model {ticket.model!r}) within "
                                f"{wait_s:.3f}s (the client stopped waiting; raise {how} to wait longer)",
                                request_id=ticket.request_id, timeout_s=wait_s)

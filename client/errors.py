@@ -63,6 +63,7 @@ ALL_CODES: Final = frozenset(
         DEADLINE_EXCEEDED,
         QUEUE_FULL,
         INTERNAL_ERROR,
+        CONFIG_ERROR,
         RESULT_TIMEOUT,
         CANCELLED,
         BROKER_ERROR,
