@@ -176,3 +176,18 @@ def test_result_repr_is_compact() -> None:
     assert "model='minilm', version='2'" in text and "batch_size=8" in text
     err = P.error_result("r2", E.BAD_SHAPE, "x" * 500)
     assert "code='bad_shape'" in repr(err) and len(repr(err)) < 250
+
+
+def test_readme_documents_every_client_setting_and_the_error_table() -> None:
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Client settings", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", table, flags=re.M))
+    assert documented == {f.name for f in dataclasses.fields(ClientSettings)}
+    errors = readme.split("### Errors: which method raises what", 1)[1].split("\n### ", 1)[0]
+    for name in ("UnknownModel", "ModelUnavailable", "QueueFull", "BrokerError", "ResultTimeout",
+                 "RequestCancelled", "InferenceFailed", "RequestExpired", "ConfigError"):
+        assert f"`{name}`" in errors, name
