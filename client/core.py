@@ -125,6 +125,22 @@ class ClientCore:
                                    deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
         return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
 
+    def checked(self, model: str) -> bool:
+        """True when ``submit``'s registry checks pass without reading the registry (they
+        are off, the registry is unreadable, or a fresh read says yes).
+
+        Raises:
+            UnknownModel, ModelUnavailable: a fresh read says no.
+        """
+        s = self.settings
+        if not (s.require_registered or s.fail_fast) or self.registry.unreadable:
+            return True
+        if not self.registry.fresh(model):
+            return False
+        self.registry.check(model, require_registered=s.require_registered, fail_fast=s.fail_fast,
+                            namespace=s.namespace)
+        return True
+
     def register(self, tickets: Sequence[Ticket]) -> tuple[bool, list[Command]]:
         """Track ``tickets`` (before their XADD: the result may come before the script's
         reply does) and build their submit commands; True when a reply stream is new."""

@@ -49,7 +49,7 @@ def gate(core: ClientCore, model: str) -> Flow[None]:
         UnknownModel, ModelUnavailable: see :class:`ClientSettings`. BrokerError: the read failed.
     """
     s = core.settings
-    if not (s.require_registered or s.fail_fast) or core.registry.unreadable:
+    if core.checked(model):
         return
     if not core.registry.fresh(model):
         try:
@@ -88,7 +88,7 @@ def submit(core: ClientCore, ticket: Ticket, attempts: Attempts, *, check: bool 
     Raises:
         UnknownModel, ModelUnavailable (with ``check``), QueueFull, BrokerError.
     """
-    if check:
+    if check and not core.checked(ticket.model):  # the common case decides without a generator
         yield from gate(core, ticket.model)
     while True:
         err = (yield from send(core, [ticket], resubmit=resubmit))[0]

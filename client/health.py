@@ -157,6 +157,8 @@ class _Cached:
     record: ModelRecord | None
     server_ms: int
     read_at: float  # time.monotonic() of the read
+    live_until: float  # time.monotonic() at which the newest heartbeat of the read gets too old
+    p50_ms: float  # the model's recent median latency (0: unknown)
 
 
 class RegistryCache:
@@ -185,8 +187,14 @@ class RegistryCache:
         return got is not None and got.record is not None and self._clock() - got.read_at < self.ttl_s
 
     def store(self, model: str, record: ModelRecord | None, server_ms: int) -> None:
+        # What the submit checks need is worked out here, once per read: a submit then
+        # compares two numbers instead of walking the record.
+        now = self._clock()
+        newest = max((w.seen_ms for w in record.workers.values()), default=None) if record else None
+        live_until = now + (newest + ALIVE_MS - server_ms) / 1000.0 if newest is not None else now
+        p50 = model_status(model, record, server_ms).latency_p50_ms if record else 0.0
         with self._lock:
-            self._cache[model] = _Cached(record, server_ms, self._clock())
+            self._cache[model] = _Cached(record, server_ms, now, live_until, p50)
 
     def cached(self, model: str) -> tuple[ModelRecord | None, int] | None:
         """``(record, server ms advanced by the read's age)`` of a fresh read, else None."""
@@ -221,13 +229,15 @@ class RegistryCache:
             UnknownModel: ``require_registered`` and no worker ever registered ``model``.
             ModelUnavailable: ``fail_fast`` and no live worker serves ``model``.
         """
-        st = self.status(model)
-        if st is None:
+        with self._lock:
+            got = self._cache.get(model)
+        if got is None:
             return
-        if not st.registered and require_registered:
+        if got.record is None and require_registered:
             raise unknown_model(model, namespace)
-        if fail_fast and not st.ready:
-            seen = (f"; the last heartbeat is {st.last_seen_s:.0f}s old" if st.last_seen_s is not None
+        if fail_fast and self._clock() >= got.live_until:
+            st = self.status(model)
+            seen = (f"; the last heartbeat is {st.last_seen_s:.0f}s old" if st is not None and st.last_seen_s is not None
                     else "; no worker has registered it yet")
             raise E.ModelUnavailable(
                 f"no live worker serves model {model!r}{seen} (fail_fast is on): start workers, or turn "
@@ -236,7 +246,8 @@ class RegistryCache:
     def retry_after_s(self, model: str) -> float:
         """A suggested wait after :class:`QueueFull`: the model's recent median latency
         (about how long the queue takes to move), clamped to [0.05, 5] s; 0.5 s unknown."""
-        st = self.status(model)
-        if st is None or st.latency_p50_ms <= 0:
+        with self._lock:
+            got = self._cache.get(model)
+        if got is None or got.p50_ms <= 0:
             return 0.5
-        return min(5.0, max(0.05, st.latency_p50_ms / 1000.0))
+        return min(5.0, max(0.05, got.p50_ms / 1000.0))
