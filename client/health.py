@@ -177,6 +177,9 @@ class RegistryCache:
         self._cache: dict[str, _Cached] = {}
         #: set once a read was refused by ACL: the checks are then skipped.
         self.unreadable = False
+        # Models this client saw registered: after Redis lost its data the registry is empty
+        # until the workers' next heartbeat, and those models must not turn "unknown" meanwhile.
+        self._known: set[str] = set()
 
     def fresh(self, model: str) -> bool:
         """True when a read of ``model`` is recent enough to decide without Redis. A read
@@ -195,6 +198,8 @@ class RegistryCache:
         p50 = model_status(model, record, server_ms).latency_p50_ms if record else 0.0
         with self._lock:
             self._cache[model] = _Cached(record, server_ms, now, live_until, p50)
+            if record is not None:
+                self._known.add(model)
 
     def cached(self, model: str) -> tuple[ModelRecord | None, int] | None:
         """``(record, server ms advanced by the read's age)`` of a fresh read, else None."""
@@ -233,7 +238,7 @@ class RegistryCache:
             got = self._cache.get(model)
         if got is None:
             return
-        if got.record is None and require_registered:
+        if got.record is None and require_registered and model not in self._known:
             raise unknown_model(model, namespace)
         if fail_fast and self._clock() >= got.live_until:
             st = self.status(model)

@@ -146,6 +146,10 @@ def test_registry_cache_ages_its_reads() -> None:
     assert not cache.fresh("ghost")  # an unregistered model is read again next time
     with pytest.raises(E.UnknownModel):
         cache.check("ghost", require_registered=True, fail_fast=False)
+    cache.store("affine", None, NOW)  # Redis lost its data: the registry is empty for a moment
+    cache.check("affine", require_registered=True, fail_fast=False)  # a model seen registered stays known
+    with pytest.raises(E.ModelUnavailable):
+        cache.check("affine", require_registered=True, fail_fast=True)
 
 
 def test_progress_is_off_without_a_terminal_and_a_callback_sees_bursts(monkeypatch: pytest.MonkeyPatch) -> None:
