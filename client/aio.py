@@ -9,7 +9,6 @@ flows, :mod:`headrace.client.flows`), with a reader task instead of a thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence, Sized
 from types import TracebackType
@@ -17,40 +16,22 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as AsyncRedisRetry
-from redis.backoff import NoBackoff
 
 from headrace.client import flows
+from headrace.client.async_io import AsyncIO
 from headrace.client.bulk import MapItem
 from headrace.client.config import ClientSettings
-from headrace.client.core import ClientCore, connection_backoff, connection_options
-from headrace.client.effects import (
-    Delete,
-    Effect,
-    Flow,
-    ReaderId,
-    ReadModel,
-    Resolve,
-    Send,
-    Sleep,
-    Wait,
-    WaitAll,
-    WaitAny,
-    WakeReader,
-    XRead,
-    adrive,
-    aiterate,
-)
+from headrace.client.core import ClientCore
+from headrace.client.effects import Flow
 from headrace.client.failures import broker_error
 from headrace.client.health import ModelDescription, ModelStatus
 from headrace.client.keys import ModelKeys
-from headrace.client.pipeline import AutoPipeline, Command
+from headrace.client.pipeline import AutoPipeline
 from headrace.client.progress import ProgressOption, make_progress
 from headrace.client.protocol import Result
-from headrace.client.registry import aread_model
 from headrace.client.retry import Retry
 from headrace.client.submit import resolve_settings
-from headrace.client.tickets import Ticket, resolve_all
+from headrace.client.tickets import Ticket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,26 +55,8 @@ class AsyncClient:
                  **overrides: Any) -> None:
         self.settings, self.client_id = resolve_settings(settings, client_id, redis_url=redis_url,
                                                          namespace=namespace, **overrides)
-        s = self.settings
-        url = s.effective_redis_url
-        self._core = ClientCore(s, self.client_id, retry)
-        self._core.cancel_sink = self._send_cancel
-        # A blocking pool: with more concurrent commands than connections (map/bench with
-        # hundreds in flight) callers wait for a free connection instead of failing with
-        # "Too many connections". Its connections retry after a Redis restart (redis.asyncio
-        # does not by default: the first command on each would fail).
-        self._redis: aioredis.Redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=s.timeout_s,
-            retry=AsyncRedisRetry(connection_backoff(s), s.connect_retries), **connection_options(s)))
-        # One dedicated connection for the reader (see Client: CLIENT UNBLOCK needs its id).
-        self._reader_redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, single_connection_client=True, retry=AsyncRedisRetry(NoBackoff(), 0),
-            socket_timeout=s.reply_block_ms / 1000 + 10)
-        self._pipeline = AutoPipeline(self._redis)
-        self._closed = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._registry_reads: dict[str, asyncio.Future[Any]] = {}
+        self._core = ClientCore(self.settings, self.client_id, retry)
+        self._io = AsyncIO(self._core)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -104,25 +67,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stop the reader task and close connections (see :meth:`Client.close`)."""
-        if self._closed.is_set():
-            return
-        self._core.closed = True
-        self._closed.set()
-        await self._pipeline.aclose()  # submits (and cancel markers) already queued go out first
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - already logged by the loop
-                pass
-        try:
-            streams = self._core.streams_to_drop()
-            if streams:
-                await self._redis.delete(*streams)
-        except redis.RedisError as e:
-            log.debug("could not delete reply streams on close: %s", e)
-        await self._reader_redis.aclose()
-        await self._redis.aclose()
+        await self._io.close()
 
     async def ping(self) -> bool:
         """True when Redis answers.
@@ -131,7 +76,7 @@ class AsyncClient:
             BrokerError: Redis is unreachable.
         """
         try:
-            return bool(await self._redis.ping())
+            return bool(await self._io.redis.ping())
         except redis.RedisError as e:
             raise broker_error(e, "PING of Redis") from e
 
@@ -148,6 +93,14 @@ class AsyncClient:
     @property
     def _reader_conn_id(self) -> int | None:
         return self._core.reader_conn_id
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        return self._io.redis
+
+    @property
+    def _pipeline(self) -> AutoPipeline:
+        return self._io.pipeline
 
     def model_keys(self, model: str) -> ModelKeys:
         """Key names of ``model`` in this client's namespace."""
@@ -237,7 +190,7 @@ class AsyncClient:
         Raises:
             ResultTimeout: the rest did not arrive within ``timeout_s`` in total.
         """
-        return aiterate(flows.results(self._core, tickets, timeout_s), self._perform)
+        return self._io.iterate(flows.results(self._core, tickets, timeout_s))
 
     def outstanding(self) -> list[Ticket]:
         """Tickets not answered, cancelled or forgotten yet."""
@@ -250,8 +203,8 @@ class AsyncClient:
         if total is None and isinstance(items, Sized):
             total = len(items)
         bar = make_progress(progress, total, model)
-        return aiterate(flows.imap(self._core, model, items, timeout_s=timeout_s, deadline_s=deadline_s, retry=retry,
-                                   progress=bar, raise_on_error=raise_on_error), self._perform)
+        return self._io.iterate(flows.imap(self._core, model, items, timeout_s=timeout_s, deadline_s=deadline_s,
+                                           retry=retry, progress=bar, raise_on_error=raise_on_error))
 
     async def map(self, model: str, items: Iterable[MapItem], *, progress: ProgressOption = None,
                   timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = False,
@@ -266,129 +219,5 @@ class AsyncClient:
                                            deadline_s=deadline_s, raise_on_error=raise_on_error, total=total,
                                            retry=retry)]
 
-    # --- performing effects ----------------------------------------------------------------
-
     async def _run(self, flow: Flow[T]) -> T:
-        self._loop = self._loop or asyncio.get_running_loop()
-        return await adrive(flow, self._perform)
-
-    async def _perform(self, effect: Effect) -> Any:  # noqa: C901 - one branch per effect type
-        if isinstance(effect, Send):
-            return await self._send(effect.commands)
-        if isinstance(effect, Wait):
-            return not await self._wait([effect.ticket], effect.timeout_s, asyncio.ALL_COMPLETED)
-        if isinstance(effect, WaitAll):
-            return len(await self._wait(effect.tickets, effect.timeout_s, asyncio.ALL_COMPLETED))
-        if isinstance(effect, WaitAny):
-            pending = await self._wait(effect.tickets, effect.timeout_s, asyncio.FIRST_COMPLETED)
-            return [t for t in effect.tickets if t not in pending]
-        if isinstance(effect, Sleep):
-            await asyncio.sleep(effect.seconds)
-            return None
-        if isinstance(effect, WakeReader):
-            self._ensure_reader()
-            await self._wake_reader()
-            return None
-        if isinstance(effect, ReadModel):
-            return await self._read_model(effect)
-        if isinstance(effect, ReaderId):
-            return int(await self._reader_redis.client_id())
-        if isinstance(effect, Delete):
-            pipe = self._reader_redis.pipeline(transaction=False)
-            for stream, ids in effect.entries.items():
-                pipe.xdel(stream, *ids)
-            await pipe.execute()
-            return None
-        if isinstance(effect, XRead):
-            streams: dict[Any, Any] = dict(effect.streams)
-            return await self._reader_redis.xread(streams, count=effect.count, block=effect.block_ms)
-        if isinstance(effect, Resolve):
-            # Resolve in the next pass of the loop: the reader task first goes on to write
-            # the XDEL of these entries, so a caller that wakes up with its result finds
-            # them deleted (or on their way).
-            asyncio.get_running_loop().call_soon(resolve_all, effect.answered)
-            return None
-        raise TypeError(f"unknown effect {effect!r}")
-
-    async def _send(self, commands: Sequence[Command]) -> list[Any]:
-        futures = [self._pipeline.submit(cmd) for cmd in commands]
-        replies: list[Any] = []
-        try:
-            for fut in futures:
-                try:
-                    replies.append(await fut)
-                except redis.RedisError as e:
-                    replies.append(e)
-        except asyncio.CancelledError:
-            for fut in futures:
-                fut.cancel()  # not sent yet: left out of the pipeline
-            raise
-        return replies
-
-    async def _wait(self, tickets: Sequence[Ticket], timeout_s: float, when: str) -> set[Ticket]:
-        """Wait for ``tickets`` (all, or the first); return the ones not done. The waiters
-        are private (see Ticket._async_waiter): dropping them leaves the tickets alone."""
-        waiters = {t._async_waiter(): t for t in tickets if not t.done()}
-        if not waiters:
-            return set()
-        try:
-            _done, not_done = await asyncio.wait(waiters, timeout=timeout_s, return_when=when)
-        finally:
-            for w, t in waiters.items():
-                if not w.done() or w.cancelled():
-                    t._forget(w)
-                    w.cancel()
-        return {waiters[w] for w in not_done}
-
-    async def _read_model(self, effect: ReadModel) -> Any:
-        """One registry read per model at a time: concurrent submit checks share it."""
-        if effect.cached_ok:
-            cached = self._core.registry.cached(effect.model)
-            if cached is not None:
-                return cached
-            running = self._registry_reads.get(effect.model)
-            if running is not None:
-                return await asyncio.shield(running)
-        task = asyncio.ensure_future(aread_model(self._redis, self.settings.namespace, effect.model))
-        self._registry_reads[effect.model] = task
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if self._registry_reads.get(effect.model) is task:
-                del self._registry_reads[effect.model]
-
-    def _send_cancel(self, command: Command) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed() or self._closed.is_set():
-            log.debug("client closed: cancel marker %s not set", command[1])
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._queue_cancel(command)
-        else:
-            loop.call_soon_threadsafe(self._queue_cancel, command)
-
-    def _queue_cancel(self, command: Command) -> None:
-        fut = self._pipeline.submit(command)
-        fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None else log.warning(
-            "could not set the cancel marker %s: %s (the request may still run)", command[1], f.exception()))
-
-    # --- the reader task -----------------------------------------------------------------
-
-    def _ensure_reader(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(
-                self._run(flows.read_loop(self._core)), name=f"headrace-reader-{self.client_id}")
-
-    async def _wake_reader(self) -> None:
-        """Best-effort CLIENT UNBLOCK of the reader's XREAD (see :meth:`Client._wake_reader`)."""
-        conn_id = self._core.reader_conn_id
-        if conn_id is None:
-            return
-        try:
-            await self._redis.client_unblock(conn_id)
-        except redis.RedisError as e:
-            log.debug("CLIENT UNBLOCK failed: %s", e)
+        return await self._io.run(flow)

@@ -13,48 +13,27 @@ The protocol's loops live in :mod:`headrace.client.flows` (shared with the
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from types import TracebackType
 from typing import Any, TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry as RedisRetry
 
 from headrace.client import flows
 from headrace.client.bulk import MapItem
 from headrace.client.config import ClientSettings
-from headrace.client.core import ClientCore, connection_backoff, connection_options
-from headrace.client.effects import (
-    Delete,
-    Effect,
-    Flow,
-    ReaderId,
-    ReadModel,
-    Resolve,
-    Send,
-    Sleep,
-    Wait,
-    WaitAll,
-    WaitAny,
-    WakeReader,
-    XRead,
-    drive,
-    iterate,
-)
+from headrace.client.core import ClientCore
+from headrace.client.effects import Flow
 from headrace.client.failures import broker_error
 from headrace.client.health import ModelDescription, ModelStatus
 from headrace.client.keys import ModelKeys
-from headrace.client.pipeline import run_submits
 from headrace.client.progress import ProgressOption, make_progress
 from headrace.client.protocol import Result
-from headrace.client.registry import read_model
 from headrace.client.retry import Retry
 from headrace.client.submit import resolve_settings
-from headrace.client.tickets import Ticket, resolve_all
+from headrace.client.sync_io import SyncIO
+from headrace.client.tickets import Ticket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,16 +62,8 @@ class Client:
                  **overrides: Any) -> None:
         self.settings, self.client_id = resolve_settings(settings, client_id, redis_url=redis_url,
                                                          namespace=namespace, **overrides)
-        s = self.settings
-        self._core = ClientCore(s, self.client_id, retry)
-        self._core.cancel_sink = self._send_cancel
-        self._redis: redis.Redis = redis.Redis.from_url(
-            s.effective_redis_url, retry=RedisRetry(connection_backoff(s), s.connect_retries), **connection_options(s))
-        self._reader_redis: redis.Redis | None = None  # created by the reader thread
-        self._closed = threading.Event()
-        self._reader: threading.Thread | None = None
-        self._reader_lock = threading.Lock()
-        self._registry_lock = threading.Lock()
+        self._core = ClientCore(self.settings, self.client_id, retry)
+        self._io = SyncIO(self._core)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -105,22 +76,7 @@ class Client:
     def close(self) -> None:
         """Stop the reader and close connections. Reply streams with nothing outstanding
         are deleted; others expire by their TTL (``reply_ttl_s``)."""
-        if self._closed.is_set():
-            return
-        self._core.closed = True
-        self._closed.set()
-        self._wake_reader()
-        if self._reader is not None:
-            self._reader.join(self.settings.reply_block_ms / 1000 + 5)
-        try:
-            streams = self._core.streams_to_drop()
-            if streams:
-                self._redis.delete(*streams)
-        except redis.RedisError as e:
-            log.debug("could not delete reply streams on close: %s", e)
-        if self._reader_redis is not None:
-            self._reader_redis.close()
-        self._redis.close()
+        self._io.close()
 
     def ping(self) -> bool:
         """True when Redis answers.
@@ -129,9 +85,9 @@ class Client:
             BrokerError: Redis is unreachable.
         """
         try:
-            return bool(self._redis.ping())
+            return bool(self._io.redis.ping())
         except redis.RedisError as e:
-            raise broker_error(e, f"PING of Redis at {self._safe_url()}") from e
+            raise broker_error(e, f"PING of Redis at {self._io.safe_url()}") from e
 
     @property
     def retry(self) -> Retry:
@@ -146,6 +102,10 @@ class Client:
     @property
     def _reader_conn_id(self) -> int | None:
         return self._core.reader_conn_id
+
+    @property
+    def _redis(self) -> redis.Redis:
+        return self._io.redis
 
     def model_keys(self, model: str) -> ModelKeys:
         """Key names of ``model`` in this client's namespace.
@@ -292,7 +252,7 @@ class Client:
             ResultTimeout: the rest did not arrive within ``timeout_s`` in total.
             RequestCancelled: one of them was cancelled.
         """
-        return iterate(flows.results(self._core, tickets, timeout_s), self._perform)
+        return self._io.iterate(flows.results(self._core, tickets, timeout_s))
 
     def outstanding(self) -> list[Ticket]:
         """Tickets submitted by this client and not answered, cancelled or forgotten yet."""
@@ -308,8 +268,8 @@ class Client:
         if total is None and isinstance(items, Sized):
             total = len(items)
         bar = make_progress(progress, total, model)
-        return iterate(flows.imap(self._core, model, items, timeout_s=timeout_s, deadline_s=deadline_s, retry=retry,
-                                  progress=bar, raise_on_error=raise_on_error), self._perform)
+        return self._io.iterate(flows.imap(self._core, model, items, timeout_s=timeout_s, deadline_s=deadline_s,
+                                           retry=retry, progress=bar, raise_on_error=raise_on_error))
 
     def map(self, model: str, items: Iterable[MapItem], *, progress: ProgressOption = None,
             timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = False,
@@ -341,101 +301,5 @@ class Client:
         return list(self.imap(model, items, progress=progress, timeout_s=timeout_s, deadline_s=deadline_s,
                               raise_on_error=raise_on_error, total=total, retry=retry))
 
-    # --- performing effects ----------------------------------------------------------------
-
     def _run(self, flow: Flow[T]) -> T:
-        return drive(flow, self._perform)
-
-    def _perform(self, effect: Effect) -> Any:  # noqa: C901 - one branch per effect type
-        if isinstance(effect, Send):
-            try:
-                return run_submits(self._redis, effect.commands)
-            except redis.RedisError as e:
-                return [e] * len(effect.commands)
-        if isinstance(effect, Wait):
-            done, _ = concurrent.futures.wait([effect.ticket._future], timeout=effect.timeout_s)
-            return bool(done)
-        if isinstance(effect, WaitAll):
-            _, not_done = concurrent.futures.wait([t._future for t in effect.tickets], timeout=effect.timeout_s)
-            return len(not_done)
-        if isinstance(effect, WaitAny):
-            by_future = {t._future: t for t in effect.tickets}
-            done, _ = concurrent.futures.wait(by_future, timeout=effect.timeout_s,
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            return [by_future[f] for f in done]
-        if isinstance(effect, Sleep):
-            self._closed.wait(effect.seconds)
-            return None
-        if isinstance(effect, WakeReader):
-            self._ensure_reader()
-            self._wake_reader()
-            return None
-        if isinstance(effect, ReadModel):
-            with self._registry_lock:  # one read at a time; the others find it cached
-                cached = self._core.registry.cached(effect.model) if effect.cached_ok else None
-                return cached or read_model(self._redis, self.settings.namespace, effect.model)
-        return self._perform_reader(effect)
-
-    def _perform_reader(self, effect: Effect) -> Any:
-        r = self._reader_client()
-        if isinstance(effect, ReaderId):
-            return int(r.client_id())
-        if isinstance(effect, Delete):
-            pipe = r.pipeline(transaction=False)
-            for stream, ids in effect.entries.items():
-                pipe.xdel(stream, *ids)
-            pipe.execute()
-            return None
-        if isinstance(effect, XRead):
-            streams: dict[Any, Any] = dict(effect.streams)
-            return r.xread(streams, count=effect.count, block=effect.block_ms)
-        if isinstance(effect, Resolve):
-            resolve_all(effect.answered)
-            return None
-        raise TypeError(f"unknown effect {effect!r}")
-
-    def _send_cancel(self, command: tuple[Any, ...]) -> None:
-        try:
-            self._redis.execute_command(*command)
-        except redis.RedisError as e:
-            log.warning("could not set the cancel marker %s: %s (the request may still run)", command[1], e)
-
-    # --- the reader ----------------------------------------------------------------------
-
-    def _safe_url(self) -> str:
-        kw = self._redis.connection_pool.connection_kwargs
-        return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
-
-    def _ensure_reader(self) -> None:
-        if self._reader is not None:
-            return
-        with self._reader_lock:
-            if self._reader is None:
-                self._reader = threading.Thread(target=self._run, args=(flows.read_loop(self._core),),
-                                                name=f"headrace-reader-{self.client_id}", daemon=True)
-                self._reader.start()
-
-    def _wake_reader(self) -> None:
-        """Interrupt the reader's blocking XREAD so it re-reads its stream list at once.
-        Best effort: without it (e.g. an ACL without CLIENT), new streams join the read
-        after at most ``reply_block_ms``."""
-        conn_id = self._core.reader_conn_id
-        if conn_id is None:
-            return
-        try:
-            self._redis.client_unblock(conn_id)
-        except redis.RedisError as e:
-            log.debug("CLIENT UNBLOCK failed (%s); the reader picks up new streams within %d ms",
-                      e, self.settings.reply_block_ms)
-
-    def _reader_client(self) -> redis.Redis:
-        """The reader's own single connection (connects at once, so it is made here, in the
-        reader's retry loop). Its CLIENT ID lets submitters wake a blocked XREAD (CLIENT
-        UNBLOCK) when a new reply stream must join it. redis-py's retries are off: the
-        loop has its own backoff and logging."""
-        if self._reader_redis is None:
-            self._reader_redis = redis.Redis.from_url(
-                self.settings.effective_redis_url, single_connection_client=True, retry=RedisRetry(NoBackoff(), 0),
-                socket_timeout=self.settings.reply_block_ms / 1000 + 10)
-        return self._reader_redis
-
+        return self._io.run(flow)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-import headrace.client.client as client_module
+import headrace.client.sync_io as sync_io_module
 from headrace.client import AsyncClient, BrokerError, Client, QueueFull, Retry, flows
 from headrace.client.pipeline import run_submits
 from headrace.client.submit import SUBMIT_SHA
@@ -127,7 +127,7 @@ def test_sync_map_submits_in_batches(redis_url: str, affine_worker: Any, monkeyp
         sizes.append(len(commands))
         return run_submits(r, commands)
 
-    monkeypatch.setattr(client_module, "run_submits", counting)
+    monkeypatch.setattr(sync_io_module, "run_submits", counting)
     n = 400
     with Client(redis_url, max_in_flight=64, reply_block_ms=200, timeout_s=20) as c:
         results = c.map("affine", [affine_inputs(i) for i in range(n)], progress=False)
