@@ -41,7 +41,8 @@ class Ticket:
         deadline_ms: absolute Unix deadline in ms (0 = none).
         entry_id: id of the request stream entry of the latest (re)submission.
         submitted: ``time.monotonic()`` of the latest (re)submission.
-        submissions: how many times it was enqueued (retries resubmit the same id).
+        submissions: how many times it was sent to the submit script (retries resubmit the
+            same id); 0 = never sent, so cancelling it tells the workers nothing.
     """
 
     def __init__(self, prepared: PreparedRequest, entry_id: str = "", default_timeout_s: float = 60.0,
