@@ -4,9 +4,9 @@
 ``disable=None``), so logs of batch jobs stay clean; ``True`` forces it, ``False`` turns it
 off, and a callable ``fn(done, total)`` is called instead (``total`` None when unknown).
 
-The bar is advanced once per burst of results (a worker answers a batch at once), and its
-rate is smoothed over many updates: its first estimate is based on a batch of results
-rather than on the very first one, which alone says little about the rate.
+The bar is advanced once per burst of results (a worker answers a batch at once), shows up
+after half a second, and its rate is smoothed over many updates: its first estimate is based
+on many results rather than on the very first one, which alone says little about the rate.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ class _Bar:
     def __init__(self, total: int | None, desc: str, force: bool) -> None:
         from tqdm.auto import tqdm
 
-        # disable=None: tqdm turns itself off when stderr is not a terminal. smoothing: a
-        # rate averaged over more updates, so one early burst does not set the first ETA.
+        # disable=None: tqdm turns itself off when stderr is not a terminal. delay: the bar
+        # (and its first ETA) appears after half a second of results, not after the first
+        # one; smoothing: a rate averaged over many updates, so one burst does not set it.
         self.bar: Any = tqdm(total=total, desc=desc, unit="req", disable=False if force else None,
-                             smoothing=0.05, mininterval=0.2, dynamic_ncols=True)
+                             smoothing=0.05, mininterval=0.2, delay=0.0 if force else 0.5, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         self.bar.update(n)
