@@ -92,7 +92,7 @@ WORKER_RULES: tuple[Rule, ...] = (
     _r("admission", "workers/pipeline/entry.py"),
     _r("admission", "workers/engine/admission.py"),
     _r("admission", "workers/backends/validate.py"),
-    _r("admission", "workers/engine/intake.py", "Intake.admit", "Intake._keep", "Intake._answered", "Intake._prepare"),
+    _r("admission", "workers/engine/intake.py", "Intake.admit", "Intake._keep", "Intake._prechecks", "Intake._prepare"),
     _r("admission", "workers/broker/redis_broker.py", "RedisBroker.answered"),
     _r("read", "workers/broker/redis_broker.py", "RedisBroker.read", "RedisBroker._sizing_args", "_stream_entries",
        "_script_entry", "_sized", "_pairs"),

@@ -152,7 +152,8 @@ class IngressDeployment:
             from headrace.client.aio import AsyncClient
 
             self._client = AsyncClient(self.args.effective_redis_url, namespace=self.args.namespace,
-                                       max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s)
+                                       max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s,
+                                       require_registered=self.args.require_registered)
             self._redis = aioredis.Redis.from_url(self.args.effective_redis_url)
         return self._client, self._redis
 

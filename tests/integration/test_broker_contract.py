@@ -72,6 +72,9 @@ class MemoryHarness:
     def length(self) -> int:
         return len(self.store.entries)
 
+    def cancel(self, request_id: str, up_to_ms: int) -> None:
+        self.store.cancel(request_id, up_to_ms)
+
     async def close(self) -> None:
         pass
 
@@ -117,6 +120,9 @@ class RedisHarness:
 
     def length(self) -> int:
         return int(self.r.xlen(KEYS.requests))
+
+    def cancel(self, request_id: str, up_to_ms: int) -> None:
+        self.r.set(KEYS.cancel(request_id), str(up_to_ms))
 
     async def close(self) -> None:
         for b in self.brokers:
@@ -202,6 +208,15 @@ async def test_commit_writes_a_result_once_and_acks(h: Any) -> None:
     assert await b.commit([Reply(e2, "same", REPLY, result_fields("same")), Ack(e2)]) == [DUPLICATE, DUPLICATE]
     assert len(h.replies(REPLY)) == 1 and h.pending() == {}
     assert await b.answered(["same", "other"]) == [True, False]
+
+
+@pytest.mark.timeout(20)
+async def test_cancel_markers_are_read_per_request_id(h: Any) -> None:
+    b = h.broker()
+    await b.ensure_group()
+    h.cancel("gone", 1_700_000_000_123)
+    assert await b.cancel_marks(["gone", "kept"]) == [1_700_000_000_123, 0]
+    assert await b.cancel_marks([]) == []
 
 
 @pytest.mark.timeout(20)
@@ -328,7 +343,7 @@ async def test_consumers_are_deleted_only_when_they_own_nothing(h: Any) -> None:
 async def test_every_call_raises_broker_error_when_the_queue_is_unreachable(h: Any) -> None:
     b = h.unreachable()
     calls = [b.ensure_group(), b.read(1, 10), b.claim_abandoned(1, 1), b.refresh_lease(["1-0"]), b.release([Entry("1-0", {})], 1),
-             b.answered(["x"]), b.commit([Ack("1-0")]), b.trim(), b.backlog(), b.heartbeat({"version": "1"}),
+             b.answered(["x"]), b.cancel_marks(["x"]), b.commit([Ack("1-0")]), b.trim(), b.backlog(), b.heartbeat({"version": "1"}),
              b.unregister(), b.delete_idle_consumers(0), b.ping()]
     for call in calls:
         with pytest.raises(E.BrokerError):

@@ -77,6 +77,12 @@ class Broker(abc.ABC):
     async def answered(self, request_ids: Sequence[str]) -> list[bool]:
         """Whether each request id has a dedupe marker (was answered)."""
 
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        """Per request id, the time (Unix ms) up to which its submissions were cancelled
+        (its cancel marker, ``ModelKeys.cancel``), 0 when none. A broker without cancel
+        markers runs everything."""
+        return [0] * len(request_ids)
+
     @abc.abstractmethod
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
         """Apply ops atomically (results, dead letters, acks); one outcome per op

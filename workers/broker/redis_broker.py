@@ -41,6 +41,14 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
+def _ms(value: Any) -> int:
+    """A cancel marker's value (Unix ms as text) as an int; 0 when absent or malformed."""
+    try:
+        return int(value) if value is not None and len(value) <= 20 else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
@@ -256,6 +264,16 @@ class RedisBroker(Broker):
             return await pipe.execute()
 
         return [bool(x) for x in await self._call("dedupe pre-check", each)]
+
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        if not request_ids:
+            return []
+        keys = [self.keys.cancel(rid) for rid in request_ids]
+
+        async def go() -> Any:
+            return await self.client.mget(keys)
+
+        return [_ms(v) for v in await self._call("cancel check", go)]
 
     def _commit_args(self, ops: Sequence[Op], at_ms: int) -> tuple[list[str], list[Any]]:
         keys = [self.keys.requests, self.keys.dlq]

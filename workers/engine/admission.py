@@ -6,8 +6,8 @@ that entry ``internal_error``, or dead-letters it when nobody can be told):
 * :meth:`Admission.route` (event loop, cheap): oversize entries are dead-lettered by their
   sizes; the envelope is decoded (an undecodable one is answered, or dead-lettered when it
   has no usable id/``reply_to``); ``reply_to`` must be one of this model's reply streams.
-* :meth:`Admission.screen` (event loop, cheap): already answered (ack only), delivered too
-  often (DLQ), another model, past its deadline.
+* :meth:`Admission.screen` (event loop, cheap): already answered (ack only), cancelled by its
+  producer (ack only, unanswered), delivered too often (DLQ), another model, past its deadline.
 * :meth:`Admission.prepare` (admission thread, may be costly: body decoding, the servable's
   input check, its length hint, e.g. tokenising a text): the request as :class:`Work`, or the
   :class:`Refusal` to answer it with.
@@ -25,8 +25,9 @@ from headrace.client.keys import ModelKeys
 from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
+from headrace.workers.metrics import CANCELLED, NullMetrics, WorkerMetrics
 from headrace.workers.pipeline.answers import Answers
-from headrace.workers.pipeline.entry import Entry, envelope_of, route_of
+from headrace.workers.pipeline.entry import Entry, elapsed_ms, envelope_of, route_of
 from headrace.workers.pipeline.work import Unit, Work
 from headrace.workers.settings import WorkerSettings
 
@@ -45,8 +46,9 @@ class Admission:
     """Per-entry admission decisions (see module doc)."""
 
     def __init__(self, settings: WorkerSettings, servable: Servable, answers: Answers,
-                 counters: Counter[str]) -> None:
+                 counters: Counter[str], metrics: WorkerMetrics | None = None) -> None:
         self.settings, self.servable, self.answers, self.counters = settings, servable, answers, counters
+        self.metrics: WorkerMetrics = metrics if metrics is not None else NullMetrics()
         self.reply_prefix = ModelKeys(settings.namespace, settings.model, settings.group).reply("")
 
     def reply_allowed(self, reply_to: str) -> bool:
@@ -102,9 +104,14 @@ class Admission:
 
     # --- stage 2: screen ---------------------------------------------------------------------
 
-    def screen(self, entry: Entry, env: Envelope, answered: bool, at_ms: int, unit: Unit) -> bool:
-        """True when the request goes on to :meth:`prepare`; else it was answered here."""
+    def screen(self, entry: Entry, env: Envelope, answered: bool, at_ms: int, unit: Unit,
+               cancelled_ms: int = 0) -> bool:
+        """True when the request goes on to :meth:`prepare`; else it was answered (or
+        skipped) here. ``cancelled_ms``: its cancel marker (Unix ms, 0 = none)."""
         try:
+            if cancelled_ms and not answered and env.ts_ms <= cancelled_ms:
+                self.skip_cancelled(entry, env, at_ms, unit)
+                return False
             return self._screen(entry, env, answered, at_ms, unit)
         except Exception as err:  # noqa: BLE001 - one entry's failure is that entry's answer
             log.exception("screening request %s failed unexpectedly", env.request_id)
@@ -132,6 +139,14 @@ class Admission:
                       "read", unit, status=STATUS_EXPIRED, read_ms=at)
             return False
         return True
+
+    def skip_cancelled(self, entry: Entry, env: Envelope, at_ms: int, unit: Unit) -> None:
+        """Its producer cancelled it (a cancel marker at or after its ``ts_ms``): ack it
+        without running or answering it; nobody waits for the answer."""
+        self.counters["cancelled"] += 1
+        self.metrics.observe_request(CANCELLED, CANCELLED, elapsed_ms(at_ms, env.ts_ms) / 1000.0, 0.0)
+        log.debug("request %s (entry %s) was cancelled by its producer; skipped", env.request_id, entry.entry_id)
+        self.answers.ack(entry, unit)
 
     # --- stage 3: prepare (admission thread) ---------------------------------------------------
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -99,11 +100,12 @@ class Intake:
             s.counters["read"] += 1
             n = len(unit.ops)
             self._keep(entry, self.admission.route(entry, unit), unit, n, routed)
-        answered = await self._answered([env.request_id for _, env in routed])
+        answered, cancelled = await self._prechecks([env.request_id for _, env in routed])
         candidates: list[tuple[Entry, Envelope]] = []
-        for (entry, env), done in zip(routed, answered, strict=True):
+        for (entry, env), done, cancel_ms in zip(routed, answered, cancelled, strict=True):
             n = len(unit.ops)
-            self._keep(entry, env if self.admission.screen(entry, env, done, at, unit) else None, unit, n, candidates)
+            kept = self.admission.screen(entry, env, done, at, unit, cancelled_ms=cancel_ms)
+            self._keep(entry, env if kept else None, unit, n, candidates)
         if candidates:
             results = await self._prepare(candidates, at)
             for (entry, env), res in zip(candidates, results, strict=True):
@@ -121,15 +123,24 @@ class Intake:
         elif len(unit.ops) == ops_before:
             self.shared.in_flight.pop(entry.entry_id)
 
-    async def _answered(self, request_ids: list[str]) -> list[bool]:
+    async def _prechecks(self, request_ids: list[str]) -> tuple[list[bool], list[int]]:
+        """Dedupe markers and cancel markers of ``request_ids``, side by side (one round trip
+        of latency)."""
         if not request_ids:
-            return []
-        try:
-            return await self.shared.broker.answered(request_ids)
-        except E.BrokerError as err:
-            # The commit script dedupes anyway; the pre-check only saves running them.
-            log.debug("dedupe pre-check skipped: %s", err)
-            return [False] * len(request_ids)
+            return [], []
+        broker = self.shared.broker
+        done, cancel_ms = await asyncio.gather(broker.answered(request_ids), broker.cancel_marks(request_ids),
+                                               return_exceptions=True)
+        for err in (done, cancel_ms):
+            if isinstance(err, BaseException) and not isinstance(err, E.BrokerError):
+                raise err
+        if isinstance(done, BaseException) or isinstance(cancel_ms, BaseException):
+            err = done if isinstance(done, BaseException) else cancel_ms
+            # The commit script dedupes anyway; the pre-check only saves running them, and
+            # a missed cancel only means running a request for nobody.
+            log.debug("dedupe/cancel pre-check skipped: %s", err)
+            return [False] * len(request_ids), [0] * len(request_ids)
+        return done, cancel_ms
 
     async def _prepare(self, items: list[tuple[Entry, Envelope]], at: int) -> list[Work | Refusal]:
         body_bytes = sum(len(entry.fields.get(b"body") or b"") for entry, _ in items)

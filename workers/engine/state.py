@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,6 +23,8 @@ from headrace.workers.pipeline.answers import Answers
 from headrace.workers.pipeline.entry import Entry
 from headrace.workers.pipeline.work import Unit, Work
 from headrace.workers.settings import WorkerSettings
+
+RECENT_LATENCIES = 1024  # answered requests behind the latency percentiles in the registry
 
 
 class InFlight:
@@ -124,6 +126,10 @@ class Shared:
     in_flight: InFlight = field(default_factory=InFlight)
     counters: Counter[str] = field(default_factory=Counter)
     commits: asyncio.Queue[Unit | None] = field(default_factory=asyncio.Queue)
+    #: (lag, pending) as the maintenance task last read them (for the registry).
+    backlog: tuple[int, int] = (0, 0)
+    #: submit-to-result times (ms) of the requests answered lately (for the registry).
+    recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
 
     def emit(self, unit: Unit) -> None:
         """Queue ``unit`` for the writer (nothing to do when it holds no op)."""

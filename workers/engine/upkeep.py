@@ -22,6 +22,7 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S: Final = 2.0
+STALE_MS: Final = int(max(30.0, 5 * HEARTBEAT_S) * 1000)  # other workers silent this long are dropped
 
 
 def consumer_idle_delete_ms(settings: WorkerSettings) -> int:
@@ -58,11 +59,25 @@ class Upkeep:
                 s.counters["leases_lost"] += 1
 
     def registry_facts(self) -> dict[str, Any]:
-        """This worker's entry in the model registry (read by ``headrace.client.registry``)."""
+        """This worker's entry in the model registry (read by ``headrace.client.registry``):
+        also the backlog it last read and the p50/p99 submit-to-result latency (ms) of the
+        requests it answered lately (``client.model_status``)."""
         s = self.shared
+        recent = sorted(s.recent_ms)
+        p50 = recent[len(recent) // 2] if recent else 0.0
+        p99 = recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else 0.0
         return {"version": s.servable.version, "backend": type(s.servable).__name__,
                 "max_batch": s.settings.max_batch, "preferred_batch": s.settings.preferred_batch,
-                "max_wait_ms": s.settings.max_wait_ms, "host": socket.gethostname(), "pid": os.getpid()}
+                "max_wait_ms": s.settings.max_wait_ms, "host": socket.gethostname(), "pid": os.getpid(),
+                "lag": s.backlog[0], "pending": s.backlog[1], "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
+
+    async def heartbeat_once(self) -> None:
+        """Register the worker now (a started worker is registered: SDK submit checks pass at
+        once); a failure is only logged, the maintenance task retries."""
+        try:
+            await self.shared.broker.heartbeat(self.registry_facts(), self._describe(), stale_ms=STALE_MS)
+        except E.BrokerError as e:
+            log.warning("first registry heartbeat failed (%s); the maintenance loop retries", e)
 
     def _describe(self) -> dict[str, Any] | None:
         try:
@@ -78,9 +93,9 @@ class Upkeep:
         describe = self._describe()
         while not s.control.shutdown:
             try:
-                await s.broker.heartbeat(self.registry_facts(), describe,
-                                         stale_ms=int(max(30.0, 5 * HEARTBEAT_S) * 1000))
+                await s.broker.heartbeat(self.registry_facts(), describe, stale_ms=STALE_MS)
                 bl = await s.broker.backlog()
+                s.backlog = (bl.lag, bl.pending)
                 s.metrics.set_backlog(bl.lag, bl.pending)
                 if time.monotonic() >= next_trim:
                     next_trim = time.monotonic() + s.settings.trim_interval_s

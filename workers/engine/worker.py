@@ -42,7 +42,7 @@ from headrace.workers.engine.upkeep import Upkeep
 from headrace.workers.engine.writer import REFUSED, Writer
 from headrace.workers.metrics import NullMetrics, WorkerMetrics
 from headrace.workers.pipeline.answers import Answers
-from headrace.workers.pipeline.entry import elapsed_ms
+from headrace.workers.pipeline.entry import elapsed_ms, plausible_ms
 from headrace.workers.pipeline.ops import DUPLICATE, UNWRITABLE, DeadLetterOp, Op
 from headrace.workers.pipeline.work import Unit, Work
 from headrace.workers.settings import WorkerSettings, live_fields
@@ -88,7 +88,7 @@ class StreamWorker:
         answers = Answers(settings.model, servable.version, self.consumer)
         batcher: Batcher[Work] = Batcher(settings.max_batch, settings.preferred_batch, settings.max_wait_ms)
         self.shared = Shared(settings, servable, broker, self.metrics, answers, batcher)
-        self._intake = Intake(self.shared, Admission(settings, servable, answers, self.shared.counters))
+        self._intake = Intake(self.shared, Admission(settings, servable, answers, self.shared.counters, self.metrics))
         self._runners = [BatchRunner(settings, servable, answers, k) for k in range(settings.instances)]
         self._writer = Writer(self.shared, self.consumer, self._after_commit)
         self._upkeep = Upkeep(self.shared, self.consumer)
@@ -122,6 +122,7 @@ class StreamWorker:
         try:
             if not await self._join_group():
                 return
+            await self._upkeep.heartbeat_once()
             self._running = True
             self.started.set()
             log.info("worker %s serving %s (version %s) max_batch=%d lease_s=%.1f", self.consumer,
@@ -180,6 +181,10 @@ class StreamWorker:
                                       preferred_batch=self.settings.preferred_batch,
                                       max_wait_ms=self.settings.max_wait_ms)
         log.info("worker %s reconfigured: %s", self.consumer, changes)
+
+    def registry_facts(self) -> dict[str, Any]:
+        """This worker's entry in the model registry (see :meth:`Upkeep.registry_facts`)."""
+        return self._upkeep.registry_facts()
 
     def stats(self) -> dict[str, Any]:
         """Counters for status and autoscaling (a snapshot; plain JSON-able values)."""
@@ -296,7 +301,10 @@ class StreamWorker:
             counters[f"answered_{meta.status}"] += 1
             if isinstance(op, DeadLetterOp):
                 counters["dead_lettered"] += 1
-            self.metrics.observe_request(meta.status, meta.code, meta.queue_s, elapsed_ms(at, meta.ts_ms) / 1000.0)
+            total_ms = elapsed_ms(at, meta.ts_ms)
+            self.metrics.observe_request(meta.status, meta.code, meta.queue_s, total_ms / 1000.0)
+            if plausible_ms(meta.ts_ms):
+                self.shared.recent_ms.append(total_ms)
 
     # --- shutdown ----------------------------------------------------------------------------
 

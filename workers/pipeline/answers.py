@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from headrace.client import errors as E
-from headrace.client.protocol import STATUS_ERROR, Envelope, Result, Timings, encode_result, error_result
+from headrace.client.protocol import STATUS_ERROR, Envelope, Result, Status, Timings, encode_result, error_result
 from headrace.workers.pipeline.entry import Entry, elapsed_ms
 from headrace.workers.pipeline.ops import Ack, DeadLetterOp, Reply
 from headrace.workers.pipeline.work import Meta, Unit
@@ -33,7 +33,7 @@ class Answers:
         unit.add(op, Meta(res.status, res.code, env.ts_ms, queue_s))
 
     def error(self, env: Envelope, entry: Entry, code: str, message: str, unit: Unit,
-              status: str = STATUS_ERROR, read_ms: int = 0) -> None:
+              status: Status = STATUS_ERROR, read_ms: int = 0) -> None:
         """Queue an error result; ``read_ms`` (when known) stamps its ``queue_ms``."""
         log.debug("request %s answered %s/%s: %s", env.request_id, status, code, message)
         queue_ms = elapsed_ms(read_ms, env.ts_ms) if read_ms else 0.0
