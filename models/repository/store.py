@@ -42,6 +42,7 @@ from headrace.models.repository.manifest import (
     POSTPROCESS,
     PREPROCESS,
     SCHEMA_VERSION,
+    TORCH_FORMATS,
     VERSION_RE,
     FileEntry,
     IOSpec,
@@ -224,7 +225,7 @@ class ModelRepository:
         if fmt not in FORMATS:
             raise RepositoryError(f"format {fmt!r} must be one of {sorted(FORMATS)}")
         base = Manifest(
-            name=name, version="1", format=fmt, backend=backend or ("torch" if fmt == "torch" else "onnxruntime"),
+            name=name, version="1", format=fmt, backend=backend or ("torch" if fmt in TORCH_FORMATS else "onnxruntime"),
             precision=precision, inputs=tuple(inputs), outputs=tuple(outputs), batch_dim=batch_dim,
             max_batch=max_batch, preprocess=preprocess, postprocess=postprocess,
             model_file=model_file or DEFAULT_MODEL_FILE[fmt], source=source,

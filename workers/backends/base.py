@@ -22,12 +22,14 @@ from headrace.client.protocol import Request
 class TensorSpec:
     """One input or output of a model, per sample (the batch dimension is left out).
 
-    ``shape`` uses -1 for a dynamic axis (e.g. sequence length).
+    ``shape`` uses -1 for a dynamic axis (e.g. sequence length). ``batch_axis`` is where the
+    batch axis sits in the model's tensor (-1: none; see the manifest's ``IOSpec``).
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    batch_axis: int = 0
 
 
 class Servable(abc.ABC):
