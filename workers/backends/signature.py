@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from headrace.client import errors as E
-from headrace.client.protocol import Request
+from headrace.client.protocol import Envelope, Request
 from headrace.models.repository.manifest import NO_BATCH, IOSpec, Manifest
 from headrace.workers.backends.base import Servable
 
@@ -187,11 +187,13 @@ def example_requests(manifest: Manifest, example: Mapping[str, Array] | None, te
     """Requests to smoke-run: texts for a text model, else the example's samples."""
     if manifest.accepts_text:
         texts = [text or str(manifest.extra.get("example_text") or DEFAULT_EXAMPLE_TEXT), "a second, shorter one"]
-        return [Request(request_id=f"smoke-{i}", model=manifest.name, text=t) for i, t in enumerate(texts)]
+        return [Request(Envelope(f"smoke-{i}", "smoke"), text=t) for i, t in enumerate(texts)]
     if example is None:
         raise E.ModelError(f"{manifest.name}/{manifest.version}: no example to check the model with")
-    return [Request(request_id=f"smoke-{i}", model=manifest.name, inputs=s)
-            for i, s in enumerate(example_samples(manifest, example))]
+    samples = example_samples(manifest, example)
+    if manifest.batched and len(samples) == 1 and manifest.max_batch != 1:
+        samples = samples * 2  # a call of two shows the batch axes are where the manifest says
+    return [Request(Envelope(f"smoke-{i}", "smoke"), inputs=s) for i, s in enumerate(samples)]
 
 
 def check_results(manifest: Manifest, specs: Sequence[Any], results: Sequence[Mapping[str, Array]]) -> None:

@@ -125,8 +125,10 @@ class TorchServable(prepost.ManifestServable):
             torch.set_num_threads(intra_op_threads)
         self.device = pick_device(device)
         self.module: Any = module.to(self.device)
-        if hasattr(self.module, "eval"):
+        try:
             self.module.eval()
+        except NotImplementedError:  # a torch.export program module has no train/eval mode
+            pass
         if manifest.precision == "fp16":
             # fp16 is a GPU target: CPU kernels for half matmuls are slow or missing, so on a
             # CPU host the same weights run in fp32 (and the log says so).
