@@ -1,0 +1,116 @@
+"""Bring your own ONNX model: models nobody here wrote, added with ``headrace models add``,
+served by ``headrace worker``, answered through the SDK and a raw Redis producer.
+
+* a scikit-learn pipeline converted with skl2onnx on the bundled iris data: outputs equal
+  sklearn's ``predict`` / ``predict_proba``;
+* silero-vad's own ONNX file (package ``silero-vad``): its ``state`` carries the batch on
+  axis 1 and ``sr`` has no batch axis, so it is served batched with per-input batch axes;
+  answers equal silero's own ``OnnxWrapper`` run on each chunk alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.support.byom import latest, max_batch_seen, models_add, raw_infer, sdk_infer, serving
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def iris(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, np.ndarray[Any, Any]]:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
+    onx = to_onnx(clf, x[:1], options={LogisticRegression: {"zipmap": False}}, target_opset=17)
+    path = tmp_path_factory.mktemp("iris") / "iris.onnx"
+    path.write_bytes(onx.SerializeToString())
+    return path, clf, x
+
+
+def test_sklearn_iris_outputs_equal_sklearn(iris: Any, redis_url: str, tmp_path: Path) -> None:
+    path, clf, x = iris
+    repo = tmp_path / "repo"
+    proc = models_add(repo, "iris", path, "--description", "iris logistic regression")
+    assert "probabilities" in proc.stdout and "[B,4]" in proc.stdout  # the signature table
+    m = latest(repo, "iris")
+    assert [(s.name, s.dtype, s.shape) for s in m.inputs] == [("X", "float32", (4,))]
+    assert {s.name: s.shape for s in m.outputs} == {"label": (), "probabilities": (3,)}
+    rows = x[::5]
+    with serving(redis_url, repo, "iris", tmp_path / "worker.log", "--max-batch", "16"):
+        sdk = sdk_infer(redis_url, "iris", [{"X": row} for row in rows])
+        raw = raw_infer(redis_url, "iris", [{"X": row} for row in rows])
+    labels, probs = clf.predict(rows), clf.predict_proba(rows)
+    for got in ([r.outputs for r in sdk], [r["outputs"] for r in raw]):
+        np.testing.assert_array_equal(np.array([g["label"] for g in got]), labels)
+        np.testing.assert_allclose(np.stack([g["probabilities"] for g in got]), probs, atol=1e-5)
+    assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1
+
+
+def test_models_add_on_an_existing_name_publishes_the_next_version(iris: Any, tmp_path: Path) -> None:
+    path, _, _ = iris
+    repo = tmp_path / "repo"
+    models_add(repo, "iris", path)
+    models_add(repo, "iris", path, "--max-batch", "8")
+    m = latest(repo, "iris")
+    assert (m.version, m.max_batch) == ("2", 8)
+    assert {f.path for f in m.files} == {"model.onnx", "example.npz"}
+    bad = models_add(repo, "iris", path, "--version", "2", expect_ok=False)
+    assert bad.returncode != 0 and "already exists" in bad.stderr
+
+
+SILERO_ARGS = ("--input", "input:float32:-1", "--input", "state:float32:2,B,128", "--input", "sr:int64::nobatch",
+               "--output", "output:float32:1", "--output", "stateN:float32:2,B,128")
+
+
+def _silero_onnx() -> Path:
+    import silero_vad
+
+    return Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+
+
+def test_silero_onnx_needs_the_batch_axis_of_state_named(tmp_path: Path) -> None:
+    proc = models_add(tmp_path / "repo", "vad", _silero_onnx(), expect_ok=False)
+    assert proc.returncode != 0
+    assert "state" in proc.stderr and "2,B,128" in proc.stderr  # says what to pass
+
+
+def test_silero_onnx_served_batched_with_per_input_batch_axes(redis_url: str, tmp_path: Path) -> None:
+    import torch
+    from silero_vad.utils_vad import OnnxWrapper
+
+    rng = np.random.default_rng(0)
+    chunks = [(rng.standard_normal(512) * (0.02 if i % 2 else 0.3)).astype(np.float32) for i in range(12)]
+    context = np.zeros(64, np.float32)  # silero's wrapper prepends 64 samples of context (zeros at start)
+    example = tmp_path / "vad.npz"
+    np.savez(example, input=np.concatenate([context, chunks[0]])[None], state=np.zeros((2, 1, 128), np.float32),
+             sr=np.array(16000, np.int64))
+    repo = tmp_path / "repo"
+    proc = models_add(repo, "vad", _silero_onnx(), *SILERO_ARGS, "--example", str(example))
+    assert "[2,B,128]" in proc.stdout and "shared by a call" in proc.stdout
+    m = latest(repo, "vad")
+    assert {s.name: s.batch_axis for s in m.inputs} == {"input": 0, "state": 1, "sr": -1}
+    samples = [{"input": np.concatenate([context, c]), "state": np.zeros((2, 128), np.float32),
+                "sr": np.array(16000, np.int64)} for c in chunks]
+    with serving(redis_url, repo, "vad", tmp_path / "worker.log", "--max-batch", "16"):
+        sdk = sdk_infer(redis_url, "vad", samples)
+        raw = raw_infer(redis_url, "vad", samples)
+    ref = OnnxWrapper(str(_silero_onnx()))
+    expected = []
+    for c in chunks:
+        ref.reset_states()
+        expected.append(float(ref(torch.from_numpy(c[None]), 16000).numpy().reshape(-1)[0]))
+    for got in ([r.outputs for r in sdk], [r["outputs"] for r in raw]):
+        assert all(g["stateN"].shape == (2, 128) for g in got)
+        np.testing.assert_allclose([float(g["output"][0]) for g in got], expected, atol=1e-5)
+    assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1
