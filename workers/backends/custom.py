@@ -143,7 +143,7 @@ class CustomServable(Servable):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(backend="custom", servable=f"{type(self).__module__}:{type(self).__qualname__}")
+        d.update(backend="custom", platform="python", servable=f"{type(self).__module__}:{type(self).__qualname__}")
         if self.max_batch:
             d["max_batch"] = self.max_batch
         return d

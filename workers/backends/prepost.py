@@ -28,6 +28,9 @@ from headrace.workers.backends.validate import check_tensors, check_text
 
 Array = np.ndarray[Any, Any]
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# KServe v2 / Triton platform names of the manifest formats.
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_torchscript", "pt2": "pytorch_export",
+             "torch": "pytorch_safetensors", "tensorrt": "tensorrt_plan"}
 
 
 def specs(items: Sequence[IOSpec]) -> tuple[TensorSpec, ...]:
@@ -284,6 +287,20 @@ class ManifestServable(Servable):
             check_text(request)
         else:
             check_tensors(request, self.inputs, self.reject_non_finite)
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`Servable.describe` plus what the manifest knows: batching, platform,
+        labels of a classifier, task, description."""
+        m = self.manifest
+        d = super().describe()
+        d.update(batched=m.batched, max_batch=m.max_batch, format=m.format, precision=m.precision,
+                 platform=PLATFORMS.get(m.format, m.format), postprocess=m.postprocess)
+        for key in ("labels", "task", "max_length"):
+            if key in m.extra:
+                d[key] = m.extra[key]
+        if m.description:
+            d["description"] = m.description
+        return d
 
     def length(self, request: Request) -> int:
         """Token count for text models (what padding costs), else total input elements."""
