@@ -82,6 +82,33 @@ def _fill(imp: Imported, opts: ImportOptions, work: Path) -> Imported:
     return imp
 
 
+def import_for_servable(src: Path, ref: str) -> Imported:
+    """The model file as is, with the operator servable's declared signature: the servable,
+    not a backend, knows how to call the model.
+
+    Raises:
+        ConfigError: the class cannot be imported. ModelError: no signature, or a source
+            whose format the repository does not record.
+    """
+    from headrace.models.importers import source_kind
+    from headrace.models.repository.manifest import DEFAULT_MODEL_FILE, IOSpec
+    from headrace.workers.backends.custom import import_servable_class
+
+    cls = import_servable_class(ref)
+    kind = source_kind(src)
+    if kind not in ("onnx", "torchscript", "pt2"):
+        raise E.ModelError(f"with --servable, SOURCE must be an .onnx, TorchScript or .pt2 file (got {kind})")
+    if not cls.outputs or (not cls.inputs and not cls.accepts_text):
+        raise E.ModelError(f"{ref} must declare its inputs and outputs (class attributes) to be added")
+    if cls.accepts_text:
+        raise E.ModelError(f"{ref} takes text: add its model files with the manifest's tokenizer instead")
+    inputs = tuple(IOSpec(s.name, s.dtype, tuple(s.shape), s.batch_axis) for s in cls.inputs)
+    outputs = tuple(IOSpec(s.name, s.dtype, tuple(s.shape), s.batch_axis) for s in cls.outputs)
+    return Imported(files={DEFAULT_MODEL_FILE[kind]: src}, format=kind, model_file=DEFAULT_MODEL_FILE[kind],
+                    inputs=inputs, outputs=outputs, source=src.name,
+                    notes=[f"served by the operator servable {ref}: start workers with --servable {ref}"])
+
+
 def _publish(repo: ModelRepository, name: str, imp: Imported, *, description: str,
              version: str | None) -> Manifest:
     return repo.add(name, imp.files, format=imp.format, inputs=imp.inputs, outputs=imp.outputs,
@@ -144,7 +171,8 @@ def add_model(repo_root: str | Path, name: str, source: str | Path, opts: Import
     with tempfile.TemporaryDirectory(prefix="headrace-add-") as tmp:
         work = Path(tmp)
         say(f"importing {src} ...")
-        imp = _fill(import_source(src, opts, work), opts, work)
+        imp = import_for_servable(src, servable) if servable else import_source(src, opts, work)
+        imp = _fill(imp, opts, work)
         stage = ModelRepository(work / "stage")
         staged = _publish(stage, name, imp, description=description, version=None)
         say(f"checking {name} through the {'operator servable ' + servable if servable else staged.backend} "

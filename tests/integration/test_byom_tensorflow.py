@@ -38,7 +38,7 @@ def tf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     x = np.random.default_rng(0).standard_normal((10, 6)).astype(np.float32)
     interp = tf.lite.Interpreter(model_path=str(tflite))
     runner = interp.get_signature_runner()
-    lite_out = np.concatenate([runner(features=x[i:i + 1])["probs"] for i in range(len(x))])
+    lite_out = np.concatenate([next(iter(runner(features=x[i:i + 1]).values())) for i in range(len(x))])
     return {"keras": folder / "clf.keras", "tflite": tflite, "x": x,
             "keras_out": np.asarray(model(x, training=False)), "tflite_out": lite_out}
 

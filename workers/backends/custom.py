@@ -28,6 +28,8 @@ from __future__ import annotations
 import abc
 import importlib
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,12 +154,19 @@ class CustomServable(Servable):
 def import_servable_class(ref: str) -> type[CustomServable]:
     """The class named by ``package.module:Class``.
 
+    The module is looked up on ``sys.path``, with the current directory appended.
+
     Raises:
         ConfigError: malformed reference, import failure, or not a CustomServable subclass.
     """
     mod_name, sep, cls_name = ref.partition(":")
     if not sep or not mod_name or not cls_name:
         raise E.ConfigError(f"--servable {ref!r} must be 'package.module:Class'")
+    # Like uvicorn's --app-dir: a module beside where the operator starts the worker is found
+    # without installing it (appended, so an installed package of the same name wins).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
     try:
         obj: Any = importlib.import_module(mod_name)
         for part in cls_name.split("."):

@@ -100,14 +100,15 @@ def compare(manifest: Manifest, kind: str, specs: Sequence[IOSpec], graph: Seque
         _, dtype, dims = by_name[s.name]
         if argmax:  # the model's last axis is reduced away by the post-processing
             dims = dims[:-1]
-        elif dtype != s.dtype:
-            problems.append(f"{kind} {s.name!r}: manifest says {fmt_spec(s, manifest.batched)}; "
-                            f"{model_file} has {dtype} {fmt_dims(dims)}")
+        axis = s.batch_axis if manifest.batched and s.batched and s.batch_axis < len(dims) and \
+            dims[s.batch_axis] == -1 else None
+        theirs = f"{model_file} has {dtype} {fmt_dims(dims, axis)}"
+        if not argmax and dtype != s.dtype:
+            problems.append(f"{kind} {s.name!r}: manifest says {fmt_spec(s, manifest.batched)}; {theirs}")
             continue
         why = _dim_problem(s, dims, manifest.batched, manifest.max_batch)
         if why is not None:
-            problems.append(f"{kind} {s.name!r}: manifest says {fmt_spec(s, manifest.batched)}; "
-                            f"{model_file} has {dtype} {fmt_dims(dims)} ({why})")
+            problems.append(f"{kind} {s.name!r}: manifest says {fmt_spec(s, manifest.batched)}; {theirs} ({why})")
     return problems
 
 
