@@ -152,3 +152,48 @@ def signature_table(m: Any, published: bool = True) -> Any:
         model_view = fmt_dims(s.model_shape(-1), s.batch_axis) if m.batched and s.batched else fmt_dims(s.shape)
         t.add_row("output", s.name, s.dtype, fmt_dims(s.shape), model_view)
     return t
+
+
+@models.command("describe")
+@click.argument("name")
+@click.option("--version", "version", default=None, help="Signature of this version (default: newest served).")
+@click.option("--json", "as_json", is_flag=True, help="Print the KServe-v2-style JSON (as GET /v1/models/NAME).")
+@pass_cfg
+def models_describe(cfg: CliConfig, name: str, version: str | None, as_json: bool) -> None:
+    """What producers send to NAME and get back, from the workers' registry in Redis
+    (not a local repository): versions served, inputs/outputs, batching, labels."""
+    import json
+
+    from rich.console import Console
+
+    from headrace.client.registry import read_model
+    from headrace.cluster.serve.metadata import model_metadata
+
+    record, now = read_model(cfg.redis(), cfg.ns, name)
+    meta = model_metadata(record, now, model=name, version=version)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    Console().print(metadata_table(meta))
+
+
+def metadata_table(meta: dict[str, Any]) -> Any:
+    """A rich rendering of :func:`~headrace.cluster.serve.metadata.model_metadata`."""
+    from rich.console import Group
+    from rich.table import Table
+
+    state = f"{meta['workers']} live worker(s)" if meta["ready"] else "[red]no live worker[/]"
+    batching = f"batched, max {meta['max_batch_size'] or 'unbounded'} per call" if meta["batched"] else "unbatched"
+    t = Table(title=f"{meta['name']}: versions {', '.join(meta['versions']) or '-'} ({meta['platform']}); "
+                    f"{batching}; {state}")
+    for col in ("", "name", "datatype", "per-request shape", "model shape"):
+        t.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for x in meta[kind]:
+            t.add_row(kind[:-1], x["name"], x["datatype"], str(x["sample_shape"]), str(x["shape"]))
+    lines: list[Any] = [t]
+    if meta.get("labels"):
+        lines.append(f"labels: {', '.join(map(str, meta['labels']))}")
+    if meta.get("description"):
+        lines.append(str(meta["description"]))
+    return Group(*lines)

@@ -10,13 +10,14 @@ served by ``headrace worker``, answered through the SDK and a raw Redis producer
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.support.byom import latest, max_batch_seen, models_add, raw_infer, sdk_infer, serving
+from tests.support.byom import HEADRACE, describe, latest, max_batch_seen, models_add, raw_infer, sdk_infer, serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,11 +51,22 @@ def test_sklearn_iris_outputs_equal_sklearn(iris: Any, redis_url: str, tmp_path:
     with serving(redis_url, repo, "iris", tmp_path / "worker.log", "--max-batch", "16"):
         sdk = sdk_infer(redis_url, "iris", [{"X": row} for row in rows])
         raw = raw_infer(redis_url, "iris", [{"X": row} for row in rows])
+        described = describe(redis_url, "iris")
+    assert described["versions"] == ["1"] and described["platform"] == "onnxruntime_onnx"
+    assert described["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 4], "sample_shape": [4],
+                                    "dtype": "float32"}]
+    assert described["max_batch_size"] == 16 and described["description"] == "iris logistic regression"
     labels, probs = clf.predict(rows), clf.predict_proba(rows)
     for got in ([r.outputs for r in sdk], [r["outputs"] for r in raw]):
         np.testing.assert_array_equal(np.array([g["label"] for g in got]), labels)
         np.testing.assert_allclose(np.stack([g["probabilities"] for g in got]), probs, atol=1e-5)
     assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1
+
+
+def test_describe_of_a_model_no_worker_registered_says_so(redis_url: str) -> None:
+    proc = subprocess.run([*HEADRACE, "--redis-url", redis_url, "models", "describe", "irsi"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "[unknown_model] no worker has registered model 'irsi'" in proc.stderr
 
 
 def test_models_add_on_an_existing_name_publishes_the_next_version(iris: Any, tmp_path: Path) -> None:
@@ -105,6 +117,9 @@ def test_silero_onnx_served_batched_with_per_input_batch_axes(redis_url: str, tm
     with serving(redis_url, repo, "vad", tmp_path / "worker.log", "--max-batch", "16"):
         sdk = sdk_infer(redis_url, "vad", samples)
         raw = raw_infer(redis_url, "vad", samples)
+        described = describe(redis_url, "vad")
+    shapes = {x["name"]: (x["shape"], x["sample_shape"], x.get("batch_axis", 0)) for x in described["inputs"]}
+    assert shapes == {"input": ([-1, -1], [-1], 0), "state": ([2, -1, 128], [2, 128], 1), "sr": ([], [], -1)}
     ref = OnnxWrapper(str(_silero_onnx()))
     expected = []
     for c in chunks:

@@ -44,6 +44,14 @@ def models_add(repo: Path, name: str, source: Path | str, *args: str, expect_ok:
     return proc
 
 
+def describe(url: str, model: str) -> dict[str, Any]:
+    """``headrace models describe MODEL --json`` (read from the registry in Redis)."""
+    proc = subprocess.run([*HEADRACE, "--redis-url", url, "models", "describe", model, "--json"], capture_output=True,
+                          text=True, timeout=60, env=_env(), cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
 def latest(repo: Path, name: str) -> Manifest:
     return ModelRepository(repo).load_manifest(name)
 
