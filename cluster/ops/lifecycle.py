@@ -40,10 +40,12 @@ from headrace.cluster.serve.config import (
     LocalDeployer,
     MemoryDeployer,
     ReplicaRow,
+    app_problems,
     deployed_config,
     find_model_app,
     load_config,
     prepare_config,
+    problems_table,
     replica_table,
     replicas,
     scaled,
@@ -53,8 +55,9 @@ from headrace.cluster.serve.config import (
 )
 
 __all__ = [
-    "ClusterState", "DashboardDeployer", "Deployer", "LocalDeployer", "MemoryDeployer", "ReplicaRow", "apply",
-    "build_models", "connect", "deploy_version", "deployed_config", "down", "find_model_app", "load_config",
+    "ClusterState", "DashboardDeployer", "Deployer", "LocalDeployer", "MemoryDeployer", "ReplicaRow", "app_problems",
+    "apply", "problems_table",
+    "build_models", "check_version", "connect", "deploy_version", "deployed_config", "down", "find_model_app", "load_config",
     "prepare_config", "replica_table", "replicas", "scale", "scaled", "serve_locally", "state_dir", "up",
     "validate_config", "versioned", "wait_running", "with_app",
 ]
@@ -116,9 +119,51 @@ def scale(deployer: Deployer, model: str, replicas: int, *, wait_s: float | None
     return apply(deployer, scaled(deployed_config(deployer), model, replicas), wait_s=wait_s)
 
 
-def deploy_version(deployer: Deployer, model: str, version: str, *, wait_s: float | None = 300.0) -> dict[str, Any]:
-    """Roll the model's replicas to repository ``version``. Raises ConfigError/BrokerError."""
-    return apply(deployer, versioned(deployed_config(deployer), model, version), wait_s=wait_s)
+def check_version(cfg: Mapping[str, Any], model: str, version: str) -> str:
+    """Load ``version`` of the model as a replica would (repository, checksums, the manifest
+    held to the model, the stored example run), in this process, before any replica is
+    touched. Returns what was checked (``minilm/2 (onnx)``); a fake app is not checked.
+
+    Raises:
+        ModelNotFoundError: the repository has no such version (the message lists the ones it has).
+        ConfigError / ModelError / RepositoryError: the version does not load.
+    """
+    from dataclasses import replace
+
+    from headrace.cluster.serve.app import ModelAppArgs
+
+    app = find_model_app(cfg, model)
+    args = ModelAppArgs.from_dict(app.get("args") or {})
+    if args.fake:
+        return f"{model} (fake {args.fake}: nothing to load)"
+    settings = replace(args.worker_settings(), version=str(version), intra_op_threads=1)
+    if not Path(settings.model_repo).expanduser().is_dir():
+        raise ConfigError(f"cannot check {model}/{version}: the model repository {settings.model_repo} is not on "
+                          f"this machine; run deploy where it is, or pass --no-check")
+    from headrace.workers.backends import load_servable
+
+    servable = load_servable(settings)
+    try:
+        described = servable.describe()
+    finally:
+        servable.close()
+    return f"{model}/{servable.version} ({described.get('format') or described.get('backend', '?')})"
+
+
+def deploy_version(deployer: Deployer, model: str, version: str, *, wait_s: float | None = 300.0,
+                   check: bool = True) -> dict[str, Any]:
+    """Roll the model's replicas to repository ``version``: with ``check``, the version is
+    first loaded here (:func:`check_version`), so a missing or broken version is refused
+    before a single replica changes.
+
+    Raises:
+        ModelNotFoundError / ModelError / RepositoryError: the check failed (nothing deployed).
+        ConfigError / BrokerError: the rollout failed or timed out.
+    """
+    cfg = deployed_config(deployer)
+    if check:
+        log.info("checked %s before the rollout", check_version(cfg, model, version))
+    return apply(deployer, versioned(cfg, model, version), wait_s=wait_s)
 
 
 # --- headrace up / down --------------------------------------------------------------------

@@ -168,8 +168,8 @@ class IngressDeployment:
     async def models(self) -> JSONResponse:
         """Models with a registered worker: ``models`` (names) and ``index`` (live versions,
         ready, live workers per model)."""
-        from headrace.client.registry import decode_registry, server_ms
         from headrace.client.keys import registry_key
+        from headrace.client.registry import decode_registry, server_ms
         from headrace.cluster.serve.metadata import models_index
 
         _, r = self._clients()
