@@ -113,8 +113,16 @@ def test_missing_version_refused_then_compressed_version_rolled_out_under_load(e
     by_id = {res.request_id: res for res in results}
     assert after_rollout and all(by_id[i].version == "2" for i in after_rollout)
 
-    def table_says_v2() -> bool:
-        rows = [x for x in ops.replicas(env.deployer.details(), served_versions(r, "headrace")) if x.model == "minilm"]
-        return len(rows) == 2 and all((x.version, x.deployed) == ("2", "2") for x in rows)
+    seen: list[object] = []
 
-    wait_until(table_says_v2, 60, what="both replicas registered as serving v2")
+    def table_says_v2() -> bool:
+        served = served_versions(r, "headrace")
+        rows = [(x.replica_id, x.state, x.pid, x.version, x.deployed)
+                for x in ops.replicas(env.deployer.details(), served) if x.model == "minilm"]
+        seen[:] = [rows, served]
+        return len(rows) == 2 and all(row[3:] == ("2", "2") for row in rows)
+
+    try:
+        wait_until(table_says_v2, 60, what="both replicas registered as serving v2")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: last seen {seen}") from None

@@ -129,3 +129,36 @@ def test_silero_onnx_served_batched_with_per_input_batch_axes(redis_url: str, tm
         assert all(g["stateN"].shape == (2, 128) for g in got)
         np.testing.assert_allclose([float(g["output"][0]) for g in got], expected, atol=1e-5)
     assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1
+
+
+def _external_data_model(folder: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "ext",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.weights", size_threshold=0)
+    return path
+
+
+def test_onnx_external_data_is_listed_and_a_failing_example_refuses_the_add(tmp_path: Path) -> None:
+    path = _external_data_model(tmp_path)
+    repo = tmp_path / "repo"
+    dry = models_add(repo, "ext", path, "--dry-run")
+    assert "dry run" in dry.stdout and not (repo / "ext").exists()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.ones((2, 5), np.float32))  # 5 features; the model takes 4
+    refused = models_add(repo, "ext", path, "--example", str(bad), expect_ok=False)
+    assert refused.returncode == 1 and "ext was not added" in refused.stderr and "[4]" in refused.stderr
+    assert not (repo / "ext").exists() or not list((repo / "ext").iterdir())
+    models_add(repo, "ext", path)
+    m = latest(repo, "ext")
+    assert {f.path for f in m.files} == {"model.onnx", "ext.weights", "example.npz"}
+    (path.parent / "ext.weights").unlink()
+    missing = models_add(repo, "ext", path, expect_ok=False)
+    assert "keeps weights in 'ext.weights'" in missing.stderr
