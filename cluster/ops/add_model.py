@@ -76,7 +76,7 @@ def _fill(imp: Imported, opts: ImportOptions, work: Path) -> Imported:
         example = synth_example(imp.inputs, imp.batch_dim != NO_BATCH)
         imp.notes.append("no --example: checked with random inputs made from the signature")
     path = work / EXAMPLE_FILE
-    np.savez(path, **example)
+    np.savez(path, **example)  # type: ignore[arg-type]  # numpy's stub confuses names with allow_pickle
     imp.files[EXAMPLE_FILE] = path
     imp.example = example
     return imp

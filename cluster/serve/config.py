@@ -305,8 +305,10 @@ def replicas(details: Mapping[str, Any], served: Mapping[tuple[str, int], str] |
     """
     rows: list[ReplicaRow] = []
     for app_name, app in (details.get("applications") or {}).items():
-        args = ((app.get("deployed_app_config") or {}).get("args") or {})
-        model = str(args.get("model", ""))
+        deployed = app.get("deployed_app_config") or {}
+        args = deployed.get("args") or {}
+        # A model app's config may leave model at its default (ModelAppArgs.model).
+        model = str(args.get("model", "minilm" if deployed.get("import_path") == APP_BUILDER else ""))
         for dep_name, dep in (app.get("deployments") or {}).items():
             for r in dep.get("replicas") or []:
                 pid = r.get("pid")

@@ -31,7 +31,7 @@ def _tensor(t: Mapping[str, Any], batched: bool) -> dict[str, Any]:
     axis = int(t.get("batch_axis", 0))
     shape = [*sample[:axis], -1, *sample[axis:]] if batched and axis >= 0 else list(sample)
     dtype = str(t.get("dtype", ""))
-    out = {"name": str(t.get("name", "")), "datatype": str(t.get("datatype") or dtype.upper()), "shape": shape,
+    out: dict[str, Any] = {"name": str(t.get("name", "")), "datatype": str(t.get("datatype") or dtype.upper()), "shape": shape,
            "sample_shape": sample, "dtype": dtype}
     if batched and axis > 0:
         out["batch_axis"] = axis

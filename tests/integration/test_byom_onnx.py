@@ -10,6 +10,7 @@ served by ``headrace worker``, answered through the SDK and a raw Redis producer
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,12 @@ def test_sklearn_iris_outputs_equal_sklearn(iris: Any, redis_url: str, tmp_path:
         sdk = sdk_infer(redis_url, "iris", [{"X": row} for row in rows])
         raw = raw_infer(redis_url, "iris", [{"X": row} for row in rows])
         described = describe(redis_url, "iris")
+        np.save(tmp_path / "sample.npy", rows[0])  # the README's third command
+        submitted = subprocess.run([*HEADRACE, "--redis-url", redis_url, "submit", "iris", "--input",
+                                    f"X={tmp_path / 'sample.npy'}", "--json"], capture_output=True, text=True,
+                                   timeout=60, check=False)
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["outputs"]["label"]["data"] == int(clf.predict(rows[:1])[0])  # a scalar
     assert described["versions"] == ["1"] and described["platform"] == "onnxruntime_onnx"
     assert described["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 4], "sample_shape": [4],
                                     "dtype": "float32"}]

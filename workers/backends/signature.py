@@ -16,7 +16,6 @@ requests of another size would all fail inside the backend.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,13 +155,6 @@ def load_example(path: Path) -> dict[str, Array]:
         raise E.ModelError(f"cannot read example {path}: {e}") from e
 
 
-def save_example(arrays: Mapping[str, Array]) -> bytes:
-    """``.npz`` bytes of ``arrays`` (uncompressed; deterministic)."""
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    return buf.getvalue()
-
-
 def example_samples(manifest: Manifest, example: Mapping[str, Array]) -> list[dict[str, Array]]:
     """Per-request inputs from an example of model tensors (batch axis included, as a model
     call takes them). An unbatched model's example is one request as is.
@@ -250,4 +242,4 @@ def stored_example(manifest: Manifest, folder: Path) -> dict[str, Array] | None:
 
 
 __all__ = ["EXAMPLE_FILE", "NO_BATCH", "check_graph", "check_results", "compare", "example_requests",
-           "example_samples", "load_example", "ort_specs", "save_example", "smoke_run", "stored_example"]
+           "example_samples", "load_example", "ort_specs", "smoke_run", "stored_example"]
