@@ -137,8 +137,14 @@ class ModelRepository:
         """
         vs = self.versions(name)
         if not vs:
+            folder = self.root / check_name(name)
+            bare = sorted(str(c.relative_to(self.root)) for c in folder.glob("*") if c.is_dir()) \
+                if folder.is_dir() else []
+            hint = (f"; {bare} hold no {MANIFEST_FILE}: add a model with `headrace models add {name} FILE`, "
+                    f"which writes the manifest and checksums" if bare else
+                    f"; add one with `headrace models add {name} FILE`")
             raise ModelNotFoundError(f"model {name!r} is not in the repository {self.root}; "
-                                     f"available: {self.names() or 'none'}")
+                                     f"available: {self.names() or 'none'}{hint}")
         return vs[-1]
 
     def load_manifest(self, name: str, version: str | int | None = None) -> Manifest:

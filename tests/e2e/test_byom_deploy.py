@@ -17,12 +17,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from headrace.client import errors as E
 from headrace.cluster.cli.status_data import served_versions
 from headrace.cluster.ops import lifecycle as ops
-from headrace.cluster.serve.app import ModelAppArgs, app_config
+from headrace.cluster.serve.app import IngressArgs, ModelAppArgs, app_config, ingress_config
 from headrace.models.repository.store import Manifest, ModelRepository
 from tests.support.ray import RawProducer, RayEnv, local_ray, serve_replicas, wait_until
 
@@ -68,13 +69,29 @@ def repo(model_repo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return root
 
 
+def _http_metadata(env: RayEnv) -> None:
+    """GET /v1/models and /v1/models/{model}: KServe-style metadata from the registry."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{env.http_port}", timeout=30) as h:
+        meta = wait_until(lambda: (m := h.get("/v1/models/minilm").json()).get("workers") == 2 and m, 60,
+                          what="both minilm workers in GET /v1/models/minilm")
+        assert meta["versions"] == ["1"] and meta["accepts_text"] and meta["platform"] == "onnxruntime_onnx"
+        assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1], "sample_shape": [],
+                                   "dtype": "str"}]
+        assert meta["outputs"][0]["name"] == "embeddings" and meta["outputs"][0]["shape"] == [-1, 384]
+        assert h.get("/v1/models").json()["models"] == ["minilm"]
+        missing = h.get("/v1/models/minlm")
+        assert missing.status_code == 404 and missing.json()["code"] == "unknown_model"
+
+
 def test_missing_version_refused_then_compressed_version_rolled_out_under_load(env: RayEnv, repo: Path) -> None:
     args = ModelAppArgs.from_dict({"model": "minilm", "version": "1", "model_repo": str(repo),
                                    "redis_url": env.redis_url, "num_replicas": 2, "num_cpus": 0.5, "max_batch": 8,
                                    "lease_s": 5.0, "drain_timeout_s": 20.0})
-    ops.apply(env.deployer, {"applications": [app_config(args)]}, wait_s=240)
+    http = ingress_config(IngressArgs(redis_url=env.redis_url, num_cpus=0.25))
+    ops.apply(env.deployer, {"applications": [app_config(args), http]}, wait_s=240)
     before = {x.replica_id for x in serve_replicas(env.deployer, "minilm")}
     assert len(before) == 2
+    _http_metadata(env)
 
     t0 = time.monotonic()
     with pytest.raises(E.ModelNotFoundError, match=r"no version '9'.*versions: \['1', '2'\]"):

@@ -202,3 +202,13 @@ def test_servable_references_are_checked() -> None:
         import_servable_class("numpy:ndarray")
     with pytest.raises(ConfigError, match="servable"):
         WorkerSettings(servable="bad ref:")
+
+
+def test_a_bare_model_folder_says_a_manifest_is_needed(tmp_path: Any) -> None:
+    from headrace.models.repository.store import ModelRepository
+
+    (tmp_path / "resnet18" / "1").mkdir(parents=True)
+    (tmp_path / "resnet18" / "1" / "model.onnx").write_bytes(b"x")
+    with pytest.raises(E.ModelNotFoundError, match=r"\['resnet18/1'\] hold no manifest.json: add a model with "
+                                                   r"`headrace models add resnet18 FILE`"):
+        ModelRepository(tmp_path).latest("resnet18")
