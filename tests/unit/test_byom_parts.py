@@ -212,3 +212,17 @@ def test_a_bare_model_folder_says_a_manifest_is_needed(tmp_path: Any) -> None:
     with pytest.raises(E.ModelNotFoundError, match=r"\['resnet18/1'\] hold no manifest.json: add a model with "
                                                    r"`headrace models add resnet18 FILE`"):
         ModelRepository(tmp_path).latest("resnet18")
+
+
+def test_ray_app_args_carry_an_operator_servable_to_the_replica_loader(tmp_path: Any) -> None:
+    from headrace.cluster.serve.app import ModelAppArgs
+    from headrace.workers.backends import load_servable
+
+    args = ModelAppArgs.from_dict({"model": "dbl", "model_repo": str(tmp_path / "none"),
+                                   "worker_overrides": {"servable": f"{__name__}:_Doubler"}})
+    settings = args.worker_settings()
+    assert settings.servable == f"{__name__}:_Doubler"
+    servable = load_servable(settings)  # the replica's loading path; no repository entry needed
+    assert isinstance(servable, _Doubler) and servable.calls == []
+    with pytest.raises(E.ModelNotFoundError, match="version 3"):
+        load_servable(WorkerSettings(model="dbl", version="3", servable=settings.servable, model_repo=str(tmp_path)))
