@@ -156,8 +156,8 @@ def import_huggingface(folder: Path, opts: ImportOptions, work_dir: Path) -> Imp
     onnx_path = work_dir / "hf" / "model.onnx"
     report = export_onnx(_head(model, task, pooling, normalize), example, onnx_path, output_names=[out_name],
                          dynamic_axes=axes, opset=opts.opset)
-    tok_dir = work_dir / "hf-tokenizer"
-    tok.backend_tokenizer.save(str(tok_dir.with_suffix(".json")))
+    tok_path = work_dir / "hf" / "tokenizer.json"  # the fast tokenizer as one file, for the worker
+    tok.backend_tokenizer.save(str(tok_path))
     extra: dict[str, Any] = {"task": task, "max_length": _max_length(folder, tok, model.config, opts),
                              "pad_id": int(tok.pad_token_id if tok.pad_token_id is not None else 0),
                              "model_type": str(getattr(model.config, "model_type", ""))}
@@ -166,7 +166,7 @@ def import_huggingface(folder: Path, opts: ImportOptions, work_dir: Path) -> Imp
     if task == "sentence-embedding":
         extra.update(pooling=pooling, normalize=normalize)
     return Imported(
-        files={"model.onnx": onnx_path, "tokenizer.json": tok_dir.with_suffix(".json")}, format="onnx",
+        files={"model.onnx": onnx_path, "tokenizer.json": tok_path}, format="onnx",
         model_file="model.onnx", inputs=tuple(IOSpec(n, "int64", (-1,)) for n in names),
         outputs=(IOSpec(out_name, "float32", out_shape),), max_batch=opts.max_batch, preprocess="bert_tokenizer",
         extra=extra, source=str(config_raw.get("_name_or_path") or folder.name),

@@ -82,6 +82,33 @@ def external_files(model: Any) -> list[str]:
     return found
 
 
+def refine_with_runtime(path: Path, tensors: list[GraphTensor], outputs: bool) -> list[GraphTensor]:
+    """Dims onnxruntime knows as fixed where the file declares a name or nothing (its graph
+    optimisations infer them): the worker's check compares with the runtime's view, so the
+    manifest must too.
+
+    Raises:
+        ModelError: onnxruntime cannot load the model.
+    """
+    import onnxruntime as ort
+
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException
+        raise ModelError(f"onnxruntime cannot load {path.name}: {e}") from e
+    runtime = {n.name: list(n.shape or []) for n in (sess.get_outputs() if outputs else sess.get_inputs())}
+    out: list[GraphTensor] = []
+    for name, dtype, dims in tensors:
+        known = runtime.get(name, [])
+        if len(known) == len(dims):
+            dims = tuple(k if isinstance(k, int) and k > 0 and not isinstance(d, int) and i > 0 else d
+                         for i, (d, k) in enumerate(zip(dims, known, strict=True)))
+        out.append((name, dtype, dims))
+    return out
+
+
 def _batch_name(inputs: list[GraphTensor]) -> str | None:
     names = Counter(dims[0] for _, _, dims in inputs if dims and isinstance(dims[0], str))
     return names.most_common(1)[0][0] if names else None
@@ -129,6 +156,7 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
             carry, or a batch axis the graph does not tell (names the ``--input`` to give).
     """
     inputs, outputs, ext = read_graph(path)
+    outputs = refine_with_runtime(path, outputs, outputs=True)
     files: dict[str, Path] = {"model.onnx": path}
     for rel in ext:
         check_relpath(rel)

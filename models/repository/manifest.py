@@ -284,10 +284,10 @@ class Manifest:
         if self.batch_dim == 0 and self.inputs and not any(s.batched for s in self.inputs):
             raise RepositoryError("a batched model (batch_dim 0) needs an input with a batch axis; "
                                   "set batch_dim -1 to serve it unbatched")
-        names = [s.name for s in self.inputs] + [s.name for s in self.outputs]
-        if len(set(s.name for s in self.inputs)) != len(self.inputs) or \
-                len(set(s.name for s in self.outputs)) != len(self.outputs):
-            raise RepositoryError(f"signature names must be unique among inputs and among outputs: {names}")
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise RepositoryError(f"{kind} {names}: a name is listed twice")
         if not self.outputs or (not self.inputs and not self.accepts_text):
             raise RepositoryError("a model needs outputs, and inputs unless it takes text")
         paths = [f.path for f in self.files]
