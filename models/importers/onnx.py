@@ -156,7 +156,6 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
             carry, or a batch axis the graph does not tell (names the ``--input`` to give).
     """
     inputs, outputs, ext = read_graph(path)
-    outputs = refine_with_runtime(path, outputs, outputs=True)
     files: dict[str, Path] = {"model.onnx": path}
     for rel in ext:
         check_relpath(rel)
@@ -164,6 +163,7 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
         if not src.is_file():
             raise ModelError(f"{path.name} keeps weights in {rel!r}, which is not beside it ({src})")
         files[rel] = src
+    outputs = refine_with_runtime(path, outputs, outputs=True)
     axes, unclear = batch_axes(inputs, outputs)
     unclear = [n for n in unclear if n not in opts.inputs]
     if unclear:
