@@ -33,6 +33,7 @@ from typing import Any
 
 from headrace.client.errors import BrokerError, ConfigError, HeadraceError
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_ports
+from headrace.cluster.ops.versions import check_version
 from headrace.cluster.serve.app import APP_BUILDER
 from headrace.cluster.serve.config import (
     DashboardDeployer,
@@ -117,37 +118,6 @@ def apply(deployer: Deployer, cfg: Mapping[str, Any], *, wait_s: float | None = 
 def scale(deployer: Deployer, model: str, replicas: int, *, wait_s: float | None = 180.0) -> dict[str, Any]:
     """Set the model's replica count (lightweight update). Raises ConfigError/BrokerError."""
     return apply(deployer, scaled(deployed_config(deployer), model, replicas), wait_s=wait_s)
-
-
-def check_version(cfg: Mapping[str, Any], model: str, version: str) -> str:
-    """Load ``version`` of the model as a replica would (repository, checksums, the manifest
-    held to the model, the stored example run), in this process, before any replica is
-    touched. Returns what was checked (``minilm/2 (onnx)``); a fake app is not checked.
-
-    Raises:
-        ModelNotFoundError: the repository has no such version (the message lists the ones it has).
-        ConfigError / ModelError / RepositoryError: the version does not load.
-    """
-    from dataclasses import replace
-
-    from headrace.cluster.serve.app import ModelAppArgs
-
-    app = find_model_app(cfg, model)
-    args = ModelAppArgs.from_dict(app.get("args") or {})
-    if args.fake:
-        return f"{model} (fake {args.fake}: nothing to load)"
-    settings = replace(args.worker_settings(), version=str(version), intra_op_threads=1)
-    if not Path(settings.model_repo).expanduser().is_dir():
-        raise ConfigError(f"cannot check {model}/{version}: the model repository {settings.model_repo} is not on "
-                          f"this machine; run deploy where it is, or pass --no-check")
-    from headrace.workers.backends import load_servable
-
-    servable = load_servable(settings)
-    try:
-        described = servable.describe()
-    finally:
-        servable.close()
-    return f"{model}/{servable.version} ({described.get('format') or described.get('backend', '?')})"
 
 
 def deploy_version(deployer: Deployer, model: str, version: str, *, wait_s: float | None = 300.0,

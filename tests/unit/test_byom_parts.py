@@ -226,3 +226,31 @@ def test_ray_app_args_carry_an_operator_servable_to_the_replica_loader(tmp_path:
     assert isinstance(servable, _Doubler) and servable.calls == []
     with pytest.raises(E.ModelNotFoundError, match="version 3"):
         load_servable(WorkerSettings(model="dbl", version="3", servable=settings.servable, model_repo=str(tmp_path)))
+
+
+def test_deploy_check_loads_the_version_and_refuses_a_missing_one(tmp_path: Any) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from headrace.cluster.ops.versions import check_version
+    from headrace.models.repository.store import ModelRepository
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
+    path = tmp_path / "relu.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("relu", {"model.onnx": path}, format="onnx", inputs=[IOSpec("x", "float32", (3,))],
+             outputs=[IOSpec("y", "float32", (3,))])
+    app = {"name": "relu", "import_path": "headrace.cluster.serve.app:build_app",
+           "args": {"model": "relu", "model_repo": str(repo.root)}}
+    cfg = {"applications": [app]}
+    assert check_version(cfg, "relu", "1") == "relu/1 (onnx)"
+    with pytest.raises(E.ModelNotFoundError, match=r"no version '2'.*versions: \['1'\]"):
+        check_version(cfg, "relu", "2")
+    wrong = {"applications": [{**app, "args": {"model": "relu", "model_repo": str(tmp_path / "elsewhere")}}]}
+    with pytest.raises(ConfigError, match="--no-check"):
+        check_version(wrong, "relu", "1")
+    fake = {"applications": [{**app, "args": {"model": "relu", "fake": "affine"}}]}
+    assert "fake affine" in check_version(fake, "relu", "7")
