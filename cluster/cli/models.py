@@ -166,11 +166,11 @@ def models_describe(cfg: CliConfig, name: str, version: str | None, as_json: boo
 
     from rich.console import Console
 
-    from headrace.client.registry import read_model
+    from headrace.client import Client
     from headrace.cluster.serve.metadata import model_metadata
 
-    record, now = read_model(cfg.redis(), cfg.ns, name)
-    meta = model_metadata(record, now, model=name, version=version)
+    with Client(settings=cfg.client_settings()) as client:
+        meta = model_metadata(client.describe(name), version=version)
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return

@@ -190,13 +190,11 @@ class IngressDeployment:
         """KServe-v2-style metadata of ``model`` from the workers' registry: versions served,
         platform, inputs/outputs (datatype, shape with -1 on the batch axis, per-request
         shape), text or tensors, batching limit, classifier labels."""
-        from headrace.client.registry import aread_model
         from headrace.cluster.serve.metadata import model_metadata
 
-        _, r = self._clients()
+        client, _ = self._clients()
         try:
-            record, now = await aread_model(r, self.args.namespace, model)
-            return JSONResponse(content=model_metadata(record, now, model=model, version=version))
+            return JSONResponse(content=model_metadata(await client.describe(model), version=version))
         except E.BrokerError as e:
             return JSONResponse(status_code=503, content={"code": e.code, "message": e.message})
         except E.HeadraceError as e:

@@ -1,7 +1,8 @@
 """KServe-v2-style model metadata from the workers' registry (``<ns>:models`` in Redis).
 
 What ``headrace models describe NAME`` prints and ``GET /v1/models/{model}`` returns. It is
-built only from what live workers registered (their versions, batching limits and the
+built on the SDK's ``Client.describe(model)`` (:class:`~headrace.client.health.ModelDescription`:
+what live workers registered, their versions, batching limits and the
 ``Servable.describe()`` of each version), never from a local model repository, so a producer
 anywhere learns what the served model takes:
 
@@ -19,10 +20,11 @@ request carries (the wire protocol has no batch axis). A text model has one inpu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from headrace.client import errors as E
+from headrace.client.health import ModelDescription
 from headrace.client.registry import ModelRecord
 
 
@@ -40,39 +42,33 @@ def _tensor(t: Mapping[str, Any], batched: bool) -> dict[str, Any]:
     return out
 
 
-def _max_batch(model_limit: int, worker_limits: Sequence[int]) -> int:
-    limits = [x for x in (model_limit, *worker_limits) if x > 0]
-    return min(limits) if limits else 0
-
-
-def model_metadata(record: ModelRecord | None, now_ms: int, *, model: str = "",
-                   version: str | None = None) -> dict[str, Any]:
-    """The metadata of one model (``version``: that version's signature; default the newest
-    version live workers serve, else the newest registered).
+def model_metadata(desc: ModelDescription, *, version: str | None = None) -> dict[str, Any]:
+    """The metadata of one model from the SDK's :class:`~headrace.client.health.ModelDescription`
+    (``version``: that version's signature; default the newest version live workers serve,
+    else the newest registered).
 
     Raises:
-        ModelNotFoundError: no worker ever registered the model, or no signature of ``version``.
+        ModelNotFoundError: no signature of ``version`` is registered.
     """
-    if record is None:
-        raise E.ModelNotFoundError(f"no worker has registered model {model!r}; check the name "
-                                   f"(headrace models describe, GET /v1/models) or start a worker for it")
-    live = record.live_workers(now_ms)
-    versions = list(record.versions(now_ms))
-    pick = version or (versions[0] if versions else None)
-    sig = record.signature(pick)
+    pick = version or (desc.versions[0] if desc.versions else None)
+    sig = desc.signature(pick)
     if sig is None:
-        raise E.ModelNotFoundError(f"model {record.model!r} has no registered signature for version {pick!r}; "
-                                   f"known: {sorted(record.signatures)}")
+        raise E.ModelNotFoundError(f"model {desc.model!r} has no registered signature for version {pick!r}; "
+                                   f"known: {sorted(desc.signatures)}")
+    pick = pick or str(sig.get("version") or "")
     batched = bool(sig.get("batched", True))
+    limits = [x for x in (int(sig.get("max_batch") or 0),
+                          desc.batching[pick].max_batch if pick in desc.batching else 0) if x > 0]
     inputs = ([{"name": "text", "datatype": "BYTES", "shape": [-1] if batched else [1], "sample_shape": [],
                 "dtype": "str"}] if sig.get("accepts_text")
               else [_tensor(t, batched) for t in sig.get("inputs", [])])
     out: dict[str, Any] = {
-        "name": record.model, "versions": versions, "platform": str(sig.get("platform") or sig.get("backend") or ""),
-        "ready": bool(live), "inputs": inputs, "outputs": [_tensor(t, batched) for t in sig.get("outputs", [])],
+        "name": desc.model, "versions": list(desc.versions),
+        "platform": str(sig.get("platform") or sig.get("backend") or ""), "ready": desc.live_workers > 0,
+        "inputs": inputs, "outputs": [_tensor(t, batched) for t in sig.get("outputs", [])],
         "accepts_text": bool(sig.get("accepts_text")), "batched": batched,
-        "max_batch_size": _max_batch(int(sig.get("max_batch") or 0), [w.max_batch for w in live]) if batched else 1,
-        "workers": len(live), "signature_version": str(sig.get("version") or pick or ""),
+        "max_batch_size": (min(limits) if limits else 0) if batched else 1,
+        "workers": desc.live_workers, "signature_version": str(sig.get("version") or pick or ""),
     }
     for key in ("labels", "task", "description", "max_length"):
         if key in sig:

@@ -17,7 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
+from headrace.client import Client
+from headrace.client.errors import UnknownModel
 from tests.support.byom import HEADRACE, describe, latest, max_batch_seen, models_add, raw_infer, sdk_infer, serving
 
 pytestmark = pytest.mark.timeout(300)
@@ -53,6 +56,9 @@ def test_sklearn_iris_outputs_equal_sklearn(iris: Any, redis_url: str, tmp_path:
         sdk = sdk_infer(redis_url, "iris", [{"X": row} for row in rows])
         raw = raw_infer(redis_url, "iris", [{"X": row} for row in rows])
         described = describe(redis_url, "iris")
+        with Client(redis_url) as c, pytest.raises(UnknownModel, match="'irsi'"):
+            c.submit("irsi", {"X": rows[0]})  # a misspelt model, while iris is served
+        assert redis.Redis.from_url(redis_url).hget("headrace:models", "irsi") is None  # the raw producer's check
         np.save(tmp_path / "sample.npy", rows[0])  # the README's third command
         submitted = subprocess.run([*HEADRACE, "--redis-url", redis_url, "submit", "iris", "--input",
                                     f"X={tmp_path / 'sample.npy'}", "--json"], capture_output=True, text=True,
@@ -73,7 +79,7 @@ def test_sklearn_iris_outputs_equal_sklearn(iris: Any, redis_url: str, tmp_path:
 def test_describe_of_a_model_no_worker_registered_says_so(redis_url: str) -> None:
     proc = subprocess.run([*HEADRACE, "--redis-url", redis_url, "models", "describe", "irsi"], capture_output=True,
                           text=True, timeout=60, check=False)
-    assert proc.returncode == 1 and "[unknown_model] no worker has registered model 'irsi'" in proc.stderr
+    assert proc.returncode == 1 and "[unknown_model] no worker has ever registered model 'irsi'" in proc.stderr
 
 
 def test_models_add_on_an_existing_name_publishes_the_next_version(iris: Any, tmp_path: Path) -> None:

@@ -154,15 +154,19 @@ def _record() -> ModelRecord:
 
 
 def test_metadata_is_kserve_style_from_live_workers_only() -> None:
-    meta = model_metadata(_record(), now_ms=30_500)  # w1 live (29.5 s), w0 stale (30.5 s)
+    from headrace.client.health import describe
+
+    meta = model_metadata(describe("vad", _record(), now_ms=30_500))  # w1 live (29.5 s), w0 stale (30.5 s)
     assert meta["versions"] == ["2"] and meta["workers"] == 1 and meta["max_batch_size"] == 16
     assert meta["inputs"][0] == {"name": "state", "datatype": "FP32", "shape": [2, -1, 128], "sample_shape": [2, 128],
                                  "dtype": "float32", "batch_axis": 1}
     assert meta["inputs"][1]["shape"] == [] and meta["inputs"][1]["batch_axis"] == -1
     assert meta["labels"] == ["a", "b"] and meta["platform"] == "onnxruntime_onnx"
     assert models_index({"vad": _record()}, 10**9) == [{"name": "vad", "versions": [], "ready": False, "workers": 0}]
-    with pytest.raises(E.ModelNotFoundError, match="no worker has registered model 'vda'"):
-        model_metadata(None, 0, model="vda")
+    with pytest.raises(E.UnknownModel, match="no worker has ever registered model 'vda'"):
+        describe("vda", None, 0)
+    with pytest.raises(E.ModelNotFoundError, match="no registered signature for version '7'"):
+        model_metadata(describe("vad", _record(), now_ms=30_500), version="7")
 
 
 class _Doubler(CustomServable):
