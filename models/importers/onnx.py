@@ -39,6 +39,8 @@ def _np_dtype(elem_type: int) -> str:
 
 
 def _tensor(v: Any) -> GraphTensor:
+    if not v.type.HasField("tensor_type"):
+        return v.name, "", ()
     tt = v.type.tensor_type
     dims: list[Dim] = []
     for d in tt.shape.dim:
@@ -53,6 +55,7 @@ def _tensor(v: Any) -> GraphTensor:
 
 def read_graph(path: Path) -> tuple[list[GraphTensor], list[GraphTensor], list[str]]:
     """``(inputs, outputs, external data files)`` of an ONNX file, weights not loaded.
+    A non-tensor value (a sequence or map, e.g. skl2onnx's ZipMap) has dtype ``""``.
 
     Raises:
         ModelError: not a readable ONNX model.
@@ -148,6 +151,15 @@ def to_spec(t: GraphTensor, axis: int, batched: bool) -> IOSpec:
     return IOSpec(name=name, dtype=dtype, shape=tuple(shape), batch_axis=axis if batched else NO_BATCH)
 
 
+def _check_types(tensors: list[GraphTensor], kind: str, path: Path) -> None:
+    from headrace.client.protocol import DTYPES
+
+    bad = {n: dtype or "a sequence/map" for n, dtype, _ in tensors if dtype not in DTYPES}
+    if bad:
+        raise ModelError(f"{path.name}: {kind}s {bad} have types headrace cannot carry on the wire "
+                         f"(it carries {sorted(DTYPES)}); export the model with numeric tensors there")
+
+
 def import_onnx(path: Path, opts: ImportOptions) -> Imported:
     """An :class:`Imported` for an ONNX file (and its external data).
 
@@ -156,6 +168,13 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
             carry, or a batch axis the graph does not tell (names the ``--input`` to give).
     """
     inputs, outputs, ext = read_graph(path)
+    _check_types(inputs, "input", path)
+    notes = [f"output {n!r} is not a tensor (a sequence or map, e.g. skl2onnx's ZipMap): not served; "
+             f"convert without it (skl2onnx: options={{'zipmap': False}})" for n, dtype, _ in outputs if not dtype]
+    outputs = [t for t in outputs if t[1]]
+    _check_types(outputs, "output", path)
+    if not outputs:
+        raise ModelError(f"{path.name} has no tensor output headrace can return")
     files: dict[str, Path] = {"model.onnx": path}
     for rel in ext:
         check_relpath(rel)
@@ -182,7 +201,6 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
     if not batched:
         in_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in in_specs)
         out_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in out_specs)
-    notes = []
     if not batched:
         notes.append("no batch axis in the graph: served unbatched (one request = one model call, "
                      "tensors sent as the model takes them)")

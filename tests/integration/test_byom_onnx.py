@@ -175,3 +175,17 @@ def test_onnx_external_data_is_listed_and_a_failing_example_refuses_the_add(tmp_
     (path.parent / "ext.weights").unlink()
     missing = models_add(repo, "ext", path, expect_ok=False)
     assert "keeps weights in 'ext.weights'" in missing.stderr
+
+
+def test_skl2onnx_zipmap_output_is_left_out_with_a_note(tmp_path: Path) -> None:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.tree import DecisionTreeClassifier
+
+    x, y = load_iris(return_X_y=True)
+    clf = DecisionTreeClassifier(max_depth=3, random_state=0).fit(x.astype(np.float32), y)
+    path = tmp_path / "tree.onnx"
+    path.write_bytes(to_onnx(clf, x[:1].astype(np.float32)).SerializeToString())  # default: ZipMap on
+    proc = models_add(tmp_path / "repo", "tree", path)
+    assert "output_probability" in proc.stdout and "zipmap" in proc.stdout
+    assert [s.name for s in latest(tmp_path / "repo", "tree").outputs] == ["output_label"]
