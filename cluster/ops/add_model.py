@@ -82,7 +82,7 @@ def _fill(imp: Imported, opts: ImportOptions, work: Path) -> Imported:
     return imp
 
 
-def import_for_servable(src: Path, ref: str) -> Imported:
+def import_for_servable(src: Path, ref: str, opts: ImportOptions) -> Imported:
     """The model file as is, with the operator servable's declared signature: the servable,
     not a backend, knows how to call the model.
 
@@ -100,9 +100,10 @@ def import_for_servable(src: Path, ref: str) -> Imported:
         raise E.ModelError(f"with --servable, SOURCE must be an .onnx, TorchScript or .pt2 file (got {kind})")
     if not cls.outputs or (not cls.inputs and not cls.accepts_text):
         raise E.ModelError(f"{ref} must declare its inputs and outputs (class attributes) to be added")
-    if cls.accepts_text:
-        raise E.ModelError(f"{ref} takes text: add its model files with the manifest's tokenizer instead")
-    inputs = tuple(IOSpec(s.name, s.dtype, tuple(s.shape), s.batch_axis) for s in cls.inputs)
+    if cls.accepts_text and opts.tokenizer is None:
+        raise E.ModelError(f"{ref} takes text: give its --tokenizer tokenizer.json (the manifest records text "
+                           f"models with their tokenizer)")
+    inputs = () if cls.accepts_text else tuple(IOSpec(s.name, s.dtype, tuple(s.shape), s.batch_axis) for s in cls.inputs)
     outputs = tuple(IOSpec(s.name, s.dtype, tuple(s.shape), s.batch_axis) for s in cls.outputs)
     return Imported(files={DEFAULT_MODEL_FILE[kind]: src}, format=kind, model_file=DEFAULT_MODEL_FILE[kind],
                     inputs=inputs, outputs=outputs, source=src.name,
@@ -171,7 +172,7 @@ def add_model(repo_root: str | Path, name: str, source: str | Path, opts: Import
     with tempfile.TemporaryDirectory(prefix="headrace-add-") as tmp:
         work = Path(tmp)
         say(f"importing {src} ...")
-        imp = import_for_servable(src, servable) if servable else import_source(src, opts, work)
+        imp = import_for_servable(src, servable, opts) if servable else import_source(src, opts, work)
         imp = _fill(imp, opts, work)
         stage = ModelRepository(work / "stage")
         staged = _publish(stage, name, imp, description=description, version=None)
