@@ -138,4 +138,4 @@ def test_per_token_outputs_are_unpadded(folders: dict[str, Path], redis_url: str
         assert [g.shape for g in got] == [r.shape for r in ref]
         for g, r in zip(got, ref, strict=True):
             np.testing.assert_allclose(g, r, atol=1e-4)
-    assert max_batch_seen(sdk) > 1
+    assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1

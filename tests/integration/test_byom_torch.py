@@ -103,7 +103,7 @@ def test_torch_programs_served(source: str, args: tuple[str, ...], programs: dic
     for got in ([r.outputs for r in sdk], [r["outputs"] for r in raw]):
         np.testing.assert_allclose(np.stack([g["y"] for g in got]), programs["y"], atol=1e-5)
         np.testing.assert_allclose(np.array([g["total"] for g in got]), programs["s"], atol=1e-5)
-    assert max_batch_seen(sdk) > 1
+    assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1
 
 
 def _edit_manifest(repo: Path, name: str, edit: Any) -> None:
