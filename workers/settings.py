@@ -151,6 +151,9 @@ class WorkerSettings(Settings):
     restrict_reply_to: bool = setting(True, "Write results only to this model's reply streams "
                                             "(<ns>:{<model>}:reply:<client>); other reply_to keys are "
                                             "dead-lettered unanswered. Off only for trusted producers.")
+    servable: str = setting("", "package.module:Class of an operator-written servable (a CustomServable subclass, "
+                                "docs/models.md) to serve the model with instead of the manifest's backend. "
+                                "Operator configuration only: a manifest never names code.")
 
     def validate(self) -> None:
         validate_model_name(self.model)
@@ -178,6 +181,9 @@ class WorkerSettings(Settings):
         require(1 <= self.instances <= 64, "instances",
                 "must be between 1 and 64 concurrent model calls (usually <= the cores, with intra_op_threads=1)")
         require(0 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port or 0")
+        mod, sep, cls = self.servable.partition(":")
+        require(not self.servable or (bool(sep) and bool(mod) and bool(cls) and " " not in self.servable),
+                "servable", "must be 'package.module:Class' (an importable CustomServable subclass) or empty")
 
     @property
     def effective_preferred_batch(self) -> int:
