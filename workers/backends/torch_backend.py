@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from headrace.client import errors as E
+from headrace.client.optional import require
 from headrace.models.repository.store import Manifest
 from headrace.workers.backends import prepost
 
@@ -159,7 +160,9 @@ def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Pat
 
     Raises:
         ModelError: no usable factory, or the weights do not load.
+        MissingDependencyError: torch is not installed (``[torch]``).
     """
+    require("torch", "torch", purpose="the torch backend")
     factory = resolve_factory(manifest)
     try:
         module = factory(folder, manifest)
