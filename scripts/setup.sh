@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create .venv at the repository root with everything headrace needs to run and test:
-# every role's extra (worker-cpu, torch, ray, compress, tf, demo) and dev.
+# every role's extra that runs without a GPU, and dev.
 # Idempotent: re-running only installs what changed. The stamp's key covers every file
 # this script reads (itself, pyproject.toml, the constraints).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS="worker-cpu,torch,ray,compress,tf,demo,dev"
+EXTRAS="worker-cpu,torch,ray,plot,compress,tf,demo,dev"
 CONSTRAINTS=constraints/cpu.txt
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
