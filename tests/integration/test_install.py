@@ -90,8 +90,11 @@ def role_venv(path: Path, dists: Dists, house: Path, extras: str = "", *, torch_
 
 
 def tracked_package_files() -> set[str]:
-    out = run(["git", "ls-files", *PACKAGES], timeout_s=30, cwd=ROOT).stdout.split()
-    return {f"headrace/{p}" for p in out if p.endswith((".py", ".lua", ".json", "py.typed"))}
+    """The package files of the checkout (tracked, or new and not ignored) under their
+    import path; what the wheel must hold, no more and no less."""
+    out = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", *PACKAGES], timeout_s=30,
+              cwd=ROOT).stdout.split()
+    return {f"headrace/{p}" for p in out if p.endswith((".py", ".lua", ".json", "py.typed")) and (ROOT / p).is_file()}
 
 
 def test_wheel_holds_the_packages_and_nothing_else(dists: Dists) -> None:
