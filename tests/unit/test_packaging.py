@@ -13,7 +13,9 @@ dependency breaks a rule:
 from __future__ import annotations
 
 import ast
+import importlib.metadata as md
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,73 @@ def test_setup_installs_every_cpu_role_under_the_constraints() -> None:
 def test_worker_extras_differ_only_in_the_runtime(extra: str) -> None:
     other = "worker-gpu" if extra == "worker-cpu" else "worker-cpu"
     assert closure(extra) - {"onnxruntime", "onnxruntime-gpu"} == closure(other) - {"onnxruntime", "onnxruntime-gpu"}
+
+
+# Imports that are optional by design and belong to no extra, with the reason.
+UNDECLARED_OK = {
+    "redis_server": "fallback redis-server binary for `headrace redis`/the demo when none is on PATH",
+}
+
+
+def _imported_top_levels() -> dict[str, str]:
+    """Top-level third-party modules the package sources import -> first file importing it."""
+    out: dict[str, str] = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for n in names:
+                    top = n.split(".")[0]
+                    if top != "headrace" and top not in sys.stdlib_module_names and top != "__future__":
+                        out.setdefault(top, str(path.relative_to(ROOT)))
+    return out
+
+
+def _installed_closure(reqs: list[Requirement]) -> set[str]:
+    """Distributions the requirements bring in this environment, transitively (their extras
+    and environment markers evaluated)."""
+    seen: set[str] = set()
+    todo = [(r, "") for r in reqs]
+    while todo:
+        req, via_extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": via_extra}):
+            continue
+        name = req.name.lower().replace("_", "-")
+        if name == "headrace":
+            todo.extend((r, "") for e in req.extras for r in extras()[e])
+            continue
+        key = f"{name}[{','.join(sorted(req.extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for line in requires:
+            sub = Requirement(line)
+            for e in req.extras or {""}:
+                todo.append((sub, e))
+    return {k.split("[")[0] for k in seen}
+
+
+def test_every_import_of_the_package_is_declared_outside_dev() -> None:
+    # The dev extra installs everything, so a module only dev brings would pass every test
+    # and fail for users: each import must come from the base install or a role's extra.
+    declared = [Requirement(r) for r in project()["dependencies"]]
+    declared += [r for name, rs in extras().items() if name != "dev" for r in rs]
+    available = _installed_closure(declared)
+    owners = md.packages_distributions()
+    missing = {}
+    for top, where in _imported_top_levels().items():
+        dists = {d.lower().replace("_", "-") for d in owners.get(top, [])}
+        if top in UNDECLARED_OK or dists & available:
+            continue
+        if not dists and top.replace("_", "-") in {r.name.lower() for r in declared}:
+            continue  # not installable here (tensorrt: CUDA only), declared under its own name
+        missing[top] = (where, sorted(dists))
+    assert not missing, f"imports no role declares (add them to an extra in pyproject.toml): {missing}"
