@@ -133,12 +133,13 @@ def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
     try:
         added, value = int(reply[0]), reply[1]
     except (TypeError, ValueError, IndexError) as e:
-        raise E.BrokerError(f"unexpected reply from the submit script: {reply!r}") from e
+        raise E.BrokerError(f"unexpected reply from the submit script: {reply!r}", request_id=prepared.request_id,
+                            retryable=False) from e
     if not added:
         raise E.QueueFull(
             f"model {prepared.model!r} has a backlog of {int(value)} requests (max_backlog={max_backlog}); "
-            f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise "
-            "HEADRACE_MAX_BACKLOG")
+            f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise max_backlog",
+            backlog=int(value), max_backlog=max_backlog, request_id=prepared.request_id, model=prepared.model)
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

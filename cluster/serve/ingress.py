@@ -156,7 +156,8 @@ class IngressDeployment:
             from headrace.client.aio import AsyncClient
 
             self._client = AsyncClient(self.args.redis_url or None, namespace=self.args.namespace,
-                                       max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s)
+                                       max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s,
+                                       require_registered=self.args.require_registered)
             self._redis = aioredis.Redis.from_url(self.args.redis_url or "redis://127.0.0.1:6379/0")
         return self._client, self._redis
 
