@@ -143,7 +143,7 @@ ROUND_TRIP = """
 import json, sys
 import numpy as np
 from headrace.client import Client
-with Client(sys.argv[1]) as c:
+with Client(sys.argv[1], require_registered=False) as c:  # the worker may still be starting
     res = [c.submit("affine", {"x": np.full(4, i, np.float32)}) for i in range(5)]
     out = [r.outputs["y"].tolist() for r in c.collect(res, timeout_s=60)]
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[2].split(","))
@@ -208,7 +208,7 @@ CLIENT = """
 import json, sys
 import numpy as np
 from headrace.client import Client
-with Client(sys.argv[1]) as c:
+with Client(sys.argv[1], require_registered=False) as c:  # the worker may still be starting
     r = c.infer("tiny", {"x": np.array([1.0, 2.0, 3.0], np.float32)}, timeout_s=60)
     print(json.dumps({"y": r.outputs["y"].tolist(), "version": r.version}))
 """
