@@ -1,5 +1,9 @@
 """HTTP ingress on Ray Serve: ``POST /v1/models/{model}/infer`` through the same stream.
 
+``GET /v1/models`` lists the registered models and ``GET /v1/models/{model}`` returns one
+model's KServe-v2-style metadata (:mod:`headrace.cluster.serve.metadata`), both read from
+the workers' registry in Redis.
+
 HTTP-only clients share the batching of every other producer: the ingress enqueues each
 request into the model's stream with the SDK (:class:`~headrace.client.aio.AsyncClient`,
 backpressure script included) and waits for the result on its own reply stream. Nothing
@@ -167,15 +171,38 @@ class IngressDeployment:
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
-        """Models with a registered worker, and their registry info."""
+        """Models with a registered worker: ``models`` (names) and ``index`` (live versions,
+        ready, live workers per model)."""
         from headrace.client.keys import registry_key
+        from headrace.client.registry import decode_registry, server_ms
+        from headrace.cluster.serve.metadata import models_index
 
         _, r = self._clients()
         try:
-            raw = await r.hgetall(registry_key(self.args.namespace))
+            pipe = r.pipeline(transaction=False)
+            pipe.hgetall(registry_key(self.args.namespace))
+            pipe.time()
+            raw, now = await pipe.execute()
         except Exception as e:  # noqa: BLE001 - redis.asyncio raises RedisError and OSError subclasses
             return JSONResponse(status_code=503, content={"code": E.INTERNAL_ERROR, "message": f"Redis: {e}"})
-        return JSONResponse(content={"models": sorted(k.decode() if isinstance(k, bytes) else k for k in raw)})
+        index = models_index(decode_registry(raw), server_ms(now))
+        return JSONResponse(content={"models": [row["name"] for row in index], "index": index})
+
+    @api.get("/v1/models/{model}", responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    async def model_metadata(self, model: str = Path(..., description="served model name"),
+                             version: str | None = None) -> JSONResponse:
+        """KServe-v2-style metadata of ``model`` from the workers' registry: versions served,
+        platform, inputs/outputs (datatype, shape with -1 on the batch axis, per-request
+        shape), text or tensors, batching limit, classifier labels."""
+        from headrace.cluster.serve.metadata import model_metadata
+
+        client, _ = self._clients()
+        try:
+            return JSONResponse(content=model_metadata(await client.describe(model), version=version))
+        except E.BrokerError as e:
+            return JSONResponse(status_code=503, content={"code": e.code, "message": e.message})
+        except E.HeadraceError as e:
+            return error_response(E.UNKNOWN_MODEL if isinstance(e, E.ModelNotFoundError) else e.code, e.message)
 
     @api.post("/v1/models/{model}/infer", response_model=InferResponse,
               responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
