@@ -189,6 +189,7 @@ def test_entry_point_help_without_heavy_imports(base: Venv) -> None:
     (["models", "build"], "compress"),
     (["up", "--no-build"], "ray"),
     (["models", "build", "--torch"], "torch"),
+    (["models", "add", "imported", "tiny-src.onnx"], "compress"),  # the file add_affine wrote
     (["worker", "--model", "tiny"], "worker-cpu"),
 ])
 def test_missing_extras_are_named(base: Venv, argv: list[str], extra: str, tmp_path: Path) -> None:

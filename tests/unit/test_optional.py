@@ -146,6 +146,32 @@ def test_bench_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.Monke
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize(("suffix", "blocked", "extra"), [
+    (".onnx", "onnx", "compress"), (".onnx", "onnxruntime", "worker-cpu"), (".pt2", "torch", "torch"),
+    (".tflite", "tensorflow", "tf"), (".keras", "tf2onnx", "tf"),
+])
+def test_model_import_names_the_extra_of_the_source_kind(suffix: str, blocked: str, extra: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from headrace.models.importers import ImportOptions, import_source
+
+    src = tmp_path / f"model{suffix}"
+    src.write_bytes(b"not read: the check comes first")
+    block(monkeypatch, blocked)
+    with pytest.raises(MissingDependencyError, match=rf'headrace\[{extra}\]') as ei:
+        import_source(src, ImportOptions(), tmp_path / "work")
+    assert ei.value.module == blocked
+
+
+def test_hugging_face_import_needs_compress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from headrace.models.importers import ImportOptions, import_source
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    block(monkeypatch, "transformers")
+    with pytest.raises(MissingDependencyError, match=r'headrace\[compress\]'):
+        import_source(tmp_path / "hf", ImportOptions(), tmp_path / "work")
+
+
 @pytest.mark.parametrize(("argv", "blocked", "extra"), [
     (["compress", "digits", "--no-bench"], "torch", "compress"),
     (["compress", "digits", "--no-bench"], "onnxruntime", "worker-cpu"),
