@@ -19,6 +19,8 @@ import logging
 import threading
 from typing import Any, Protocol, runtime_checkable
 
+from headrace.client.optional import WORKER, require
+
 log = logging.getLogger(__name__)
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -108,16 +110,11 @@ class PrometheusMetrics:
         registry: a ``prometheus_client.CollectorRegistry``; the global one by default.
 
     Raises:
-        ConfigError: prometheus-client is not installed (``pip install headrace[worker]``).
+        MissingDependencyError: prometheus-client is not installed (``[worker-cpu]`` / ``[worker-gpu]``).
     """
 
     def __init__(self, model: str, version: str = "", registry: Any = None) -> None:
-        try:
-            import prometheus_client
-        except ImportError as e:
-            from headrace.client.errors import ConfigError
-
-            raise ConfigError("prometheus-client is not installed; pip install 'headrace[worker]'") from e
+        prometheus_client = require("prometheus_client", WORKER, purpose="worker metrics")
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
         self._f = _families(self.registry)
         self._labels = (model, version)
@@ -149,14 +146,12 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0", registry: Any = None)
     (call ``.shutdown()`` to stop it).
 
     Raises:
-        ConfigError: prometheus-client is missing, or the port cannot be bound.
+        MissingDependencyError: prometheus-client is not installed (a ``ConfigError``).
+        ConfigError: the port cannot be bound.
     """
     from headrace.client.errors import ConfigError
 
-    try:
-        import prometheus_client
-    except ImportError as e:
-        raise ConfigError("prometheus-client is not installed; pip install 'headrace[worker]'") from e
+    prometheus_client = require("prometheus_client", WORKER, purpose="the worker metrics endpoint")
     try:
         server, _thread = prometheus_client.start_http_server(
             port, addr=addr, registry=registry if registry is not None else prometheus_client.REGISTRY)

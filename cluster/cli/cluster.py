@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from headrace.client.optional import require
+
 
 @click.command("up")
 @click.option("--config", "config_path", default="ray_config.yaml", type=click.Path(dir_okay=False),
@@ -24,6 +26,7 @@ import click
 def up_cmd(cfg: Any, config_path: str, num_cpus: int | None, dashboard_port: int, metrics_port: int,
            build: bool) -> None:
     """Start local Ray (with dashboard), Redis unless --redis-url is given, and deploy the config."""
+    require("ray.serve", "ray", purpose="headrace up")
     from headrace.cluster.ops import lifecycle as ops
 
     if build:

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from headrace.client.optional import WORKER, require_all
 from headrace.cluster.cli.context import CliConfig, pass_cfg
 
 COMPRESS_STEPS = "export, quantize-dynamic, quantize-static, prune, distill, fp16, tensorrt"
@@ -30,6 +31,7 @@ COMPRESS_STEPS = "export, quantize-dynamic, quantize-static, prune, distill, fp1
 @pass_cfg
 def compress(cfg: CliConfig, model: str, **opts: Any) -> None:
     """Compress MODEL (minilm or digits) into the repository and print the report."""
+    require_all({"torch": "compress", "onnx": "compress", "onnxruntime": WORKER}, purpose="headrace compress")
     from headrace.models.compress.pipeline import compress_main
 
     # Options not given are left out, so compress_main's own defaults stay the one source.

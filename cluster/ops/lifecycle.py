@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import BrokerError, ConfigError, HeadraceError
+from headrace.client.optional import require
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_ports
 from headrace.cluster.ops.versions import check_version
 from headrace.cluster.serve.app import APP_BUILDER
@@ -343,8 +344,8 @@ def serve_locally(settings: Any, replicas: int = 1, *, num_cpus: int | None = No
         BrokerError: it did not come up within ``wait_s``.
         Exception: whatever ``ray.init`` raises when Ray cannot start here.
     """
-    import ray
-    from ray import serve
+    ray = require("ray", "ray", purpose="serving on a local Ray")
+    serve = require("ray.serve", "ray", purpose="serving on a local Ray")
 
     from headrace.cluster.serve.app import ModelAppArgs, app_config
 

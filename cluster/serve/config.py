@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from headrace.client.errors import BrokerError, ConfigError
+from headrace.client.optional import require
 from headrace.cluster.serve.app import APP_BUILDER, WORKER_DEPLOYMENT, with_absolute_repo
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def load_config(path: str | os.PathLike[str], *, redis_url: str | None = None,
     Raises:
         ConfigError: the file is missing or is not a valid Serve config.
     """
-    import yaml
+    yaml = require("yaml", "ray", purpose="reading a Serve config")
 
     p = Path(path)
     try:
@@ -73,7 +74,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: naming the application and the problem.
     """
-    from ray.serve.schema import ServeDeploySchema
+    ServeDeploySchema = require("ray.serve.schema", "ray", purpose="validating a Serve config").ServeDeploySchema
 
     from headrace.cluster.serve.app import INGRESS_BUILDER, IngressArgs, ModelAppArgs
 
@@ -185,11 +186,11 @@ class DashboardDeployer:
     """
 
     def __init__(self, address: str) -> None:
-        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+        sdk = require("ray.dashboard.modules.serve.sdk", "ray", purpose="the Ray dashboard client")
 
         _use_ray_token_if_present()
         try:
-            self.client = ServeSubmissionClient(address)
+            self.client = sdk.ServeSubmissionClient(address)
         except Exception as e:  # noqa: BLE001 - connection errors of several libraries
             raise BrokerError(f"cannot reach the Ray dashboard at {address}: {e}") from e
         self.address = address

@@ -31,14 +31,18 @@ import logging
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Path
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
-from ray import serve
 
 from headrace.client import errors as E
+from headrace.client.optional import require
 from headrace.client.protocol import DTYPES, Result
 from headrace.cluster.serve.args import IngressArgs
+
+# ray.serve imports fastapi itself: one check names the extra that brings both.
+require("ray.serve", "ray", purpose="the HTTP ingress")
+from fastapi import FastAPI, Path  # noqa: E402 - after the check above
+from fastapi.responses import JSONResponse  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+from ray import serve  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,8 @@ import time
 import uuid
 from typing import Any
 
-from ray import serve
-
 from headrace.client.errors import BrokerError, ConfigError, ModelError
+from headrace.client.optional import require
 from headrace.cluster.serve.args import ModelAppArgs
 from headrace.cluster.serve.autoscale import LAG_METRIC, PENDING_METRIC
 from headrace.cluster.serve.metrics import RayWorkerMetrics
@@ -42,6 +41,7 @@ from headrace.workers.backends.base import Servable
 from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import live_fields
 
+serve = require("ray.serve", "ray", purpose="the Ray Serve worker deployment")
 log = logging.getLogger(__name__)
 
 

@@ -23,10 +23,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from headrace.client.errors import ModelError, ModelNotFoundError
+from headrace.client.optional import WORKER, require_all
 from headrace.models.importers.common import TASKS, Imported, ImportOptions, parse_io
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".jit", ".ts", ".torchscript")
 KERAS_SUFFIXES = (".keras", ".h5")
+# What importing each kind imports, by the extra that brings it; checked before any work so
+# that a missing extra is named at once. Every import ends in an ONNX Runtime or torch load
+# of the result (the servable check of `add`); tf2onnx brings onnx.
+_ONNX: dict[str, str | tuple[str, ...]] = {"onnx": "compress", "onnxruntime": WORKER}
+_TF: dict[str, str | tuple[str, ...]] = {"tensorflow": "tf", "tf2onnx": "tf", "onnxruntime": WORKER}
+IMPORT_NEEDS: dict[str, dict[str, str | tuple[str, ...]]] = {
+    "onnx": _ONNX, "torchscript": {"torch": "torch"}, "pt2": {"torch": "torch"},
+    "huggingface": {"torch": "compress", "transformers": "compress", **_ONNX},
+    "savedmodel": _TF, "keras": _TF, "tflite": _TF}
 
 
 def source_kind(source: Path) -> str:
@@ -65,9 +75,11 @@ def import_source(source: Path, opts: ImportOptions, work_dir: Path) -> Imported
     """Import ``source`` with the importer its kind needs; conversions write under ``work_dir``.
 
     Raises:
-        ModelNotFoundError / ModelError: see the importer; ConfigError: a missing extra.
+        ModelNotFoundError / ModelError: see the importer.
+        MissingDependencyError: a missing extra (a ``ConfigError``), named in the message.
     """
     kind = source_kind(source)
+    require_all({**IMPORT_NEEDS[kind], **(_ONNX if opts.to_onnx else {})}, purpose=f"importing {source.name}")
     if kind == "onnx":
         from headrace.models.importers.onnx import import_onnx
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import ConfigError, ModelError
+from headrace.client.optional import install_command
 from headrace.models.importers.common import TASKS, Imported, ImportOptions
 from headrace.models.repository.manifest import IOSpec
 
@@ -101,7 +102,7 @@ def _load(folder: Path, task: str) -> tuple[Any, Any]:
     try:
         import transformers
     except ImportError as e:
-        raise ConfigError("importing a Hugging Face folder needs transformers: pip install 'headrace[torch]'") from e
+        raise ConfigError(f"importing a Hugging Face folder needs transformers: {install_command('compress')}") from e
     cls = transformers.AutoModelForSequenceClassification if task == "text-classification" else transformers.AutoModel
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from headrace.client.errors import ConfigError, ModelError
+from headrace.client.optional import install_command
 from headrace.models.importers.common import Imported, ImportOptions
 
 CONVERT_TIMEOUT_S = 600.0
@@ -30,7 +31,7 @@ def _need(module: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"converting TensorFlow models needs {module}: pip install 'headrace[tf]'")
+        raise ConfigError(f"converting TensorFlow models needs {module}: {install_command('tf')}")
 
 
 def convert(args: list[str], out: Path, opset: int) -> None:

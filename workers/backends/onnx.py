@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from headrace.client import errors as E
+from headrace.client.optional import WORKER, require
 from headrace.models.repository.store import Manifest
 from headrace.workers.backends import prepost, signature
 
@@ -74,12 +75,13 @@ class OnnxServable(prepost.ManifestServable):
     Raises:
         ModelError: the session cannot be created, or the graph does not match the manifest
             (names, dtypes, ranks, batch axes, fixed dims; see :mod:`.signature`).
+        MissingDependencyError: onnxruntime is not installed (``[worker-cpu]`` / ``[worker-gpu]``).
     """
 
     def __init__(self, manifest: Manifest, model_path: Path, *, tokenizer_path: Path | None = None,
                  intra_op_threads: int = 0, providers: Sequence[str] | None = None,
                  reject_non_finite: bool = True, allow_spinning: bool = False) -> None:
-        import onnxruntime as ort
+        ort = require("onnxruntime", WORKER, purpose="the ONNX backend")
 
         self.manifest = manifest
         self.name = manifest.name

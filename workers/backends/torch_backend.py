@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from headrace.client import errors as E
+from headrace.client.optional import require
 from headrace.models.repository.store import Manifest
 from headrace.workers.backends import prepost
 
@@ -197,7 +198,9 @@ def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Pat
 
     Raises:
         ModelError: no usable factory, or the weights do not load.
+        MissingDependencyError: torch is not installed (``[torch]``).
     """
+    require("torch", "torch", purpose="the torch backend")
     if manifest.format in ("torchscript", "pt2"):
         module = load_program(manifest, folder / manifest.model_file)
         return TorchServable(manifest, module, tokenizer_path=tokenizer_path, intra_op_threads=intra_op_threads,
