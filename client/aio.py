@@ -27,7 +27,7 @@ from headrace.client.config import ClientSettings
 from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import AutoPipeline
 from headrace.client.protocol import Result
-from headrace.client.submit import evalsha_command, prepare_request, resolve_settings
+from headrace.client.submit import submit_command, prepare_request, resolve_settings
 from headrace.client.tickets import Ticket, TicketBook, ordered_results, resolve_all
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class AsyncClient:
     Args and raised errors as :class:`~headrace.client.Client`. Use it from one event loop.
 
     Submits are auto-pipelined: the ``submit``/``infer`` calls that coroutines make during
-    one pass of the event loop go to Redis together, one ``EVALSHA`` each in one pipeline
+    one pass of the event loop go to Redis together, one ``FCALL`` each in one pipeline
     (see :mod:`headrace.client.pipeline`), and each caller still gets its own outcome
     (ticket, :class:`QueueFull`, :class:`BrokerError`). ``map``/``imap`` submit in batches.
     """
@@ -165,13 +165,13 @@ class AsyncClient:
         None when enqueued. Refused tickets are no longer tracked."""
         if not tickets:
             return []
-        # Register before XADD: the result may arrive before the script reply does.
+        # Register before submitting: the result may arrive before the function's reply does.
         new_stream = self._book.add_all(tickets)
         self._ensure_reader()
         if new_stream:
             await self._wake_reader()
         max_backlog = self.settings.max_backlog
-        futures = [self._pipeline.submit(evalsha_command(self.model_keys(t.model), t.prepared, max_backlog))
+        futures = [self._pipeline.submit(submit_command(self.model_keys(t.model), t.prepared, max_backlog))
                    for t in tickets]
         errors: list[E.HeadraceError | None] = []
         try:

@@ -1,5 +1,5 @@
 """Shared by :class:`~headrace.client.Client` and :class:`~headrace.client.AsyncClient`:
-what a submit script's answer means for a ticket (:func:`settle`), and the bookkeeping of
+what a submit function's answer means for a ticket (:func:`settle`), and the bookkeeping of
 ``map``/``imap`` (:class:`MapWindow`), which submits its requests in pipelined batches.
 """
 
@@ -18,21 +18,25 @@ import redis
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import MAX_PIPELINE
-from headrace.client.submit import parse_reply, split_item
+from headrace.client.submit import parse_reply, refusal, split_item
 from headrace.client.tickets import Ticket
 
 log = logging.getLogger(__name__)
 
 
 def settle(ticket: Ticket, keys: ModelKeys, reply: Any, max_backlog: int) -> E.HeadraceError | None:
-    """Apply the submit script's answer for ``ticket`` (or the ``redis.RedisError`` its
+    """Apply the submit function's answer for ``ticket`` (or the ``redis.RedisError`` its
     command got) and return the error to raise for it, None when it was enqueued (then
     ``ticket.entry_id`` and ``ticket.submitted`` are set).
 
-    The error is :class:`QueueFull` (nothing was added) or :class:`BrokerError` (it may or
-    may not have been added: retry with the same request id).
+    The error is :class:`QueueFull` or a refusal of the function (a ``ProtocolError`` with
+    its wire code; nothing was added), or :class:`BrokerError` (it may or may not have been
+    added: retry with the same request id).
     """
     prepared = ticket.prepared
+    refused = refusal(reply, prepared) if isinstance(reply, redis.ResponseError) else None
+    if refused is not None:
+        return refused
     if isinstance(reply, redis.RedisError):
         err = E.BrokerError(
             f"submitting request {prepared.request_id} to {keys.requests} failed: {reply}; it may or may not "

@@ -26,7 +26,7 @@ from headrace.client.config import ClientSettings
 from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import run_submits
 from headrace.client.protocol import Result
-from headrace.client.submit import evalsha_command, prepare_request, resolve_settings
+from headrace.client.submit import submit_command, prepare_request, resolve_settings
 from headrace.client.tickets import Ticket, TicketBook, ordered_results
 
 log = logging.getLogger(__name__)
@@ -177,13 +177,13 @@ class Client:
         longer tracked."""
         if not tickets:
             return []
-        # Register before XADD: the result may arrive before the script reply does.
+        # Register before submitting: the result may arrive before the function's reply does.
         new_stream = self._book.add_all(tickets)
         self._ensure_reader()
         if new_stream:
             self._wake_reader()
         max_backlog = self.settings.max_backlog
-        commands = [evalsha_command(self.model_keys(t.model), t.prepared, max_backlog) for t in tickets]
+        commands = [submit_command(self.model_keys(t.model), t.prepared, max_backlog) for t in tickets]
         try:
             replies = run_submits(self._redis, commands)
         except redis.RedisError as e:
