@@ -112,8 +112,8 @@ local function check_envelope(fields, model)
   end
   for _, name in ipairs({'deadline_ms', 'ts_ms'}) do
     local value = fields[name]
-    if value ~= nil and (#value > MAX_MS_DIGITS or string.match(value, '^[0-9]+$') == nil) then
-      return 'decode_error', name .. ' must be 1-' .. MAX_MS_DIGITS .. ' ASCII digits (Unix ms)'
+    if value ~= nil and value ~= '' and (#value > MAX_MS_DIGITS or string.match(value, '^[0-9]+$') == nil) then
+      return 'decode_error', name .. ' must be empty or 1-' .. MAX_MS_DIGITS .. ' ASCII digits (Unix ms)'
     end
   end
   if fields['model'] ~= nil and fields['model'] ~= model then
