@@ -27,7 +27,7 @@ from headrace.client.config import ClientSettings
 from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import AutoPipeline
 from headrace.client.protocol import Result
-from headrace.client.submit import submit_command, prepare_request, resolve_settings
+from headrace.client.submit import prepare_request, resolve_settings, submit_command
 from headrace.client.tickets import Ticket, TicketBook, ordered_results, resolve_all
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ from headrace.client.config import ClientSettings
 from headrace.client.functions import SUBMIT_FUNCTION, function_missing
 from headrace.client.keys import ModelKeys
 
-
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 

@@ -13,8 +13,8 @@ import redis
 
 import headrace.client.client as client_module
 from headrace.client import AsyncClient, BrokerError, Client, QueueFull
-from headrace.client.pipeline import run_submits
 from headrace.client.functions import LIBRARY_NAME, current_code
+from headrace.client.pipeline import run_submits
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
 from tests.support.client import affine_inputs, start_fake_worker

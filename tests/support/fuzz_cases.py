@@ -13,10 +13,9 @@ run in ``benchmarks/fuzz.py`` sets it higher).
 
 from __future__ import annotations
 
-import math
-
 import itertools
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass

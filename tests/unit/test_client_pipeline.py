@@ -14,9 +14,9 @@ import redis
 from headrace.client import errors as E
 from headrace.client import protocol as P
 from headrace.client.bulk import MapWindow, Step
+from headrace.client.functions import LIBRARY_SOURCE, SUBMIT_FUNCTION
 from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import AutoPipeline
-from headrace.client.functions import LIBRARY_SOURCE, SUBMIT_FUNCTION
 from headrace.client.submit import function_args, prepare_request, submit_command
 from headrace.client.tickets import Ticket
 

@@ -7,13 +7,12 @@ import threading
 
 import numpy as np
 import pytest
+import redis
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
-from headrace.client.keys import ModelKeys
-import redis
-
 from headrace.client.functions import LIBRARY_SOURCE
+from headrace.client.keys import ModelKeys
 from headrace.client.submit import function_args, parse_reply, prepare_request, refusal, split_item
 from headrace.client.tickets import START_ID, Ticket, TicketBook
 
