@@ -190,6 +190,12 @@ class AsyncClient:
             raise
         return errors
 
+    def forget(self, ticket: Ticket) -> None:
+        """Stop tracking ``ticket``: its result, should it still come, is dropped (and
+        deleted from the reply stream), and the ticket's request is no longer held in
+        memory by this client. For callers that give up on a request for good."""
+        self._book.discard(ticket)
+
     async def result(self, ticket: Ticket, timeout_s: float | None = None) -> Result:
         """Wait for ``ticket``'s result.
 
