@@ -139,6 +139,11 @@ def refusal(error: BaseException, prepared: PreparedRequest) -> E.HeadraceError 
         return E.BrokerError(
             f"request {prepared.request_id} was not enqueued: the submit function {SUBMIT_FUNCTION} is not "
             "loaded in this Redis; start a worker of the model or run `headrace functions load`")
+    if "exhausted the last possible ID" in message:
+        return E.BrokerError(
+            f"request {prepared.request_id} was not enqueued: {prepared.stream} holds the largest possible entry "
+            "id (a plain XADD with an explicit id); nothing can be added until an operator repairs the stream "
+            "(docs/security.md, Known limits)")
     return None
 
 

@@ -40,7 +40,7 @@ def acl_lines() -> list[str]:
     block = re.search(r"<!-- acl-rules.*?```text\n(.*?)```", doc, flags=re.S)
     assert block, "docs/security.md lost its acl-rules block"
     lines = [ln.strip() for ln in block.group(1).splitlines() if ln.strip()]
-    assert len(lines) == 2 and all(ln.startswith("ACL SETUSER ") for ln in lines)
+    assert len(lines) == 3 and all(ln.startswith("ACL SETUSER ") for ln in lines)
     return lines
 
 
@@ -63,7 +63,7 @@ def tokens(line: str) -> list[str]:
 
 
 def create_user(admin: redis.Redis, role: str, password: str, client: str = "") -> str:
-    line = next(ln for ln in acl_lines() if f"headrace-{role}" in ln)
+    line = next(ln for ln in acl_lines() if f"SETUSER headrace-{role} " in ln or f"SETUSER headrace-{role}-" in ln)
     line = line.replace("<ns>", NS).replace("<client>", client).replace("<password>", password)
     args = tokens(line)
     assert admin.execute_command(*args) in (b"OK", "OK", True)
@@ -321,3 +321,34 @@ def test_a_function_runs_under_its_callers_acl_so_a_submitting_producer_needs_xa
     finally:
         carol.close()
         admin.execute_command("ACL", "DELUSER", args[2])
+
+
+@pytest.mark.timeout(60)
+async def test_the_http_ingress_serves_under_its_user_without_any_denial(
+        redis_url: str, acl: dict[str, str], worker: WorkerThread) -> None:
+    """The ingress logic (no Ray needed) as the documented ingress user: calls of two API-key
+    callers, the model list, the registry check; nothing it does is refused."""
+    from headrace.cluster.serve.app import IngressArgs
+    from headrace.cluster.serve.auth import key_entry
+    from headrace.cluster.serve.gateway import Gateway
+
+    admin = redis.Redis.from_url(redis_url)
+    pw = uuid.uuid4().hex
+    user = create_user(admin, "ingress", pw)
+    admin.execute_command("ACL", "LOG", "RESET")
+    wait_until(lambda: admin.hget(f"{NS}:models", "affine"))  # the worker registered the model
+    keys = (key_entry("web", "k-web"), key_entry("batch", "k-batch"))
+    gw = Gateway(IngressArgs(redis_url=url_for(redis_url, user, pw), api_keys=keys, timeout_s=10), env={})
+    body = b'{"inputs": {"x": [1.0, 2.0, 3.0, 4.0]}}'
+    try:
+        for key in ("k-web", "k-batch"):
+            headers = {"content-type": "application/json", "x-api-key": key, "idempotency-key": "i-1"}
+            ok = await gw.infer("affine", body, headers)
+            assert ok.status == 200 and ok.content["outputs"]["y"]["data"] == [3.0, 5.0, 7.0, 9.0]
+        listed = await gw.models({"x-api-key": "k-web"})
+        assert listed.status == 200 and "affine" in listed.content["models"]
+    finally:
+        await gw.close()
+        admin.execute_command("ACL", "DELUSER", user)
+    refused = {(d.get(b"object") or b"").decode() for d in denials(admin, user)}
+    assert refused <= {"client|unblock"}, refused
