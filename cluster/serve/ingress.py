@@ -28,8 +28,9 @@ OpenAPI docs: ``/docs`` (Swagger UI) and ``/openapi.json``.
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
 # runtime.
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Path, Request
@@ -102,8 +103,19 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, bool]:
 
 
 def create_api(gateway: Callable[[], Gateway]) -> FastAPI:
-    """The FastAPI app of the ingress; ``gateway()`` returns the replica's :class:`Gateway`."""
-    api = FastAPI(title="headrace", version="1",
+    """The FastAPI app of the ingress; ``gateway()`` returns the replica's :class:`Gateway`,
+    closed when the app shuts down (its SDK clients stop reading before the loop ends)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        try:
+            gw = gateway()
+        except RuntimeError:
+            return  # never started
+        await gw.close()
+
+    api = FastAPI(title="headrace", version="1", lifespan=lifespan,
                   description="Batched inference over Redis Streams. Requests share the model's queue and batches "
                               "with every other producer.")
 
