@@ -78,7 +78,8 @@ class ErrorBody(BaseModel):
     message: str
 
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
 _HEADERS = {
     "Authorization": "Bearer <API key> (or X-API-Key), when the ingress has API keys",
     "Idempotency-Key": "retry key, 1-128 printable ASCII; authenticated callers only",
