@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def thread_env(threads: int) -> dict[str, str]:
-    """Environment that pins the math libraries of a (child) process to ``threads``."""
+    """Environment that pins the math libraries of a (child) process to ``threads``, the
+    tokenizer's ``encode_batch`` pool (rayon) included."""
     n = str(threads)
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "RAYON_NUM_THREADS": n,
             "HEADRACE_INTRA_OP_THREADS": n}
 
 
@@ -166,7 +167,9 @@ class WorkerProcesses:
         settings: further ``WorkerSettings`` fields as ``--flag`` values (``max_batch``...).
         env: extra environment (e.g. ``HEADRACE_FAKE_DELAY_MS``).
         log_path: append the workers' stderr here (default: discarded).
-        module: the worker module to run (``benchmarks.lib.probe`` for probes).
+        module: the worker module to run (``benchmarks.lib.probe`` for probes,
+            ``benchmarks.lib.bench_worker`` for the accelerator stand-in).
+        extra_args: more command-line arguments for ``module`` (``--standin cuda fp16``).
 
     Use as a context manager; on exit the workers get SIGTERM (graceful drain) and are
     killed if they do not exit within ``stop_timeout_s``.
@@ -176,7 +179,7 @@ class WorkerProcesses:
                  n: int = 1, threads: int = 1, fake: str = "", settings: Mapping[str, Any] | None = None,
                  env: Mapping[str, str] | None = None, log_path: str | None = None,
                  start_timeout_s: float = 180.0, stop_timeout_s: float = 30.0,
-                 module: str = "headrace.workers") -> None:
+                 module: str = "headrace.workers", extra_args: Sequence[str] = ()) -> None:
         self.redis_url, self.namespace, self.model, self.n = redis_url, namespace, model, n
         self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
         args = [sys.executable, "-m", module, "--model", model, "--redis-url", redis_url,
@@ -189,7 +192,7 @@ class WorkerProcesses:
             args += ["--model-repo", model_repo]
         for k, v in (settings or {}).items():
             args += ["--" + k.replace("_", "-"), str(v)]
-        self.args = args
+        self.args = [*args, *extra_args]
         self.env = {**os.environ, **thread_env(threads), **(env or {})}
         self.log_path = log_path
         self.procs: list[subprocess.Popen[bytes]] = []
