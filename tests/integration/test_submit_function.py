@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,3 +122,25 @@ def test_without_the_function_a_producer_that_may_not_load_it_gets_a_clear_error
         assert r.xlen(ModelKeys("headrace", "affine").requests) == 0
     finally:
         r.execute_command("ACL", "DELUSER", "fn-prod")
+
+
+def test_the_function_runs_on_redis_cluster(redis_cluster: Any, redis_cluster_url: str) -> None:
+    """Both keys of a submit carry the model's hash tag: one slot, so the function runs on
+    the model's master (after it was loaded on every master, as docs/operations.md says)."""
+    from redis.cluster import RedisCluster
+
+    for url in redis_cluster.urls:
+        node = redis.Redis.from_url(url)
+        ensure_library(node, force=True)
+        node.close()
+    rc = RedisCluster.from_url(redis_cluster_url)
+    try:
+        for model in ("minilm", "affine", "digits"):
+            keys = ModelKeys("headrace", model)
+            fields = [b"v", b"1", b"id", b"c-1", b"reply_to", keys.reply("c").encode(), b"body", b"\x80"]
+            node = rc.get_node_from_key(keys.requests)
+            added, entry_id = rc.execute_command("FCALL", "headrace_submit", 2, keys.requests, keys.limits,
+                                                 "workers", 0, *fields, target_nodes=node)
+            assert added == 1 and rc.xlen(keys.requests) == 1
+    finally:
+        rc.close()
