@@ -38,6 +38,7 @@ from headrace.client.keys import registry_key
 from headrace.client.protocol import STATUS_EXPIRED, Result
 from headrace.client.submit import new_request_id
 from headrace.client.tickets import Ticket
+from headrace.cluster.serve.app import IngressArgs
 from headrace.cluster.serve.auth import ApiKeys, Caller
 from headrace.cluster.serve.http_body import InferCall, check_content_type, parse_body
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 UNAUTHORIZED: Final = "unauthorized"
 """HTTP-only error code: no valid API key (status 401)."""
 _IDEMPOTENCY_RE = re.compile(r"[\x21-\x7e]{1,128}")
+_INLINE_PARSE_BYTES: Final = 64 * 1024
 
 _STATUS: Final = {
     E.DECODE_ERROR: 400, E.MISSING_FIELD: 400, E.BAD_DTYPE: 400, E.BAD_SHAPE: 400, E.BAD_VALUE: 400,
@@ -94,56 +96,59 @@ class CallTable:
 
     In-flight calls stay until they end. Idempotent calls stay ``ttl_s`` after they end (a
     retry joins or reads them), others leave at once; an entry that leaves is forgotten by
-    its client, so neither its request nor a late result is held any longer.
+    its client, so neither its request nor a late result is held any longer. Every
+    operation is O(1) amortised: kept entries expire in the order they ended.
     """
 
     def __init__(self, capacity: int, ttl_s: float) -> None:
         self.capacity, self.ttl_s = capacity, ttl_s
-        self._calls: collections.OrderedDict[str, _Call] = collections.OrderedDict()
+        self._live: dict[str, _Call] = {}
+        self._kept: collections.OrderedDict[str, _Call] = collections.OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._calls)
+        return len(self._live) + len(self._kept)
 
     def get(self, rid: str) -> _Call | None:
         self._evict(time.monotonic())
-        return self._calls.get(rid)
+        return self._live.get(rid) or self._kept.get(rid)
 
     def add(self, rid: str, call: _Call) -> bool:
-        """Track ``call``; False when the table is full of live entries."""
-        now = time.monotonic()
-        self._evict(now)
-        if len(self._calls) >= self.capacity:
-            # Make room from the oldest idempotent entries that already ended.
-            for old in [k for k, c in self._calls.items() if c.expires is not None]:
-                self._drop(old)
-                if len(self._calls) < self.capacity:
-                    break
-        if len(self._calls) >= self.capacity:
+        """Track ``call`` (in flight); False when the table is full of calls in flight."""
+        self._evict(time.monotonic())
+        while len(self) >= self.capacity and self._kept:
+            self._forget(self._kept.popitem(last=False)[1])  # make room from the oldest kept
+        if len(self) >= self.capacity:
             return False
-        self._calls[rid] = call
+        self._live[rid] = call
         return True
 
     def end(self, rid: str, keep: bool) -> None:
         """The call ``rid`` was answered or gave up: keep it ``ttl_s`` (idempotent) or drop it."""
-        call = self._calls.get(rid)
+        call = self._live.pop(rid, None)
         if call is None:
-            return
+            return  # a joiner of an idempotent call ended after the first one
         if keep:
             call.expires = time.monotonic() + self.ttl_s
-            self._calls.move_to_end(rid)
+            self._kept[rid] = call
         else:
-            self._drop(rid)
+            self._forget(call)
 
     def clear(self) -> None:
-        for rid in list(self._calls):
-            self._drop(rid)
+        for call in [*self._live.values(), *self._kept.values()]:
+            self._forget(call)
+        self._live.clear()
+        self._kept.clear()
 
     def _evict(self, now: float) -> None:
-        for rid in [k for k, c in self._calls.items() if c.expires is not None and c.expires <= now]:
-            self._drop(rid)
+        while self._kept:
+            rid, call = next(iter(self._kept.items()))
+            if call.expires is None or call.expires > now:
+                return
+            del self._kept[rid]
+            self._forget(call)
 
-    def _drop(self, rid: str) -> None:
-        call = self._calls.pop(rid)
+    @staticmethod
+    def _forget(call: _Call) -> None:
         if call.ticket is not None and call.forget is not None:
             call.forget(call.ticket)
 
@@ -160,7 +165,7 @@ class Gateway:
         ConfigError: malformed API keys.
     """
 
-    def __init__(self, args: Any, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, args: IngressArgs, env: Mapping[str, str] | None = None) -> None:
         self.args = args
         self.keys = ApiKeys(args.api_keys, env)
         self.tag = os.urandom(4).hex()
@@ -225,8 +230,9 @@ class Gateway:
         if body_too_large:
             return error_answer(E.PAYLOAD_TOO_LARGE, f"the body exceeds max_body_bytes={self.args.max_body_bytes}")
         try:
-            call = parse_body(body)
             validate_model_name(model)
+            # A big JSON body takes a while to parse and check: not on the serving loop.
+            call = parse_body(body) if len(body) < _INLINE_PARSE_BYTES else await asyncio.to_thread(parse_body, body)
         except E.ConfigError as e:
             return error_answer(E.UNKNOWN_MODEL, f"no model {model[:130]!r}: {e.message}")
         except E.HeadraceError as e:
