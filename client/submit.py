@@ -139,6 +139,9 @@ def refusal(error: BaseException, prepared: PreparedRequest) -> E.HeadraceError 
         return E.BrokerError(
             f"request {prepared.request_id} was not enqueued: the submit function {SUBMIT_FUNCTION} is not "
             "loaded in this Redis; start a worker of the model or run `headrace functions load`")
+    if "unknown command" in message and "fcall" in message.lower():
+        return E.BrokerError(f"request {prepared.request_id} was not enqueued: this Redis has no Functions "
+                             "(FCALL); headrace needs Redis >= 7.0")
     if "exhausted the last possible ID" in message:
         return E.BrokerError(
             f"request {prepared.request_id} was not enqueued: {prepared.stream} holds the largest possible entry "

@@ -78,6 +78,7 @@ def test_function_args_and_reply_parsing() -> None:
     ("unknown_model m", E.ProtocolError, E.UNKNOWN_MODEL),
     ("Function not found", E.BrokerError, E.INTERNAL_ERROR),
     ("ERR The stream has exhausted the last possible ID, unable to add more items", E.BrokerError, E.INTERNAL_ERROR),
+    ("unknown command 'FCALL', with args beginning with: ", E.BrokerError, E.INTERNAL_ERROR),
 ])
 def test_function_refusals_become_errors_with_their_wire_code(message: str, cls: type, code: str) -> None:
     p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
