@@ -30,7 +30,7 @@ import reprlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 import msgpack
 import numpy as np
@@ -40,11 +40,13 @@ from headrace.client import errors as E
 PROTOCOL_VERSION: Final = "1"
 SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
 
-STATUS_OK: Final = "ok"
-STATUS_ERROR: Final = "error"
-STATUS_EXPIRED: Final = "expired"
-STATUS_REJECTED: Final = "rejected"
-STATUSES: Final = frozenset({STATUS_OK, STATUS_ERROR, STATUS_EXPIRED, STATUS_REJECTED})
+Status = Literal["ok", "error", "expired", "rejected"]
+"""A result's status (see :class:`Result`)."""
+STATUS_OK: Final[Status] = "ok"
+STATUS_ERROR: Final[Status] = "error"
+STATUS_EXPIRED: Final[Status] = "expired"
+STATUS_REJECTED: Final[Status] = "rejected"
+STATUSES: Final[frozenset[str]] = frozenset({STATUS_OK, STATUS_ERROR, STATUS_EXPIRED, STATUS_REJECTED})
 
 # dtype strings accepted on the wire, mapped to little-endian numpy dtypes.
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
@@ -390,10 +392,20 @@ class Timings:
 
 @dataclass(frozen=True)
 class Result:
-    """The answer to one request."""
+    """The answer to one request.
+
+    Attributes:
+        request_id: the request's id.
+        status: ``ok``, ``error`` (``code`` says why), ``expired`` (its deadline passed
+            before it ran) or ``rejected`` (treated like ``error``).
+        outputs: the model's outputs for this sample (numpy arrays, no batch dimension).
+        code / message: the stable error code and a human-readable detail (not ``ok``).
+        timings: where the time went (queue, model run, batch size, worker).
+        model / version: what answered.
+    """
 
     request_id: str
-    status: str
+    status: Status
     outputs: Mapping[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     code: str = ""
     message: str = ""
@@ -405,6 +417,21 @@ class Result:
     def ok(self) -> bool:
         return self.status == STATUS_OK
 
+    def __repr__(self) -> str:
+        # Compact: arrays by dtype and shape (an embedding would print hundreds of floats).
+        outs = ", ".join(f"{k!r}: {v.dtype}{list(v.shape)}" for k, v in self.outputs.items())
+        parts = [f"request_id={self.request_id!r}", f"status={self.status!r}"]
+        if self.code:
+            parts.append(f"code={self.code!r}")
+        if self.message:
+            parts.append(f"message={_quote(self.message)}")
+        parts.append(f"outputs={{{outs}}}")
+        if self.model:
+            parts.append(f"model={self.model!r}" + (f", version={self.version!r}" if self.version else ""))
+        t = self.timings
+        parts.append(f"timings=(queue_ms={t.queue_ms:.1f}, infer_ms={t.infer_ms:.1f}, batch_size={t.batch_size})")
+        return f"Result({', '.join(parts)})"
+
     def encode(self) -> dict[bytes, bytes]:
         return encode_result(self)
 
@@ -413,11 +440,11 @@ class Result:
         if self.status == STATUS_OK:
             return self
         if self.status == STATUS_EXPIRED:
-            raise E.RequestExpired(self.message or "deadline passed before the request ran")
+            raise E.RequestExpired(f"request {self.request_id}: {self.message or 'deadline passed before it ran'}")
         raise E.InferenceFailed(f"request {self.request_id}: {self.message}", code=self.code or E.INTERNAL_ERROR)
 
 
-def error_result(request_id: str, code: str, message: str, status: str = STATUS_ERROR,
+def error_result(request_id: str, code: str, message: str, status: Status = STATUS_ERROR,
                  **kw: Any) -> Result:
     return Result(request_id=request_id, status=status, code=code, message=message[:1000], **kw)
 
@@ -476,7 +503,7 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     except (TypeError, ValueError) as e:
         raise E.DecodeError(f"result timings are malformed: {e}") from e
     return Result(
-        request_id=request_id, status=status, outputs=outputs,
+        request_id=request_id, status=cast(Status, status), outputs=outputs,
         code=_s(fields, b"code", required=False) or "",
         message=_s(fields, b"message", required=False) or "",
         timings=timings,

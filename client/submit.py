@@ -135,18 +135,19 @@ def refusal(error: BaseException, prepared: PreparedRequest) -> E.HeadraceError 
     if cls is not None:
         return cls(f"request {prepared.request_id} refused by the submit function, nothing enqueued: {detail}",
                    code=code)
+    rid = prepared.request_id
     if function_missing(error):
         return E.BrokerError(
-            f"request {prepared.request_id} was not enqueued: the submit function {SUBMIT_FUNCTION} is not "
-            "loaded in this Redis; start a worker of the model or run `headrace functions load`")
+            f"request {rid} was not enqueued: the submit function {SUBMIT_FUNCTION} is not loaded in this Redis; "
+            "start a worker of the model or run `headrace functions load`", request_id=rid, retryable=False)
     if "unknown command" in message and "fcall" in message.lower():
-        return E.BrokerError(f"request {prepared.request_id} was not enqueued: this Redis has no Functions "
-                             "(FCALL); headrace needs Redis >= 7.0")
+        return E.BrokerError(f"request {rid} was not enqueued: this Redis has no Functions (FCALL); headrace "
+                             "needs Redis >= 7.0", request_id=rid, retryable=False)
     if "exhausted the last possible ID" in message:
         return E.BrokerError(
-            f"request {prepared.request_id} was not enqueued: {prepared.stream} holds the largest possible entry "
-            "id (a plain XADD with an explicit id); nothing can be added until an operator repairs the stream "
-            "(docs/security.md, Known limits)")
+            f"request {rid} was not enqueued: {prepared.stream} holds the largest possible entry id (a plain XADD "
+            "with an explicit id); nothing can be added until an operator repairs the stream (docs/security.md, "
+            "Known limits)", request_id=rid, retryable=False)
     return None
 
 
@@ -160,12 +161,13 @@ def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
     try:
         added, value = int(reply[0]), reply[1]
     except (TypeError, ValueError, IndexError) as e:
-        raise E.BrokerError(f"unexpected reply from the submit function: {reply!r}") from e
+        raise E.BrokerError(f"unexpected reply from the submit function: {reply!r}", request_id=prepared.request_id,
+                            retryable=False) from e
     if not added:
         raise E.QueueFull(
             f"model {prepared.model!r} has a backlog of {int(value)} requests (max_backlog={max_backlog}); "
-            f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise "
-            "HEADRACE_MAX_BACKLOG")
+            f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise max_backlog",
+            backlog=int(value), max_backlog=max_backlog, request_id=prepared.request_id, model=prepared.model)
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -5,7 +5,8 @@ has to implement :class:`WorkerMetrics`:
 
 * ``observe_batch(size, infer_s)`` once per model run,
 * ``observe_request(status, code, queue_s, total_s)`` once per answered (or dead-lettered)
-  request,
+  request, and with status and code :data:`CANCELLED` once per request skipped because its
+  producer cancelled it (acknowledged unanswered, never run),
 * ``set_backlog(lag, pending)`` periodically.
 
 All durations are in seconds at this interface; the Prometheus exporter converts.
@@ -22,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 log = logging.getLogger(__name__)
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+CANCELLED = "cancelled"
+"""Status and code of a request skipped because its producer cancelled it."""
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -101,6 +104,8 @@ class _Families:
         self.success = PCounter("headrace_request_success", "Requests answered ok", lv, registry=registry)
         self.failure = PCounter("headrace_request_failure", "Requests answered with an error, expired or "
                                 "dead-lettered, by wire code", (*lv, "code"), registry=registry)
+        self.cancelled = PCounter("headrace_request_cancelled", "Requests skipped unanswered because their "
+                                  "producer cancelled them (never run)", lv, registry=registry)
         self.request_us = PCounter("headrace_request_duration_us", "Cumulative submit-to-result time (us)",
                                    lv, registry=registry)
         self.queue_us = PCounter("headrace_queue_duration_us", "Cumulative submit-to-batch time (us)",
@@ -157,6 +162,9 @@ class PrometheusMetrics:
         self._f.infer_us.labels(*self._labels).inc(max(0.0, infer_s) * 1e6 * size)
 
     def observe_request(self, status: str, code: str, queue_s: float, total_s: float) -> None:
+        if status == CANCELLED:
+            self._f.cancelled.labels(*self._labels).inc()
+            return
         if status == "ok":
             self._f.success.labels(*self._labels).inc()
         else:

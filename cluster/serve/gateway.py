@@ -182,9 +182,12 @@ class Gateway:
         if client is None:
             from headrace.client.aio import AsyncClient
 
+            # The SDK refuses a model no worker ever registered (unknown_model, 404) when
+            # require_registered is on, from its cached registry read.
             client = self._clients[caller.name] = AsyncClient(
                 self.args.redis_url or None, namespace=self.args.namespace, client_id=self.client_id(caller),
-                max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s)
+                max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s,
+                require_registered=self.args.require_registered)
         return client
 
     def redis(self) -> Any:
@@ -267,11 +270,6 @@ class Gateway:
         timeout_s = min(call.timeout_s or self.args.timeout_s, self.args.timeout_s)
         entry = self.calls.get(rid)
         if entry is None:
-            refused = await self._refuse_unregistered(model)
-            if refused is not None:
-                return refused
-            entry = self.calls.get(rid)  # a concurrent call with this key may have started meanwhile
-        if entry is None:
             entry = _Call()
             if not self.calls.add(rid, entry):
                 return error_answer(E.QUEUE_FULL, f"this ingress replica has {self.calls.capacity} calls in "
@@ -292,6 +290,8 @@ class Gateway:
         try:
             res: Result = await entry.ticket.wait(timeout_s + 1.0)
         except E.ResultTimeout as e:
+            return error_answer(E.DEADLINE_EXCEEDED, e.message, rid)
+        except E.RequestCancelled as e:  # an idempotent call evicted while a late joiner waited
             return error_answer(E.DEADLINE_EXCEEDED, e.message, rid)
         finally:
             self.calls.end(rid, keep=idempotency_key is not None)
@@ -316,15 +316,6 @@ class Gateway:
         finally:
             entry.ready.set()
         return entry.refused
-
-    async def _refuse_unregistered(self, model: str) -> Answer | None:
-        if not self.args.require_registered:
-            return None
-        try:
-            known = await self.redis().hexists(registry_key(self.args.namespace), model)
-        except Exception as e:  # noqa: BLE001 - any Redis failure is a 503
-            return error_answer(E.INTERNAL_ERROR, f"Redis unreachable: {e}", status=503)
-        return None if known else error_answer(E.UNKNOWN_MODEL, f"no worker serves model {model!r}")
 
     @staticmethod
     def _answer(model: str, rid: str, res: Result) -> Answer:

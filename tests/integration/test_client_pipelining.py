@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import redis
 
-import headrace.client.client as client_module
-from headrace.client import AsyncClient, BrokerError, Client, QueueFull
+import headrace.client.sync_io as sync_io_module
+from headrace.client import AsyncClient, BrokerError, Client, QueueFull, Retry, flows
 from headrace.client.functions import LIBRARY_NAME, current_code
 from headrace.client.pipeline import run_submits
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
@@ -44,7 +44,7 @@ async def test_concurrent_submits_are_coalesced_into_few_round_trips(redis_url: 
 
 async def test_queue_full_is_per_request_inside_one_pipeline(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
-    async with AsyncClient(redis_url, max_backlog=5, reply_block_ms=200) as c:
+    async with AsyncClient(redis_url, max_backlog=5, reply_block_ms=200, require_registered=False) as c:
         outcomes = await asyncio.gather(*(c.submit("affine", affine_inputs(i), request_id=f"req-{i}")
                                           for i in range(12)), return_exceptions=True)
         assert c._pipeline.flushes == 1
@@ -59,8 +59,10 @@ async def test_queue_full_is_per_request_inside_one_pipeline(redis_url: str) -> 
 
 
 async def test_redis_dying_mid_flush_fails_every_caller_of_that_flush(private_redis: EmbeddedRedis) -> None:
-    async with AsyncClient(private_redis.url, reply_block_ms=200, timeout_s=20,
-                           reconnect_backoff_max_s=0.5) as c:
+    # No retries: each caller sees the failure of the pipeline it was in (retries are
+    # tested in test_failure_drills.py).
+    async with AsyncClient(private_redis.url, reply_block_ms=200, timeout_s=20, retry=Retry.none(),
+                           reconnect_backoff_max_s=0.5, require_registered=False) as c:
         first = await c.submit("affine", affine_inputs(0))
         pipeline = c._pipeline
         execute = pipeline._execute
@@ -109,11 +111,11 @@ async def test_function_flush_is_survived_by_a_whole_pipeline(redis_url: str, af
 
 def test_run_submits_reloads_the_function_after_function_flush(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
-    with Client(redis_url) as c:
+    with Client(redis_url, require_registered=False) as c:
         c.submit("affine", affine_inputs(0))
         r.function_flush()
-        tickets = [c._new_ticket("affine", affine_inputs(i), None, None, None) for i in range(1, 6)]
-        errors = c._submit_tickets(tickets)
+        tickets = [c._core.new_ticket("affine", affine_inputs(i), None, None, None) for i in range(1, 6)]
+        errors = c._run(flows.send(c._core, tickets))  # one pipeline of five submits
         assert errors == [None] * 5
         assert r.xlen(c.model_keys("affine").requests) == 6
 
@@ -125,7 +127,7 @@ def test_sync_map_submits_in_batches(redis_url: str, affine_worker: Any, monkeyp
         sizes.append(len(commands))
         return run_submits(r, commands)
 
-    monkeypatch.setattr(client_module, "run_submits", counting)
+    monkeypatch.setattr(sync_io_module, "run_submits", counting)
     n = 400
     with Client(redis_url, max_in_flight=64, reply_block_ms=200, timeout_s=20) as c:
         results = c.map("affine", [affine_inputs(i) for i in range(n)], progress=False)

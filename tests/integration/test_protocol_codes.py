@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -182,16 +183,40 @@ def test_every_documented_code_is_provoked_for_real(redis_url: str, workers: Non
         assert res.timings.queue_ms >= 0 and isinstance(res.timings.batch_size, int)
         provoked.add(code)
 
-    # Never in a result: a full queue (the submit function refuses) and a bad setting.
-    with Client(redis_url, max_backlog=1, client_id="codes-q") as c:
-        c.submit("idle", {"x": np.ones(4, np.float32)})
-        with pytest.raises(E.QueueFull) as full:
-            c.submit("idle", {"x": np.ones(4, np.float32)})
-    provoked.add(full.value.code)
+    provoked |= sdk_side_codes(r, redis_url)
+    assert provoked == set(doc_codes())
+
+
+def sdk_side_codes(r: redis.Redis, redis_url: str) -> set[str]:
+    """The codes never in a result, each provoked through the SDK as its users meet them."""
+    out: set[str] = set()
+    x4 = {"x": np.ones(4, np.float32)}
+    with Client(redis_url, max_backlog=1, client_id="codes-q", require_registered=False) as c:
+        c.submit("idle", x4)
+        with pytest.raises(E.QueueFull) as full:  # the submit function refused it
+            c.submit("idle", x4)
+        out.add(full.value.code)
+        with pytest.raises(E.ResultTimeout) as late:  # nobody serves "idle"
+            c.submit("idle2", x4).result(0.2)
+        out.add(late.value.code)
+        ticket = c.submit("idle3", x4)
+        ticket.cancel()
+        with pytest.raises(E.RequestCancelled) as cancelled:
+            ticket.result(1)
+        out.add(cancelled.value.code)
+    # A model some worker registered once, with no live worker now.
+    r.hset(f"{NS}:models", "gone", json.dumps({"model": "gone", "updated_ms": 1, "workers": {}, "signatures": {}}))
+    with Client(redis_url, fail_fast=True, client_id="codes-f") as c, pytest.raises(E.ModelUnavailable) as gone:
+        c.submit("gone", x4)
+    out.add(gone.value.code)
+    with Client("redis://127.0.0.1:1/0", require_registered=False, timeout_s=2) as c, \
+            pytest.raises(E.BrokerError) as down:
+        c.submit("affine", x4)
+    out.add(down.value.code)
     with pytest.raises(E.ConfigError) as bad:
         Client(redis_url, timeout_s=-1)
-    provoked.add(bad.value.code)
-    assert provoked == set(doc_codes())
+    out.add(bad.value.code)
+    return out
 
 
 def test_a_replayed_dead_letter_answers_its_id_a_second_time(redis_url: str, workers: None) -> None:

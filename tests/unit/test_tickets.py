@@ -76,14 +76,16 @@ def test_function_args_and_reply_parsing() -> None:
     ("decode_error bad id", E.DecodeError, E.DECODE_ERROR),
     ("unsupported_version v", E.UnsupportedVersionError, E.UNSUPPORTED_VERSION),
     ("unknown_model m", E.ProtocolError, E.UNKNOWN_MODEL),
-    ("Function not found", E.BrokerError, E.INTERNAL_ERROR),
-    ("ERR The stream has exhausted the last possible ID, unable to add more items", E.BrokerError, E.INTERNAL_ERROR),
-    ("unknown command 'FCALL', with args beginning with: ", E.BrokerError, E.INTERNAL_ERROR),
+    ("Function not found", E.BrokerError, E.BROKER_ERROR),
+    ("ERR The stream has exhausted the last possible ID, unable to add more items", E.BrokerError, E.BROKER_ERROR),
+    ("unknown command 'FCALL', with args beginning with: ", E.BrokerError, E.BROKER_ERROR),
 ])
 def test_function_refusals_become_errors_with_their_wire_code(message: str, cls: type, code: str) -> None:
     p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
     err = refusal(redis.ResponseError(message), p)
     assert isinstance(err, cls) and err.code == code and "r" in str(err)
+    if isinstance(err, E.BrokerError):
+        assert err.request_id == "r" and not err.retryable  # nothing was added; retrying alone cannot help
     assert refusal(redis.ResponseError("OOM command not allowed"), p) is None  # may or may not have run
 
 

@@ -149,6 +149,12 @@ class Broker(abc.ABC):
     async def answered(self, request_ids: Sequence[str]) -> list[bool]:
         """Whether each request id has a dedupe marker (was answered)."""
 
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        """Per request id, the time (Unix ms) up to which its submissions were cancelled
+        (its cancel marker, ``ModelKeys.cancel``), 0 when none. A broker without cancel
+        markers runs everything."""
+        return [0] * len(request_ids)
+
     @abc.abstractmethod
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
         """Apply ops atomically (results, dead letters, acks); one outcome per op
@@ -193,6 +199,14 @@ class Broker(abc.ABC):
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _ms(value: Any) -> int:
+    """A cancel marker's value (Unix ms as text) as an int; 0 when absent or malformed."""
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
@@ -392,6 +406,16 @@ class RedisBroker(Broker):
             return await pipe.execute()
 
         return [bool(x) for x in await self._call("dedupe pre-check", each)]
+
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        if not request_ids:
+            return []
+        keys = [self.keys.cancel(rid) for rid in request_ids]
+
+        async def go() -> Any:
+            return await self.client.mget(keys)
+
+        return [_ms(v) for v in await self._call("cancel check", go)]
 
     def _commit_args(self, ops: Sequence[Op], at_ms: int) -> tuple[list[str], list[Any]]:
         keys = [self.keys.requests, self.keys.dlq]
