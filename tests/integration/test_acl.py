@@ -267,7 +267,7 @@ def test_producer_cannot_destroy_queued_requests_or_the_submit_path(redis_url: s
     keys = ModelKeys(NS, "affine")
     ensure_library(admin)  # what an operator or the first worker does
     admin.xgroup_create(keys.requests, "workers", id="0", mkstream=True)
-    with Client(acl["bob"], client_id="bob", timeout_s=30) as bob:
+    with Client(acl["bob"], client_id="bob", timeout_s=30, require_registered=False) as bob:
         xs = [np.full(4, float(i), np.float32) for i in range(20)]
         tickets = [bob.submit("affine", {"x": x}) for x in xs]  # queued: no worker yet
         queued = admin.xlen(keys.requests)
