@@ -15,6 +15,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # The pinned CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[worker,dev]"
+.venv/bin/python -m pip install -q -e ".[worker,dev,tf]"
 echo "$key" > "$stamp"
 echo "headrace: environment ready in .venv/"

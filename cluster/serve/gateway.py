@@ -205,15 +205,41 @@ class Gateway:
         return caller
 
     async def models(self, headers: Mapping[str, str]) -> Answer:
-        """Models with a registered worker."""
+        """Models with a registered worker: ``models`` (names) and ``index`` (live versions,
+        ready, live workers per model)."""
+        from headrace.client.registry import decode_registry, server_ms
+        from headrace.cluster.serve.metadata import models_index
+
         who = self.authenticate(headers)
         if isinstance(who, Answer):
             return who
         try:
-            raw = await self.redis().hkeys(registry_key(self.args.namespace))
+            pipe = self.redis().pipeline(transaction=False)
+            pipe.hgetall(registry_key(self.args.namespace))
+            pipe.time()
+            raw, now = await pipe.execute()
         except Exception as e:  # noqa: BLE001 - redis.asyncio raises RedisError and OSError subclasses
             return error_answer(E.INTERNAL_ERROR, f"Redis: {e}", status=503)
-        return Answer(200, {"models": sorted(k.decode() if isinstance(k, bytes) else k for k in raw)})
+        index = models_index(decode_registry(raw), server_ms(now))
+        return Answer(200, {"models": [row["name"] for row in index], "index": index})
+
+    async def model_metadata(self, model: str, version: str | None, headers: Mapping[str, str]) -> Answer:
+        """KServe-v2-style metadata of ``model`` from the workers' registry
+        (:mod:`headrace.cluster.serve.metadata`)."""
+        from headrace.cluster.serve.metadata import model_metadata
+
+        who = self.authenticate(headers)
+        if isinstance(who, Answer):
+            return who
+        try:
+            validate_model_name(model)
+            return Answer(200, model_metadata(await self._client(who).describe(model), version=version))
+        except E.ConfigError as e:
+            return error_answer(E.UNKNOWN_MODEL, f"no model {model[:130]!r}: {e.message}")
+        except E.BrokerError as e:
+            return error_answer(e.code, e.message, status=503)
+        except E.HeadraceError as e:
+            return error_answer(E.UNKNOWN_MODEL if isinstance(e, E.ModelNotFoundError) else e.code, e.message)
 
     async def infer(self, model: str, body: bytes, headers: Mapping[str, str], *,
                     body_too_large: bool = False) -> Answer:

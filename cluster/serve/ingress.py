@@ -1,5 +1,9 @@
 """HTTP ingress on Ray Serve: ``POST /v1/models/{model}/infer`` through the same stream.
 
+``GET /v1/models`` lists the registered models and ``GET /v1/models/{model}`` returns one
+model's KServe-v2-style metadata (:mod:`headrace.cluster.serve.metadata`), both read from
+the workers' registry in Redis (API keys apply to them too).
+
 HTTP-only clients share the batching of every other producer: the ingress enqueues each
 request into the model's stream with the SDK (:class:`~headrace.client.aio.AsyncClient`,
 submit function included) and waits for the result on the caller's own reply stream.
@@ -126,8 +130,17 @@ def create_api(gateway: Callable[[], Gateway]) -> FastAPI:
 
     @api.get("/v1/models", responses=_ERRORS)
     async def models(request: Request) -> JSONResponse:
-        """Models with a registered worker."""
+        """Models with a registered worker: ``models`` (names) and ``index`` (live versions,
+        ready, live workers per model)."""
         return _json(await gateway().models(request.headers))
+
+    @api.get("/v1/models/{model}", responses=_ERRORS)
+    async def model_metadata(request: Request, model: str = Path(..., description="served model name"),
+                             version: str | None = None) -> JSONResponse:
+        """KServe-v2-style metadata of ``model`` from the workers' registry: versions served,
+        platform, inputs/outputs (datatype, shape with -1 on the batch axis, per-request
+        shape), text or tensors, batching limit, classifier labels."""
+        return _json(await gateway().model_metadata(model, version, request.headers))
 
     @api.post("/v1/models/{model}/infer", response_model=InferResponse, responses=_ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {

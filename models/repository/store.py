@@ -50,6 +50,7 @@ from headrace.models.repository.manifest import (
     POSTPROCESS,
     PREPROCESS,
     SCHEMA_VERSION,
+    TORCH_FORMATS,
     VERSION_RE,
     FileEntry,
     IOSpec,
@@ -144,8 +145,14 @@ class ModelRepository:
         """
         vs = self.versions(name)
         if not vs:
+            folder = self.root / check_name(name)
+            bare = sorted(str(c.relative_to(self.root)) for c in folder.glob("*") if c.is_dir()) \
+                if folder.is_dir() else []
+            hint = (f"; {bare} hold no {MANIFEST_FILE}: add a model with `headrace models add {name} FILE`, "
+                    f"which writes the manifest and checksums" if bare else
+                    f"; add one with `headrace models add {name} FILE`")
             raise ModelNotFoundError(f"model {name!r} is not in the repository {self.root}; "
-                                     f"available: {self.names() or 'none'}")
+                                     f"available: {self.names() or 'none'}{hint}")
         return vs[-1]
 
     def load_manifest(self, name: str, version: str | int | None = None) -> Manifest:
@@ -241,7 +248,7 @@ class ModelRepository:
         if fmt not in FORMATS:
             raise RepositoryError(f"format {fmt!r} must be one of {sorted(FORMATS)}")
         base = Manifest(
-            name=name, version="1", format=fmt, backend=backend or ("torch" if fmt == "torch" else "onnxruntime"),
+            name=name, version="1", format=fmt, backend=backend or ("torch" if fmt in TORCH_FORMATS else "onnxruntime"),
             precision=precision, inputs=tuple(inputs), outputs=tuple(outputs), batch_dim=batch_dim,
             max_batch=max_batch, preprocess=preprocess, postprocess=postprocess,
             model_file=model_file or DEFAULT_MODEL_FILE[fmt], source=source,

@@ -144,16 +144,20 @@ def test_deploy_version_changes_only_that_apps_args() -> None:
 
 
 def test_replicas_are_read_from_serve_details() -> None:
-    details: dict[str, Any] = {"applications": {"a": {
+    details: dict[str, Any] = {"applications": {"a": {"status": "RUNNING",
         "deployed_app_config": {"args": {"model": "a", "version": "3"}},
         "deployments": {"StreamWorker": {"replicas": [
             {"replica_id": "r1", "state": "RUNNING", "node_id": "n1", "node_ip": "10.0.0.1", "pid": 11},
             {"replica_id": "r2", "state": "STARTING", "node_id": "n2", "pid": None}]}}}}}
-    rows = ops.replicas(details)
-    assert [(r.replica_id, r.state, r.model, r.version, r.node_ip) for r in rows] == \
-        [("r1", "RUNNING", "a", "3", "10.0.0.1"), ("r2", "STARTING", "a", "3", "")]
+    # r1's worker registered version 2 (a rollout to 3 has not reached it); r2 has not registered.
+    rows = ops.replicas(details, {("a", 11): "2"})
+    assert [(r.replica_id, r.state, r.model, r.version, r.deployed, r.node_ip) for r in rows] == \
+        [("r1", "RUNNING", "a", "2", "3", "10.0.0.1"), ("r2", "STARTING", "a", "?", "3", "")]
     table = ops.replica_table(rows)
     assert table.row_count == 2
+    assert ops.app_problems(details | {"applications": {**details["applications"], "b": {
+        "status": "DEPLOY_FAILED", "message": "boom", "deployments": {"StreamWorker": {"message": "no v9"}}}}}) == \
+        [("b", "DEPLOY_FAILED", "boom | StreamWorker: no v9")]
 
 
 def test_cluster_state_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
