@@ -30,6 +30,7 @@ from headrace.client.protocol import (
     decode_envelope,
     encode_result,
     error_result,
+    now_ms,
 )
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
@@ -111,9 +112,11 @@ class Answers:
     def error(self, env: Envelope, entry: Entry, code: str, message: str, unit: Unit,
               status: Status = STATUS_ERROR) -> None:
         log.debug("request %s answered %s/%s: %s", env.request_id, status, code, message)
+        # Queue time up to this answer: the producer sent ts_ms, and a refusal waited too.
+        queue_ms = max(0.0, float(now_ms() - env.ts_ms)) if env.ts_ms else 0.0
         res = error_result(env.request_id, code, message, status=status, model=self.model,
-                           version=self.version, timings=Timings(worker=self.consumer))
-        self.reply(env, entry, res, unit)
+                           version=self.version, timings=Timings(queue_ms=queue_ms, worker=self.consumer))
+        self.reply(env, entry, res, unit, queue_ms / 1000)
 
     def dead_letter(self, entry: Entry, env: Envelope | None, code: str, reason: str, unit: Unit,
                     reply_code: str = E.MAX_DELIVERIES) -> None:
