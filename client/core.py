@@ -24,7 +24,7 @@ from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import Command
 from headrace.client.protocol import Result
 from headrace.client.retry import Retry
-from headrace.client.submit import evalsha_command, parse_reply, prepare_request
+from headrace.client.submit import parse_reply, prepare_request, refusal, submit_command
 from headrace.client.tickets import Ticket, TicketBook
 
 log = logging.getLogger(__name__)
@@ -142,14 +142,14 @@ class ClientCore:
         return True
 
     def register(self, tickets: Sequence[Ticket]) -> tuple[bool, list[Command]]:
-        """Track ``tickets`` (before their XADD: the result may come before the script's
+        """Track ``tickets`` (before their submit: the result may come before the function's
         reply does) and build their submit commands; True when a reply stream is new."""
         new_stream = self.book.add_all(tickets)
         max_backlog = self.settings.max_backlog
         commands = []
         for t in tickets:
             t.submissions += 1
-            commands.append(evalsha_command(self.model_keys(t.model), t.prepared, max_backlog))
+            commands.append(submit_command(self.model_keys(t.model), t.prepared, max_backlog))
         return new_stream, commands
 
     def settle_all(self, tickets: Sequence[Ticket], replies: Sequence[Any], *,
@@ -165,8 +165,13 @@ class ClientCore:
         return errors
 
     def _settle(self, ticket: Ticket, reply: Any) -> E.HeadraceError | None:
-        """Apply the submit script's answer (or the redis-py error its command got); on
-        success ``ticket.entry_id`` and ``ticket.submitted`` are set."""
+        """Apply the submit function's answer (or the redis-py error its command got); on
+        success ``ticket.entry_id`` and ``ticket.submitted`` are set. A refusal of the
+        function (its wire code) or a missing function means nothing was added."""
+        refused = refusal(reply, ticket.prepared) if isinstance(reply, Exception) else None
+        if refused is not None:
+            refused.__cause__ = reply
+            return refused
         if isinstance(reply, BaseException):
             return broker_error(reply, f"submitting request {ticket.request_id} to {ticket.prepared.stream} (it "
                                 "may or may not have been enqueued: retrying with the same request_id is safe)",

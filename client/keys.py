@@ -12,6 +12,7 @@ touch them together, on a single Redis and on Redis Cluster alike.
                                        this id made up to then are skipped by workers
     <ns>:{<model>}:stats               recent batch statistics (capped stream)
     <ns>:{<model>}:reply:<client_id>   a client's reply stream for this model
+    <ns>:{<model>}:limits              hash: the workers' entry limits the submit function applies
     <ns>:models                        hash: model -> JSON info of the workers serving it
 """
 
@@ -57,6 +58,12 @@ class ModelKeys:
 
     def done(self, request_id: str) -> str:
         return f"{self.done_prefix}{request_id}"
+
+    @property
+    def limits(self) -> str:
+        """Hash of the limits the submit function applies (``max_payload_bytes``), written by
+        the model's workers; declared as a key of ``FCALL headrace_submit``."""
+        return f"{self.prefix}:limits"
 
     @property
     def cancel_prefix(self) -> str:

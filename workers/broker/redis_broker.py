@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from headrace.client import errors as E
+from headrace.client.functions import aensure_library
 from headrace.client.keys import ModelKeys, registry_key
 from headrace.client.protocol import now_ms
 from headrace.workers.broker import scripts
@@ -164,6 +165,7 @@ class RedisBroker(Broker):
     async def ensure_group(self) -> None:
         import redis
 
+        await self.ensure_functions()
         try:
             await self.client.xgroup_create(self.keys.requests, self.settings.group, id="0", mkstream=True)
             log.info("created consumer group %s on %s", self.settings.group, self.keys.requests)
@@ -172,6 +174,35 @@ class RedisBroker(Broker):
                 raise E.BrokerError(f"XGROUP CREATE {self.keys.requests} failed: {e}") from e
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             raise E.BrokerError(f"XGROUP CREATE: Redis unreachable: {e}") from e
+
+    async def ensure_functions(self) -> None:
+        """Load the producers' submit function (``client/submit.lua``) unless it is current,
+        and publish this worker's ``max_payload_bytes`` in the model's limits hash, which the
+        function applies to the whole entry (every field) before adding it.
+
+        A worker user without those rights only logs a warning: the worker serves anyway, and
+        an operator loads the library (``headrace functions load``).
+
+        Raises:
+            BrokerError: Redis is unreachable or failed otherwise.
+        """
+        import redis
+
+        try:
+            await aensure_library(self.client)
+        except E.BrokerError as e:
+            if not isinstance(e.__cause__, redis.exceptions.NoPermissionError):
+                raise
+            log.warning("this worker's Redis user may not load the submit function (%s); see docs/security.md "
+                        "for the worker ACL, or have an operator run `headrace functions load`", e)
+        try:
+            await self.client.hset(self.keys.limits, "max_payload_bytes", str(self.settings.max_payload_bytes))
+        except redis.exceptions.NoPermissionError as e:
+            log.warning("this worker's Redis user may not publish its limits (%s); see docs/security.md", e)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            raise E.BrokerError(f"HSET {self.keys.limits}: Redis unreachable: {e}") from e
+        except redis.RedisError as e:
+            raise E.BrokerError(f"HSET {self.keys.limits} failed: {e}") from e
 
     async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
         # What is there already, sized to the budget by the READ script; only when nothing

@@ -5,7 +5,16 @@ from __future__ import annotations
 import logging
 
 from headrace.client import errors as E
-from headrace.client.protocol import STATUS_ERROR, Envelope, Result, Status, Timings, encode_result, error_result
+from headrace.client.protocol import (
+    STATUS_ERROR,
+    Envelope,
+    Result,
+    Status,
+    Timings,
+    encode_result,
+    error_result,
+    now_ms,
+)
 from headrace.workers.pipeline.entry import Entry, elapsed_ms
 from headrace.workers.pipeline.ops import Ack, DeadLetterOp, Reply
 from headrace.workers.pipeline.work import Meta, Unit
@@ -34,9 +43,10 @@ class Answers:
 
     def error(self, env: Envelope, entry: Entry, code: str, message: str, unit: Unit,
               status: Status = STATUS_ERROR, read_ms: int = 0) -> None:
-        """Queue an error result; ``read_ms`` (when known) stamps its ``queue_ms``."""
+        """Queue an error result; its ``queue_ms`` runs from the producer's ``ts_ms`` to
+        ``read_ms`` (default: now): a refused request waited too."""
         log.debug("request %s answered %s/%s: %s", env.request_id, status, code, message)
-        queue_ms = elapsed_ms(read_ms, env.ts_ms) if read_ms else 0.0
+        queue_ms = elapsed_ms(read_ms or now_ms(), env.ts_ms)
         res = error_result(env.request_id, code, message, status=status, model=self.model,
                            version=self.version, timings=Timings(queue_ms=queue_ms, worker=self.consumer))
         self.reply(env, entry, res, unit, queue_ms / 1000.0)
