@@ -10,9 +10,7 @@ up inside the ``headrace`` package, so a manifest cannot make a worker import ar
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.models.repository.store import Manifest
+from headrace.models.torch_factory import BUILTIN_ARCHS, FACTORY_PREFIX, Factory, build_module, resolve_factory
 from headrace.workers.backends import prepost
 
 if TYPE_CHECKING:
@@ -27,42 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Factory = Callable[[Path, Manifest], "torch.nn.Module"]
-FACTORY_PREFIX = "headrace."
-
-
-def _minilm_factory(folder: Path, manifest: Manifest) -> torch.nn.Module:
-    from headrace.models.builtin.minilm import load_minilm
-
-    return load_minilm(folder / manifest.model_file)
-
-
-BUILTIN_ARCHS: dict[str, Factory] = {"minilm": _minilm_factory}
-
-
-def resolve_factory(manifest: Manifest) -> Factory:
-    """The module factory for a torch-format manifest.
-
-    Raises:
-        ModelError: no ``arch``/``torch_factory``, an unknown arch, or a factory outside ``headrace``.
-    """
-    arch = manifest.extra.get("arch")
-    if isinstance(arch, str) and arch in BUILTIN_ARCHS:
-        return BUILTIN_ARCHS[arch]
-    ref = manifest.extra.get("torch_factory")
-    if not isinstance(ref, str) or ":" not in ref:
-        raise E.ModelError(f"{manifest.name}/{manifest.version}: a torch entry needs extra.arch in "
-                           f"{sorted(BUILTIN_ARCHS)} or extra.torch_factory='headrace.module:function'")
-    mod_name, _, fn_name = ref.partition(":")
-    if not mod_name.startswith(FACTORY_PREFIX):
-        raise E.ModelError(f"torch_factory {ref!r} must live in the headrace package; refusing to import it")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise E.ModelError(f"cannot import torch_factory {ref!r}: {e}") from e
-    if not callable(fn):
-        raise E.ModelError(f"torch_factory {ref!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+# The factory rules live in headrace.models.torch_factory (the compression pipeline builds the
+# same modules); re-exported here for callers of this module.
+__all__ = ["BUILTIN_ARCHS", "FACTORY_PREFIX", "Factory", "TorchServable", "load_torch_servable", "resolve_factory"]
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -160,12 +126,6 @@ def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Pat
     Raises:
         ModelError: no usable factory, or the weights do not load.
     """
-    factory = resolve_factory(manifest)
-    try:
-        module = factory(folder, manifest)
-    except E.HeadraceError:
-        raise
-    except Exception as e:  # noqa: BLE001 - factories are model code
-        raise E.ModelError(f"{manifest.name}/{manifest.version}: building the torch module failed: {e}") from e
+    module = build_module(folder, manifest)
     return TorchServable(manifest, module, tokenizer_path=tokenizer_path, intra_op_threads=intra_op_threads,
                          device=device, reject_non_finite=reject_non_finite)
