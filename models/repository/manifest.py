@@ -17,10 +17,11 @@ from headrace.client.protocol import DTYPES
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-FORMATS = frozenset({"onnx", "torch", "tensorrt"})
+FORMATS = frozenset({"onnx", "torch", "tensorrt", "tflite"})
 PREPROCESS = frozenset({"none", "bert_tokenizer"})
 POSTPROCESS = frozenset({"none", "l2_normalize", "softmax", "argmax"})
-DEFAULT_MODEL_FILE = {"onnx": "model.onnx", "torch": "model.safetensors", "tensorrt": "model.plan"}
+DEFAULT_MODEL_FILE = {"onnx": "model.onnx", "torch": "model.safetensors", "tensorrt": "model.plan",
+                      "tflite": "model.tflite"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 TOKEN_RE = re.compile(r"^[a-z0-9_]{1,32}$")
@@ -125,7 +126,7 @@ class Manifest:
 
     Attributes:
         name / version: where it lives (``<repo>/<name>/<version>``).
-        format: ``onnx``, ``torch`` (safetensors state dict) or ``tensorrt``.
+        format: ``onnx``, ``torch`` (safetensors state dict), ``tensorrt`` or ``tflite`` (LiteRT).
         backend: runtime that serves it (``onnxruntime`` or ``torch``).
         precision: ``fp32``, ``fp16``, ``int8``, ...
         inputs / outputs: per-sample signature.
