@@ -305,7 +305,7 @@ def publish(opts: AnyModelOptions, p: Prepared, e: Evaluated, context: dict[str,
     out = p.source.repo.add(
         name, files, format=c.fmt, backend=_backend(c), precision=c.precision, inputs=m.inputs, outputs=m.outputs,
         preprocess=m.preprocess, postprocess=m.postprocess, model_file=model_file, source=f"{p.source.ref}",
-        recipe=[*m.recipe, *c.recipe], measured=_json_safe(measured), extra={**extra, **c.extra},
+        recipe=_json_safe([*m.recipe, *c.recipe]), measured=_json_safe(measured), extra={**extra, **c.extra},
         description=f"{m.description or m.name}: {c.label}")
     return f"{out.name}/{out.version}"
 

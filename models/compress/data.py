@@ -94,11 +94,15 @@ def _sample_axis(name: str, arr: np.ndarray[Any, Any], dims: Sequence[int | None
         raise ConfigError(f"input {name!r}: the data has {arr.ndim} axes {arr.shape}, the graph declares "
                           f"{len(dims)} ({['?' if d is None else d for d in dims]})")
     for axis, (d, size) in enumerate(zip(dims, arr.shape, strict=True)):
-        if d is None and (n is None or size == n):
-            return axis
-    for axis, (d, size) in enumerate(zip(dims, arr.shape, strict=True)):
         if d is not None and d != size:
             raise ConfigError(f"input {name!r}: axis {axis} has {size} entries, the graph wants {d}")
+    dynamic = [axis for axis, d in enumerate(dims) if d is None]
+    for axis in dynamic:
+        if n is None or arr.shape[axis] == n:
+            return axis
+    if dynamic:
+        raise ConfigError(f"input {name!r} holds {arr.shape[dynamic[0]]} samples on its dynamic axis "
+                          f"{dynamic[0]}, the first input holds {n}")
     return None
 
 

@@ -212,6 +212,8 @@ def choose_op_types(model_path: str | Path, mode: str) -> tuple[str, ...]:
     present = graph_op_types(model_path)
     if mode == "dynamic":
         chosen = [op for op in DYNAMIC_CANDIDATES if op in present and op != "Gather"]
+        if "Gemm" in chosen and "MatMul" not in chosen:
+            chosen.insert(0, "MatMul")  # the dynamic quantizer rewrites each Gemm as MatMul + Add first
         tables = [n for n in weight_nodes(model_path, ("Gather",)) if n.params >= 1024]
         chosen += ["Gather"] if tables else []
     else:

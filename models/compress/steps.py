@@ -129,7 +129,13 @@ class StepContext:
         feeds = self.calibration.feeds(batch_size or self.quantize.batch_size, self.encode)
         if same_length and self.encode is not None:
             feeds = _pad_text(feeds)
+        if same_length and len(feeds) > 1 and _rows(feeds[-1]) != _rows(feeds[0]):
+            feeds = feeds[:-1]  # a short last batch would not stack with the others either
         return feeds
+
+
+def _rows(feed: Feed) -> tuple[int, ...]:
+    return tuple(v.shape[0] if v.ndim else 0 for v in feed.values())
 
 
 def _pad_text(feeds: list[Feed]) -> list[Feed]:
@@ -192,8 +198,8 @@ def _mixed(ctx: StepContext, src: Path, dst: Path, mode: str) -> tuple[Any, tupl
 
 def _quant_candidate(ctx: StepContext, src: Path, mode: str, label: str, recipe: list[dict[str, Any]]) -> Candidate:
     mp, ops = _mixed(ctx, src, ctx.work / f"{src.stem}-int8-{mode}.onnx", mode)
-    params = {"mode": mode, "op_types": list(ops), "fp32_nodes": list(mp.excluded),
-              "calibration_score": mp.score, "floor": ctx.floor, **ctx.quantize.to_dict()}
+    params = {**ctx.quantize.to_dict(), "mode": mode, "op_types": list(ops), "fp32_nodes": list(mp.excluded),
+              "calibration_score": mp.score if mp.score == mp.score else None, "floor": ctx.floor}
     if mode == "static":
         params.update(format="QDQ", calibration_samples=ctx.calibration.n)
     ctx.details[label] = {**params, "search": mp.to_dict()}
