@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from headrace.models.compress.anymodel import AnyModelOptions, run_any
-from headrace.models.compress.steps import PruneOptions, QuantizeOptions
+from headrace.models.compress.steps import PruneOptions
 from headrace.models.repository.store import IOSpec, ModelRepository
 
 WORK = Path("runs/compress-any")
