@@ -260,6 +260,9 @@ def quantize_dynamic_int8(
                 pre, dst, per_channel=per_channel, reduce_range=reduce_range, weight_type=q.QuantType.QInt8,
                 op_types_to_quantize=list(op_types), nodes_to_quantize=_with_gemm_aliases(nodes_to_quantize or []),
                 nodes_to_exclude=_with_gemm_aliases(nodes_to_exclude),
+                # Weights inside If/Loop bodies (e.g. a model with one branch per sample rate)
+                # are only reached with subgraph quantization on.
+                extra_options={"EnableSubgraph": True},
             )
         except Exception as e:  # the quantizer raises bare Exceptions/ValueErrors for odd graphs
             raise ModelError(f"dynamic INT8 quantization of {src} failed: {e}") from e
@@ -502,37 +505,42 @@ def mixed_precision(
 
     ranked = list(sensitivities) if sensitivities is not None else sensitivity_scan(
         src, quantize, score, candidates, progress=progress)
-    n = len(ranked)
-    lo, hi = 0, None  # lo: largest k known to fail; hi: smallest k known to pass
-    k = 1
     scores: dict[int, float] = {0: first}
-    while k <= n:
-        scores[k] = attempt(k, ranked)
-        if scores[k] >= threshold:
-            hi = k
-            break
-        lo = k
-        k *= 2
+    hi = _fewest_passing(lambda k: attempt(k, ranked), len(ranked), threshold, scores)
     if hi is None:
-        if n not in scores:
-            scores[n] = attempt(n, ranked)
-        if scores[n] < threshold:
-            log.warning("mixed precision: even with every candidate node in fp32 the score %.5f misses %.5f",
-                        scores[n], threshold)
-            return MixedPrecisionResult(dst, tuple(s.node for s in ranked), scores[n], threshold, False,
-                                        tuple(trials), tuple(ranked))
-        hi = n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        scores[mid] = attempt(mid, ranked)
-        if scores[mid] >= threshold:
-            hi = mid
-        else:
-            lo = mid
+        n = len(ranked)
+        log.warning("mixed precision: even with every candidate node in fp32 the score %.5f misses %.5f",
+                    scores[n], threshold)
+        return MixedPrecisionResult(dst, tuple(s.node for s in ranked), scores[n], threshold, False,
+                                    tuple(trials), tuple(ranked))
     if trials[-1][0] != hi:  # the file on disk must be the chosen one
         attempt(hi, ranked)
     return MixedPrecisionResult(dst, tuple(s.node for s in ranked[:hi]), scores[hi], threshold, True,
                                 tuple(trials), tuple(ranked))
+
+
+def _fewest_passing(attempt: Callable[[int], float], n: int, threshold: float,
+                    scores: dict[int, float]) -> int | None:
+    """The smallest k in 1..n with ``attempt(k) >= threshold``, by doubling then bisection
+    (``scores`` collects every tried k); None if even ``k = n`` fails."""
+    lo, hi, k = 0, None, 1  # lo: largest k known to fail; hi: smallest k known to pass
+    while k <= n:
+        scores[k] = attempt(k)
+        if scores[k] >= threshold:
+            hi = k
+            break
+        lo, k = k, k * 2
+    if hi is None:
+        if n not in scores:
+            scores[n] = attempt(n)
+        if scores[n] < threshold:
+            return None
+        hi = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        scores[mid] = attempt(mid)
+        lo, hi = (lo, mid) if scores[mid] >= threshold else (mid, hi)
+    return hi
 
 
 # --- fp16 ----------------------------------------------------------------------------------
