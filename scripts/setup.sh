@@ -15,6 +15,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # The pinned CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[worker,dev]"
+.venv/bin/python -m pip install -q -e ".[worker,dev,compress,tf]"
+# onnx2tf pins exact versions of numpy/onnx/onnxruntime/tensorflow; its run-time needs are in
+# the tf extra, so it goes in without its own pins.
+.venv/bin/python -m pip install -q --no-deps "onnx2tf==1.29.24"
 echo "$key" > "$stamp"
 echo "headrace: environment ready in .venv/"
