@@ -57,22 +57,3 @@ def tiny_cnn(repo: ModelRepository, name: str = "tiny-cnn") -> Manifest:
     net = cnn.torch_factory(folder, None)
     return cnn.add_to_repository(repo, net, cnn.TrainReport(10, 0.0, 0.0), name=name)  # type: ignore[arg-type]
 
-
-def tiny_tflite(tmp: Path) -> tuple[Path, Path, list[str], list[str]]:
-    """(fp32 ONNX, INT8 TFLite of it, tflite input names, tflite output names) for the tiny
-    MLP; the onnx2tf conversion (tens of seconds) is cached."""
-    from headrace.models.compress.edge import export_tflite
-
-    folder = CACHE / "tiny-tflite"
-    onnx_path = folder / "tiny.onnx"
-    done = folder / "names.txt"
-    if not done.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tiny_mlp_onnx(onnx_path)
-        rng = np.random.default_rng(2)
-        exp = export_tflite(onnx_path, [{"x": rng.normal(size=(1, 16)).astype(np.float32)} for _ in range(64)],
-                            folder / "out", quant="integer")
-        (folder / "model.tflite").write_bytes(exp.path.read_bytes())
-        done.write_text(" ".join(exp.inputs) + "\n" + " ".join(exp.outputs))
-    ins, outs = done.read_text().splitlines()
-    return onnx_path, folder / "model.tflite", ins.split(), outs.split()
