@@ -44,7 +44,7 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
     from headrace.client.errors import ConfigError
     from headrace.models.compress import anymodel, pipeline, steps
 
-    shared = {k: given[k] for k in SHARED_FIELDS if k in given}
+    shared: dict[str, Any] = {k: given[k] for k in SHARED_FIELDS if k in given}
     if "work_dir" in shared:
         shared["work_dir"] = Path(shared["work_dir"])
     if "steps" in shared:
@@ -53,7 +53,8 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
         stray = sorted(k for k in given if k in ANY_FIELDS)
         if stray:
             raise ConfigError(f"{stray} apply to --data runs; the {name} recipe uses its own corpus")
-        rec = {RECIPE_FIELDS[k]: (Path(v) if k == "plot" else v) for k, v in given.items() if k in RECIPE_FIELDS}
+        rec: dict[str, Any] = {RECIPE_FIELDS[k]: (Path(v) if k == "plot" else v) for k, v in given.items()
+                               if k in RECIPE_FIELDS}
         return pipeline.CompressOptions(model=name, repo=Path(repo), **rec, **shared)
     stray = sorted(k for k in given if k in RECIPE_FIELDS)
     if stray:

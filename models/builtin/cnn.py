@@ -196,6 +196,8 @@ def write_data(folder: Path, *, seed: int = 0, calibration: int = 512) -> tuple[
     x, _, xt, yt = load_images(seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     cal, held = folder / "calibration.npz", folder / "held_out.npz"
-    np.savez(cal, **{INPUT_NAME: x[:calibration]})
-    np.savez(held, **{INPUT_NAME: xt, "labels": yt})
+    cal_arrays: dict[str, Any] = {INPUT_NAME: x[:calibration]}
+    held_arrays: dict[str, Any] = {INPUT_NAME: xt, "labels": yt}
+    np.savez(cal, **cal_arrays)
+    np.savez(held, **held_arrays)
     return cal, held

@@ -249,8 +249,7 @@ def measure(opts: AnyModelOptions, p: Prepared, cands: list[Candidate]) -> list[
             e.reason = f"cannot run here: {ex}"
             continue
         e.size_bytes = c.path.stat().st_size if c.path.is_file() else 0
-        run = runs[c.label]
-        arts.append(R.Artifact(c.label, _backend(c), c.precision, lambda f, run=run: run(f)[p.primary],
+        arts.append(R.Artifact(c.label, _backend(c), c.precision, _primary(runs[c.label], p.primary),
                                c.params, e.size_bytes, None, c.note, c.bench_speed and opts.bench))
     by_size = speed_batches(p)
     times = R.measure_speed(arts, by_size, min_passes=5, min_time_s=1.0, progress=opts.progress)
@@ -263,6 +262,10 @@ def measure(opts: AnyModelOptions, p: Prepared, cands: list[Candidate]) -> list[
         if e.row is not None and e.comparison is not None:
             e.row.fidelity = e.comparison.flat()
     return evals
+
+
+def _primary(run: Any, name: str) -> Any:
+    return lambda feed: run(feed)[name]
 
 
 def _backend(c: Candidate) -> str:

@@ -90,7 +90,7 @@ def _head_layers(module: Any, example: tuple[Any, ...]) -> list[Any]:
 
     with torch.no_grad():
         width = int(_first(module(*example)).shape[-1])
-    layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and m.out_features == width]
+    layers: list[Any] = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and m.out_features == width]
     layers += [m for m in module.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Conv1d)
                and m.out_channels == width]
     return layers[-1:] if layers else []
