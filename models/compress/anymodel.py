@@ -136,8 +136,9 @@ def load_samples(opts: AnyModelOptions, src: Source) -> tuple[D.Samples, D.Sampl
     else:
         cal, held = D.split(cal, opts.held_out_fraction, opts.seed)
         note = held.origin
-    if cal.n > opts.calibration_limit:
-        cal = cal.subset(np.arange(opts.calibration_limit), f"{cal.origin} (first {opts.calibration_limit})")
+    if cal.n > opts.calibration_limit:  # a seeded sample spread over the whole file, not its head
+        idx = np.sort(np.random.default_rng(opts.seed).choice(cal.n, opts.calibration_limit, replace=False))
+        cal = cal.subset(idx, f"{cal.origin} ({opts.calibration_limit} of {cal.n}, seed {opts.seed})")
     return cal, held, note
 
 
