@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,12 +47,12 @@ from rich.table import Table
 
 from benchmarks.lib.floor import stream_round_trip_floor
 from benchmarks.lib.models import ensure_benchmark_models
-from benchmarks.lib.probe import PROBE_ENV, load_probes, split_overhead
+from benchmarks.lib.probe import PROBE_ENV, load_probes, queue_split
 from benchmarks.lib.systems import WorkerProcesses, pin_threads, process_cpu_s, set_ort_spin
 from headrace.client.aio import AsyncClient
 from headrace.cluster.bench.load import RunLimits, Ticker, closed_loop, open_loop
 from headrace.cluster.bench.run import host_info
-from headrace.cluster.bench.stats import LatencySummary, LoadPoint, fmt_ms, overhead, summarize
+from headrace.cluster.bench.stats import LoadPoint, fmt_ms, overhead, summarize
 from headrace.cluster.bench.targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends import load_servable
@@ -158,24 +157,6 @@ async def probed_run(url: str, ns: str, model: str, payloads: Payloads, args: ar
         target = HeadraceTarget(client, model, payloads)
         async with Ticker(limits.total_s, f"headrace {rate:.0f}/s (probed)", progress) as tick:
             return await open_loop(target, rate, limits, seed=args.seed, progress=tick)
-
-
-def queue_split(rr: Any, probes: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Percentiles of each latency part (see bench_probe.split_overhead) over the ok
-    requests sent inside the window."""
-    parts: dict[str, list[float]] = {}
-    joined = 0
-    for s in rr.samples:
-        if not (s.ok and rr.start_s <= s.sent_s < rr.end_s and s.key in probes):
-            continue
-        sent = rr.origin + s.sent_s
-        split = split_overhead(sent, sent + (s.e2e_ms or 0.0) / 1000.0, probes[s.key])
-        if split is None:
-            continue
-        joined += 1
-        for k, v in split.items():
-            parts.setdefault(k, []).append(v)
-    return {"joined": joined, **{k: asdict(LatencySummary.of(v)) for k, v in parts.items()}}
 
 
 def measure_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payloads,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
+from tests.support.redis_cluster import RedisClusterProcs
 
 TIERS = ("unit", "integration", "e2e", "chaos")
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +53,18 @@ def model_repo_dir() -> Path:
     path = Path(os.environ.get("HEADRACE_TEST_MODEL_REPO", ROOT / ".cache" / "test_model_repo"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcs]:
+    """A private 3-master Redis Cluster on loopback for the whole session
+    (see ``tests/support/redis_cluster.py``)."""
+    with RedisClusterProcs(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterProcs) -> str:
+    """A startup-node URL of the session's Redis Cluster, every master flushed before the test."""
+    redis_cluster.flush()
+    return redis_cluster.url

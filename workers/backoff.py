@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
+
+from headrace.client.backoff import BackoffPolicy
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE_S = 0.05
-BACKOFF_CAP_S = 2.0
+LOOP_BACKOFF = BackoffPolicy(base_s=0.05, cap_s=2.0, jitter=0.25)
 
 
 class Backoff:
-    """Backoff of one loop: 50 ms doubling up to 2 s (with 25 % jitter so workers that lost
-    Redis together do not reconnect in lock-step).
+    """Backoff of one loop: 50 ms doubling up to 2 s, 25 % jitter (:data:`LOOP_BACKOFF`).
 
     Args:
         what: the operation, for log lines.
@@ -28,7 +27,7 @@ class Backoff:
         self.what, self.on_state, self.sleep, self.failures = what, on_state, sleep, 0
 
     def delay_s(self) -> float:
-        return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, self.failures - 1)) * random.uniform(0.75, 1.0)
+        return LOOP_BACKOFF.delay_s(self.failures)
 
     async def wait(self, err: BaseException) -> None:
         """Record a failure and wait before the retry."""

@@ -13,15 +13,21 @@
   reads the embedding bytes with aiohttp.
 
 Both deployments load the model exactly like a headrace worker
-(:func:`~headrace.workers.backends.load_servable` with the same settings and threads).
+(:func:`~headrace.workers.backends.load_servable` with the same settings and threads), or
+call ``make_servable()`` when one is given: a picklable factory (e.g.
+:func:`benchmarks.lib.standin.standin_factory`, the accelerator stand-in), so every system
+of a comparison serves the same thing. The factory runs inside the replica, whose Python
+path must reach its module (the benchmarks pass the repository root in ``PYTHONPATH``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -64,24 +70,31 @@ def celery_processor_config(redis_url: str, queue: str) -> Any:
                                            app_custom_config=dict(CELERY_SERIALIZATION)))
 
 
-def build_celery_app(redis_url: str, queue: str, *, model_repo: str, model: str, version: str, threads: int,
-                     num_replicas: int = 1, max_ongoing_requests: int = 5, num_cpus: float = 1.0) -> Any:
+def _factory(make_servable: Callable[[], Any] | None, model_repo: str, model: str, version: str,
+             threads: int) -> Callable[[], Any]:
+    return make_servable or functools.partial(_servable, model_repo, model, version, threads)
+
+
+def build_celery_app(redis_url: str, queue: str, *, model_repo: str = "", model: str = "", version: str = "",
+                     threads: int = 1, num_replicas: int = 1, max_ongoing_requests: int = 5, num_cpus: float = 1.0,
+                     make_servable: Callable[[], Any] | None = None) -> Any:
     """A bound ``@task_consumer`` deployment serving ``CELERY_TASK`` (text -> float32 bytes).
 
     ``max_ongoing_requests`` is also the Celery worker's thread count (Ray passes it as the
-    consumer concurrency); Ray's default is 5.
+    consumer concurrency); Ray's default is 5. ``make_servable``: see the module doc.
     """
     from ray import serve
     from ray.serve.task_consumer import task_consumer, task_handler
 
     cfg = celery_processor_config(redis_url, queue)
+    factory = _factory(make_servable, model_repo, model, version, threads)
 
     @serve.deployment(num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
                       ray_actor_options={"num_cpus": num_cpus})
     @task_consumer(task_processor_config=cfg)
     class CeleryEmbedder:
         def __init__(self) -> None:
-            self.servable = _servable(model_repo, model, version, threads)
+            self.servable = factory()
 
         @task_handler(name=CELERY_TASK)
         def embed(self, text: str) -> bytes:
@@ -163,21 +176,25 @@ class CeleryTarget:
 # --- Ray Serve HTTP with @serve.batch -------------------------------------------------------
 
 
-def build_http_batch_app(*, model_repo: str, model: str, version: str, threads: int, max_batch: int = 32,
-                         max_wait_ms: float = 5.0, max_ongoing_requests: int = 256, num_replicas: int = 1,
-                         num_cpus: float = 1.0) -> Any:
+def build_http_batch_app(*, model_repo: str = "", model: str = "", version: str = "", threads: int = 1,
+                         max_batch: int = 32, max_wait_ms: float = 5.0, max_ongoing_requests: int = 256,
+                         num_replicas: int = 1, num_cpus: float = 1.0,
+                         make_servable: Callable[[], Any] | None = None) -> Any:
     """A bound HTTP deployment: ``POST`` text -> float32 embedding bytes, batched by
     ``@serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_ms / 1000)``.
-    ``max_ongoing_requests`` must exceed ``max_batch`` or batches never fill."""
+    ``max_ongoing_requests`` must exceed ``max_batch`` or batches never fill.
+    ``make_servable``: see the module doc."""
     from ray import serve
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import Response
+
+    factory = _factory(make_servable, model_repo, model, version, threads)
 
     @serve.deployment(num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
                       ray_actor_options={"num_cpus": num_cpus})
     class BatchedEmbedder:
         def __init__(self) -> None:
-            self.servable = _servable(model_repo, model, version, threads)
+            self.servable = factory()
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="infer")
 
         def _run(self, texts: list[str]) -> list[bytes]:

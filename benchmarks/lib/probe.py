@@ -20,19 +20,20 @@ batch formation, waiting for the model, the model runs of its batch).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from headrace.client.protocol import Request
+from headrace.cluster.bench.stats import LatencySummary
 from headrace.workers.backends.base import Servable
 from headrace.workers.broker.redis_broker import BatchStats, Entry, Op, RedisBroker
 from headrace.workers.settings import WorkerSettings
@@ -151,6 +152,24 @@ def split_overhead(sent: float, received: float, stamps: Mapping[str, float]) ->
     return out
 
 
+def queue_split(rr: Any, probes: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Percentiles (ms) of each latency part (see :func:`split_overhead`) over the ok
+    requests of a load run ``rr`` sent inside its window, joined with the worker's probes."""
+    parts: dict[str, list[float]] = {}
+    joined = 0
+    for s in rr.samples:
+        if not (s.ok and rr.start_s <= s.sent_s < rr.end_s and s.key in probes):
+            continue
+        sent = rr.origin + s.sent_s
+        split = split_overhead(sent, sent + (s.e2e_ms or 0.0) / 1000.0, probes[s.key])
+        if split is None:
+            continue
+        joined += 1
+        for k, v in split.items():
+            parts.setdefault(k, []).append(v)
+    return {"joined": joined, **{k: asdict(LatencySummary.of(v)) for k, v in parts.items()}}
+
+
 def load_probes(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
     """Probes written by a probe worker: request id -> stamps."""
     out: dict[str, dict[str, float]] = {}
@@ -166,42 +185,15 @@ def load_probes(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from headrace.client.errors import HeadraceError
-    from headrace.workers.__main__ import _FLAGS, parse_args
-    from headrace.workers.run import serve
+    """``python -m benchmarks.lib.probe``: :mod:`benchmarks.lib.bench_worker` with probes
+    to ``$HEADRACE_PROBE_OUT`` (required)."""
+    from benchmarks.lib.bench_worker import main as worker_main
 
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = os.environ.get(PROBE_ENV)
-    if not out:
-        logging.getLogger(__name__).error("set %s to the file the probes go to", PROBE_ENV)
+    if not os.environ.get(PROBE_ENV):
+        logging.basicConfig()
+        log.error("set %s to the file the probes go to", PROBE_ENV)
         return 2
-    overrides = {name: getattr(args, name) for name, _ in _FLAGS}
-    if args.fake and overrides["model"] is None:
-        overrides["model"] = args.fake
-    probes = Probes()
-    try:
-        settings = WorkerSettings.from_env(**overrides)
-        inner: Servable
-        if args.fake:
-            from headrace.workers.backends.fake import fake_from_env
-
-            inner = fake_from_env(args.fake, name=settings.model)
-        else:
-            from headrace.workers.backends import load_servable
-
-            inner = load_servable(settings)
-        servable = ProbeServable(inner, probes)
-        try:
-            asyncio.run(serve(settings, servable, broker=ProbeBroker(settings, probes)))
-        finally:
-            servable.close()
-    except HeadraceError as e:
-        log.error("%s", e)
-        return 2
-    n = probes.dump(out)
-    log.info("wrote %d probes to %s", n, out)
-    return 0
+    return worker_main(argv)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import redis
 
 from headrace.client import errors as E
-from headrace.client.keys import registry_key
-from headrace.cluster.bench.run import registry_entry
+from headrace.client.registry import read_model
 
 log = logging.getLogger(__name__)
 
 
 def thread_env(threads: int) -> dict[str, str]:
-    """Environment that pins the math libraries of a (child) process to ``threads``."""
+    """Environment that pins the math libraries of a (child) process to ``threads``, the
+    tokenizer's ``encode_batch`` pool (rayon) included."""
     n = str(threads)
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "RAYON_NUM_THREADS": n,
             "HEADRACE_INTRA_OP_THREADS": n}
 
 
@@ -130,12 +130,10 @@ def live_workers(redis_url: str, namespace: str, model: str) -> list[str]:
     """
     r = redis.Redis.from_url(redis_url)
     try:
-        raw = r.hget(registry_key(namespace), model)
-    except redis.RedisError as e:
-        raise E.BrokerError(f"cannot read the worker registry at {redis_url}: {e}") from e
+        record, now_ms = read_model(r, namespace, model)
     finally:
         r.close()
-    return registry_entry(raw)[0]
+    return [w.consumer for w in record.live_workers(now_ms)] if record else []
 
 
 def wait_for_workers(redis_url: str, namespace: str, model: str, n: int, timeout_s: float = 180.0,
@@ -169,7 +167,9 @@ class WorkerProcesses:
         settings: further ``WorkerSettings`` fields as ``--flag`` values (``max_batch``...).
         env: extra environment (e.g. ``HEADRACE_FAKE_DELAY_MS``).
         log_path: append the workers' stderr here (default: discarded).
-        module: the worker module to run (``benchmarks.lib.probe`` for probes).
+        module: the worker module to run (``benchmarks.lib.probe`` for probes,
+            ``benchmarks.lib.bench_worker`` for the accelerator stand-in).
+        extra_args: more command-line arguments for ``module`` (``--standin cuda fp16``).
 
     Use as a context manager; on exit the workers get SIGTERM (graceful drain) and are
     killed if they do not exit within ``stop_timeout_s``.
@@ -179,7 +179,7 @@ class WorkerProcesses:
                  n: int = 1, threads: int = 1, fake: str = "", settings: Mapping[str, Any] | None = None,
                  env: Mapping[str, str] | None = None, log_path: str | None = None,
                  start_timeout_s: float = 180.0, stop_timeout_s: float = 30.0,
-                 module: str = "headrace.workers") -> None:
+                 module: str = "headrace.workers", extra_args: Sequence[str] = ()) -> None:
         self.redis_url, self.namespace, self.model, self.n = redis_url, namespace, model, n
         self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
         args = [sys.executable, "-m", module, "--model", model, "--redis-url", redis_url,
@@ -192,7 +192,7 @@ class WorkerProcesses:
             args += ["--model-repo", model_repo]
         for k, v in (settings or {}).items():
             args += ["--" + k.replace("_", "-"), str(v)]
-        self.args = args
+        self.args = [*args, *extra_args]
         self.env = {**os.environ, **thread_env(threads), **(env or {})}
         self.log_path = log_path
         self.procs: list[subprocess.Popen[bytes]] = []

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("closed", "open")
-WORKER_ALIVE_MS = 30_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,24 +138,6 @@ def host_info() -> dict[str, Any]:
             "platform": platform.platform(terse=True)}
 
 
-def registry_entry(raw: Any) -> tuple[list[str], dict[str, Any] | None]:
-    """``(live worker names, servable description)`` from a ``<ns>:models`` hash value."""
-    if raw is None:
-        return [], None
-    try:
-        info = json.loads(raw)
-    except (TypeError, ValueError):
-        return [], None
-    if not isinstance(info, dict):
-        return [], None
-    now = time.time() * 1000
-    workers = info.get("workers") if isinstance(info.get("workers"), dict) else {}
-    alive = sorted(str(n) for n, ts in (workers or {}).items()
-                   if isinstance(ts, (int, float)) and now - ts <= WORKER_ALIVE_MS)
-    desc = info.get("servable")
-    return alive, desc if isinstance(desc, dict) else None
-
-
 async def run_bench_async(settings: BenchSettings, *, progress: bool = True) -> BenchReport:
     """Run every load level of ``settings`` against the model's workers.
 
@@ -166,12 +146,11 @@ async def run_bench_async(settings: BenchSettings, *, progress: bool = True) -> 
         ModelNotFoundError: no live worker registered the model (with ``require_worker``).
         ConfigError: the inputs cannot be made (see :func:`~headrace.cluster.bench.targets.payloads_for`).
     """
-    import redis
     import redis.asyncio as aioredis
 
     from headrace.client import errors as E
     from headrace.client.aio import AsyncClient
-    from headrace.client.keys import registry_key
+    from headrace.client.registry import aread_model
     from headrace.cluster.bench.load import RunLimits, Ticker, closed_loop, open_loop
     from headrace.cluster.bench.stats import summarize
     from headrace.cluster.bench.targets import HeadraceTarget, payloads_for
@@ -182,12 +161,11 @@ async def run_bench_async(settings: BenchSettings, *, progress: bool = True) -> 
         url = client.settings.effective_redis_url
         r = aioredis.Redis.from_url(url)
         try:
-            raw = await r.hget(registry_key(settings.namespace), settings.model)
-        except redis.RedisError as e:
-            raise E.BrokerError(f"cannot read the worker registry: {e}") from e
+            record, now_ms = await aread_model(r, settings.namespace, settings.model)
         finally:
             await r.aclose()
-        workers, describe = registry_entry(raw)
+        workers = [w.consumer for w in record.live_workers(now_ms)] if record else []
+        describe = dict(sig) if record and (sig := record.signature()) is not None else None
         if settings.require_worker and not workers:
             raise E.ModelNotFoundError(
                 f"no live worker serves {settings.model!r} in namespace {settings.namespace!r}; start one "

@@ -19,9 +19,7 @@ def known_models(r: redis.Redis, namespace: str) -> list[str]:
     from headrace.workers.admin.status import list_models
 
     names: set[str] = set()
-    listed = list_models(r, namespace)
-    for item in listed.keys() if isinstance(listed, dict) else listed:
-        names.add(item if isinstance(item, str) else str(getattr(item, "model", getattr(item, "name", item))))
+    names.update(m.model for m in list_models(r, namespace))
     prefix = f"{namespace}:{{"
     for key in r.scan_iter(match=f"{namespace}:{{*}}:requests", count=500):
         k = key.decode() if isinstance(key, bytes) else str(key)

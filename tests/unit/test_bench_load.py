@@ -4,7 +4,6 @@ the queue-less reference target, settings validation and registry parsing."""
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 
@@ -14,7 +13,7 @@ import pytest
 from benchmarks.lib.probe import split_overhead
 from headrace.client.errors import ConfigError
 from headrace.cluster.bench.load import Outcome, RunLimits, closed_loop, open_loop, poisson_schedule
-from headrace.cluster.bench.run import BenchSettings, registry_entry
+from headrace.cluster.bench.run import BenchSettings
 from headrace.cluster.bench.targets import InProcessTarget, Payloads, raw_throughput, tensor_payloads
 from headrace.workers.backends.fake import AffineServable, affine_reference
 
@@ -163,14 +162,6 @@ def test_bench_settings_are_validated_eagerly() -> None:
     env = {"HEADRACE_BENCH_DURATION_S": "3", "HEADRACE_BENCH_CONCURRENCY": "2,4"}
     s = BenchSettings.from_env(env, model="m")
     assert s.duration_s == 3.0 and s.concurrency == (2, 4)
-
-
-def test_registry_entry_keeps_live_workers_only() -> None:
-    now = time.time() * 1000
-    raw = json.dumps({"workers": {"a": now - 1000, "b": now - 120_000}, "servable": {"accepts_text": True}})
-    assert registry_entry(raw) == (["a"], {"accepts_text": True})
-    assert registry_entry(None) == ([], None)
-    assert registry_entry(b"not json") == ([], None)
 
 
 def test_split_overhead() -> None:

@@ -118,3 +118,19 @@ def test_resolve_settings_for_the_sdk() -> None:
     for bad in ("has space", "a:b", "{x}", "x" * 65):
         with pytest.raises(E.ConfigError, match="client_id"):
             resolve_settings(None, bad)
+
+
+def test_backoff_policy_grows_caps_and_jitters() -> None:
+    import random
+
+    from headrace.client.backoff import BackoffPolicy
+
+    fixed = BackoffPolicy(base_s=0.1, cap_s=1.0, jitter=0.0)
+    assert [fixed.delay_s(n) for n in (1, 2, 3, 4, 5, 10_000)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    jittered = BackoffPolicy(base_s=1.0, cap_s=1.0, jitter=0.5)
+    rng = random.Random(7)
+    delays = [jittered.delay_s(1, rng) for _ in range(200)]
+    assert all(0.5 <= d <= 1.0 for d in delays) and max(delays) - min(delays) > 0.3
+    for bad in ({"base_s": -1.0}, {"base_s": 2.0, "cap_s": 1.0}, {"factor": 0.5}, {"jitter": 1.5}):
+        with pytest.raises(E.ConfigError):
+            BackoffPolicy(**bad)  # type: ignore[arg-type]

@@ -9,8 +9,7 @@ the latency field is msgpack, which a decoding client cannot read.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
@@ -18,10 +17,9 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.config import DEFAULT_GROUP
-from headrace.client.keys import ModelKeys, registry_key
+from headrace.client.keys import ModelKeys
+from headrace.client.registry import ModelRecord, read_registry, server_ms
 from headrace.workers.broker.backlog import group_backlog, last_entry_id
-
-ALIVE_MS = 30_000  # a worker whose last heartbeat is older is not counted as serving
 
 
 def _s(v: Any) -> str:
@@ -77,47 +75,14 @@ class ModelStatus:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """A registered model: version served, live workers (name -> last heartbeat, Unix ms)."""
-
-    model: str
-    version: str
-    workers: dict[str, int] = field(default_factory=dict)
-    heartbeat_ms: int = 0
-    servable: dict[str, Any] = field(default_factory=dict)
-
-    def alive_workers(self, now_ms: int, alive_ms: int = ALIVE_MS) -> tuple[str, ...]:
-        return tuple(sorted(w for w, ts in self.workers.items() if now_ms - ts <= alive_ms))
-
-
-def _server_ms(redis: Any) -> int:
-    sec, usec = redis.time()
-    return int(sec) * 1000 + int(usec) // 1000
-
-
-def list_models(redis: Any, namespace: str) -> list[ModelInfo]:
-    """Models registered by workers in ``<ns>:models`` (sorted by name).
+def list_models(redis: Any, namespace: str) -> list[ModelRecord]:
+    """Models registered by workers in ``<ns>:models``, sorted by name.
 
     Raises:
         BrokerError: Redis unreachable.
     """
-    try:
-        raw = redis.hgetall(registry_key(namespace))
-    except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
-        raise E.BrokerError(f"cannot read the model registry: {e}") from e
-    out = []
-    for k, v in raw.items():
-        try:
-            info = json.loads(_s(v))
-        except ValueError:
-            continue
-        workers = info.get("workers") if isinstance(info.get("workers"), dict) else {}
-        out.append(ModelInfo(model=_s(k), version=str(info.get("version") or ""),
-                             workers={str(w): int(ts) for w, ts in workers.items()},
-                             heartbeat_ms=int(info.get("heartbeat_ms") or 0),
-                             servable=info.get("servable") if isinstance(info.get("servable"), dict) else {}))
-    return sorted(out, key=lambda m: m.model)
+    records, _now = read_registry(redis, namespace)
+    return [records[name] for name in sorted(records)]
 
 
 def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
@@ -132,7 +97,7 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
 
     keys = ModelKeys(namespace, model, group)
     try:
-        now = _server_ms(redis)
+        now = server_ms(redis.time())
         stream_length = lag = pending = 0
         consumers: tuple[ConsumerInfo, ...] = ()
         try:
@@ -147,7 +112,7 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
             pass  # no stream or group yet: nothing queued
         dead = int(redis.xlen(keys.dlq))
         lines = redis.xrange(keys.stats, min=f"{max(0, now - int(window_s * 1000))}-0", max="+")
-        models = {m.model: m for m in list_models(redis, namespace)}
+        records, now = read_registry(redis, namespace)
     except redis_mod.RedisError as e:
         raise E.BrokerError(f"cannot read the status of {model!r}: {e}") from e
     answered = failed = 0
@@ -161,11 +126,13 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
                 lat += [float(x) for x in msgpack.unpackb(raw if isinstance(raw, bytes) else raw.encode("latin-1"))]
             except (ValueError, TypeError, msgpack.UnpackException):
                 pass
-    info = models.get(model)
+    record = records.get(model)
+    live = record.live_workers(now) if record else ()
     p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat else (None, None)
     return ModelStatus(model=model, stream_length=stream_length, lag=lag, pending=pending, consumers=consumers,
                        dead_letters=dead, throughput_rps=answered / window_s if window_s > 0 else 0.0,
-                       p50_ms=p50, p99_ms=p99, workers=info.alive_workers(now) if info else (),
-                       window_s=window_s, answered=answered, failed=failed, version=info.version if info else "")
+                       p50_ms=p50, p99_ms=p99, workers=tuple(w.consumer for w in live),
+                       window_s=window_s, answered=answered, failed=failed,
+                       version=", ".join(record.versions(now)) if record else "")
 
 

@@ -163,9 +163,16 @@ class Broker(abc.ABC):
         """Current lag and pending count of the group."""
 
     @abc.abstractmethod
-    async def heartbeat(self, version: str, describe: Mapping[str, Any] | None = None,
+    async def heartbeat(self, worker: Mapping[str, Any], describe: Mapping[str, Any] | None = None,
                         stale_ms: int = 30_000) -> None:
-        """Register this worker in ``<ns>:models`` (drops entries older than ``stale_ms``)."""
+        """Register this worker in ``<ns>:models`` (format: :mod:`headrace.client.registry`).
+
+        Args:
+            worker: flat JSON-able facts of this worker (``version``, ``backend``, batching
+                limits, ``host``, ``pid``); ``seen_ms`` is set from the broker's clock.
+            describe: the servable's description, stored per version (None keeps it).
+            stale_ms: drop other workers whose last heartbeat is older than this.
+        """
 
     @abc.abstractmethod
     async def unregister(self) -> None:
@@ -443,10 +450,10 @@ class RedisBroker(Broker):
                          self.settings.group, self.keys.requests)
         return group_backlog(groups, self.settings.group, int(length), last_id)
 
-    async def heartbeat(self, version: str, describe: Mapping[str, Any] | None = None,
+    async def heartbeat(self, worker: Mapping[str, Any], describe: Mapping[str, Any] | None = None,
                         stale_ms: int = 30_000) -> None:
-        args = [self.settings.model, self.consumer, version, now_ms(), stale_ms,
-                json.dumps(describe, default=str) if describe is not None else "", "up"]
+        args = [self.settings.model, self.consumer, json.dumps(dict(worker), default=str),
+                json.dumps(describe, default=str) if describe is not None else "", stale_ms, "up"]
 
         async def go() -> Any:
             return await self._script("REGISTER")(keys=[registry_key(self.settings.namespace)], args=args)
@@ -454,7 +461,7 @@ class RedisBroker(Broker):
         await self._call("registry heartbeat", go)
 
     async def unregister(self) -> None:
-        args = [self.settings.model, self.consumer, "", now_ms(), 2**40, "", "down"]
+        args = [self.settings.model, self.consumer, "{}", "", 2**40, "down"]
 
         async def go() -> Any:
             return await self._script("REGISTER")(keys=[registry_key(self.settings.namespace)], args=args)

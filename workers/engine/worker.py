@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -317,6 +319,12 @@ class StreamWorker:
                 self._in_flight.pop(lost, None)
                 self._counters["leases_lost"] += 1
 
+    def _registry_facts(self) -> dict[str, Any]:
+        """This worker's entry in the model registry (read by ``headrace.client.registry``)."""
+        return {"version": self.servable.version, "backend": type(self.servable).__name__,
+                "max_batch": self.settings.max_batch, "preferred_batch": self.settings.preferred_batch,
+                "max_wait_ms": self.settings.max_wait_ms, "host": socket.gethostname(), "pid": os.getpid()}
+
     async def _maintenance_loop(self) -> None:
         backoff = self._backoff("maintenance")
         next_trim = time.monotonic()
@@ -327,7 +335,7 @@ class StreamWorker:
             describe = None
         while not self._shutdown:
             try:
-                await self.broker.heartbeat(self.servable.version, describe,
+                await self.broker.heartbeat(self._registry_facts(), describe,
                                             stale_ms=int(max(30.0, 5 * HEARTBEAT_S) * 1000))
                 bl = await self.broker.backlog()
                 self.metrics.set_backlog(bl.lag, bl.pending)

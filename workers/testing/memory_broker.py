@@ -75,6 +75,7 @@ class MemoryStore:
         self.dlq: list[tuple[str, dict[bytes, bytes]]] = []
         self.stats: list[dict[bytes, bytes]] = []
         self.registry: dict[str, dict[str, Any]] = {}
+        self.signatures: dict[str, dict[str, Any]] = {}
         self.acked: list[str] = []
         self.group_exists = False
         self.fail_ops = 0  # > 0: the next N broker calls raise BrokerError (outage simulation)
@@ -258,11 +259,13 @@ class MemoryBroker(Broker):
             self.store._check_up()
             return Backlog(self.store.undelivered(), len(self.store.pel))
 
-    async def heartbeat(self, version: str, describe: Mapping[str, Any] | None = None,
+    async def heartbeat(self, worker: Mapping[str, Any], describe: Mapping[str, Any] | None = None,
                         stale_ms: int = 30_000) -> None:
         with self.store.lock:
             self.store._check_up()
-            self.store.registry[self.consumer] = {"version": version, "at_s": self.store.clock()}
+            self.store.registry[self.consumer] = {**worker, "seen_ms": int(self.store.clock() * 1000)}
+            if describe is not None:
+                self.store.signatures[str(worker.get("version", ""))] = dict(describe)
 
     async def unregister(self) -> None:
         with self.store.lock:

@@ -1,0 +1,159 @@
+"""Tables of ``benchmarks/dataplane.py``: one set of rows, rendered as rich tables for the
+console and as the markdown block for BENCHMARKS.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+
+PHASE2 = "not yet available (issue 14 phase 2)"
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    notes: Sequence[str] = ()
+
+
+def _n(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}".replace(",", " ")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f} %"
+
+
+def _ms(d: dict[str, Any] | None, key: str) -> str:
+    v = (d or {}).get(key)
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _cpu(d: dict[str, float], keys: Sequence[str]) -> str:
+    return " + ".join(f"{d.get(k, 0.0):.1f}" for k in keys) + f" = {sum(d.get(k, 0.0) for k in keys):.1f}"
+
+
+def section_a(a: dict[str, Any], args: dict[str, Any]) -> Section:
+    b1, bk, h1 = a["bare_single"], a["bare_multi"], a["headrace_single"]
+    bare_keys = ("producer", "consumer", "reader", "redis")
+    hr_keys = ("load_generator", "worker", "redis")
+    rows = [
+        ["1", _n(b1["samples_per_s"]), _n(h1["samples_per_s"]), _pct(a["ratio_single"]), ">= 60 %",
+         _cpu(b1["cpu_us_per_sample"], bare_keys), _cpu(h1["cpu_us_per_sample"], hr_keys),
+         f"{b1['load_average']} / {h1['load_average']}"],
+        [str(bk["samples_per_entry"]), _n(bk["samples_per_s"]), PHASE2, "-", ">= 50 %",
+         _cpu(bk["cpu_us_per_sample"], bare_keys), "-", f"{bk['load_average']}"],
+    ]
+    return Section("(a) zero-cost model: headrace vs the bare Redis ceiling (same payloads, same run)",
+                   ["samples per entry", "bare ceiling samples/s", "headrace samples/s", "headrace / ceiling",
+                    "target", "bare CPU us/sample (producer + consumer + reader + redis)",
+                    "headrace CPU us/sample (load gen + worker + redis)", "load avg (bare / headrace)"], rows,
+                   [f"headrace: `affine` fake worker, max_batch {args['max_batch']}, SDK `AsyncClient.imap` with "
+                    f"{args['in_flight']} in flight in its own process; mean batch "
+                    f"{h1.get('mean_batch') or 0:.0f}."])
+
+
+def section_b(b: dict[str, Any], args: dict[str, Any]) -> Section:
+    lim, hr = b["limits"], b["headrace"]
+    smaller = b["smaller_limit_sps"]
+    cm, cu, tok = lim["curve_at_max_batch"], lim["curve_at_mean_batch"], lim["tokenizer"]
+    rows = [
+        [f"limit: curve at batch {int(cm['batch'])} (nominal {_n(cm['nominal_sps'])})", _n(cm["measured_sps"]),
+         _pct(cm["measured_sps"] / smaller), "-", "-", "-", str(cm["load_average"])],
+        [f"limit: curve at batch {int(cu['batch'])} (headrace's mean batch)", _n(cu["measured_sps"]),
+         _pct(cu["measured_sps"] / smaller), "-", "-", "-", ""],
+        [f"limit: tokenizer encode_batch, {int(tok['threads'])} threads", _n(tok["encode_batch_sps"]),
+         _pct(tok["encode_batch_sps"] / smaller), "-", "-", f"{tok['encode_batch_cpu_us']:.1f} CPU us/sample",
+         str(tok["load_average"])],
+        ["(info) tokenizer encode, one text at a time", _n(tok["encode_one_sps"]),
+         _pct(tok["encode_one_sps"] / smaller), "-", "-", f"{tok['encode_one_cpu_us']:.1f} CPU us/sample", ""],
+        *([["(info) tokenizer encode_batch_fast (no offsets)", _n(tok["encode_batch_fast_sps"]),
+             _pct(tok["encode_batch_fast_sps"] / smaller), "-", "-",
+             f"{tok['encode_batch_fast_cpu_us']:.1f} CPU us/sample", ""]] if "encode_batch_fast_sps" in tok else []),
+        ["headrace standalone worker", _n(hr["samples_per_s"]), _pct(b["ratio_to_limit"]),
+         "-" if b["ratio_to_celery"] is None else f"{b['ratio_to_celery']:.1f}x", _n(hr.get("mean_batch")),
+         _cpu(hr["cpu_us_per_sample"], ("load_generator", "worker", "redis")) + " CPU us/sample",
+         str(hr["load_average"])],
+    ]
+    labels = {"celery": "Ray Serve async inference (Celery), one task per request",
+              "http": "Ray Serve HTTP + @serve.batch"}
+    for name, s in b["systems"].items():
+        if "failed" in s:
+            rows.append([labels.get(name, name), "failed: " + s["failed"][:80], "", "", "", "", ""])
+            continue
+        rows.append([f"{labels.get(name, name)} (c={s['concurrency']})", _n(s["samples_per_s"]),
+                     _pct(s["samples_per_s"] / smaller), "-", "-", f"p50/p99 {s['p50_ms'] or 0:.0f}/"
+                     f"{s['p99_ms'] or 0:.0f} ms", str(s["load_average"])])
+    return Section(f"(b) SIMULATION: accelerator stand-in ({b['curve']['label']}), real MiniLM tokenisation",
+                   ["system", "samples/s", "of the smaller limit", "vs Celery", "mean batch", "notes",
+                    "load avg"], rows,
+                   [f"smaller limit: {_n(smaller)} samples/s ({b['limited_by']}); targets: >= 80 % of it and "
+                    ">= 10x the Celery path.",
+                    "SIMULATION: the device is a sleep that follows the measured H100 batch -> latency curve "
+                    "(which includes that host's tokenisation, so tokenising here counts it twice: conservative)."])
+
+
+def section_c(c: dict[str, Any]) -> Section:
+    q, floor = c["queue_split"], (c["floor"] or {}).get("round_trip_ms")
+    qq = q.get("queue", {})
+    verdict = "-"
+    if floor and qq.get("p50") is not None and floor.get("p50") is not None:
+        ok50 = qq["p50"] <= floor["p50"] + 0.5
+        ok99 = qq["p99"] <= 1.5 * floor["p99"]
+        verdict = f"p50 {'met' if ok50 else 'missed'}, p99 {'met' if ok99 else 'missed'}"
+    rows = [[f"{_n(c['rate_sps'])} ({c['rate_basis']})", f"{_ms(qq, 'p50')} / {_ms(qq, 'p99')}",
+             f"{_ms(floor, 'p50')} / {_ms(floor, 'p99')}", verdict,
+             f"{_ms(q.get('wire_in'), 'p50')} / {_ms(q.get('deliver'), 'p50')}",
+             f"{_ms(c['e2e']['e2e'], 'p50')} / {_ms(c['e2e']['e2e'], 'p99')}",
+             f"{_ms(c['reference']['e2e'], 'p50')} / {_ms(c['reference']['e2e'], 'p99')}", str(c["load_average"])]]
+    return Section("(c) SIMULATION: queue overhead at half load vs the floor (stand-in worker, Poisson arrivals)",
+                   ["offered samples/s", "queue overhead p50 / p99 ms", "floor p50 / p99 ms",
+                    "target p50 <= floor + 0.5 ms, p99 <= 1.5 x floor", "wire in / deliver p50 ms",
+                    "headrace e2e p50 / p99 ms", "in-process reference p50 / p99 ms", "load avg"], rows,
+                   [f"{q.get('joined', 0)} requests joined with the worker's probes."])
+
+
+def sections(doc: dict[str, Any]) -> list[Section]:
+    res, args = doc["results"], doc["args"]
+    out = []
+    if "a" in res:
+        out.append(section_a(res["a"], args))
+    if "b" in res:
+        out.append(section_b(res["b"], args))
+    if "c" in res:
+        out.append(section_c(res["c"]))
+    out.append(Section("Not measured in this run", ["what", "status"], [
+        ["headrace with multi-sample entries ((a) and (b))", PHASE2],
+        ["K-partition request streams on Redis Cluster", PHASE2 + "; `benchmarks/cluster_cpu.py` measures the "
+         "bare per-shard CPU per request now"],
+        ["GPU rows (torch CUDA fp16, ONNX Runtime CUDA/TensorRT)", "not measured (no device lent to this run)"]]))
+    return out
+
+
+def tables(doc: dict[str, Any]) -> list[Table]:
+    out = []
+    for s in sections(doc):
+        t = Table(title=s.title, caption="\n".join(s.notes) or None)
+        for h in s.header:
+            t.add_column(h)
+        for r in s.rows:
+            t.add_row(*r)
+        out.append(t)
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    a = doc["args"]
+    lines = [f"`{doc['started_at']}`, {doc['host'].get('cpus')} CPUs, {a['threads']} worker threads, "
+             f"max_batch {a['max_batch']}, {a['duration_s']:g} s windows after {a['warmup_s']:g} s warm-up "
+             f"(load average noted per figure)", ""]
+    for s in sections(doc):
+        lines += [f"**{s.title}**", "", "| " + " | ".join(s.header) + " |",
+                  "|" + "|".join("---" for _ in s.header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in s.rows]
+        lines += [""] + [f"* {n}" for n in s.notes] + ([""] if s.notes else [])
+    return "\n".join(lines)

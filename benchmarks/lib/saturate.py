@@ -1,0 +1,89 @@
+"""Saturate a served model through the SDK from a process of its own, and count what comes back.
+
+    python -m benchmarks.lib.saturate REDIS_URL NAMESPACE MODEL KIND IN_FLIGHT WARMUP_S DURATION_S   # prints JSON
+
+``AsyncClient.imap`` (the SDK's bulk path: pipelined submits, at most ``IN_FLIGHT``
+requests outstanding) over an endless stream of inputs: ``KIND`` ``affine`` sends float32
+``x`` of shape (4,), ``text`` cycles through real sentences (the held-out corpus). After
+``WARMUP_S`` the answers arriving over ``DURATION_S`` are counted. The load generator runs
+in its own process (its own interpreter and GIL), as the bare ceiling's producer and
+reader do, so the benchmark driver's own work does not share its core time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def items(kind: str) -> Iterator[Any]:
+    """Endless map items for ``kind`` (``affine`` or ``text``)."""
+    if kind == "text":
+        from headrace.cluster.bench.targets import text_payloads
+
+        return itertools.cycle(text_payloads(512, seed=0).texts)
+    rng = np.random.default_rng(0)
+    pool = [{"x": rng.standard_normal(4).astype(np.float32)} for _ in range(256)]
+    return itertools.cycle(pool)
+
+
+async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: int, warmup_s: float,
+                   duration_s: float) -> dict[str, Any]:
+    """Answers per second over the window, their statuses, and this process' CPU per answer."""
+    from headrace.client.aio import AsyncClient
+
+    statuses: Counter[str] = Counter()
+    batch_sizes: list[int] = []
+    total = 0
+    t0 = time.perf_counter()
+    start, end = t0 + warmup_s, t0 + warmup_s + duration_s
+    c_start = 0.0
+    async with AsyncClient(url, namespace=namespace, max_in_flight=in_flight, timeout_s=60.0) as client:
+        stream: Any = client.imap(model, items(kind), progress=False)  # an async generator: closable
+        async with contextlib.aclosing(stream) as results:
+            async for res in results:
+                total += 1
+                now = time.perf_counter()
+                if now < start:
+                    continue
+                if not c_start:
+                    c_start = time.process_time()
+                if now >= end:
+                    break
+                statuses[res.status] += 1
+                batch_sizes.append(res.timings.batch_size)
+    cpu_s = time.process_time() - c_start
+    n = sum(statuses.values())
+    return {"samples_per_s": statuses["ok"] / duration_s, "answers": n, "answers_total": total,
+            "statuses": dict(statuses),
+            "mean_batch": (sum(batch_sizes) / len(batch_sizes)) if batch_sizes else 0.0,
+            "load_generator_cpu_us_per_sample": cpu_s * 1e6 / max(1, n)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("url")
+    ap.add_argument("namespace")
+    ap.add_argument("model")
+    ap.add_argument("kind", choices=("affine", "text"))
+    ap.add_argument("in_flight", type=int)
+    ap.add_argument("warmup_s", type=float)
+    ap.add_argument("duration_s", type=float)
+    a = ap.parse_args(argv)
+    out = asyncio.run(saturate(a.url, a.namespace, a.model, a.kind, a.in_flight, a.warmup_s, a.duration_s))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Where a worker's (and its client's) CPU goes, stage by stage, from py-spy samples.
+
+``py-spy record --format raw`` writes one line per distinct stack, ``frame;frame;... N``
+(root first, ``N`` samples), each frame ``Qualified.name (path:line)``. :func:`classify`
+walks a stack from the leaf towards the root and gives it the stage of the first frame a
+rule names: a stack ending in redis-py's socket code under ``RedisBroker.commit`` is
+*commit*, one under ``RedisBroker.read`` is *read*. Stacks no rule names are *event loop
+/ other* (asyncio, logging, thread start-up).
+
+The rules name functions of the current worker and SDK; when those move, the table here
+is what to update (an unmatched function shows up in *other*, so a stale rule is visible).
+
+Units: :func:`us_per_sample` turns sample counts into microseconds of *active thread
+time* per served sample: ``count / rate_hz / samples * 1e6``. py-spy counts a thread
+whenever it is not idle, which includes waiting for the GIL and waiting for a core on a
+busy machine, so these sum to more than the CPU the process used. :func:`apportion`
+therefore splits the process' measured CPU time (``/proc``) over the stages in proportion
+to their samples: the CPU figures of the tables. The simulated device's sleep is reported
+apart (``device wait``), as are threads blocked in ``epoll`` or a queue (``idle wait``):
+neither is CPU.
+"""
+
+from __future__ import annotations
+
+import linecache
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WORKER_STAGES = ("read", "decode", "admission", "tokenise", "batch build", "model call", "encode results", "commit",
+                 "housekeeping", "redis-py I/O (unattributed)", "event loop / other")
+CLIENT_STAGES = ("submit", "reply read", "map bookkeeping", "redis-py I/O (unattributed)", "event loop / other")
+DEVICE_WAIT = "device wait (simulated, not CPU)"
+IDLE = "idle wait (epoll, queues; not CPU)"
+NOT_CPU = (DEVICE_WAIT, IDLE)
+# Leaf functions that block in the kernel: py-spy may still report such a thread as active.
+IDLE_LEAVES = frozenset({"EpollSelector.select", "PollSelector.select", "SelectSelector.select", "Condition.wait",
+                         "Event.wait", "SimpleQueue.get", "Queue.get", "Thread.join", "Lock.acquire"})
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<path>[^()]*):(?P<line>\d+)\)$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A frame belongs to ``stage`` when its path ends with ``path``, its function (the
+    qualified name py-spy prints) is in ``funcs`` (empty: any), and, with ``line_has``, its
+    source line contains that text."""
+
+    stage: str
+    path: str
+    funcs: frozenset[str] = frozenset()
+    line_has: str = ""
+
+    def matches(self, func: str, path: str, line: int) -> bool:
+        if not path.endswith(self.path):
+            return False
+        # Nested code (``RedisBroker.commit.<locals>.go``) belongs to the function around it.
+        outer = func.split(".<locals>", 1)[0]
+        if self.funcs and outer not in self.funcs and outer.rsplit(".", 1)[-1] not in self.funcs:
+            return False
+        if self.line_has:
+            return self.line_has in _source_line(path, line)
+        return True
+
+
+def _r(stage: str, path: str, *funcs: str, line_has: str = "") -> Rule:
+    return Rule(stage, path, frozenset(funcs), line_has)
+
+
+WORKER_RULES: tuple[Rule, ...] = (
+    _r(DEVICE_WAIT, "benchmarks/lib/standin.py", "SimulatedDevice.run"),
+    _r("model call", "benchmarks/lib/standin.py", "_traceable_rows", "StandInServable.infer"),
+    _r("model call", "workers/backends/fake.py"),
+    _r("model call", "workers/backends/onnx.py"),
+    _r("model call", "workers/backends/torch_backend.py"),
+    _r("tokenise", "workers/backends/prepost.py", "TextEncoder.encode", line_has="encode_batch"),
+    _r("tokenise", "workers/backends/prepost.py", "TextEncoder.count"),
+    _r("tokenise", "models/tokenizer.py"),
+    _r("tokenise", "benchmarks/lib/standin.py", "StandInServable.length"),
+    _r("encode results", "workers/backends/prepost.py", "split", "postprocess"),
+    _r("batch build", "workers/backends/prepost.py"),
+    _r("encode results", "client/protocol.py", "encode_result", "encode_tensor", "Timings.to_wire", "error_result"),
+    _r("decode", "client/protocol.py"),
+    _r("encode results", "workers/engine/admission.py", "Answers.reply", "Answers.error", "Answers.dead_letter"),
+    _r("commit", "workers/engine/admission.py", "Unit.stats_line"),
+    _r("admission", "workers/engine/admission.py"),
+    _r("admission", "workers/backends/validate.py"),
+    _r("admission", "workers/engine/worker.py", "StreamWorker._admit"),
+    _r("admission", "workers/broker/redis_broker.py", "RedisBroker.answered"),
+    _r("read", "workers/broker/redis_broker.py", "RedisBroker.read", "_stream_entries"),
+    _r("read", "workers/engine/worker.py", "StreamWorker._read_loop"),
+    _r("commit", "workers/broker/redis_broker.py", "RedisBroker.commit", "RedisBroker._commit_args", "_flat",
+       "BatchStats.to_fields"),
+    _r("commit", "workers/engine/worker.py", "StreamWorker._write_loop", "StreamWorker._after_commit"),
+    _r("commit", "workers/metrics.py"),
+    _r("encode results", "workers/engine/inference.py", "BatchRunner._run_bucket"),
+    _r("batch build", "workers/engine/inference.py"),
+    _r("batch build", "workers/engine/batcher.py"),
+    _r("batch build", "workers/engine/worker.py", "StreamWorker._infer_loop"),
+    _r("housekeeping", "workers/broker/redis_broker.py", "RedisBroker.refresh_lease", "RedisBroker.heartbeat",
+       "RedisBroker.backlog", "RedisBroker.trim", "RedisBroker.claim_abandoned", "RedisBroker.release",
+       "RedisBroker.delete_idle_consumers", "RedisBroker.unregister", "RedisBroker.ensure_group", "RedisBroker.ping"),
+    _r("housekeeping", "workers/broker/backlog.py"),
+    _r("housekeeping", "workers/engine/worker.py", "StreamWorker._lease_loop", "StreamWorker._maintenance_loop",
+       "StreamWorker._claim_loop", "StreamWorker._registry_facts"),
+)
+
+# Only for stacks no rule above names. asyncio.wait_for runs redis-py's socket writes in a
+# task of their own (Python < 3.12), whose stack no longer shows which command it sends.
+FALLBACK_RULES: tuple[Rule, ...] = (
+    _r("redis-py I/O (unattributed)", "redis/asyncio/connection.py"),
+    _r("redis-py I/O (unattributed)", "redis/connection.py"),
+    _r("redis-py I/O (unattributed)", "redis/_parsers/"),
+)
+
+CLIENT_RULES: tuple[Rule, ...] = (
+    _r("reply read", "client/protocol.py", "decode_result", "decode_tensor", "_unpack", "Timings.from_wire", "_s"),
+    _r("submit", "client/protocol.py"),
+    _r("submit", "client/submit.py"),
+    _r("submit", "client/pipeline.py"),
+    _r("submit", "client/aio.py", "AsyncClient._submit_tickets", "AsyncClient._new_ticket", "AsyncClient._enqueue"),
+    _r("reply read", "client/aio.py", "AsyncClient._read_loop"),
+    _r("reply read", "client/tickets.py"),
+    _r("submit", "client/bulk.py", "settle"),
+    _r("map bookkeeping", "client/bulk.py"),
+    _r("map bookkeeping", "client/aio.py"),
+    _r("map bookkeeping", "benchmarks/lib/saturate.py", "saturate", "items"),
+)
+
+
+def _source_line(path: str, line: int) -> str:
+    for base in (ROOT, ROOT / "src" / "headrace"):
+        p = base / path
+        if p.is_file():
+            return linecache.getline(str(p), line)
+    return ""
+
+
+def parse_frame(frame: str) -> tuple[str, str, int]:
+    """``(function, path, line)`` of one py-spy frame (``("frame", "", 0)`` when it has no location)."""
+    m = _FRAME.match(frame.strip())
+    if m is None:
+        return frame.strip(), "", 0
+    return m["func"], m["path"], int(m["line"])
+
+
+def classify(stack: Sequence[str], rules: Sequence[Rule]) -> str:
+    """The stage of a stack (root first): :data:`IDLE` when its leaf blocks in the kernel;
+    else the first of ``rules`` matching a frame, leaf first; else the same with
+    :data:`FALLBACK_RULES`; else ``event loop / other``."""
+    frames = [parse_frame(f) for f in reversed(stack)]
+    if frames and frames[0][0] in IDLE_LEAVES:
+        return IDLE
+    for tier in (rules, FALLBACK_RULES):
+        for func, path, line in frames:
+            if not path:
+                continue
+            for rule in tier:
+                if rule.matches(func, path, line):
+                    return rule.stage
+    return "event loop / other"
+
+
+def parse_raw(text: str) -> list[tuple[list[str], int]]:
+    """``(stack, samples)`` pairs of py-spy's raw (collapsed) output; a leading
+    ``thread (...)`` or ``process ...`` pseudo-frame is dropped."""
+    out: list[tuple[list[str], int]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        stack_text, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack_text.split(";")
+        while frames and (frames[0].startswith("thread (") or frames[0].startswith("process ")):
+            frames = frames[1:]
+        out.append((frames, int(count)))
+    return out
+
+
+def stage_counts(stacks: Iterable[tuple[list[str], int]], rules: Sequence[Rule]) -> Counter[str]:
+    """Samples per stage."""
+    counts: Counter[str] = Counter()
+    for stack, n in stacks:
+        counts[classify(stack, rules)] += n
+    return counts
+
+
+def us_per_sample(counts: Mapping[str, int], rate_hz: float, samples: int) -> dict[str, float]:
+    """CPU microseconds per served sample for each stage (see module doc), plus ``total``
+    (device wait left out of the total)."""
+    n = max(1, samples)
+    out = {stage: c / rate_hz / n * 1e6 for stage, c in counts.items()}
+    out["total"] = sum(v for k, v in out.items() if k not in NOT_CPU)
+    return out
+
+
+def apportion(active_us: Mapping[str, float], cpu_us: float) -> dict[str, float]:
+    """Split ``cpu_us`` (the process' measured CPU per sample) over the stages of
+    ``active_us`` (from :func:`us_per_sample`) in proportion to their active time; the
+    device wait and ``total`` are left out, and ``total`` becomes ``cpu_us``."""
+    stages = {k: v for k, v in active_us.items() if k not in (*NOT_CPU, "total")}
+    whole = sum(stages.values())
+    out = {k: (v / whole * cpu_us if whole > 0 else 0.0) for k, v in stages.items()}
+    out["total"] = cpu_us
+    return out

@@ -1,0 +1,111 @@
+"""The data-plane benchmark harness: py-spy stage attribution, the bare ceiling's payloads,
+the markdown of benchmarks/dataplane.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.lib import stages
+from benchmarks.lib.ceiling import request_pool, result_fields
+from benchmarks.lib.dataplane_report import PHASE2, markdown
+from headrace.client.protocol import decode_request, decode_result
+
+pytestmark = pytest.mark.timeout(60)
+
+LOOP = "BaseEventLoop._run_once (asyncio/base_events.py:1922);Handle._run (asyncio/events.py:80)"
+
+
+def _stack(*frames: str) -> list[str]:
+    return [*LOOP.split(";"), *frames]
+
+
+def test_classify_walks_from_the_leaf_to_the_first_named_frame() -> None:
+    commit = _stack("StreamWorker._write_loop (workers/engine/worker.py:400)",
+                    "RedisBroker._call (workers/broker/redis_broker.py:240)",
+                    "RedisBroker.commit.<locals>.go (workers/broker/redis_broker.py:380)",
+                    "Pipeline.execute (redis/asyncio/client.py:1500)",
+                    "AbstractConnection.pack_commands (redis/asyncio/connection.py:900)")
+    assert stages.classify(commit, stages.WORKER_RULES) == "commit"
+    decode = _stack("StreamWorker._admit (workers/engine/worker.py:220)",
+                    "decode_envelope (client/protocol.py:280)", "_s (client/protocol.py:160)")
+    assert stages.classify(decode, stages.WORKER_RULES) == "decode"
+    admit = _stack("StreamWorker._admit (workers/engine/worker.py:220)",
+                   "RedisBroker.answered (workers/broker/redis_broker.py:330)",
+                   "Pipeline.execute (redis/asyncio/client.py:1500)")
+    assert stages.classify(admit, stages.WORKER_RULES) == "admission"
+    tokenise = _stack("StreamWorker._admit (workers/engine/worker.py:220)",
+                      "Admission.length (workers/engine/admission.py:200)",
+                      "StandInServable.length (benchmarks/lib/standin.py:240)",
+                      "TextEncoder.count (workers/backends/prepost.py:90)")
+    assert stages.classify(tokenise, stages.WORKER_RULES) == "tokenise"
+
+
+def test_classify_idle_device_and_unattributed_io() -> None:
+    assert stages.classify(["BaseEventLoop._run_once (asyncio/base_events.py:1900)",
+                            "EpollSelector.select (selectors.py:468)"], stages.WORKER_RULES) == stages.IDLE
+    device = ["InferenceThread._main (workers/engine/inference.py:54)",
+              "StandInServable.infer (benchmarks/lib/standin.py:262)",
+              "SimulatedDevice.run (benchmarks/lib/standin.py:201)"]
+    assert stages.classify(device, stages.WORKER_RULES) == stages.DEVICE_WAIT
+    # a redis-py write in a task of its own (asyncio.wait_for): no headrace frame names it
+    io = _stack("AbstractConnection._send_packed_command (redis/asyncio/connection.py:1168)",
+                "StreamWriter.writelines (asyncio/streams.py:346)")
+    assert stages.classify(io, stages.WORKER_RULES) == "redis-py I/O (unattributed)"
+    assert stages.classify(_stack(), stages.WORKER_RULES) == "event loop / other"
+
+
+def test_client_rules_split_submit_and_reply_read() -> None:
+    submit = _stack("AsyncClient.imap (client/aio.py:290)", "AsyncClient._submit_tickets (client/aio.py:170)",
+                    "settle (client/bulk.py:40)")
+    assert stages.classify(submit, stages.CLIENT_RULES) == "submit"
+    read = _stack("AsyncClient._read_loop (client/aio.py:350)", "decode_result (client/protocol.py:430)",
+                  "decode_tensor (client/protocol.py:130)")
+    assert stages.classify(read, stages.CLIENT_RULES) == "reply read"
+
+
+def test_raw_output_to_us_per_sample_and_apportioned_cpu() -> None:
+    raw = "\n".join([
+        "thread (0x1): MainThread;" + ";".join(_stack("decode_body (client/protocol.py:300)")) + " 30",
+        ";".join(["InferenceThread._main (workers/engine/inference.py:54)",
+                  "SimulatedDevice.run (benchmarks/lib/standin.py:201)"]) + " 50",
+        ";".join(_stack("RedisBroker.read (workers/broker/redis_broker.py:260)")) + " 10",
+        "garbage line without a count", ""])
+    parsed = stages.parse_raw(raw)
+    assert [n for _, n in parsed] == [30, 50, 10]
+    assert not parsed[0][0][0].startswith("thread")
+    counts = stages.stage_counts(parsed, stages.WORKER_RULES)
+    assert counts == {"decode": 30, stages.DEVICE_WAIT: 50, "read": 10}
+    active = stages.us_per_sample(counts, rate_hz=100.0, samples=1000)
+    assert active["decode"] == pytest.approx(300.0)  # 30 samples / 100 Hz / 1000 samples = 300 us
+    assert active["total"] == pytest.approx(400.0)  # the device wait is not CPU
+    cpu = stages.apportion(active, 80.0)
+    assert cpu == pytest.approx({"decode": 60.0, "read": 20.0, "total": 80.0})
+
+
+def test_ceiling_payloads_are_headrace_wire_bytes() -> None:
+    single = request_pool(1, "ns:{affine}:reply:c", n=3)
+    req = decode_request(single[0])
+    assert req.inputs["x"].shape == (4,) and req.envelope.reply_to == "ns:{affine}:reply:c"
+    assert len({e[b"id"] for e in single}) == 3
+    multi = decode_request(request_pool(16, "r", n=1)[0])
+    assert multi.inputs["x"].shape == (16, 4)
+    y = np.arange(8, dtype=np.float32).reshape(2, 4)
+    res = decode_result(result_fields(b"req-1", y))
+    assert res.ok and res.request_id == "req-1"
+    np.testing.assert_array_equal(res.outputs["y"], y)
+
+
+def test_dataplane_markdown_marks_phase_two_parts() -> None:
+    cpu = {"producer": 1.0, "consumer": 2.0, "reader": 1.0, "redis": 1.0}
+    bare = {"samples_per_s": 20000.0, "samples_per_entry": 1, "cpu_us_per_sample": cpu, "load_average": 1.0}
+    doc = {"started_at": "t", "host": {"cpus": 2}, "args": {"threads": 2, "max_batch": 256, "duration_s": 8.0,
+                                                           "warmup_s": 2.0, "in_flight": 1024},
+           "results": {"a": {"bare_single": bare, "bare_multi": {**bare, "samples_per_entry": 64},
+                             "headrace_single": {"samples_per_s": 12000.0, "mean_batch": 200.0, "load_average": 1.5,
+                                                 "cpu_us_per_sample": {"worker": 50.0}},
+                             "ratio_single": 0.6}}}
+    md = markdown(doc)
+    assert "| 1 | 20 000 | 12 000 | 60 % | >= 60 % |" in md
+    assert f"| 64 | 20 000 | {PHASE2} |" in md
+    assert "GPU rows" in md and "not measured" in md
