@@ -188,3 +188,73 @@ def test_cli_compresses_a_repository_model_and_reports_errors(tmp_path: Path) ->
     assert bad.exit_code == 1 and "unknown compress steps ['shrink']" in bad.output
     bad = CliRunner().invoke(main, ["--repo", str(repo.root), "compress", "nope", "--data", str(cal)])
     assert bad.exit_code == 1 and "nope" in bad.output
+
+
+def _if_graph_with_constant_weights(path: Path) -> None:
+    """y = If(flag, then: x @ W1 (W1 a Constant node), else: x @ W2): weights the quantizer
+    can only reach inside subgraphs once Constant nodes are initializers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), f"{name}_w")
+        const = helper.make_node("Constant", [], [f"{name}_wc"], value=w, name=f"{name}_const")
+        mm = helper.make_node("MatMul", ["x", f"{name}_wc"], [f"{name}_y"], name=f"{name}_matmul")
+        return helper.make_graph([const, mm], name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                                      None)])
+
+    node = helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="if")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+                                        helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_weights_inside_subgraphs_and_constant_nodes_are_found_and_quantized(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from headrace.models.compress import quantize as Q
+
+    src = tmp_path / "if.onnx"
+    _if_graph_with_constant_weights(src)
+    nodes = Q.weight_nodes(src)
+    assert {n.name for n in nodes} == {"then_matmul", "else_matmul"} and all(n.params == 32 for n in nodes)
+    assert Q.choose_op_types(src, "dynamic") == ("MatMul",)
+    assert Q.constants_to_initializers(src, tmp_path / "c.onnx") == 2
+    dst = Q.quantize_dynamic_int8(src, tmp_path / "q.onnx")
+    ops = Q.graph_op_types(dst)
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == 2, ops
+    x = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float32)
+    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (src, dst)}
+    for flag in (True, False):
+        feed = {"x": x, "flag": np.array(flag)}
+        a, b = (run[p].run(None, feed)[0] for p in (src, dst))
+        assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_op_types_follow_the_graph(tmp_path: Path) -> None:
+    from headrace.models.builtin import cnn
+    from headrace.models.compress import quantize as Q
+    from headrace.models.compress.export import export_onnx
+    from tests.support.compress import tiny_mlp_onnx
+
+    net = cnn.ResNetCNN(cnn.CnnConfig((4, 8), 1))
+    export_onnx(net, {"image": np.zeros((2, 1, 32, 32), np.float32)}, tmp_path / "cnn.onnx", output_names=["logits"])
+    static = set(Q.choose_op_types(tmp_path / "cnn.onnx", "static"))
+    # a CNN: convolutions, and the residual Adds and pools between them stay INT8 too
+    assert {"Conv", "Add"} <= static and static & {"GlobalAveragePool", "AveragePool"}
+    # an MLP exported with Gemm: the dynamic quantizer rewrites Gemm as MatMul, so both are named
+    assert Q.choose_op_types(tiny_mlp_onnx(tmp_path / "mlp.onnx"), "dynamic")[:2] == ("MatMul", "Gemm")
+
+
+def test_tflite_signature_names_map_by_name_or_by_position() -> None:
+    from headrace.client.errors import ModelError
+    from headrace.models.compress.edge import _mapping
+
+    assert _mapping(["x", "attention_mask"], ["attention_mask", "x"]) == {"x": "x", "attention_mask": "attention_mask"}
+    assert _mapping(["input:0"], ["input_0"]) == {"input:0": "input_0"}
+    assert _mapping(["logits", "state"], ["output_1", "output_0"]) == {"logits": "output_0", "state": "output_1"}
+    with pytest.raises(ModelError, match="do not match"):
+        _mapping(["a", "b"], ["output_0"])
