@@ -7,6 +7,10 @@ and the ONNX input/output names are copied onto the TFLite signature, so a clien
 same tensors to the TFLite entry as to the ONNX one. The conversion runs in a child process:
 TensorFlow's threads and memory never mix with the caller's torch/onnxruntime.
 
+``Erf`` (exact GELU in BERT-family encoders) has no TFLite builtin kernel and would need the
+Flex delegate, which plain LiteRT lacks; onnx2tf replaces it with a builtin-op approximation
+(``replace_to_pseudo_operators``), whose error the fidelity report measures like any other.
+
 Two kinds: ``integer`` (``*_integer_quant.tflite``: INT8 weights and activations, float I/O)
 and ``dynamic`` (``*_dynamic_range_quant.tflite``: INT8 weights, activations quantized per
 call; what transformers keep their accuracy with).
@@ -43,6 +47,7 @@ onnx2tf.convert(input_onnx_file_path=a["onnx"], output_folder_path=a["out"],
                 output_dynamic_range_quantized_tflite=a["quant"] == "dynamic", quant_type="per-channel",
                 custom_input_op_name_np_data_path=a["cind"] or None,
                 keep_shape_absolutely_input_names=a["inputs"], overwrite_input_shape=a["shapes"] or None,
+                replace_to_pseudo_operators=["Erf"],
                 non_verbose=True, disable_model_save=False)
 """
 
@@ -114,8 +119,9 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
 
 
 class LiteRTRunner:
-    """A LiteRT interpreter behind the signature runner, fed by ONNX input names; the batch
-    axis is resized per call.
+    """A LiteRT interpreter fed by tensor name; the batch (and any dynamic) axis is resized per
+    call. Uses the model's signature runner when it has exactly one signature, and the
+    interpreter's input/output tensors otherwise (onnx2tf's dynamic-range files carry none).
 
     Raises:
         ModelError: LiteRT is missing or cannot load the file.
@@ -128,16 +134,36 @@ class LiteRTRunner:
             raise ModelError("LiteRT is not installed; pip install 'headrace[tf]' (ai-edge-litert)") from e
         try:
             self.interpreter = Interpreter(model_path=str(path), num_threads=max(1, threads))
-            self.runner = self.interpreter.get_signature_runner()
+            sigs = self.interpreter.get_signature_list()
+            self.runner = self.interpreter.get_signature_runner() if len(sigs) == 1 else None
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"LiteRT cannot load {Path(path).name}: {e}") from e
-        details = self.runner.get_input_details()
-        self.input_names = tuple(details)
-        self.input_dtypes = {k: np.dtype(v["dtype"]) for k, v in details.items()}
-        self.output_names = tuple(self.runner.get_output_details())
+        if self.runner is not None:
+            details = self.runner.get_input_details()
+            self.input_dtypes = {k: np.dtype(v["dtype"]) for k, v in details.items()}
+            self.output_names = tuple(self.runner.get_output_details())
+        else:
+            self._inputs = {d["name"]: d for d in self.interpreter.get_input_details()}
+            self._outputs = {d["name"]: d for d in self.interpreter.get_output_details()}
+            self.input_dtypes = {k: np.dtype(v["dtype"]) for k, v in self._inputs.items()}
+            self.output_names = tuple(self._outputs)
+        self.input_names = tuple(self.input_dtypes)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def _invoke_tensors(self, args: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        it = self.interpreter
+        if any(self._shapes.get(k) != v.shape for k, v in args.items()):
+            for k, v in args.items():
+                it.resize_tensor_input(self._inputs[k]["index"], list(v.shape), strict=False)
+            it.allocate_tensors()
+            self._shapes = {k: v.shape for k, v in args.items()}
+        for k, v in args.items():
+            it.set_tensor(self._inputs[k]["index"], v)
+        it.invoke()
+        return {k: np.array(it.get_tensor(d["index"])) for k, d in self._outputs.items()}
 
     def run(self, feed: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
-        """One call; ``feed`` keys are the signature's input names.
+        """One call; ``feed`` keys are the model's input names.
 
         Raises:
             ModelError: a missing input or a LiteRT failure.
@@ -147,7 +173,9 @@ class LiteRTRunner:
             raise ModelError(f"LiteRT model wants inputs {list(self.input_names)}; missing {missing}")
         args = {k: np.ascontiguousarray(feed[k], dtype=self.input_dtypes[k]) for k in self.input_names}
         try:
-            return {k: np.asarray(v) for k, v in self.runner(**args).items()}
+            if self.runner is not None:
+                return {k: np.asarray(v) for k, v in self.runner(**args).items()}
+            return self._invoke_tensors(args)
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"LiteRT run failed: {e}") from e
 

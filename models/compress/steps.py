@@ -196,8 +196,25 @@ def _mixed(ctx: StepContext, src: Path, dst: Path, mode: str) -> tuple[Any, tupl
     return mp, ops
 
 
+QUANTIZED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                 "DynamicQuantizeLSTM", "QAttention", "QLinearConv", "QLinearMatMul", "QGemm")
+
+
+def _check_quantized(path: Path, mode: str) -> None:
+    """Raises ModelError when the quantizer left the graph without a single INT8 op (e.g. every
+    weight sits inside an If/Loop body, which static QDQ quantization does not enter)."""
+    from headrace.models.compress.quantize import graph_op_types
+
+    ops = graph_op_types(path)
+    if not any(ops.get(op) for op in QUANTIZED_OPS):
+        where = " (the weights sit inside If/Loop bodies, which it does not enter)" if ops.get("If") or ops.get(
+            "Loop") else ""
+        raise ModelError(f"{mode} quantization changed nothing: no INT8 op in the result{where}")
+
+
 def _quant_candidate(ctx: StepContext, src: Path, mode: str, label: str, recipe: list[dict[str, Any]]) -> Candidate:
     mp, ops = _mixed(ctx, src, ctx.work / f"{src.stem}-int8-{mode}.onnx", mode)
+    _check_quantized(mp.path, mode)
     params = {**ctx.quantize.to_dict(), "mode": mode, "op_types": list(ops), "fp32_nodes": list(mp.excluded),
               "calibration_score": mp.score if mp.score == mp.score else None, "floor": ctx.floor}
     if mode == "static":
