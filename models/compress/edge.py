@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -99,7 +100,11 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
             np.save(out_dir / f"cal-{name}.npy", arr)
             cind.append([name, str(out_dir / f"cal-{name}.npy"), 0.0, 1.0])
     shapes = [f"{k}:{','.join(map(str, v))}" for k, v in (static_shapes or {}).items()]
-    args = {"onnx": str(onnx_path), "out": str(out_dir), "quant": quant, "cind": cind,
+    # onnx2tf writes generated op names back into the file it converts: give it a copy, never
+    # the caller's (a repository file would no longer match its checksum).
+    staged = out_dir / "source.onnx"
+    shutil.copyfile(onnx_path, staged)
+    args = {"onnx": str(staged), "out": str(out_dir), "quant": quant, "cind": cind,
             "inputs": list(declared), "shapes": shapes}
     try:
         proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,

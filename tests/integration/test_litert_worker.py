@@ -32,6 +32,7 @@ def test_litert_worker_answers_through_the_queue(redis_url: str, tmp_path: Path)
     res = run_any(AnyModelOptions("tiny", data=cal, held_out=held, repo=repo.root, work_dir=tmp_path / "work",
                                   steps=("tflite",), threads=1, progress=False, bench=False, min_fidelity=0.9))
     assert res.published == ["tiny-tflite-int8/1"], (res.refused, res.details)
+    repo.verify("tiny")  # the conversion never touches the source entry's files
     m = repo.verify("tiny-tflite-int8")
     assert (m.format, m.backend, m.precision, m.model_file) == ("tflite", "litert", "int8", "model.tflite")
     assert m.measured["fidelity"]["score"] >= 0.9 and m.recipe[-1]["step"] == "tflite"
