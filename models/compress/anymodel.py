@@ -173,6 +173,16 @@ def score_on(p: Prepared, run: Any, samples: D.Samples, reference: Outputs) -> C
     return compare(reference, out, p.kinds, p.primary, labels)
 
 
+def _tokenizer(src: Source) -> Any:
+    if not src.accepts_text:
+        return None
+    from headrace.models.tokenizer import load_tokenizer
+
+    m = src.manifest
+    return load_tokenizer(src.repo.file_path(m, str(m.extra.get("tokenizer", "tokenizer.json"))),
+                          max_length=int(m.extra.get("max_length", 256)))
+
+
 def run_steps(opts: AnyModelOptions, p: Prepared, work: Path) -> tuple[list[Candidate], dict[str, Any]]:
     """Every requested step; a failing step is reported and the others go on."""
     def scan_score(path: Path) -> float:
@@ -182,7 +192,8 @@ def run_steps(opts: AnyModelOptions, p: Prepared, work: Path) -> tuple[list[Cand
     ctx = StepContext(onnx_path=p.onnx_path, module=p.source.module, calibration=p.calibration,
                       encode=p.source.encode, scan_score=scan_score, floor=opts.min_fidelity,
                       kind=p.kinds[p.primary], work=work, quantize=opts.quantize, prune=opts.prune,
-                      tflite=opts.tflite, seed=opts.seed, progress=opts.progress, threads=opts.threads)
+                      tflite=opts.tflite, seed=opts.seed, progress=opts.progress, threads=opts.threads,
+                      tokenizer=_tokenizer(p.source))
     out: list[Candidate] = []
     failed: dict[str, str] = {}
     for name in opts.steps:
@@ -287,7 +298,7 @@ def gate(evals: list[Evaluated], floor: float) -> None:
             e.accepted = True
 
 
-SUFFIX = {"int8 dynamic": "int8", "int8 static": "int8-static", "fp16": "fp16", "pruned fp32": "pruned",
+SUFFIX = {"heads+ffn pruned": "heads-pruned", "int8 dynamic": "int8", "int8 static": "int8-static", "fp16": "fp16", "pruned fp32": "pruned",
           "pruned int8 static": "pruned-int8", "tflite int8 (integer)": "tflite-int8",
           "tflite int8 (dynamic)": "tflite-int8-dynamic"}
 

@@ -104,6 +104,7 @@ class StepContext:
         floor: the score an artifact must reach (``--min-fidelity``).
         kind: the primary output's kind (drives the recovery loss).
         work: scratch folder.
+        tokenizer: the text model's ``tokenizers.Tokenizer`` (None for tensor models).
         details: per-step facts for the report.
     """
 
@@ -121,6 +122,7 @@ class StepContext:
     seed: int = 0
     progress: bool = True
     threads: int = 2
+    tokenizer: Any = None
     details: dict[str, Any] = field(default_factory=dict)
 
     def feeds(self, batch_size: int | None = None, *, same_length: bool = False) -> list[Feed]:
@@ -163,6 +165,7 @@ def parse_steps(spec: str | Sequence[str]) -> tuple[str, ...]:
     Raises:
         ConfigError: an unknown or missing step.
     """
+    _register_more()
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     unknown = [s for s in items if s not in STEPS]
     if unknown or not items:
@@ -299,12 +302,18 @@ def tflite(ctx: StepContext) -> list[Candidate]:
                       [{"step": "tflite", "params": exp.to_dict()}], "LiteRT", extra=exp.manifest_extra())]
 
 
+def _register_more() -> None:
+    """Steps that live in their own modules register on import."""
+    import headrace.models.compress.bert  # noqa: F401
+
+
 def run_step(name: str, ctx: StepContext) -> list[Candidate]:
     """Run one registered step.
 
     Raises:
         ConfigError: unknown step or unusable options. ModelError: the step failed.
     """
+    _register_more()
     if name not in STEPS:
         raise ConfigError(f"unknown compress step {name!r}; choose from {sorted(STEPS)}")
     try:

@@ -166,7 +166,8 @@ def test_cli_options_map_onto_the_option_objects(tmp_path: Path) -> None:
     names = {p.name for p in cmd.params} - {"name"}  # type: ignore[union-attr]
     assert names == set(ANY_FIELDS) | set(RECIPE_FIELDS) | {"steps", "threads", "work_dir", "seed", "progress",
                                                               "bench"}
-    assert set(STEPS) == {"quantize-dynamic", "quantize-static", "fp16", "prune", "tflite"}
+    assert set(STEPS) >= {"quantize-dynamic", "quantize-static", "fp16", "prune", "tflite", "prune-heads",
+                          "drop-layers"}
 
 
 @pytest.mark.timeout(120)
@@ -258,3 +259,38 @@ def test_tflite_signature_names_map_by_name_or_by_position() -> None:
     assert _mapping(["logits", "state"], ["output_1", "output_0"]) == {"logits": "output_0", "state": "output_1"}
     with pytest.raises(ModelError, match="do not match"):
         _mapping(["a", "b"], ["output_0"])
+
+
+@pytest.mark.timeout(300)
+def test_bert_family_encoder_heads_pruned_and_layers_dropped(tmp_path: Path, torch_one_thread: None) -> None:
+    """Any BERT config (here 4 layers, width 32, 4 heads) as a torch entry: heads/FFN pruning
+    and a layer-drop student, both distilled on the user's sentences."""
+    import torch
+
+    from headrace.models.builtin.corpus import load_corpus
+    from headrace.models.builtin.minilm import MiniLM, MiniLMConfig, default_model_path, save_minilm
+    from headrace.models.compress.bert import keep_layers
+    from headrace.models.repository.store import IOSpec
+
+    torch.manual_seed(0)
+    teacher = MiniLM(MiniLMConfig(hidden_size=32, head_dim=8, num_heads=(4,) * 4, intermediate_sizes=(64,) * 4,
+                                  max_position=128, source_layers=(0, 1, 2, 3))).eval()
+    files = {p.name: p for p in save_minilm(teacher, tmp_path / "w")}
+    files["tokenizer.json"] = default_model_path() / "tokenizer.json"
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("tiny-bert", files, format="torch", backend="torch", preprocess="bert_tokenizer",
+             inputs=[IOSpec("input_ids", "int64", (-1,)), IOSpec("attention_mask", "int64", (-1,))],
+             outputs=[IOSpec("embeddings", "float32", (32,))], extra={"arch": "minilm", "max_length": 64})
+    sents = load_corpus(["pydoc"]).train[:160]
+    (tmp_path / "s.txt").write_text("\n".join(sents))
+    res = run_any(AnyModelOptions("tiny-bert", data=tmp_path / "s.txt", repo=repo.root, work_dir=tmp_path / "work",
+                                  steps=("prune-heads", "drop-layers"), threads=1, progress=False, bench=False,
+                                  min_fidelity=0.5, prune=PruneOptions(fraction=0.25, recover_steps=8, batch_size=8)))
+    assert not res.details["failed"], res.details["failed"]
+    rows = {e.candidate.label: e for e in res.evaluated}
+    assert set(rows) == {"fp32 torch", "fp32 onnx", "heads+ffn pruned", "student 3L"}
+    assert rows["fp32 onnx"].comparison is not None and rows["fp32 onnx"].comparison.score > 0.9999
+    assert rows["heads+ffn pruned"].candidate.params < int(teacher.num_parameters())
+    assert keep_layers(4) == [0, 2, 3] and keep_layers(6) == [0, 2, 4, 5] and keep_layers(2) == [0, 1]
+    assert rows["student 3L"].comparison is not None and rows["student 3L"].comparison.kinds == {"embeddings": "embedding"}
+    assert "overlap_at_k" in rows["student 3L"].comparison.metrics["embeddings"]
