@@ -17,7 +17,8 @@ import click
 
 from headrace.cluster.cli.context import CliConfig, pass_cfg
 
-STEP_HELP = ("any model: quantize-dynamic, quantize-static, fp16, prune, tflite; recipes (minilm, digits): "
+STEP_HELP = ("any model: quantize-dynamic, quantize-static, fp16, prune, tflite; BERT-family torch entries: "
+             "prune-heads, drop-layers; recipes (minilm, digits): "
              "export, quantize-dynamic, quantize-static, prune, distill, fp16, tensorrt")
 # CLI option -> (option object, field); "" = AnyModelOptions itself.
 ANY_FIELDS = {
