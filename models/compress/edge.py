@@ -48,7 +48,7 @@ onnx2tf.convert(input_onnx_file_path=a["onnx"], output_folder_path=a["out"],
                 output_dynamic_range_quantized_tflite=a["quant"] == "dynamic", quant_type="per-channel",
                 custom_input_op_name_np_data_path=a["cind"] or None,
                 keep_shape_absolutely_input_names=a["inputs"], overwrite_input_shape=a["shapes"] or None,
-                replace_to_pseudo_operators=["Erf"],
+                replace_to_pseudo_operators=["erf"],
                 non_verbose=True, disable_model_save=False)
 """
 
