@@ -21,9 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,12 +32,18 @@ import torch
 from torch.nn import functional as F
 
 from headrace.client.errors import ConfigError, ModelError
+from headrace.models.compress.checkpoints import (  # noqa: F401 - re-exported
+    LATEST_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    _load_optimizer,
+    _write_checkpoint,
+    latest_checkpoint,
+    load_student,
+)
 
 log = logging.getLogger(__name__)
 
-LATEST_FILE = "latest.json"
-STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
 TEACHER_FILE = "teacher_embeddings.safetensors"
 # Teacher layers the student starts from. Measured on 128 held-out corpus sentences before
 # any training (mean cosine to the teacher): 3 layers [0, 2, 4] 0.37, [1, 3, 5] 0.51,
@@ -259,76 +262,6 @@ def distill_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, config: D
     mse = (student_emb - teacher_emb).pow(2).sum(dim=-1).mean()
     cos = F.cosine_similarity(student_emb, teacher_emb, dim=-1).mean()
     return config.mse_weight * mse + config.cosine_weight * (1.0 - cos)
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{idx}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().contiguous()
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _write_checkpoint(run_dir: Path, step: int, student: Any, opt: torch.optim.Optimizer,
-                      state: dict[str, Any], keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    from headrace.models.builtin.minilm import save_minilm
-
-    final = run_dir / f"checkpoint-{step}"
-    # Written under a temporary name and renamed, then named in latest.json: a run killed
-    # mid-write leaves the previous checkpoint as the one to resume from.
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=run_dir))
-    try:
-        save_minilm(student, tmp)
-        tensors, opt_meta = _optimizer_tensors(opt)
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = run_dir / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(json.dumps({"step": step, "checkpoint": final.name}))
-    os.replace(latest_tmp, run_dir / LATEST_FILE)
-    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    p = Path(run_dir) / LATEST_FILE
-    if not p.is_file():
-        return None
-    try:
-        name = json.loads(p.read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{p} is damaged ({e}); delete it to start the run over") from e
-    ckpt = Path(run_dir) / name
-    return ckpt if (ckpt / STATE_FILE).is_file() else None
-
-
-def load_student(checkpoint: str | Path) -> Any:
-    """The student saved in a checkpoint folder (eval mode)."""
-    from headrace.models.builtin.minilm import load_minilm
-
-    return load_minilm(checkpoint)
 
 
 # --- training ---------------------------------------------------------------------------------

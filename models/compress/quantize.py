@@ -19,26 +19,38 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from headrace.client.errors import ConfigError, ModelError
+from headrace.models.compress.graph import (  # noqa: F401 - re-exported: quantize is where callers look
+    DYNAMIC_CANDIDATES,
+    STATIC_CNN_OPS,
+    STATIC_WEIGHT_OPS,
+    WEIGHT_OPS,
+    WeightNode,
+    choose_op_types,
+    constants_to_initializers,
+    graph_op_types,
+    weight_nodes,
+)
+from headrace.models.compress.mixed import (  # noqa: F401 - re-exported
+    MixedPrecisionResult,
+    NodeSensitivity,
+    QuantizeFn,
+    ScoreFn,
+    mixed_precision,
+    sensitivity_scan,
+)
 
 log = logging.getLogger(__name__)
 
 Feeds = Mapping[str, np.ndarray[Any, Any]]
-# (src, dst, nodes_to_quantize or None for all, nodes_to_exclude) -> None
-QuantizeFn = Callable[[Path, Path, Sequence[str] | None, Sequence[str]], None]
-# model path -> score, higher is better (mean cosine, accuracy)
-ScoreFn = Callable[[Path], float]
 
-# Op types whose constant weight input makes them worth quantizing. Attention is the fused
-# com.microsoft op the transformer optimizer produces (q/k/v packed into one weight).
-WEIGHT_OPS = ("MatMul", "Gemm", "Attention")
+
 # Dynamic quantization also stores embedding tables (Gather) as int8: MiniLM's word table is
 # 47 of its 90 MB; measured on 512 held-out sentences it moves mean cosine by 0.0003.
 DYNAMIC_OPS = (*WEIGHT_OPS, "Gather")
@@ -64,41 +76,6 @@ def _check_paths(src: Path, dst: Path) -> tuple[Path, Path]:
     return src, dst
 
 
-def constants_to_initializers(src: str | Path, dst: str | Path) -> int:
-    """Rewrite ``Constant`` nodes holding a tensor as initializers, in the graph and its
-    subgraphs (If/Loop bodies), and write ``dst``. Exporters such as TorchScript-to-ONNX of
-    scripted modules emit weights as Constant nodes; ORT's quantizers only see initializers.
-
-    Returns the number of constants moved.
-    """
-    model = _load(src)
-    moved = 0
-
-    def visit(graph: Any) -> None:
-        nonlocal moved
-        keep = []
-        for node in graph.node:
-            value = [a for a in node.attribute if a.name == "value" and a.HasField("t")]
-            if node.op_type == "Constant" and value and len(node.output) == 1:
-                t = value[0].t
-                t.name = node.output[0]
-                graph.initializer.append(t)
-                moved += 1
-                continue
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
-                    visit(sub)
-            keep.append(node)
-        del graph.node[:]
-        graph.node.extend(keep)
-
-    visit(model.graph)
-    import onnx
-
-    onnx.save(model, str(dst))
-    return moved
-
-
 def _preprocess(src: Path, tmp: Path) -> Path:
     """Shape inference before quantization (ORT's recommended pre-processing), which lets the
     quantizer see activation shapes and dtypes, after moving Constant-node weights into
@@ -116,114 +93,6 @@ def _preprocess(src: Path, tmp: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - symbolic shape inference gives up on some graphs; only a help
         log.warning("quantization pre-processing of %s failed (%s); quantizing without it", src, e)
         return staged
-
-
-# --- node discovery ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightNode:
-    """A node with a constant weight input that quantization would turn into INT8."""
-
-    name: str
-    op_type: str
-    weight: str
-    params: int
-
-
-def _walk(graph: Any, inits: dict[str, Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """Every node of ``graph`` and of its subgraphs (If/Loop bodies), with the initializers
-    visible to it (a subgraph sees its own and its parents')."""
-    scope = {**inits, **{i.name: i for i in graph.initializer}}
-    for node in graph.node:
-        yield node, scope
-        for attr in node.attribute:
-            subs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-            for sub in subs:
-                yield from _walk(sub, scope)
-
-
-def _load(model_path: str | Path) -> Any:
-    import onnx
-
-    try:
-        return onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError / OSError variants
-        raise ModelError(f"cannot read ONNX model {model_path}: {e}") from e
-
-
-def weight_nodes(model_path: str | Path, op_types: Sequence[str] = WEIGHT_OPS) -> list[WeightNode]:
-    """Nodes of ``op_types`` whose weight input (B of MatMul/Gemm, W of Conv, the packed
-    weight of Attention, the table of Gather) is an initializer, in graph order, subgraphs
-    (If/Loop bodies) included.
-
-    Raises:
-        ModelError: the file is not a readable ONNX model, or a node has no name (the
-            quantizer addresses nodes by name).
-    """
-    model = _load(model_path)
-    out: list[WeightNode] = []
-    consts = {n.output[0]: a.t for n, _ in _walk(model.graph, {}) if n.op_type == "Constant"
-              for a in n.attribute if a.name == "value" and a.HasField("t")}
-    for node, scope in _walk(model.graph, {}):
-        inits = {**consts, **scope}
-        if node.op_type not in op_types or len(node.input) < 2:
-            continue
-        w = node.input[0] if node.op_type == "Gather" else node.input[1]
-        if w not in inits:
-            continue
-        if not node.name:
-            raise ModelError(f"{model_path}: a {node.op_type} node has no name; re-export with named nodes")
-        out.append(WeightNode(node.name, node.op_type, w, int(np.prod(inits[w].dims))))
-    return out
-
-
-def graph_op_types(model_path: str | Path) -> dict[str, int]:
-    """Op type -> count over the graph and its subgraphs."""
-    counts: dict[str, int] = {}
-    for node, _ in _walk(_load(model_path).graph, {}):
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-# Ops that carry a constant weight; each is worth INT8 storage and kernels.
-STATIC_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-# In a convolutional graph these sit between quantized convolutions: quantizing them keeps the
-# activations in INT8 across residual Adds and pools instead of a DQ -> fp32 -> Q round trip
-# around each. In a transformer they are left fp32 (residual Adds and LayerNorm inputs of a
-# transformer cost far more fidelity than they save).
-STATIC_CNN_OPS = ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Relu", "Clip", "Resize")
-DYNAMIC_CANDIDATES = ("MatMul", "Gemm", "Attention", "Conv", "LSTM", "GRU", "Gather")
-
-
-def choose_op_types(model_path: str | Path, mode: str) -> tuple[str, ...]:
-    """The op types to quantize, chosen from what the graph holds.
-
-    ``dynamic``: every weight-bearing op ORT's dynamic quantizer handles (MatMul, Gemm,
-    Attention, Conv, LSTM, GRU) plus embedding tables (Gather of a 2-D initializer).
-    ``static``: Conv/ConvTranspose/MatMul/Gemm, and for convolutional graphs the ops between
-    them (:data:`STATIC_CNN_OPS`).
-
-    Raises:
-        ConfigError: an unknown mode. ModelError: an unreadable graph, or nothing to quantize.
-    """
-    if mode not in ("dynamic", "static"):
-        raise ConfigError(f"quantization mode {mode!r}: dynamic or static")
-    present = graph_op_types(model_path)
-    if mode == "dynamic":
-        chosen = [op for op in DYNAMIC_CANDIDATES if op in present and op != "Gather"]
-        if "Gemm" in chosen and "MatMul" not in chosen:
-            chosen.insert(0, "MatMul")  # the dynamic quantizer rewrites each Gemm as MatMul + Add first
-        tables = [n for n in weight_nodes(model_path, ("Gather",)) if n.params >= 1024]
-        chosen += ["Gather"] if tables else []
-    else:
-        chosen = [op for op in STATIC_WEIGHT_OPS if op in present]
-        if "Conv" in present:
-            chosen += [op for op in STATIC_CNN_OPS if op in present]
-    if not any(op in present for op in (*STATIC_WEIGHT_OPS, "Attention", "LSTM", "GRU")):
-        raise ModelError(f"{Path(model_path).name} has no weight-bearing op to quantize "
-                         f"(ops: {sorted(present)})")
-    return tuple(chosen)
 
 
 # --- dynamic and static INT8 -------------------------------------------------------------
@@ -389,158 +258,6 @@ def quantize_static_int8(
     log.info("quantized %s -> %s (static QDQ int8, %s calibration over %d batches, %d nodes kept fp32)",
              src.name, dst, method, len(reader), len(nodes_to_exclude))
     return dst
-
-
-# --- mixed precision ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeSensitivity:
-    """Score of the model with only ``node`` quantized; ``loss`` = baseline - score."""
-
-    node: str
-    op_type: str
-    score: float
-    loss: float
-
-
-@dataclass(frozen=True)
-class MixedPrecisionResult:
-    """Outcome of :func:`mixed_precision`.
-
-    Attributes:
-        path: the written model.
-        excluded: nodes left in fp32, most sensitive first.
-        score: the written model's score on the scan data.
-        threshold: the budget it had to meet.
-        met: whether it met the budget (False only if even the fp32 baseline does not).
-        trials: (number of excluded nodes, score) for every candidate tried.
-        sensitivities: the scan, most sensitive first.
-    """
-
-    path: Path
-    excluded: tuple[str, ...]
-    score: float
-    threshold: float
-    met: bool
-    trials: tuple[tuple[int, float], ...] = ()
-    sensitivities: tuple[NodeSensitivity, ...] = field(default=())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"excluded": list(self.excluded), "score": self.score, "threshold": self.threshold,
-                "met": self.met, "trials": [list(t) for t in self.trials],
-                "sensitivities": [s.__dict__ for s in self.sensitivities[:10]]}
-
-
-def sensitivity_scan(
-    src: str | Path,
-    quantize: QuantizeFn,
-    score: ScoreFn,
-    nodes: Sequence[WeightNode],
-    *,
-    baseline: float | None = None,
-    progress: bool = True,
-) -> list[NodeSensitivity]:
-    """Quantize each node alone and score the result; most sensitive (largest loss) first.
-
-    Cost: one quantization and one scoring per node.
-
-    Args:
-        quantize: ``(src, dst, nodes_to_quantize, nodes_to_exclude)``, e.g. a partial of
-            :func:`quantize_dynamic_int8`.
-        score: higher-is-better score of a model file on scan data.
-        baseline: the fp32 model's score (computed if not given).
-    """
-    from tqdm.auto import tqdm
-
-    src = Path(src)
-    base = score(src) if baseline is None else baseline
-    out: list[NodeSensitivity] = []
-    with tempfile.TemporaryDirectory(prefix="headrace-scan-") as tmp:
-        dst = Path(tmp) / "one.onnx"
-        for node in tqdm(nodes, desc="sensitivity scan", unit="node", disable=not progress):
-            quantize(src, dst, [node.name], ())
-            s = score(dst)
-            out.append(NodeSensitivity(node.name, node.op_type, s, base - s))
-    out.sort(key=lambda x: x.loss, reverse=True)
-    return out
-
-
-def mixed_precision(
-    src: str | Path,
-    dst: str | Path,
-    quantize: QuantizeFn,
-    score: ScoreFn,
-    threshold: float,
-    *,
-    nodes: Sequence[WeightNode] | None = None,
-    sensitivities: Sequence[NodeSensitivity] | None = None,
-    progress: bool = True,
-) -> MixedPrecisionResult:
-    """Quantize ``src`` to ``dst`` leaving in fp32 the fewest most-sensitive nodes for which
-    ``score(model) >= threshold``.
-
-    First the fully quantized model is tried; if it meets the budget no scan is run. Otherwise
-    the nodes are ranked by :func:`sensitivity_scan` (unless ``sensitivities`` is given) and
-    the number kept in fp32 is found by doubling, then bisection (assumes the score grows as
-    more nodes stay fp32, which holds closely in practice).
-
-    Raises:
-        ModelError: quantization failed.
-    """
-    src, dst = Path(src), Path(dst)
-    candidates = list(nodes) if nodes is not None else weight_nodes(src)
-    trials: list[tuple[int, float]] = []
-
-    def attempt(k: int, ranked: Sequence[NodeSensitivity]) -> float:
-        quantize(src, dst, None, [s.node for s in ranked[:k]])
-        s = score(dst)
-        trials.append((k, s))
-        log.info("mixed precision: %d node(s) in fp32 -> score %.5f (budget %.5f)", k, s, threshold)
-        return s
-
-    first = attempt(0, [])
-    if first >= threshold:
-        return MixedPrecisionResult(dst, (), first, threshold, True, tuple(trials), tuple(sensitivities or ()))
-
-    ranked = list(sensitivities) if sensitivities is not None else sensitivity_scan(
-        src, quantize, score, candidates, progress=progress)
-    scores: dict[int, float] = {0: first}
-    hi = _fewest_passing(lambda k: attempt(k, ranked), len(ranked), threshold, scores)
-    if hi is None:
-        n = len(ranked)
-        log.warning("mixed precision: even with every candidate node in fp32 the score %.5f misses %.5f",
-                    scores[n], threshold)
-        return MixedPrecisionResult(dst, tuple(s.node for s in ranked), scores[n], threshold, False,
-                                    tuple(trials), tuple(ranked))
-    if trials[-1][0] != hi:  # the file on disk must be the chosen one
-        attempt(hi, ranked)
-    return MixedPrecisionResult(dst, tuple(s.node for s in ranked[:hi]), scores[hi], threshold, True,
-                                tuple(trials), tuple(ranked))
-
-
-def _fewest_passing(attempt: Callable[[int], float], n: int, threshold: float,
-                    scores: dict[int, float]) -> int | None:
-    """The smallest k in 1..n with ``attempt(k) >= threshold``, by doubling then bisection
-    (``scores`` collects every tried k); None if even ``k = n`` fails."""
-    lo, hi, k = 0, None, 1  # lo: largest k known to fail; hi: smallest k known to pass
-    while k <= n:
-        scores[k] = attempt(k)
-        if scores[k] >= threshold:
-            hi = k
-            break
-        lo, k = k, k * 2
-    if hi is None:
-        if n not in scores:
-            scores[n] = attempt(n)
-        if scores[n] < threshold:
-            return None
-        hi = n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        scores[mid] = attempt(mid)
-        lo, hi = (lo, mid) if scores[mid] >= threshold else (mid, hi)
-    return hi
 
 
 # --- fp16 ----------------------------------------------------------------------------------
