@@ -1,6 +1,5 @@
-"""Shared by :class:`~headrace.client.Client` and :class:`~headrace.client.AsyncClient`:
-what a submit script's answer means for a ticket (:func:`settle`), and the bookkeeping of
-``map``/``imap`` (:class:`MapWindow`), which submits its requests in pipelined batches.
+"""The bookkeeping of ``map``/``imap`` (:class:`MapWindow`), shared by both clients: an
+input-ordered window of requests submitted in pipelined batches, with backpressure and retries.
 """
 
 from __future__ import annotations
@@ -13,39 +12,16 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import redis
-
 from headrace.client import errors as E
-from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import MAX_PIPELINE
-from headrace.client.submit import parse_reply, split_item
+from headrace.client.retry import Attempts, Retry
+from headrace.client.submit import split_item
 from headrace.client.tickets import Ticket
 
 log = logging.getLogger(__name__)
 
-
-def settle(ticket: Ticket, keys: ModelKeys, reply: Any, max_backlog: int) -> E.HeadraceError | None:
-    """Apply the submit script's answer for ``ticket`` (or the ``redis.RedisError`` its
-    command got) and return the error to raise for it, None when it was enqueued (then
-    ``ticket.entry_id`` and ``ticket.submitted`` are set).
-
-    The error is :class:`QueueFull` (nothing was added) or :class:`BrokerError` (it may or
-    may not have been added: retry with the same request id).
-    """
-    prepared = ticket.prepared
-    if isinstance(reply, redis.RedisError):
-        err = E.BrokerError(
-            f"submitting request {prepared.request_id} to {keys.requests} failed: {reply}; it may or may not "
-            "have been enqueued, retry with the same request_id")
-        err.__cause__ = reply
-        return err
-    try:
-        ticket.entry_id = parse_reply(reply, prepared, max_backlog)
-    except E.HeadraceError as e:
-        return e
-    ticket.submitted = time.monotonic()
-    log.debug("submitted request %s to %s as %s", prepared.request_id, keys.requests, ticket.entry_id)
-    return None
+MapItem = str | Mapping[str, Any]
+"""One ``map`` item: a text input, or named input arrays (one sample each)."""
 
 
 class Step(Enum):
@@ -65,7 +41,8 @@ class _Slot:
     text: str | None
     ticket: Ticket | None = None
     sent: bool = False
-    first_refused: float = 0.0  # time.monotonic() of its first QueueFull; 0.0 = none
+    first_refused: float = 0.0  # time.monotonic() of its first refusal; 0.0 = none
+    attempts: Attempts | None = None  # its retry state (with a retry policy)
 
 
 class MapWindow:
@@ -78,6 +55,9 @@ class MapWindow:
     refused with :class:`QueueFull` keeps its place in the order; after the driver popped
     one of our results (or, with none out, backed off) it is prepared again (a fresh
     deadline, the same request id) and resent, until it has been refused for ``wait_s``.
+    With a ``retry`` policy, a request Redis failed under (:class:`BrokerError`) is resent
+    the same way, and a request whose result did not come within ``wait_s`` is submitted
+    again (:meth:`resubmittable`), each within its own attempts.
 
     Args:
         items: the map items (``str`` or mapping each), read lazily as room frees up.
@@ -85,10 +65,13 @@ class MapWindow:
         wait_s: longest time one request may be refused before :class:`QueueFull` is raised.
         prepare: ``prepare(inputs, text, request_id)`` -> a new, unsent :class:`Ticket`
             (``request_id`` None picks a new id).
+        retry: the retry policy (None: broker errors and timeouts are raised at once).
     """
 
     def __init__(self, items: Iterable[Any], max_in_flight: int, wait_s: float,
-                 prepare: Callable[[Mapping[str, Any] | None, str | None, str | None], Ticket]) -> None:
+                 prepare: Callable[[Mapping[str, Any] | None, str | None, str | None], Ticket],
+                 retry: Retry | None = None) -> None:
+        self._retry_policy = retry
         self._items: Iterator[Any] | None = iter(items)
         self._max_in_flight = max_in_flight
         self._wait_s = wait_s
@@ -130,6 +113,10 @@ class MapWindow:
         for slot in self._unsent[:MAX_PIPELINE]:
             rid = slot.ticket.request_id if slot.ticket is not None else None
             slot.ticket = self._prepare(slot.inputs, slot.text, rid)
+            if self._retry_policy is not None:
+                if slot.attempts is None:
+                    slot.attempts = self._retry_policy.start(slot.ticket.deadline_ms)
+                slot.attempts.deadline_ms = slot.ticket.deadline_ms
             tickets.append(slot.ticket)
         return tickets
 
@@ -137,7 +124,8 @@ class MapWindow:
         """Report the outcome of each ticket :meth:`to_send` returned (None = enqueued).
 
         Raises:
-            HeadraceError: the first error other than :class:`QueueFull` (BrokerError).
+            HeadraceError: the first error other than :class:`QueueFull` that the retry
+                policy does not retry (e.g. :class:`BrokerError` out of attempts).
             QueueFull: a request has been refused for longer than ``wait_s``.
         """
         batch, rest = self._unsent[:len(errors)], self._unsent[len(errors):]
@@ -148,9 +136,10 @@ class MapWindow:
             if err is None:
                 slot.sent = True
                 slot.inputs = slot.text = None  # encoded in the ticket: let the caller's arrays go
-            elif isinstance(err, E.QueueFull):
+            elif isinstance(err, E.QueueFull) or self._retries(slot, err):
                 slot.first_refused = slot.first_refused or now
-                refusal = refusal or err
+                if isinstance(err, E.QueueFull):
+                    refusal = refusal or err
                 refused.append(slot)
             else:
                 self._unsent = refused + rest
@@ -159,9 +148,41 @@ class MapWindow:
         self._retry = False
         if not refused:
             self._backoff_s = 0.01
-        elif now - refused[0].first_refused > self._wait_s:
-            assert refusal is not None
+        elif refusal is not None and now - refused[0].first_refused > self._wait_s:
             raise refusal
+
+    def _retries(self, slot: _Slot, err: E.HeadraceError) -> bool:
+        if slot.attempts is None or slot.attempts.next_delay(err) is None:
+            return False
+        log.info("retrying request %s after: %s", slot.ticket.request_id if slot.ticket else "?", err)
+        return True
+
+    def resubmittable(self, timeout: Callable[[Ticket], E.ResultTimeout]) -> tuple[float, list[Ticket]]:
+        """For a POP whose wait timed out: ``(delay, tickets)`` to submit again (same ids)
+        after ``delay`` seconds: the oldest, and every other sent, unanswered ticket that
+        has waited ``wait_s`` too, each within its own attempts.
+
+        Raises:
+            ResultTimeout: ``timeout(oldest)``, when the policy allows the oldest no more.
+        """
+        head = self._window[0]
+        assert head.ticket is not None
+        err = timeout(head.ticket)
+        delay = head.attempts.next_delay(err) if head.attempts is not None else None
+        if delay is None:
+            raise err
+        now = time.monotonic()
+        out = [head.ticket]
+        for slot in list(self._window)[1:]:
+            t = slot.ticket
+            if (slot.sent and t is not None and not t.done() and now - t.submitted >= self._wait_s
+                    and slot.attempts is not None and slot.attempts.next_delay(err) is not None):
+                out.append(t)
+        return delay, out
+
+    def outstanding(self) -> list[Ticket]:
+        """Sent tickets not answered yet (to cancel when the map is abandoned)."""
+        return [s.ticket for s in self._window if s.sent and s.ticket is not None and not s.ticket.done()]
 
     def oldest(self) -> Ticket:
         """For POP: the oldest ticket (sent); wait for its result, then :meth:`popleft`."""

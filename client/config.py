@@ -4,17 +4,23 @@ environment with the ``HEADRACE_`` prefix.
 A settings class is a frozen dataclass deriving from :class:`Settings`. Every field can be
 set from the environment as ``HEADRACE_<FIELD_NAME_UPPERCASE>`` (e.g. ``HEADRACE_MAX_WAIT_MS``)
 through :meth:`Settings.from_env`; explicit keyword arguments win over the environment.
-Invalid values raise :class:`~headrace.client.errors.ConfigError` at construction with a
-message that names the field, the env variable and what to do.
+Values must have the field's documented type (an ``int`` is accepted for a ``float``, a list
+for a tuple; a ``bool`` is never a number); invalid values raise
+:class:`~headrace.client.errors.ConfigError` at construction with a message that names the
+setting the way the caller set it (``max_backlog=-1`` for an argument,
+``HEADRACE_MAX_BACKLOG='-1'`` for the environment), its other spelling, and what to do.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import numbers
 import os
 import typing
-from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal, TypeVar
 
 from headrace.client.errors import ConfigError
 
@@ -62,14 +68,164 @@ def _parse(raw: str, typ: Any, env_name: str) -> Any:
     return raw
 
 
+# The fields whose value the settings being constructed took from the environment (name ->
+# variable), handed from from_env()/replace() to __post_init__, which records them on the
+# instance: messages then name a setting the way it was given.
+_FROM_ENV: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("headrace_settings_env",
+                                                                                    default=None)
+
+Source = Literal["argument", "env", "default"]
+
+
+@contextmanager
+def _env_fields(fields: Mapping[str, str]) -> Iterator[None]:
+    token = _FROM_ENV.set(fields)
+    try:
+        yield
+    finally:
+        _FROM_ENV.reset(token)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, computed once per class."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _type_name(typ: Any) -> str:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(typ))
+    if origin is not None:
+        return str(typ).replace("typing.", "")
+    return getattr(typ, "__name__", str(typ))
+
+
+def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
+    """``(ok, value)``: whether ``value`` is of the documented type ``typ``, and the value
+    to store (an int for a float field becomes a float, a list for a tuple field a tuple)."""
+    if typ is Any:
+        return True, value
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or (origin is not None and type(None) in args and len(args) > 1):
+        if value is None:
+            return type(None) in args, value
+        for inner in (a for a in args if a is not type(None)):
+            ok, out = _coerce(value, inner)
+            if ok:
+                return True, out
+        return False, value
+    if origin is Literal:
+        return value in args, value
+    if typ is bool:
+        return isinstance(value, bool), value
+    if typ is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool), value
+    if typ is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        inner = args[0] if args else Any
+        out = []
+        for item in value:
+            ok, conv = _coerce(item, inner)
+            if not ok:
+                return False, value
+            out.append(conv)
+        return True, tuple(out)
+    if origin in (dict, Mapping) or typ in (dict, Mapping):
+        return isinstance(value, Mapping), value
+    if isinstance(typ, type):
+        return isinstance(value, typ), value
+    return True, value
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Base for headrace settings classes. Subclasses override :meth:`validate`."""
+    """Base for headrace settings classes. Subclasses override :meth:`validate`.
+
+    Construction checks every field against its annotated type, then runs :meth:`validate`.
+
+    Raises:
+        ConfigError: a value of the wrong type, or one that fails validation; ``.field``
+            names the setting.
+    """
 
     env_prefix: ClassVar[str] = ENV_PREFIX
 
     def __post_init__(self) -> None:
-        self.validate()
+        object.__setattr__(self, "_headrace_env", dict(_FROM_ENV.get() or {}))
+        try:
+            self._check_types()
+            self.validate()
+        except ConfigError as e:
+            if e.field is None or e.field not in self._field_names():
+                raise
+            raise ConfigError(f"{self.setting_label(e.field)}: {e.reason}; {self._spellings(e.field)}",
+                              field=e.field, reason=e.reason) from None
+
+    @classmethod
+    def _field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    def _check_types(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            typ = hints.get(f.name, Any)
+            value = getattr(self, f.name)
+            ok, converted = _coerce(value, typ)
+            if not ok:
+                reason = f"must be {_type_name(typ)}, got {type(value).__name__} {value!r}"
+                raise ConfigError(f"{f.name}: {reason}", field=f.name, reason=reason)
+            if converted is not value:
+                object.__setattr__(self, f.name, converted)
+
+    def env_name(self, field: str) -> str:
+        """The environment variable of ``field`` (``HEADRACE_<FIELD>``)."""
+        return self.env_prefix + field.upper()
+
+    def setting_source(self, field: str) -> Source:
+        """Where ``field``'s value came from: ``env`` (its ``HEADRACE_*`` variable),
+        ``argument`` (given in code, differing from the default) or ``default``."""
+        if field in getattr(self, "_headrace_env", {}):
+            return "env"
+        f = next((f for f in dataclasses.fields(self) if f.name == field), None)
+        if f is not None and f.default is not dataclasses.MISSING and getattr(self, field) == f.default:
+            return "default"
+        return "argument"
+
+    def setting_label(self, field: str) -> str:
+        """``field`` named the way it was set, with its value: ``HEADRACE_MAX_BACKLOG='3'``
+        when it came from the environment, else ``max_backlog=3``."""
+        value = getattr(self, field, None)
+        if self.setting_source(field) == "env":
+            return f"{self.env_name(field)}={str(value)!r}"
+        return f"{field}={value!r}"
+
+    def setting_hint(self, field: str) -> str:
+        """How to change ``field``, in the caller's own terms: ``HEADRACE_MAX_BACKLOG``
+        when it came from the environment, ``the max_backlog argument`` when given in code,
+        both when it is the default."""
+        source = self.setting_source(field)
+        if source == "env":
+            return self.env_name(field)
+        if source == "argument":
+            return f"the {field} argument"
+        return f"the {field} argument (or {self.env_name(field)})"
+
+    def _spellings(self, field: str) -> str:
+        if self.setting_source(field) == "env":
+            return f"set by the environment variable {self.env_name(field)} (argument {field})"
+        return f"set by the argument {field} (env {self.env_name(field)})"
 
     def validate(self) -> None:
         """Check field values; raise :class:`ConfigError` with a fix-it message."""
@@ -85,35 +241,48 @@ class Settings:
             ConfigError: a variable does not parse, or a value fails validation.
         """
         env = os.environ if env is None else env
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         kwargs: dict[str, Any] = {}
+        from_env: dict[str, str] = {}
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
             name = cls.env_prefix + f.name.upper()
             if name in env:
                 kwargs[f.name] = _parse(env[name], hints[f.name], name)
+                from_env[f.name] = name
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(
                 f"unknown setting(s) {sorted(unknown)} for {cls.__name__}; "
                 f"valid names: {sorted(f.name for f in dataclasses.fields(cls))}"
             )
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kwargs)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        kwargs.update(given)
+        with _env_fields({k: v for k, v in from_env.items() if k not in given}):
+            return cls(**kwargs)
 
     def replace(self: S, **changes: Any) -> S:
-        """Return a copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """Return a copy with ``changes`` applied (validated again).
+
+        Raises:
+            ConfigError: a changed value is invalid.
+        """
+        kept = {k: v for k, v in getattr(self, "_headrace_env", {}).items() if k not in changes}
+        with _env_fields(kept):
+            return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def require(cond: bool, field: str, message: str, cls_prefix: str = ENV_PREFIX) -> None:
-    """Raise :class:`ConfigError` naming ``field`` and its env variable unless ``cond``."""
+    """Raise :class:`ConfigError` naming ``field`` and its env variable unless ``cond``.
+
+    Inside :meth:`Settings.validate`, the settings re-raise it naming the field the way the
+    caller set it (argument or environment variable)."""
     if not cond:
-        raise ConfigError(f"{field}: {message} (env {cls_prefix}{field.upper()})")
+        raise ConfigError(f"{field}: {message} (env {cls_prefix}{field.upper()})", field=field, reason=message)
 
 
 def validate_namespace(namespace: str) -> None:
@@ -136,7 +305,7 @@ def validate_model_name(model: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ClientSettings(Settings):
-    """Settings of the SDK (:class:`~headrace.client.Client`).
+    """Settings of the SDK (:class:`~headrace.client.Client`, :class:`~headrace.client.AsyncClient`).
 
     Attributes:
         redis_url: ``redis://``/``rediss://`` URL, ACL user and password included; passed
@@ -144,13 +313,30 @@ class ClientSettings(Settings):
         namespace: key prefix shared with the workers.
         max_backlog: refuse new work with :class:`QueueFull` when a model's backlog
             (unread + pending entries) reaches this many; 0 disables the check.
-        timeout_s: default wait for a result in ``infer``/``result``.
+        timeout_s: default wait for a result in ``infer``/``result`` (seconds; per attempt
+            when a retry policy resubmits).
         deadline_s: default time-to-live of a request; 0 means no deadline.
         reply_block_ms: how long one blocking ``XREAD`` on the reply stream waits.
         reply_ttl_s: a client's reply stream expires this long after its last write
             (bounds memory left by clients that went away).
         max_in_flight: ``map`` keeps at most this many requests outstanding.
-        reconnect_backoff_max_s: upper bound of the exponential reconnect backoff.
+        reconnect_backoff_max_s: upper bound of the reply reader's reconnect backoff and of
+            the default retry policy's backoff (seconds).
+        retry_attempts: attempts of the client's default retry policy, which retries only
+            submits that Redis failed under (:class:`BrokerError`, same request id); pass
+            ``retry=Retry(...)`` to also retry timeouts and full queues. 1 = no retries.
+        connect_retries: redis-py retries of one command on a broken pooled connection
+            (e.g. after a Redis restart), with backoff, before the SDK sees the error.
+        health_check_interval_s: a pooled connection idle this long is checked with a
+            ``PING`` before it is used (seconds; 0 = never).
+        require_registered: ``submit`` raises :class:`UnknownModel` for a model no worker
+            has ever registered in this namespace; turn off to submit before workers start.
+        fail_fast: ``submit`` raises :class:`ModelUnavailable` at once when no live worker
+            serves the model (instead of queueing for a worker that may never come).
+        registry_cache_s: how long a model registry read is reused by those checks
+            (seconds), so the hot path does not pay a round trip per submit.
+        cancel_ttl_s: how long a cancel marker (``ticket.cancel()``) lives; a worker that
+            reads the request within it skips it.
     """
 
     redis_url: str = ""
@@ -162,6 +348,13 @@ class ClientSettings(Settings):
     reply_ttl_s: int = 86_400
     max_in_flight: int = 256
     reconnect_backoff_max_s: float = 5.0
+    retry_attempts: int = 3
+    connect_retries: int = 3
+    health_check_interval_s: float = 30.0
+    require_registered: bool = True
+    fail_fast: bool = False
+    registry_cache_s: float = 2.0
+    cancel_ttl_s: int = 86_400
 
     def validate(self) -> None:
         validate_namespace(self.namespace)
@@ -172,6 +365,11 @@ class ClientSettings(Settings):
         require(self.reply_ttl_s >= 1, "reply_ttl_s", "must be >= 1 s")
         require(self.max_in_flight >= 1, "max_in_flight", "must be >= 1")
         require(self.reconnect_backoff_max_s > 0, "reconnect_backoff_max_s", "must be > 0 s")
+        require(1 <= self.retry_attempts <= 100, "retry_attempts", "must be between 1 (no retries) and 100")
+        require(0 <= self.connect_retries <= 20, "connect_retries", "must be between 0 and 20")
+        require(self.health_check_interval_s >= 0, "health_check_interval_s", "must be >= 0 s (0 = never)")
+        require(self.registry_cache_s >= 0, "registry_cache_s", "must be >= 0 s (0 = read every time)")
+        require(self.cancel_ttl_s >= 1, "cancel_ttl_s", "must be >= 1 s")
 
     @property
     def effective_redis_url(self) -> str:

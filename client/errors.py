@@ -8,9 +8,16 @@ Categories:
 
 * :class:`ProtocolError` -- a request or result could not be decoded or validated.
 * :class:`BrokerError` -- Redis was unreachable or answered unexpectedly.
-* :class:`ModelError` -- a model could not be loaded or failed while running.
-* :class:`ResultError` -- a result came back as an error, expired, or did not come in time.
+* :class:`UnavailableError` -- the service cannot take the request now (:class:`QueueFull`,
+  :class:`ModelUnavailable`): nothing was enqueued; retry later.
+* :class:`ModelError` -- a model could not be loaded or failed while running
+  (:class:`UnknownModel`: no worker ever registered the model).
+* :class:`ResultError` -- a result came back as an error, expired, was cancelled, or did not
+  come in time (:class:`ResultTimeout`, also a :class:`TimeoutError`).
 * :class:`ConfigError` -- a setting is invalid; raised eagerly, at construction.
+
+Codes that never travel in a result (the SDK's own outcomes) are listed in
+:data:`SDK_CODES`; they are documented in ``docs/protocol.md`` next to the wire codes.
 """
 
 from __future__ import annotations
@@ -32,6 +39,14 @@ DEADLINE_EXCEEDED: Final = "deadline_exceeded"
 QUEUE_FULL: Final = "queue_full"
 INTERNAL_ERROR: Final = "internal_error"
 CONFIG_ERROR: Final = "config_error"
+# SDK outcomes, never in a result: the client stopped waiting (its timeout_s), the caller
+# cancelled, Redis failed under a submit or read, no live worker serves the model (fail_fast).
+RESULT_TIMEOUT: Final = "result_timeout"
+CANCELLED: Final = "cancelled"
+BROKER_ERROR: Final = "broker_error"
+MODEL_UNAVAILABLE: Final = "model_unavailable"
+
+SDK_CODES: Final = frozenset({QUEUE_FULL, CONFIG_ERROR, RESULT_TIMEOUT, CANCELLED, BROKER_ERROR, MODEL_UNAVAILABLE})
 
 ALL_CODES: Final = frozenset(
     {
@@ -48,6 +63,11 @@ ALL_CODES: Final = frozenset(
         DEADLINE_EXCEEDED,
         QUEUE_FULL,
         INTERNAL_ERROR,
+        CONFIG_ERROR,
+        RESULT_TIMEOUT,
+        CANCELLED,
+        BROKER_ERROR,
+        MODEL_UNAVAILABLE,
     }
 )
 
@@ -113,18 +133,70 @@ class UnsupportedVersionError(ProtocolError):
 
 
 class BrokerError(HeadraceError):
-    """Raised when Redis cannot be reached, or a stream operation fails unexpectedly."""
+    """Raised when Redis cannot be reached, or a stream operation fails unexpectedly.
 
-    code = INTERNAL_ERROR
+    Attributes:
+        request_id: the request being submitted when it happened (None for other calls).
+            The request may or may not have been enqueued: submitting again with the same
+            request id is safe (a request id is answered once).
+        retryable: True when the failure is transient (connection lost, timeout), False
+            when trying again cannot help (authentication, ACL permission, wrong key type).
+    """
+
+    code = BROKER_ERROR
+
+    def __init__(self, message: str, *, code: str | None = None, request_id: str | None = None,
+                 retryable: bool = True) -> None:
+        super().__init__(message, code=code)
+        self.request_id = request_id
+        self.retryable = retryable
 
 
-class QueueFull(BrokerError):
-    """Raised by the SDK when a model's backlog (lag + pending) passed ``max_backlog``.
+# --- unavailable -------------------------------------------------------------------------
 
-    Nothing was enqueued; retry later or raise the limit.
+
+class UnavailableError(HeadraceError):
+    """The service cannot take the request now; nothing was enqueued. Retry later."""
+
+
+class QueueFull(UnavailableError):
+    """Raised by the SDK when a model's backlog (lag + pending) reached ``max_backlog``.
+
+    Nothing was enqueued; retry after ``retry_after_s``, add workers, or raise the limit.
+
+    Attributes:
+        backlog: the model's backlog (entries) the submit script saw.
+        max_backlog: the limit in force.
+        retry_after_s: a suggested wait before trying again (seconds).
+        request_id: the refused request's id.
+        model: the model.
     """
 
     code = QUEUE_FULL
+
+    def __init__(self, message: str, *, backlog: int = 0, max_backlog: int = 0, retry_after_s: float = 0.5,
+                 request_id: str | None = None, model: str = "") -> None:
+        super().__init__(message)
+        self.backlog = backlog
+        self.max_backlog = max_backlog
+        self.retry_after_s = retry_after_s
+        self.request_id = request_id
+        self.model = model
+
+
+class ModelUnavailable(UnavailableError):
+    """Raised by ``submit`` with ``fail_fast`` when no live worker serves the model (the
+    model is registered, but no worker sent a heartbeat lately). Nothing was enqueued.
+
+    Attributes:
+        model: the model.
+    """
+
+    code = MODEL_UNAVAILABLE
+
+    def __init__(self, message: str, *, model: str = "") -> None:
+        super().__init__(message)
+        self.model = model
 
 
 # --- model -------------------------------------------------------------------------------
@@ -151,6 +223,20 @@ class ModelNotFoundError(ModelError):
     code = UNKNOWN_MODEL
 
 
+class UnknownModel(ModelNotFoundError):
+    """Raised by the SDK when no worker has ever registered the model in this namespace
+    (a typo, or the workers never started). Pass ``require_registered=False`` to submit
+    before the workers start.
+
+    Attributes:
+        model: the model.
+    """
+
+    def __init__(self, message: str, *, model: str = "") -> None:
+        super().__init__(message)
+        self.model = model
+
+
 class RepositoryError(ModelError):
     """Raised when a model repository entry is malformed, escapes the repository, or its
     files do not match the checksums in its manifest."""
@@ -171,24 +257,55 @@ class InferenceFailed(ResultError):
 
 
 class RequestExpired(ResultError):
-    """Raised when a request came back ``expired``: its deadline passed before it ran."""
+    """Raised when a request came back ``expired``: the server found its deadline passed
+    before it ran (code ``deadline_exceeded``)."""
 
     code = DEADLINE_EXCEEDED
 
 
-class ResultTimeout(ResultError):
-    """Raised when waiting for a result took longer than the caller's ``timeout_s``.
+class ResultTimeout(ResultError, TimeoutError):
+    """Raised when the client stopped waiting: no result within the caller's ``timeout_s``
+    (code ``result_timeout``). The request may still be answered later: a ticket stays
+    collectable; ``infer`` cancels its own request first.
 
-    The request may still be answered later; the ticket stays collectable.
+    Attributes:
+        request_id: the request waited for (None when waiting for several).
+        timeout_s: how long it waited (seconds).
     """
 
-    code = DEADLINE_EXCEEDED
+    code = RESULT_TIMEOUT
+
+    def __init__(self, message: str, *, request_id: str | None = None, timeout_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+
+
+class RequestCancelled(ResultError):
+    """Raised when waiting for a request that was cancelled (``ticket.cancel()``) or
+    forgotten (``client.forget(ticket)``) on this side (code ``cancelled``)."""
+
+    code = CANCELLED
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 # --- config ------------------------------------------------------------------------------
 
 
 class ConfigError(HeadraceError):
-    """Raised eagerly when a setting is invalid; the message says how to fix it."""
+    """Raised eagerly when a setting is invalid; the message says how to fix it.
+
+    Attributes:
+        field: the setting at fault, when one is (None otherwise).
+        reason: what is wrong with it, without the setting's name.
+    """
 
     code = CONFIG_ERROR
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason if reason is not None else message

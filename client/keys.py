@@ -8,8 +8,11 @@ touch them together, on a single Redis and on Redis Cluster alike.
     <ns>:{<model>}:requests            request stream (consumer group "workers")
     <ns>:{<model>}:dlq                 dead-letter stream
     <ns>:{<model>}:done:<request_id>   dedupe marker (string, TTL)
+    <ns>:{<model>}:cancel:<request_id> cancel marker (string: Unix ms, TTL): submissions of
+                                       this id made up to then are skipped by workers
     <ns>:{<model>}:stats               recent batch statistics (capped stream)
     <ns>:{<model>}:reply:<client_id>   a client's reply stream for this model
+    <ns>:{<model>}:limits              hash: the workers' entry limits the submit function applies
     <ns>:models                        hash: model -> JSON info of the workers serving it
 """
 
@@ -55,6 +58,23 @@ class ModelKeys:
 
     def done(self, request_id: str) -> str:
         return f"{self.done_prefix}{request_id}"
+
+    @property
+    def limits(self) -> str:
+        """Hash of the limits the submit function applies (``max_payload_bytes``), written by
+        the model's workers; declared as a key of ``FCALL headrace_submit``."""
+        return f"{self.prefix}:limits"
+
+    @property
+    def cancel_prefix(self) -> str:
+        """Prefix of the cancel markers; the request id is appended."""
+        return f"{self.prefix}:cancel:"
+
+    def cancel(self, request_id: str) -> str:
+        """The cancel marker of ``request_id``: a string holding a Unix time in ms; a worker
+        skips (acks without running or answering) a submission of that id whose ``ts_ms``
+        is at or before it. Same hash slot as the request stream."""
+        return f"{self.cancel_prefix}{request_id}"
 
     def reply(self, client_id: str) -> str:
         return f"{self.prefix}:reply:{client_id}"

@@ -1,6 +1,6 @@
-"""Many submits, few round trips: pipelined ``EVALSHA`` of the submit script.
+"""Many submits, few round trips: pipelined ``FCALL`` of the submit function.
 
-Every request is still its own ``EVALSHA`` of ``submit.lua`` (the wire protocol and the
+Every request is still its own ``FCALL headrace_submit`` (the wire protocol and the
 per-request backpressure check do not change); what changes is how many of them share one
 round trip to Redis:
 
@@ -12,10 +12,12 @@ round trip to Redis:
 * :func:`run_submits` (the thread-based :class:`~headrace.client.Client`'s ``map``): a
   list of commands in one pipeline.
 
-Both answer per command: the script's reply, or the :class:`redis.ResponseError` that
-command got (``QueueFull`` and the like stay per request). A script cache emptied by
-``SCRIPT FLUSH`` or a restart (``NOSCRIPT``) is handled by loading the script and sending
-the refused commands again; they had not run, so nothing is added twice.
+Both answer per command: the function's reply, or the :class:`redis.ResponseError` that
+command got (``QueueFull`` and the like stay per request). When the function is not loaded
+(a fresh Redis no worker has started on), the client loads it if Redis lets it (no ACL
+users) and sends the refused commands again; they had not run, so nothing is added twice.
+Producers under the documented ACL may not load it: their commands keep the error, which
+:func:`headrace.client.submit.refusal` explains.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from typing import Any, Final
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
-from headrace.client.submit import SUBMIT_LUA
+from headrace.client.functions import LIBRARY_SOURCE, function_missing
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,41 @@ MAX_PIPELINE: Final = 256
 Command = tuple[Any, ...]
 
 
-def _noscript(replies: Sequence[Any]) -> list[int]:
-    return [i for i, rep in enumerate(replies) if isinstance(rep, NoScriptError)]
+def _missing(replies: Sequence[Any]) -> list[int]:
+    return [i for i, rep in enumerate(replies) if isinstance(rep, redis.ResponseError) and function_missing(rep)]
+
+
+def _may_retry(load_error: redis.ResponseError | None) -> bool:
+    """After ``FUNCTION LOAD``: whether the library is there now (loaded, or by a racer)."""
+    if load_error is None or "already exists" in str(load_error):
+        return True
+    log.warning("the submit function is not loaded and this client may not load it (%s); start a worker "
+                "of the model or run `headrace functions load`", load_error)
+    return False
+
+
+def _load_library(r: redis.Redis) -> redis.ResponseError | None:
+    try:
+        r.function_load(LIBRARY_SOURCE)
+    except redis.ResponseError as e:
+        return e
+    return None
+
+
+async def _aload_library(r: aioredis.Redis) -> redis.ResponseError | None:
+    try:
+        await r.function_load(LIBRARY_SOURCE)
+    except redis.ResponseError as e:
+        return e
+    return None
 
 
 def run_submits(r: redis.Redis, commands: Sequence[Command]) -> list[Any]:
-    """Send ``commands`` (``EVALSHA`` of :data:`SUBMIT_LUA`) in one pipeline (more when there
-    are over :data:`MAX_PIPELINE`, or the script must be loaded first).
+    """Send ``commands`` (``FCALL headrace_submit``) in one pipeline (more when there are
+    over :data:`MAX_PIPELINE`, or the function must be loaded first).
 
     Returns:
-        Per command, in order: the script's reply, or the ``redis.ResponseError`` it got.
+        Per command, in order: the function's reply, or the ``redis.ResponseError`` it got.
 
     Raises:
         redis.RedisError: Redis failed as a whole (unreachable, connection lost); each
@@ -60,10 +86,9 @@ def run_submits(r: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     for start in range(0, len(commands), MAX_PIPELINE):
         chunk = commands[start:start + MAX_PIPELINE]
         got = _execute_sync(r, chunk)
-        retry = _noscript(got)
-        if retry:
-            log.info("submit script missing from the Redis script cache (NOSCRIPT); loading it")
-            r.script_load(SUBMIT_LUA)
+        retry = _missing(got)
+        if retry and _may_retry(_load_library(r)):
+            log.info("submit function was not loaded in Redis; loaded it")
             for i, rep in zip(retry, _execute_sync(r, [chunk[i] for i in retry]), strict=True):
                 got[i] = rep
         replies += got
@@ -87,7 +112,7 @@ class AutoPipeline:
     anyway, and the commands that wait for the next pipeline make it bigger, so the
     busier the client, the fewer round trips per request.
 
-    The futures complete with the script's reply, or fail with the ``redis.RedisError`` of
+    The futures complete with the function's reply, or fail with the ``redis.RedisError`` of
     their command (``ResponseError``) or of the whole pipeline (``ConnectionError`` and the
     like: then every command of that pipeline may or may not have run). A caller whose
     future is cancelled before its pipeline is sent is left out of it (nothing is sent).
@@ -97,7 +122,8 @@ class AutoPipeline:
         max_batch: most commands in one pipeline.
 
     Attributes:
-        flushes: pipelines sent so far (round trips, not counting NOSCRIPT retries).
+        flushes: pipelines sent so far (round trips, not counting retries after loading the
+            function).
         commands: commands sent so far.
     """
 
@@ -174,10 +200,9 @@ class AutoPipeline:
         self.commands += len(commands)
         try:
             replies = await self._execute(commands)
-            retry = _noscript(replies)
-            if retry:
-                log.info("submit script missing from the Redis script cache (NOSCRIPT); loading it")
-                await self._redis.script_load(SUBMIT_LUA)
+            retry = _missing(replies)
+            if retry and _may_retry(await _aload_library(self._redis)):
+                log.info("submit function was not loaded in Redis; loaded it")
                 again = await self._execute([commands[i] for i in retry])
                 for i, rep in zip(retry, again, strict=True):
                     replies[i] = rep

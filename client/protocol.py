@@ -30,7 +30,7 @@ import reprlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 import msgpack
 import numpy as np
@@ -40,11 +40,13 @@ from headrace.client import errors as E
 PROTOCOL_VERSION: Final = "1"
 SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
 
-STATUS_OK: Final = "ok"
-STATUS_ERROR: Final = "error"
-STATUS_EXPIRED: Final = "expired"
-STATUS_REJECTED: Final = "rejected"
-STATUSES: Final = frozenset({STATUS_OK, STATUS_ERROR, STATUS_EXPIRED, STATUS_REJECTED})
+Status = Literal["ok", "error", "expired", "rejected"]
+"""A result's status (see :class:`Result`)."""
+STATUS_OK: Final[Status] = "ok"
+STATUS_ERROR: Final[Status] = "error"
+STATUS_EXPIRED: Final[Status] = "expired"
+STATUS_REJECTED: Final[Status] = "rejected"
+STATUSES: Final[frozenset[str]] = frozenset({STATUS_OK, STATUS_ERROR, STATUS_EXPIRED, STATUS_REJECTED})
 
 # dtype strings accepted on the wire, mapped to little-endian numpy dtypes.
 DTYPES: Final[dict[str, np.dtype[Any]]] = {
@@ -55,9 +57,13 @@ DTYPES: Final[dict[str, np.dtype[Any]]] = {
     )
 }
 MAX_DIMS: Final = 8
-_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Used with fullmatch: "$" would also accept the string with one trailing newline.
+_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Stream keys are bytes to Redis; we bound them and forbid control characters.
-_KEY_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,512}$")
+_KEY_RE = re.compile(r"[^\x00-\x1f\x7f]{1,512}")
+# deadline_ms / ts_ms: empty (= not given) or decimal ASCII only (int() would also take "1_000", " 7" or
+# Arabic-Indic digits), at most 18 digits so every value fits an int64 and a float.
+_MS_RE = re.compile(rb"[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,8 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
     Raises:
         MissingFieldError: ``dtype``, ``shape`` or ``data`` is absent.
         InvalidTensorError: unknown dtype (``bad_dtype``), or a shape that is malformed,
-            too large, or does not match the byte length (``bad_shape``).
+            has a dimension no array can have, or does not match the byte length (``bad_shape``).
+        PayloadTooLargeError: more elements than ``limits.max_elements``.
     """
     if not isinstance(obj, Mapping):
         raise E.DecodeError(f"{name}: a tensor must be a map with dtype/shape/data")
@@ -134,8 +141,12 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
     # math.prod on Python ints cannot overflow; compare before trusting any allocation.
     n = math.prod(shape)
     if n > limits.max_elements:
-        raise E.InvalidTensorError(f"{name}: {n} elements exceed the limit of {limits.max_elements}",
-                                   code=E.BAD_SHAPE)
+        raise E.PayloadTooLargeError(f"{name}: {n} elements exceed the limit of {limits.max_elements}")
+    # An empty tensor may still name absurd dimensions ([0, 2**63]); numpy refuses any shape
+    # whose non-zero dimensions multiply beyond its size limit, so bound them the same way.
+    if math.prod(d or 1 for d in shape) > limits.max_elements:
+        raise E.InvalidTensorError(f"{name}: shape {_quote(shape)} has dimensions beyond "
+                                   f"{limits.max_elements} elements", code=E.BAD_SHAPE)
     dt = DTYPES[dtype_name]
     if n * dt.itemsize != len(data):
         raise E.InvalidTensorError(
@@ -258,7 +269,7 @@ def check_request_id(request_id: str) -> None:
     Raises:
         DecodeError: ``request_id`` breaks the rule (or is not a str).
     """
-    if not isinstance(request_id, str) or not _ID_RE.match(request_id):
+    if not isinstance(request_id, str) or not _ID_RE.fullmatch(request_id):
         shown = request_id[:64] if isinstance(request_id, str) else request_id
         raise E.DecodeError(f"request id {shown!r} must be 1-128 chars of [A-Za-z0-9._:-]")
 
@@ -269,17 +280,36 @@ def check_reply_to(reply_to: str) -> None:
     Raises:
         DecodeError: ``reply_to`` breaks the rule.
     """
-    if not isinstance(reply_to, str) or not _KEY_RE.match(reply_to):
+    if not isinstance(reply_to, str) or not _KEY_RE.fullmatch(reply_to):
         raise E.DecodeError("reply_to must be a 1-512 character key without control characters")
+
+
+def _ms(fields: Mapping[bytes, bytes], key: bytes) -> int:
+    """An optional Unix-ms field: absent or empty is 0, else 1-18 ASCII digits.
+
+    Raises:
+        DecodeError: anything else (signs, spaces, ``_``, non-ASCII digits, too long).
+    """
+    raw = fields.get(key)
+    if not raw:
+        return 0
+    data = raw if isinstance(raw, (bytes, bytearray)) else str(raw).encode()
+    if not _MS_RE.fullmatch(data):
+        raise E.DecodeError(f"entry field {key.decode()!r} must be 1-18 ASCII digits (Unix ms), got "
+                            f"{_quote(bytes(data[:40]))}")
+    return int(data)
 
 
 def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     """Decode and check the routing fields of a request entry.
 
     Raises:
-        UnsupportedVersionError, MissingFieldError, DecodeError.
+        MissingFieldError: ``v``, ``id`` or ``reply_to`` is absent.
+        UnsupportedVersionError: ``v`` is not a version this code speaks.
+        DecodeError: a field breaks its rule (id, reply_to, ``deadline_ms``/``ts_ms``).
     """
-    version = _s(fields, b"v", required=False) or ""
+    version = _s(fields, b"v")
+    assert version is not None
     if version not in SUPPORTED_VERSIONS:
         raise E.UnsupportedVersionError(
             f"protocol version {version!r} is not supported; this worker speaks {sorted(SUPPORTED_VERSIONS)}")
@@ -288,11 +318,7 @@ def decode_envelope(fields: Mapping[bytes, bytes]) -> Envelope:
     assert request_id is not None and reply_to is not None
     check_request_id(request_id)
     check_reply_to(reply_to)
-    try:
-        deadline_ms = int(_s(fields, b"deadline_ms", required=False) or 0)
-        ts_ms = int(_s(fields, b"ts_ms", required=False) or 0)
-    except ValueError as e:
-        raise E.DecodeError("deadline_ms and ts_ms must be integers (Unix ms)") from e
+    deadline_ms, ts_ms = _ms(fields, b"deadline_ms"), _ms(fields, b"ts_ms")
     return Envelope(request_id=request_id, reply_to=reply_to, version=version,
                     deadline_ms=deadline_ms, ts_ms=ts_ms, model=_s(fields, b"model", required=False))
 
@@ -301,7 +327,8 @@ def decode_body(envelope: Envelope, data: bytes | None, limits: Limits = DEFAULT
     """Decode the msgpack body of a request whose envelope is already decoded.
 
     Raises:
-        PayloadTooLargeError, DecodeError, MissingFieldError, InvalidTensorError.
+        PayloadTooLargeError, DecodeError, MissingFieldError, InvalidTensorError, and
+        ProtocolError with code ``bad_value`` for a ``text`` that is not a str.
     """
     if data is None:
         raise E.MissingFieldError("entry field 'body' is missing")
@@ -313,7 +340,8 @@ def decode_body(envelope: Envelope, data: bytes | None, limits: Limits = DEFAULT
     if "text" in body:
         text = body["text"]
         if not isinstance(text, str):
-            raise E.DecodeError("'text' must be a UTF-8 msgpack str")
+            raise E.ProtocolError(f"'text' must be a UTF-8 msgpack str, got {type(text).__name__}",
+                                  code=E.BAD_VALUE)
         if len(text) > limits.max_text_chars:
             raise E.PayloadTooLargeError(f"text of {len(text)} chars exceeds {limits.max_text_chars}")
         return Request(envelope=envelope, text=text)
@@ -364,10 +392,20 @@ class Timings:
 
 @dataclass(frozen=True)
 class Result:
-    """The answer to one request."""
+    """The answer to one request.
+
+    Attributes:
+        request_id: the request's id.
+        status: ``ok``, ``error`` (``code`` says why), ``expired`` (its deadline passed
+            before it ran) or ``rejected`` (treated like ``error``).
+        outputs: the model's outputs for this sample (numpy arrays, no batch dimension).
+        code / message: the stable error code and a human-readable detail (not ``ok``).
+        timings: where the time went (queue, model run, batch size, worker).
+        model / version: what answered.
+    """
 
     request_id: str
-    status: str
+    status: Status
     outputs: Mapping[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     code: str = ""
     message: str = ""
@@ -379,6 +417,21 @@ class Result:
     def ok(self) -> bool:
         return self.status == STATUS_OK
 
+    def __repr__(self) -> str:
+        # Compact: arrays by dtype and shape (an embedding would print hundreds of floats).
+        outs = ", ".join(f"{k!r}: {v.dtype}{list(v.shape)}" for k, v in self.outputs.items())
+        parts = [f"request_id={self.request_id!r}", f"status={self.status!r}"]
+        if self.code:
+            parts.append(f"code={self.code!r}")
+        if self.message:
+            parts.append(f"message={_quote(self.message)}")
+        parts.append(f"outputs={{{outs}}}")
+        if self.model:
+            parts.append(f"model={self.model!r}" + (f", version={self.version!r}" if self.version else ""))
+        t = self.timings
+        parts.append(f"timings=(queue_ms={t.queue_ms:.1f}, infer_ms={t.infer_ms:.1f}, batch_size={t.batch_size})")
+        return f"Result({', '.join(parts)})"
+
     def encode(self) -> dict[bytes, bytes]:
         return encode_result(self)
 
@@ -387,11 +440,11 @@ class Result:
         if self.status == STATUS_OK:
             return self
         if self.status == STATUS_EXPIRED:
-            raise E.RequestExpired(self.message or "deadline passed before the request ran")
+            raise E.RequestExpired(f"request {self.request_id}: {self.message or 'deadline passed before it ran'}")
         raise E.InferenceFailed(f"request {self.request_id}: {self.message}", code=self.code or E.INTERNAL_ERROR)
 
 
-def error_result(request_id: str, code: str, message: str, status: str = STATUS_ERROR,
+def error_result(request_id: str, code: str, message: str, status: Status = STATUS_ERROR,
                  **kw: Any) -> Result:
     return Result(request_id=request_id, status=status, code=code, message=message[:1000], **kw)
 
@@ -426,7 +479,8 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     Raises:
         DecodeError, MissingFieldError, UnsupportedVersionError.
     """
-    version = _s(fields, b"v", required=False) or ""
+    version = _s(fields, b"v")
+    assert version is not None
     if version not in SUPPORTED_VERSIONS:
         raise E.UnsupportedVersionError(f"result protocol version {version!r} is not supported")
     request_id = _s(fields, b"id")
@@ -449,7 +503,7 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     except (TypeError, ValueError) as e:
         raise E.DecodeError(f"result timings are malformed: {e}") from e
     return Result(
-        request_id=request_id, status=status, outputs=outputs,
+        request_id=request_id, status=cast(Status, status), outputs=outputs,
         code=_s(fields, b"code", required=False) or "",
         message=_s(fields, b"message", required=False) or "",
         timings=timings,

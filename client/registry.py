@@ -11,7 +11,8 @@ one field per model; the value is JSON written only by the worker's ``REGISTER``
       "workers": {
         "host-123-ab12": {"seen_ms": 1764530000000, "version": "2", "backend": "onnx",
                           "max_batch": 32, "preferred_batch": 0, "max_wait_ms": 5.0,
-                          "host": "host", "pid": 123}
+                          "host": "host", "pid": 123, "lag": 0, "pending": 3,
+                          "p50_ms": 12.5, "p99_ms": 40.1}
       },
       "signatures": {"2": {"seen_ms": 1764530000000, "describe": "<servable description, JSON text>"}}
     }
@@ -32,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from headrace.client import errors as E
+from headrace.client.failures import broker_error
 from headrace.client.keys import registry_key
 
 ALIVE_MS = 30_000
@@ -61,6 +62,10 @@ class WorkerRecord:
         version: the repository version it really serves.
         backend: servable backend (``onnx``, ``torch``, ``fake``, ...).
         max_batch / preferred_batch / max_wait_ms: its live batching limits.
+        lag / pending: the model's backlog as this worker last read it (entries not yet
+            delivered to the group / delivered and not acknowledged).
+        p50_ms / p99_ms: submit-to-result latency of the requests it answered lately
+            (milliseconds; 0 when it answered none).
     """
 
     consumer: str
@@ -72,6 +77,10 @@ class WorkerRecord:
     max_wait_ms: float = 0.0
     host: str = ""
     pid: int = 0
+    lag: int = 0
+    pending: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
 
     @classmethod
     def decode(cls, consumer: str, raw: Any) -> WorkerRecord | None:
@@ -80,7 +89,9 @@ class WorkerRecord:
         return cls(consumer=consumer, seen_ms=_int(raw.get("seen_ms")), version=str(raw.get("version") or ""),
                    backend=str(raw.get("backend") or ""), max_batch=_int(raw.get("max_batch")),
                    preferred_batch=_int(raw.get("preferred_batch")), max_wait_ms=_float(raw.get("max_wait_ms")),
-                   host=str(raw.get("host") or ""), pid=_int(raw.get("pid")))
+                   host=str(raw.get("host") or ""), pid=_int(raw.get("pid")), lag=_int(raw.get("lag")),
+                   pending=_int(raw.get("pending")), p50_ms=_float(raw.get("p50_ms")),
+                   p99_ms=_float(raw.get("p99_ms")))
 
     def alive(self, now_ms: int, alive_ms: int = ALIVE_MS) -> bool:
         return now_ms - self.seen_ms <= alive_ms
@@ -178,7 +189,7 @@ def read_model(redis: Any, namespace: str, model: str) -> tuple[ModelRecord | No
         pipe.time()
         raw, now = pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
-        raise E.BrokerError(f"cannot read the model registry: {e}") from e
+        raise broker_error(e, "reading the model registry") from e
     return decode_record(model, raw), server_ms(now)
 
 
@@ -194,7 +205,7 @@ async def aread_model(redis: Any, namespace: str, model: str) -> tuple[ModelReco
         pipe.time()
         raw, now = await pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
-        raise E.BrokerError(f"cannot read the model registry: {e}") from e
+        raise broker_error(e, "reading the model registry") from e
     return decode_record(model, raw), server_ms(now)
 
 
@@ -210,5 +221,5 @@ def read_registry(redis: Any, namespace: str) -> tuple[dict[str, ModelRecord], i
         pipe.time()
         raw, now = pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
-        raise E.BrokerError(f"cannot read the model registry: {e}") from e
+        raise broker_error(e, "reading the model registry") from e
     return decode_registry(raw), server_ms(now)

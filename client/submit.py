@@ -1,33 +1,27 @@
-"""Building request entries and enqueueing them with backpressure (the submit Lua script).
+"""Building request entries and enqueueing them with backpressure (the submit function).
 
-The script itself lives next to this module in ``submit.lua`` so producers in other
-languages can ``EVAL`` the very same file (see ``docs/protocol.md``).
+Requests go through the Redis Function ``headrace_submit`` (``FCALL``), whose library lives
+next to this module in ``submit.lua`` so producers in other languages call the very same
+function (see ``docs/protocol.md``); :mod:`headrace.client.functions` loads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
 from headrace.client import errors as E
 from headrace.client import protocol
 from headrace.client.config import ClientSettings
+from headrace.client.functions import SUBMIT_FUNCTION, function_missing
 from headrace.client.keys import ModelKeys
-
-SUBMIT_LUA: Final[str] = resources.files(__package__).joinpath("submit.lua").read_text(encoding="utf-8")
-# EVALSHA name of the script (redis-py encodes str arguments as UTF-8, so this matches the
-# SHA that SCRIPT LOAD returns).
-SUBMIT_SHA: Final[str] = hashlib.sha1(SUBMIT_LUA.encode("utf-8")).hexdigest()
-
 
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
@@ -106,25 +100,59 @@ def prepare_request(keys: ModelKeys, reply_to: str, inputs: Mapping[str, Any] | 
                            deadline_ms=env.deadline_ms, fields=fields)
 
 
-def script_args(keys: ModelKeys, prepared: PreparedRequest, max_backlog: int) -> tuple[list[str], list[Any]]:
-    """``(KEYS, ARGV)`` for :data:`SUBMIT_LUA`."""
+def function_args(keys: ModelKeys, prepared: PreparedRequest, max_backlog: int) -> tuple[list[str], list[Any]]:
+    """``(KEYS, ARGV)`` of ``FCALL headrace_submit`` (see ``client/submit.lua``)."""
     argv: list[Any] = [keys.group, max_backlog]
     for k, v in prepared.fields.items():
         argv += [k, v]
-    return [keys.requests], argv
+    return [keys.requests, keys.limits], argv
 
 
-def evalsha_command(keys: ModelKeys, prepared: PreparedRequest, max_backlog: int) -> tuple[Any, ...]:
-    """The whole ``EVALSHA`` command of :data:`SUBMIT_LUA` for ``prepared``, as arguments
-    for ``execute_command`` (what :func:`script_args` describes, without the script object)."""
-    cmd: list[Any] = ["EVALSHA", SUBMIT_SHA, 1, prepared.stream, keys.group, max_backlog]
+def submit_command(keys: ModelKeys, prepared: PreparedRequest, max_backlog: int) -> tuple[Any, ...]:
+    """The whole ``FCALL headrace_submit`` command for ``prepared``, as arguments for
+    ``execute_command`` (what :func:`function_args` describes)."""
+    cmd: list[Any] = ["FCALL", SUBMIT_FUNCTION, 2, prepared.stream, keys.limits, keys.group, max_backlog]
     for kv in prepared.fields.items():
         cmd += kv
     return tuple(cmd)
 
 
+# Wire codes the submit function refuses an entry with (first word of its error reply).
+_REFUSALS: dict[str, type[E.ProtocolError]] = {
+    E.DECODE_ERROR: E.DecodeError, E.MISSING_FIELD: E.MissingFieldError,
+    E.PAYLOAD_TOO_LARGE: E.PayloadTooLargeError, E.UNSUPPORTED_VERSION: E.UnsupportedVersionError,
+    E.UNKNOWN_MODEL: E.ProtocolError,
+}
+
+
+def refusal(error: BaseException, prepared: PreparedRequest) -> E.HeadraceError | None:
+    """The error for a submit that Redis answered with ``error`` when nothing was added:
+    the function refused the entry (its wire code), or the function is not loaded.
+    None for any other error (the request may or may not have been added)."""
+    message = str(error)
+    code, _, detail = message.partition(" ")
+    cls = _REFUSALS.get(code)
+    if cls is not None:
+        return cls(f"request {prepared.request_id} refused by the submit function, nothing enqueued: {detail}",
+                   code=code)
+    rid = prepared.request_id
+    if function_missing(error):
+        return E.BrokerError(
+            f"request {rid} was not enqueued: the submit function {SUBMIT_FUNCTION} is not loaded in this Redis; "
+            "start a worker of the model or run `headrace functions load`", request_id=rid, retryable=False)
+    if "unknown command" in message and "fcall" in message.lower():
+        return E.BrokerError(f"request {rid} was not enqueued: this Redis has no Functions (FCALL); headrace "
+                             "needs Redis >= 7.0", request_id=rid, retryable=False)
+    if "exhausted the last possible ID" in message:
+        return E.BrokerError(
+            f"request {rid} was not enqueued: {prepared.stream} holds the largest possible entry id (a plain XADD "
+            "with an explicit id); nothing can be added until an operator repairs the stream (docs/security.md, "
+            "Known limits)", request_id=rid, retryable=False)
+    return None
+
+
 def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
-    """Interpret the script's answer; return the request stream entry id.
+    """Interpret the submit function's answer; return the request stream entry id.
 
     Raises:
         QueueFull: the model's backlog was at or above ``max_backlog``; nothing was added.
@@ -133,12 +161,13 @@ def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
     try:
         added, value = int(reply[0]), reply[1]
     except (TypeError, ValueError, IndexError) as e:
-        raise E.BrokerError(f"unexpected reply from the submit script: {reply!r}") from e
+        raise E.BrokerError(f"unexpected reply from the submit function: {reply!r}", request_id=prepared.request_id,
+                            retryable=False) from e
     if not added:
         raise E.QueueFull(
             f"model {prepared.model!r} has a backlog of {int(value)} requests (max_backlog={max_backlog}); "
-            f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise "
-            "HEADRACE_MAX_BACKLOG")
+            f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise max_backlog",
+            backlog=int(value), max_backlog=max_backlog, request_id=prepared.request_id, model=prepared.model)
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 START_ID = "0-0"
 
 
+Outcome = Result | BaseException
+
+
 class Ticket:
-    """Handle of one submitted request; completes when its result arrives.
+    """Handle of one submitted request; completes when its result arrives, or when it is
+    cancelled (:meth:`cancel`) or forgotten (``client.forget``).
 
     Works from threads (:meth:`result`) and from asyncio (``await ticket``). A ticket stays
     collectable after a :class:`ResultTimeout`: the request may still be answered later.
@@ -37,9 +41,12 @@ class Ticket:
         deadline_ms: absolute Unix deadline in ms (0 = none).
         entry_id: id of the request stream entry of the latest (re)submission.
         submitted: ``time.monotonic()`` of the latest (re)submission.
+        submissions: how many times it was sent to the submit script (retries resubmit the
+            same id); 0 = never sent, so cancelling it tells the workers nothing.
     """
 
-    def __init__(self, prepared: PreparedRequest, entry_id: str = "", default_timeout_s: float = 60.0) -> None:
+    def __init__(self, prepared: PreparedRequest, entry_id: str = "", default_timeout_s: float = 60.0,
+                 canceller: Callable[[Ticket], None] | None = None) -> None:
         self.prepared = prepared
         self.request_id = prepared.request_id
         self.model = prepared.model
@@ -47,7 +54,9 @@ class Ticket:
         self.deadline_ms = prepared.deadline_ms
         self.entry_id = entry_id
         self.submitted = time.monotonic()
+        self.submissions = 0
         self.default_timeout_s = default_timeout_s
+        self._canceller = canceller
         self._future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         # asyncio futures of coroutines waiting for the result (see _async_waiter): resolved
         # directly when the result is delivered on their own loop, which is the AsyncClient
@@ -55,12 +64,36 @@ class Ticket:
         self._waiters: list[asyncio.Future[Result | None]] = []
 
     def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
+        state = "cancelled" if self.cancelled() else "done" if self.done() else "pending"
         return f"Ticket(model={self.model!r}, request_id={self.request_id!r}, {state})"
 
     def done(self) -> bool:
-        """True once the result arrived."""
+        """True once the result arrived, or the ticket was cancelled or forgotten."""
         return self._future.done()
+
+    def cancelled(self) -> bool:
+        """True when the ticket was cancelled or forgotten before its result arrived."""
+        return self._future.done() and isinstance(self._future.exception(timeout=0), E.RequestCancelled)
+
+    def cancel(self) -> bool:
+        """Give up on the request: waiters get :class:`RequestCancelled`, the client stops
+        tracking it, and a cancel marker tells workers to skip it if they have not started
+        it yet (skipped requests are acknowledged unanswered; one already running finishes,
+        and its result is dropped). Never raises; Redis trouble only means the marker may
+        be missing (the request then still runs, for nobody).
+
+        Returns:
+            True when the ticket was pending and is now cancelled; False when it was done.
+        """
+        if not self._fail(E.RequestCancelled(f"request {self.request_id} (model {self.model!r}) was cancelled",
+                                             request_id=self.request_id)):
+            return False
+        if self._canceller is not None:
+            try:
+                self._canceller(self)
+            except Exception:  # noqa: BLE001 - cancelling is best effort; the ticket is done either way
+                log.warning("could not cancel request %s on the server side", self.request_id, exc_info=True)
+        return True
 
     def result(self, timeout_s: float | None = None) -> Result:
         """Block until the result arrives and return it (also when it is an error result;
@@ -71,20 +104,25 @@ class Ticket:
 
         Raises:
             ResultTimeout: no result within ``timeout_s`` (the ticket stays collectable).
+            RequestCancelled: the ticket was cancelled or forgotten.
         """
         wait = self.default_timeout_s if timeout_s is None else timeout_s
         try:
             return self._future.result(timeout=wait)
         except concurrent.futures.TimeoutError as e:
-            raise E.ResultTimeout(
-                f"no result for request {self.request_id} (model {self.model!r}) within {wait:.3f}s; "
-                "the ticket stays collectable") from e
+            raise self._timeout(wait) from e
+
+    def _timeout(self, wait: float) -> E.ResultTimeout:
+        return E.ResultTimeout(
+            f"no result for request {self.request_id} (model {self.model!r}) within {wait:.3f}s; "
+            "the ticket stays collectable", request_id=self.request_id, timeout_s=wait)
 
     async def wait(self, timeout_s: float | None = None) -> Result:
         """Async form of :meth:`result`.
 
         Raises:
             ResultTimeout: no result within ``timeout_s``.
+            RequestCancelled: the ticket was cancelled or forgotten.
         """
         if self._future.done():
             return self._future.result()
@@ -97,19 +135,18 @@ class Ticket:
             result = await waiter
         finally:
             timer.cancel()
-            if not waiter.done() or waiter.cancelled() or waiter.result() is None:
-                self._forget(waiter)  # timed out or cancelled: _resolve did not take it
+            if not waiter.done() or waiter.cancelled() or (waiter.exception() is None and waiter.result() is None):
+                self._forget(waiter)  # timed out or cancelled: _complete did not take it
         if result is None:
-            raise E.ResultTimeout(
-                f"no result for request {self.request_id} (model {self.model!r}) within {wait:.3f}s; "
-                "the ticket stays collectable")
+            raise self._timeout(wait)
         return result
 
     def __await__(self) -> Generator[Any, None, Result]:
         return self.wait().__await__()
 
     def add_done_callback(self, fn: Callable[[Ticket], None]) -> None:
-        """Call ``fn(ticket)`` when the result arrives (in the reader's thread)."""
+        """Call ``fn(ticket)`` when the result arrives or the ticket is cancelled (in the
+        thread that completes it)."""
         self._future.add_done_callback(lambda _f: fn(self))
 
     def _async_waiter(self) -> asyncio.Future[Result | None]:
@@ -120,27 +157,40 @@ class Ticket:
         waiter: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         # The result may have been set by another thread (the sync Client's reader) between
-        # the caller's check and the append above; _resolve sets the result before it
+        # the caller's check and the append above; _complete sets the result before it
         # takes the waiter list, so checking again here closes that gap.
         if self._future.done():
             self._forget(waiter)
-            waiter.set_result(self._future.result())
+            _settle_waiter(waiter, self._outcome())
         return waiter
+
+    def _outcome(self) -> Outcome:
+        exc = self._future.exception(timeout=0)
+        return exc if exc is not None else self._future.result(timeout=0)
 
     def _forget(self, waiter: asyncio.Future[Result | None]) -> None:
         try:
             self._waiters.remove(waiter)
         except ValueError:
-            pass  # already taken by _resolve
+            pass  # already taken by _complete
 
     def _resolve(self, result: Result) -> bool:
+        return self._complete(result)
+
+    def _fail(self, exc: BaseException) -> bool:
+        return self._complete(exc)
+
+    def _complete(self, outcome: Outcome) -> bool:
         try:
-            self._future.set_result(result)
+            if isinstance(outcome, BaseException):
+                self._future.set_exception(outcome)
+            else:
+                self._future.set_result(outcome)
         except concurrent.futures.InvalidStateError:
             return False
         waiters, self._waiters = self._waiters, []
         if waiters:
-            _wake(waiters, result)
+            _wake(waiters, outcome)
         return True
 
 
@@ -149,13 +199,17 @@ def _expire(waiter: asyncio.Future[Result | None]) -> None:
         waiter.set_result(None)
 
 
-def _set_if_pending(waiter: asyncio.Future[Result | None], result: Result) -> None:
-    if not waiter.done():
-        waiter.set_result(result)
+def _settle_waiter(waiter: asyncio.Future[Result | None], outcome: Outcome) -> None:
+    if waiter.done():
+        return
+    if isinstance(outcome, BaseException):
+        waiter.set_exception(outcome)
+    else:
+        waiter.set_result(outcome)
 
 
-def _wake(waiters: list[asyncio.Future[Result | None]], result: Result) -> None:
-    """Complete ``waiters`` with ``result``: directly when called on their loop (the
+def _wake(waiters: list[asyncio.Future[Result | None]], outcome: Outcome) -> None:
+    """Complete ``waiters`` with ``outcome``: directly when called on their loop (the
     AsyncClient's reader task), else through ``call_soon_threadsafe`` (the sync Client's
     reader thread, or a loop other than the reader's)."""
     try:
@@ -165,10 +219,10 @@ def _wake(waiters: list[asyncio.Future[Result | None]], result: Result) -> None:
     for waiter in waiters:
         loop = waiter.get_loop()
         if loop is running:
-            _set_if_pending(waiter, result)
+            _settle_waiter(waiter, outcome)
         elif not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(_set_if_pending, waiter, result)
+                loop.call_soon_threadsafe(_settle_waiter, waiter, outcome)
             except RuntimeError:
                 pass  # the loop closed in between: nobody is waiting on it any more
 
@@ -267,5 +321,9 @@ def resolve_all(answered: Iterable[tuple[Ticket, Result]]) -> None:
 
 
 def ordered_results(tickets: Iterable[Ticket]) -> list[Result]:
-    """Results of tickets that are all done, in the given order."""
+    """Results of tickets that are all done, in the given order.
+
+    Raises:
+        RequestCancelled: one of them was cancelled.
+    """
     return [t._future.result(timeout=0) for t in tickets]

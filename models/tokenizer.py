@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from headrace.client.errors import ModelError, ModelNotFoundError
+from headrace.client.optional import WORKER, require
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -33,8 +34,9 @@ def load_tokenizer(path: str | Path | None = None, *, max_length: int = MAX_SEQ_
     Raises:
         ModelNotFoundError: no tokenizer file there.
         ModelError: the file is not a valid tokenizer.
+        MissingDependencyError: tokenizers is not installed (``[worker-cpu]`` / ``[worker-gpu]``).
     """
-    from tokenizers import Tokenizer
+    Tokenizer = require("tokenizers", WORKER, purpose="text models").Tokenizer
 
     if path is None:
         from headrace.models.builtin.minilm import default_model_path

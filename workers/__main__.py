@@ -22,7 +22,7 @@ _FLAGS: tuple[tuple[str, type], ...] = (
     ("consumer", str), ("model_repo", str), ("backend", str), ("max_batch", int), ("preferred_batch", int),
     ("max_wait_ms", float), ("block_ms", int), ("lease_s", float), ("max_deliveries", int),
     ("dedupe_ttl_s", int), ("reply_ttl_s", int), ("trim_interval_s", float), ("drain_timeout_s", float),
-    ("infer_timeout_s", float), ("metrics_port", int), ("instances", int), ("intra_op_threads", int),
+    ("infer_timeout_s", float), ("metrics_port", int), ("instances", int), ("intra_op_threads", int), ("servable", str),
 )
 
 

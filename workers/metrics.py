@@ -5,7 +5,8 @@ has to implement :class:`WorkerMetrics`:
 
 * ``observe_batch(size, infer_s)`` once per model run,
 * ``observe_request(status, code, queue_s, total_s)`` once per answered (or dead-lettered)
-  request,
+  request, and with status and code :data:`CANCELLED` once per request skipped because its
+  producer cancelled it (acknowledged unanswered, never run),
 * ``set_backlog(lag, pending)`` periodically.
 
 All durations are in seconds at this interface; the Prometheus exporter converts.
@@ -19,9 +20,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from headrace.client.optional import WORKER, require
+
 log = logging.getLogger(__name__)
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+CANCELLED = "cancelled"
+"""Status and code of a request skipped because its producer cancelled it."""
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -101,6 +106,8 @@ class _Families:
         self.success = PCounter("headrace_request_success", "Requests answered ok", lv, registry=registry)
         self.failure = PCounter("headrace_request_failure", "Requests answered with an error, expired or "
                                 "dead-lettered, by wire code", (*lv, "code"), registry=registry)
+        self.cancelled = PCounter("headrace_request_cancelled", "Requests skipped unanswered because their "
+                                  "producer cancelled them (never run)", lv, registry=registry)
         self.request_us = PCounter("headrace_request_duration_us", "Cumulative submit-to-result time (us)",
                                    lv, registry=registry)
         self.queue_us = PCounter("headrace_queue_duration_us", "Cumulative submit-to-batch time (us)",
@@ -138,16 +145,11 @@ class PrometheusMetrics:
         registry: a ``prometheus_client.CollectorRegistry``; the global one by default.
 
     Raises:
-        ConfigError: prometheus-client is not installed (``pip install headrace[worker]``).
+        MissingDependencyError: prometheus-client is not installed (``[worker-cpu]`` / ``[worker-gpu]``).
     """
 
     def __init__(self, model: str, version: str = "", registry: Any = None) -> None:
-        try:
-            import prometheus_client
-        except ImportError as e:
-            from headrace.client.errors import ConfigError
-
-            raise ConfigError("prometheus-client is not installed; pip install 'headrace[worker]'") from e
+        prometheus_client = require("prometheus_client", WORKER, purpose="worker metrics")
         self.registry = registry if registry is not None else prometheus_client.REGISTRY
         self._f = _families(self.registry)
         self._labels = (model, version)
@@ -157,6 +159,9 @@ class PrometheusMetrics:
         self._f.infer_us.labels(*self._labels).inc(max(0.0, infer_s) * 1e6 * size)
 
     def observe_request(self, status: str, code: str, queue_s: float, total_s: float) -> None:
+        if status == CANCELLED:
+            self._f.cancelled.labels(*self._labels).inc()
+            return
         if status == "ok":
             self._f.success.labels(*self._labels).inc()
         else:
@@ -176,14 +181,12 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0", registry: Any = None)
     (call ``.shutdown()`` to stop it).
 
     Raises:
-        ConfigError: prometheus-client is missing, or the port cannot be bound.
+        MissingDependencyError: prometheus-client is not installed (a ``ConfigError``).
+        ConfigError: the port cannot be bound.
     """
     from headrace.client.errors import ConfigError
 
-    try:
-        import prometheus_client
-    except ImportError as e:
-        raise ConfigError("prometheus-client is not installed; pip install 'headrace[worker]'") from e
+    prometheus_client = require("prometheus_client", WORKER, purpose="the worker metrics endpoint")
     try:
         server, _thread = prometheus_client.start_http_server(
             port, addr=addr, registry=registry if registry is not None else prometheus_client.REGISTRY)

@@ -67,6 +67,10 @@ class WorkerSettings(Settings):
             default: on a shared CPU the spinning threads take the cores the event loop,
             Redis and the producers need (measured ~70% more raw throughput with it off on
             2 cores, BENCHMARKS.md); turn it on for a dedicated many-core host.
+        servable: ``package.module:Class`` of an operator-written servable
+            (:class:`~headrace.workers.backends.custom.CustomServable`) to serve the model
+            with instead of the manifest's backend. Operator configuration only: a manifest
+            never names code.
         restrict_reply_to: write results only to this model's reply streams
             (``<ns>:{<model>}:reply:<client>``); an entry naming another key is
             dead-lettered unanswered. Turn off only for trusted producers on a single Redis.
@@ -98,6 +102,7 @@ class WorkerSettings(Settings):
     reject_non_finite: bool = True
     ort_spin: bool = False
     restrict_reply_to: bool = True
+    servable: str = ""
 
     def validate(self) -> None:
         validate_model_name(self.model)
@@ -123,6 +128,9 @@ class WorkerSettings(Settings):
         require(1 <= self.instances <= 64, "instances",
                 "must be between 1 and 64 concurrent model calls (usually <= the cores, with intra_op_threads=1)")
         require(0 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port or 0")
+        mod, sep, cls = self.servable.partition(":")
+        require(not self.servable or (bool(sep) and bool(mod) and bool(cls) and " " not in self.servable),
+                "servable", "must be 'package.module:Class' (an importable CustomServable subclass) or empty")
 
     @property
     def effective_preferred_batch(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from headrace.client.optional import require
 from headrace.cluster.bench.stats import LoadPoint
 
 
@@ -24,7 +25,7 @@ def plot_latency_vs_load(series: Mapping[str, Sequence[LoadPoint]], path: str | 
 
     Returns the written path.
     """
-    import matplotlib
+    matplotlib = require("matplotlib", "plot", purpose="benchmark plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,7 +68,7 @@ def plot_latency_vs_load(series: Mapping[str, Sequence[LoadPoint]], path: str | 
 def plot_throughput_bars(values: Mapping[str, float], path: str | Path, *, title: str,
                          limit_rps: float | None = None) -> Path:
     """Horizontal bars of throughput per system, with the raw limit as a line."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plot", purpose="benchmark plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from headrace.client.optional import require
+
 
 @click.command("up")
 @click.option("--config", "config_path", default="ray_config.yaml", type=click.Path(dir_okay=False),
@@ -24,6 +26,7 @@ import click
 def up_cmd(cfg: Any, config_path: str, num_cpus: int | None, dashboard_port: int, metrics_port: int,
            build: bool) -> None:
     """Start local Ray (with dashboard), Redis unless --redis-url is given, and deploy the config."""
+    require("ray.serve", "ray", purpose="headrace up")
     from headrace.cluster.ops import lifecycle as ops
 
     if build:
@@ -67,17 +70,30 @@ def scale_cmd(model: str, replicas: int, dashboard: str | None, wait_s: float) -
 @click.option("--version", "version", required=True, help="Repository version to roll out.")
 @click.option("--dashboard", default=None, help="Ray dashboard URL (default: the cluster `up` started).")
 @click.option("--wait-s", type=float, default=300.0, help="Wait this long for the rollout.")
-def deploy_cmd(model: str, version: str, dashboard: str | None, wait_s: float) -> None:
-    """Roll MODEL to repository VERSION: new replicas start, old ones drain; no request is lost."""
+@click.option("--check/--no-check", default=True,
+              help="Load the version here first (exists, checksums, manifest vs model) and refuse before any "
+                   "replica changes if it fails.")
+def deploy_cmd(model: str, version: str, dashboard: str | None, wait_s: float, check: bool) -> None:
+    """Roll MODEL to repository VERSION: new replicas start, old ones drain; no request is lost.
+
+    The version is loaded and checked here before the rollout: a missing or broken version
+    is refused and the running replicas are left as they are."""
     from headrace.cluster.ops import lifecycle as ops
 
-    ops.deploy_version(ops.connect(dashboard), model, version, wait_s=wait_s)
+    deployer = ops.connect(dashboard)
+    if check:
+        cfg = ops.deployed_config(deployer)
+        click.echo(f"checked {ops.check_version(cfg, model, version)}; rolling out")
+    ops.deploy_version(deployer, model, version, wait_s=wait_s, check=False)
     click.echo(f"{model}: rolled out version {version}")
 
 
-def with_replicas(renderable: Any) -> Any:
+def with_replicas(renderable: Any, served: Any = None) -> Any:
     """``renderable`` followed by the Ray Serve replica table when a cluster is known
-    (``headrace up`` state or ``RAY_DASHBOARD_ADDRESS``); unchanged otherwise."""
+    (``headrace up`` state or ``RAY_DASHBOARD_ADDRESS``); unchanged otherwise.
+
+    ``served``: ``{(model, pid): version}`` from the workers' registry, so each replica shows
+    the version it really serves; applications that failed to deploy are listed below it."""
     from headrace.cluster.ops.lifecycle import ClusterState
 
     url = os.environ.get("RAY_DASHBOARD_ADDRESS")
@@ -94,7 +110,12 @@ def with_replicas(renderable: Any) -> Any:
     from headrace.cluster.ops import lifecycle as ops
 
     try:
-        rows = ops.replicas(ops.DashboardDeployer(url).details())
+        details = ops.DashboardDeployer(url).details()
+        rows = ops.replicas(details, served)
     except Exception as e:  # noqa: BLE001 - show the problem instead of failing the status
         return Group(renderable, f"[yellow]Ray Serve at {url}: {e}[/]")
-    return Group(renderable, ops.replica_table(rows, title=f"Ray Serve replicas ({url})"))
+    parts = [renderable, ops.replica_table(rows, title=f"Ray Serve replicas ({url})")]
+    problems = ops.app_problems(details)
+    if problems:
+        parts.append(ops.problems_table(problems))
+    return Group(*parts)

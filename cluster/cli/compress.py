@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from headrace.client.optional import WORKER, require_all
 from headrace.cluster.cli.context import CliConfig, pass_cfg
 
 STEP_HELP = ("any model: quantize-dynamic, quantize-static, fp16, prune, tflite; BERT-family torch entries: "
@@ -111,6 +112,7 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
 def compress(cfg: CliConfig, name: str, **opts: Any) -> None:
     """Compress NAME (any ONNX/torch repository model with --data; minilm or digits recipes
     without) into the repository and print the report."""
+    require_all({"torch": "compress", "onnx": "compress", "onnxruntime": WORKER}, purpose="headrace compress")
     from headrace.models.compress.pipeline import compress_main
 
     compress_main(build_options(name, cfg.repo, {k: v for k, v in opts.items() if v is not None}))

@@ -17,6 +17,7 @@ from headrace.cluster.cli.compress import compress
 from headrace.cluster.cli.context import CliConfig, HeadraceGroup
 from headrace.cluster.cli.demo import demo
 from headrace.cluster.cli.dlq import dlq
+from headrace.cluster.cli.functions import functions
 from headrace.cluster.cli.models import models
 from headrace.cluster.cli.redis_server import redis_cmd
 from headrace.cluster.cli.status import status
@@ -42,7 +43,7 @@ def main(ctx: click.Context, redis_url: str | None, namespace: str | None, repo:
     ctx.obj = CliConfig(redis_url=redis_url, namespace=namespace, repo=repo)
 
 
-for _command in (worker, redis_cmd, submit, status, dlq, models, compress, demo, bench,
+for _command in (worker, redis_cmd, submit, status, dlq, functions, models, compress, demo, bench,
                  up_cmd, down_cmd, scale_cmd, deploy_cmd):
     main.add_command(_command)
 

@@ -27,9 +27,10 @@ def status(cfg: CliConfig, models: tuple[str, ...], watch: bool, interval_s: flo
 
     def render() -> Any:
         from headrace.cluster.cli.cluster import with_replicas
-        from headrace.cluster.cli.status_data import collect_status
+        from headrace.cluster.cli.status_data import collect_status, served_versions
 
-        return with_replicas(status_table(collect_status(r, ns, list(models), window_s), ns))
+        return with_replicas(status_table(collect_status(r, ns, list(models), window_s), ns),
+                             served_versions(r, ns))
 
     console = Console()
     try:

@@ -47,3 +47,17 @@ def collect_status(r: redis.Redis, namespace: str, models: Sequence[str], window
         return out
     except redis.RedisError as e:
         raise E.BrokerError(f"reading status from Redis failed: {e}") from e
+
+
+def served_versions(r: redis.Redis, namespace: str) -> dict[tuple[str, int], str]:
+    """``{(model, pid): version}`` of every live worker in the registry: what each Ray
+    replica (one worker per replica process) really serves. Empty if Redis cannot be read."""
+    from headrace.client import errors as E
+    from headrace.client.registry import read_registry
+
+    try:
+        records, now = read_registry(r, namespace)
+    except E.BrokerError as e:
+        log.warning("registry unreadable: %s", e)
+        return {}
+    return {(name, w.pid): w.version for name, rec in records.items() for w in rec.live_workers(now) if w.pid}

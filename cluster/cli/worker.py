@@ -30,6 +30,8 @@ FAKE_KINDS = ("affine", "length")
 @click.option("--instances", type=int, default=None,
               help="Model calls at once on the one loaded model (CPU: cores, with --threads 1).")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (0 = off).")
+@click.option("--servable", default=None, metavar="PACKAGE.MODULE:CLASS",
+              help="Serve the model with this operator-written CustomServable subclass (docs/models.md).")
 @pass_cfg
 def worker(cfg: CliConfig, model: str | None, version: str | None, fake: str | None, **opts: Any) -> None:
     """Run one standalone worker for one model until SIGTERM/Ctrl-C (then drain gracefully)."""

@@ -6,6 +6,7 @@ The binary comes from ``redis-server`` on PATH, else from the pip-installable bu
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -65,6 +66,20 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent(parent_pid: int) -> None:
+    """``preexec_fn`` (Linux): have the kernel send SIGTERM to this child when the thread
+    that started it dies, SIGKILL included, so the server cannot be orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not Linux, or refused: the parent's own cleanup still stops the server
+    if os.getppid() != parent_pid:
+        # The parent died between fork and prctl: nobody would stop this server.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class EmbeddedRedis:
     """Start, stop, kill and restart a private Redis on 127.0.0.1.
 
@@ -74,11 +89,14 @@ class EmbeddedRedis:
         appendfsync: ``always``, ``everysec`` or ``no``.
         data_dir: working directory (a temporary one by default; kept across restarts).
         extra_args: more ``redis-server`` arguments, e.g. ``["--maxmemory", "100mb"]``.
+        die_with_parent: on Linux, the server gets SIGTERM when the thread that started it
+            dies, even by SIGKILL (``prctl(PR_SET_PDEATHSIG)``). Only for a server that
+            must not outlive its starter, started from a thread that lives as long.
     """
 
     def __init__(self, port: int = 0, *, appendonly: bool = False, appendfsync: str = "everysec",
                  data_dir: str | os.PathLike[str] | None = None, extra_args: list[str] | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, die_with_parent: bool = False) -> None:
         if appendfsync not in {"always", "everysec", "no"}:
             raise ConfigError("appendfsync must be 'always', 'everysec' or 'no'")
         self.port = port or free_port()
@@ -88,6 +106,7 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.extra_args = list(extra_args or [])
         self.password = password
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -110,8 +129,10 @@ class EmbeddedRedis:
         if self.password:
             args += ["--requirepass", self.password]
         args += self.extra_args
+        parent = os.getpid()
+        preexec = (lambda: _terminate_with_parent(parent)) if self.die_with_parent and os.name == "posix" else None
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509 - see _terminate_with_parent
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         try:

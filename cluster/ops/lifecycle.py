@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import BrokerError, ConfigError, HeadraceError
+from headrace.client.optional import require
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_ports
+from headrace.cluster.ops.versions import check_version
 from headrace.cluster.serve.app import APP_BUILDER
 from headrace.cluster.serve.config import (
     DashboardDeployer,
@@ -40,10 +42,12 @@ from headrace.cluster.serve.config import (
     LocalDeployer,
     MemoryDeployer,
     ReplicaRow,
+    app_problems,
     deployed_config,
     find_model_app,
     load_config,
     prepare_config,
+    problems_table,
     replica_table,
     replicas,
     scaled,
@@ -53,8 +57,9 @@ from headrace.cluster.serve.config import (
 )
 
 __all__ = [
-    "ClusterState", "DashboardDeployer", "Deployer", "LocalDeployer", "MemoryDeployer", "ReplicaRow", "apply",
-    "build_models", "connect", "deploy_version", "deployed_config", "down", "find_model_app", "load_config",
+    "ClusterState", "DashboardDeployer", "Deployer", "LocalDeployer", "MemoryDeployer", "ReplicaRow", "app_problems",
+    "apply", "problems_table",
+    "build_models", "check_version", "connect", "deploy_version", "deployed_config", "down", "find_model_app", "load_config",
     "prepare_config", "replica_table", "replicas", "scale", "scaled", "serve_locally", "state_dir", "up",
     "validate_config", "versioned", "wait_running", "with_app",
 ]
@@ -116,9 +121,20 @@ def scale(deployer: Deployer, model: str, replicas: int, *, wait_s: float | None
     return apply(deployer, scaled(deployed_config(deployer), model, replicas), wait_s=wait_s)
 
 
-def deploy_version(deployer: Deployer, model: str, version: str, *, wait_s: float | None = 300.0) -> dict[str, Any]:
-    """Roll the model's replicas to repository ``version``. Raises ConfigError/BrokerError."""
-    return apply(deployer, versioned(deployed_config(deployer), model, version), wait_s=wait_s)
+def deploy_version(deployer: Deployer, model: str, version: str, *, wait_s: float | None = 300.0,
+                   check: bool = True) -> dict[str, Any]:
+    """Roll the model's replicas to repository ``version``: with ``check``, the version is
+    first loaded here (:func:`check_version`), so a missing or broken version is refused
+    before a single replica changes.
+
+    Raises:
+        ModelNotFoundError / ModelError / RepositoryError: the check failed (nothing deployed).
+        ConfigError / BrokerError: the rollout failed or timed out.
+    """
+    cfg = deployed_config(deployer)
+    if check:
+        log.info("checked %s before the rollout", check_version(cfg, model, version))
+    return apply(deployer, versioned(cfg, model, version), wait_s=wait_s)
 
 
 # --- headrace up / down --------------------------------------------------------------------
@@ -188,7 +204,9 @@ def up(config_path: str | os.PathLike[str] = DEFAULT_CONFIG, *, redis_url: str |
     """
     if ClusterState.load() is not None:
         raise ConfigError(f"a cluster is already up (see {state_dir() / STATE_FILE}); run `headrace down` first")
-    cfg = load_config(config_path)  # fail on a bad config before starting anything
+    # Fail on a missing extra or a bad config before starting any process.
+    require("ray.serve", "ray", purpose="headrace up")
+    cfg = load_config(config_path)
     redis_url = redis_url or os.environ.get("HEADRACE_REDIS_URL") or None
     redis_pid: int | None = None
     if not redis_url:
@@ -328,8 +346,8 @@ def serve_locally(settings: Any, replicas: int = 1, *, num_cpus: int | None = No
         BrokerError: it did not come up within ``wait_s``.
         Exception: whatever ``ray.init`` raises when Ray cannot start here.
     """
-    import ray
-    from ray import serve
+    ray = require("ray", "ray", purpose="serving on a local Ray")
+    serve = require("ray.serve", "ray", purpose="serving on a local Ray")
 
     from headrace.cluster.serve.app import ModelAppArgs, app_config
 

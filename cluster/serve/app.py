@@ -242,6 +242,13 @@ class IngressArgs(Settings):
         max_backlog: answer 429 when a model's backlog reaches this (0 = no check).
         num_replicas / num_cpus: ingress replicas and CPUs each.
         require_registered: answer 404 for a model no worker has registered (``<ns>:models``).
+        api_keys: ``<caller>:<sha256 hex of the key>`` entries; any entry (here or in
+            ``HEADRACE_INGRESS_API_KEYS``) turns API-key authentication on
+            (:mod:`headrace.cluster.serve.auth`).
+        max_body_bytes: largest request body (bytes); longer ones get 413.
+        max_tickets: most calls one replica tracks (in flight, plus idempotent ones kept for
+            retries); beyond it new calls get 429.
+        idempotency_ttl_s: how long an answered idempotent call stays for retries (seconds).
     """
 
     redis_url: str = ""
@@ -251,8 +258,19 @@ class IngressArgs(Settings):
     num_replicas: int = 1
     num_cpus: float = 0.25
     require_registered: bool = True
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_tickets: int = 10_000
+    idempotency_ttl_s: float = 600.0
 
     def validate(self) -> None:
+        from headrace.cluster.serve.auth import parse_entries
+
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))  # YAML gives a list
+        parse_entries(self.api_keys)
+        require(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024 bytes")
+        require(self.max_tickets >= 1, "max_tickets", "must be >= 1")
+        require(self.idempotency_ttl_s >= 0, "idempotency_ttl_s", "must be >= 0 s")
         validate_namespace(self.namespace)
         require(self.timeout_s > 0, "timeout_s", "must be > 0 s")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 (0 disables the check)")

@@ -94,8 +94,8 @@ def desired_replicas(backlog: float, target_backlog_per_replica: float) -> float
 
 def read_backlog(client: Any, keys: ModelKeys) -> tuple[int, int]:
     """``(lag, pending)`` of the model's consumer group, from ``XINFO GROUPS`` and ``XLEN``
-    (read as :func:`headrace.workers.broker.backlog.group_backlog` does). A stream or group that
-    does not exist yet has no backlog.
+    (read as :func:`headrace.workers.broker.backlog.group_backlog` does). A stream that does
+    not exist yet has no backlog; one without the group has all its entries unread.
 
     Raises:
         BrokerError: Redis is unreachable or answered unexpectedly.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from headrace.client.errors import BrokerError, ConfigError
+from headrace.client.optional import require
 from headrace.cluster.serve.app import APP_BUILDER, WORKER_DEPLOYMENT, absolute_repo
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def load_config(path: str | os.PathLike[str], *, redis_url: str | None = None,
     Raises:
         ConfigError: the file is missing or is not a valid Serve config.
     """
-    import yaml
+    yaml = require("yaml", "ray", purpose="reading a Serve config")
 
     p = Path(path)
     try:
@@ -73,7 +74,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: naming the application and the problem.
     """
-    from ray.serve.schema import ServeDeploySchema
+    ServeDeploySchema = require("ray.serve.schema", "ray", purpose="validating a Serve config").ServeDeploySchema
 
     from headrace.cluster.serve.app import INGRESS_BUILDER, IngressArgs, ModelAppArgs
 
@@ -185,11 +186,11 @@ class DashboardDeployer:
     """
 
     def __init__(self, address: str) -> None:
-        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+        sdk = require("ray.dashboard.modules.serve.sdk", "ray", purpose="the Ray dashboard client")
 
         _use_ray_token_if_present()
         try:
-            self.client = ServeSubmissionClient(address)
+            self.client = sdk.ServeSubmissionClient(address)
         except Exception as e:  # noqa: BLE001 - connection errors of several libraries
             raise BrokerError(f"cannot reach the Ray dashboard at {address}: {e}") from e
         self.address = address
@@ -293,21 +294,58 @@ class ReplicaRow:
     pid: int | None
     model: str
     version: str
+    deployed: str = ""
 
 
-def replicas(details: Mapping[str, Any]) -> list[ReplicaRow]:
-    """Every replica of every application in Serve ``details``."""
+def replicas(details: Mapping[str, Any], served: Mapping[tuple[str, int], str] | None = None) -> list[ReplicaRow]:
+    """Every replica of every application in Serve ``details``.
+
+    ``version`` is what the replica's worker registered (``served``: ``{(model, pid):
+    version}`` from the registry), ``?`` while it has not registered (starting, or unknown
+    without ``served``); ``deployed`` is what the app's config asks for (``latest`` when unset).
+    """
     rows: list[ReplicaRow] = []
     for app_name, app in (details.get("applications") or {}).items():
-        args = ((app.get("deployed_app_config") or {}).get("args") or {})
+        deployed = app.get("deployed_app_config") or {}
+        args = deployed.get("args") or {}
+        # A model app's config may leave model at its default (ModelAppArgs.model).
+        model = str(args.get("model", "minilm" if deployed.get("import_path") == APP_BUILDER else ""))
         for dep_name, dep in (app.get("deployments") or {}).items():
             for r in dep.get("replicas") or []:
+                pid = r.get("pid")
                 rows.append(ReplicaRow(
                     app=app_name, deployment=dep_name, replica_id=str(r.get("replica_id", "")),
                     state=str(getattr(r.get("state"), "value", r.get("state", ""))), node_id=str(r.get("node_id") or ""),
-                    node_ip=str(r.get("node_ip") or ""), pid=r.get("pid"),
-                    model=str(args.get("model", "")), version=str(args.get("version", "") or "latest")))
+                    node_ip=str(r.get("node_ip") or ""), pid=pid, model=model,
+                    version=(served or {}).get((model, int(pid or 0)), "?") if dep_name != "Ingress" else "",
+                    deployed=str(args.get("version", "") or "latest") if model else ""))
     return rows
+
+
+def app_problems(details: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(app, status, message)`` of every application that is not RUNNING (a failed or
+    ongoing deploy, an unhealthy deployment), with its deployments' messages."""
+    out = []
+    for name, app in (details.get("applications") or {}).items():
+        status = str(getattr(app.get("status"), "value", app.get("status", "")))
+        if status == "RUNNING":
+            continue
+        msgs = [str(app.get("message") or "")] + [f"{d}: {info.get('message')}" for d, info in
+                                                  (app.get("deployments") or {}).items() if info.get("message")]
+        out.append((str(name), status, " | ".join(m for m in msgs if m)[-600:]))
+    return out
+
+
+def problems_table(problems: list[tuple[str, str, str]]) -> Any:
+    """A rich table of :func:`app_problems`."""
+    from rich.table import Table
+
+    t = Table(title="[red]Applications not running[/] (failed or ongoing deploys)")
+    for col in ("app", "status", "message"):
+        t.add_column(col)
+    for app, status, msg in problems:
+        t.add_row(app, f"[red]{status}[/]" if "FAIL" in status or "UNHEALTHY" in status else status, msg)
+    return t
 
 
 def replica_table(rows: list[ReplicaRow], title: str = "Ray Serve replicas") -> Any:
@@ -315,9 +353,9 @@ def replica_table(rows: list[ReplicaRow], title: str = "Ray Serve replicas") -> 
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("app", "deployment", "replica", "state", "node", "pid", "model", "version"):
+    for col in ("app", "deployment", "replica", "state", "node", "pid", "model", "serves", "deployed"):
         t.add_column(col)
     for r in rows:
         t.add_row(r.app, r.deployment, r.replica_id, r.state, (r.node_ip or r.node_id[:12]),
-                  "" if r.pid is None else str(r.pid), r.model, r.version)
+                  "" if r.pid is None else str(r.pid), r.model, r.version, r.deployed)
     return t

@@ -1,19 +1,29 @@
 """HTTP ingress on Ray Serve: ``POST /v1/models/{model}/infer`` through the same stream.
 
+``GET /v1/models`` lists the registered models and ``GET /v1/models/{model}`` returns one
+model's KServe-v2-style metadata (:mod:`headrace.cluster.serve.metadata`), both read from
+the workers' registry in Redis (API keys apply to them too).
+
 HTTP-only clients share the batching of every other producer: the ingress enqueues each
 request into the model's stream with the SDK (:class:`~headrace.client.aio.AsyncClient`,
-backpressure script included) and waits for the result on its own reply stream. Nothing
-is computed here, so the ingress is light and model-agnostic (one app serves every model).
+submit function included) and waits for the result on the caller's own reply stream.
+Nothing is computed here, so the ingress is light and model-agnostic (one app serves every
+model). What a call does is :class:`~headrace.cluster.serve.gateway.Gateway`; this module
+is only the web layer, and it never lets the framework answer for it (no 422 of its own,
+no 500 for a bad body).
 
-Status codes (body ``{"code": <wire code>, "message": ...}``):
+Status codes (body ``{"code": <wire code>, "message": ...}``, header ``X-Request-Id``):
 
     200  ok
     400  the request is malformed for the model (decode_error, missing_field, bad_dtype,
-         bad_shape, bad_value, unsupported_version)
-    404  unknown_model (no worker registered the model)
-    413  payload_too_large
-    429  queue_full (the model's backlog reached max_backlog; retry later)
-    500  model_error / internal_error
+         bad_shape, bad_value)
+    401  unauthorized (API keys are configured and none valid was sent)
+    404  unknown_model (no worker registered the model, or not a model name)
+    413  payload_too_large (the body, the text, a tensor or the number of inputs)
+    415  decode_error: the Content-Type is not JSON
+    429  queue_full (the model's backlog reached max_backlog, or this replica's call table
+         is full; retry later)
+    500  model_error / max_deliveries_exceeded / internal_error
     503  Redis unreachable
     504  deadline_exceeded (no result within timeout_s, or it expired before running)
 
@@ -21,34 +31,27 @@ OpenAPI docs: ``/docs`` (Swagger UI) and ``/openapi.json``.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
-# runtime, and through Serve's ingress wrapper string annotations do not resolve (the body
-# model would be taken for a query parameter).
+# runtime.
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import numpy as np
-from fastapi import FastAPI, Path
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
-from ray import serve
-
-from headrace.client import errors as E
-from headrace.client.protocol import DTYPES, Result
+from headrace.client.optional import require
+from headrace.client.protocol import DTYPES
 from headrace.cluster.serve.app import IngressArgs
+from headrace.cluster.serve.gateway import Answer, Gateway, http_status
+
+__all__ = ["IngressDeployment", "create_api", "http_status"]
+
+# ray.serve imports fastapi itself: one check names the extra that brings both.
+require("ray.serve", "ray", purpose="the HTTP ingress")
+from fastapi import FastAPI, Path, Request  # noqa: E402 - after the check above
+from fastapi.responses import JSONResponse  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+from ray import serve  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-_STATUS = {
-    E.DECODE_ERROR: 400, E.MISSING_FIELD: 400, E.BAD_DTYPE: 400, E.BAD_SHAPE: 400, E.BAD_VALUE: 400,
-    E.UNSUPPORTED_VERSION: 400, E.UNKNOWN_MODEL: 404, E.PAYLOAD_TOO_LARGE: 413, E.QUEUE_FULL: 429,
-    E.MODEL_ERROR: 500, E.MAX_DELIVERIES: 500, E.INTERNAL_ERROR: 500, E.DEADLINE_EXCEEDED: 504,
-    E.CONFIG_ERROR: 400,
-}
-
-
-def http_status(code: str) -> int:
-    """HTTP status for a wire error code (500 for codes this version does not know)."""
-    return _STATUS.get(code, 500)
 
 
 class TensorJSON(BaseModel):
@@ -61,11 +64,11 @@ class TensorJSON(BaseModel):
 
 class InferBody(BaseModel):
     """One sample: ``text`` for text models, or named ``inputs``. An input may be a
-    :class:`TensorJSON` or a bare (nested) list, taken as float32."""
+    :class:`TensorJSON` or a bare (nested) list, taken as float32. (Documentation only: the
+    body is parsed by :mod:`headrace.cluster.serve.http_body`.)"""
 
     text: str | None = None
     inputs: dict[str, TensorJSON | list[Any]] | None = None
-    request_id: str | None = Field(None, description="idempotency key, 1-128 chars of [A-Za-z0-9._:-]")
     timeout_s: float | None = Field(None, gt=0, description="wait at most this long (default: server's)")
 
 
@@ -82,52 +85,94 @@ class ErrorBody(BaseModel):
     message: str
 
 
-def decode_inputs(inputs: dict[str, TensorJSON | list[Any]]) -> dict[str, np.ndarray[Any, Any]]:
-    """JSON inputs -> arrays.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
+_HEADERS = {
+    "Authorization": "Bearer <API key> (or X-API-Key), when the ingress has API keys",
+    "Idempotency-Key": "retry key, 1-128 printable ASCII; authenticated callers only",
+}
 
-    Raises:
-        InvalidTensorError: unknown dtype (``bad_dtype``), or data that does not fit the shape
-            (``bad_shape``) or the dtype (``bad_value``).
-    """
-    out: dict[str, np.ndarray[Any, Any]] = {}
-    for name, t in inputs.items():
-        if isinstance(t, list):
-            try:
-                out[name] = np.asarray(t, dtype=np.float32)
-            except (TypeError, ValueError) as e:
-                raise E.InvalidTensorError(f"input {name!r} is not a rectangular list of numbers: {e}",
-                                           code=E.BAD_VALUE) from e
-            continue
-        if t.dtype not in DTYPES:
-            raise E.InvalidTensorError(f"input {name!r}: dtype {t.dtype!r} is not one of {sorted(DTYPES)}",
-                                       code=E.BAD_DTYPE)
+
+def _json(answer: Answer) -> JSONResponse:
+    return JSONResponse(status_code=answer.status, content=answer.content, headers=answer.headers)
+
+
+async def read_body(request: Request, limit: int) -> tuple[bytes, bool]:
+    """The body, at most ``limit`` bytes of it, and whether it was longer (then the rest is
+    not read: a huge body never sits in memory)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return b"", True
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+def create_api(gateway: Callable[[], Gateway]) -> FastAPI:
+    """The FastAPI app of the ingress; ``gateway()`` returns the replica's :class:`Gateway`,
+    closed when the app shuts down (its SDK clients stop reading before the loop ends)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
         try:
-            arr = np.asarray(t.data, dtype=np.dtype(t.dtype))
-        except (TypeError, ValueError, OverflowError) as e:
-            raise E.InvalidTensorError(f"input {name!r}: data does not fit dtype {t.dtype}: {e}",
-                                       code=E.BAD_VALUE) from e
-        if arr.ndim != 1 or arr.size != int(np.prod(t.shape, dtype=np.int64)):
-            raise E.InvalidTensorError(f"input {name!r}: {arr.size} flat values do not fill shape {t.shape}",
-                                       code=E.BAD_SHAPE)
-        out[name] = arr.reshape(t.shape)
-    return out
+            gw = gateway()
+        except RuntimeError:
+            return  # never started
+        await gw.close()
+
+    api = FastAPI(title="headrace", version="1", lifespan=lifespan,
+                  description="Batched inference over Redis Streams. Requests share the model's queue and batches "
+                              "with every other producer.")
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models", responses=_ERRORS)
+    async def models(request: Request) -> JSONResponse:
+        """Models with a registered worker: ``models`` (names) and ``index`` (live versions,
+        ready, live workers per model)."""
+        return _json(await gateway().models(request.headers))
+
+    @api.get("/v1/models/{model}", responses=_ERRORS)
+    async def model_metadata(request: Request, model: str = Path(..., description="served model name"),
+                             version: str | None = None) -> JSONResponse:
+        """KServe-v2-style metadata of ``model`` from the workers' registry: versions served,
+        platform, inputs/outputs (datatype, shape with -1 on the batch axis, per-request
+        shape), text or tensors, batching limit, classifier labels."""
+        return _json(await gateway().model_metadata(model, version, request.headers))
+
+    @api.post("/v1/models/{model}/infer", response_model=InferResponse, responses=_ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": InferBody.model_json_schema()}}},
+                  "parameters": [{"name": k, "in": "header", "required": False, "description": v,
+                                  "schema": {"type": "string"}} for k, v in _HEADERS.items()]})
+    async def infer(request: Request,
+                    model: str = Path(..., description="served model name, e.g. minilm")) -> JSONResponse:
+        """Enqueue one sample for ``model`` and wait for its result."""
+        gw = gateway()
+        body, too_large = await read_body(request, gw.args.max_body_bytes)
+        return _json(await gw.infer(model, body, request.headers, body_too_large=too_large))
+
+    return api
 
 
-def encode_outputs(res: Result) -> dict[str, dict[str, Any]]:
-    return {k: {"dtype": v.dtype.name, "shape": list(v.shape), "data": v.reshape(-1).tolist()}
-            for k, v in res.outputs.items()}
+class _Current:
+    """The replica's gateway (one Serve replica is one process)."""
+
+    gateway: Gateway | None = None
+
+    @classmethod
+    def get(cls) -> Gateway:
+        if cls.gateway is None:
+            raise RuntimeError("the ingress deployment has not started")
+        return cls.gateway
 
 
-def error_response(code: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=http_status(code), content={"code": code, "message": message})
-
-
-api = FastAPI(
-    title="headrace",
-    description="Batched inference over Redis Streams. Requests share the model's queue and batches "
-                "with every other producer.",
-    version="1",
-)
+api = create_api(_Current.get)
 
 
 @serve.deployment(name="Ingress")
@@ -140,83 +185,7 @@ class IngressDeployment:
     """
 
     def __init__(self, args: dict[str, Any]) -> None:
-        self.args = IngressArgs.from_dict(args)
-        self._client: Any = None
-        self._redis: Any = None
-
-    def _clients(self) -> tuple[Any, Any]:
-        # Created on first use, inside the replica's event loop (asyncio objects bind to it).
-        if self._client is None:
-            import redis.asyncio as aioredis
-
-            from headrace.client.aio import AsyncClient
-
-            self._client = AsyncClient(self.args.redis_url or None, namespace=self.args.namespace,
-                                       max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s)
-            self._redis = aioredis.Redis.from_url(self.args.redis_url or "redis://127.0.0.1:6379/0")
-        return self._client, self._redis
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
-        """Models with a registered worker, and their registry info."""
-        from headrace.client.keys import registry_key
-
-        _, r = self._clients()
-        try:
-            raw = await r.hgetall(registry_key(self.args.namespace))
-        except Exception as e:  # noqa: BLE001 - redis.asyncio raises RedisError and OSError subclasses
-            return JSONResponse(status_code=503, content={"code": E.INTERNAL_ERROR, "message": f"Redis: {e}"})
-        return JSONResponse(content={"models": sorted(k.decode() if isinstance(k, bytes) else k for k in raw)})
-
-    @api.post("/v1/models/{model}/infer", response_model=InferResponse,
-              responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
-                         429: {"model": ErrorBody}, 500: {"model": ErrorBody}, 503: {"model": ErrorBody},
-                         504: {"model": ErrorBody}})
-    async def infer(self, body: InferBody,
-                    model: str = Path(..., description="served model name, e.g. minilm")) -> Any:
-        """Enqueue one sample for ``model`` and wait for its result."""
-        from headrace.client.keys import registry_key
-
-        client, r = self._clients()
-        timeout_s = min(body.timeout_s or self.args.timeout_s, self.args.timeout_s)
-        try:
-            if (body.text is None) == (body.inputs is None):
-                raise E.MissingFieldError("send exactly one of 'text' and 'inputs'")
-            inputs = decode_inputs(body.inputs) if body.inputs is not None else None
-            if self.args.require_registered:
-                try:
-                    known = await r.hexists(registry_key(self.args.namespace), model)
-                except Exception as e:  # noqa: BLE001 - any Redis failure is a 503 below
-                    raise E.BrokerError(f"Redis unreachable: {e}") from e
-                if not known:
-                    raise E.ModelNotFoundError(f"no worker serves model {model!r}")
-            # The deadline makes workers answer 'expired' instead of running a request
-            # whose HTTP caller already got its 504.
-            ticket = await client.submit(model, inputs, body.text, request_id=body.request_id,
-                                         deadline_s=timeout_s)
-            res: Result = await client.result(ticket, timeout_s=timeout_s + 1.0)
-        except E.ResultTimeout as e:
-            return error_response(E.DEADLINE_EXCEEDED, str(e.message))
-        except E.BrokerError as e:
-            if isinstance(e, E.QueueFull):
-                return error_response(E.QUEUE_FULL, e.message)
-            return JSONResponse(status_code=503, content={"code": e.code, "message": e.message})
-        except E.HeadraceError as e:
-            return error_response(e.code, e.message)
-        if not res.ok:
-            code = E.DEADLINE_EXCEEDED if res.status == "expired" else (res.code or E.INTERNAL_ERROR)
-            return error_response(code, res.message or res.status)
-        return {"id": res.request_id, "model": res.model or model, "version": res.version,
-                "outputs": encode_outputs(res), "timings": res.timings.to_wire()}
+        self.gateway = _Current.gateway = Gateway(IngressArgs.from_dict(args))
 
     async def __del__(self) -> None:
-        client, r = self._client, self._redis
-        self._client = self._redis = None
-        if client is not None:
-            await client.close()
-        if r is not None:
-            await r.aclose()
+        await self.gateway.close()

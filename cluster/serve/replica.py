@@ -30,15 +30,15 @@ import time
 import uuid
 from typing import Any
 
-from ray import serve
-
 from headrace.client.errors import BrokerError, ConfigError, ModelError
+from headrace.client.optional import require
 from headrace.cluster.serve.app import LIVE_FIELDS, ModelAppArgs
 from headrace.cluster.serve.autoscale import LAG_METRIC, PENDING_METRIC
 from headrace.cluster.serve.metrics import RayWorkerMetrics
 from headrace.workers.backends.base import Servable
 from headrace.workers.engine.worker import WorkerThread
 
+serve = require("ray.serve", "ray", purpose="the Ray Serve worker deployment")
 log = logging.getLogger(__name__)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // A headrace producer in Node.js: wire protocol v1 (docs/protocol.md) with a plain Redis
-// client. It submits requests with the same backpressure Lua script the Python SDK uses
-// (client/submit.lua; or a plain XADD with --plain), then reads its reply stream with
+// client. It submits requests through the same Redis Function the Python SDK uses
+// (FCALL headrace_submit, library client/submit.lua; or a plain XADD with --plain, which
+// needs an operator's explicit grant, docs/security.md), then reads its reply stream with
 // XREAD BLOCK, decodes the msgpack results, prints one JSON line per result, and deletes
 // the entries it consumed.
 //
@@ -18,7 +19,8 @@ const { encode, decode } = require('@msgpack/msgpack');
 
 const PROTOCOL_VERSION = '1';
 const GROUP = 'workers';
-const SUBMIT_LUA = path.resolve(__dirname, '..', '..', 'client', 'submit.lua');
+const LIBRARY = path.resolve(__dirname, '..', '..', 'client', 'submit.lua');
+const SUBMIT_FUNCTION = 'headrace_submit';
 // Replies as Buffers: result bodies are binary msgpack.
 const BINARY = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } };
 
@@ -93,22 +95,41 @@ function requestFields({ id, replyTo, model, deadlineMs, body }) {
   ];
 }
 
-async function loadScript(client) {
-  return String(await client.sendCommand(['SCRIPT', 'LOAD', fs.readFileSync(SUBMIT_LUA, 'utf8')]));
+// Load the function library; normally a worker or an operator (`headrace functions load`)
+// has done so already, and a producer under the documented ACL may not (NOPERM).
+async function loadLibrary(client) {
+  try {
+    await client.sendCommand(['FUNCTION', 'LOAD', fs.readFileSync(LIBRARY, 'utf8')]);
+  } catch (e) {
+    if (!String(e.message).includes('already exists')) throw e;
+  }
 }
 
-// EVALSHA the submit script (atomic backpressure check + XADD); reload it after NOSCRIPT
-// (e.g. Redis restarted and lost its script cache).
-async function submit(client, state, stream, fields, opts) {
+// A refusal of the function is an error whose first word is the wire code: nothing was added.
+function refusal(e) {
+  const code = String(e.message).split(' ', 1)[0];
+  if (/^[a-z_]+$/.test(code)) e.code = code;
+  return e;
+}
+
+// FCALL the submit function (validation + atomic backpressure check + XADD); load the
+// library once when Redis does not know the function yet.
+async function submit(client, prefix, fields, opts) {
+  const stream = `${prefix}:requests`;
   if (opts.plain) return String(await client.sendCommand(['XADD', stream, '*', ...fields]));
-  const args = () => ['EVALSHA', state.sha, '1', stream, GROUP, String(opts.maxBacklog), ...fields];
+  const args = ['FCALL', SUBMIT_FUNCTION, '2', stream, `${prefix}:limits`, GROUP, String(opts.maxBacklog),
+    ...fields];
   let reply;
   try {
-    reply = await client.sendCommand(args());
+    reply = await client.sendCommand(args);
   } catch (e) {
-    if (!String(e.message).startsWith('NOSCRIPT')) throw e;
-    state.sha = await loadScript(client);
-    reply = await client.sendCommand(args());
+    if (!String(e.message).includes('Function not found')) throw refusal(e);
+    await loadLibrary(client);
+    try {
+      reply = await client.sendCommand(args);
+    } catch (again) {
+      throw refusal(again);
+    }
   }
   if (Number(reply[0]) !== 1) {
     const err = new Error(`${stream} has a backlog of ${reply[1]} (max ${opts.maxBacklog})`);
@@ -162,9 +183,7 @@ async function main() {
   await client.connect();
   try {
     const prefix = `${opts.namespace}:{${opts.model}}`; // the model is the Redis Cluster hash tag
-    const stream = `${prefix}:requests`;
     const replyTo = `${prefix}:reply:node-${process.pid}-${crypto.randomBytes(3).toString('hex')}`;
-    const state = { sha: opts.plain ? null : await loadScript(client) };
     const base = opts.values.split(',').map(Number);
     const ids = [];
     for (let k = 0; k < opts.count; k++) {
@@ -172,7 +191,7 @@ async function main() {
       const body = opts.text !== null
         ? { text: opts.text }
         : { inputs: { [opts.input]: encodeTensor(opts.dtype, [base.length], base.map((v) => v + k)) } };
-      const entryId = await submit(client, state, stream, requestFields({
+      const entryId = await submit(client, prefix, requestFields({
         id, replyTo, model: opts.model, deadlineMs: opts.deadlineMs, body,
       }), opts);
       ids.push(id);
@@ -195,5 +214,5 @@ async function main() {
 
 main().catch((e) => {
   console.error(`error: ${e.code ? `[${e.code}] ` : ''}${e.message}`);
-  process.exit(e.code === 'queue_full' ? 4 : 1);
+  process.exit(e.code === 'queue_full' ? 4 : (e.code ? 5 : 1));
 });

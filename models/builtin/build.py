@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import ModelNotFoundError, RepositoryError
+from headrace.client.optional import WORKER, require_all
 from headrace.models.repository.store import IOSpec, Manifest, ModelRepository, sha256_file
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ BUILD_REVISION = 1
 
 TEXT_INPUTS = (IOSpec("input_ids", "int64", (-1,)), IOSpec("attention_mask", "int64", (-1,)))
 EMBEDDING_OUTPUTS = (IOSpec("embeddings", "float32", (384,)),)
+# What each build imports, by extra: the ONNX entry (False) or the torch entry (True).
+BUILD_NEEDS: dict[bool, dict[str, str | tuple[str, ...]]] = {
+    False: {"torch": "compress", "onnx": "compress", "onnxruntime": WORKER},
+    True: {"torch": "torch", "safetensors": "torch"}}
 
 
 def _versions_of(*modules: str) -> dict[str, str]:
@@ -181,7 +186,14 @@ def build_minilm_torch(repo: ModelRepository | str | Path, *, name: str = MINILM
 
 def ensure_minilm(repo_path: ModelRepository | str | Path, *, torch_format: bool = False) -> Manifest:
     """Build once, then reuse: what tests and the demo call (e.g. with the ``model_repo_dir``
-    fixture). ``torch_format`` builds the ``minilm-torch`` entry instead of ``minilm``."""
+    fixture). ``torch_format`` builds the ``minilm-torch`` entry instead of ``minilm``.
+
+    Raises:
+        MissingDependencyError: torch (``[torch]``), or for the ONNX entry onnx (``[compress]``)
+            and onnxruntime (``[worker-cpu]``), is not installed.
+        ModelNotFoundError: the weights package is not installed (``[demo]``).
+    """
+    require_all(BUILD_NEEDS[torch_format], purpose="building MiniLM")
     if torch_format:
         return build_minilm_torch(repo_path)
     return build_minilm(repo_path)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from headrace.client.errors import ConfigError, ModelError, ModelNotFoundError
+from headrace.client.optional import WORKER, require
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def load_data(*, seed: int = 0, test_fraction: float = 0.25) -> DigitsData:
     Raises:
         ConfigError: ``test_fraction`` outside (0, 1).
     """
+    require("sklearn", "compress", purpose="the digits model")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -211,7 +213,7 @@ def onnx_logits(path: str | Path, x: npt.NDArray[np.float32], *, threads: int = 
     Raises:
         ModelError: the file cannot be loaded or run.
     """
-    import onnxruntime as ort
+    ort = require("onnxruntime", WORKER)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

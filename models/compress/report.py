@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from headrace.client.errors import ConfigError
+from headrace.client.optional import WORKER, require
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def torch_runner(module: Any, threads: int) -> RunFn:
 
 def ort_runner(path: str | Path, threads: int, *, output: str | None = None) -> RunFn:
     """An onnxruntime CPU session with ``threads`` intra-op threads, all graph optimisations."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", WORKER)
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -298,7 +299,7 @@ def markdown_table(rows: Sequence[Row], *, kind: str) -> str:
 def plot(rows: Sequence[Row], path: str | Path, *, title: str, kind: str, batch_size: int = 32) -> Path:
     """PNG: throughput at ``batch_size`` (x, log) against fidelity (y) -- mean cosine for
     embeddings, test accuracy for classifiers. Returns the path."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plot", purpose="the report plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -109,10 +109,9 @@ def prune_channels(module: Any, example: Feed, options: PruneOptions) -> Any:
     Raises:
         ModelError: torch-pruning cannot trace or prune the module, or the result does not run.
     """
-    try:
-        import torch_pruning as tp
-    except ImportError as e:
-        raise ModelError("structured pruning needs torch-pruning; pip install 'headrace[compress]'") from e
+    from headrace.client.optional import require
+
+    tp = require("torch_pruning", "compress", purpose="structured pruning (compress --steps prune)")
     student = copy.deepcopy(module).eval()
     args = _tensors(example)
     try:

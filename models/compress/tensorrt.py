@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from headrace.client.errors import ConfigError, ModelError
+from headrace.client.optional import install_command
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def tensorrt_available() -> tuple[bool, str]:
     try:
         import tensorrt as trt
     except ImportError as e:
-        return False, f"tensorrt is not installed ({e}); pip install 'headrace[gpu]' on a CUDA machine"
+        return False, f"tensorrt is not installed ({e}); {install_command('tensorrt')} on a CUDA machine"
     try:
         import torch
 

@@ -17,11 +17,14 @@ from headrace.client.protocol import DTYPES
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-FORMATS = frozenset({"onnx", "torch", "tensorrt", "tflite"})
+FORMATS = frozenset({"onnx", "torch", "torchscript", "pt2", "tensorrt", "tflite"})
+TORCH_FORMATS = frozenset({"torch", "torchscript", "pt2"})
 PREPROCESS = frozenset({"none", "bert_tokenizer"})
 POSTPROCESS = frozenset({"none", "l2_normalize", "softmax", "argmax"})
-DEFAULT_MODEL_FILE = {"onnx": "model.onnx", "torch": "model.safetensors", "tensorrt": "model.plan",
-                      "tflite": "model.tflite"}
+DEFAULT_MODEL_FILE = {"onnx": "model.onnx", "torch": "model.safetensors", "torchscript": "model.pt",
+                      "pt2": "model.pt2", "tensorrt": "model.plan", "tflite": "model.tflite"}
+NO_BATCH = -1
+"""``batch_axis`` / ``batch_dim`` value for "no batch axis" (see :class:`IOSpec`)."""
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 TOKEN_RE = re.compile(r"^[a-z0-9_]{1,32}$")
@@ -78,14 +81,35 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class IOSpec:
-    """One input or output, per sample: the batch axis is not in ``shape``; -1 = dynamic."""
+    """One input or output, per sample: the batch axis is not in ``shape``; -1 = dynamic.
+
+    ``batch_axis`` is where the batch axis sits in the model's tensor (0 for most models;
+    silero-vad's state ``[2, B, 128]`` has 1). ``-1`` (:data:`NO_BATCH`): the tensor has
+    no batch axis. Such an input is shared by a model call, so only requests with equal
+    values run together (e.g. a sample rate); such an output is given whole to every
+    request of the call.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    batch_axis: int = 0
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_axis != NO_BATCH
+
+    def model_shape(self, batch: int = -1) -> tuple[int, ...]:
+        """The tensor's shape as the model sees it: ``batch`` inserted at ``batch_axis``."""
+        if not self.batched:
+            return tuple(self.shape)
+        return (*self.shape[:self.batch_axis], batch, *self.shape[self.batch_axis:])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.batch_axis != 0:
+            d["batch_axis"] = self.batch_axis
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> IOSpec:
@@ -99,7 +123,14 @@ class IOSpec:
         if not isinstance(shape, (list, tuple)) or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in shape):
             raise RepositoryError(f"{name}: shape {shape!r} must be a list of ints >= -1 (-1 = dynamic)")
-        return cls(name=name, dtype=dtype, shape=tuple(shape))
+        axis = d.get("batch_axis", 0)
+        if not isinstance(axis, int) or isinstance(axis, bool) or not NO_BATCH <= axis <= len(shape):
+            raise RepositoryError(f"{name}: batch_axis {axis!r} must be -1 (none) or an axis 0..{len(shape)} "
+                                  f"of the model's tensor")
+        unknown = set(d) - {"name", "dtype", "shape", "batch_axis"}
+        if unknown:
+            raise RepositoryError(f"{name}: unknown signature fields {sorted(unknown)}")
+        return cls(name=name, dtype=dtype, shape=tuple(shape), batch_axis=axis)
 
 
 @dataclass(frozen=True)
@@ -126,11 +157,15 @@ class Manifest:
 
     Attributes:
         name / version: where it lives (``<repo>/<name>/<version>``).
-        format: ``onnx``, ``torch`` (safetensors state dict), ``tensorrt`` or ``tflite`` (LiteRT).
+        format: ``onnx``, ``torch`` (safetensors state dict + built-in architecture),
+            ``torchscript`` (``torch.jit.save`` file), ``pt2`` (``torch.export.save`` program)
+            ``tensorrt`` or ``tflite`` (LiteRT).
         backend: runtime that serves it (``onnxruntime`` or ``torch``).
         precision: ``fp32``, ``fp16``, ``int8``, ...
         inputs / outputs: per-sample signature.
-        batch_dim: index of the batch axis in the model's tensors (0).
+        batch_dim: 0: the model takes batches (each input's ``batch_axis`` says where);
+            -1: the model has no batch axis, one request is one model call and the
+            signature shapes are the model's own.
         max_batch: largest batch the model accepts; 0 = unbounded.
         preprocess: ``bert_tokenizer`` (text in; ``tokenizer.json`` in the folder) or ``none``.
         postprocess: ``none``, ``l2_normalize``, ``softmax`` or ``argmax`` (done in the servable).
@@ -168,6 +203,11 @@ class Manifest:
     @property
     def accepts_text(self) -> bool:
         return self.preprocess == "bert_tokenizer"
+
+    @property
+    def batched(self) -> bool:
+        """The model takes batches (``batch_dim`` 0)."""
+        return self.batch_dim != NO_BATCH
 
     def file(self, rel: str) -> FileEntry:
         """The entry for ``rel``. Raises RepositoryError if the manifest does not list it."""
@@ -212,7 +252,7 @@ class Manifest:
         kw: dict[str, Any] = dict(d)
         kw["name"] = check_name(d["name"])
         kw["version"] = check_version(d["version"])
-        kw.setdefault("backend", "torch" if fmt == "torch" else "onnxruntime")
+        kw.setdefault("backend", "torch" if fmt in TORCH_FORMATS else "onnxruntime")
         kw.setdefault("precision", "fp32")
         kw.setdefault("model_file", DEFAULT_MODEL_FILE[fmt])
         kw["inputs"] = tuple(IOSpec.from_dict(x) for x in _list(d["inputs"], "inputs"))
@@ -238,8 +278,16 @@ class Manifest:
             raise RepositoryError(f"preprocess {self.preprocess!r} must be one of {sorted(PREPROCESS)}")
         if self.postprocess not in POSTPROCESS:
             raise RepositoryError(f"postprocess {self.postprocess!r} must be one of {sorted(POSTPROCESS)}")
-        if self.batch_dim != 0 or self.max_batch < 0:
-            raise RepositoryError("batch_dim must be 0 and max_batch >= 0 (0 = unbounded)")
+        if self.batch_dim not in (0, NO_BATCH) or self.max_batch < 0:
+            raise RepositoryError("batch_dim must be 0 (batched) or -1 (unbatched), and max_batch >= 0 "
+                                  "(0 = unbounded)")
+        if self.batch_dim == 0 and self.inputs and not any(s.batched for s in self.inputs):
+            raise RepositoryError("a batched model (batch_dim 0) needs an input with a batch axis; "
+                                  "set batch_dim -1 to serve it unbatched")
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise RepositoryError(f"{kind} {names}: a name is listed twice")
         if not self.outputs or (not self.inputs and not self.accepts_text):
             raise RepositoryError("a model needs outputs, and inputs unless it takes text")
         paths = [f.path for f in self.files]

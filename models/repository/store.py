@@ -7,7 +7,9 @@ measured about it, and a sha256 checksum of every file. Versions are positive in
 
 Safety: names, versions and file paths must stay inside the repository (no ``..``, no
 absolute paths, no symlinks leading out), and :meth:`ModelRepository.verify` refuses files
-whose checksum or size differ from the manifest. Anything that fails these checks raises
+whose checksum or size differ from the manifest, any file in the version folder the
+manifest does not list, and ONNX external data outside the listed files
+(:mod:`headrace.models.repository.integrity`). Anything that fails these checks raises
 :class:`~headrace.client.errors.RepositoryError`.
 
 Concurrency: a new version is claimed with an atomic ``mkdir`` and becomes visible only when
@@ -33,6 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import ModelNotFoundError, RepositoryError
+from headrace.models.repository.integrity import (
+    check_external_data,
+    check_folder,
+    external_data_files,
+    external_locations,
+)
 from headrace.models.repository.manifest import (
     CHUNK_BYTES,
     DEFAULT_MODEL_FILE,
@@ -42,6 +50,7 @@ from headrace.models.repository.manifest import (
     POSTPROCESS,
     PREPROCESS,
     SCHEMA_VERSION,
+    TORCH_FORMATS,
     VERSION_RE,
     FileEntry,
     IOSpec,
@@ -136,8 +145,14 @@ class ModelRepository:
         """
         vs = self.versions(name)
         if not vs:
+            folder = self.root / check_name(name)
+            bare = sorted(str(c.relative_to(self.root)) for c in folder.glob("*") if c.is_dir()) \
+                if folder.is_dir() else []
+            hint = (f"; {bare} hold no {MANIFEST_FILE}: add a model with `headrace models add {name} FILE`, "
+                    f"which writes the manifest and checksums" if bare else
+                    f"; add one with `headrace models add {name} FILE`")
             raise ModelNotFoundError(f"model {name!r} is not in the repository {self.root}; "
-                                     f"available: {self.names() or 'none'}")
+                                     f"available: {self.names() or 'none'}{hint}")
         return vs[-1]
 
     def load_manifest(self, name: str, version: str | int | None = None) -> Manifest:
@@ -164,18 +179,22 @@ class ModelRepository:
         return m
 
     def verify(self, name: str, version: str | int | None = None) -> Manifest:
-        """Check every listed file exists inside the version folder with the listed size and sha256.
+        """Check the version folder holds exactly the listed files (plus the manifest), each
+        inside the folder with the listed size and sha256, and that an ONNX model keeps its
+        external data only in listed files.
 
         Returns the manifest.
 
         Raises:
             ModelNotFoundError: no such model or version.
-            RepositoryError: a file is missing, escapes the folder (path or symlink), or its
-                checksum or size does not match.
+            RepositoryError: a file is missing, unlisted, escapes the folder (path or
+                symlink), its checksum or size does not match, or an ONNX graph names
+                external data that is not a listed file.
         """
         m = self.load_manifest(name, version)
         if not m.files:
             raise RepositoryError(f"{name}/{m.version}: the manifest lists no files")
+        check_folder(self.path(name, m.version), m)
         for entry in m.files:
             p = self.file_path(m, entry.path)
             if not p.is_file():
@@ -189,6 +208,9 @@ class ModelRepository:
                 raise RepositoryError(f"{name}/{m.version}: checksum mismatch for {entry.path!r} "
                                       f"(sha256 {digest[:12]}..., manifest {entry.sha256[:12]}...); "
                                       f"refusing to load a modified file")
+        if m.format == "onnx":
+            locations = external_locations(self.file_path(m, m.model_file))
+            check_external_data(locations or [], m)
         return m
 
     # --- writing ----------------------------------------------------------------------
@@ -221,10 +243,12 @@ class ModelRepository:
             if not src.is_file():
                 raise RepositoryError(f"source file for {rel!r} not found: {src}")
         fmt = format
+        if fmt == "onnx":
+            rels.update(external_data_files(rels, model_file or DEFAULT_MODEL_FILE[fmt]))
         if fmt not in FORMATS:
             raise RepositoryError(f"format {fmt!r} must be one of {sorted(FORMATS)}")
         base = Manifest(
-            name=name, version="1", format=fmt, backend=backend or ("torch" if fmt == "torch" else "onnxruntime"),
+            name=name, version="1", format=fmt, backend=backend or ("torch" if fmt in TORCH_FORMATS else "onnxruntime"),
             precision=precision, inputs=tuple(inputs), outputs=tuple(outputs), batch_dim=batch_dim,
             max_batch=max_batch, preprocess=preprocess, postprocess=postprocess,
             model_file=model_file or DEFAULT_MODEL_FILE[fmt], source=source,
@@ -365,7 +389,9 @@ def _check_json(d: Mapping[str, Any]) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=path.parent)
+    # The temporary file lives next to the version folder, not in it: a reader verifying the
+    # version meanwhile must never see a file the manifest does not list.
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=path.parent.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -78,15 +78,19 @@ def manifest_renderable(m: Manifest) -> RenderableType:
     summary = _kv_table(f"{m.name} / {m.version}", [
         ("format", f"{m.format} ({m.backend})"), ("precision", m.precision),
         ("preprocess", m.preprocess), ("postprocess", m.postprocess),
-        ("max_batch", str(m.max_batch or "unbounded")), ("model file", m.model_file),
+        ("batching", f"max {m.max_batch or 'unbounded'} per call" if m.batched
+         else "unbatched (one request per model call)"), ("model file", m.model_file),
         ("source", m.source or "-"), ("created", m.created), ("size", human_bytes(m.size_bytes)),
         ("description", m.description or "-")])
     sig = Table(title="signature (per sample; -1 = dynamic)", title_justify="left")
-    for col in ("", "name", "dtype", "shape"):
+    for col in ("", "name", "dtype", "shape", "model tensor (B = batch axis)"):
         sig.add_column(col)
     for kind, specs in (("in", m.inputs), ("out", m.outputs)):
         for s in specs:
-            sig.add_row(kind, s.name, s.dtype, str(list(s.shape)))
+            full = ["B" if d == -2 else str(d) for d in s.model_shape(-2)] if m.batched and s.batched else \
+                [str(d) for d in s.shape]
+            note = " (shared by a call)" if m.batched and not s.batched and kind == "in" else ""
+            sig.add_row(kind, s.name, s.dtype, str(list(s.shape)), f"[{','.join(full)}]{note}")
     recipe = Table(title="recipe", title_justify="left")
     recipe.add_column("#", justify="right")
     recipe.add_column("step")

@@ -41,7 +41,9 @@ class SdkProducer(threading.Thread):
 
     def __init__(self, url: str, total: int, rate_per_s: float) -> None:
         super().__init__(name="sdk-producer", daemon=True)
-        self.client = Client(url, client_id="sdk", reconnect_backoff_max_s=0.5, max_backlog=0)
+        # It starts together with the workers: it may submit before they registered the model.
+        self.client = Client(url, client_id="sdk", reconnect_backoff_max_s=0.5, max_backlog=0,
+                             require_registered=False)
         self.total, self.rate = total, rate_per_s
         self.tickets: list[tuple[Ticket, float]] = []
         self.submit_errors = 0

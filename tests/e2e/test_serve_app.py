@@ -19,6 +19,7 @@ from headrace.client import Client
 from headrace.client.errors import ConfigError
 from headrace.cluster.ops import lifecycle as ops
 from headrace.cluster.serve.app import IngressArgs, ModelAppArgs, app_config, ingress_config
+from headrace.cluster.serve.auth import key_entry
 from tests.support.ray import (
     ROOT,
     RawProducer,
@@ -106,7 +107,7 @@ def test_shipped_config_deploys_and_answers_sdk_raw_producer_and_http(env: RayEn
         bad = http.post("/v1/models/affine/infer", json={"inputs": {"x": [1.0, 2.0, 3.0]}})
         assert bad.status_code == 400 and bad.json()["code"] == "bad_shape"
         wrong = http.post("/v1/models/affine/infer", json={"text": "affine takes tensors"})
-        assert wrong.status_code == 400 and wrong.json()["code"] == "missing_field"
+        assert wrong.status_code == 400 and wrong.json()["code"] == "bad_value"
         unknown = http.post("/v1/models/nope/infer", json={"text": "x"})
         assert unknown.status_code == 404 and unknown.json()["code"] == "unknown_model"
         assert http.get("/docs").status_code == 200
@@ -117,14 +118,21 @@ def test_shipped_config_deploys_and_answers_sdk_raw_producer_and_http(env: RayEn
 
 def test_http_ingress_answers_429_on_full_queue_and_504_past_deadline(env: RayEnv) -> None:
     # No worker serves "stalled": requests stay queued, so the backlog only grows.
+    # With an API key configured (as its sha256 digest): calls without it get 401.
     ingress = ingress_config(IngressArgs(redis_url=env.redis_url, timeout_s=1.0, max_backlog=2,
-                                         require_registered=False))
+                                         require_registered=False, api_keys=(key_entry("ops", "k-1"),)))
     ops.apply(env.deployer, {"applications": [ingress]})
     with _http(env) as http:
+        anon = http.post("/v1/models/stalled/infer", json={"inputs": {"x": [1, 2, 3, 4]}})
+        assert anon.status_code == 401 and anon.json()["code"] == "unauthorized"
+        bad = http.post("/v1/models/stalled/infer", content=b"{oops", headers={"x-api-key": "k-1"})
+        assert bad.status_code == 400 and bad.json()["code"] == "decode_error"  # not FastAPI's 422
         for _ in range(2):
-            slow = http.post("/v1/models/stalled/infer", json={"inputs": {"x": [1, 2, 3, 4]}})
+            slow = http.post("/v1/models/stalled/infer", json={"inputs": {"x": [1, 2, 3, 4]}},
+                             headers={"x-api-key": "k-1"})
             assert slow.status_code == 504 and slow.json()["code"] == "deadline_exceeded"
-        full = http.post("/v1/models/stalled/infer", json={"inputs": {"x": [1, 2, 3, 4]}})
+        full = http.post("/v1/models/stalled/infer", json={"inputs": {"x": [1, 2, 3, 4]}},
+                         headers={"x-api-key": "k-1"})
         assert full.status_code == 429, full.text
         assert full.json()["code"] == "queue_full"
     assert env.r().xlen("headrace:{stalled}:requests") == 2

@@ -1,13 +1,16 @@
 """Redis ACL users for producers and workers (rules from docs/security.md, run verbatim).
 
 A real worker runs as the worker user and two SDK clients as producer users; everything
-works end to end, the worker's whole loop (reads, results, dead letters, trimming,
-heartbeats, cleanup) triggers no ACL denial, and a producer can neither read another
-client's results nor the dead-letter stream, nor the requests of others.
+works end to end, the worker's whole loop (loading the submit function, reads, results,
+dead letters, trimming, heartbeats, cleanup) triggers no ACL denial, and a producer can
+neither read another client's results nor the dead-letter stream, nor the requests of
+others, nor run any of the destructive commands of issue #10 but one plain XADD that Redis
+cannot tell from the function's own (see docs/security.md, "Known limits").
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ import pytest
 import redis
 
 from headrace.client import Client
+from headrace.client.functions import LIBRARY_SOURCE, SUBMIT_FUNCTION, current_code, ensure_library
 from headrace.client.keys import ModelKeys
 from headrace.workers.backends.fake import affine_reference, make_fake
 from headrace.workers.engine.worker import WorkerThread
@@ -36,7 +40,7 @@ def acl_lines() -> list[str]:
     block = re.search(r"<!-- acl-rules.*?```text\n(.*?)```", doc, flags=re.S)
     assert block, "docs/security.md lost its acl-rules block"
     lines = [ln.strip() for ln in block.group(1).splitlines() if ln.strip()]
-    assert len(lines) == 2 and all(ln.startswith("ACL SETUSER ") for ln in lines)
+    assert len(lines) == 3 and all(ln.startswith("ACL SETUSER ") for ln in lines)
     return lines
 
 
@@ -59,11 +63,19 @@ def tokens(line: str) -> list[str]:
 
 
 def create_user(admin: redis.Redis, role: str, password: str, client: str = "") -> str:
-    line = next(ln for ln in acl_lines() if f"headrace-{role}" in ln)
+    line = next(ln for ln in acl_lines() if f"SETUSER headrace-{role} " in ln or f"SETUSER headrace-{role}-" in ln)
     line = line.replace("<ns>", NS).replace("<client>", client).replace("<password>", password)
     args = tokens(line)
     assert admin.execute_command(*args) in (b"OK", "OK", True)
     return args[2]  # the user name
+
+
+def fcall(keys: ModelKeys, rid: str, reply_to: str, body: bytes = b"\x81\xa4text\xa1x",
+          limits: str | None = None, **extra: Any) -> tuple[Any, ...]:
+    """``FCALL headrace_submit`` of one entry (max_backlog 0)."""
+    entry = {"v": "1", "id": rid, "reply_to": reply_to, "body": body, **extra}
+    return ("FCALL", SUBMIT_FUNCTION, 2, keys.requests, limits or keys.limits, keys.group, 0,
+            *itertools.chain.from_iterable(entry.items()))
 
 
 def url_for(base_url: str, user: str, password: str) -> str:
@@ -160,6 +172,7 @@ def test_producer_cannot_read_other_clients_results_the_dlq_or_other_requests(
         ("XINFO", "STREAM", keys.reply("bob")),
         ("EVAL", "return redis.call('XRANGE', KEYS[1], '-', '+')", 1, keys.reply("bob")),
         ("EVAL", "return redis.call('XRANGE', KEYS[1], '-', '+')", 1, keys.requests),
+        ("FCALL", "headrace_submit", 2, keys.reply("bob"), keys.limits, "workers", 0, "v", "1"),
         ("XRANGE", keys.dlq, "-", "+"),
         ("XREAD", "STREAMS", keys.dlq, "0"),
         ("XLEN", keys.dlq),
@@ -186,11 +199,156 @@ def test_producer_cannot_read_other_clients_results_the_dlq_or_other_requests(
         # NoPermissionError, or (for a command refused inside a script) the script's error.
         with pytest.raises(redis.exceptions.ResponseError, match="no permissions|can't run this command"):
             alice.execute_command(*cmd)
-    # Alice's own rights still work: her reply stream, and XADD to the request stream.
+    # Alice's own rights still work: her reply stream, and submitting through the function.
     assert alice.xread({keys.reply("alice"): "0"}) == []
-    assert alice.xadd(keys.requests, {b"v": b"1", b"id": b"x1", b"reply_to": keys.reply("alice").encode(),
-                                      b"body": b"\x81\xa4text\xa1x"})
+    added, _ = alice.execute_command(*fcall(keys, "x1", keys.reply("alice")))
+    assert added == 1
     # Bob's data is untouched by everything alice tried.
     assert admin.xlen(keys.reply("bob")) == 1 and admin.exists(keys.done("secret"))
     assert [d.get(b"reason") for d in denials(admin, acl["alice_user"])]  # the refusals were logged
     alice.close()
+
+
+EVIL_LIBRARY = "#!lua name=headrace\nredis.register_function('headrace_submit', function() return {1, '0-1'} end)"
+MAX_ID = "18446744073709551615-18446744073709551615"
+
+
+def destructive_commands(keys: ModelKeys, entry_id: str) -> list[tuple[tuple[Any, ...], str]]:
+    """Every command of issue #10 item 2 and its relatives, with what refuses it."""
+    req, nope = keys.requests, "no permissions|can't run this command"
+    other = ModelKeys(NS, "length")
+    return [
+        (("XGROUP", "CREATE", req, "evil", "0"), nope),                # pins trimming forever
+        (("XGROUP", "CREATE", other.requests, "workers", "$", "MKSTREAM"), nope),  # skips earlier entries
+        (("XGROUP", "SETID", req, "workers", "$"), nope),
+        (("XGROUP", "DESTROY", req, "workers"), nope),
+        (("XGROUP", "CREATECONSUMER", req, "workers", "evil"), nope),
+        (("EVAL", "return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)", 1, req), nope),  # any Lua
+        (("EVAL", "return redis.call('XADD', KEYS[1], 'MAXLEN', 0, '*', 'a', 'b')", 1, req), nope),
+        (("EVALSHA", "0" * 40, 1, req), nope),
+        (("SCRIPT", "LOAD", "return 1"), nope),
+        (("SCRIPT", "FLUSH"), nope),
+        (("FUNCTION", "LOAD", "REPLACE", EVIL_LIBRARY), nope),          # replace the submit path
+        (("FUNCTION", "DELETE", "headrace"), nope),
+        (("FUNCTION", "FLUSH"), nope),
+        (("FUNCTION", "RESTORE", b"\x00", "FLUSH"), nope),
+        (("XTRIM", req, "MAXLEN", "0"), nope),
+        (("XDEL", req, entry_id), nope),
+        (("XSETID", req, MAX_ID), nope),
+        (("DEL", req), nope),
+        (("UNLINK", req), nope),
+        (("RENAME", req, keys.prefix + ":x"), nope),
+        (("EXPIRE", req, "1"), nope),
+        (("XADD", keys.limits, "*", "a", "b"), nope),                  # break the function's HGET
+        (("HSET", keys.limits, "max_payload_bytes", "999999999999"), nope),  # lift the size limit
+        (("DEL", keys.limits), nope),
+        (("HSET", f"{NS}:models", "affine", "{}"), nope),
+        (("XADD", keys.dlq, "*", "a", "b"), nope),
+        (("CONFIG", "SET", "maxmemory", "1"), nope),
+        (("CLIENT", "KILL", "TYPE", "normal"), nope),
+        (("CLIENT", "PAUSE", "100"), nope),
+        (("FLUSHDB",), nope),
+        (("ACL", "SETUSER", "headrace-producer-alice", "+@all"), nope),
+        # Through the function: everything it adds is checked, nothing else is reachable.
+        (fcall(keys, "ok-1", keys.reply("alice"), limits=other.limits), "decode_error"),   # another model's limit
+        (fcall(keys, "big", keys.reply("alice"), body=b"\0" * (4 << 20)), "payload_too_large"),
+        (fcall(keys, "pad", keys.reply("alice"), pad=b"\0" * (4 << 20)), "payload_too_large"),  # unknown field
+        (fcall(keys, "many", keys.reply("alice"), **{f"f{i}": "x" for i in range(4000)}), "payload_too_large"),
+        (fcall(keys, "spoof", keys.reply("bob")), "decode_error"),     # results into bob's stream
+        (fcall(keys, "bad id!", keys.reply("alice")), "decode_error"),
+        (fcall(keys, "big-ms", keys.reply("alice"), ts_ms="9" * 400), "decode_error"),
+        (("FCALL", SUBMIT_FUNCTION, 2, keys.dlq, keys.limits, "workers", 0, "v", "1"), nope),
+    ]
+
+
+@pytest.mark.timeout(90)
+def test_producer_cannot_destroy_queued_requests_or_the_submit_path(redis_url: str, acl: dict[str, str]) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    keys = ModelKeys(NS, "affine")
+    ensure_library(admin)  # what an operator or the first worker does
+    admin.xgroup_create(keys.requests, "workers", id="0", mkstream=True)
+    with Client(acl["bob"], client_id="bob", timeout_s=30, require_registered=False) as bob:
+        xs = [np.full(4, float(i), np.float32) for i in range(20)]
+        tickets = [bob.submit("affine", {"x": x}) for x in xs]  # queued: no worker yet
+        queued = admin.xlen(keys.requests)
+        alice = redis.Redis.from_url(acl["alice"])
+        entry_id = tickets[0].entry_id or "0-1"
+        commands = destructive_commands(keys, entry_id)
+        for cmd, refused_by in commands:
+            with pytest.raises(redis.exceptions.ResponseError, match=refused_by):
+                alice.execute_command(*cmd)
+        alice.close()
+        # Nothing was lost or changed: every queued entry, one group, the real function.
+        assert admin.xlen(keys.requests) == queued == 20
+        assert [g["name"] for g in admin.xinfo_groups(keys.requests)] == [b"workers"]
+        assert current_code(admin) == LIBRARY_SOURCE
+        assert not admin.exists(keys.limits) and not admin.exists(ModelKeys(NS, "length").requests)
+        s = WorkerSettings(model="affine", redis_url=acl["worker"], namespace=NS, consumer="acl-worker",
+                           block_ms=100, max_wait_ms=2, lease_s=1.0, drain_timeout_s=5)
+        wt = WorkerThread(s, make_fake("affine")).start()
+        try:
+            results = bob.collect(tickets, timeout_s=30)
+        finally:
+            wt.stop()
+    for x, res in zip(xs, results, strict=True):
+        np.testing.assert_array_equal(res.raise_for_status().outputs["y"], affine_reference(x))
+    # Each request was answered once: one dedupe marker per id, nothing dead-lettered.
+    assert sum(1 for _ in admin.scan_iter(match=keys.done("*"))) == 20 and admin.xlen(keys.dlq) == 0
+    print(f"\n{len(commands)} destructive commands refused; 20 queued requests answered once each")
+
+
+@pytest.mark.timeout(30)
+def test_a_function_runs_under_its_callers_acl_so_a_submitting_producer_needs_xadd(
+        redis_url: str, acl: dict[str, str]) -> None:
+    """Why the producer line grants XADD on request streams: Redis checks every command a
+    function runs against the user that called it (Redis has no privilege elevation for
+    functions), so a user with FCALL but without XADD cannot submit at all. Plain XADD with
+    trimming options or an explicit id therefore stays possible for any user that may
+    submit (docs/security.md, Known limits)."""
+    admin = redis.Redis.from_url(redis_url)
+    keys = ModelKeys(NS, "affine")
+    ensure_library(admin)
+    pw = uuid.uuid4().hex
+    line = next(ln for ln in acl_lines() if "headrace-producer" in ln)
+    line = line.replace(" (+xadd +xinfo|groups +xlen %RW~<ns>:{*}:requests)", "")
+    args = tokens(line.replace("<ns>", NS).replace("<client>", "carol").replace("<password>", pw))
+    admin.execute_command(*args)
+    carol = redis.Redis.from_url(url_for(redis_url, args[2], pw))
+    try:
+        with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
+            carol.execute_command(*fcall(keys, "c1", keys.reply("carol")))
+        assert admin.xlen(keys.requests) == 0
+    finally:
+        carol.close()
+        admin.execute_command("ACL", "DELUSER", args[2])
+
+
+@pytest.mark.timeout(60)
+async def test_the_http_ingress_serves_under_its_user_without_any_denial(
+        redis_url: str, acl: dict[str, str], worker: WorkerThread) -> None:
+    """The ingress logic (no Ray needed) as the documented ingress user: calls of two API-key
+    callers, the model list, the registry check; nothing it does is refused."""
+    from headrace.cluster.serve.app import IngressArgs
+    from headrace.cluster.serve.auth import key_entry
+    from headrace.cluster.serve.gateway import Gateway
+
+    admin = redis.Redis.from_url(redis_url)
+    pw = uuid.uuid4().hex
+    user = create_user(admin, "ingress", pw)
+    admin.execute_command("ACL", "LOG", "RESET")
+    wait_until(lambda: admin.hget(f"{NS}:models", "affine"))  # the worker registered the model
+    keys = (key_entry("web", "k-web"), key_entry("batch", "k-batch"))
+    gw = Gateway(IngressArgs(redis_url=url_for(redis_url, user, pw), api_keys=keys, timeout_s=10), env={})
+    body = b'{"inputs": {"x": [1.0, 2.0, 3.0, 4.0]}}'
+    try:
+        for key in ("k-web", "k-batch"):
+            headers = {"content-type": "application/json", "x-api-key": key, "idempotency-key": "i-1"}
+            ok = await gw.infer("affine", body, headers)
+            assert ok.status == 200 and ok.content["outputs"]["y"]["data"] == [3.0, 5.0, 7.0, 9.0]
+        listed = await gw.models({"x-api-key": "k-web"})
+        assert listed.status == 200 and "affine" in listed.content["models"]
+    finally:
+        await gw.close()
+        admin.execute_command("ACL", "DELUSER", user)
+    refused = {(d.get(b"object") or b"").decode() for d in denials(admin, user)}
+    assert refused <= {"client|unblock"}, refused

@@ -63,7 +63,7 @@ async def test_map_in_order_collect_and_results(redis_url: str, start_worker: Ca
 
 
 async def test_queue_full_and_timeouts_keep_tickets(redis_url: str, start_worker: Callable[..., Any]) -> None:
-    async with AsyncClient(redis_url, max_backlog=2, reply_block_ms=200) as c:
+    async with AsyncClient(redis_url, max_backlog=2, reply_block_ms=200, require_registered=False) as c:
         t1 = await c.submit("affine", affine_inputs(1))
         await c.submit("affine", affine_inputs(2))
         with pytest.raises(QueueFull):
@@ -80,7 +80,8 @@ async def test_queue_full_and_timeouts_keep_tickets(redis_url: str, start_worker
 
 async def test_async_reader_survives_redis_restart(private_redis: EmbeddedRedis) -> None:
     url = private_redis.url
-    async with AsyncClient(url, reply_block_ms=200, timeout_s=20, reconnect_backoff_max_s=0.5) as c:
+    async with AsyncClient(url, reply_block_ms=200, timeout_s=20, reconnect_backoff_max_s=0.5,
+                           require_registered=False) as c:
         tickets = [await c.submit("affine", affine_inputs(i)) for i in range(4)]
         while c._reader_conn_id is None:  # wait until the reader task is connected
             await asyncio.sleep(0.01)

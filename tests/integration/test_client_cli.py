@@ -60,7 +60,7 @@ def test_submit_error_result_exits_2(redis_url: str, workers: None, tmp_path: Pa
 
 
 def test_status_shows_served_and_unserved_models(redis_url: str, workers: None) -> None:
-    with Client(redis_url) as c:
+    with Client(redis_url, require_registered=False) as c:
         for i in range(5):
             c.infer("affine", affine_inputs(i))
         c.submit("nobody", affine_inputs(0))  # queued for a model without workers
@@ -83,7 +83,7 @@ def test_dlq_list_empty_and_purge(redis_url: str) -> None:
 
 def test_unreachable_redis_is_a_clean_error() -> None:
     code, out = invoke("redis://127.0.0.1:1/0", "submit", "affine", "--text", "x", "--timeout-s", "1")
-    assert code == 1 and "Error: [internal_error]" in out and "Traceback" not in out
+    assert code == 1 and "Error: [broker_error]" in out and "Traceback" not in out
 
 
 def test_worker_and_redis_commands_as_processes(tmp_path: Path) -> None:
@@ -100,6 +100,8 @@ def test_worker_and_redis_commands_as_processes(tmp_path: Path) -> None:
         worker = subprocess.Popen([exe, "--redis-url", url, "worker", "--fake", "affine", "--block-ms", "100"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         with Client(url, timeout_s=30) as c:
+            # the readiness probe: a worker process registers the model once it consumes
+            assert wait_until(lambda: c.model_status("affine").ready, timeout_s=30)
             res = c.infer("affine", affine_inputs(7))
             np.testing.assert_array_equal(res.outputs["y"], affine_reference(affine_inputs(7)["x"]))
         worker.send_signal(signal.SIGTERM)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import redis
 
-import headrace.client.client as client_module
-from headrace.client import AsyncClient, BrokerError, Client, QueueFull
+import headrace.client.sync_io as sync_io_module
+from headrace.client import AsyncClient, BrokerError, Client, QueueFull, Retry, flows
+from headrace.client.functions import LIBRARY_NAME, current_code
 from headrace.client.pipeline import run_submits
-from headrace.client.submit import SUBMIT_SHA
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
 from tests.support.client import affine_inputs, start_fake_worker
@@ -44,7 +44,7 @@ async def test_concurrent_submits_are_coalesced_into_few_round_trips(redis_url: 
 
 async def test_queue_full_is_per_request_inside_one_pipeline(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
-    async with AsyncClient(redis_url, max_backlog=5, reply_block_ms=200) as c:
+    async with AsyncClient(redis_url, max_backlog=5, reply_block_ms=200, require_registered=False) as c:
         outcomes = await asyncio.gather(*(c.submit("affine", affine_inputs(i), request_id=f"req-{i}")
                                           for i in range(12)), return_exceptions=True)
         assert c._pipeline.flushes == 1
@@ -59,8 +59,10 @@ async def test_queue_full_is_per_request_inside_one_pipeline(redis_url: str) -> 
 
 
 async def test_redis_dying_mid_flush_fails_every_caller_of_that_flush(private_redis: EmbeddedRedis) -> None:
-    async with AsyncClient(private_redis.url, reply_block_ms=200, timeout_s=20,
-                           reconnect_backoff_max_s=0.5) as c:
+    # No retries: each caller sees the failure of the pipeline it was in (retries are
+    # tested in test_failure_drills.py).
+    async with AsyncClient(private_redis.url, reply_block_ms=200, timeout_s=20, retry=Retry.none(),
+                           reconnect_backoff_max_s=0.5, require_registered=False) as c:
         first = await c.submit("affine", affine_inputs(0))
         pipeline = c._pipeline
         execute = pipeline._execute
@@ -82,8 +84,8 @@ async def test_redis_dying_mid_flush_fails_every_caller_of_that_flush(private_re
         assert all("may or may not have been enqueued" in str(o) for o in outcomes)
         assert [t.request_id for t in c.outstanding()] == [first.request_id]  # the failed ones are not tracked
 
-        # Redis comes back (the AOF kept the first request; the script cache is empty): the
-        # next submits go through, the script is loaded again, and everything is answered.
+        # Redis comes back (the AOF kept the first request and the function library): the
+        # next submits go through, and everything is answered.
         await asyncio.to_thread(private_redis.start)
         again = await asyncio.gather(*(c.submit("affine", affine_inputs(i)) for i in range(1, 9)))
         worker = start_fake_worker(private_redis.url, "affine", "affine")
@@ -95,25 +97,25 @@ async def test_redis_dying_mid_flush_fails_every_caller_of_that_flush(private_re
         np.testing.assert_array_equal(res.outputs["y"], affine_reference(affine_inputs(i)["x"]))
 
 
-async def test_script_flush_is_survived_by_a_whole_pipeline(redis_url: str, affine_worker: Any) -> None:
+async def test_function_flush_is_survived_by_a_whole_pipeline(redis_url: str, affine_worker: Any) -> None:
     r = redis.Redis.from_url(redis_url)
     async with AsyncClient(redis_url, reply_block_ms=200, timeout_s=20) as c:
         await c.infer("affine", affine_inputs(0))
-        r.script_flush()
+        r.function_delete(LIBRARY_NAME)
         tickets = await asyncio.gather(*(c.submit("affine", affine_inputs(i)) for i in range(20)))
         results = await c.collect(tickets, timeout_s=20)
     assert all(res.ok for res in results)
     assert r.xlen("headrace:{affine}:requests") <= 21  # nothing was added twice
-    assert r.script_exists(SUBMIT_SHA) == [True]  # loaded again by the client
+    assert current_code(r) is not None  # loaded again by the client
 
 
-def test_run_submits_reloads_the_script_after_script_flush(redis_url: str) -> None:
+def test_run_submits_reloads_the_function_after_function_flush(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
-    with Client(redis_url) as c:
+    with Client(redis_url, require_registered=False) as c:
         c.submit("affine", affine_inputs(0))
-        r.script_flush()
-        tickets = [c._new_ticket("affine", affine_inputs(i), None, None, None) for i in range(1, 6)]
-        errors = c._submit_tickets(tickets)
+        r.function_flush()
+        tickets = [c._core.new_ticket("affine", affine_inputs(i), None, None, None) for i in range(1, 6)]
+        errors = c._run(flows.send(c._core, tickets))  # one pipeline of five submits
         assert errors == [None] * 5
         assert r.xlen(c.model_keys("affine").requests) == 6
 
@@ -125,7 +127,7 @@ def test_sync_map_submits_in_batches(redis_url: str, affine_worker: Any, monkeyp
         sizes.append(len(commands))
         return run_submits(r, commands)
 
-    monkeypatch.setattr(client_module, "run_submits", counting)
+    monkeypatch.setattr(sync_io_module, "run_submits", counting)
     n = 400
     with Client(redis_url, max_in_flight=64, reply_block_ms=200, timeout_s=20) as c:
         results = c.map("affine", [affine_inputs(i) for i in range(n)], progress=False)

@@ -106,16 +106,23 @@ def test_node_text_plain_xadd_and_errors(node_example: Path, redis_url: str, wor
     assert bad[0]["status"] == "error" and bad[0]["code"] == E.BAD_SHAPE and not bad[0]["outputs"]
 
 
-def test_node_submit_script_refuses_when_the_queue_is_full(node_example: Path, redis_url: str) -> None:
-    # no worker for "idle": the first request is queued, the second is refused by submit.lua
+def test_node_submit_function_refuses_when_the_queue_is_full(node_example: Path, redis_url: str) -> None:
+    # no worker for "idle": the first request is queued, the second is refused by the function
     proc = run_node(node_example, "--url", redis_url, "--model", "idle", "--count", "2", "--max-backlog", "1",
                     "--no-wait", check=False)
     assert proc.returncode == 4 and "queue_full" in proc.stderr
     r = redis.Redis.from_url(redis_url)
     assert r.xlen("headrace:{idle}:requests") == 1
-    group = r.xinfo_groups("headrace:{idle}:requests")[0]
-    assert group["name"] == b"workers" and group["last-delivered-id"] == b"0-0"
+    assert r.xinfo_groups("headrace:{idle}:requests") == []  # producers never create groups
     [(_, fields)] = r.xrange("headrace:{idle}:requests")
     req = P.decode_request(fields)
     assert req.envelope.model == "idle" and req.inputs["x"].dtype == np.float32
     np.testing.assert_array_equal(req.inputs["x"], [1, 2, 3, 4])
+
+
+def test_node_producer_gets_the_functions_refusal_with_its_wire_code(node_example: Path, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    r.hset("headrace:{affine}:limits", "max_payload_bytes", "100")  # what a worker with that limit publishes
+    proc = run_node(node_example, "--url", redis_url, "--model", "affine", "--no-wait", check=False)
+    assert proc.returncode == 5 and "[payload_too_large]" in proc.stderr and "max_payload_bytes=100" in proc.stderr
+    assert r.xlen("headrace:{affine}:requests") == 0

@@ -42,7 +42,7 @@ def test_each_bad_input_kind_gets_its_code_and_the_worker_keeps_serving(redis_ur
         "huge": ({**req("huge"), b"body": msgpack.packb({"text": "x" * 5000})}, E.PAYLOAD_TOO_LARGE),
         "other-model": (req("other-model", model="minilm"), E.UNKNOWN_MODEL),
         "v2": ({**req("v2"), b"v": b"2"}, E.UNSUPPORTED_VERSION),
-        "text": (encode_request(Request(Envelope("text", reply), text="hi")), E.MISSING_FIELD),
+        "text": (encode_request(Request(Envelope("text", reply), text="hi")), E.BAD_VALUE),  # text to a tensor model
     }
     unroutable = {b"v": b"1", b"id": b"has spaces!", b"reply_to": reply.encode(), b"body": b""}
     wrongtype = keys.reply("not-a-stream")  # a reply key of this model that holds a string

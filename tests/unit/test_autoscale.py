@@ -112,9 +112,10 @@ def test_read_backlog_caps_a_stale_lag_at_the_stream_length() -> None:
     assert read_backlog(FakeStreams([_group(59_000, 3)], length=10), KEYS) == (7, 3)
 
 
-def test_read_backlog_of_missing_stream_or_group_is_zero() -> None:
+def test_read_backlog_of_a_missing_stream_is_zero_and_without_the_group_all_unread() -> None:
     assert read_backlog(FakeStreams(None), KEYS) == (0, 0)
-    assert read_backlog(FakeStreams([_group(5, 5, b"other")]), KEYS) == (0, 0)
+    # Producers never create the group: what they queued before any worker is all unread.
+    assert read_backlog(FakeStreams([_group(5, 5, b"other")], length=6), KEYS) == (6, 0)
 
 
 def test_read_backlog_raises_broker_error_when_redis_is_down() -> None:

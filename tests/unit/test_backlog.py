@@ -23,8 +23,10 @@ def test_unknown_lag_bounded_by_stream_length() -> None:
     assert group_backlog(rows, "workers", stream_length=5) == Backlog(4, 1)
 
 
-def test_missing_group_has_no_backlog() -> None:
-    assert group_backlog([{"name": "x", "lag": 1, "pending": 1}], "workers", 9) == Backlog(0, 0)
+def test_missing_group_has_every_entry_unread() -> None:
+    # Producers never create the group; the first worker creates it at 0 and reads them all.
+    assert group_backlog([{"name": "x", "lag": 1, "pending": 1}], "workers", 9) == Backlog(9, 0)
+    assert group_backlog([], "workers", 0) == Backlog(0, 0)
 
 
 def test_phantom_lag_over_untrimmed_stream_is_zero_when_nothing_is_after_the_last_delivered_id() -> None:

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 import redis
-from redis.exceptions import NoScriptError
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
 from headrace.client.bulk import MapWindow, Step
+from headrace.client.functions import LIBRARY_SOURCE, SUBMIT_FUNCTION
 from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import AutoPipeline
-from headrace.client.submit import SUBMIT_LUA, SUBMIT_SHA, evalsha_command, prepare_request, script_args
+from headrace.client.submit import function_args, prepare_request, submit_command
 from headrace.client.tickets import Ticket
 
 pytestmark = pytest.mark.timeout(30)
@@ -42,10 +42,10 @@ class StubRedis:
         assert transaction is False
         return StubPipeline(self)
 
-    async def script_load(self, script: str) -> str:
-        assert script == SUBMIT_LUA
+    async def function_load(self, code: str) -> str:
+        assert code == LIBRARY_SOURCE
         self.loaded += 1
-        return SUBMIT_SHA
+        return "headrace"
 
 
 class StubPipeline:
@@ -108,22 +108,22 @@ async def test_each_command_gets_its_own_reply_or_error() -> None:
     assert len(stub.round_trips) == 1
 
 
-async def test_noscript_loads_the_script_and_resends_only_the_refused_commands() -> None:
+async def test_a_missing_function_is_loaded_and_only_the_refused_commands_are_resent() -> None:
     flushed = {"yes": True}
 
     def answer(cmd: tuple[Any, ...]) -> Any:
         if flushed["yes"] and cmd[1] >= 2:
-            return NoScriptError("NOSCRIPT No matching script")
+            return redis.ResponseError("Function not found")
         return [1, b"1-0"]
 
     stub = StubRedis(answer)
-    orig_load = stub.script_load
+    orig_load = stub.function_load
 
-    async def load(script: str) -> str:
+    async def load(code: str) -> str:
         flushed["yes"] = False
-        return await orig_load(script)
+        return await orig_load(code)
 
-    stub.script_load = load  # type: ignore[method-assign]
+    stub.function_load = load  # type: ignore[method-assign]
     pipe = _pipeline(stub)
     replies = await asyncio.gather(*(pipe.submit(("EVALSHA", i)) for i in range(5)))
     assert replies == [[1, b"1-0"]] * 5
@@ -175,10 +175,25 @@ async def test_cancelling_the_flusher_fails_its_callers_instead_of_leaving_them_
     assert pipe._flusher is None
 
 
-def test_evalsha_command_matches_script_args() -> None:
+async def test_a_client_that_may_not_load_the_function_keeps_the_error_and_does_not_resend() -> None:
+    stub = StubRedis(lambda cmd: redis.ResponseError("Function not found"))
+
+    async def refuse(code: str) -> str:
+        stub.loaded += 1
+        raise redis.exceptions.NoPermissionError("this user has no permissions to run the 'function|load' command")
+
+    stub.function_load = refuse  # type: ignore[method-assign]
+    pipe = _pipeline(stub)
+    out = await asyncio.gather(*(pipe.submit(("FCALL", i)) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(o, redis.ResponseError) and "Function not found" in str(o) for o in out)
+    assert stub.loaded == 1 and len(stub.round_trips) == 1
+
+
+def test_submit_command_matches_function_args() -> None:
     p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
-    keys, argv = script_args(KEYS, p, 10)
-    assert evalsha_command(KEYS, p, 10) == ("EVALSHA", SUBMIT_SHA, 1, *keys, *argv)
+    keys, argv = function_args(KEYS, p, 10)
+    assert keys == [KEYS.requests, KEYS.limits]
+    assert submit_command(KEYS, p, 10) == ("FCALL", SUBMIT_FUNCTION, 2, *keys, *argv)
 
 
 def test_prepare_request_checks_the_id_without_decoding_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -144,16 +144,20 @@ def test_deploy_version_changes_only_that_apps_args() -> None:
 
 
 def test_replicas_are_read_from_serve_details() -> None:
-    details: dict[str, Any] = {"applications": {"a": {
+    details: dict[str, Any] = {"applications": {"a": {"status": "RUNNING",
         "deployed_app_config": {"args": {"model": "a", "version": "3"}},
         "deployments": {"StreamWorker": {"replicas": [
             {"replica_id": "r1", "state": "RUNNING", "node_id": "n1", "node_ip": "10.0.0.1", "pid": 11},
             {"replica_id": "r2", "state": "STARTING", "node_id": "n2", "pid": None}]}}}}}
-    rows = ops.replicas(details)
-    assert [(r.replica_id, r.state, r.model, r.version, r.node_ip) for r in rows] == \
-        [("r1", "RUNNING", "a", "3", "10.0.0.1"), ("r2", "STARTING", "a", "3", "")]
+    # r1's worker registered version 2 (a rollout to 3 has not reached it); r2 has not registered.
+    rows = ops.replicas(details, {("a", 11): "2"})
+    assert [(r.replica_id, r.state, r.model, r.version, r.deployed, r.node_ip) for r in rows] == \
+        [("r1", "RUNNING", "a", "2", "3", "10.0.0.1"), ("r2", "STARTING", "a", "?", "3", "")]
     table = ops.replica_table(rows)
     assert table.row_count == 2
+    assert ops.app_problems(details | {"applications": {**details["applications"], "b": {
+        "status": "DEPLOY_FAILED", "message": "boom", "deployments": {"StreamWorker": {"message": "no v9"}}}}}) == \
+        [("b", "DEPLOY_FAILED", "boom | StreamWorker: no v9")]
 
 
 def test_cluster_state_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,24 +176,43 @@ def test_cluster_state_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_ingress_maps_wire_codes_to_http_statuses_and_decodes_json_tensors() -> None:
-    from headrace.cluster.serve.ingress import TensorJSON, decode_inputs, http_status
+    from headrace.cluster.serve.http_body import parse_inputs
+    from headrace.cluster.serve.ingress import http_status
 
     assert http_status(E.QUEUE_FULL) == 429
     assert http_status(E.DEADLINE_EXCEEDED) == 504
     assert http_status(E.BAD_SHAPE) == 400 and http_status(E.UNKNOWN_MODEL) == 404
     assert http_status(E.PAYLOAD_TOO_LARGE) == 413 and http_status("some_future_code") == 500
-    out = decode_inputs({"x": TensorJSON(dtype="int32", shape=[2, 2], data=[1, 2, 3, 4]), "y": [[1.5, 2.5]]})
+    out = parse_inputs({"x": {"dtype": "int32", "shape": [2, 2], "data": [1, 2, 3, 4]}, "y": [[1.5, 2.5]]})
     assert out["x"].dtype == np.int32 and out["x"].tolist() == [[1, 2], [3, 4]]
     assert out["y"].dtype == np.float32 and out["y"].shape == (1, 2)
     with pytest.raises(E.InvalidTensorError) as shape:
-        decode_inputs({"x": TensorJSON(dtype="float32", shape=[3], data=[1, 2])})
+        parse_inputs({"x": {"dtype": "float32", "shape": [3], "data": [1, 2]}})
     assert shape.value.code == E.BAD_SHAPE
     with pytest.raises(E.InvalidTensorError) as dtype:
-        decode_inputs({"x": TensorJSON(dtype="complex64", shape=[1], data=[1])})
+        parse_inputs({"x": {"dtype": "complex64", "shape": [1], "data": [1]}})
     assert dtype.value.code == E.BAD_DTYPE
     with pytest.raises(E.InvalidTensorError) as ragged:
-        decode_inputs({"x": [[1.0], [1.0, 2.0]]})
-    assert ragged.value.code == E.BAD_VALUE
+        parse_inputs({"x": [[1.0], [1.0, 2.0]]})
+    assert ragged.value.code == E.BAD_SHAPE
+
+
+def test_ingress_args_take_api_key_digests_only() -> None:
+    from headrace.cluster.serve.auth import ApiKeys, key_entry
+
+    entry = key_entry("web", "s3cret")
+    args = IngressArgs.from_dict({"api_keys": [entry]})
+    assert args.api_keys == (entry,) and "s3cret" not in entry
+    for bad in (["web:s3cret"], ["bad name:" + "0" * 64], ["anonymous:" + "0" * 64]):
+        with pytest.raises(ConfigError, match="api_keys"):
+            IngressArgs.from_dict({"api_keys": bad})
+    keys = ApiKeys([entry], env={"HEADRACE_INGRESS_API_KEYS": key_entry("batch", "other")})
+    assert keys.callers() == ["batch", "web"]
+    caller = keys.authenticate({"authorization": "Bearer s3cret"})
+    assert caller is not None and caller.name == "web" and caller.authenticated
+    assert keys.authenticate({"x-api-key": "other"}).name == "batch"  # type: ignore[union-attr]
+    assert keys.authenticate({"x-api-key": "nope"}) is None and keys.authenticate({}) is None
+    assert not ApiKeys([], env={}).authenticate({}).authenticated  # type: ignore[union-attr]
 
 
 def test_backlog_tap_remembers_the_last_backlog_for_autoscaling() -> None:

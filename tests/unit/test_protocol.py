@@ -163,14 +163,15 @@ def test_timings_from_garbage_defaults() -> None:
 
 def test_unsupported_version() -> None:
     assert _code(P.decode_request, _fields(v="2")) == E.UNSUPPORTED_VERSION
-    assert _code(P.decode_request, _fields(v=None)) == E.UNSUPPORTED_VERSION
+    assert _code(P.decode_request, _fields(v="")) == E.UNSUPPORTED_VERSION
     res = P.error_result("r", E.MODEL_ERROR, "m").encode()
     res[b"v"] = b"9"
     assert _code(P.decode_result, res) == E.UNSUPPORTED_VERSION
 
 
-@pytest.mark.parametrize("field", ["id", "reply_to", "body"])
+@pytest.mark.parametrize("field", ["v", "id", "reply_to", "body"])
 def test_missing_entry_fields(field: str) -> None:
+    # `v` is required like the others (issue #10: a missing `v` said unsupported_version).
     assert _code(P.decode_request, _fields(**{field: None})) == E.MISSING_FIELD
 
 
@@ -189,7 +190,6 @@ def test_missing_inputs_and_text() -> None:
     {"body": b"\xc1"},                                 # never-used msgpack byte
     {"body": _body([1, 2])},                           # not a map
     {"body": _body({"text": "t", "inputs": {}})},      # both
-    {"body": _body({"text": b"bytes"})},               # text not str
     {"body": _body({"inputs": {}})},                   # empty inputs
     {"body": _body({"inputs": {"x": [1, 2]}})},        # tensor not a map
     {"body": _body({"inputs": {"x": {"dtype": "float32", "shape": [1], "data": "abcd"}}})},  # data not bin
@@ -197,8 +197,16 @@ def test_missing_inputs_and_text() -> None:
     {"id": "x" * 129},
     {"id": b"\xff\xfe"},                               # not UTF-8
     {"reply_to": "bad\nkey"},
+    {"reply_to": "headrace:{m}:reply:c\n"},          # a trailing newline passed a `$` regex
+    {"id": "r-1\n"},
     {"deadline_ms": "soon"},
     {"ts_ms": "1.5"},
+    {"deadline_ms": "1_000"},                          # int() takes these; the wire does not
+    {"deadline_ms": "\u0661\u0660\u0660\u0660"},         # Arabic-Indic 1000
+    {"deadline_ms": " 7"},
+    {"deadline_ms": "-5"},
+    {"ts_ms": "9" * 400},                              # overflowed the worker's float()
+    {"ts_ms": "9" * 19},
 ])
 def test_decode_error(fields: dict[str, Any]) -> None:
     assert _code(P.decode_request, _fields(**fields)) == E.DECODE_ERROR
@@ -217,14 +225,30 @@ def test_bad_dtype() -> None:
     ([1] * 9, b"\0" * 4),             # too many dims
     ("4", b"\0" * 16),                 # not a list
     ([True], b"\0" * 4),               # bool is not a dimension
-    ([1 << 40], b""),                  # too many elements, refused before allocation
+    ([0, 1 << 63], b""),               # empty, but no array has that dimension (was model_error)
+    ([0, 1 << 24, 1 << 24], b""),
 ])
 def test_bad_shape(shape: Any, data: bytes) -> None:
     t = {"dtype": "float32", "shape": shape, "data": data}
     assert _code(P.decode_request, _fields(body=_body({"inputs": {"x": t}}))) == E.BAD_SHAPE
 
 
+def test_text_of_another_type_is_bad_value() -> None:
+    for text in (b"bytes", 5, None, ["t"]):
+        assert _code(P.decode_request, _fields(body=_body({"text": text}))) == E.BAD_VALUE
+
+
+def test_ms_fields_take_ascii_digits_up_to_18() -> None:
+    env = P.decode_envelope(_fields(deadline_ms="0", ts_ms="9" * 18))
+    assert (env.deadline_ms, env.ts_ms) == (0, 10**18 - 1)
+    assert P.decode_envelope(_fields(deadline_ms=None, ts_ms=None)).deadline_ms == 0
+    assert P.decode_envelope(_fields(deadline_ms="", ts_ms="")).ts_ms == 0  # empty = not given
+
+
 def test_payload_too_large() -> None:
+    # More elements than the limit is "too large" (the doc's word), not a bad shape.
+    t = {"dtype": "float32", "shape": [1 << 40], "data": b""}
+    assert _code(P.decode_request, _fields(body=_body({"inputs": {"x": t}}))) == E.PAYLOAD_TOO_LARGE
     small = P.Limits(max_payload_bytes=64, max_text_chars=10, max_inputs=2)
     assert _code(P.decode_request, _fields(body=_body({"text": "y" * 100})), small) == E.PAYLOAD_TOO_LARGE
     assert _code(P.decode_request, _fields(body=_body({"text": "y" * 11})), small) == E.PAYLOAD_TOO_LARGE

@@ -124,8 +124,8 @@ def test_runtime_failure_is_model_error(repo: ModelRepository) -> None:
     (req(0, x=np.zeros((1, 3), dtype=np.float32)), E.BAD_SHAPE),
     (req(0, x=np.array([0, np.nan, 1], dtype=np.float32)), E.BAD_VALUE),
     (req(0, x=np.array([0, np.inf, 1], dtype=np.float32)), E.BAD_VALUE),
-    (req(0, text="hello"), E.MISSING_FIELD),
-    (req(0, z=np.zeros(3, dtype=np.float32)), E.DECODE_ERROR),
+    (req(0, text="hello"), E.BAD_VALUE),                    # text to a tensor model
+    (req(0, z=np.zeros(3, dtype=np.float32)), E.BAD_VALUE),  # an input the model does not have
 ])
 def test_check_codes(repo: ModelRepository, request_: Request, code: str) -> None:
     s = load_servable(settings(repo, "affine"))
@@ -216,8 +216,9 @@ def test_minilm_servables_match_torch(minilm_repo: ModelRepository, model: str) 
     requests = [req(i, text=t) for i, t in enumerate(TEXTS)]
     for r in requests:
         s.check(r)
-    with pytest.raises(E.MissingFieldError):
+    with pytest.raises(E.ProtocolError) as info:  # tensors to a text model
         s.check(req(9, x=np.zeros(3, dtype=np.float32)))
+    assert info.value.code == E.BAD_VALUE
     assert s.length(requests[2]) == 3  # [CLS] hi [SEP]
     out = s.infer(requests)
     tok = load_tokenizer()

@@ -7,11 +7,13 @@ import threading
 
 import numpy as np
 import pytest
+import redis
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
+from headrace.client.functions import LIBRARY_SOURCE
 from headrace.client.keys import ModelKeys
-from headrace.client.submit import SUBMIT_LUA, parse_reply, prepare_request, script_args, split_item
+from headrace.client.submit import function_args, parse_reply, prepare_request, refusal, split_item
 from headrace.client.tickets import START_ID, Ticket, TicketBook
 
 KEYS = ModelKeys(namespace="ns", model="affine")
@@ -53,10 +55,10 @@ def test_prepare_request_refuses_bad_requests(kwargs: dict[str, object], code: s
     assert info.value.code == code
 
 
-def test_script_args_and_reply_parsing() -> None:
+def test_function_args_and_reply_parsing() -> None:
     p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
-    keys, argv = script_args(KEYS, p, 10)
-    assert keys == [KEYS.requests] and argv[:2] == ["workers", 10]
+    keys, argv = function_args(KEYS, p, 10)
+    assert keys == [KEYS.requests, KEYS.limits] and argv[:2] == ["workers", 10]
     assert dict(zip(argv[2::2], argv[3::2], strict=True)) == dict(p.fields)
     assert parse_reply([1, b"1-0"], p, 10) == "1-0"
     with pytest.raises(E.QueueFull) as info:
@@ -64,7 +66,27 @@ def test_script_args_and_reply_parsing() -> None:
     assert info.value.code == E.QUEUE_FULL and "backlog of 10" in str(info.value)
     with pytest.raises(E.BrokerError):
         parse_reply(None, p, 10)
-    assert "XINFO" in SUBMIT_LUA and "MKSTREAM" in SUBMIT_LUA
+    # The function reads the backlog; it never creates groups (workers do, at id 0).
+    assert "XINFO" in LIBRARY_SOURCE and "XGROUP" not in LIBRARY_SOURCE
+
+
+@pytest.mark.parametrize("message,cls,code", [
+    ("payload_too_large entry of 9 bytes", E.PayloadTooLargeError, E.PAYLOAD_TOO_LARGE),
+    ("missing_field entry field 'id' is missing", E.MissingFieldError, E.MISSING_FIELD),
+    ("decode_error bad id", E.DecodeError, E.DECODE_ERROR),
+    ("unsupported_version v", E.UnsupportedVersionError, E.UNSUPPORTED_VERSION),
+    ("unknown_model m", E.ProtocolError, E.UNKNOWN_MODEL),
+    ("Function not found", E.BrokerError, E.BROKER_ERROR),
+    ("ERR The stream has exhausted the last possible ID, unable to add more items", E.BrokerError, E.BROKER_ERROR),
+    ("unknown command 'FCALL', with args beginning with: ", E.BrokerError, E.BROKER_ERROR),
+])
+def test_function_refusals_become_errors_with_their_wire_code(message: str, cls: type, code: str) -> None:
+    p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
+    err = refusal(redis.ResponseError(message), p)
+    assert isinstance(err, cls) and err.code == code and "r" in str(err)
+    if isinstance(err, E.BrokerError):
+        assert err.request_id == "r" and not err.retryable  # nothing was added; retrying alone cannot help
+    assert refusal(redis.ResponseError("OOM command not allowed"), p) is None  # may or may not have run
 
 
 def test_split_item() -> None:

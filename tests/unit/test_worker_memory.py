@@ -88,6 +88,18 @@ async def test_two_workers_answer_every_request_exactly_once_with_the_right_outp
 
 
 @pytest.mark.timeout(20)
+async def test_an_error_result_reports_its_queue_time_when_ts_ms_was_sent() -> None:
+    store = MemoryStore()
+    w = StreamWorker(settings(), AffineServable(), MemoryBroker(store, "w1"))
+    sent = now_ms() - 2000  # two seconds in the queue before the worker refuses it
+    bad = encode_request(Request(Envelope("late-bad", REPLY, ts_ms=sent), inputs={"x": np.ones(4, np.float64)}))
+    async with running(w):
+        store.add(bad)
+        await wait_for(lambda: len(store.results(REPLY)) == 1)
+    [res] = store.results(REPLY)
+    assert res.code == E.BAD_DTYPE and 2000 <= res.timings.queue_ms < 60_000
+
+
 async def test_each_bad_input_gets_its_code_and_good_requests_keep_flowing() -> None:
     store = MemoryStore()
     sv = AffineServable()
@@ -108,7 +120,7 @@ async def test_each_bad_input_gets_its_code_and_good_requests_keep_flowing() -> 
     }
     expected = {"bad-msgpack": E.DECODE_ERROR, "no-body": E.MISSING_FIELD, "bad-dtype": E.BAD_DTYPE,
                 "bad-shape": E.BAD_SHAPE, "nan": E.BAD_VALUE, "inf": E.BAD_VALUE, "too-big": E.PAYLOAD_TOO_LARGE,
-                "other-model": E.UNKNOWN_MODEL, "version-9": E.UNSUPPORTED_VERSION, "text-input": E.MISSING_FIELD,
+                "other-model": E.UNKNOWN_MODEL, "version-9": E.UNSUPPORTED_VERSION, "text-input": E.BAD_VALUE,
                 "bad-deadline": E.DECODE_ERROR}
     unroutable = {b"v": b"1", b"body": b"junk"}  # no id, no reply_to: nobody can be told
     async with running(w):

@@ -22,12 +22,27 @@ from headrace.client.protocol import Request
 class TensorSpec:
     """One input or output of a model, per sample (the batch dimension is left out).
 
-    ``shape`` uses -1 for a dynamic axis (e.g. sequence length).
+    ``shape`` uses -1 for a dynamic axis (e.g. sequence length). ``batch_axis`` is where the
+    batch axis sits in the model's tensor (-1: none; see the manifest's ``IOSpec``).
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    batch_axis: int = 0
+
+
+KSERVE_DATATYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64", "int8": "INT8",
+    "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}
+"""numpy dtype name -> KServe v2 / Triton datatype."""
+
+
+def tensor_description(spec: TensorSpec) -> dict[str, Any]:
+    """One tensor of :meth:`Servable.describe`."""
+    return {"name": spec.name, "dtype": spec.dtype, "datatype": KSERVE_DATATYPES.get(spec.dtype, spec.dtype.upper()),
+            "shape": list(spec.shape), "batch_axis": spec.batch_axis}
 
 
 class Servable(abc.ABC):
@@ -76,6 +91,17 @@ class Servable(abc.ABC):
         """Release sessions/threads. Idempotent."""
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able description (for the registry and ``headrace status``)."""
+        """JSON-able description: what workers put into the registry signatures and what
+        producers read back (``headrace models describe``, ``GET /v1/models/{model}``).
+
+        Keys: ``model``, ``version``, ``accepts_text`` (requests carry ``text``), ``inputs`` /
+        ``outputs`` (per tensor: ``name``, ``dtype`` (numpy name), ``datatype`` (KServe v2
+        name), ``shape`` (per request, -1 = any), ``batch_axis`` (-1 = none)), ``batched``
+        (samples are stacked into model calls) and ``max_batch`` (largest model call, 0 =
+        the worker's ``max_batch``). Subclasses add ``platform``, ``backend`` and model facts
+        (``labels``, ``task``, ``description``).
+        """
         return {"model": self.name, "version": self.version, "accepts_text": self.accepts_text,
-                "inputs": [s.__dict__ for s in self.inputs], "outputs": [s.__dict__ for s in self.outputs]}
+                "inputs": [tensor_description(s) for s in self.inputs],
+                "outputs": [tensor_description(s) for s in self.outputs],
+                "batched": True, "max_batch": 0}

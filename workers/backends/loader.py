@@ -14,7 +14,8 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 # WorkerSettings.backend -> manifest formats it can serve.
-BACKEND_FORMATS = {"onnx": frozenset({"onnx"}), "torch": frozenset({"torch"}), "litert": frozenset({"tflite"})}
+BACKEND_FORMATS = {"onnx": frozenset({"onnx"}), "torch": frozenset({"torch", "torchscript", "pt2"}),
+                   "litert": frozenset({"tflite"})}
 
 
 def select_manifest(repo: ModelRepository, model: str, version: str = "", backend: str = "") -> Manifest:
@@ -64,7 +65,7 @@ def servable_from_manifest(repo: ModelRepository, manifest: Manifest, *, intra_o
         return OnnxServable(m, model_path, tokenizer_path=tok, intra_op_threads=intra_op_threads,
                             providers=providers, reject_non_finite=reject_non_finite,
                             allow_spinning=ort_spin)
-    if m.format == "torch":
+    if m.format in ("torch", "torchscript", "pt2"):
         from headrace.workers.backends.torch_backend import load_torch_servable
 
         return load_torch_servable(m, folder, tokenizer_path=tok, intra_op_threads=intra_op_threads,
@@ -77,18 +78,64 @@ def servable_from_manifest(repo: ModelRepository, manifest: Manifest, *, intra_o
                        f"(TensorRT engines are served through ONNX Runtime's TensorRT provider)")
 
 
+def check_servable(servable: Servable, repo: ModelRepository, manifest: Manifest) -> None:
+    """The smoke run at start: the version's stored example (text models: a sentence)
+    through the loaded servable, outputs checked against the manifest.
+
+    Raises:
+        ModelError: the run fails or an output differs from the manifest.
+    """
+    from headrace.workers.backends import signature
+
+    example = signature.stored_example(manifest, repo.path(manifest.name, manifest.version))
+    if example is None and not manifest.accepts_text:
+        log.info("%s/%s has no stored example; only its declared signature was checked",
+                 manifest.name, manifest.version)
+        return
+    signature.smoke_run(servable, manifest, example)
+
+
+def load_custom_servable(settings: WorkerSettings, repo: ModelRepository | None) -> Servable:
+    """The operator servable ``settings.servable`` over the repository version, when the
+    repository has the model (checksums verified), else without files.
+
+    Raises:
+        ConfigError / ModelError: see :func:`~headrace.workers.backends.custom.load_custom`.
+        RepositoryError: the version's files do not verify.
+    """
+    from headrace.workers.backends.custom import load_custom
+
+    manifest: Manifest | None = None
+    folder: Path | None = None
+    if repo is not None and repo.versions(settings.model):
+        manifest = repo.verify(settings.model, settings.version or None)
+        folder = repo.path(manifest.name, manifest.version)
+    elif settings.version:
+        raise E.ModelNotFoundError(f"version {settings.version} of {settings.model!r} is not in the repository")
+    return load_custom(settings.servable, settings.model, manifest=manifest, folder=folder,
+                       reject_non_finite=settings.reject_non_finite)
+
+
 def load_servable(settings: WorkerSettings, *, repo: ModelRepository | None = None,
-                  providers: Sequence[str] | None = None, device: str | None = None) -> Servable:
-    """Load the model ``settings`` names .
+                  providers: Sequence[str] | None = None, device: str | None = None,
+                  smoke: bool = True) -> Servable:
+    """Load the model ``settings`` names.
 
     Uses ``settings.model_repo``, ``model``, ``version`` (empty = latest), ``backend``
-    (empty = the manifest's format), ``intra_op_threads`` and ``reject_non_finite``.
+    (empty = the manifest's format), ``servable`` (an operator class instead of the
+    manifest's backend), ``intra_op_threads`` and ``reject_non_finite``. The manifest is
+    held to the model: the ONNX graph's declared signature, then (``smoke``) a run of the
+    version's stored example.
 
     Raises:
         ModelNotFoundError: the repository, model or version does not exist.
         RepositoryError: checksum mismatch, unsafe paths, malformed manifest.
-        ModelError: the backend cannot load the model.
+        ModelError: the backend cannot load the model, or the manifest does not match it.
+        ConfigError: ``settings.servable`` cannot be imported.
     """
+    if settings.servable:
+        root = Path(settings.model_repo).expanduser()
+        return load_custom_servable(settings, repo or (ModelRepository(root) if root.is_dir() else None))
     if repo is None:
         root = Path(settings.model_repo).expanduser()
         if not root.is_dir():
@@ -99,5 +146,11 @@ def load_servable(settings: WorkerSettings, *, repo: ModelRepository | None = No
     servable = servable_from_manifest(repo, m, intra_op_threads=settings.intra_op_threads,
                                       reject_non_finite=settings.reject_non_finite,
                                       providers=providers, device=device, ort_spin=settings.ort_spin)
+    if smoke:
+        try:
+            check_servable(servable, repo, m)
+        except BaseException:
+            servable.close()
+            raise
     log.info("serving %s/%s from %s", m.name, m.version, repo.root)
     return servable

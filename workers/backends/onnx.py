@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from headrace.client import errors as E
+from headrace.client.optional import WORKER, require
 from headrace.models.repository.store import Manifest
-from headrace.workers.backends import prepost
+from headrace.workers.backends import prepost, signature
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,15 @@ class OnnxServable(prepost.ManifestServable):
         reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
 
     Raises:
-        ModelError: the session cannot be created, or the graph does not match the manifest.
+        ModelError: the session cannot be created, or the graph does not match the manifest
+            (names, dtypes, ranks, batch axes, fixed dims; see :mod:`.signature`).
+        MissingDependencyError: onnxruntime is not installed (``[worker-cpu]`` / ``[worker-gpu]``).
     """
 
     def __init__(self, manifest: Manifest, model_path: Path, *, tokenizer_path: Path | None = None,
                  intra_op_threads: int = 0, providers: Sequence[str] | None = None,
                  reject_non_finite: bool = True, allow_spinning: bool = False) -> None:
-        import onnxruntime as ort
+        ort = require("onnxruntime", WORKER, purpose="the ONNX backend")
 
         self.manifest = manifest
         self.name = manifest.name
@@ -119,23 +122,11 @@ class OnnxServable(prepost.ManifestServable):
         if self.session is None:
             raise E.ModelError(f"cannot load {model_path} with onnxruntime: {last}") from last
         self.providers = list(self.session.get_providers())
-        graph_inputs = [i.name for i in self.session.get_inputs()]
-        graph_outputs = {o.name for o in self.session.get_outputs()}
-        missing_out = [n for n in self._output_names if n not in graph_outputs]
-        if missing_out:
-            raise E.ModelError(f"{self.name}/{self.version}: manifest outputs {missing_out} are not graph "
-                               f"outputs {sorted(graph_outputs)}")
+        self._text_inputs = prepost.text_inputs_of(manifest) if self.accepts_text else ()
+        signature.check_graph(manifest, signature.ort_specs(self.session.get_inputs()),
+                              signature.ort_specs(self.session.get_outputs()), model_path.name, self._text_inputs)
         if self.accepts_text:
-            if tokenizer_path is None:
-                raise E.ModelError(f"{self.name}/{self.version}: text model without a tokenizer file")
-            self._text_inputs = prepost.text_inputs_of(manifest)
-            if sorted(graph_inputs) != sorted(self._text_inputs):
-                raise E.ModelError(f"{self.name}/{self.version}: graph inputs {graph_inputs} do not match "
-                                   f"the manifest's {list(self._text_inputs)}")
-            self._encoder = prepost.TextEncoder(tokenizer_path, int(manifest.extra.get("max_length", 256)))
-        elif sorted(graph_inputs) != sorted(s.name for s in self.inputs):
-            raise E.ModelError(f"{self.name}/{self.version}: graph inputs {graph_inputs} do not match the "
-                               f"manifest's {[s.name for s in self.inputs]}")
+            self._encoder = prepost.text_encoder(manifest, tokenizer_path)
         log.info("loaded %s/%s (onnx, %s) on %s", self.name, self.version, manifest.precision, self.providers)
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:

@@ -21,17 +21,22 @@ import numpy as np
 
 from headrace.client.errors import ModelError
 from headrace.client.protocol import Request
+from headrace.models.repository.manifest import NO_BATCH
 from headrace.models.repository.store import IOSpec, Manifest
 from headrace.workers.backends.base import Servable, TensorSpec
 from headrace.workers.backends.validate import check_tensors, check_text
 
 Array = np.ndarray[Any, Any]
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# KServe v2 / Triton platform names of the manifest formats.
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_torchscript", "pt2": "pytorch_export",
+             "torch": "pytorch_safetensors", "tensorrt": "tensorrt_plan"}
 
 
 def specs(items: Sequence[IOSpec]) -> tuple[TensorSpec, ...]:
     """Repository signature entries as the worker's :class:`TensorSpec`."""
-    return tuple(TensorSpec(name=s.name, dtype=s.dtype, shape=tuple(s.shape)) for s in items)
+    return tuple(TensorSpec(name=s.name, dtype=s.dtype, shape=tuple(s.shape), batch_axis=s.batch_axis)
+                 for s in items)
 
 
 class TextEncoder:
@@ -43,13 +48,15 @@ class TextEncoder:
     evicted from the bounded cache) are tokenised in ``encode``.
     """
 
-    def __init__(self, tokenizer_path: Path, max_length: int, cache_size: int = 8192) -> None:
+    def __init__(self, tokenizer_path: Path, max_length: int, cache_size: int = 8192,
+                 pad_id: int | None = None) -> None:
         from headrace.models.tokenizer import load_tokenizer
 
         self.max_length = max_length
         self._tok = load_tokenizer(tokenizer_path, max_length=max_length)
         self._tok.no_padding()  # padding is done here, per batch, from the ids
-        pad = self._tok.token_to_id("[PAD]")
+        # BERT pads with [PAD] (0), RoBERTa with <pad> (1): the manifest's extra.pad_id wins.
+        pad = pad_id if pad_id is not None else self._tok.token_to_id("[PAD]")
         self._pad_id = 0 if pad is None else int(pad)
         # text -> ids counted but not yet encoded. Bounded: a request answered without
         # running (expired, failed check) never comes to take its ids back.
@@ -90,6 +97,19 @@ class TextEncoder:
         return len(ids)
 
 
+def text_encoder(manifest: Manifest, tokenizer_path: Path | None) -> TextEncoder:
+    """The tokeniser of a text model (``extra.max_length``, ``extra.pad_id``).
+
+    Raises:
+        ModelError: no tokenizer file.
+    """
+    if tokenizer_path is None:
+        raise ModelError(f"{manifest.name}/{manifest.version}: text model without a tokenizer file")
+    pad = manifest.extra.get("pad_id")
+    return TextEncoder(tokenizer_path, int(manifest.extra.get("max_length", 256)),
+                       pad_id=int(pad) if isinstance(pad, int) else None)
+
+
 def text_feed(ids: Array, mask: Array, wanted: Sequence[str]) -> dict[str, Array]:
     """The model inputs a BERT-like graph declares, from token ids and mask."""
     feed: dict[str, Array] = {}
@@ -105,13 +125,23 @@ def text_feed(ids: Array, mask: Array, wanted: Sequence[str]) -> dict[str, Array
     return feed
 
 
-def shape_groups(requests: Sequence[Request], names: Sequence[str], max_batch: int) -> Iterator[list[int]]:
-    """Indices of requests that can be stacked together (same per-input shapes), in chunks
-    of at most ``max_batch`` (0 = unbounded)."""
-    groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+def _group_key(request: Request, inputs: Sequence[TensorSpec]) -> tuple[Any, ...]:
+    # Batched inputs must agree on their per-sample shape to be stacked; an input without a
+    # batch axis is fed once for the whole call, so its value must be equal too.
+    key: list[Any] = []
+    for s in inputs:
+        a = request.inputs[s.name]
+        key.append(tuple(a.shape) if s.batch_axis != NO_BATCH
+                   else (tuple(a.shape), np.asarray(a, dtype=s.dtype).tobytes()))
+    return tuple(key)
+
+
+def shape_groups(requests: Sequence[Request], inputs: Sequence[TensorSpec], max_batch: int) -> Iterator[list[int]]:
+    """Indices of requests that can run in one model call (same per-sample shapes, equal
+    values of inputs without a batch axis), in chunks of at most ``max_batch`` (0 = unbounded)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for i, r in enumerate(requests):
-        key = tuple(tuple(r.inputs[n].shape) for n in names)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(_group_key(r, inputs), []).append(i)
     for idx in groups.values():
         step = max_batch or len(idx)
         for start in range(0, len(idx), step):
@@ -119,9 +149,16 @@ def shape_groups(requests: Sequence[Request], names: Sequence[str], max_batch: i
 
 
 def stack(requests: Sequence[Request], idx: Sequence[int], inputs: Sequence[TensorSpec]) -> dict[str, Array]:
-    """Stack the chosen requests' inputs into batch arrays (dtype from the signature)."""
-    return {s.name: np.stack([np.asarray(requests[i].inputs[s.name], dtype=s.dtype) for i in idx])
-            for s in inputs}
+    """Stack the chosen requests' inputs into batch arrays (dtype from the signature), each
+    along its own ``batch_axis``; an input without a batch axis is taken from the first."""
+    feed: dict[str, Array] = {}
+    for s in inputs:
+        if s.batch_axis == NO_BATCH:
+            feed[s.name] = np.asarray(requests[idx[0]].inputs[s.name], dtype=s.dtype)
+        else:
+            feed[s.name] = np.stack([np.asarray(requests[i].inputs[s.name], dtype=s.dtype) for i in idx],
+                                    axis=s.batch_axis)
+    return feed
 
 
 def postprocess(kind: str, arr: Array) -> Array:
@@ -140,27 +177,59 @@ def postprocess(kind: str, arr: Array) -> Array:
     raise ModelError(f"unknown postprocess {kind!r}")
 
 
-def split(outputs: Mapping[str, Array], n: int, kind: str) -> list[dict[str, Array]]:
-    """Batch outputs -> one output map per request (rows are views; no copy)."""
-    processed = {}
+def split(outputs: Mapping[str, Array], n: int, kind: str,
+          specs: Sequence[TensorSpec] = ()) -> list[dict[str, Array]]:
+    """Batch outputs -> one output map per request, each output cut along its spec's
+    ``batch_axis`` (0 when it has no spec); an output without a batch axis goes whole to
+    every request. Rows are views (no copy).
+
+    Raises:
+        ModelError: an output's batch axis does not hold ``n`` rows.
+    """
+    axes = {s.name: s.batch_axis for s in specs}
+    per_request: list[dict[str, Array]] = [{} for _ in range(n)]
     for name, arr in outputs.items():
         a = postprocess(kind, np.asarray(arr))
-        if a.shape[:1] != (n,):
-            raise ModelError(f"output {name!r} has batch size {a.shape[:1]}, expected {n}")
-        processed[name] = a
-    return [{name: a[i] for name, a in processed.items()} for i in range(n)]
+        axis = axes.get(name, 0)
+        if axis == NO_BATCH:
+            for out in per_request:
+                out[name] = a
+            continue
+        if a.ndim <= axis or a.shape[axis] != n:
+            raise ModelError(f"output {name!r} has shape {list(a.shape)}; expected {n} rows on its batch axis {axis}")
+        for i, out in enumerate(per_request):
+            out[name] = np.take(a, i, axis=axis) if axis else a[i]
+    return per_request
 
 
 def run_tensor_batch(requests: Sequence[Request], manifest: Manifest, inputs: Sequence[TensorSpec],
-                     run: Callable[[dict[str, Array]], dict[str, Array]]) -> list[dict[str, Array]]:
+                     run: Callable[[dict[str, Array]], dict[str, Array]],
+                     outputs: Sequence[TensorSpec] = ()) -> list[dict[str, Array]]:
     """Run a tensor-model batch group by group with ``run(feed) -> outputs`` and reassemble
-    the per-request results in request order."""
+    the per-request results in request order. An unbatched model (``batch_dim`` -1) runs
+    each request on its own, tensors as sent."""
+    if not manifest.batched:
+        return [{k: postprocess(manifest.postprocess, np.asarray(v)) for k, v in
+                 run({s.name: np.asarray(r.inputs[s.name], dtype=s.dtype) for s in inputs}).items()}
+                for r in requests]
     results: list[dict[str, Array] | None] = [None] * len(requests)
-    for idx in shape_groups(requests, [s.name for s in inputs], manifest.max_batch):
-        outs = split(run(stack(requests, idx, inputs)), len(idx), manifest.postprocess)
+    for idx in shape_groups(requests, inputs, manifest.max_batch):
+        outs = split(run(stack(requests, idx, inputs)), len(idx), manifest.postprocess, outputs)
         for i, o in zip(idx, outs, strict=True):
             results[i] = o
     return [r if r is not None else {} for r in results]
+
+
+def unpad(results: list[dict[str, Array]], mask: Array, per_token: Sequence[str]) -> None:
+    """Cut per-token outputs (first per-sample axis = the token axis) at each sample's own
+    token count, in place: a 3-token text gets ``[3, H]``, not the batch's padded length."""
+    if not per_token:
+        return
+    lengths = mask.sum(axis=1)
+    for out, n in zip(results, lengths, strict=True):
+        for name in per_token:
+            if name in out:
+                out[name] = out[name][:int(n)]
 
 
 def text_inputs_of(manifest: Manifest) -> tuple[str, ...]:
@@ -201,13 +270,16 @@ class ManifestServable(Servable):
         if self._encoder is not None:
             results: list[dict[str, Array]] = []
             step = self.manifest.max_batch or len(requests)
+            per_token = [s.name for s in self.outputs if s.shape[:1] == (-1,)]
             for start in range(0, len(requests), step):
                 chunk = requests[start:start + step]
                 ids, mask = self._encoder.encode([r.text or "" for r in chunk])
-                outs = self._run(text_feed(ids, mask, self._text_inputs))
-                results.extend(split(outs, len(chunk), self.manifest.postprocess))
+                outs = split(self._run(text_feed(ids, mask, self._text_inputs)), len(chunk),
+                             self.manifest.postprocess, self.outputs)
+                unpad(outs, mask, per_token)
+                results.extend(outs)
             return results
-        return run_tensor_batch(requests, self.manifest, self.inputs, self._run_tensors)
+        return run_tensor_batch(requests, self.manifest, self.inputs, self._run_tensors, self.outputs)
 
     def check(self, request: Request) -> None:
         """Raises MissingFieldError / InvalidTensorError / ProtocolError for a request this model cannot take."""
@@ -215,6 +287,20 @@ class ManifestServable(Servable):
             check_text(request)
         else:
             check_tensors(request, self.inputs, self.reject_non_finite)
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`Servable.describe` plus what the manifest knows: batching, platform,
+        labels of a classifier, task, description."""
+        m = self.manifest
+        d = super().describe()
+        d.update(batched=m.batched, max_batch=m.max_batch, format=m.format, precision=m.precision,
+                 platform=PLATFORMS.get(m.format, m.format), postprocess=m.postprocess)
+        for key in ("labels", "task", "max_length"):
+            if key in m.extra:
+                d[key] = m.extra[key]
+        if m.description:
+            d["description"] = m.description
+        return d
 
     def length(self, request: Request) -> int:
         """Token count for text models (what padding costs), else total input elements."""

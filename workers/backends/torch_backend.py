@@ -1,5 +1,10 @@
-"""torch servable for ``format: torch`` entries: a safetensors state dict (never a pickle,
-so no ``torch.load``) plus code that knows the architecture.
+"""torch servable for the torch formats.
+
+* ``torchscript``: a ``torch.jit.save`` file, loaded with ``torch.jit.load`` (TorchScript
+  code and tensors; no pickle of Python objects).
+* ``pt2``: a ``torch.export.save`` program, loaded with ``torch.export.load``.
+* ``torch``: a safetensors state dict (never a pickle, so no ``torch.load``) plus code that
+  knows the architecture.
 
 The architecture comes from the manifest: ``extra.arch == "minilm"`` builds our
 :class:`~headrace.models.builtin.minilm.MiniLM` from ``model.safetensors`` + ``minilm_config.json``;
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from headrace.client import errors as E
+from headrace.client.optional import require
 from headrace.models.repository.store import Manifest
 from headrace.models.torch_factory import BUILTIN_ARCHS, FACTORY_PREFIX, Factory, build_module, resolve_factory
 from headrace.workers.backends import prepost
@@ -29,6 +35,25 @@ log = logging.getLogger(__name__)
 # The factory rules live in headrace.models.torch_factory (the compression pipeline builds the
 # same modules); re-exported here for callers of this module.
 __all__ = ["BUILTIN_ARCHS", "FACTORY_PREFIX", "Factory", "TorchServable", "load_torch_servable", "resolve_factory"]
+
+
+def load_program(manifest: Manifest, path: Path) -> torch.nn.Module:
+    """The module of a ``torchscript`` or ``pt2`` file.
+
+    Raises:
+        ModelError: the file does not load as that format.
+    """
+    import torch
+
+    try:
+        if manifest.format == "torchscript":
+            return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call,no-any-return]
+        if manifest.format == "pt2":
+            return torch.export.load(str(path)).module()  # type: ignore[no-any-return]
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, zipfile errors, ...
+        raise E.ModelError(f"{manifest.name}/{manifest.version}: cannot load {path.name} as {manifest.format}: "
+                           f"{e}") from e
+    raise E.ModelError(f"{manifest.name}/{manifest.version}: format {manifest.format!r} is not a torch program")
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -66,7 +91,11 @@ class TorchServable(prepost.ManifestServable):
         if intra_op_threads > 0:
             torch.set_num_threads(intra_op_threads)
         self.device = pick_device(device)
-        self.module: Any = module.to(self.device).eval()
+        self.module: Any = module.to(self.device)
+        try:
+            self.module.eval()
+        except NotImplementedError:  # a torch.export program module has no train/eval mode
+            pass
         if manifest.precision == "fp16":
             # fp16 is a GPU target: CPU kernels for half matmuls are slow or missing, so on a
             # CPU host the same weights run in fp32 (and the log says so).
@@ -79,7 +108,7 @@ class TorchServable(prepost.ManifestServable):
             if tokenizer_path is None:
                 raise E.ModelError(f"{self.name}/{self.version}: text model without a tokenizer file")
             self._text_inputs = prepost.text_inputs_of(manifest)
-            self._encoder = prepost.TextEncoder(tokenizer_path, int(manifest.extra.get("max_length", 256)))
+            self._encoder = prepost.text_encoder(manifest, tokenizer_path)
         log.info("loaded %s/%s (torch, %s) on %s", self.name, self.version, manifest.precision, self.device)
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
@@ -102,8 +131,7 @@ class TorchServable(prepost.ManifestServable):
         if len(outs) != len(self.outputs):
             raise E.ModelError(f"{self.name}/{self.version}: module returned {len(outs)} outputs, "
                                f"manifest lists {len(self.outputs)}")
-        return {s.name: o.detach().float().cpu().numpy().astype(s.dtype, copy=False)
-                for s, o in zip(self.outputs, outs, strict=True)}
+        return {s.name: _to_numpy(o).astype(s.dtype, copy=False) for s, o in zip(self.outputs, outs, strict=True)}
 
     def _run_tensors(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         # Order the feed like the manifest: the module takes its inputs positionally.
@@ -118,6 +146,17 @@ class TorchServable(prepost.ManifestServable):
         return d
 
 
+def _to_numpy(t: Any) -> np.ndarray[Any, Any]:
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        return np.asarray(t)
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()  # numpy has no bfloat16; the manifest dtype decides what is returned
+    return t.cpu().numpy()  # type: ignore[no-any-return]
+
+
 def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Path | None = None,
                         intra_op_threads: int = 0, device: str | None = None,
                         reject_non_finite: bool = True) -> TorchServable:
@@ -125,7 +164,12 @@ def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Pat
 
     Raises:
         ModelError: no usable factory, or the weights do not load.
+        MissingDependencyError: torch is not installed (``[torch]``).
     """
-    module = build_module(folder, manifest)
+    require("torch", "torch", purpose="the torch backend")
+    if manifest.format in ("torchscript", "pt2"):
+        module = load_program(manifest, folder / manifest.model_file)
+    else:
+        module = build_module(folder, manifest)
     return TorchServable(manifest, module, tokenizer_path=tokenizer_path, intra_op_threads=intra_op_threads,
                          device=device, reject_non_finite=reject_non_finite)

@@ -42,18 +42,18 @@ def check_tensors(request: Request, specs: Sequence[TensorSpec], reject_non_fini
     are refused so a producer's typo surfaces instead of being silently ignored.
 
     Raises:
-        MissingFieldError: the request carries text, or lacks a named input (``missing_field``).
+        MissingFieldError: the request lacks a named input (``missing_field``).
         InvalidTensorError: wrong dtype (``bad_dtype``), wrong shape (``bad_shape``), or a
             non-finite float when ``reject_non_finite`` (``bad_value``).
-        ProtocolError: an input name the model does not have (``decode_error``).
+        ProtocolError: text instead of tensors, or an input name the model does not have
+            (``bad_value``: valid v1, but not what this model takes).
     """
     if request.text is not None:
-        raise E.MissingFieldError(
-            f"this model takes tensors {[s.name for s in specs]}, not text")
+        raise E.ProtocolError(f"this model takes tensors {[s.name for s in specs]}, not text", code=E.BAD_VALUE)
     names = {s.name for s in specs}
     extra = sorted(set(request.inputs) - names)
     if extra:
-        raise E.ProtocolError(f"unknown input(s) {extra}; this model takes {sorted(names)}")
+        raise E.ProtocolError(f"unknown input(s) {extra}; this model takes {sorted(names)}", code=E.BAD_VALUE)
     for spec in specs:
         arr: np.ndarray[Any, Any] | None = request.inputs.get(spec.name)
         if arr is None:
@@ -73,10 +73,10 @@ def check_text(request: Request, max_chars: int | None = None) -> None:
     """Check that a request for a text model carries a (bounded) text.
 
     Raises:
-        MissingFieldError: no ``text`` (``missing_field``).
+        ProtocolError: tensors instead of a text (``bad_value``).
         PayloadTooLargeError: longer than ``max_chars`` (``payload_too_large``).
     """
     if request.text is None:
-        raise E.MissingFieldError("this model takes 'text', not tensors")
+        raise E.ProtocolError("this model takes 'text', not tensors", code=E.BAD_VALUE)
     if max_chars is not None and len(request.text) > max_chars:
         raise E.PayloadTooLargeError(f"text of {len(request.text)} chars exceeds {max_chars}")

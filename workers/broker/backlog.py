@@ -70,11 +70,12 @@ def group_backlog(groups: Iterable[Mapping[Any, Any]], group: str, stream_length
     """``Backlog`` of ``group`` from the rows of ``XINFO GROUPS``, ``XLEN`` and, optionally,
     the stream's last entry id (``XREVRANGE <stream> + - COUNT 1``, see module doc).
 
-    A group that does not exist (yet) has no backlog.
+    A group that does not exist yet has every entry unread: producers never create it, and
+    the first worker creates it at id 0 and reads them all.
     """
     row = _row(groups, group)
     if row is None:
-        return Backlog(0, 0)
+        return Backlog(max(0, int(stream_length)), 0)
     pending = int(row.get("pending") or 0)
     # Nothing after the group's last delivered id: no entry is unread, whatever lag says.
     bound = 0 if _nothing_unread(row, last_id) else max(0, int(stream_length) - pending)

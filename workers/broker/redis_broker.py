@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from headrace.client import errors as E
+from headrace.client.functions import aensure_library
 from headrace.client.keys import ModelKeys, registry_key
 from headrace.client.protocol import now_ms
 from headrace.workers.broker import scripts
@@ -148,6 +149,12 @@ class Broker(abc.ABC):
     async def answered(self, request_ids: Sequence[str]) -> list[bool]:
         """Whether each request id has a dedupe marker (was answered)."""
 
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        """Per request id, the time (Unix ms) up to which its submissions were cancelled
+        (its cancel marker, ``ModelKeys.cancel``), 0 when none. A broker without cancel
+        markers runs everything."""
+        return [0] * len(request_ids)
+
     @abc.abstractmethod
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
         """Apply ops atomically (results, dead letters, acks); one outcome per op
@@ -192,6 +199,14 @@ class Broker(abc.ABC):
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _ms(value: Any) -> int:
+    """A cancel marker's value (Unix ms as text) as an int; 0 when absent or malformed."""
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
@@ -280,6 +295,7 @@ class RedisBroker(Broker):
     async def ensure_group(self) -> None:
         import redis
 
+        await self.ensure_functions()
         try:
             await self.client.xgroup_create(self.keys.requests, self.settings.group, id="0", mkstream=True)
             log.info("created consumer group %s on %s", self.settings.group, self.keys.requests)
@@ -288,6 +304,33 @@ class RedisBroker(Broker):
                 raise E.BrokerError(f"XGROUP CREATE {self.keys.requests} failed: {e}") from e
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             raise E.BrokerError(f"XGROUP CREATE: Redis unreachable: {e}") from e
+
+    async def ensure_functions(self) -> None:
+        """Load the producers' submit function (``client/submit.lua``) unless it is current,
+        and publish this worker's ``max_payload_bytes`` in the model's limits hash, which the
+        function applies to the whole entry (every field) before adding it.
+
+        A worker user without those rights only logs a warning: the worker serves anyway, and
+        an operator loads the library (``headrace functions load``).
+
+        Raises:
+            BrokerError: Redis is unreachable or failed otherwise.
+        """
+        import redis
+
+        try:
+            await aensure_library(self.client)
+        except E.BrokerError as e:
+            if not isinstance(e.__cause__, redis.exceptions.NoPermissionError):
+                raise
+            log.warning("this worker's Redis user may not load the submit function (%s); see docs/security.md "
+                        "for the worker ACL, or have an operator run `headrace functions load`", e)
+        try:
+            await self.client.hset(self.keys.limits, "max_payload_bytes", str(self.settings.max_payload_bytes))
+        except redis.exceptions.NoPermissionError as e:
+            log.warning("this worker's Redis user may not publish its limits (%s); see docs/security.md", e)
+        except redis.RedisError as e:
+            raise E.BrokerError(f"HSET {self.keys.limits} failed: {e}") from e
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         async def go() -> Any:
@@ -363,6 +406,16 @@ class RedisBroker(Broker):
             return await pipe.execute()
 
         return [bool(x) for x in await self._call("dedupe pre-check", each)]
+
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        if not request_ids:
+            return []
+        keys = [self.keys.cancel(rid) for rid in request_ids]
+
+        async def go() -> Any:
+            return await self.client.mget(keys)
+
+        return [_ms(v) for v in await self._call("cancel check", go)]
 
     def _commit_args(self, ops: Sequence[Op], at_ms: int) -> tuple[list[str], list[Any]]:
         keys = [self.keys.requests, self.keys.dlq]

@@ -3,8 +3,9 @@
 :class:`Answers` turns outcomes into broker ops (result replies, error replies, dead
 letters) grouped in a :class:`Unit` (what one commit script call writes for one batch);
 :class:`Admission` decides, per delivered entry, whether it can run or is answered at once:
-already answered (ack only), delivered too often (DLQ), another model, past its deadline,
-undecodable body, bad dtype/shape/value. None of these outcomes ever raises.
+already answered (ack only), cancelled by its producer (ack only, unanswered), delivered too
+often (DLQ), another model, past its deadline, undecodable body, bad dtype/shape/value. None of
+these outcomes ever raises.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from headrace.client.protocol import (
     Envelope,
     Request,
     Result,
+    Status,
     Timings,
     decode_body,
     decode_envelope,
     encode_result,
     error_result,
+    now_ms,
 )
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
 from headrace.workers.broker.redis_broker import Ack, BatchStats, DeadLetterOp, Entry, Op, Reply
+from headrace.workers.metrics import CANCELLED, NullMetrics, WorkerMetrics
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -106,11 +110,13 @@ class Answers:
         unit.add(op, Meta(res.status, res.code, env.ts_ms, queue_s))
 
     def error(self, env: Envelope, entry: Entry, code: str, message: str, unit: Unit,
-              status: str = STATUS_ERROR) -> None:
+              status: Status = STATUS_ERROR) -> None:
         log.debug("request %s answered %s/%s: %s", env.request_id, status, code, message)
+        # Queue time up to this answer: the producer sent ts_ms, and a refusal waited too.
+        queue_ms = max(0.0, float(now_ms() - env.ts_ms)) if env.ts_ms else 0.0
         res = error_result(env.request_id, code, message, status=status, model=self.model,
-                           version=self.version, timings=Timings(worker=self.consumer))
-        self.reply(env, entry, res, unit)
+                           version=self.version, timings=Timings(queue_ms=queue_ms, worker=self.consumer))
+        self.reply(env, entry, res, unit, queue_ms / 1000)
 
     def dead_letter(self, entry: Entry, env: Envelope | None, code: str, reason: str, unit: Unit,
                     reply_code: str = E.MAX_DELIVERIES) -> None:
@@ -130,8 +136,9 @@ class Admission:
     """Per-entry admission decisions (see module doc)."""
 
     def __init__(self, settings: WorkerSettings, servable: Servable, answers: Answers,
-                 counters: Counter[str]) -> None:
+                 counters: Counter[str], metrics: WorkerMetrics | None = None) -> None:
         self.settings, self.servable, self.answers, self.counters = settings, servable, answers, counters
+        self.metrics: WorkerMetrics = metrics if metrics is not None else NullMetrics()
         self.reply_prefix = ModelKeys(settings.namespace, settings.model, settings.group).reply("")
 
     def reply_allowed(self, reply_to: str) -> bool:
@@ -150,9 +157,14 @@ class Admission:
         else:
             self.answers.error(Envelope(request_id=route[0], reply_to=route[1]), entry, err.code, err.message, unit)
 
-    def admit(self, entry: Entry, env: Envelope, answered: bool, at_ms: int, unit: Unit) -> Work | None:
-        """The entry as runnable :class:`Work`, or None when it was answered here."""
+    def admit(self, entry: Entry, env: Envelope, answered: bool, at_ms: int, unit: Unit,
+              cancelled_ms: int = 0) -> Work | None:
+        """The entry as runnable :class:`Work`, or None when it was answered (or skipped)
+        here. ``cancelled_ms``: its cancel marker (Unix ms, 0 = none)."""
         try:
+            if cancelled_ms and env.ts_ms <= cancelled_ms and self.reply_allowed(env.reply_to) and not answered:
+                self.skip_cancelled(entry, env, at_ms, unit)
+                return None
             return self._admit(entry, env, answered, at_ms, unit)
         except Exception as err:  # noqa: BLE001 - a request must never kill the loop
             log.exception("admitting request %s failed unexpectedly", env.request_id)
@@ -197,6 +209,15 @@ class Admission:
             ans.error(env, entry, E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}", unit)
             return None
         return Work(entry, req, at, self.length(req))
+
+    def skip_cancelled(self, entry: Entry, env: Envelope, at_ms: int, unit: Unit) -> None:
+        """Its producer cancelled it (a cancel marker at or after its ``ts_ms``): ack it
+        without running or answering it; nobody waits for the answer."""
+        self.counters["cancelled"] += 1
+        queue_s = max(0.0, (at_ms - env.ts_ms) / 1000.0) if env.ts_ms else 0.0
+        self.metrics.observe_request(CANCELLED, CANCELLED, queue_s, 0.0)
+        log.debug("request %s (entry %s) was cancelled by its producer; skipped", env.request_id, entry.entry_id)
+        unit.add(Ack(entry.entry_id), None)
 
     def length(self, request: Request) -> int:
         """The servable's batching cost hint; 0 when it fails."""

@@ -27,6 +27,7 @@ resumes; :meth:`StreamWorker.healthy` reports the outage meanwhile.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 MAX_COMMIT_OPS = 4096  # ops merged into one commit script call
 RECONFIGURABLE = frozenset({"max_batch", "preferred_batch", "max_wait_ms"})
+RECENT_LATENCIES = 1024  # answered requests behind the latency percentiles in the registry
 
 
 def consumer_idle_delete_ms(settings: WorkerSettings) -> int:
@@ -88,7 +90,7 @@ class StreamWorker:
         self._finished: asyncio.Event | None = None
         self._counters: Counter[str] = Counter()
         self._answers = Answers(settings.model, servable.version, self.consumer)
-        self._admission = Admission(settings, servable, self._answers, self._counters)
+        self._admission = Admission(settings, servable, self._answers, self._counters, self.metrics)
         if settings.instances > 1 and not servable.thread_safe:
             raise E.ConfigError(f"instances={settings.instances} needs a thread-safe servable; "
                                 f"{type(servable).__name__} is not: use instances=1")
@@ -105,6 +107,9 @@ class StreamWorker:
         self._redis_ok = True
         self._last_ok_s = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
+        # For the registry facts: the backlog as last read, and recent submit-to-result times (ms).
+        self._backlog = (0, 0)
+        self._recent_ms: collections.deque[float] = collections.deque(maxlen=RECENT_LATENCIES)
 
     # --- public API ------------------------------------------------------------------------
 
@@ -124,6 +129,7 @@ class StreamWorker:
                     await backoff.wait(e)
             if self._stopping:
                 return
+            await self._heartbeat_once()  # a started worker is registered: SDK submit checks pass at once
             self._running = True
             log.info("worker %s serving %s (version %s) max_batch=%d lease_s=%.1f", self.consumer,
                      self.settings.model, self.servable.version, self.settings.max_batch, self.settings.lease_s)
@@ -243,14 +249,17 @@ class StreamWorker:
                 routed.append((entry, decode_envelope(entry.fields)))
             except E.HeadraceError as err:
                 self._admission.undecodable(entry, err, unit)
-        try:
-            done = await self.broker.answered([env.request_id for _, env in routed])
-        except E.BrokerError as err:
-            # The commit script dedupes anyway; the pre-check only saves running them.
-            log.debug("dedupe pre-check skipped: %s", err)
-            done = [False] * len(routed)
-        for (entry, env), answered in zip(routed, done, strict=True):
-            work = self._admission.admit(entry, env, answered, at, unit)
+        ids = [env.request_id for _, env in routed]
+        # Dedupe pre-check and cancel markers, side by side (one round trip of latency).
+        done, cancel_ms = await asyncio.gather(self.broker.answered(ids), self.broker.cancel_marks(ids),
+                                               return_exceptions=True)
+        if isinstance(done, BaseException) or isinstance(cancel_ms, BaseException):
+            # The commit script dedupes anyway; the pre-check only saves running them, and
+            # a missed cancel only means running a request for nobody.
+            log.debug("dedupe/cancel pre-check skipped: %s", done if isinstance(done, BaseException) else cancel_ms)
+            done, cancel_ms = [False] * len(routed), [0] * len(routed)
+        for (entry, env), answered, cancelled in zip(routed, done, cancel_ms, strict=True):
+            work = self._admission.admit(entry, env, answered, at, unit, cancelled_ms=cancelled)
             if work is not None:
                 self._batcher.put(work, work.length)
         self._emit(unit)
@@ -320,24 +329,41 @@ class StreamWorker:
                 self._counters["leases_lost"] += 1
 
     def _registry_facts(self) -> dict[str, Any]:
-        """This worker's entry in the model registry (read by ``headrace.client.registry``)."""
+        """This worker's entry in the model registry (read by ``headrace.client.registry``):
+        also the backlog it last read and the p50/p99 submit-to-result latency (ms) of the
+        requests it answered lately (``client.model_status``)."""
+        recent = sorted(self._recent_ms)
+        p50 = recent[len(recent) // 2] if recent else 0.0
+        p99 = recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else 0.0
         return {"version": self.servable.version, "backend": type(self.servable).__name__,
                 "max_batch": self.settings.max_batch, "preferred_batch": self.settings.preferred_batch,
-                "max_wait_ms": self.settings.max_wait_ms, "host": socket.gethostname(), "pid": os.getpid()}
+                "max_wait_ms": self.settings.max_wait_ms, "host": socket.gethostname(), "pid": os.getpid(),
+                "lag": self._backlog[0], "pending": self._backlog[1], "p50_ms": round(p50, 3),
+                "p99_ms": round(p99, 3)}
+
+    def _describe(self) -> dict[str, Any] | None:
+        try:
+            return self.servable.describe()
+        except Exception:  # noqa: BLE001 - the description is informational only
+            return None
+
+    async def _heartbeat_once(self) -> None:
+        try:
+            await self.broker.heartbeat(self._registry_facts(), self._describe(),
+                                        stale_ms=int(max(30.0, 5 * HEARTBEAT_S) * 1000))
+        except E.BrokerError as e:
+            log.warning("first registry heartbeat failed (%s); the maintenance loop retries", e)
 
     async def _maintenance_loop(self) -> None:
         backoff = self._backoff("maintenance")
         next_trim = time.monotonic()
-        describe: dict[str, Any] | None
-        try:
-            describe = self.servable.describe()
-        except Exception:  # noqa: BLE001 - the description is informational only
-            describe = None
+        describe = self._describe()
         while not self._shutdown:
             try:
                 await self.broker.heartbeat(self._registry_facts(), describe,
                                             stale_ms=int(max(30.0, 5 * HEARTBEAT_S) * 1000))
                 bl = await self.broker.backlog()
+                self._backlog = (bl.lag, bl.pending)
                 self.metrics.set_backlog(bl.lag, bl.pending)
                 if time.monotonic() >= next_trim:
                     next_trim = time.monotonic() + self.settings.trim_interval_s
@@ -439,6 +465,8 @@ class StreamWorker:
                 self._counters["dead_lettered"] += 1
             total_s = max(0.0, (at - meta.ts_ms) / 1000.0) if meta.ts_ms else 0.0
             self.metrics.observe_request(meta.status, meta.code, meta.queue_s, total_s)
+            if meta.ts_ms:
+                self._recent_ms.append(total_s * 1000.0)
 
     # --- shutdown ----------------------------------------------------------------------------
 

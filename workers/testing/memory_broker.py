@@ -71,6 +71,7 @@ class MemoryStore:
         self.pel: dict[str, Pending] = {}
         self.consumers: dict[str, float] = {}
         self.done: dict[str, tuple[str, float]] = {}
+        self.cancels: dict[str, int] = {}  # request id -> cancelled up to (Unix ms)
         self.replies: dict[str, list[tuple[str, dict[bytes, bytes]]]] = {}
         self.dlq: list[tuple[str, dict[bytes, bytes]]] = []
         self.stats: list[dict[bytes, bytes]] = []
@@ -90,6 +91,11 @@ class MemoryStore:
 
     def add_request(self, request: Request) -> str:
         return self.add(encode_request(request))
+
+    def cancel(self, request_id: str, up_to_ms: int) -> None:
+        """Set ``request_id``'s cancel marker (what ``ticket.cancel()`` writes)."""
+        with self.lock:
+            self.cancels[request_id] = up_to_ms
 
     def results(self, reply_to: str) -> list[Result]:
         with self.lock:
@@ -210,6 +216,11 @@ class MemoryBroker(Broker):
         with self.store.lock:
             self.store._check_up()
             return [self.store._is_done(r) for r in request_ids]
+
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        with self.store.lock:
+            self.store._check_up()
+            return [self.store.cancels.get(r, 0) for r in request_ids]
 
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
         s = self.store

@@ -1,0 +1,24 @@
+"""redis-py failures as :class:`~headrace.client.errors.BrokerError` (one mapping for the SDK)."""
+
+from __future__ import annotations
+
+import redis
+
+from headrace.client import errors as E
+
+
+def broker_error(err: BaseException, what: str, request_id: str | None = None) -> E.BrokerError:
+    """A :class:`BrokerError` for a redis-py failure of ``what``. It is ``retryable`` when
+    the connection failed (lost, refused, timed out), not when Redis answered with an error
+    (ACL permission, wrong key type) or refused the credentials: trying again cannot help."""
+    retryable = isinstance(err, (redis.ConnectionError, redis.TimeoutError, OSError)) and not isinstance(
+        err, redis.AuthenticationError)
+    out = E.BrokerError(f"{what} failed: {err}", request_id=request_id, retryable=retryable)
+    out.__cause__ = err
+    return out
+
+
+def permission_denied(err: BaseException) -> bool:
+    """True when Redis refused a command by ACL (``NOPERM``)."""
+    cause = err.__cause__ if isinstance(err, E.BrokerError) else err
+    return isinstance(cause, redis.exceptions.NoPermissionError) or "NOPERM" in str(cause)

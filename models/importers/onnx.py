@@ -1,0 +1,214 @@
+"""Import an ONNX file: the signature read from the graph (Triton's auto-complete).
+
+* names and dtypes from the graph's inputs and outputs (initializers that are also graph
+  inputs are left out: they have defaults);
+* the batch axis: a symbolic dim shared by the inputs (``batch``, ``N``, ...), found
+  wherever it sits (``state [2, batch, 128]`` has it on axis 1); for graphs with unnamed
+  dims, axis 0 when every input's axis 0 is dynamic. A tensor without it has no batch axis
+  (an input shared by a model call, like a sample rate). A graph with no batch axis at all
+  (every dim fixed, e.g. ``[1, 3, 224, 224]``) is served unbatched, and ``add`` says so;
+* dynamic dims become -1;
+* external-data files (weights beside the graph) are found in the graph and copied along.
+
+Where the graph cannot tell (unnamed dims and a fixed axis 0 before a dynamic one),
+``add`` refuses and asks for ``--input NAME:DTYPE:2,B,128``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from headrace.client.errors import ModelError
+from headrace.models.importers.common import Imported, ImportOptions, merge_overrides
+from headrace.models.repository.manifest import NO_BATCH, IOSpec, check_relpath
+
+Dim = int | str | None
+"""A graph dim: a fixed size, a symbolic name, or None (unknown)."""
+GraphTensor = tuple[str, str, tuple[Dim, ...]]
+
+
+def _np_dtype(elem_type: int) -> str:
+    import onnx
+
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
+    except (KeyError, TypeError, ValueError):
+        return f"onnx-type-{elem_type}"
+
+
+def _tensor(v: Any) -> GraphTensor:
+    if not v.type.HasField("tensor_type"):
+        return v.name, "", ()
+    tt = v.type.tensor_type
+    dims: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(str(d.dim_param))
+        else:
+            dims.append(None)
+    return v.name, _np_dtype(tt.elem_type), tuple(dims)
+
+
+def read_graph(path: Path) -> tuple[list[GraphTensor], list[GraphTensor], list[str]]:
+    """``(inputs, outputs, external data files)`` of an ONNX file, weights not loaded.
+    A non-tensor value (a sequence or map, e.g. skl2onnx's ZipMap) has dtype ``""``.
+
+    Raises:
+        ModelError: not a readable ONNX model.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise ModelError(f"{path} is not a readable ONNX model: {e}") from e
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [_tensor(v) for v in model.graph.input if v.name not in inits]
+    outputs = [_tensor(v) for v in model.graph.output]
+    return inputs, outputs, external_files(model)
+
+
+def external_files(model: Any) -> list[str]:
+    """Relative paths of the external-data files a model's tensors point to."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    found: list[str] = []
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if loc and loc not in found:
+                found.append(loc)
+    return found
+
+
+def refine_with_runtime(path: Path, tensors: list[GraphTensor], outputs: bool) -> list[GraphTensor]:
+    """Dims onnxruntime knows as fixed where the file declares a name or nothing (its graph
+    optimisations infer them): the worker's check compares with the runtime's view, so the
+    manifest must too.
+
+    Raises:
+        ModelError: onnxruntime cannot load the model.
+    """
+    import onnxruntime as ort
+
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException
+        raise ModelError(f"onnxruntime cannot load {path.name}: {e}") from e
+    runtime = {n.name: list(n.shape or []) for n in (sess.get_outputs() if outputs else sess.get_inputs())}
+    out: list[GraphTensor] = []
+    for name, dtype, dims in tensors:
+        known = runtime.get(name, [])
+        if len(known) == len(dims):
+            dims = tuple(k if isinstance(k, int) and k > 0 and not isinstance(d, int) and i > 0 else d
+                         for i, (d, k) in enumerate(zip(dims, known, strict=True)))
+        out.append((name, dtype, dims))
+    return out
+
+
+def _batch_name(inputs: list[GraphTensor]) -> str | None:
+    names = Counter(dims[0] for _, _, dims in inputs if dims and isinstance(dims[0], str))
+    return names.most_common(1)[0][0] if names else None
+
+
+def batch_axes(inputs: list[GraphTensor], outputs: list[GraphTensor]) -> tuple[dict[str, int], list[str]]:
+    """The batch axis of every tensor (``NO_BATCH`` for none), and the inputs whose batch
+    axis cannot be told from the graph."""
+    axes: dict[str, int] = {}
+    unclear: list[str] = []
+    name = _batch_name(inputs)
+    if name is not None:
+        for n, _, dims in inputs + outputs:
+            axes[n] = dims.index(name) if name in dims else NO_BATCH
+        for n, _, dims in outputs:  # an output whose batch dim the exporter left unnamed
+            if axes[n] == NO_BATCH and dims and not isinstance(dims[0], int):
+                axes[n] = 0
+        return axes, unclear
+    dynamic0 = [n for n, _, dims in inputs if dims and not isinstance(dims[0], int)]
+    for n, _, dims in inputs:
+        if n in dynamic0:
+            axes[n] = 0
+        else:
+            axes[n] = NO_BATCH
+            if dynamic0 and any(not isinstance(d, int) for d in dims):
+                unclear.append(n)
+    for n, _, dims in outputs:
+        axes[n] = 0 if dynamic0 and dims and not isinstance(dims[0], int) else NO_BATCH
+    return axes, unclear
+
+
+def to_spec(t: GraphTensor, axis: int, batched: bool) -> IOSpec:
+    name, dtype, dims = t
+    shape = [d if isinstance(d, int) else -1 for d in dims]
+    if batched and axis != NO_BATCH:
+        del shape[axis]
+    return IOSpec(name=name, dtype=dtype, shape=tuple(shape), batch_axis=axis if batched else NO_BATCH)
+
+
+def _check_types(tensors: list[GraphTensor], kind: str, path: Path) -> None:
+    from headrace.client.protocol import DTYPES
+
+    bad = {n: dtype or "a sequence/map" for n, dtype, _ in tensors if dtype not in DTYPES}
+    if bad:
+        raise ModelError(f"{path.name}: {kind}s {bad} have types headrace cannot carry on the wire "
+                         f"(it carries {sorted(DTYPES)}); export the model with numeric tensors there")
+
+
+def import_onnx(path: Path, opts: ImportOptions) -> Imported:
+    """An :class:`Imported` for an ONNX file (and its external data).
+
+    Raises:
+        ModelError: unreadable graph, a missing external-data file, a dtype headrace cannot
+            carry, or a batch axis the graph does not tell (names the ``--input`` to give).
+    """
+    inputs, outputs, ext = read_graph(path)
+    _check_types(inputs, "input", path)
+    notes = [f"output {n!r} is not a tensor (a sequence or map, e.g. skl2onnx's ZipMap): not served; "
+             f"convert without it (skl2onnx: options={{'zipmap': False}})" for n, dtype, _ in outputs if not dtype]
+    outputs = [t for t in outputs if t[1]]
+    _check_types(outputs, "output", path)
+    if not outputs:
+        raise ModelError(f"{path.name} has no tensor output headrace can return")
+    files: dict[str, Path] = {"model.onnx": path}
+    for rel in ext:
+        check_relpath(rel)
+        src = path.parent / rel
+        if not src.is_file():
+            raise ModelError(f"{path.name} keeps weights in {rel!r}, which is not beside it ({src})")
+        files[rel] = src
+    outputs = refine_with_runtime(path, outputs, outputs=True)
+    axes, unclear = batch_axes(inputs, outputs)
+    unclear = [n for n in unclear if n not in opts.inputs]
+    if unclear:
+        shown = {n: ",".join(str(d) if isinstance(d, int) else "?" for d in dims) for n, _, dims in inputs
+                 if n in unclear}
+        raise ModelError(f"cannot tell the batch axis of input(s) {shown} from the graph (unnamed dims). "
+                         f"Say where it is, e.g. --input {unclear[0]}:DTYPE:2,B,128 (B = batch axis), or "
+                         f"--input {unclear[0]}:DTYPE:SHAPE:nobatch for an input shared by a call")
+    batched = any(a != NO_BATCH for n, a in axes.items() if n in {i[0] for i in inputs}) or \
+        any(s.batch_axis != NO_BATCH for s in opts.inputs.values())
+    in_specs = merge_overrides("input", [to_spec(t, axes[t[0]], batched) for t in inputs], opts.inputs,
+                               [t[0] for t in inputs])
+    out_specs = merge_overrides("output", [to_spec(t, axes[t[0]], batched) for t in outputs], opts.outputs,
+                                [t[0] for t in outputs])
+    batched = batched and any(s.batched for s in in_specs)
+    if not batched:
+        in_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in in_specs)
+        out_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in out_specs)
+    if not batched:
+        notes.append("no batch axis in the graph: served unbatched (one request = one model call, "
+                     "tensors sent as the model takes them)")
+    for s in in_specs:
+        if batched and not s.batched:
+            notes.append(f"input {s.name!r} has no batch axis: requests with equal {s.name!r} share a call")
+        elif s.batch_axis > 0:
+            notes.append(f"input {s.name!r} carries the batch on axis {s.batch_axis}")
+    return Imported(files=files, format="onnx", model_file="model.onnx", inputs=in_specs, outputs=out_specs,
+                    batch_dim=0 if batched else NO_BATCH, max_batch=opts.max_batch if batched else 1,
+                    source=path.name, notes=notes)

@@ -1,0 +1,191 @@
+"""Bring your own ONNX model: models nobody here wrote, added with ``headrace models add``,
+served by ``headrace worker``, answered through the SDK and a raw Redis producer.
+
+* a scikit-learn pipeline converted with skl2onnx on the bundled iris data: outputs equal
+  sklearn's ``predict`` / ``predict_proba``;
+* silero-vad's own ONNX file (package ``silero-vad``): its ``state`` carries the batch on
+  axis 1 and ``sr`` has no batch axis, so it is served batched with per-input batch axes;
+  answers equal silero's own ``OnnxWrapper`` run on each chunk alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from headrace.client import Client
+from headrace.client.errors import UnknownModel
+from tests.support.byom import HEADRACE, describe, latest, max_batch_seen, models_add, raw_infer, sdk_infer, serving
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def iris(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, np.ndarray[Any, Any]]:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
+    onx = to_onnx(clf, x[:1], options={LogisticRegression: {"zipmap": False}}, target_opset=17)
+    path = tmp_path_factory.mktemp("iris") / "iris.onnx"
+    path.write_bytes(onx.SerializeToString())
+    return path, clf, x
+
+
+def test_sklearn_iris_outputs_equal_sklearn(iris: Any, redis_url: str, tmp_path: Path) -> None:
+    path, clf, x = iris
+    repo = tmp_path / "repo"
+    proc = models_add(repo, "iris", path, "--description", "iris logistic regression")
+    assert "probabilities" in proc.stdout and "[B,4]" in proc.stdout  # the signature table
+    m = latest(repo, "iris")
+    assert [(s.name, s.dtype, s.shape) for s in m.inputs] == [("X", "float32", (4,))]
+    assert {s.name: s.shape for s in m.outputs} == {"label": (), "probabilities": (3,)}
+    rows = x[::5]
+    with serving(redis_url, repo, "iris", tmp_path / "worker.log", "--max-batch", "16"):
+        sdk = sdk_infer(redis_url, "iris", [{"X": row} for row in rows])
+        raw = raw_infer(redis_url, "iris", [{"X": row} for row in rows])
+        described = describe(redis_url, "iris")
+        with Client(redis_url) as c, pytest.raises(UnknownModel, match="'irsi'"):
+            c.submit("irsi", {"X": rows[0]})  # a misspelt model, while iris is served
+        assert redis.Redis.from_url(redis_url).hget("headrace:models", "irsi") is None  # the raw producer's check
+        np.save(tmp_path / "sample.npy", rows[0])  # the README's third command
+        submitted = subprocess.run([*HEADRACE, "--redis-url", redis_url, "submit", "iris", "--input",
+                                    f"X={tmp_path / 'sample.npy'}", "--json"], capture_output=True, text=True,
+                                   timeout=60, check=False)
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["outputs"]["label"]["data"] == int(clf.predict(rows[:1])[0])  # a scalar
+    assert described["versions"] == ["1"] and described["platform"] == "onnxruntime_onnx"
+    assert described["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 4], "sample_shape": [4],
+                                    "dtype": "float32"}]
+    assert described["max_batch_size"] == 16 and described["description"] == "iris logistic regression"
+    labels, probs = clf.predict(rows), clf.predict_proba(rows)
+    for got in ([r.outputs for r in sdk], [r["outputs"] for r in raw]):
+        np.testing.assert_array_equal(np.array([g["label"] for g in got]), labels)
+        np.testing.assert_allclose(np.stack([g["probabilities"] for g in got]), probs, atol=1e-5)
+    assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1
+
+
+def test_describe_of_a_model_no_worker_registered_says_so(redis_url: str) -> None:
+    proc = subprocess.run([*HEADRACE, "--redis-url", redis_url, "models", "describe", "irsi"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "[unknown_model] no worker has ever registered model 'irsi'" in proc.stderr
+
+
+def test_models_add_on_an_existing_name_publishes_the_next_version(iris: Any, tmp_path: Path) -> None:
+    path, _, _ = iris
+    repo = tmp_path / "repo"
+    models_add(repo, "iris", path)
+    models_add(repo, "iris", path, "--max-batch", "8")
+    m = latest(repo, "iris")
+    assert (m.version, m.max_batch) == ("2", 8)
+    assert {f.path for f in m.files} == {"model.onnx", "example.npz"}
+    bad = models_add(repo, "iris", path, "--version", "2", expect_ok=False)
+    assert bad.returncode != 0 and "already exists" in bad.stderr
+
+
+SILERO_ARGS = ("--input", "input:float32:-1", "--input", "state:float32:2,B,128", "--input", "sr:int64::nobatch",
+               "--output", "output:float32:1", "--output", "stateN:float32:2,B,128")
+
+
+def _silero_onnx() -> Path:
+    import silero_vad
+
+    return Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+
+
+def test_silero_onnx_needs_the_batch_axis_of_state_named(tmp_path: Path) -> None:
+    proc = models_add(tmp_path / "repo", "vad", _silero_onnx(), expect_ok=False)
+    assert proc.returncode != 0
+    assert "state" in proc.stderr and "2,B,128" in proc.stderr  # says what to pass
+
+
+def test_silero_onnx_served_batched_with_per_input_batch_axes(redis_url: str, tmp_path: Path) -> None:
+    import torch
+    from silero_vad.utils_vad import OnnxWrapper
+
+    rng = np.random.default_rng(0)
+    chunks = [(rng.standard_normal(512) * (0.02 if i % 2 else 0.3)).astype(np.float32) for i in range(12)]
+    context = np.zeros(64, np.float32)  # silero's wrapper prepends 64 samples of context (zeros at start)
+    example = tmp_path / "vad.npz"
+    np.savez(example, input=np.concatenate([context, chunks[0]])[None], state=np.zeros((2, 1, 128), np.float32),
+             sr=np.array(16000, np.int64))
+    repo = tmp_path / "repo"
+    proc = models_add(repo, "vad", _silero_onnx(), *SILERO_ARGS, "--example", str(example))
+    assert "[2,B,128]" in proc.stdout and "shared by a call" in proc.stdout
+    m = latest(repo, "vad")
+    assert {s.name: s.batch_axis for s in m.inputs} == {"input": 0, "state": 1, "sr": -1}
+    samples = [{"input": np.concatenate([context, c]), "state": np.zeros((2, 128), np.float32),
+                "sr": np.array(16000, np.int64)} for c in chunks]
+    with serving(redis_url, repo, "vad", tmp_path / "worker.log", "--max-batch", "16"):
+        sdk = sdk_infer(redis_url, "vad", samples)
+        raw = raw_infer(redis_url, "vad", samples)
+        described = describe(redis_url, "vad")
+    shapes = {x["name"]: (x["shape"], x["sample_shape"], x.get("batch_axis", 0)) for x in described["inputs"]}
+    assert shapes == {"input": ([-1, -1], [-1], 0), "state": ([2, -1, 128], [2, 128], 1), "sr": ([], [], -1)}
+    ref = OnnxWrapper(str(_silero_onnx()))
+    expected = []
+    for c in chunks:
+        ref.reset_states()
+        expected.append(float(ref(torch.from_numpy(c[None]), 16000).numpy().reshape(-1)[0]))
+    for got in ([r.outputs for r in sdk], [r["outputs"] for r in raw]):
+        assert all(g["stateN"].shape == (2, 128) for g in got)
+        np.testing.assert_allclose([float(g["output"][0]) for g in got], expected, atol=1e-5)
+    assert max_batch_seen(sdk) > 1 and max_batch_seen(raw) > 1
+
+
+def _external_data_model(folder: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "ext",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.weights", size_threshold=0)
+    return path
+
+
+def test_onnx_external_data_is_listed_and_a_failing_example_refuses_the_add(tmp_path: Path) -> None:
+    path = _external_data_model(tmp_path)
+    repo = tmp_path / "repo"
+    dry = models_add(repo, "ext", path, "--dry-run")
+    assert "dry run" in dry.stdout and not (repo / "ext").exists()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.ones((2, 5), np.float32))  # 5 features; the model takes 4
+    refused = models_add(repo, "ext", path, "--example", str(bad), expect_ok=False)
+    assert refused.returncode == 1 and "ext was not added" in refused.stderr and "[4]" in refused.stderr
+    assert not (repo / "ext").exists() or not list((repo / "ext").iterdir())
+    models_add(repo, "ext", path)
+    m = latest(repo, "ext")
+    assert {f.path for f in m.files} == {"model.onnx", "ext.weights", "example.npz"}
+    (path.parent / "ext.weights").unlink()
+    missing = models_add(repo, "ext", path, expect_ok=False)
+    assert "keeps weights in 'ext.weights'" in missing.stderr
+
+
+def test_skl2onnx_zipmap_output_is_left_out_with_a_note(tmp_path: Path) -> None:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.tree import DecisionTreeClassifier
+
+    x, y = load_iris(return_X_y=True)
+    clf = DecisionTreeClassifier(max_depth=3, random_state=0).fit(x.astype(np.float32), y)
+    path = tmp_path / "tree.onnx"
+    path.write_bytes(to_onnx(clf, x[:1].astype(np.float32)).SerializeToString())  # default: ZipMap on
+    proc = models_add(tmp_path / "repo", "tree", path)
+    assert "output_probability" in proc.stdout and "zipmap" in proc.stdout
+    assert [s.name for s in latest(tmp_path / "repo", "tree").outputs] == ["output_label"]
