@@ -205,6 +205,7 @@ def up(config_path: str | os.PathLike[str] = DEFAULT_CONFIG, *, redis_url: str |
     if ClusterState.load() is not None:
         raise ConfigError(f"a cluster is already up (see {state_dir() / STATE_FILE}); run `headrace down` first")
     # Fail on a missing extra or a bad config before starting any process.
+    require("ray", "ray", purpose="headrace up")
     require("ray.serve", "ray", purpose="headrace up")
     cfg = load_config(config_path)
     redis_url = redis_url or os.environ.get("HEADRACE_REDIS_URL") or None
