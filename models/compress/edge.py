@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -112,8 +113,11 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
     args = {"onnx": str(staged), "out": str(out_dir), "quant": quant, "cind": cind,
             "inputs": list(declared), "shapes": shapes}
     try:
+        # onnx2tf runs the onnxsim command line when it is installed: put this interpreter's
+        # scripts folder first on PATH so a virtual environment's copy is found unactivated.
+        env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
         proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
-                              timeout=CONVERT_TIMEOUT_S, check=False)
+                              timeout=CONVERT_TIMEOUT_S, check=False, env=env)
     except subprocess.TimeoutExpired as e:
         raise ModelError(f"onnx2tf did not finish in {CONVERT_TIMEOUT_S}s") from e
     # "*_integer_quant" also matches "*_full_integer_quant" (int8 I/O); the float-I/O file is wanted.
