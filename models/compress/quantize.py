@@ -82,6 +82,10 @@ def _preprocess(src: Path, tmp: Path) -> Path:
     if constants_to_initializers(src, staged) == 0:
         staged = src
     out = tmp / "preprocessed.onnx"
+    # ORT's symbolic shape inference dumps this file into the working directory when it gives
+    # up (it does on graphs with If subgraphs); it is removed unless it was there before.
+    dump = Path("sym_shape_infer_temp.onnx")
+    existed = dump.exists()
     try:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -90,6 +94,9 @@ def _preprocess(src: Path, tmp: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - symbolic shape inference gives up on some graphs; only a help
         log.warning("quantization pre-processing of %s failed (%s); quantizing without it", src, e)
         return staged
+    finally:
+        if not existed:
+            dump.unlink(missing_ok=True)
 
 
 # --- dynamic and static INT8 -------------------------------------------------------------
