@@ -36,7 +36,7 @@ class WorkerSettings(Settings):
         group: consumer group name shared by all workers of the model.
         consumer: this worker's consumer name; empty picks a unique one.
         model_repo: path of the model repository directory.
-        backend: ``onnx``, ``torch`` or empty for what the manifest says.
+        backend: ``onnx``, ``torch``, ``litert`` (TFLite entries) or empty for what the manifest says.
         max_batch: most requests in one model run (also ``XREADGROUP COUNT``).
         preferred_batch: wait (up to ``max_wait_ms``) for more while below this; 0 = max_batch.
         max_wait_ms: longest time a partial batch waits for more requests.
@@ -108,7 +108,8 @@ class WorkerSettings(Settings):
         validate_model_name(self.model)
         validate_namespace(self.namespace)
         require(bool(self.group) and "{" not in self.group, "group", "must be a non-empty name")
-        require(self.backend in {"", "onnx", "torch"}, "backend", "must be 'onnx', 'torch' or empty (manifest)")
+        require(self.backend in {"", "onnx", "torch", "litert"}, "backend",
+                "must be 'onnx', 'torch', 'litert' or empty (manifest)")
         require(1 <= self.max_batch <= 4096, "max_batch", "must be between 1 and 4096 requests")
         require(0 <= self.preferred_batch <= self.max_batch, "preferred_batch",
                 "must be between 0 (= max_batch) and max_batch")

@@ -17,7 +17,8 @@ FAKE_KINDS = ("affine", "length")
 @click.option("--version", "version", default=None, help="Repository version (default: latest).")
 @click.option("--fake", type=click.Choice(FAKE_KINDS), default=None,
               help="Serve a built-in numpy fake instead of a repository model (affine: y=2x+1; length: text length).")
-@click.option("--backend", type=click.Choice(["onnx", "torch"]), default=None, help="Override the manifest's backend.")
+@click.option("--backend", type=click.Choice(["onnx", "torch", "litert"]), default=None,
+              help="Override the manifest's backend (litert: TFLite entries).")
 @click.option("--max-batch", type=int, default=None, help="Most requests per model run.")
 @click.option("--preferred-batch", type=int, default=None, help="Wait (up to --max-wait-ms) for this many.")
 @click.option("--max-wait-ms", type=float, default=None, help="Longest wait of a partial batch (ms).")
