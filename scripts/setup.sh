@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS="worker-cpu,torch,ray,plot,compress,tf,demo,dev"
+EXTRAS="worker-cpu,torch,ray,plot,compress,tf,litert,demo,dev"
 CONSTRAINTS=constraints/cpu.txt
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -20,5 +20,8 @@ fi
 # The constraints pin the CPU build of torch: an unpinned torch would pull a multi-GB CUDA
 # build (the package metadata only bounds torch from below, by design).
 .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
+# onnx2tf (ONNX -> TFLite) pins exact old versions of numpy, onnx, onnxruntime, protobuf and
+# tensorflow; its run-time needs are in the tf extra, so it goes in without its own pins.
+.venv/bin/python -m pip install -q --no-deps "onnx2tf==1.29.24"
 echo "$key" > "$stamp"
 echo "headrace: environment ready in .venv/"

@@ -110,7 +110,8 @@ class WorkerSettings(Settings):
     consumer: str = setting("", "This worker's consumer name; empty picks a unique one (host-pid-random).")
     model_repo: str = setting("model_repo", "Path of the model repository directory (relative: to the working "
                                             "directory; Ray args: see docs/operations.md).", app_arg=True)
-    backend: str = setting("", "onnx, torch, or empty for what the manifest says.", app_arg=True)
+    backend: str = setting("", "onnx, torch, litert (TFLite entries), or empty for what the manifest says.",
+                           app_arg=True)
     max_batch: int = setting(32, "Most requests in one model run (also the most entries read at once).",
                              unit="requests", live=True, app_arg=True)
     preferred_batch: int = setting(0, "Wait (up to max_wait_ms) for more while fewer wait; 0 = max_batch.",
@@ -159,7 +160,8 @@ class WorkerSettings(Settings):
         validate_model_name(self.model)
         validate_namespace(self.namespace)
         require(bool(self.group) and "{" not in self.group, "group", "must be a non-empty name")
-        require(self.backend in {"", "onnx", "torch"}, "backend", "must be 'onnx', 'torch' or empty (manifest)")
+        require(self.backend in {"", "onnx", "torch", "litert"}, "backend",
+                "must be 'onnx', 'torch', 'litert' or empty (manifest)")
         require(1 <= self.max_batch <= 4096, "max_batch", "must be between 1 and 4096 requests")
         require(0 <= self.preferred_batch <= self.max_batch, "preferred_batch",
                 "must be between 0 (= max_batch) and max_batch")

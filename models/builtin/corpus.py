@@ -9,6 +9,15 @@ with every CPython install, so nothing is downloaded:
 * ``docstrings``: the docstrings of the standard library's own modules, classes and
   functions, read with :mod:`ast` from the installed sources (nothing is imported).
 
+Two sources of other domains, for checking that a compressed model holds up outside the
+domain it was calibrated on:
+
+* ``licenses``: legal text -- the licence files every installed distribution ships in its
+  ``.dist-info`` folder (Apache, BSD, MIT, GPL, PSF...) and CPython's own ``LICENSE.txt``;
+* ``datasets``: scientific prose -- the descriptions of scikit-learn's bundled and
+  fetchable datasets (``sklearn/datasets/descr/*.rst``: how each was collected, what its
+  features measure), when scikit-learn is installed.
+
 Text is split into paragraphs, code-like lines (indented blocks, doctest prompts) are
 dropped, paragraphs are split into sentences and filtered to prose of a useful length.
 The train / held-out split is a deterministic function of each sentence's text (a keyed
@@ -33,8 +42,10 @@ from headrace.client.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("pydoc", "docstrings")
-DEFAULT_SOURCES: tuple[str, ...] = SOURCES
+SOURCES = ("pydoc", "docstrings", "licenses", "datasets")
+# The calibration domain: Python's own documentation. "licenses" (legal text) and "datasets"
+# (scientific dataset descriptions) are other domains, for out-of-domain fidelity checks.
+DEFAULT_SOURCES: tuple[str, ...] = ("pydoc", "docstrings")
 
 # Sentences shorter than this are mostly headings or fragments; longer ones are mostly
 # run-on lists that the 128-token window would cut anyway.
@@ -137,9 +148,37 @@ def _docstring_texts() -> Iterator[str]:
                     yield doc
 
 
-@functools.lru_cache(maxsize=4)
+def _license_texts() -> Iterator[str]:
+    from importlib import metadata
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if stdlib.is_file():
+        yield stdlib.read_text(encoding="utf-8", errors="replace")
+    names = ("license", "licence", "copying", "notice")
+    for dist in sorted(metadata.distributions(), key=lambda d: str(d.metadata["Name"] or "")):
+        for f in dist.files or ():
+            if ".dist-info" in str(f) and Path(str(f)).name.lower().startswith(names):
+                try:
+                    yield Path(str(dist.locate_file(f))).read_text(encoding="utf-8", errors="replace")
+                except OSError as e:
+                    log.debug("corpus: skipping %s: %s", f, e)
+
+
+def _dataset_texts() -> Iterator[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return
+    for path in sorted((Path(spec.origin).parent / "datasets" / "descr").glob("*.rst")):
+        # reST field lists and tables are code-like lines; prose paragraphs survive the filter.
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=8)
 def _sentences(sources: tuple[str, ...]) -> tuple[str, ...]:
-    readers = {"pydoc": _pydoc_texts, "docstrings": _docstring_texts}
+    readers = {"pydoc": _pydoc_texts, "docstrings": _docstring_texts, "licenses": _license_texts,
+               "datasets": _dataset_texts}
     seen: set[str] = set()
     out: list[str] = []
     for source in sources:

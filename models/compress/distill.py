@@ -21,9 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,12 +32,18 @@ import torch
 from torch.nn import functional as F
 
 from headrace.client.errors import ConfigError, ModelError
+from headrace.models.compress.checkpoints import (  # noqa: F401 - re-exported
+    LATEST_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    _load_optimizer,
+    _write_checkpoint,
+    latest_checkpoint,
+    load_student,
+)
 
 log = logging.getLogger(__name__)
 
-LATEST_FILE = "latest.json"
-STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
 TEACHER_FILE = "teacher_embeddings.safetensors"
 # Teacher layers the student starts from. Measured on 128 held-out corpus sentences before
 # any training (mean cosine to the teacher): 3 layers [0, 2, 4] 0.37, [1, 3, 5] 0.51,
@@ -261,204 +264,184 @@ def distill_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, config: D
     return config.mse_weight * mse + config.cosine_weight * (1.0 - cos)
 
 
-# --- checkpoints ------------------------------------------------------------------------------
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{idx}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().contiguous()
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _write_checkpoint(run_dir: Path, step: int, student: Any, opt: torch.optim.Optimizer,
-                      state: dict[str, Any], keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    from headrace.models.builtin.minilm import save_minilm
-
-    final = run_dir / f"checkpoint-{step}"
-    # Written under a temporary name and renamed, then named in latest.json: a run killed
-    # mid-write leaves the previous checkpoint as the one to resume from.
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=run_dir))
-    try:
-        save_minilm(student, tmp)
-        tensors, opt_meta = _optimizer_tensors(opt)
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = run_dir / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(json.dumps({"step": step, "checkpoint": final.name}))
-    os.replace(latest_tmp, run_dir / LATEST_FILE)
-    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    p = Path(run_dir) / LATEST_FILE
-    if not p.is_file():
-        return None
-    try:
-        name = json.loads(p.read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{p} is damaged ({e}); delete it to start the run over") from e
-    ckpt = Path(run_dir) / name
-    return ckpt if (ckpt / STATE_FILE).is_file() else None
-
-
-def load_student(checkpoint: str | Path) -> Any:
-    """The student saved in a checkpoint folder (eval mode)."""
-    from headrace.models.builtin.minilm import load_minilm
-
-    return load_minilm(checkpoint)
-
-
 # --- training ---------------------------------------------------------------------------------
 
 
-def distill(
-    student: Any,
-    teacher: torch.nn.Module,
-    tokenizer: Any,
-    sentences: Sequence[str],
-    run_dir: str | Path,
-    config: DistillConfig | None = None,
-    *,
-    resume: bool = True,
-    progress: bool = True,
-    on_checkpoint: Callable[[int, Path], None] | None = None,
-    targets: torch.Tensor | None = None,
-) -> tuple[Any, DistillResult]:
-    """Train ``student`` to reproduce ``teacher``'s embeddings of ``sentences``.
+@dataclass(frozen=True)
+class DistillRun:
+    """What a distillation learns from and where it keeps its checkpoints.
 
-    Args:
-        student: a MiniLM (e.g. :func:`init_student`, or a pruned copy); trained in place
-            unless a checkpoint is resumed, in which case the checkpoint's student is returned.
+    Attributes:
         teacher: the fp32 teacher (only run in inference mode, once, to cache targets).
+        tokenizer: the teacher's tokenizer.
         sentences: training sentences (never the held-out split).
         run_dir: checkpoint folder; an existing run with the same data, student shape and
             settings is resumed when ``resume``.
+        config: training settings (None = :class:`DistillConfig` defaults).
         on_checkpoint: called with (step, folder) after each checkpoint (tests, progress).
         targets: the teacher's embeddings of ``sentences`` if already computed (e.g. shared by
             several runs via :func:`cached_teacher_embeddings`); computed and cached in
             ``run_dir`` otherwise.
-
-    Returns:
-        (student in eval mode, result).
-
-    Raises:
-        ConfigError: an existing run in ``run_dir`` has different data or settings.
-        ModelError: a checkpoint cannot be read.
     """
+
+    teacher: torch.nn.Module
+    tokenizer: Any
+    sentences: Sequence[str]
+    run_dir: str | Path
+    config: DistillConfig | None = None
+    resume: bool = True
+    progress: bool = True
+    on_checkpoint: Callable[[int, Path], None] | None = None
+    targets: torch.Tensor | None = None
+
+    @property
+    def cfg(self) -> DistillConfig:
+        return self.config or DistillConfig()
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the step to start from, the loss log, the newest checkpoint."""
+
+    student: Any
+    start_step: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def _targets(run: DistillRun) -> torch.Tensor:
+    if run.targets is None:
+        return cached_teacher_embeddings(Path(run.run_dir), run.teacher, run.tokenizer, run.sentences,
+                                         max_length=run.cfg.max_length, progress=run.progress)
+    if tuple(run.targets.shape[:1]) != (len(run.sentences),):
+        raise ConfigError(f"targets has {run.targets.shape[0]} rows for {len(run.sentences)} sentences")
+    return run.targets
+
+
+def _resume(run: DistillRun, student: Any, identity: dict[str, Any]) -> _Progress:
+    """The checkpointed student and its progress when the run resumes, else a fresh start."""
+    ckpt = latest_checkpoint(run.run_dir) if run.resume else None
+    if ckpt is None:
+        return _Progress(student)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if state.get("identity") != identity:
+        raise ConfigError(f"{run.run_dir} holds a run with other data or settings; use another run_dir, "
+                          f"or resume=False to overwrite it")
+    losses = [(int(a), float(b)) for a, b in state.get("losses", [])]
+    return _Progress(load_student(ckpt), int(state["step"]), losses, ckpt)
+
+
+def _optimizer(student: Any, cfg: DistillConfig, prog: _Progress) -> tuple[torch.optim.Optimizer, list[Any]]:
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
 
-    cfg = config or DistillConfig()
-    if len(sentences) < 2:
-        raise ConfigError("distillation needs at least 2 training sentences")
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    identity = {"data": _fingerprint(sentences), "n": len(sentences), "config": cfg.to_dict(),
-                "student_config": student.current_config().to_dict()}
-
-    if targets is None:
-        targets = cached_teacher_embeddings(run, teacher, tokenizer, sentences, max_length=cfg.max_length,
-                                            progress=progress)
-    elif tuple(targets.shape[:1]) != (len(sentences),):
-        raise ConfigError(f"targets has {targets.shape[0]} rows for {len(sentences)} sentences")
-    torch.manual_seed(cfg.seed)
-    start_step = 0
-    losses: list[tuple[int, float]] = []
-    ckpt = latest_checkpoint(run) if resume else None
-    if ckpt is not None:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        if state.get("identity") != identity:
-            raise ConfigError(f"{run} holds a run with other data or settings; use another run_dir, "
-                              f"or resume=False to overwrite it")
-        student = load_student(ckpt)
     if cfg.freeze_embeddings:
         for p in (student.embeddings.word.weight, student.embeddings.position.weight,
                   student.embeddings.token_type.weight):
             p.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if ckpt is not None:
-        state = json.loads((ckpt / STATE_FILE).read_text())
+    if prog.checkpoint is not None:
+        state = json.loads((prog.checkpoint / STATE_FILE).read_text())
         try:
-            _load_optimizer(opt, load_file(str(ckpt / OPTIMIZER_FILE)), state["optimizer"])
+            _load_optimizer(opt, load_file(str(prog.checkpoint / OPTIMIZER_FILE)), state["optimizer"])
         except (OSError, KeyError, ValueError, RuntimeError) as e:
-            raise ModelError(f"cannot restore the optimizer from {ckpt}: {e}") from e
-        start_step = int(state["step"])
-        losses = [(int(a), float(b)) for a, b in state.get("losses", [])]
-        log.info("distill: resuming %s from step %d", run, start_step)
+            raise ModelError(f"cannot restore the optimizer from {prog.checkpoint}: {e}") from e
+        log.info("distill: resuming %s from step %d", prog.checkpoint.parent, prog.start_step)
+    return opt, params
 
-    lengths = token_lengths(tokenizer, sentences, cfg.max_length)
-    per_epoch = batches_per_epoch(len(sentences), cfg)
+
+def _step(run: DistillRun, student: Any, opt: torch.optim.Optimizer, params: list[Any], idx: np.ndarray[Any, Any],
+          targets: torch.Tensor, step: int) -> float:
+    """One optimizer step on the sentences ``idx``; returns the loss.
+
+    Raises:
+        ModelError: the loss is not finite.
+    """
+    cfg = run.cfg
+    ids, mask = _encode(run.tokenizer, [run.sentences[i] for i in idx], cfg.max_length)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    loss = distill_loss(student(ids, mask), targets[torch.from_numpy(idx)], cfg)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise ModelError(f"distillation diverged at step {step} (loss {value}); lower lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return value
+
+
+def _train(run: DistillRun, prog: _Progress, targets: torch.Tensor, identity: dict[str, Any]) -> None:
+    """Steps ``prog.start_step .. cfg.steps`` with checkpoints; updates ``prog``."""
+    from tqdm.auto import tqdm
+
+    cfg, student = run.cfg, prog.student
+    opt, params = _optimizer(student, cfg, prog)
+    lengths = token_lengths(run.tokenizer, run.sentences, cfg.max_length)
+    per_epoch = batches_per_epoch(len(run.sentences), cfg)
     plan: dict[int, list[np.ndarray[Any, Any]]] = {}
     log_every = max(1, min(50, cfg.steps // 20))
     window: list[float] = []
     student.train()
-    t0 = time.perf_counter()
-    last_ckpt = ckpt
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="distill", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=prog.start_step, desc="distill", unit="step", disable=not run.progress)
     try:
-        for step in range(start_step, cfg.steps):
+        for step in range(prog.start_step, cfg.steps):
             epoch, k = divmod(step, per_epoch)
             if epoch not in plan:
-                plan.clear()
-                plan[epoch] = epoch_batches(epoch, lengths, cfg)
-            idx = plan[epoch][k]
-            ids, mask = _encode(tokenizer, [sentences[i] for i in idx], cfg.max_length)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            loss = distill_loss(student(ids, mask), targets[torch.from_numpy(idx)], cfg)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise ModelError(f"distillation diverged at step {step} (loss {loss_value}); lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            window.append(loss_value)
+                plan = {epoch: epoch_batches(epoch, lengths, cfg)}
+            window.append(_step(run, student, opt, params, plan[epoch][k], targets, step))
             done = step + 1
             if done % log_every == 0 or done == cfg.steps:
-                losses.append((done, float(np.mean(window))))
-                bar.set_postfix(loss=f"{losses[-1][1]:.5f}")
+                prog.losses.append((done, float(np.mean(window))))
+                bar.set_postfix(loss=f"{prog.losses[-1][1]:.5f}")
                 window = []
             bar.update(1)
             if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                state = {"step": done, "identity": identity, "losses": [list(x) for x in losses]}
-                last_ckpt = _write_checkpoint(run, done, student, opt, state, cfg.keep_checkpoints)
-                if on_checkpoint is not None:
-                    on_checkpoint(done, last_ckpt)
+                state = {"step": done, "identity": identity, "losses": [list(x) for x in prog.losses]}
+                prog.checkpoint = _write_checkpoint(Path(run.run_dir), done, student, opt, state,
+                                                    cfg.keep_checkpoints)
+                if run.on_checkpoint is not None:
+                    run.on_checkpoint(done, prog.checkpoint)
     finally:
         bar.close()
         student.eval()
+
+
+def distill(student: Any, run: DistillRun) -> tuple[Any, DistillResult]:
+    """Train ``student`` to reproduce ``run.teacher``'s embeddings of ``run.sentences``.
+
+    Args:
+        student: a MiniLM (e.g. :func:`init_student`, or a pruned copy); trained in place
+            unless a checkpoint is resumed, in which case the checkpoint's student is returned.
+        run: teacher, data, checkpoint folder and settings (:class:`DistillRun`).
+
+    Returns:
+        (student in eval mode, result).
+
+    Raises:
+        ConfigError: an existing run in ``run.run_dir`` has different data or settings.
+        ModelError: a checkpoint cannot be read, or the loss diverged.
+    """
+    cfg = run.cfg
+    if len(run.sentences) < 2:
+        raise ConfigError("distillation needs at least 2 training sentences")
+    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    identity = {"data": _fingerprint(run.sentences), "n": len(run.sentences), "config": cfg.to_dict(),
+                "student_config": student.current_config().to_dict()}
+    targets = _targets(run)
+    torch.manual_seed(cfg.seed)
+    prog = _resume(run, student, identity)
+    t0 = time.perf_counter()
+    _train(run, prog, targets, identity)
     train_s = time.perf_counter() - t0
-    if last_ckpt is None:  # nothing left to do and no checkpoint: cannot happen for steps >= 1
-        raise ModelError(f"distillation in {run} produced no checkpoint")
-    result = DistillResult(run_dir=run, steps=cfg.steps, resumed_from=start_step, losses=tuple(losses),
-                           first_loss=losses[0][1] if losses else float("nan"),
-                           final_loss=losses[-1][1] if losses else float("nan"),
-                           train_s=train_s, checkpoint=last_ckpt, config=cfg.to_dict())
-    log.info("distill: %d steps (from %d) in %.0fs, loss %.5f -> %.5f", cfg.steps, start_step, train_s,
+    if prog.checkpoint is None:  # nothing left to do and no checkpoint: cannot happen for steps >= 1
+        raise ModelError(f"distillation in {run.run_dir} produced no checkpoint")
+    losses = prog.losses
+    result = DistillResult(run_dir=Path(run.run_dir), steps=cfg.steps, resumed_from=prog.start_step,
+                           losses=tuple(losses), first_loss=losses[0][1] if losses else float("nan"),
+                           final_loss=losses[-1][1] if losses else float("nan"), train_s=train_s,
+                           checkpoint=prog.checkpoint, config=cfg.to_dict())
+    log.info("distill: %d steps (from %d) in %.0fs, loss %.5f -> %.5f", cfg.steps, prog.start_step, train_s,
              result.first_loss, result.final_loss)
-    return student, result
+    return prog.student, result

@@ -201,44 +201,53 @@ def export_onnx(
     input_names = list(example_inputs)
     axes = {k: dict(v) for k, v in (dynamic_axes or default_dynamic_axes(input_names, output_names)).items()}
     module.eval()
-    args = _as_tensor_tuple(example_inputs)
-    t0 = time.perf_counter()
+    batches = list(check_inputs) if check_inputs else [
+        {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in example_inputs.items()}]
     # Export to a temp file in the same folder and rename, so a crash never leaves a
     # half-written model where a repository entry or cache expects a complete one.
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=list(output_names),
-                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-        export_s = time.perf_counter() - t0
-        fused: dict[str, int] = {}
-        optimize_s = 0.0
-        if optimize is not None:
-            t1 = time.perf_counter()
-            fused = optimize_onnx(tmp, tmp, optimize)
-            optimize_s = time.perf_counter() - t1
-        batches = list(check_inputs) if check_inputs else [
-            {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in example_inputs.items()}]
+        times, fused = _export_checked(module, example_inputs, tmp, input_names, output_names, axes, opset, optimize)
         max_abs, min_cos = compare_outputs(tmp, module, batches)
         if not max_abs <= atol:  # written this way so NaN fails too
             raise ModelError(f"exported graph differs from torch by {max_abs:.3g} (> atol {atol:g}); "
                              f"min cosine {min_cos:.6f}; refusing to keep {out.name}")
         os.replace(tmp, out)
-    except ModelError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch.onnx raises many error types
-        raise ModelError(f"ONNX export of {type(module).__name__} failed: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
     report = ExportReport(path=str(out), exporter=EXPORTER, opset=opset, optimized=optimize is not None,
                           fused_ops=fused, max_abs_diff=max_abs, min_cosine=min_cos,
-                          size_bytes=out.stat().st_size, export_s=export_s, optimize_s=optimize_s)
+                          size_bytes=out.stat().st_size, export_s=times[0], optimize_s=times[1])
     log.info("exported %s to %s (%d bytes, max|diff| %.2e, fused %s)", type(module).__name__, out,
              report.size_bytes, max_abs, fused or "-")
     return report
+
+
+def _export_checked(module: torch.nn.Module, example_inputs: Mapping[str, Any], tmp: Path, input_names: list[str],
+                    output_names: Sequence[str], axes: dict[str, dict[int, str]], opset: int,
+                    optimize: OptimizeOptions | None) -> tuple[tuple[float, float], dict[str, int]]:
+    """TorchScript export to ``tmp`` (+ fusions); ((export s, optimize s), fused op counts).
+
+    Raises:
+        ModelError: the exporter or the optimizer failed.
+    """
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(module, _as_tensor_tuple(example_inputs), str(tmp), input_names=input_names,
+                              output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many error types
+        raise ModelError(f"ONNX export of {type(module).__name__} failed: {e}") from e
+    export_s = time.perf_counter() - t0
+    if optimize is None:
+        return (export_s, 0.0), {}
+    t1 = time.perf_counter()
+    fused = optimize_onnx(tmp, tmp, optimize)
+    return (export_s, time.perf_counter() - t1), fused
 
 
 # --- MiniLM -------------------------------------------------------------------------------

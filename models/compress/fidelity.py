@@ -182,3 +182,117 @@ def classifier_fidelity(
             raise ConfigError(f"teacher logits {teacher_logits.shape} differ from logits {logits.shape}")
         agreement = float((teacher_logits.argmax(axis=1) == pred).mean())
     return ClassifierFidelity(n=int(len(labels)), accuracy=float((pred == labels).mean()), agreement=agreement)
+
+
+# --- any model: metrics chosen by output kind -------------------------------------------------
+
+KINDS = ("classification", "binary", "embedding", "other")
+
+
+@dataclass(frozen=True)
+class ErrorFidelity:
+    """Elementwise error of any float output against the reference.
+
+    ``rel_error`` is ``mean|d| / mean|ref|`` (robust where single reference values are ~0);
+    ``max_rel_error`` is ``max|d| / max|ref|``; ``score`` is ``1 - rel_error`` clipped to [0, 1].
+    """
+
+    n: int
+    max_abs_error: float
+    mean_abs_error: float
+    rel_error: float
+    max_rel_error: float
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def error_fidelity(reference: FloatArray, output: FloatArray) -> ErrorFidelity:
+    """Elementwise errors of ``output`` against ``reference`` (same shape, any rank).
+
+    Raises:
+        ConfigError: the shapes differ or the arrays are empty.
+    """
+    r = np.asarray(reference, dtype=np.float64)
+    o = np.asarray(output, dtype=np.float64)
+    if r.shape != o.shape or r.size == 0:
+        raise ConfigError(f"error fidelity needs two non-empty arrays of one shape, got {r.shape} and {o.shape}")
+    d = np.abs(r - o)
+    ref_mean, ref_max = float(np.abs(r).mean()), float(np.abs(r).max())
+    rel = float(d.mean() / ref_mean) if ref_mean > 0 else float(d.mean() > 0)
+    max_rel = float(d.max() / ref_max) if ref_max > 0 else float(d.max() > 0)
+    return ErrorFidelity(n=int(r.shape[0]) if r.ndim else 1, max_abs_error=float(d.max()),
+                         mean_abs_error=float(d.mean()), rel_error=rel, max_rel_error=max_rel,
+                         score=float(min(1.0, max(0.0, 1.0 - rel))))
+
+
+def infer_kind(name: str, reference: np.ndarray[Any, Any], postprocess: str = "none") -> str:
+    """The output kind that picks the fidelity metrics, guessed from the output's name, the
+    manifest's post-processing and the fp32 values (pass ``kind`` explicitly to override).
+
+    * integer outputs and ``[n, c]`` outputs named like logits/probabilities/scores, or with
+      ``softmax``/``argmax`` post-processing, or with 2 <= c <= 32: ``classification``;
+    * ``[n]`` / ``[n, 1]`` floats inside [0, 1]: ``binary`` (a probability, e.g. a detector);
+    * ``[n, d]`` floats with ``l2_normalize`` post-processing, an embedding-like name, or d > 32:
+      ``embedding``;
+    * anything else: ``other``.
+    """
+    ref = np.asarray(reference)
+    lname = name.lower()
+    if ref.dtype.kind in "iub":
+        return "classification"
+    flat = ref.reshape(ref.shape[0], -1) if ref.ndim >= 1 and ref.shape[0] else ref
+    if ref.ndim in (1, 2) and flat.shape[-1] == 1 and float(ref.min()) >= 0.0 and float(ref.max()) <= 1.0:
+        return "binary"
+    if ref.ndim != 2:
+        return "other"
+    c = ref.shape[1]
+    if postprocess in ("softmax", "argmax") or any(k in lname for k in ("logit", "prob", "score", "class")):
+        return "classification"
+    if postprocess == "l2_normalize" or any(k in lname for k in ("embed", "pool", "sentence", "hidden")):
+        return "embedding"
+    if 2 <= c <= 32:
+        return "classification"
+    return "embedding" if c > 32 else "other"
+
+
+def labels_of(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Class predictions of a classification output: argmax of scores, or the labels themselves."""
+    v = np.asarray(values)
+    if v.dtype.kind in "iub":
+        return v.reshape(len(v), -1)[:, 0] if v.ndim > 1 else v
+    return np.asarray(v.reshape(len(v), -1).argmax(axis=1))
+
+
+def fidelity_for(kind: str, reference: np.ndarray[Any, Any], output: np.ndarray[Any, Any],
+                 labels: np.ndarray[Any, Any] | None = None) -> dict[str, float]:
+    """The metrics of ``kind`` for one output, plus ``score``: the figure ``--min-fidelity`` is
+    held to (classification and binary: top-1 agreement; embedding: mean cosine; other:
+    ``1 - mean|d| / mean|ref|``).
+
+    Raises:
+        ConfigError: an unknown kind, or shapes that do not line up.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"output kind {kind!r}: choose one of {list(KINDS)}")
+    ref, out = np.asarray(reference), np.asarray(output)
+    if ref.shape != out.shape:
+        raise ConfigError(f"output shape {out.shape} differs from the reference's {ref.shape}")
+    if kind == "embedding":
+        e = embedding_fidelity(ref.reshape(len(ref), -1), out.reshape(len(out), -1))
+        return {**e.to_dict(), "score": e.mean_cosine}
+    if kind == "classification":
+        pr, po = labels_of(ref), labels_of(out)
+        d: dict[str, float] = {"n": float(len(pr)), "agreement": float((pr == po).mean())}
+        if labels is not None and len(labels) == len(po):
+            d["accuracy"] = float((po == np.asarray(labels).reshape(-1)).mean())
+            d["reference_accuracy"] = float((pr == np.asarray(labels).reshape(-1)).mean())
+        if out.dtype.kind == "f":
+            d.update({k: v for k, v in error_fidelity(ref, out).to_dict().items() if k != "score"})
+        return {**d, "score": d["agreement"]}
+    err = error_fidelity(ref, out).to_dict()
+    if kind == "binary":
+        agree = float(((ref.reshape(-1) > 0.5) == (out.reshape(-1) > 0.5)).mean())
+        return {**err, "agreement": agree, "score": agree}
+    return err

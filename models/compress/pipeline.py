@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 STEPS = ("export", "quantize-dynamic", "quantize-static", "prune", "distill", "fp16", "tensorrt")
 MODELS = ("minilm", "digits")
 DEFAULT_BUDGETS = {"minilm": 0.995, "digits": 0.99}
+# model -> (recipes module, report kind, title)
+RECIPES = {"minilm": ("minilm", "embedding", "all-MiniLM-L6-v2: speed vs fidelity to the fp32 teacher"),
+           "digits": ("digits", "classifier", "digits MLP: speed vs test accuracy")}
 
 
 @dataclass(frozen=True)
@@ -159,54 +162,27 @@ def parse_steps(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(items)
 
 
-def compress_main(
-    model: str = "minilm",
-    *,
-    steps: str | Sequence[str] | None = None,
-    repo: str | Path = "model_repo",
-    work_dir: str | Path = "runs/compress",
-    threads: int = 2,
-    distill_steps: int = 2000,
-    prune_heads: float = 0.25,
-    prune_ffn: float = 0.4,
-    prune_recover_steps: int = 300,
-    held_out: int = 0,
-    fidelity_budget: float | None = None,
-    bench: bool = True,
-    plot: str | Path | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    console: Any = None,
-) -> CompressResult:
-    """Entry point of ``headrace compress MODEL``: run ``steps``, store the artifacts in
-    ``repo``, measure them side by side, print a table and draw the plot.
-
-    Args:
-        model: ``minilm`` or ``digits``.
-        steps: comma-separated string or list from :data:`STEPS`; None = all.
-        repo: model repository path (created if missing).
-        work_dir: scratch space and distillation checkpoints; a rerun resumes distillation.
-        threads: threads for every backend while measuring (pin it: ratios are only fair
-            at equal threads).
-        distill_steps / prune_* / held_out / fidelity_budget / seed: see :class:`CompressOptions`.
-        bench: measure and record speed + fidelity (False: only build the artifacts).
-        plot: PNG path (default ``<work_dir>/<model>-speed-vs-fidelity.png`` when benching).
-        progress: tqdm bars.
-        console: a ``rich.console.Console`` to print to (default: a new one on stdout).
-
-    Returns:
-        A :class:`CompressResult`.
+def compress_main(opts: Any, *, console: Any = None) -> Any:
+    """Entry point of ``headrace compress``: a recipe run for :class:`CompressOptions`, a
+    repository-model run (:func:`headrace.models.compress.anymodel.run_any`) for
+    ``AnyModelOptions``.
 
     Raises:
         ConfigError: bad options. ModelError / RepositoryError: a step failed.
     """
-    opts = CompressOptions(
-        model=model, steps=parse_steps(steps), repo=Path(repo), work_dir=Path(work_dir), threads=threads,
-        distill_steps=distill_steps, prune_heads=prune_heads, prune_ffn=prune_ffn,
-        prune_recover_steps=prune_recover_steps, held_out=held_out, fidelity_budget=fidelity_budget,
-        bench=bench, plot=Path(plot) if plot else (Path(work_dir) / f"{model}-speed-vs-fidelity.png" if bench else None),
-        seed=seed, progress=progress)
-    return run(opts, console=console)
+    if isinstance(opts, CompressOptions):
+        return run(opts, console=console)
+    from headrace.models.compress.anymodel import run_any
+
+    return run_any(opts, console=console)
+
+
+def _recipe(model: str) -> tuple[Any, str, str]:
+    """(run function, report kind, title) of a built-in recipe."""
+    import importlib
+
+    module, kind, title = RECIPES[model]
+    return getattr(importlib.import_module(f"headrace.models.compress.recipes.{module}"), f"run_{module}"), kind, title
 
 
 def run(opts: CompressOptions, *, console: Any = None) -> CompressResult:
@@ -222,23 +198,16 @@ def run(opts: CompressOptions, *, console: Any = None) -> CompressResult:
     repo = ModelRepository(opts.repo)
     opts.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=opts.work_dir, prefix=".scratch-") as tmp:
-        if opts.model == "minilm":
-            from headrace.models.compress.recipes.minilm import run_minilm
-
-            result = run_minilm(opts, repo, Path(tmp))
-            kind, title = "embedding", "all-MiniLM-L6-v2: speed vs fidelity to the fp32 teacher"
-        else:
-            from headrace.models.compress.recipes.digits import run_digits
-
-            result = run_digits(opts, repo, Path(tmp))
-            kind, title = "classifier", "digits MLP: speed vs test accuracy"
+        runner, kind, title = _recipe(opts.model)
+        result = runner(opts, repo, Path(tmp))
     if result.rows:
         from headrace.models.compress import report
 
         con.print(report.table(result.rows, title=f"{title} ({opts.threads} threads)", kind=kind))
         result.markdown = report.markdown_table(result.rows, kind=kind)
-        if opts.plot is not None:
-            result.plot = report.plot(result.rows, opts.plot, title=f"{title}, {opts.threads} threads", kind=kind)
+        plot = opts.plot or opts.work_dir / f"{opts.model}-speed-vs-fidelity.png"
+        if opts.bench:
+            result.plot = report.plot(result.rows, plot, title=f"{title}, {opts.threads} threads", kind=kind)
             con.print(f"plot: {result.plot}")
     for step, why in result.skipped.items():
         con.print(f"[yellow]skipped {escape(step)}[/yellow]: {escape(why)}")

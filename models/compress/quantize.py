@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,31 @@ import numpy as np
 
 from headrace.client.errors import ConfigError, ModelError
 from headrace.client.optional import WORKER, require
+from headrace.models.compress.graph import (  # noqa: F401 - re-exported: quantize is where callers look
+    DYNAMIC_CANDIDATES,
+    STATIC_CNN_OPS,
+    STATIC_WEIGHT_OPS,
+    WEIGHT_OPS,
+    WeightNode,
+    choose_op_types,
+    constants_to_initializers,
+    graph_op_types,
+    weight_nodes,
+)
+from headrace.models.compress.mixed import (  # noqa: F401 - re-exported
+    MixedPrecisionResult,
+    NodeSensitivity,
+    QuantizeFn,
+    ScoreFn,
+    mixed_precision,
+    sensitivity_scan,
+)
 
 log = logging.getLogger(__name__)
 
 Feeds = Mapping[str, np.ndarray[Any, Any]]
-# (src, dst, nodes_to_quantize or None for all, nodes_to_exclude) -> None
-QuantizeFn = Callable[[Path, Path, Sequence[str] | None, Sequence[str]], None]
-# model path -> score, higher is better (mean cosine, accuracy)
-ScoreFn = Callable[[Path], float]
 
-# Op types whose constant weight input makes them worth quantizing. Attention is the fused
-# com.microsoft op the transformer optimizer produces (q/k/v packed into one weight).
-WEIGHT_OPS = ("MatMul", "Gemm", "Attention")
+
 # Dynamic quantization also stores embedding tables (Gather) as int8: MiniLM's word table is
 # 47 of its 90 MB; measured on 512 held-out sentences it moves mean cosine by 0.0003.
 DYNAMIC_OPS = (*WEIGHT_OPS, "Gather")
@@ -63,58 +75,28 @@ def _check_paths(src: Path, dst: Path) -> tuple[Path, Path]:
 
 def _preprocess(src: Path, tmp: Path) -> Path:
     """Shape inference before quantization (ORT's recommended pre-processing), which lets the
-    quantizer see activation shapes and dtypes. Optimisation is skipped: the input is either
-    already transformer-optimised or will be optimised by the session."""
+    quantizer see activation shapes and dtypes, after moving Constant-node weights into
+    initializers (:func:`constants_to_initializers`). Optimisation is skipped: the input is
+    either already optimised or will be optimised by the session."""
+    staged = tmp / "constants.onnx"
+    if constants_to_initializers(src, staged) == 0:
+        staged = src
     out = tmp / "preprocessed.onnx"
+    # ORT's symbolic shape inference dumps this file into the working directory when it gives
+    # up (it does on graphs with If subgraphs); it is removed unless it was there before.
+    dump = Path("sym_shape_infer_temp.onnx")
+    existed = dump.exists()
     try:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        quant_pre_process(str(src), str(out), skip_optimization=True, skip_symbolic_shape=False)
+        quant_pre_process(str(staged), str(out), skip_optimization=True, skip_symbolic_shape=False)
         return out
     except Exception as e:  # noqa: BLE001 - symbolic shape inference gives up on some graphs; only a help
         log.warning("quantization pre-processing of %s failed (%s); quantizing without it", src, e)
-        return src
-
-
-# --- node discovery ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightNode:
-    """A node with a constant weight input that quantization would turn into INT8."""
-
-    name: str
-    op_type: str
-    weight: str
-    params: int
-
-
-def weight_nodes(model_path: str | Path, op_types: Sequence[str] = WEIGHT_OPS) -> list[WeightNode]:
-    """Nodes of ``op_types`` whose weight input (B of MatMul/Gemm, the packed weight of
-    Attention) is an initializer, in graph order.
-
-    Raises:
-        ModelError: the file is not a readable ONNX model, or a node has no name (the
-            quantizer addresses nodes by name).
-    """
-    import onnx
-
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError / OSError variants
-        raise ModelError(f"cannot read ONNX model {model_path}: {e}") from e
-    inits = {i.name: i for i in model.graph.initializer}
-    out: list[WeightNode] = []
-    for node in model.graph.node:
-        if node.op_type not in op_types or len(node.input) < 2:
-            continue
-        w = node.input[1]
-        if w not in inits:
-            continue
-        if not node.name:
-            raise ModelError(f"{model_path}: a {node.op_type} node has no name; re-export with named nodes")
-        out.append(WeightNode(node.name, node.op_type, w, int(np.prod(inits[w].dims))))
-    return out
+        return staged
+    finally:
+        if not existed:
+            dump.unlink(missing_ok=True)
 
 
 # --- dynamic and static INT8 -------------------------------------------------------------
@@ -151,6 +133,9 @@ def quantize_dynamic_int8(
                 pre, dst, per_channel=per_channel, reduce_range=reduce_range, weight_type=q.QuantType.QInt8,
                 op_types_to_quantize=list(op_types), nodes_to_quantize=_with_gemm_aliases(nodes_to_quantize or []),
                 nodes_to_exclude=_with_gemm_aliases(nodes_to_exclude),
+                # Weights inside If/Loop bodies (e.g. a model with one branch per sample rate)
+                # are only reached with subgraph quantization on.
+                extra_options={"EnableSubgraph": True},
             )
         except Exception as e:  # the quantizer raises bare Exceptions/ValueErrors for odd graphs
             raise ModelError(f"dynamic INT8 quantization of {src} failed: {e}") from e
@@ -277,153 +262,6 @@ def quantize_static_int8(
     log.info("quantized %s -> %s (static QDQ int8, %s calibration over %d batches, %d nodes kept fp32)",
              src.name, dst, method, len(reader), len(nodes_to_exclude))
     return dst
-
-
-# --- mixed precision ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeSensitivity:
-    """Score of the model with only ``node`` quantized; ``loss`` = baseline - score."""
-
-    node: str
-    op_type: str
-    score: float
-    loss: float
-
-
-@dataclass(frozen=True)
-class MixedPrecisionResult:
-    """Outcome of :func:`mixed_precision`.
-
-    Attributes:
-        path: the written model.
-        excluded: nodes left in fp32, most sensitive first.
-        score: the written model's score on the scan data.
-        threshold: the budget it had to meet.
-        met: whether it met the budget (False only if even the fp32 baseline does not).
-        trials: (number of excluded nodes, score) for every candidate tried.
-        sensitivities: the scan, most sensitive first.
-    """
-
-    path: Path
-    excluded: tuple[str, ...]
-    score: float
-    threshold: float
-    met: bool
-    trials: tuple[tuple[int, float], ...] = ()
-    sensitivities: tuple[NodeSensitivity, ...] = field(default=())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"excluded": list(self.excluded), "score": self.score, "threshold": self.threshold,
-                "met": self.met, "trials": [list(t) for t in self.trials],
-                "sensitivities": [s.__dict__ for s in self.sensitivities[:10]]}
-
-
-def sensitivity_scan(
-    src: str | Path,
-    quantize: QuantizeFn,
-    score: ScoreFn,
-    nodes: Sequence[WeightNode],
-    *,
-    baseline: float | None = None,
-    progress: bool = True,
-) -> list[NodeSensitivity]:
-    """Quantize each node alone and score the result; most sensitive (largest loss) first.
-
-    Cost: one quantization and one scoring per node.
-
-    Args:
-        quantize: ``(src, dst, nodes_to_quantize, nodes_to_exclude)``, e.g. a partial of
-            :func:`quantize_dynamic_int8`.
-        score: higher-is-better score of a model file on scan data.
-        baseline: the fp32 model's score (computed if not given).
-    """
-    from tqdm.auto import tqdm
-
-    src = Path(src)
-    base = score(src) if baseline is None else baseline
-    out: list[NodeSensitivity] = []
-    with tempfile.TemporaryDirectory(prefix="headrace-scan-") as tmp:
-        dst = Path(tmp) / "one.onnx"
-        for node in tqdm(nodes, desc="sensitivity scan", unit="node", disable=not progress):
-            quantize(src, dst, [node.name], ())
-            s = score(dst)
-            out.append(NodeSensitivity(node.name, node.op_type, s, base - s))
-    out.sort(key=lambda x: x.loss, reverse=True)
-    return out
-
-
-def mixed_precision(
-    src: str | Path,
-    dst: str | Path,
-    quantize: QuantizeFn,
-    score: ScoreFn,
-    threshold: float,
-    *,
-    nodes: Sequence[WeightNode] | None = None,
-    sensitivities: Sequence[NodeSensitivity] | None = None,
-    progress: bool = True,
-) -> MixedPrecisionResult:
-    """Quantize ``src`` to ``dst`` leaving in fp32 the fewest most-sensitive nodes for which
-    ``score(model) >= threshold``.
-
-    First the fully quantized model is tried; if it meets the budget no scan is run. Otherwise
-    the nodes are ranked by :func:`sensitivity_scan` (unless ``sensitivities`` is given) and
-    the number kept in fp32 is found by doubling, then bisection (assumes the score grows as
-    more nodes stay fp32, which holds closely in practice).
-
-    Raises:
-        ModelError: quantization failed.
-    """
-    src, dst = Path(src), Path(dst)
-    candidates = list(nodes) if nodes is not None else weight_nodes(src)
-    trials: list[tuple[int, float]] = []
-
-    def attempt(k: int, ranked: Sequence[NodeSensitivity]) -> float:
-        quantize(src, dst, None, [s.node for s in ranked[:k]])
-        s = score(dst)
-        trials.append((k, s))
-        log.info("mixed precision: %d node(s) in fp32 -> score %.5f (budget %.5f)", k, s, threshold)
-        return s
-
-    first = attempt(0, [])
-    if first >= threshold:
-        return MixedPrecisionResult(dst, (), first, threshold, True, tuple(trials), tuple(sensitivities or ()))
-
-    ranked = list(sensitivities) if sensitivities is not None else sensitivity_scan(
-        src, quantize, score, candidates, progress=progress)
-    n = len(ranked)
-    lo, hi = 0, None  # lo: largest k known to fail; hi: smallest k known to pass
-    k = 1
-    scores: dict[int, float] = {0: first}
-    while k <= n:
-        scores[k] = attempt(k, ranked)
-        if scores[k] >= threshold:
-            hi = k
-            break
-        lo = k
-        k *= 2
-    if hi is None:
-        if n not in scores:
-            scores[n] = attempt(n, ranked)
-        if scores[n] < threshold:
-            log.warning("mixed precision: even with every candidate node in fp32 the score %.5f misses %.5f",
-                        scores[n], threshold)
-            return MixedPrecisionResult(dst, tuple(s.node for s in ranked), scores[n], threshold, False,
-                                        tuple(trials), tuple(ranked))
-        hi = n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        scores[mid] = attempt(mid, ranked)
-        if scores[mid] >= threshold:
-            hi = mid
-        else:
-            lo = mid
-    if trials[-1][0] != hi:  # the file on disk must be the chosen one
-        attempt(hi, ranked)
-    return MixedPrecisionResult(dst, tuple(s.node for s in ranked[:hi]), scores[hi], threshold, True,
-                                tuple(trials), tuple(ranked))
 
 
 # --- fp16 ----------------------------------------------------------------------------------

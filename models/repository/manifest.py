@@ -17,12 +17,12 @@ from headrace.client.protocol import DTYPES
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-FORMATS = frozenset({"onnx", "torch", "torchscript", "pt2", "tensorrt"})
+FORMATS = frozenset({"onnx", "torch", "torchscript", "pt2", "tensorrt", "tflite"})
 TORCH_FORMATS = frozenset({"torch", "torchscript", "pt2"})
 PREPROCESS = frozenset({"none", "bert_tokenizer"})
 POSTPROCESS = frozenset({"none", "l2_normalize", "softmax", "argmax"})
 DEFAULT_MODEL_FILE = {"onnx": "model.onnx", "torch": "model.safetensors", "torchscript": "model.pt",
-                      "pt2": "model.pt2", "tensorrt": "model.plan"}
+                      "pt2": "model.pt2", "tensorrt": "model.plan", "tflite": "model.tflite"}
 NO_BATCH = -1
 """``batch_axis`` / ``batch_dim`` value for "no batch axis" (see :class:`IOSpec`)."""
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
@@ -159,7 +159,7 @@ class Manifest:
         name / version: where it lives (``<repo>/<name>/<version>``).
         format: ``onnx``, ``torch`` (safetensors state dict + built-in architecture),
             ``torchscript`` (``torch.jit.save`` file), ``pt2`` (``torch.export.save`` program)
-            or ``tensorrt``.
+            ``tensorrt`` or ``tflite`` (LiteRT).
         backend: runtime that serves it (``onnxruntime`` or ``torch``).
         precision: ``fp32``, ``fp16``, ``int8``, ...
         inputs / outputs: per-sample signature.

@@ -161,21 +161,23 @@ def test_dlq_commands(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_compress_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
-    import inspect
+    from dataclasses import fields
 
+    from headrace.cluster.cli import compress as cli_compress
     from headrace.models.compress import pipeline
 
-    real_params = set(inspect.signature(pipeline.compress_main).parameters)
+    recipe_fields = {f.name for f in fields(pipeline.CompressOptions)}
     cmd = main.get_command(click.Context(main), "compress")
     assert cmd is not None
-    assert {p.name for p in cmd.params} <= real_params  # every option is a real parameter
+    # every recipe option is a real CompressOptions field
+    assert set(cli_compress.RECIPE_FIELDS.values()) | set(cli_compress.SHARED_FIELDS) <= recipe_fields
     calls: list[Any] = []
-    monkeypatch.setattr(pipeline, "compress_main", lambda model, **kw: calls.append((model, kw)))
+    monkeypatch.setattr(pipeline, "compress_main", lambda opts: calls.append(opts))
     res = CliRunner().invoke(main, ["--repo", "/tmp/r", "compress", "digits", "--steps", "export,prune",
                                     "--distill-steps", "5", "--no-bench", "--prune-ffn", "0.5"])
     assert res.exit_code == 0, res.output
-    assert calls == [("digits", {"repo": "/tmp/r", "steps": "export,prune", "distill_steps": 5, "bench": False,
-                                 "prune_ffn": 0.5})]
+    assert calls == [pipeline.CompressOptions(model="digits", repo=Path("/tmp/r"), steps=("export", "prune"),
+                                              distill_steps=5, bench=False, prune_ffn=0.5)]
 
 
 def test_models_list_on_an_empty_repository(tmp_path: Path) -> None:

@@ -100,11 +100,12 @@ def test_compress_pipeline_on_digits(tmp_path: Path) -> None:
     the table and the plot."""
     from rich.console import Console
 
-    from headrace.models.compress.pipeline import compress_main
+    from headrace.models.compress.pipeline import CompressOptions, compress_main
 
     con = Console(record=True, width=220)
-    res = compress_main("digits", steps="quantize-dynamic,prune,fp16,tensorrt", repo=tmp_path / "repo",
-                        work_dir=tmp_path / "work", threads=1, progress=False, console=con)
+    res = compress_main(CompressOptions(model="digits", steps=("quantize-dynamic", "prune", "fp16", "tensorrt"),
+                                        repo=tmp_path / "repo", work_dir=tmp_path / "work", threads=1,
+                                        progress=False), console=con)
     names = [a.split("/")[0] for a in res.artifacts]
     assert [n for n in names if "-trt-" not in n] == ["digits", "digits-int8", "digits-pruned", "digits-pruned-int8",
                                                       "digits-fp16"]

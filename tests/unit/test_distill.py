@@ -62,8 +62,8 @@ def test_tiny_distillation_lowers_the_loss(tmp_path: Path, tok, sentences: list[
         return float(torch.nn.functional.cosine_similarity(got, targets).mean())
 
     before = mean_cos(student)
-    trained, res = D.distill(student, teacher, tok, sentences, tmp_path / "run",
-                             cfg(steps=60, checkpoint_every=0, batch_size=8, lr=3e-3), progress=False)
+    trained, res = D.distill(student, D.DistillRun(teacher, tok, sentences, tmp_path / "run",
+                             cfg(steps=60, checkpoint_every=0, batch_size=8, lr=3e-3), progress=False))
     assert res.steps == 60 and res.resumed_from == 0 and len(res.losses) >= 10
     assert res.final_loss < 0.5 * res.first_loss
     assert mean_cos(trained) > before
@@ -73,8 +73,8 @@ def test_tiny_distillation_lowers_the_loss(tmp_path: Path, tok, sentences: list[
 @pytest.mark.timeout(120)
 def test_resume_after_interruption_is_exact(tmp_path: Path, tok, sentences: list[str]) -> None:  # type: ignore[no-untyped-def]
     teacher = tiny_teacher()
-    straight, full = D.distill(one_layer_student(teacher), teacher, tok, sentences, tmp_path / "a", cfg(),
-                               progress=False)
+    straight, full = D.distill(one_layer_student(teacher), D.DistillRun(teacher, tok, sentences, tmp_path / "a", cfg(),
+                               progress=False))
 
     class Stop(Exception):
         pass
@@ -84,11 +84,11 @@ def test_resume_after_interruption_is_exact(tmp_path: Path, tok, sentences: list
             raise Stop
 
     with pytest.raises(Stop):
-        D.distill(one_layer_student(teacher), teacher, tok, sentences, tmp_path / "b", cfg(), progress=False,
-                  on_checkpoint=crash_at_4)
+        D.distill(one_layer_student(teacher), D.DistillRun(teacher, tok, sentences, tmp_path / "b", cfg(), progress=False,
+                  on_checkpoint=crash_at_4))
     assert D.latest_checkpoint(tmp_path / "b") == tmp_path / "b" / "checkpoint-4"
-    resumed, res = D.distill(one_layer_student(teacher), teacher, tok, sentences, tmp_path / "b", cfg(),
-                             progress=False)
+    resumed, res = D.distill(one_layer_student(teacher), D.DistillRun(teacher, tok, sentences, tmp_path / "b", cfg(),
+                             progress=False))
     assert res.resumed_from == 4 and res.steps == 6
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -99,18 +99,18 @@ def test_resume_after_interruption_is_exact(tmp_path: Path, tok, sentences: list
     files = {p.suffix for p in (tmp_path / "b").rglob("*") if p.is_file()}
     assert files <= {".safetensors", ".json"}
     # A finished run resumes to itself without training.
-    again, res2 = D.distill(one_layer_student(teacher), teacher, tok, sentences, tmp_path / "b", cfg(), progress=False)
+    again, res2 = D.distill(one_layer_student(teacher), D.DistillRun(teacher, tok, sentences, tmp_path / "b", cfg(), progress=False))
     assert res2.resumed_from == 6 and res2.train_s < 5
 
 
 def test_resume_refuses_other_settings(tmp_path: Path, tok, sentences: list[str]) -> None:  # type: ignore[no-untyped-def]
     teacher = tiny_teacher()
-    D.distill(one_layer_student(teacher), teacher, tok, sentences, tmp_path / "r", cfg(steps=2), progress=False)
+    D.distill(one_layer_student(teacher), D.DistillRun(teacher, tok, sentences, tmp_path / "r", cfg(steps=2), progress=False))
     with pytest.raises(ConfigError, match="other data or settings"):
-        D.distill(one_layer_student(teacher), teacher, tok, sentences, tmp_path / "r", cfg(steps=2, lr=5e-4),
-                  progress=False)
-    _, res = D.distill(one_layer_student(teacher), teacher, tok, sentences, tmp_path / "r", cfg(steps=2, lr=5e-4),
-                       progress=False, resume=False)
+        D.distill(one_layer_student(teacher), D.DistillRun(teacher, tok, sentences, tmp_path / "r", cfg(steps=2, lr=5e-4),
+                  progress=False))
+    _, res = D.distill(one_layer_student(teacher), D.DistillRun(teacher, tok, sentences, tmp_path / "r", cfg(steps=2, lr=5e-4),
+                       progress=False, resume=False))
     assert res.resumed_from == 0
 
 

@@ -14,7 +14,8 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 # WorkerSettings.backend -> manifest formats it can serve.
-BACKEND_FORMATS = {"onnx": frozenset({"onnx"}), "torch": frozenset({"torch", "torchscript", "pt2"})}
+BACKEND_FORMATS = {"onnx": frozenset({"onnx"}), "torch": frozenset({"torch", "torchscript", "pt2"}),
+                   "litert": frozenset({"tflite"})}
 
 
 def select_manifest(repo: ModelRepository, model: str, version: str = "", backend: str = "") -> Manifest:
@@ -69,6 +70,10 @@ def servable_from_manifest(repo: ModelRepository, manifest: Manifest, *, intra_o
 
         return load_torch_servable(m, folder, tokenizer_path=tok, intra_op_threads=intra_op_threads,
                                    device=device, reject_non_finite=reject_non_finite)
+    if m.format == "tflite":
+        from headrace.workers.backends.litert import LiteRTServable
+
+        return LiteRTServable(m, model_path, intra_op_threads=intra_op_threads, reject_non_finite=reject_non_finite)
     raise E.ModelError(f"{m.name}/{m.version}: format {m.format!r} has no servable here "
                        f"(TensorRT engines are served through ONNX Runtime's TensorRT provider)")
 

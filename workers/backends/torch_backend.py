@@ -15,9 +15,7 @@ up inside the ``headrace`` package, so a manifest cannot make a worker import ar
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +24,7 @@ import numpy as np
 from headrace.client import errors as E
 from headrace.client.optional import require
 from headrace.models.repository.store import Manifest
+from headrace.models.torch_factory import BUILTIN_ARCHS, FACTORY_PREFIX, Factory, build_module, resolve_factory
 from headrace.workers.backends import prepost
 
 if TYPE_CHECKING:
@@ -33,42 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Factory = Callable[[Path, Manifest], "torch.nn.Module"]
-FACTORY_PREFIX = "headrace."
-
-
-def _minilm_factory(folder: Path, manifest: Manifest) -> torch.nn.Module:
-    from headrace.models.builtin.minilm import load_minilm
-
-    return load_minilm(folder / manifest.model_file)
-
-
-BUILTIN_ARCHS: dict[str, Factory] = {"minilm": _minilm_factory}
-
-
-def resolve_factory(manifest: Manifest) -> Factory:
-    """The module factory for a torch-format manifest.
-
-    Raises:
-        ModelError: no ``arch``/``torch_factory``, an unknown arch, or a factory outside ``headrace``.
-    """
-    arch = manifest.extra.get("arch")
-    if isinstance(arch, str) and arch in BUILTIN_ARCHS:
-        return BUILTIN_ARCHS[arch]
-    ref = manifest.extra.get("torch_factory")
-    if not isinstance(ref, str) or ":" not in ref:
-        raise E.ModelError(f"{manifest.name}/{manifest.version}: a torch entry needs extra.arch in "
-                           f"{sorted(BUILTIN_ARCHS)} or extra.torch_factory='headrace.module:function'")
-    mod_name, _, fn_name = ref.partition(":")
-    if not mod_name.startswith(FACTORY_PREFIX):
-        raise E.ModelError(f"torch_factory {ref!r} must live in the headrace package; refusing to import it")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise E.ModelError(f"cannot import torch_factory {ref!r}: {e}") from e
-    if not callable(fn):
-        raise E.ModelError(f"torch_factory {ref!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+# The factory rules live in headrace.models.torch_factory (the compression pipeline builds the
+# same modules); re-exported here for callers of this module.
+__all__ = ["BUILTIN_ARCHS", "FACTORY_PREFIX", "Factory", "TorchServable", "load_torch_servable", "resolve_factory"]
 
 
 def load_program(manifest: Manifest, path: Path) -> torch.nn.Module:
@@ -203,14 +169,7 @@ def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Pat
     require("torch", "torch", purpose="the torch backend")
     if manifest.format in ("torchscript", "pt2"):
         module = load_program(manifest, folder / manifest.model_file)
-        return TorchServable(manifest, module, tokenizer_path=tokenizer_path, intra_op_threads=intra_op_threads,
-                             device=device, reject_non_finite=reject_non_finite)
-    factory = resolve_factory(manifest)
-    try:
-        module = factory(folder, manifest)
-    except E.HeadraceError:
-        raise
-    except Exception as e:  # noqa: BLE001 - factories are model code
-        raise E.ModelError(f"{manifest.name}/{manifest.version}: building the torch module failed: {e}") from e
+    else:
+        module = build_module(folder, manifest)
     return TorchServable(manifest, module, tokenizer_path=tokenizer_path, intra_op_threads=intra_op_threads,
                          device=device, reject_non_finite=reject_non_finite)

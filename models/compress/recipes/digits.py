@@ -7,168 +7,208 @@ fidelity budget is an accuracy drop of at most ``1 - fidelity_budget`` against f
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from headrace.models.compress.pipeline import CompressOptions, CompressResult
+from headrace.models.compress.recipes.common import _artifacts, _Entry
 
 log = logging.getLogger(__name__)
 
 
-def run_digits(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
-    import torch
+class _DigitsRun:
+    """State shared by the digits steps of one run; each step is one method (:data:`STEPS`)."""
 
-    from headrace.models.builtin import digits as DG
-    from headrace.models.compress import quantize as Q
-    from headrace.models.compress import report as R
-    from headrace.models.compress.fidelity import classifier_fidelity
-    from headrace.models.compress.prune import prune_mlp
-    from headrace.models.compress.tensorrt import tensorrt_available
+    def __init__(self, opts: CompressOptions, repo: Any, tmp: Path) -> None:
+        import torch
 
-    torch.set_num_threads(opts.threads)
-    steps = opts.ordered_steps()
-    res = CompressResult(model="digits")
-    data = DG.load_data(seed=opts.seed)
-    model, trep = DG.train(data, seed=opts.seed)
-    res.details["train"] = trep.to_dict()
-    n_params = model.num_parameters()
-    fp32 = tmp / "digits.onnx"
-    exp = DG.export(model, fp32)
-    train_recipe = {"step": "train", "params": trep.to_dict()}
-    export_recipe = {"step": "export", "params": {"exporter": exp.exporter, "opset": exp.opset,
-                                                  "max_abs_diff": exp.max_abs_diff}}
-    base = DG.add_to_repository(repo, model, onnx_path=fp32, recipe=[train_recipe, export_recipe],
-                                measured={"size_bytes": fp32.stat().st_size, "params": n_params,
-                                          "test_accuracy": trep.test_accuracy})
-    res.artifacts.append(f"{base.name}/{base.version}")
-    base_onnx = repo.file_path(base, "model.onnx")
-    entries: list[tuple[str, str, str, Any, int, int, tuple[str, str] | None, str, bool]] = [
-        ("fp32 torch", "torch", "fp32", lambda: R.torch_runner(model, opts.threads), n_params,
-         DG.save(model, tmp / "torch")[0].stat().st_size, None, "reference", True),
-        ("fp32 onnx", "onnxruntime", "fp32", lambda: R.ort_runner(base_onnx, opts.threads), n_params,
-         base_onnx.stat().st_size, (base.name, base.version), "", True),
-    ]
-    # The budget search scores on training images; test images are only for the report.
-    scan_x = data.x_train[: max(opts.scan, 256)]
-    scan_y = data.y_train[: len(scan_x)]
-    ref_acc = float((DG.onnx_logits(base_onnx, scan_x).argmax(1) == scan_y).mean())
-    threshold = ref_acc - (1.0 - opts.budget)
+        from headrace.models.builtin import digits as DG
+        from headrace.models.compress import report as R
 
-    def score(path: Path) -> float:
-        return float((DG.onnx_logits(path, scan_x).argmax(1) == scan_y).mean())
+        torch.set_num_threads(opts.threads)
+        self.opts, self.repo, self.tmp = opts, repo, tmp
+        self.res = CompressResult(model="digits")
+        self.data = DG.load_data(seed=opts.seed)
+        self.model, trep = DG.train(self.data, seed=opts.seed)
+        self.res.details["train"] = trep.to_dict()
+        n_params = self.model.num_parameters()
+        fp32 = tmp / "digits.onnx"
+        exp = DG.export(self.model, fp32)
+        self.train_recipe = {"step": "train", "params": trep.to_dict()}
+        self.export_recipe = {"step": "export", "params": {"exporter": exp.exporter, "opset": exp.opset,
+                                                           "max_abs_diff": exp.max_abs_diff}}
+        base = DG.add_to_repository(repo, self.model, onnx_path=fp32, recipe=[self.train_recipe, self.export_recipe],
+                                    measured={"size_bytes": fp32.stat().st_size, "params": n_params,
+                                              "test_accuracy": trep.test_accuracy})
+        self.res.artifacts.append(f"{base.name}/{base.version}")
+        self.base_onnx = repo.file_path(base, "model.onnx")
+        self.entries: list[_Entry] = [
+            _Entry("fp32 torch", "torch", "fp32", lambda: R.torch_runner(self.model, opts.threads), n_params,
+                   DG.save(self.model, tmp / "torch")[0].stat().st_size, None, "reference", True),
+            _Entry("fp32 onnx", "onnxruntime", "fp32", lambda: R.ort_runner(self.base_onnx, opts.threads), n_params,
+                   self.base_onnx.stat().st_size, (base.name, base.version), "", True),
+        ]
+        # The budget search scores on training images; test images are only for the report.
+        self.scan_x = self.data.x_train[: max(opts.scan, 256)]
+        self.scan_y = self.data.y_train[: len(self.scan_x)]
+        ref_acc = float((DG.onnx_logits(self.base_onnx, self.scan_x).argmax(1) == self.scan_y).mean())
+        self.threshold = ref_acc - (1.0 - opts.budget)
 
-    def add(name: str, net: Any, onnx_path: Path, precision: str, recipe: list[dict[str, Any]], label: str,
+    def score(self, path: Path) -> float:
+        from headrace.models.builtin import digits as DG
+
+        return float((DG.onnx_logits(path, self.scan_x).argmax(1) == self.scan_y).mean())
+
+    def add(self, name: str, net: Any, onnx_path: Path, precision: str, recipe: list[dict[str, Any]], label: str,
             note: str = "", bench_speed: bool = True) -> None:
-        m = DG.add_to_repository(repo, net, name=name, onnx_path=onnx_path, precision=precision,
-                                 recipe=[train_recipe, export_recipe, *recipe],
-                                 measured={"size_bytes": onnx_path.stat().st_size, "params": net.num_parameters()})
-        res.artifacts.append(f"{m.name}/{m.version}")
-        stored = repo.file_path(m, "model.onnx")
-        entries.append((label, "onnxruntime", precision, lambda: R.ort_runner(stored, opts.threads),
-                        net.num_parameters(), stored.stat().st_size, (m.name, m.version), note, bench_speed))
+        from headrace.models.builtin import digits as DG
+        from headrace.models.compress import report as R
 
-    if "quantize-dynamic" in steps:
+        m = DG.add_to_repository(self.repo, net, name=name, onnx_path=onnx_path, precision=precision,
+                                 recipe=[self.train_recipe, self.export_recipe, *recipe],
+                                 measured={"size_bytes": onnx_path.stat().st_size, "params": net.num_parameters()})
+        self.res.artifacts.append(f"{m.name}/{m.version}")
+        stored = self.repo.file_path(m, "model.onnx")
+        self.entries.append(_Entry(label, "onnxruntime", precision, lambda: R.ort_runner(stored, self.opts.threads),
+                                   net.num_parameters(), stored.stat().st_size, (m.name, m.version), note,
+                                   bench_speed))
+
+    def quantize_dynamic(self) -> None:
+        from headrace.models.compress import quantize as Q
+
         def qfn(s: Path, d: Path, nq: Sequence[str] | None, ne: Sequence[str]) -> None:
             Q.quantize_dynamic_int8(s, d, per_channel=True, nodes_to_quantize=nq, nodes_to_exclude=ne)
 
-        mp = Q.mixed_precision(base_onnx, tmp / "int8.onnx", qfn, score, threshold, progress=opts.progress)
-        res.details["quantize-dynamic"] = mp.to_dict()
-        add("digits-int8", model, mp.path, "int8" if not mp.excluded else "int8_mixed",
-            [{"step": "quantize-dynamic", "params": {"per_channel": True, "fp32_nodes": list(mp.excluded)}}],
-            "int8 dynamic")
+        mp = Q.mixed_precision(self.base_onnx, self.tmp / "int8.onnx", qfn, self.score, self.threshold,
+                               progress=self.opts.progress)
+        self.res.details["quantize-dynamic"] = mp.to_dict()
+        self.add("digits-int8", self.model, mp.path, "int8" if not mp.excluded else "int8_mixed",
+                 [{"step": "quantize-dynamic", "params": {"per_channel": True, "fp32_nodes": list(mp.excluded)}}],
+                 "int8 dynamic")
 
-    if "quantize-static" in steps:
-        cal = [{DG.INPUT_NAME: data.x_train[i:i + 64]} for i in range(0, 512, 64)]
+    def quantize_static(self) -> None:
+        from headrace.models.builtin import digits as DG
+        from headrace.models.compress import quantize as Q
+
+        cal = [{DG.INPUT_NAME: self.data.x_train[i:i + 64]} for i in range(0, 512, 64)]
 
         def sfn(s: Path, d: Path, nq: Sequence[str] | None, ne: Sequence[str]) -> None:
             Q.quantize_static_int8(s, d, cal, nodes_to_quantize=nq, nodes_to_exclude=ne,
-                                   cache_path=tmp / "calibration.json")
+                                   cache_path=self.tmp / "calibration.json")
 
-        mp = Q.mixed_precision(base_onnx, tmp / "int8_static.onnx", sfn, score, threshold,
-                               nodes=Q.weight_nodes(base_onnx, Q.STATIC_OPS), progress=opts.progress)
-        res.details["quantize-static"] = mp.to_dict()
-        add("digits-int8-static", model, mp.path, "int8" if not mp.excluded else "int8_mixed",
-            [{"step": "quantize-static", "params": {"format": "QDQ", "fp32_nodes": list(mp.excluded)}}],
-            "int8 static QDQ")
+        mp = Q.mixed_precision(self.base_onnx, self.tmp / "int8_static.onnx", sfn, self.score, self.threshold,
+                               nodes=Q.weight_nodes(self.base_onnx, Q.STATIC_OPS), progress=self.opts.progress)
+        self.res.details["quantize-static"] = mp.to_dict()
+        self.add("digits-int8-static", self.model, mp.path, "int8" if not mp.excluded else "int8_mixed",
+                 [{"step": "quantize-static", "params": {"format": "QDQ", "fp32_nodes": list(mp.excluded)}}],
+                 "int8 static QDQ")
 
-    if "prune" in steps:
-        fraction = opts.prune_ffn
-        pruned, prep = prune_mlp(model, data.x_train, fraction)
-        acc_before = DG.accuracy(pruned, data.x_test, data.y_test)
+    def prune(self) -> None:
+        from headrace.models.builtin import digits as DG
+        from headrace.models.compress import quantize as Q
+        from headrace.models.compress.prune import prune_mlp
+
+        pruned, prep = prune_mlp(self.model, self.data.x_train, self.opts.prune_ffn)
+        acc_before = DG.accuracy(pruned, self.data.x_test, self.data.y_test)
         # A few epochs of fine-tuning on the training split recover what slicing lost.
-        pruned, ft = DG.train(data, seed=opts.seed, epochs=10, lr=5e-4, model=pruned)
-        res.details["prune"] = {**prep.to_dict(), "test_accuracy_before_finetune": acc_before,
-                                "finetune": ft.to_dict()}
-        p_onnx = tmp / "pruned.onnx"
+        pruned, ft = DG.train(self.data, seed=self.opts.seed, epochs=10, lr=5e-4, model=pruned)
+        self.res.details["prune"] = {**prep.to_dict(), "test_accuracy_before_finetune": acc_before,
+                                     "finetune": ft.to_dict()}
+        p_onnx = self.tmp / "pruned.onnx"
         DG.export(pruned, p_onnx)
-        add("digits-pruned", pruned, p_onnx, "fp32",
-            [{"step": "prune", "params": prep.to_dict()}, {"step": "finetune", "params": ft.to_dict()}],
-            "pruned fp32", note=f"hidden {list(prep.ffn_before)} -> {list(prep.ffn_after)}")
-        p_int8 = tmp / "pruned_int8.onnx"
+        self.add("digits-pruned", pruned, p_onnx, "fp32",
+                 [{"step": "prune", "params": prep.to_dict()}, {"step": "finetune", "params": ft.to_dict()}],
+                 "pruned fp32", note=f"hidden {list(prep.ffn_before)} -> {list(prep.ffn_after)}")
+        p_int8 = self.tmp / "pruned_int8.onnx"
         Q.quantize_dynamic_int8(p_onnx, p_int8)
-        add("digits-pruned-int8", pruned, p_int8, "int8",
-            [{"step": "prune", "params": prep.to_dict()}, {"step": "quantize-dynamic", "params": {"per_channel": True}}],
-            "pruned int8")
+        self.add("digits-pruned-int8", pruned, p_int8, "int8",
+                 [{"step": "prune", "params": prep.to_dict()},
+                  {"step": "quantize-dynamic", "params": {"per_channel": True}}], "pruned int8")
 
-    if "distill" in steps:
-        res.skipped["distill"] = "not applied to digits: a 2-hidden-layer MLP has no shallower student worth making"
+    def distill(self) -> None:
+        self.res.skipped["distill"] = "not applied to digits: a 2-hidden-layer MLP has no shallower student worth making"
 
-    if "fp16" in steps:
-        fp16 = Q.convert_fp16(base_onnx, tmp / "fp16.onnx")
-        add("digits-fp16", model, fp16, "fp16", [{"step": "fp16", "params": {"keep_io_types": True}}],
-            "fp16 onnx", note="GPU target: CPU run checks accuracy only", bench_speed=False)
+    def fp16(self) -> None:
+        from headrace.models.compress import quantize as Q
 
-    if "tensorrt" in steps:
+        fp16 = Q.convert_fp16(self.base_onnx, self.tmp / "fp16.onnx")
+        self.add("digits-fp16", self.model, fp16, "fp16", [{"step": "fp16", "params": {"keep_io_types": True}}],
+                 "fp16 onnx", note="GPU target: CPU run checks accuracy only", bench_speed=False)
+
+    def tensorrt(self) -> None:
+        from headrace.models.compress.tensorrt import tensorrt_available
+
         ok, why = tensorrt_available()
         if not ok:
-            res.skipped["tensorrt"] = why
-        else:
-            from headrace.models.compress import tensorrt as T
+            self.res.skipped["tensorrt"] = why
+            return
+        self._tensorrt_engine()
 
-            rep = T.build_engine(repo.file_path(repo.load_manifest("digits-fp16"), "model.onnx")
-                                 if "fp16" in steps else Q.convert_fp16(base_onnx, tmp / "fp16.onnx"),
-                                 tmp / "fp16.plan", T.tensor_profile(DG.INPUT_NAME, (DG.NUM_PIXELS,)))
-            inputs, outputs = DG.signature()
-            m = repo.add("digits-trt-fp16", {"model.plan": Path(rep.path)}, format="tensorrt", backend="tensorrt",
-                         precision="fp16", inputs=inputs, outputs=outputs, source=DG.SOURCE,
-                         recipe=[train_recipe, export_recipe, {"step": "tensorrt", "params": rep.to_dict()}],
-                         measured={"size_bytes": rep.size_bytes, "params": n_params},
-                         description="digits MLP, TensorRT fp16 engine")
-            res.artifacts.append(f"{m.name}/{m.version}")
-            plan = repo.file_path(m, "model.plan")
+    def _tensorrt_engine(self) -> None:
+        from headrace.models.builtin import digits as DG
+        from headrace.models.compress import quantize as Q
+        from headrace.models.compress import tensorrt as T
 
-            def make() -> Any:
-                runner = T.EngineRunner(plan)
-                return lambda batch: runner.run(batch)[DG.OUTPUT_NAME]
+        fp16 = (self.repo.file_path(self.repo.load_manifest("digits-fp16"), "model.onnx")
+                if "fp16" in self.opts.steps else Q.convert_fp16(self.base_onnx, self.tmp / "fp16.onnx"))
+        rep = T.build_engine(fp16, self.tmp / "fp16.plan", T.tensor_profile(DG.INPUT_NAME, (DG.NUM_PIXELS,)))
+        inputs, outputs = DG.signature()
+        m = self.repo.add("digits-trt-fp16", {"model.plan": Path(rep.path)}, format="tensorrt", backend="tensorrt",
+                          precision="fp16", inputs=inputs, outputs=outputs, source=DG.SOURCE,
+                          recipe=[self.train_recipe, self.export_recipe, {"step": "tensorrt", "params": rep.to_dict()}],
+                          measured={"size_bytes": rep.size_bytes, "params": self.model.num_parameters()},
+                          description="digits MLP, TensorRT fp16 engine")
+        self.res.artifacts.append(f"{m.name}/{m.version}")
+        plan = self.repo.file_path(m, "model.plan")
 
-            entries.append(("trt fp16", "tensorrt", "fp16", make, n_params, rep.size_bytes, (m.name, m.version),
-                            f"GPU {rep.device}", True))
+        def make() -> Any:
+            runner = T.EngineRunner(plan)
+            return lambda batch: runner.run(batch)[DG.OUTPUT_NAME]
 
-    if opts.bench:
-        x = data.x_test
+        self.entries.append(_Entry("trt fp16", "tensorrt", "fp16", make, self.model.num_parameters(), rep.size_bytes,
+                                   (m.name, m.version), f"GPU {rep.device}", True))
+
+    def bench(self) -> None:
+        from headrace.models.builtin import digits as DG
+        from headrace.models.compress import report as R
+        from headrace.models.compress.fidelity import classifier_fidelity
+
+        x, o = self.data.x_test, self.opts
         by_size = {b: [{DG.INPUT_NAME: x[i:i + b]} for i in range(0, min(len(x), 64 * b), b) if len(x[i:i + b]) == b]
                    for b in R.BATCH_SIZES}
-        arts = []
-        for label, backend, precision, make_run, params, size, ref, note, bench_speed in entries:
-            try:
-                arts.append(R.Artifact(label, backend, precision, make_run(), params, size, ref, note, bench_speed))
-            except Exception as ex:  # noqa: BLE001 - report what cannot run here and go on
-                res.skipped[f"bench {label}"] = f"cannot run on this machine: {ex}"
+        arts = _artifacts(self.entries, self.res)
         full = [{DG.INPUT_NAME: x[i:i + 64]} for i in range(0, len(x), 64)]
         ref_logits = R.outputs_of(arts[0], full)
-        times = R.measure_speed(arts, by_size, min_passes=5, min_time_s=0.5, progress=opts.progress)
+        times = R.measure_speed(arts, by_size, min_passes=5, min_time_s=0.5, progress=o.progress)
         rows = []
         for a in arts:
             row = R.Row(a.label, a.backend, a.precision, a.params, a.size_bytes, repo_ref=a.repo_ref, note=a.note)
             if a.label in times:
                 R.summarize_speed(row, times[a.label], R.pass_rows(by_size))
-            row.fidelity = classifier_fidelity(R.outputs_of(a, full), data.y_test, ref_logits).to_dict()
+            row.fidelity = classifier_fidelity(R.outputs_of(a, full), self.data.y_test, ref_logits).to_dict()
             rows.append(row)
         R.add_speedups(rows, "fp32 torch")
-        ctx = R.bench_context(opts.threads, "fp32 torch digits MLP", {"test_samples": int(len(x)),
-                                                                      "split_seed": opts.seed})
-        R.record(repo, rows, ctx)
-        res.rows = rows
-        res.details["bench"] = ctx
-    return res
+        ctx = R.bench_context(o.threads, "fp32 torch digits MLP", {"test_samples": int(len(x)), "split_seed": o.seed})
+        R.record(self.repo, rows, ctx)
+        self.res.rows = rows
+        self.res.details["bench"] = ctx
+
+
+# step name -> method of _DigitsRun, run in pipeline order ("export" is the base build).
+STEPS: dict[str, Callable[[_DigitsRun], None]] = {
+    "quantize-dynamic": _DigitsRun.quantize_dynamic, "quantize-static": _DigitsRun.quantize_static,
+    "prune": _DigitsRun.prune, "distill": _DigitsRun.distill, "fp16": _DigitsRun.fp16,
+    "tensorrt": _DigitsRun.tensorrt,
+}
+
+
+def run_digits(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
+    """Every requested digits step (:data:`STEPS`), then the side-by-side report."""
+    run = _DigitsRun(opts, repo, tmp)
+    for name in opts.ordered_steps():
+        if name in STEPS:
+            STEPS[name](run)
+    if opts.bench:
+        run.bench()
+    return run.res

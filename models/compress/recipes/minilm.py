@@ -4,33 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from headrace.models.compress.pipeline import CompressOptions, CompressResult
+from headrace.models.compress.recipes.common import _artifacts, _Entry
 
 log = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "attention_mask")
 SPEED_POOL = 256  # held-out sentences used for the timed batches
-
-
-@dataclass
-class _Entry:
-    """An artifact to measure: how to build its runner, and where it lives."""
-
-    label: str
-    backend: str
-    precision: str
-    make_run: Callable[[], Callable[[dict[str, np.ndarray[Any, Any]]], np.ndarray[Any, Any]]]
-    params: int
-    size_bytes: int
-    repo_ref: tuple[str, str] | None = None
-    note: str = ""
-    bench_speed: bool = True
 
 
 def _text_batches(tok: Any, sentences: Sequence[str], size: int, *, bucket: bool, seed: int) -> list[dict[str, Any]]:
@@ -77,209 +62,262 @@ def _run_dir(opts: CompressOptions, prefix: str, cfg: Any, spec: Any) -> Path:
     return opts.work_dir / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def run_minilm(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
-    import torch
+class _MiniLMRun:
+    """State shared by the MiniLM steps of one run; each step is one method (:data:`STEPS`)."""
 
-    from headrace.models.builtin.build import build_minilm
-    from headrace.models.builtin.corpus import load_corpus, sample
-    from headrace.models.builtin.minilm import default_model_path, load_minilm
-    from headrace.models.compress import distill as D
-    from headrace.models.compress import quantize as Q
-    from headrace.models.compress import report as R
-    from headrace.models.compress.export import export_minilm
-    from headrace.models.compress.fidelity import cosine_per_row, embedding_fidelity
-    from headrace.models.compress.prune import PruneSpec, prune_minilm
-    from headrace.models.compress.tensorrt import tensorrt_available
-    from headrace.models.tokenizer import load_tokenizer
+    def __init__(self, opts: CompressOptions, repo: Any, tmp: Path) -> None:
+        import torch
 
-    torch.set_num_threads(opts.threads)
-    torch.manual_seed(opts.seed)
-    steps = opts.ordered_steps()
-    res = CompressResult(model="minilm")
-    corpus = load_corpus()
-    res.details["corpus"] = corpus.describe()
-    tok = load_tokenizer()
-    teacher = load_minilm()
-    n_params = teacher.num_parameters()
+        from headrace.models.builtin.build import build_minilm
+        from headrace.models.builtin.corpus import load_corpus
+        from headrace.models.builtin.minilm import default_model_path, load_minilm
+        from headrace.models.compress import report as R
+        from headrace.models.tokenizer import load_tokenizer
 
-    base = build_minilm(repo)
-    base_onnx = repo.file_path(base, base.model_file)
-    res.artifacts.append(f"{base.name}/{base.version}")
-    base_recipe = [dict(s) for s in base.recipe]
-    entries: list[_Entry] = [
-        _Entry("fp32 torch", "torch", "fp32", lambda: R.torch_runner(teacher, opts.threads), n_params,
-               (default_model_path() / "model.safetensors").stat().st_size, note="reference"),
-        _Entry("fp32 onnx", "onnxruntime", "fp32", lambda: R.ort_runner(base_onnx, opts.threads), n_params,
-               base_onnx.stat().st_size, (base.name, base.version), note="ORT BERT fusions"),
-    ]
+        torch.set_num_threads(opts.threads)
+        torch.manual_seed(opts.seed)
+        self.opts, self.repo, self.tmp = opts, repo, tmp
+        self.res = CompressResult(model="minilm")
+        self.corpus = load_corpus()
+        self.res.details["corpus"] = self.corpus.describe()
+        self.tok = load_tokenizer()
+        self.teacher = load_minilm()
+        self.n_params = self.teacher.num_parameters()
+        base = build_minilm(repo)
+        self.base_onnx = repo.file_path(base, base.model_file)
+        self.res.artifacts.append(f"{base.name}/{base.version}")
+        self.base_recipe = [dict(s) for s in base.recipe]
+        self.entries: list[_Entry] = [
+            _Entry("fp32 torch", "torch", "fp32", lambda: R.torch_runner(self.teacher, opts.threads), self.n_params,
+                   (default_model_path() / "model.safetensors").stat().st_size, note="reference"),
+            _Entry("fp32 onnx", "onnxruntime", "fp32", lambda: R.ort_runner(self.base_onnx, opts.threads),
+                   self.n_params, self.base_onnx.stat().st_size, (base.name, base.version), note="ORT BERT fusions"),
+        ]
+        self.targets: Any = None
+        self.plain: Path | None = None
+        # Mixed-precision search data: training sentences (never the held-out ones). A quantized
+        # model is scored against the fp32 graph it was made from, so the budget measures what
+        # quantization costs (a pruned or distilled source has its own, larger, distance to the
+        # teacher, which the report shows separately).
+        from headrace.models.builtin.corpus import sample
 
-    # Mixed-precision search data: training sentences (never the held-out ones). A quantized
-    # model is scored against the fp32 graph it was made from, so the budget measures what
-    # quantization costs (a pruned or distilled source has its own, larger, distance to the
-    # teacher, which the report shows separately).
-    scan_batches = _text_batches(tok, sample(corpus.train, opts.scan, seed=opts.seed + 1), 32, bucket=True,
-                                 seed=opts.seed)
+        self.scan_batches = _text_batches(self.tok, sample(self.corpus.train, opts.scan, seed=opts.seed + 1), 32,
+                                          bucket=True, seed=opts.seed)
 
-    def embed(path: Path) -> np.ndarray[Any, Any]:
-        run = R.ort_runner(path, opts.threads)
-        return np.concatenate([run(b) for b in scan_batches])
+    # --- helpers ----------------------------------------------------------------------------
 
-    def scorer(src: Path) -> Callable[[Path], float]:
-        ref = embed(src)
-        return lambda path: float(cosine_per_row(ref, embed(path)).mean())
+    def embed(self, path: Path) -> np.ndarray[Any, Any]:
+        from headrace.models.compress import report as R
 
-    def add_onnx(name: str, path: Path, precision: str, recipe: list[dict[str, Any]], config: Any, params: int,
-                 label: str, description: str, note: str = "") -> None:
-        m = _add_text(repo, name, {"model.onnx": path}, precision=precision, recipe=recipe, config=config,
+        run = R.ort_runner(path, self.opts.threads)
+        return np.concatenate([run(b) for b in self.scan_batches])
+
+    def scorer(self, src: Path) -> Callable[[Path], float]:
+        from headrace.models.compress.fidelity import cosine_per_row
+
+        ref = self.embed(src)
+        return lambda path: float(cosine_per_row(ref, self.embed(path)).mean())
+
+    def add_onnx(self, name: str, path: Path, precision: str, recipe: list[dict[str, Any]], config: Any, params: int,
+                 label: str, description: str, note: str = "", bench_speed: bool = True) -> None:
+        from headrace.models.compress import report as R
+
+        m = _add_text(self.repo, name, {"model.onnx": path}, precision=precision, recipe=recipe, config=config,
                       description=description, measured={"size_bytes": path.stat().st_size, "params": params})
-        res.artifacts.append(f"{m.name}/{m.version}")
-        stored = repo.file_path(m, m.model_file)
-        entries.append(_Entry(label, "onnxruntime", precision, lambda: R.ort_runner(stored, opts.threads), params,
-                              stored.stat().st_size, (m.name, m.version), note=note))
+        self.res.artifacts.append(f"{m.name}/{m.version}")
+        stored = self.repo.file_path(m, m.model_file)
+        self.entries.append(_Entry(label, "onnxruntime", precision, lambda: R.ort_runner(stored, self.opts.threads),
+                                   params, stored.stat().st_size, (m.name, m.version), note=note,
+                                   bench_speed=bench_speed))
 
-    def dynamic_int8(src: Path, dst: Path) -> Q.MixedPrecisionResult:
+    def dynamic_int8(self, src: Path, dst: Path) -> Any:
+        from headrace.models.compress import quantize as Q
+
         def qfn(s: Path, d: Path, nq: Sequence[str] | None, ne: Sequence[str]) -> None:
             Q.quantize_dynamic_int8(s, d, per_channel=True, nodes_to_quantize=nq, nodes_to_exclude=ne)
 
-        return Q.mixed_precision(src, dst, qfn, scorer(src), opts.budget, progress=opts.progress)
+        return Q.mixed_precision(src, dst, qfn, self.scorer(src), self.opts.budget, progress=self.opts.progress)
 
-    def quant_recipe(step: str, mp: Q.MixedPrecisionResult, **params: Any) -> dict[str, Any]:
+    def quant_recipe(self, step: str, mp: Any, **params: Any) -> dict[str, Any]:
         return {"step": step, "params": {**params, "per_channel": True, "fp32_nodes": list(mp.excluded),
-                                         "budget_mean_cosine_vs_source": opts.budget,
-                                         "scan_mean_cosine": mp.score,
-                                         "scan_sentences": opts.scan}}
+                                         "budget_mean_cosine_vs_source": self.opts.budget,
+                                         "scan_mean_cosine": mp.score, "scan_sentences": self.opts.scan}}
 
-    if "quantize-dynamic" in steps:
-        mp = dynamic_int8(base_onnx, tmp / "int8.onnx")
-        res.details["quantize-dynamic"] = mp.to_dict()
-        add_onnx("minilm-int8", mp.path, "int8" if not mp.excluded else "int8_mixed",
-                 [*base_recipe, quant_recipe("quantize-dynamic", mp, weights="int8", activations="uint8 per batch")],
-                 teacher.config, n_params, "int8 dynamic", "all-MiniLM-L6-v2, dynamic INT8 per-channel ONNX",
-                 note=f"{len(mp.excluded)} MatMul fp32" if mp.excluded else "")
+    def teacher_targets(self) -> Any:
+        from headrace.models.compress import distill as D
 
-    if "quantize-static" in steps:
-        cal = Q.text_feeds(tok, sample(corpus.train, opts.calibration, seed=opts.seed + 2), INPUTS, batch_size=16)
-        cache = tmp / "calibration.json"
+        if self.targets is None:
+            self.targets = D.cached_teacher_embeddings(self.opts.work_dir, self.teacher, self.tok, self.corpus.train,
+                                                       max_length=128, progress=self.opts.progress)
+        return self.targets
+
+    def plain_export(self) -> Path:
+        from headrace.models.compress.export import export_minilm
+
+        if self.plain is None:
+            self.plain = self.tmp / "plain.onnx"
+            export_minilm(self.teacher, self.plain, optimize=False, tokenizer=self.tok)
+        return self.plain
+
+    # --- steps --------------------------------------------------------------------------------
+
+    def quantize_dynamic(self) -> None:
+        mp = self.dynamic_int8(self.base_onnx, self.tmp / "int8.onnx")
+        self.res.details["quantize-dynamic"] = mp.to_dict()
+        self.add_onnx("minilm-int8", mp.path, "int8" if not mp.excluded else "int8_mixed",
+                      [*self.base_recipe, self.quant_recipe("quantize-dynamic", mp, weights="int8",
+                                                            activations="uint8 per batch")],
+                      self.teacher.config, self.n_params, "int8 dynamic",
+                      "all-MiniLM-L6-v2, dynamic INT8 per-channel ONNX",
+                      note=f"{len(mp.excluded)} MatMul fp32" if mp.excluded else "")
+
+    def quantize_static(self) -> None:
+        from headrace.models.builtin.corpus import sample
+        from headrace.models.compress import quantize as Q
+
+        o = self.opts
+        cal = Q.text_feeds(self.tok, sample(self.corpus.train, o.calibration, seed=o.seed + 2), INPUTS, batch_size=16)
+        cache = self.tmp / "calibration.json"
 
         def sfn(s: Path, d: Path, nq: Sequence[str] | None, ne: Sequence[str]) -> None:
             Q.quantize_static_int8(s, d, cal, nodes_to_quantize=nq, nodes_to_exclude=ne, cache_path=cache)
 
-        mp = Q.mixed_precision(base_onnx, tmp / "int8_static.onnx", sfn, scorer(base_onnx), opts.budget,
-                               nodes=Q.weight_nodes(base_onnx, Q.STATIC_OPS), progress=opts.progress)
-        res.details["quantize-static"] = mp.to_dict()
-        add_onnx("minilm-int8-static", mp.path, "int8" if not mp.excluded else "int8_mixed",
-                 [*base_recipe, quant_recipe("quantize-static", mp, format="QDQ", calibration="minmax",
-                                             calibration_sentences=opts.calibration)],
-                 teacher.config, n_params, "int8 static QDQ", "all-MiniLM-L6-v2, static QDQ INT8 ONNX (mixed)",
-                 note=f"{len(mp.excluded)}/{len(Q.weight_nodes(base_onnx, Q.STATIC_OPS))} MatMul fp32")
+        nodes = Q.weight_nodes(self.base_onnx, Q.STATIC_OPS)
+        mp = Q.mixed_precision(self.base_onnx, self.tmp / "int8_static.onnx", sfn, self.scorer(self.base_onnx),
+                               o.budget, nodes=nodes, progress=o.progress)
+        self.res.details["quantize-static"] = mp.to_dict()
+        self.add_onnx("minilm-int8-static", mp.path, "int8" if not mp.excluded else "int8_mixed",
+                      [*self.base_recipe, self.quant_recipe("quantize-static", mp, format="QDQ", calibration="minmax",
+                                                            calibration_sentences=o.calibration)],
+                      self.teacher.config, self.n_params, "int8 static QDQ",
+                      "all-MiniLM-L6-v2, static QDQ INT8 ONNX (mixed)",
+                      note=f"{len(mp.excluded)}/{len(nodes)} MatMul fp32")
 
-    targets = None
-    if "prune" in steps or "distill" in steps:
-        targets = D.cached_teacher_embeddings(opts.work_dir, teacher, tok, corpus.train, max_length=128,
-                                              progress=opts.progress)
+    def prune(self) -> None:
+        import torch
 
-    if "prune" in steps:
+        from headrace.models.builtin.corpus import sample
+        from headrace.models.compress import distill as D
+        from headrace.models.compress.export import export_minilm
+        from headrace.models.compress.prune import PruneSpec, prune_minilm
+
+        o = self.opts
         imp = [(torch.from_numpy(b["input_ids"]), torch.from_numpy(b["attention_mask"])) for b in
-               _text_batches(tok, sample(corpus.train, opts.calibration, seed=opts.seed + 3), 32, bucket=True,
-                             seed=opts.seed)]
-        spec = PruneSpec(head_fraction=opts.prune_heads, ffn_fraction=opts.prune_ffn)
-        pruned, prep = prune_minilm(teacher, imp, spec)
+               _text_batches(self.tok, sample(self.corpus.train, o.calibration, seed=o.seed + 3), 32, bucket=True,
+                             seed=o.seed)]
+        spec = PruneSpec(head_fraction=o.prune_heads, ffn_fraction=o.prune_ffn)
+        pruned, prep = prune_minilm(self.teacher, imp, spec)
         recipe = [{"step": "prune", "params": prep.to_dict()}]
-        if opts.prune_recover_steps:
-            cfg = D.DistillConfig(steps=opts.prune_recover_steps, lr=1e-4, warmup_steps=30, seed=opts.seed)
-            pruned, dres = D.distill(pruned, teacher, tok, corpus.train, _run_dir(opts, "prune-recover", cfg, spec), cfg,
-                                     progress=opts.progress, targets=targets)
+        if o.prune_recover_steps:
+            cfg = D.DistillConfig(steps=o.prune_recover_steps, lr=1e-4, warmup_steps=30, seed=o.seed)
+            run = D.DistillRun(self.teacher, self.tok, self.corpus.train, _run_dir(o, "prune-recover", cfg, spec),
+                               cfg, progress=o.progress, targets=self.teacher_targets())
+            pruned, dres = D.distill(pruned, run)
             recipe.append({"step": "distill", "params": {**dres.to_dict(), "purpose": "recover after pruning"}})
-            res.details["prune-recover"] = dres.to_dict()
-        res.details["prune"] = prep.to_dict()
-        p_onnx = tmp / "pruned.onnx"
-        export_minilm(pruned, p_onnx, tokenizer=tok)
+            self.res.details["prune-recover"] = dres.to_dict()
+        self.res.details["prune"] = prep.to_dict()
+        p_onnx = self.tmp / "pruned.onnx"
+        export_minilm(pruned, p_onnx, tokenizer=self.tok)
         p_params = pruned.num_parameters()
-        add_onnx("minilm-pruned", p_onnx, "fp32", [*recipe, *base_recipe], pruned.config, p_params,
-                 "pruned fp32", "all-MiniLM-L6-v2, structurally pruned, fp32 ONNX",
-                 note=f"heads {sum(prep.heads_after)}/{sum(prep.heads_before)}, ffn "
-                      f"{sum(prep.ffn_after)}/{sum(prep.ffn_before)}")
-        mp = dynamic_int8(p_onnx, tmp / "pruned_int8.onnx")
-        add_onnx("minilm-pruned-int8", mp.path, "int8" if not mp.excluded else "int8_mixed",
-                 [*recipe, *base_recipe, quant_recipe("quantize-dynamic", mp)], pruned.config, p_params,
-                 "pruned int8", "all-MiniLM-L6-v2, pruned + dynamic INT8 ONNX")
+        self.add_onnx("minilm-pruned", p_onnx, "fp32", [*recipe, *self.base_recipe], pruned.config, p_params,
+                      "pruned fp32", "all-MiniLM-L6-v2, structurally pruned, fp32 ONNX",
+                      note=f"heads {sum(prep.heads_after)}/{sum(prep.heads_before)}, ffn "
+                           f"{sum(prep.ffn_after)}/{sum(prep.ffn_before)}")
+        mp = self.dynamic_int8(p_onnx, self.tmp / "pruned_int8.onnx")
+        self.add_onnx("minilm-pruned-int8", mp.path, "int8" if not mp.excluded else "int8_mixed",
+                      [*recipe, *self.base_recipe, self.quant_recipe("quantize-dynamic", mp)], pruned.config,
+                      p_params, "pruned int8", "all-MiniLM-L6-v2, pruned + dynamic INT8 ONNX")
 
-    if "distill" in steps:
-        layers = tuple(opts.distill_layers)
-        student = D.init_student(layers)
-        cfg = D.DistillConfig(steps=opts.distill_steps, lr=opts.distill_lr, seed=opts.seed)
-        run_dir = _run_dir(opts, f"distill-{'-'.join(map(str, layers))}", cfg, None)
-        student, dres = D.distill(student, teacher, tok, corpus.train, run_dir, cfg, progress=opts.progress,
-                                  targets=targets)
-        res.details["distill"] = dres.to_dict()
-        s_onnx = tmp / "student.onnx"
-        export_minilm(student, s_onnx, tokenizer=tok)
+    def distill(self) -> None:
+        from headrace.models.compress import distill as D
+        from headrace.models.compress.export import export_minilm
+
+        o = self.opts
+        layers = tuple(o.distill_layers)
+        cfg = D.DistillConfig(steps=o.distill_steps, lr=o.distill_lr, seed=o.seed)
+        run = D.DistillRun(self.teacher, self.tok, self.corpus.train,
+                           _run_dir(o, f"distill-{'-'.join(map(str, layers))}", cfg, None), cfg,
+                           progress=o.progress, targets=self.teacher_targets())
+        student, dres = D.distill(D.init_student(layers), run)
+        self.res.details["distill"] = dres.to_dict()
+        s_onnx = self.tmp / "student.onnx"
+        export_minilm(student, s_onnx, tokenizer=self.tok)
         recipe = [{"step": "distill", "params": {**dres.to_dict(), "layers": list(layers)}}]
         s_params = student.num_parameters()
-        add_onnx("minilm-student", s_onnx, "fp32", [*recipe, *base_recipe], student.config, s_params,
-                 f"student {len(layers)}L fp32", f"{len(layers)}-layer student distilled from all-MiniLM-L6-v2")
-        mp = dynamic_int8(s_onnx, tmp / "student_int8.onnx")
-        add_onnx("minilm-student-int8", mp.path, "int8" if not mp.excluded else "int8_mixed",
-                 [*recipe, *base_recipe, quant_recipe("quantize-dynamic", mp)],
-                 student.config, s_params, f"student {len(layers)}L int8",
-                 f"{len(layers)}-layer distilled student, dynamic INT8 per-channel")
+        self.add_onnx("minilm-student", s_onnx, "fp32", [*recipe, *self.base_recipe], student.config, s_params,
+                      f"student {len(layers)}L fp32", f"{len(layers)}-layer student distilled from all-MiniLM-L6-v2")
+        mp = self.dynamic_int8(s_onnx, self.tmp / "student_int8.onnx")
+        self.add_onnx("minilm-student-int8", mp.path, "int8" if not mp.excluded else "int8_mixed",
+                      [*recipe, *self.base_recipe, self.quant_recipe("quantize-dynamic", mp)],
+                      student.config, s_params, f"student {len(layers)}L int8",
+                      f"{len(layers)}-layer distilled student, dynamic INT8 per-channel")
 
-    plain: Path | None = None
-    if "fp16" in steps or "tensorrt" in steps:
-        plain = tmp / "plain.onnx"
-        export_minilm(teacher, plain, optimize=False, tokenizer=tok)
+    def fp16(self) -> None:
+        from headrace.models.compress import quantize as Q
 
-    if "fp16" in steps:
-        fp16 = Q.convert_fp16(base_onnx, tmp / "fp16.onnx")
-        m = _add_text(repo, "minilm-fp16", {"model.onnx": fp16}, precision="fp16", config=teacher.config,
-                      recipe=[*base_recipe, {"step": "fp16", "params": {"keep_io_types": True}}],
-                      description="all-MiniLM-L6-v2, fp16 ONNX for GPU execution providers",
-                      measured={"size_bytes": fp16.stat().st_size, "params": n_params})
-        res.artifacts.append(f"{m.name}/{m.version}")
-        stored = repo.file_path(m, m.model_file)
-        entries.append(_Entry("fp16 onnx", "onnxruntime", "fp16", lambda: R.ort_runner(stored, opts.threads),
-                              n_params, stored.stat().st_size, (m.name, m.version),
-                              note="GPU target: CPU run checks fidelity only", bench_speed=False))
+        fp16 = Q.convert_fp16(self.base_onnx, self.tmp / "fp16.onnx")
+        self.add_onnx("minilm-fp16", fp16, "fp16",
+                      [*self.base_recipe, {"step": "fp16", "params": {"keep_io_types": True}}], self.teacher.config,
+                      self.n_params, "fp16 onnx", "all-MiniLM-L6-v2, fp16 ONNX for GPU execution providers",
+                      note="GPU target: CPU run checks fidelity only", bench_speed=False)
 
-    if "tensorrt" in steps:
+    def tensorrt(self) -> None:
+        from headrace.models.compress.tensorrt import tensorrt_available
+
         ok, why = tensorrt_available()
         if not ok:
-            res.skipped["tensorrt"] = why
-        else:
-            assert plain is not None
-            _tensorrt_steps(opts, repo, tmp, plain, tok, corpus, teacher, res, entries, base_recipe)
+            self.res.skipped["tensorrt"] = why
+            return
+        _tensorrt_steps(self.opts, self.repo, self.tmp, self.plain_export(), self.tok, self.corpus, self.teacher,
+                        self.res, self.entries, self.base_recipe)
 
-    if opts.bench:
-        held = list(corpus.held_out) if not opts.held_out else sample(corpus.held_out, opts.held_out, seed=opts.seed)
-        fid_batches = _text_batches(tok, held, 32, bucket=True, seed=opts.seed)
-        pool = sample(corpus.held_out, SPEED_POOL, seed=opts.seed + 4)
-        by_size = {b: _text_batches(tok, pool if b > 1 else pool[:64], b, bucket=True, seed=opts.seed)
+    def bench(self) -> None:
+        from headrace.models.builtin.corpus import sample
+        from headrace.models.compress import report as R
+        from headrace.models.compress.fidelity import embedding_fidelity
+
+        o, corpus = self.opts, self.corpus
+        held = list(corpus.held_out) if not o.held_out else sample(corpus.held_out, o.held_out, seed=o.seed)
+        fid_batches = _text_batches(self.tok, held, 32, bucket=True, seed=o.seed)
+        pool = sample(corpus.held_out, SPEED_POOL, seed=o.seed + 4)
+        by_size = {b: _text_batches(self.tok, pool if b > 1 else pool[:64], b, bucket=True, seed=o.seed)
                    for b in R.BATCH_SIZES}
-        arts = []
-        for e in entries:
-            try:
-                arts.append(R.Artifact(e.label, e.backend, e.precision, e.make_run(), e.params, e.size_bytes,
-                                       e.repo_ref, e.note, e.bench_speed))
-            except Exception as ex:  # noqa: BLE001 - e.g. an fp16 graph with no CPU kernel: report, go on
-                res.skipped[f"bench {e.label}"] = f"cannot run on this machine: {ex}"
+        arts = _artifacts(self.entries, self.res)
         ref = R.outputs_of(arts[0], fid_batches)
+        times = R.measure_speed(arts, by_size, min_passes=5, progress=o.progress)
         rows = []
-        times = R.measure_speed(arts, by_size, min_passes=5, progress=opts.progress)
-        rows_per = R.pass_rows(by_size)
         for a in arts:
             row = R.Row(a.label, a.backend, a.precision, a.params, a.size_bytes, repo_ref=a.repo_ref, note=a.note)
             if a.label in times:
-                R.summarize_speed(row, times[a.label], rows_per)
+                R.summarize_speed(row, times[a.label], R.pass_rows(by_size))
             row.fidelity = embedding_fidelity(ref, R.outputs_of(a, fid_batches)).to_dict()
             rows.append(row)
         R.add_speedups(rows, "fp32 torch")
-        ctx = R.bench_context(opts.threads, "fp32 torch (all-MiniLM-L6-v2, in-process)",
+        ctx = R.bench_context(o.threads, "fp32 torch (all-MiniLM-L6-v2, in-process)",
                               {"held_out_sentences": len(held), "corpus": corpus.describe(),
                                "bucketed_batches": True, "speed_pool_sentences": SPEED_POOL})
-        R.record(repo, rows, ctx)
-        res.rows = rows
-        res.details["bench"] = ctx
-    return res
+        R.record(self.repo, rows, ctx)
+        self.res.rows = rows
+        self.res.details["bench"] = ctx
+
+
+# step name -> method of _MiniLMRun, run in pipeline order ("export" is the base build).
+STEPS: dict[str, Callable[[_MiniLMRun], None]] = {
+    "quantize-dynamic": _MiniLMRun.quantize_dynamic, "quantize-static": _MiniLMRun.quantize_static,
+    "prune": _MiniLMRun.prune, "distill": _MiniLMRun.distill, "fp16": _MiniLMRun.fp16,
+    "tensorrt": _MiniLMRun.tensorrt,
+}
+
+
+def run_minilm(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
+    """Every requested MiniLM step (:data:`STEPS`), then the side-by-side report."""
+    run = _MiniLMRun(opts, repo, tmp)
+    for name in opts.ordered_steps():
+        if name in STEPS:
+            STEPS[name](run)
+    if opts.bench:
+        run.bench()
+    return run.res
 
 
 def _tensorrt_steps(opts: CompressOptions, repo: Any, tmp: Path, plain: Path, tok: Any, corpus: Any, teacher: Any,

@@ -1,0 +1,227 @@
+"""Edge export: an INT8 TFLite model through onnx2tf, checked by running it in LiteRT.
+
+onnx2tf converts the fp32 ONNX graph to a TensorFlow SavedModel and quantizes it with the
+TFLite converter, calibrated on the user's own samples (``custom_input_op_name_np_data_path``).
+Inputs keep the ONNX layout (``keep_shape_absolutely_input_names``: no NCHW -> NHWC swap),
+and the ONNX input/output names are copied onto the TFLite signature, so a client sends the
+same tensors to the TFLite entry as to the ONNX one. The conversion runs in a child process:
+TensorFlow's threads and memory never mix with the caller's torch/onnxruntime.
+
+``Erf`` (exact GELU in BERT-family encoders) has no TFLite builtin kernel and would need the
+Flex delegate, which plain LiteRT lacks; onnx2tf replaces it with a builtin-op approximation
+(``replace_to_pseudo_operators``), whose error the fidelity report measures like any other.
+
+Two kinds: ``integer`` (``*_integer_quant.tflite``: INT8 weights and activations, float I/O)
+and ``dynamic`` (``*_dynamic_range_quant.tflite``: INT8 weights, activations quantized per
+call; what transformers keep their accuracy with).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headrace.client.errors import ModelError
+from headrace.models.compress.data import Feed
+
+log = logging.getLogger(__name__)
+
+SUFFIX = {"integer": "_integer_quant.tflite", "dynamic": "_dynamic_range_quant.tflite"}
+CONVERT_TIMEOUT_S = 1800
+
+_CHILD = r"""
+import json, sys
+import onnx2tf
+a = json.loads(sys.argv[1])
+onnx2tf.convert(input_onnx_file_path=a["onnx"], output_folder_path=a["out"],
+                copy_onnx_input_output_names_to_tflite=True, output_signaturedefs=True,
+                output_integer_quantized_tflite=a["quant"] == "integer",
+                output_dynamic_range_quantized_tflite=a["quant"] == "dynamic", quant_type="per-channel",
+                custom_input_op_name_np_data_path=a["cind"] or None,
+                keep_shape_absolutely_input_names=a["inputs"], overwrite_input_shape=a["shapes"] or None,
+                replace_to_pseudo_operators=["erf"],
+                non_verbose=True, disable_model_save=False)
+"""
+
+
+@dataclass(frozen=True)
+class TfliteExport:
+    """What an export produced.
+
+    Attributes:
+        path: the ``.tflite`` file.
+        quant: ``integer`` or ``dynamic``.
+        inputs / outputs: signature tensor names (the ONNX names), in ONNX order.
+        size_bytes: file size.
+        calibration_samples: samples the converter calibrated on (integer only).
+    """
+
+    path: Path
+    quant: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    size_bytes: int
+    calibration_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = self.path.name
+        d.update(inputs=list(self.inputs), outputs=list(self.outputs), converter="onnx2tf")
+        return d
+
+    def manifest_extra(self) -> dict[str, Any]:
+        return {"tflite_inputs": list(self.inputs), "tflite_outputs": list(self.outputs)}
+
+
+def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, quant: str = "integer",
+                  static_shapes: Mapping[str, Sequence[int]] | None = None) -> TfliteExport:
+    """Convert ``onnx_path`` with onnx2tf and quantize it on ``samples`` (one sample each).
+
+    Raises:
+        ModelError: onnx2tf is missing or failed, or the result does not run in LiteRT.
+    """
+    import importlib.util
+
+    from headrace.models.compress.source import graph_signature
+
+    if importlib.util.find_spec("onnx2tf") is None:  # imported by the child process only (TensorFlow)
+        raise ModelError('TFLite export needs onnx2tf: pip install "headrace[tf]" and '
+                         "pip install --no-deps onnx2tf (its own pins would downgrade numpy/onnx/onnxruntime)")
+    declared, outputs = graph_signature(onnx_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cind = []
+    if quant == "integer":
+        for name in declared:
+            arr = np.concatenate([np.asarray(f[name]) for f in samples]).astype(np.float32)
+            np.save(out_dir / f"cal-{name}.npy", arr)
+            cind.append([name, str(out_dir / f"cal-{name}.npy"), 0.0, 1.0])
+    shapes = [f"{k}:{','.join(map(str, v))}" for k, v in (static_shapes or {}).items()]
+    # onnx2tf writes generated op names back into the file it converts: give it a copy, never
+    # the caller's (a repository file would no longer match its checksum).
+    staged = out_dir / "source.onnx"
+    shutil.copyfile(onnx_path, staged)
+    args = {"onnx": str(staged), "out": str(out_dir), "quant": quant, "cind": cind,
+            "inputs": list(declared), "shapes": shapes}
+    try:
+        # onnx2tf runs the onnxsim command line when it is installed: put this interpreter's
+        # scripts folder first on PATH so a virtual environment's copy is found unactivated.
+        env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
+                              timeout=CONVERT_TIMEOUT_S, check=False, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise ModelError(f"onnx2tf did not finish in {CONVERT_TIMEOUT_S}s") from e
+    # "*_integer_quant" also matches "*_full_integer_quant" (int8 I/O); the float-I/O file is wanted.
+    found = sorted(p for p in out_dir.glob(f"*{SUFFIX[quant]}") if "_full_integer" not in p.name)
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout)[-1500:]
+        raise ModelError(f"onnx2tf failed on {onnx_path.name} (exit {proc.returncode}): {tail}")
+    path = found[0]
+    exp = TfliteExport(path, quant, tuple(declared), tuple(outputs), path.stat().st_size,
+                       sum(len(next(iter(f.values()))) for f in samples) if quant == "integer" else 0)
+    litert_run_all(path, 1, exp.manifest_extra())(dict(samples[0]))  # it must run before it is offered
+    return exp
+
+
+class LiteRTRunner:
+    """A LiteRT interpreter fed by tensor name; the batch (and any dynamic) axis is resized per
+    call. Uses the model's signature runner when it has exactly one signature, and the
+    interpreter's input/output tensors otherwise (onnx2tf's dynamic-range files carry none).
+
+    Raises:
+        ModelError: LiteRT is missing or cannot load the file.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        from headrace.client.optional import require
+
+        Interpreter = require("ai_edge_litert.interpreter", "litert", purpose="running TFLite entries").Interpreter
+        try:
+            self.interpreter = Interpreter(model_path=str(path), num_threads=max(1, threads))
+            sigs = self.interpreter.get_signature_list()
+            self.runner = self.interpreter.get_signature_runner() if len(sigs) == 1 else None
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"LiteRT cannot load {Path(path).name}: {e}") from e
+        if self.runner is not None:
+            details = self.runner.get_input_details()
+            self.input_dtypes = {k: np.dtype(v["dtype"]) for k, v in details.items()}
+            self.output_names = tuple(self.runner.get_output_details())
+        else:
+            self._inputs = {d["name"]: d for d in self.interpreter.get_input_details()}
+            self._outputs = {d["name"]: d for d in self.interpreter.get_output_details()}
+            self.input_dtypes = {k: np.dtype(v["dtype"]) for k, v in self._inputs.items()}
+            self.output_names = tuple(self._outputs)
+        self.input_names = tuple(self.input_dtypes)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def _invoke_tensors(self, args: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        it = self.interpreter
+        if any(self._shapes.get(k) != v.shape for k, v in args.items()):
+            for k, v in args.items():
+                it.resize_tensor_input(self._inputs[k]["index"], list(v.shape), strict=False)
+            it.allocate_tensors()
+            self._shapes = {k: v.shape for k, v in args.items()}
+        for k, v in args.items():
+            it.set_tensor(self._inputs[k]["index"], v)
+        it.invoke()
+        return {k: np.array(it.get_tensor(d["index"])) for k, d in self._outputs.items()}
+
+    def run(self, feed: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        """One call; ``feed`` keys are the model's input names.
+
+        Raises:
+            ModelError: a missing input or a LiteRT failure.
+        """
+        missing = [k for k in self.input_names if k not in feed]
+        if missing:
+            raise ModelError(f"LiteRT model wants inputs {list(self.input_names)}; missing {missing}")
+        args = {k: np.ascontiguousarray(feed[k], dtype=self.input_dtypes[k]) for k in self.input_names}
+        try:
+            if self.runner is not None:
+                return {k: np.asarray(v) for k, v in self.runner(**args).items()}
+            return self._invoke_tensors(args)
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"LiteRT run failed: {e}") from e
+
+
+def _sig_name(name: str) -> str:
+    # onnx2tf copies ONNX names onto the signature, replacing characters TF does not allow.
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+
+def litert_run_all(path: str | Path, threads: int, extra: Mapping[str, Any]) -> Any:
+    """feed (ONNX names) -> outputs (ONNX names) through :class:`LiteRTRunner`."""
+    r = LiteRTRunner(path, threads)
+    inputs = _mapping(list(extra.get("tflite_inputs", r.input_names)), r.input_names)
+    outputs = _mapping(list(extra.get("tflite_outputs", r.output_names)), r.output_names)
+
+    def run(feed: Feed) -> dict[str, np.ndarray[Any, Any]]:
+        got = r.run({sig: feed[onnx] for onnx, sig in inputs.items()})
+        return {onnx: got[sig] for onnx, sig in outputs.items()}
+
+    return run
+
+
+def _mapping(wanted: Sequence[str], names: Sequence[str]) -> dict[str, str]:
+    """ONNX name -> signature name: by name (as copied by onnx2tf), else by position when
+    the converter numbered them (``output_0``...) and the counts agree.
+
+    Raises:
+        ModelError: the names cannot be matched.
+    """
+    out = {w: (w if w in names else _sig_name(w)) for w in wanted}
+    if all(v in names for v in out.values()):
+        return out
+    numbered = sorted(names, key=lambda n: (len(n), n))
+    if len(numbered) == len(wanted):
+        return dict(zip(wanted, numbered, strict=True))
+    raise ModelError(f"the TFLite signature tensors {list(names)} do not match {list(wanted)}")

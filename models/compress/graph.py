@@ -1,0 +1,158 @@
+"""What an ONNX graph holds, for choosing what to quantize: nodes with constant weights
+(in subgraphs too), op-type counts, the op types worth quantizing, and Constant-node weights
+turned into initializers (ORT's quantizers only see initializers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headrace.client.errors import ConfigError, ModelError
+
+# Op types whose constant weight input makes them worth quantizing. Attention is the fused
+# com.microsoft op the transformer optimizer produces (q/k/v packed into one weight).
+WEIGHT_OPS = ("MatMul", "Gemm", "Attention")
+
+
+def constants_to_initializers(src: str | Path, dst: str | Path) -> int:
+    """Rewrite ``Constant`` nodes holding a tensor as initializers, in the graph and its
+    subgraphs (If/Loop bodies), and write ``dst``. Exporters such as TorchScript-to-ONNX of
+    scripted modules emit weights as Constant nodes; ORT's quantizers only see initializers.
+
+    Returns the number of constants moved.
+    """
+    model = _load(src)
+    moved = 0
+
+    def visit(graph: Any) -> None:
+        nonlocal moved
+        keep = []
+        for node in graph.node:
+            value = [a for a in node.attribute if a.name == "value" and a.HasField("t")]
+            if node.op_type == "Constant" and value and len(node.output) == 1:
+                t = value[0].t
+                t.name = node.output[0]
+                graph.initializer.append(t)
+                moved += 1
+                continue
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
+                    visit(sub)
+            keep.append(node)
+        del graph.node[:]
+        graph.node.extend(keep)
+
+    visit(model.graph)
+    import onnx
+
+    onnx.save(model, str(dst))
+    return moved
+
+
+@dataclass(frozen=True)
+class WeightNode:
+    """A node with a constant weight input that quantization would turn into INT8."""
+
+    name: str
+    op_type: str
+    weight: str
+    params: int
+
+
+def _walk(graph: Any, inits: dict[str, Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Every node of ``graph`` and of its subgraphs (If/Loop bodies), with the initializers
+    visible to it (a subgraph sees its own and its parents')."""
+    scope = {**inits, **{i.name: i for i in graph.initializer}}
+    for node in graph.node:
+        yield node, scope
+        for attr in node.attribute:
+            subs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for sub in subs:
+                yield from _walk(sub, scope)
+
+
+def _load(model_path: str | Path) -> Any:
+    import onnx
+
+    try:
+        return onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError / OSError variants
+        raise ModelError(f"cannot read ONNX model {model_path}: {e}") from e
+
+
+def weight_nodes(model_path: str | Path, op_types: Sequence[str] = WEIGHT_OPS) -> list[WeightNode]:
+    """Nodes of ``op_types`` whose weight input (B of MatMul/Gemm, W of Conv, the packed
+    weight of Attention, the table of Gather) is an initializer, in graph order, subgraphs
+    (If/Loop bodies) included.
+
+    Raises:
+        ModelError: the file is not a readable ONNX model, or a node has no name (the
+            quantizer addresses nodes by name).
+    """
+    model = _load(model_path)
+    out: list[WeightNode] = []
+    consts = {n.output[0]: a.t for n, _ in _walk(model.graph, {}) if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value" and a.HasField("t")}
+    for node, scope in _walk(model.graph, {}):
+        inits = {**consts, **scope}
+        if node.op_type not in op_types or len(node.input) < 2:
+            continue
+        w = node.input[0] if node.op_type == "Gather" else node.input[1]
+        if w not in inits:
+            continue
+        if not node.name:
+            raise ModelError(f"{model_path}: a {node.op_type} node has no name; re-export with named nodes")
+        out.append(WeightNode(node.name, node.op_type, w, int(np.prod(inits[w].dims))))
+    return out
+
+
+def graph_op_types(model_path: str | Path) -> dict[str, int]:
+    """Op type -> count over the graph and its subgraphs."""
+    counts: dict[str, int] = {}
+    for node, _ in _walk(_load(model_path).graph, {}):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+# Ops that carry a constant weight; each is worth INT8 storage and kernels.
+STATIC_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# In a convolutional graph these sit between quantized convolutions: quantizing them keeps the
+# activations in INT8 across residual Adds and pools instead of a DQ -> fp32 -> Q round trip
+# around each. In a transformer they are left fp32 (residual Adds and LayerNorm inputs of a
+# transformer cost far more fidelity than they save).
+STATIC_CNN_OPS = ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Relu", "Clip", "Resize")
+DYNAMIC_CANDIDATES = ("MatMul", "Gemm", "Attention", "Conv", "LSTM", "GRU", "Gather")
+
+
+def choose_op_types(model_path: str | Path, mode: str) -> tuple[str, ...]:
+    """The op types to quantize, chosen from what the graph holds.
+
+    ``dynamic``: every weight-bearing op ORT's dynamic quantizer handles (MatMul, Gemm,
+    Attention, Conv, LSTM, GRU) plus embedding tables (Gather of a 2-D initializer).
+    ``static``: Conv/ConvTranspose/MatMul/Gemm, and for convolutional graphs the ops between
+    them (:data:`STATIC_CNN_OPS`).
+
+    Raises:
+        ConfigError: an unknown mode. ModelError: an unreadable graph, or nothing to quantize.
+    """
+    if mode not in ("dynamic", "static"):
+        raise ConfigError(f"quantization mode {mode!r}: dynamic or static")
+    present = graph_op_types(model_path)
+    if mode == "dynamic":
+        chosen = [op for op in DYNAMIC_CANDIDATES if op in present and op != "Gather"]
+        if "Gemm" in chosen and "MatMul" not in chosen:
+            chosen.insert(0, "MatMul")  # the dynamic quantizer rewrites each Gemm as MatMul + Add first
+        tables = [n for n in weight_nodes(model_path, ("Gather",)) if n.params >= 1024]
+        chosen += ["Gather"] if tables else []
+    else:
+        chosen = [op for op in STATIC_WEIGHT_OPS if op in present]
+        if "Conv" in present:
+            chosen += [op for op in STATIC_CNN_OPS if op in present]
+    if not any(op in present for op in (*STATIC_WEIGHT_OPS, "Attention", "LSTM", "GRU")):
+        raise ModelError(f"{Path(model_path).name} has no weight-bearing op to quantize "
+                         f"(ops: {sorted(present)})")
+    return tuple(chosen)

@@ -1,0 +1,82 @@
+"""LiteRT servable for ``format: tflite`` entries: the INT8 TFLite artifacts of
+``headrace compress --steps tflite``, so a small device (ARM board, phone-class CPU) joins the
+same consumer group as the ONNX Runtime workers and answers the same requests.
+
+The entry's manifest keeps the ONNX signature (names, per-sample shapes, dtypes);
+``extra.tflite_inputs`` / ``extra.tflite_outputs`` name the tensors in ONNX order, and the
+TFLite signature runner resizes the batch axis per call. Only ``ai-edge-litert`` is needed on
+the device (no TensorFlow, no onnxruntime).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headrace.client import errors as E
+from headrace.models.repository.store import Manifest
+from headrace.workers.backends import prepost
+
+log = logging.getLogger(__name__)
+
+
+class LiteRTServable(prepost.ManifestServable):
+    """A manifest-described TFLite model on a LiteRT interpreter.
+
+    Args:
+        manifest: the version's manifest (signature, post-processing, max_batch).
+        model_path: the verified ``model.tflite``.
+        intra_op_threads: interpreter threads (0 = 1).
+        reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
+
+    Raises:
+        ModelError: LiteRT is missing, the file does not load, or its signature does not match
+            the manifest.
+    """
+
+    # One interpreter holds its tensors between calls: concurrent calls would overwrite them.
+    thread_safe = False
+
+    def __init__(self, manifest: Manifest, model_path: Path, *, intra_op_threads: int = 0,
+                 reject_non_finite: bool = True) -> None:
+        from headrace.models.compress.edge import litert_run_all
+
+        if manifest.accepts_text:
+            raise E.ModelError(f"{manifest.name}/{manifest.version}: text entries are not served by LiteRT here; "
+                               f"send token tensors to a tensor-signature entry")
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.accepts_text = False
+        self.inputs = prepost.specs(manifest.inputs)
+        self.outputs = prepost.specs(manifest.outputs)
+        self.reject_non_finite = reject_non_finite
+        extra = {"tflite_inputs": manifest.extra.get("tflite_inputs", [s.name for s in self.inputs]),
+                 "tflite_outputs": manifest.extra.get("tflite_outputs", [s.name for s in self.outputs])}
+        self._call: Any = litert_run_all(model_path, max(1, intra_op_threads), extra)
+        self._lock = threading.Lock()
+        log.info("loaded %s/%s (tflite, %s) on LiteRT", self.name, self.version, manifest.precision)
+
+    def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        if self._call is None:
+            raise E.ModelError(f"{self.name}/{self.version} is closed")
+        with self._lock:
+            try:
+                out = self._call(feed)
+            except E.HeadraceError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the interpreter raises assorted errors; the worker survives
+                raise E.ModelError(f"{self.name}/{self.version}: LiteRT run failed: {e}") from e
+        return {s.name: np.asarray(out[s.name]).astype(s.dtype, copy=False) for s in self.outputs}
+
+    def close(self) -> None:
+        self._call = None
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(backend="litert", format=self.manifest.format, precision=self.manifest.precision)
+        return d
