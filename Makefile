@@ -20,9 +20,12 @@ test-unit: setup
 test-integration: setup
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
+# ruff (style, function length/complexity), mypy (src/headrace), import-linter (layering
+# and no import cycles: [tool.importlinter] in pyproject.toml).
 lint: setup
-	$(VENV)/bin/ruff check client workers models cluster tests
+	$(VENV)/bin/ruff check client workers models cluster tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) benchmarks/e2e_vs_raw.py

@@ -27,6 +27,16 @@ from headrace.client.errors import ConfigError
 ENV_PREFIX = "HEADRACE_"
 DEFAULT_NAMESPACE = "headrace"
 DEFAULT_GROUP = "workers"
+#: where producers and workers find Redis when no URL is configured (argument or
+#: ``HEADRACE_REDIS_URL``).
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def resolve_redis_url(url: str | None, env: Mapping[str, str] | None = None) -> str:
+    """The Redis URL to use: ``url`` when set, else ``HEADRACE_REDIS_URL``, else
+    :data:`DEFAULT_REDIS_URL` (the one order everywhere: SDK, workers, Ray apps)."""
+    env = os.environ if env is None else env
+    return url or env.get(ENV_PREFIX + "REDIS_URL") or DEFAULT_REDIS_URL
 
 S = TypeVar("S", bound="Settings")
 
@@ -309,7 +319,7 @@ class ClientSettings(Settings):
 
     Attributes:
         redis_url: ``redis://``/``rediss://`` URL, ACL user and password included; passed
-            straight to redis-py. Empty means ``redis://127.0.0.1:6379/0``.
+            straight to redis-py. Empty means :data:`DEFAULT_REDIS_URL`.
         namespace: key prefix shared with the workers.
         max_backlog: refuse new work with :class:`QueueFull` when a model's backlog
             (unread + pending entries) reaches this many; 0 disables the check.
@@ -373,7 +383,7 @@ class ClientSettings(Settings):
 
     @property
     def effective_redis_url(self) -> str:
-        return self.redis_url or "redis://127.0.0.1:6379/0"
+        return self.redis_url or DEFAULT_REDIS_URL
 
 
 def redact_url(url: str) -> str:

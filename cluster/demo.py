@@ -120,7 +120,7 @@ def start_serving(settings: Any, n_workers: int = 1) -> ServingHandle:
         log.warning("Ray Serve could not serve the demo (%s); falling back to standalone worker threads", e)
 
     from headrace.workers.backends import load_servable
-    from headrace.workers.engine.worker import WorkerThread
+    from headrace.workers.engine.thread import WorkerThread
     from headrace.workers.settings import default_consumer_name
 
     threads: list[Any] = []

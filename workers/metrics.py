@@ -1,4 +1,5 @@
-"""Worker metrics: one small interface, a null, an in-memory and a Prometheus implementation.
+"""Worker metrics: one small interface, a null and a Prometheus implementation (the
+in-memory one for tests is :class:`headrace.workers.testing.metrics.InMemoryMetrics`).
 
 The loop calls three methods and nothing else, so another exporter (e.g. Ray metrics) only
 has to implement :class:`WorkerMetrics`:
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from headrace.client.optional import WORKER, require
@@ -57,40 +56,6 @@ class NullMetrics:
 
     def set_backlog(self, lag: int, pending: int) -> None:
         pass
-
-
-@dataclass
-class InMemoryMetrics:
-    """Keeps every observation, for tests (thread-safe)."""
-
-    batch_sizes: list[int] = field(default_factory=list)
-    infer_s: list[float] = field(default_factory=list)
-    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
-    queue_s: list[float] = field(default_factory=list)
-    total_s: list[float] = field(default_factory=list)
-    lag: int = 0
-    pending: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def observe_batch(self, size: int, infer_s: float) -> None:
-        with self._lock:
-            self.batch_sizes.append(size)
-            self.infer_s.append(infer_s)
-
-    def observe_request(self, status: str, code: str, queue_s: float, total_s: float) -> None:
-        with self._lock:
-            self.requests[(status, code)] += 1
-            self.queue_s.append(queue_s)
-            self.total_s.append(total_s)
-
-    def set_backlog(self, lag: int, pending: int) -> None:
-        with self._lock:
-            self.lag, self.pending = lag, pending
-
-    def count(self, status: str | None = None, code: str | None = None) -> int:
-        with self._lock:
-            return sum(n for (s, c), n in self.requests.items()
-                       if (status is None or s == status) and (code is None or c == code))
 
 
 class _Families:

@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from headrace.workers.backends.base import Servable
-from headrace.workers.broker.redis_broker import Broker
+from headrace.workers.broker.base import Broker
 from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.metrics import NullMetrics, PrometheusMetrics, WorkerMetrics, start_metrics_server
 from headrace.workers.settings import WorkerSettings
@@ -67,6 +67,7 @@ def run_standalone(settings: WorkerSettings, servable: Servable | None = None, *
     Raises:
         ModelError / RepositoryError: the model cannot be loaded.
         ModelTimeoutError: a model call ran past ``infer_timeout_s`` (the worker stopped).
+        WorkerFailed: an internal task of the worker died (the worker stopped).
         ConfigError: the metrics port cannot be bound.
     """
     if servable is None:
@@ -90,6 +91,8 @@ def run_standalone(settings: WorkerSettings, servable: Servable | None = None, *
             # Exit non-zero so a supervisor restarts us: the stuck call still holds the
             # inference thread (a daemon thread, so it does not keep the process alive).
             raise worker.stuck
+        if worker.failed is not None:
+            raise worker.failed
     finally:
         if server is not None:
             server.shutdown()

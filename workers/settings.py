@@ -1,4 +1,19 @@
-"""Settings of a stream worker (standalone or inside a Ray Serve replica)."""
+"""Settings of a stream worker (standalone or inside a Ray Serve replica): the one source.
+
+Each field of :class:`WorkerSettings` carries its documentation in its metadata
+(:func:`setting`): help text, unit, command-line flag, whether it changes live. Everything
+else is derived from it:
+
+* the ``HEADRACE_<FIELD>`` environment variables (:meth:`Settings.from_env`);
+* the options of ``headrace worker`` and ``python -m headrace.workers``
+  (:mod:`headrace.workers.cli`);
+* the Ray application args (``ray_config.yaml``; :mod:`headrace.cluster.serve.args`):
+  the fields marked ``app_arg`` are typed args of their own, every other one goes in
+  ``worker_overrides``;
+* what ``reconfigure`` / the deployment's ``user_config`` may change live (``live``).
+
+A field added here is reachable from all of them without further wiring.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +21,72 @@ import dataclasses
 import os
 import socket
 import uuid
+from typing import Any, Final
 
 from headrace.client.config import (
     DEFAULT_GROUP,
     DEFAULT_NAMESPACE,
+    DEFAULT_REDIS_URL,
+    ENV_PREFIX,
     Settings,
     require,
     validate_model_name,
     validate_namespace,
 )
 from headrace.client.protocol import Limits
+from headrace.workers.pipeline.entry import ENVELOPE_ALLOWANCE_BYTES
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "no value given" in :class:`SettingInfo` (e.g. no ``app_default``: the field's default).
+UNSET: Final = _Unset()
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingInfo:
+    """What a settings field's metadata says about it.
+
+    Attributes:
+        name / env: field name and its environment variable.
+        help: one-line description (the ``--help`` text).
+        unit: unit of the value (``ms``, ``s``, ``bytes``, ``requests``...), "" when none.
+        flag: long option name without dashes; ``aliases`` more names for it.
+        live: can change while the worker runs (``reconfigure``, Serve ``user_config``).
+        app_arg: a typed Ray application arg of its own (else set through
+            ``worker_overrides``).
+        app_default: its default as a Ray application arg, when it differs.
+    """
+
+    name: str
+    env: str
+    help: str
+    unit: str = ""
+    flag: str = ""
+    aliases: tuple[str, ...] = ()
+    live: bool = False
+    app_arg: bool = False
+    app_default: Any = UNSET
+
+
+def setting(default: Any, help: str, *, unit: str = "", flag: str = "", aliases: tuple[str, ...] = (),
+            live: bool = False, app_arg: bool = False, app_default: Any = UNSET) -> Any:
+    """A settings field with its documentation (see :class:`SettingInfo`)."""
+    meta = {"help": help, "unit": unit, "flag": flag, "aliases": aliases, "live": live, "app_arg": app_arg,
+            "app_default": app_default}
+    return dataclasses.field(default=default, metadata={"headrace": meta})
+
+
+def setting_info(f: dataclasses.Field[Any], env_prefix: str = ENV_PREFIX) -> SettingInfo:
+    """The :class:`SettingInfo` of a field declared with :func:`setting`."""
+    meta = dict(f.metadata.get("headrace", {}))
+    flag = meta.pop("flag", "") or f.name.replace("_", "-")
+    return SettingInfo(name=f.name, env=env_prefix + f.name.upper(), flag=flag,
+                       **{k: v for k, v in meta.items() if k in {"help", "unit", "aliases", "live", "app_arg",
+                                                                 "app_default"}})
 
 
 def default_consumer_name() -> str:
@@ -26,83 +97,64 @@ def default_consumer_name() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSettings(Settings):
-    """How one worker consumes one model's request stream.
+    """How one worker consumes one model's request stream. Each field's help text is in
+    its metadata: ``python -m headrace.workers --help`` lists them with units and
+    environment variables."""
 
-    Attributes:
-        model: served model name (repository folder name, e.g. ``minilm``).
-        version: repository version to load; empty means the latest.
-        redis_url: Redis URL (ACL user/password and ``rediss://`` pass through).
-        namespace: key prefix shared with producers.
-        group: consumer group name shared by all workers of the model.
-        consumer: this worker's consumer name; empty picks a unique one.
-        model_repo: path of the model repository directory.
-        backend: ``onnx``, ``torch``, ``litert`` (TFLite entries) or empty for what the manifest says.
-        max_batch: most requests in one model run (also ``XREADGROUP COUNT``).
-        preferred_batch: wait (up to ``max_wait_ms``) for more while below this; 0 = max_batch.
-        max_wait_ms: longest time a partial batch waits for more requests.
-        block_ms: longest blocking ``XREADGROUP`` before the loop checks its state.
-        lease_s: a pending entry idle this long is presumed abandoned and reclaimed
-            (``XAUTOCLAIM`` min-idle); live workers refresh their in-flight entries at
-            ``lease_s / 3``.
-        max_deliveries: deliveries after which a request goes to the dead-letter stream.
-        dedupe_ttl_s: how long a request id's "answered" marker is kept.
-        max_payload_bytes: largest accepted request body.
-        reply_ttl_s: reply streams expire this long after the last result written.
-        trim_interval_s: how often the request stream is trimmed to acknowledged entries.
-        drain_timeout_s: on stop, how long in-flight work may take before giving up.
-        infer_timeout_s: longest one model call may run (0 = no limit). A call past it
-            cannot be interrupted, so the worker marks itself unhealthy and stops consuming
-            (its in-flight requests are redelivered after ``lease_s``; a standalone worker
-            exits non-zero for its supervisor to restart it, a Ray replica fails its health
-            check). Set it well above the slowest legitimate batch.
-        intra_op_threads: backend threads per model call (0 = backend default).
-        instances: model calls that run at once, each on its own inference thread, all on
-            the one loaded model (Triton's ``instance_group`` count). On a CPU host,
-            ``instances`` = cores with ``intra_op_threads`` = 1 runs whole batches side by
-            side instead of splitting each batch across threads: +15-30 % throughput on 2
-            cores (BENCHMARKS.md). The servable must be ``thread_safe``.
-        metrics_port: serve Prometheus metrics on this port (0 = do not serve).
-        reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
-        ort_spin: let ONNX Runtime's idle intra-op threads spin-wait for work. Off by
-            default: on a shared CPU the spinning threads take the cores the event loop,
-            Redis and the producers need (measured ~70% more raw throughput with it off on
-            2 cores, BENCHMARKS.md); turn it on for a dedicated many-core host.
-        servable: ``package.module:Class`` of an operator-written servable
-            (:class:`~headrace.workers.backends.custom.CustomServable`) to serve the model
-            with instead of the manifest's backend. Operator configuration only: a manifest
-            never names code.
-        restrict_reply_to: write results only to this model's reply streams
-            (``<ns>:{<model>}:reply:<client>``); an entry naming another key is
-            dead-lettered unanswered. Turn off only for trusted producers on a single Redis.
-    """
-
-    model: str = "minilm"
-    version: str = ""
-    redis_url: str = ""
-    namespace: str = DEFAULT_NAMESPACE
-    group: str = DEFAULT_GROUP
-    consumer: str = ""
-    model_repo: str = "model_repo"
-    backend: str = ""
-    max_batch: int = 32
-    preferred_batch: int = 0
-    max_wait_ms: float = 5.0
-    block_ms: int = 1000
-    lease_s: float = 30.0
-    max_deliveries: int = 3
-    dedupe_ttl_s: int = 86_400
-    max_payload_bytes: int = 4 * 1024 * 1024
-    reply_ttl_s: int = 86_400
-    trim_interval_s: float = 5.0
-    drain_timeout_s: float = 30.0
-    infer_timeout_s: float = 300.0
-    intra_op_threads: int = 0
-    instances: int = 1
-    metrics_port: int = 0
-    reject_non_finite: bool = True
-    ort_spin: bool = False
-    restrict_reply_to: bool = True
-    servable: str = ""
+    model: str = setting("minilm", "Served model name (repository folder name, e.g. minilm).", app_arg=True)
+    version: str = setting("", "Repository version to load; empty means the latest.", app_arg=True)
+    redis_url: str = setting("", "Redis URL (ACL user:password@ and rediss:// pass through); empty: "
+                                 f"HEADRACE_REDIS_URL, else {DEFAULT_REDIS_URL}.", app_arg=True)
+    namespace: str = setting(DEFAULT_NAMESPACE, "Key prefix shared with producers.", app_arg=True)
+    group: str = setting(DEFAULT_GROUP, "Consumer group shared by all workers of the model.")
+    consumer: str = setting("", "This worker's consumer name; empty picks a unique one (host-pid-random).")
+    model_repo: str = setting("model_repo", "Path of the model repository directory (relative: to the working "
+                                            "directory; Ray args: see docs/operations.md).", app_arg=True)
+    backend: str = setting("", "onnx, torch, litert (TFLite entries), or empty for what the manifest says.",
+                           app_arg=True)
+    max_batch: int = setting(32, "Most requests in one model run (also the most entries read at once).",
+                             unit="requests", live=True, app_arg=True)
+    preferred_batch: int = setting(0, "Wait (up to max_wait_ms) for more while fewer wait; 0 = max_batch.",
+                                   unit="requests", live=True, app_arg=True)
+    max_wait_ms: float = setting(5.0, "Longest time a partial batch waits for more requests.", unit="ms",
+                                 live=True, app_arg=True)
+    block_ms: int = setting(1000, "Longest blocking XREADGROUP before the loop checks its state.", unit="ms",
+                            app_arg=True)
+    lease_s: float = setting(30.0, "A pending entry idle this long is presumed abandoned and reclaimed; live "
+                                   "workers refresh their in-flight entries every lease_s / 3.", unit="s",
+                             app_arg=True)
+    max_deliveries: int = setting(3, "Deliveries after which a request goes to the dead-letter stream.",
+                                  app_arg=True)
+    dedupe_ttl_s: int = setting(86_400, "How long a request id's 'answered' marker is kept.", unit="s")
+    max_payload_bytes: int = setting(4 * 1024 * 1024, "Largest accepted request body; entries larger than this "
+                                                      "plus 64 KiB (all fields counted) are dead-lettered "
+                                                      "unread.", unit="bytes")
+    memory_budget_bytes: int = setting(64 * 1024 * 1024, "Most bytes of request entries the worker holds at "
+                                                         "once (read, queued, running, being answered); reads "
+                                                         "are sized to it.", unit="bytes")
+    reply_ttl_s: int = setting(86_400, "Reply streams expire this long after the last result written.",
+                               unit="s")
+    trim_interval_s: float = setting(5.0, "How often the request stream is trimmed to acknowledged entries.",
+                                     unit="s")
+    drain_timeout_s: float = setting(30.0, "On stop, how long in-flight work may take before giving up.",
+                                     unit="s", app_arg=True)
+    infer_timeout_s: float = setting(300.0, "Longest one model call may run (0 = no limit); past it the worker "
+                                            "stops (unhealthy) and its requests go to other workers after "
+                                            "lease_s. Set it well above the slowest legitimate batch.", unit="s")
+    intra_op_threads: int = setting(0, "Backend threads per model call (0 = backend default).",
+                                    aliases=("threads",), app_arg=True, app_default=1)
+    instances: int = setting(1, "Model calls that run at once on the one loaded model (Triton's instance_group); "
+                                "on a CPU host: cores, with intra_op_threads 1. Needs a thread-safe servable.")
+    metrics_port: int = setting(0, "Serve Prometheus metrics on this port (0 = do not serve).")
+    reject_non_finite: bool = setting(True, "Answer bad_value for float inputs holding NaN/Inf.")
+    ort_spin: bool = setting(False, "Let ONNX Runtime's idle intra-op threads spin-wait (only on a dedicated "
+                                    "many-core host: on a shared CPU they take the loop's cores).")
+    restrict_reply_to: bool = setting(True, "Write results only to this model's reply streams "
+                                            "(<ns>:{<model>}:reply:<client>); other reply_to keys are "
+                                            "dead-lettered unanswered. Off only for trusted producers.")
+    servable: str = setting("", "package.module:Class of an operator-written servable (a CustomServable subclass, "
+                                "docs/models.md) to serve the model with instead of the manifest's backend. "
+                                "Operator configuration only: a manifest never names code.")
 
     def validate(self) -> None:
         validate_model_name(self.model)
@@ -119,6 +171,9 @@ class WorkerSettings(Settings):
         require(self.max_deliveries >= 1, "max_deliveries", "must be >= 1")
         require(self.dedupe_ttl_s >= 1, "dedupe_ttl_s", "must be >= 1 s (longer than any redelivery window)")
         require(self.max_payload_bytes >= 1024, "max_payload_bytes", "must be >= 1024 bytes")
+        require(self.memory_budget_bytes >= self.max_entry_bytes, "memory_budget_bytes",
+                f"must hold at least one entry of the largest accepted size ({self.max_entry_bytes} bytes: "
+                "max_payload_bytes + 64 KiB); raise it or lower max_payload_bytes")
         require(self.reply_ttl_s >= 1, "reply_ttl_s", "must be >= 1 s")
         require(self.trim_interval_s > 0, "trim_interval_s", "must be > 0 s")
         require(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0 s")
@@ -142,11 +197,27 @@ class WorkerSettings(Settings):
 
     @property
     def effective_redis_url(self) -> str:
-        return self.redis_url or "redis://127.0.0.1:6379/0"
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def max_entry_bytes(self) -> int:
+        """Largest entry the worker reads whole (all fields counted); larger ones are
+        dead-lettered by their sizes, their payload never copied."""
+        return self.max_payload_bytes + ENVELOPE_ALLOWANCE_BYTES
 
     @property
     def limits(self) -> Limits:
         return Limits(max_payload_bytes=self.max_payload_bytes)
+
+
+def infos(cls: type[Settings] = WorkerSettings) -> list[tuple[dataclasses.Field[Any], SettingInfo]]:
+    """Every init field of ``cls`` with its :class:`SettingInfo`, in declaration order."""
+    return [(f, setting_info(f, cls.env_prefix)) for f in dataclasses.fields(cls) if f.init]
+
+
+def live_fields() -> tuple[str, ...]:
+    """The worker settings that change live (``reconfigure``, Serve ``user_config``)."""
+    return tuple(info.name for _, info in infos() if info.live)
 
 
 _PROCESS_CONSUMER = default_consumer_name()

@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from headrace.client.errors import HeadraceError
 from headrace.workers.backends.base import Servable
@@ -31,9 +32,9 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
-    """(this module's options, the worker's flags)."""
-    from headrace.workers.__main__ import parse_args
+def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Any]:
+    """(this module's options, the worker's options: :func:`headrace.workers.cli.parse_args`)."""
+    from headrace.workers.cli import parse_args
 
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--standin", default="", help="serve the accelerator stand-in with this curve run")
@@ -43,7 +44,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.Name
     return own, parse_args(rest)
 
 
-def make_servable(own: argparse.Namespace, args: argparse.Namespace, settings: WorkerSettings) -> Servable:
+def make_servable(own: argparse.Namespace, args: Any, settings: WorkerSettings) -> Servable:
     """The servable the options name (see module doc).
 
     Raises:
@@ -63,16 +64,16 @@ def make_servable(own: argparse.Namespace, args: argparse.Namespace, settings: W
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from headrace.workers.__main__ import _FLAGS
+    from headrace.workers.cli import settings_from_args
     from headrace.workers.run import run_standalone, serve
 
     own, args = parse(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {name: getattr(args, name) for name, _ in _FLAGS}
-    if overrides["model"] is None:
-        overrides["model"] = "minilm-standin" if own.standin else args.fake
+    level = (args.log_level or os.environ.get("HEADRACE_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model is None and own.standin:
+        args.model = "minilm-standin"
     try:
-        settings = WorkerSettings.from_env(**overrides)
+        settings = settings_from_args(args)
         servable = make_servable(own, args, settings)
         if not own.probe_out:
             run_standalone(settings, servable)

@@ -35,7 +35,10 @@ import numpy as np
 from headrace.client.protocol import Request
 from headrace.cluster.bench.stats import LatencySummary
 from headrace.workers.backends.base import Servable
-from headrace.workers.broker.redis_broker import BatchStats, Entry, Op, RedisBroker
+from headrace.workers.broker.redis_broker import RedisBroker
+from headrace.workers.pipeline.entry import Entry
+from headrace.workers.pipeline.ops import Op
+from headrace.workers.pipeline.stats import BatchStats
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,8 @@ class ProbeBroker(RedisBroker):
         super().__init__(settings)
         self.probes = probes
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        entries = await super().read(count, block_ms)
+    async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
+        entries = await super().read(count, block_ms, budget_bytes)
         t = time.perf_counter()
         for e in entries:
             raw = e.fields.get(b"id")
@@ -104,6 +107,9 @@ class ProbeServable(Servable):
 
     def length(self, request: Request) -> int:
         return self.inner.length(request)
+
+    def plan(self, requests: Sequence[Request]) -> list[list[int]]:
+        return self.inner.plan(requests)
 
     def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import logging
 
 import click
 
+from headrace.client.config import DEFAULT_REDIS_URL
 from headrace.cluster.bench.run import bench
 from headrace.cluster.cli.cluster import deploy_cmd, down_cmd, scale_cmd, up_cmd
 from headrace.cluster.cli.compress import compress
@@ -28,7 +29,7 @@ from headrace.cluster.cli.worker import worker
 @click.group(cls=HeadraceGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--redis-url", envvar="HEADRACE_REDIS_URL", default=None,
               help="Redis URL (redis:// or rediss://, ACL user:password@ allowed). [env HEADRACE_REDIS_URL; "
-                   "default redis://127.0.0.1:6379/0]")
+                   f"default {DEFAULT_REDIS_URL}]")
 @click.option("--namespace", envvar="HEADRACE_NAMESPACE", default=None,
               help="Key namespace shared by producers and workers. [env HEADRACE_NAMESPACE; default headrace]")
 @click.option("--repo", envvar="HEADRACE_MODEL_REPO", default="model_repo",

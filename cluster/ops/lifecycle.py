@@ -352,13 +352,10 @@ def serve_locally(settings: Any, replicas: int = 1, *, num_cpus: int | None = No
 
     from headrace.cluster.serve.app import ModelAppArgs, app_config
 
-    args = ModelAppArgs(
-        model=settings.model, version=settings.version, redis_url=settings.redis_url,
-        namespace=settings.namespace, model_repo=os.path.abspath(settings.model_repo), backend=settings.backend,
-        num_replicas=replicas, max_batch=settings.max_batch, preferred_batch=settings.preferred_batch,
-        max_wait_ms=settings.max_wait_ms, lease_s=settings.lease_s, block_ms=settings.block_ms,
-        max_deliveries=settings.max_deliveries, drain_timeout_s=settings.drain_timeout_s,
-        intra_op_threads=settings.intra_op_threads or 1, num_cpus=0.5)
+    # Replicas get one backend thread each unless the settings say otherwise.
+    served = settings.replace(model_repo=os.path.abspath(settings.model_repo),
+                              intra_op_threads=settings.intra_op_threads or 1)
+    args = ModelAppArgs.from_worker_settings(served, num_replicas=replicas, num_cpus=0.5)
     # address="local": a private instance even when another Ray runs on this machine
     # (ray.init() without an address would join any cluster it can find).
     ray.init(address="local", num_cpus=num_cpus or max(2, replicas), include_dashboard=False, log_to_driver=False,

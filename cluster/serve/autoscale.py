@@ -36,6 +36,7 @@ from headrace.client.config import (
     DEFAULT_NAMESPACE,
     Settings,
     require,
+    resolve_redis_url,
     validate_model_name,
     validate_namespace,
 )
@@ -56,7 +57,7 @@ class LagPolicySettings(Settings):
     """Arguments of :class:`LagAutoscalingPolicy` (``policy_kwargs``; JSON values only).
 
     Attributes:
-        redis_url: Redis holding the model's stream (empty: ``redis://127.0.0.1:6379/0``).
+        redis_url: Redis holding the model's stream (empty: ``HEADRACE_REDIS_URL``, else the default).
         namespace / model / group: which consumer group to read.
         target_backlog_per_replica: backlog (lag + pending entries) one replica should carry;
             roughly ``max_batch`` times the batches a replica clears in the tolerated delay.
@@ -140,7 +141,7 @@ class LagAutoscalingPolicy:
         if self._client is None:
             import redis
 
-            url = self.settings.redis_url or "redis://127.0.0.1:6379/0"
+            url = resolve_redis_url(self.settings.redis_url)
             self._client = redis.Redis.from_url(url, socket_timeout=self.settings.redis_timeout_s,
                                                 socket_connect_timeout=self.settings.redis_timeout_s)
         return self._client

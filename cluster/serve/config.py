@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from headrace.client.errors import BrokerError, ConfigError
 from headrace.client.optional import require
-from headrace.cluster.serve.app import APP_BUILDER, WORKER_DEPLOYMENT, absolute_repo
+from headrace.cluster.serve.app import APP_BUILDER, WORKER_DEPLOYMENT, with_absolute_repo
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def prepare_config(cfg: Mapping[str, Any], *, redis_url: str | None = None,
         if redis_url:
             args["redis_url"] = redis_url
         if app["import_path"] == APP_BUILDER:
-            args = absolute_repo(args, base_dir)
+            args = with_absolute_repo(args, base_dir)
         app["args"] = args
     return out
 

@@ -38,7 +38,7 @@ from headrace.client.keys import registry_key
 from headrace.client.protocol import STATUS_EXPIRED, Result
 from headrace.client.submit import new_request_id
 from headrace.client.tickets import Ticket
-from headrace.cluster.serve.app import IngressArgs
+from headrace.cluster.serve.args import IngressArgs
 from headrace.cluster.serve.auth import ApiKeys, Caller
 from headrace.cluster.serve.http_body import InferCall, check_content_type, parse_body
 
@@ -185,7 +185,7 @@ class Gateway:
             # The SDK refuses a model no worker ever registered (unknown_model, 404) when
             # require_registered is on, from its cached registry read.
             client = self._clients[caller.name] = AsyncClient(
-                self.args.redis_url or None, namespace=self.args.namespace, client_id=self.client_id(caller),
+                self.args.effective_redis_url, namespace=self.args.namespace, client_id=self.client_id(caller),
                 max_backlog=self.args.max_backlog, timeout_s=self.args.timeout_s,
                 require_registered=self.args.require_registered)
         return client
@@ -194,7 +194,7 @@ class Gateway:
         if self._redis is None:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(self.args.redis_url or "redis://127.0.0.1:6379/0")
+            self._redis = aioredis.Redis.from_url(self.args.effective_redis_url)
         return self._redis
 
     def authenticate(self, headers: Mapping[str, str]) -> Caller | Answer:

@@ -39,7 +39,7 @@ from typing import Any
 
 from headrace.client.optional import require
 from headrace.client.protocol import DTYPES
-from headrace.cluster.serve.app import IngressArgs
+from headrace.cluster.serve.args import IngressArgs
 from headrace.cluster.serve.gateway import Answer, Gateway, http_status
 
 __all__ = ["IngressDeployment", "create_api", "http_status"]
@@ -181,7 +181,7 @@ class IngressDeployment:
     """The HTTP ingress replica.
 
     Args:
-        args: :class:`~headrace.cluster.serve.app.IngressArgs` as a dict.
+        args: :class:`~headrace.cluster.serve.args.IngressArgs` as a dict.
     """
 
     def __init__(self, args: dict[str, Any]) -> None:

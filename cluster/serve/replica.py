@@ -7,12 +7,14 @@ group in Redis and pulls only when it has room, so the queue balances the load.
 Lifecycle, mapped onto Serve's hooks:
 
 * ``__init__``: load the model (or start a tensor-parallel group), start a
-  :class:`~headrace.workers.engine.worker.WorkerThread` with a consumer name derived from the
+  :class:`~headrace.workers.engine.thread.WorkerThread` with a consumer name derived from the
   replica id (unique per replica incarnation), wait until it consumes.
-* ``reconfigure(user_config)``: ``max_batch`` / ``preferred_batch`` / ``max_wait_ms`` live.
-* ``check_health``: fails when the loop thread died, the tensor-parallel group broke, or
-  the loop stayed unhealthy for ``unhealthy_grace_s`` (a short Redis outage is ridden out
-  by the loop itself; restarting would not help). Serve then replaces the replica.
+* ``reconfigure(user_config)``: the live worker settings (``max_batch``, ``preferred_batch``,
+  ``max_wait_ms``).
+* ``check_health``: fails when the loop thread died, one of its tasks died, the
+  tensor-parallel group broke, or the loop stayed unhealthy for ``unhealthy_grace_s`` (a
+  short Redis outage is ridden out by the loop itself; restarting would not help). Serve
+  then replaces the replica.
 * ``record_autoscaling_stats``: the group's lag and pending count, for the lag policy.
 * ``__del__`` (Serve's graceful shutdown): stop reading, finish and acknowledge in-flight
   batches, then delete the consumer from the group when it owns nothing; so no pending
@@ -32,11 +34,12 @@ from typing import Any
 
 from headrace.client.errors import BrokerError, ConfigError, ModelError
 from headrace.client.optional import require
-from headrace.cluster.serve.app import LIVE_FIELDS, ModelAppArgs
+from headrace.cluster.serve.args import ModelAppArgs
 from headrace.cluster.serve.autoscale import LAG_METRIC, PENDING_METRIC
 from headrace.cluster.serve.metrics import RayWorkerMetrics
 from headrace.workers.backends.base import Servable
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
+from headrace.workers.settings import live_fields
 
 serve = require("ray.serve", "ray", purpose="the Ray Serve worker deployment")
 log = logging.getLogger(__name__)
@@ -140,9 +143,9 @@ class StreamWorkerReplica:
         Raises:
             ConfigError: a key other than max_batch / preferred_batch / max_wait_ms, or a bad value.
         """
-        unknown = set(user_config or {}) - set(LIVE_FIELDS)
+        unknown = set(user_config or {}) - set(live_fields())
         if unknown:
-            raise ConfigError(f"user_config keys {sorted(unknown)} cannot change live; allowed: {list(LIVE_FIELDS)}")
+            raise ConfigError(f"user_config keys {sorted(unknown)} cannot change live; allowed: {list(live_fields())}")
         changes = {k: v for k, v in (user_config or {}).items() if v is not None}
         if changes and self.thread is not None:
             self.thread.reconfigure(**changes)
@@ -152,6 +155,9 @@ class StreamWorkerReplica:
         """Raises ModelError when the replica should be replaced (see module doc)."""
         if self.thread is None or not self.thread.alive:
             raise ModelError(f"replica {self.replica_id}: worker loop is not running")
+        if self.thread.failed is not None:
+            # A dead task: no grace (a Redis outage gets one), the loop cannot recover.
+            raise ModelError(f"replica {self.replica_id}: {self.thread.failed.message}")
         if self.tp is not None and not self.tp.probe(timeout_s=min(10.0, self.args.health_check_timeout_s / 2)):
             raise ModelError(f"replica {self.replica_id}: tensor-parallel group is broken")
         if self.thread.healthy():

@@ -154,7 +154,7 @@ def test_backlog_is_not_inflated_after_an_aof_rewrite_and_a_crash(tmp_path: Path
     # backlog metric (autoscaling). The backlog must be bounded by what the stream holds.
     from headrace.workers.backends.fake import make_fake
     from headrace.workers.broker.redis_broker import RedisBroker
-    from headrace.workers.engine.worker import WorkerThread
+    from headrace.workers.engine.thread import WorkerThread
     from headrace.workers.settings import WorkerSettings
 
     (tmp_path / "redis").mkdir()

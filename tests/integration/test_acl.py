@@ -25,7 +25,7 @@ from headrace.client import Client
 from headrace.client.functions import LIBRARY_SOURCE, SUBMIT_FUNCTION, current_code, ensure_library
 from headrace.client.keys import ModelKeys
 from headrace.workers.backends.fake import affine_reference, make_fake
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 from tests.support.worker import wait_until
 

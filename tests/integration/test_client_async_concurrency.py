@@ -9,7 +9,7 @@ import pytest
 
 from headrace.client import AsyncClient
 from headrace.workers.backends.fake import AffineServable, affine_reference
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 
 

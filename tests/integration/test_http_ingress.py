@@ -25,7 +25,7 @@ from headrace.cluster.serve.auth import key_entry
 from headrace.cluster.serve.gateway import Gateway
 from headrace.cluster.serve.ingress import create_api
 from headrace.workers.backends.fake import affine_reference, make_fake
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings, default_consumer_name
 
 pytestmark = pytest.mark.timeout(120)

@@ -31,7 +31,7 @@ from headrace.client.keys import ModelKeys
 from headrace.workers.admin.dlq import dlq_replay
 from headrace.workers.backends.fake import AffineServable
 from headrace.workers.engine.admission import Admission
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 from tests.support.procs import WorkerProc
 from tests.support.worker import Collector
@@ -138,14 +138,14 @@ def workers(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     procs = [WorkerProc(redis_url, tmp_path / "affine.log", *args, fake="affine",
                         env={"HEADRACE_FAKE_POISON": str(POISON)}),
              WorkerProc(redis_url, tmp_path / "length.log", *args, fake="length")]
-    admit = Admission._admit
+    admit = Admission._screen
 
     def buggy_admit(self: Admission, ent: Any, env: P.Envelope, *rest: Any) -> Any:
         if env.request_id == "bug-in-admission":  # the injected worker bug
             raise RuntimeError("injected bug")
         return admit(self, ent, env, *rest)
 
-    monkeypatch.setattr(Admission, "_admit", buggy_admit)
+    monkeypatch.setattr(Admission, "_screen", buggy_admit)
     odd = WorkerThread(WorkerSettings(model="odd", redis_url=redis_url, namespace=NS, consumer="odd-1",
                                       block_ms=100, max_wait_ms=2), OddServable(name="odd")).start()
     try:

@@ -29,7 +29,7 @@ from headrace.client.functions import (
 )
 from headrace.client.keys import ModelKeys
 from headrace.workers.backends.fake import make_fake
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 from tests.support.polling import poll_until
 

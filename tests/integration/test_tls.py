@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from headrace.client import Client
 from headrace.cluster.ops.embedded_redis import find_redis_server, free_port
 from headrace.workers.backends.fake import affine_reference, make_fake
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 
 

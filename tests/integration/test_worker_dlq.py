@@ -13,7 +13,7 @@ from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
 from headrace.workers.admin.dlq import dlq_list, dlq_purge, dlq_replay
 from headrace.workers.backends.fake import AffineServable, affine_reference
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 from tests.support.worker import Collector, affine_request, pending_count, produce, records, wait_until, worker_procs
 

@@ -15,7 +15,7 @@ from headrace.cluster.ops.embedded_redis import free_port
 from headrace.workers.admin.status import model_status
 from headrace.workers.backends.fake import AffineServable
 from headrace.workers.broker.redis_broker import RedisBroker
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 from tests.support.worker import Collector, affine_request, consumers, pending_count, produce, wait_until, worker_procs
 

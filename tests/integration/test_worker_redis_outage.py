@@ -11,7 +11,7 @@ import redis
 from headrace.client.keys import ModelKeys
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import AffineServable
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
 from tests.support.worker import Collector, affine_request, produce, wait_until
 

@@ -23,7 +23,7 @@ def affine_inputs(i: int) -> dict[str, np.ndarray[Any, Any]]:
 def start_fake_worker(url: str, kind: str, model: str, namespace: str = "headrace") -> Any:
     """Start the real stream worker (WorkerThread) with a fake servable for ``model``, tuned
     for fast tests; the result has ``stop()``."""
-    from headrace.workers.engine.worker import WorkerThread
+    from headrace.workers.engine.thread import WorkerThread
     from headrace.workers.settings import WorkerSettings, default_consumer_name
 
     settings = WorkerSettings(model=model, redis_url=url, namespace=namespace, consumer=default_consumer_name(),

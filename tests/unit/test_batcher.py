@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from headrace.client.errors import ConfigError
 from headrace.workers.engine.batcher import Batcher, select_window, split_by_length
-from headrace.workers.testing.memory_broker import ManualClock
+from headrace.workers.testing.clock import ManualClock
 
 
 def test_ready_when_preferred_batch_waits() -> None:

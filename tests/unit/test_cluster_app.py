@@ -218,7 +218,7 @@ def test_ingress_args_take_api_key_digests_only() -> None:
 def test_backlog_tap_remembers_the_last_backlog_for_autoscaling() -> None:
     from headrace.cluster.serve.autoscale import LAG_METRIC, PENDING_METRIC
     from headrace.cluster.serve.replica import StreamWorkerReplica, _BacklogTap
-    from headrace.workers.metrics import InMemoryMetrics
+    from headrace.workers.testing.metrics import InMemoryMetrics
 
     inner = InMemoryMetrics()
     tap = _BacklogTap(inner)  # type: ignore[arg-type]

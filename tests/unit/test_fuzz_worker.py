@@ -23,8 +23,8 @@ from headrace.client import errors as E
 from headrace.client import protocol as P
 from headrace.workers.backends.fake import AffineServable, affine_reference
 from headrace.workers.backends.validate import check_finite
-from headrace.workers.engine.admission import route_of
-from headrace.workers.engine.worker import WorkerThread
+from headrace.workers.engine.thread import WorkerThread
+from headrace.workers.pipeline.entry import route_of
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
 from tests.support.fuzz_cases import INPUT_CODES, OK, Case, any_case, dump_outcomes, examples, record, valid_case

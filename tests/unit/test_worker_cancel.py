@@ -12,9 +12,10 @@ from headrace.client.protocol import Envelope, Request, encode_request, now_ms
 from headrace.client.registry import WorkerRecord
 from headrace.workers.backends.fake import AffineServable
 from headrace.workers.engine.worker import StreamWorker
-from headrace.workers.metrics import CANCELLED, InMemoryMetrics
+from headrace.workers.metrics import CANCELLED
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
+from headrace.workers.testing.metrics import InMemoryMetrics
 
 REPLY = "headrace:{affine}:reply:t"
 
@@ -50,7 +51,7 @@ async def test_cancelled_requests_are_acked_unanswered_and_counted() -> None:
         await _until(lambda: len(store.results(REPLY)) == 2 and not store.pending_ids())
         store.add(_fields("gone-1", now_ms()))  # a fresh submission of a cancelled id runs
         await _until(lambda: len(store.results(REPLY)) == 3)
-        facts = worker._registry_facts()
+        facts = worker.registry_facts()
     finally:
         await worker.stop()
         await task

@@ -16,10 +16,11 @@ import pytest
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, Request, encode_request, now_ms
 from headrace.workers.backends.fake import AffineServable, LengthServable, affine_reference
-from headrace.workers.engine.worker import StreamWorker, WorkerThread
-from headrace.workers.metrics import InMemoryMetrics
+from headrace.workers.engine.thread import WorkerThread
+from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
+from headrace.workers.testing.metrics import InMemoryMetrics
 
 REPLY = "headrace:{affine}:reply:t"
 

@@ -10,14 +10,17 @@ import pytest
 
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, Request, encode_request
-from headrace.workers.__main__ import parse_args
 from headrace.workers.admin.dlq import DeadLetter
 from headrace.workers.backends.base import TensorSpec
 from headrace.workers.backends.fake import AffineServable, LengthServable, fake_from_env, make_fake
 from headrace.workers.backends.validate import check_finite, check_tensors, check_text
-from headrace.workers.broker.redis_broker import Ack, BatchStats, DeadLetterOp, Reply
-from headrace.workers.metrics import InMemoryMetrics, NullMetrics, PrometheusMetrics, WorkerMetrics
-from headrace.workers.testing.memory_broker import ManualClock, MemoryBroker, MemoryStore
+from headrace.workers.cli import parse_args
+from headrace.workers.metrics import NullMetrics, PrometheusMetrics, WorkerMetrics
+from headrace.workers.pipeline.ops import Ack, DeadLetterOp, Reply
+from headrace.workers.pipeline.stats import BatchStats
+from headrace.workers.testing.clock import ManualClock
+from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
+from headrace.workers.testing.metrics import InMemoryMetrics
 
 SPECS = (TensorSpec("x", "float32", (-1, 3)), TensorSpec("mask", "int64", (-1,)))
 
@@ -154,3 +157,17 @@ def test_xreadgroup_reply_shapes_are_all_understood() -> None:
     assert _stream_entries([[b"s", entries]]) == entries  # RESP2 / legacy shape
     assert _stream_entries({b"s": entries}) == entries  # unified dict shape
     assert _stream_entries({b"s": [entries]}) == entries  # RESP3 shape
+
+
+def test_every_lua_script_ships_and_documents_its_keys_and_race() -> None:
+    from headrace.workers.broker import scripts
+
+    for name in scripts.NAMES:
+        src = scripts.source(name)
+        assert src.startswith(f"-- {name}:"), name
+        header = "\n".join(line for line in src.splitlines() if line.startswith("--"))
+        assert "KEYS[1]" in header, f"{name}: its KEYS/ARGV are documented"
+        if name not in {"DLQ_PURGE"}:
+            assert "Race" in header or "race" in header or "Races" in header, f"{name}: the race it prevents"
+    with pytest.raises(KeyError):
+        scripts.source("NOPE")

@@ -1,7 +1,9 @@
 """Dead-letter stream operations: list, replay, purge (``headrace dlq ...``).
 
-A dead letter is the original request entry plus ``dlq_reason``, ``dlq_code``,
-``dlq_entry_id`` (its id in the request stream), ``dlq_deliveries`` and ``dlq_ts_ms``. These
+A dead letter is the original request entry (its protocol fields and at most 64 fields in
+all) plus the ``dlq_*`` fields named in :mod:`headrace.workers.pipeline.ops`: reason, code,
+its id in the request stream, deliveries, when, and the entry's size in Redis (bytes and
+fields; an oversize entry is recorded by its sizes, its payload never copied). These
 functions take a synchronous ``redis.Redis``.
 """
 
@@ -14,6 +16,7 @@ from typing import Any
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
 from headrace.workers.broker import scripts
+from headrace.workers.pipeline import ops
 
 _PAGE = 500
 
@@ -37,7 +40,8 @@ class DeadLetter:
         entry_id: its id in the request stream when it was dead-lettered.
         deliveries: deliveries it had by then.
         ts_ms: when it was dead-lettered (Unix ms).
-        fields: the original request fields (without the ``dlq_*`` ones).
+        entry_bytes / entry_fields: the entry's size in Redis (-1 when not recorded).
+        fields: the original request fields kept (without the ``dlq_*`` ones).
     """
 
     dlq_id: str
@@ -49,23 +53,32 @@ class DeadLetter:
     deliveries: int
     ts_ms: int
     fields: Mapping[bytes, bytes] = field(default_factory=dict)
+    entry_bytes: int = -1
+    entry_fields: int = -1
+
+    @property
+    def complete(self) -> bool:
+        """Whether the dead letter kept every field of the entry (only then can it be
+        replayed: an oversize entry was recorded by its sizes, its payload never read)."""
+        return self.entry_fields < 0 or len(self.fields) >= self.entry_fields
 
     @classmethod
     def from_entry(cls, dlq_id: Any, raw: Mapping[Any, Any]) -> DeadLetter:
         f = {_b(k): _b(v) for k, v in raw.items()}
 
-        def get(name: str) -> str:
-            return _s(f.get(name.encode(), b""))
+        def get(name: bytes) -> str:
+            return _s(f.get(name, b""))
 
-        def num(name: str) -> int:
+        def num(name: bytes, default: int = 0) -> int:
             try:
-                return int(get(name) or 0)
+                return int(get(name)) if len(get(name)) <= 20 else default
             except ValueError:
-                return 0
+                return default
 
-        return cls(dlq_id=_s(dlq_id), request_id=get("id"), reply_to=get("reply_to"), reason=get("dlq_reason"),
-                   code=get("dlq_code"), entry_id=get("dlq_entry_id"), deliveries=num("dlq_deliveries"),
-                   ts_ms=num("dlq_ts_ms"), fields={k: v for k, v in f.items() if not k.startswith(b"dlq_")})
+        return cls(dlq_id=_s(dlq_id), request_id=get(b"id"), reply_to=get(b"reply_to"), reason=get(ops.DLQ_REASON),
+                   code=get(ops.DLQ_CODE), entry_id=get(ops.DLQ_ENTRY_ID), deliveries=num(ops.DLQ_DELIVERIES),
+                   ts_ms=num(ops.DLQ_TS_MS), fields={k: v for k, v in f.items() if not k.startswith(ops.DLQ_PREFIX)},
+                   entry_bytes=num(ops.DLQ_ENTRY_BYTES, -1), entry_fields=num(ops.DLQ_ENTRY_FIELDS, -1))
 
 
 def _wrap(what: str, e: Exception) -> E.BrokerError:
@@ -90,7 +103,9 @@ def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None
     """Re-queue dead letters (all, or the given ``dlq_id``s) as new request entries.
 
     Each one is re-added with its original fields, its request's dedupe marker removed (so
-    it can be answered again) and deleted from the DLQ, atomically per entry. A replayed
+    it can be answered again) and deleted from the DLQ, atomically per entry. Dead letters
+    that did not keep every field of their entry (oversize entries, recorded by their sizes)
+    are left in the DLQ: they cannot be replayed. A replayed
     request whose ``deadline_ms`` has passed is answered ``expired``. Returns how many were
     re-queued (ids that are gone, e.g. replayed concurrently, are skipped).
 
@@ -98,7 +113,7 @@ def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None
         BrokerError: Redis unreachable. ConfigError: invalid names.
     """
     keys = ModelKeys(namespace, model)
-    script = redis.register_script(scripts.DLQ_REPLAY)
+    script = redis.register_script(scripts.source("DLQ_REPLAY"))
     replayed = 0
     try:
         if ids is None:
@@ -123,10 +138,12 @@ def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None
 
 
 def _replay_one(script: Any, keys: ModelKeys, dl: DeadLetter) -> int:
+    if not dl.complete:
+        return 0  # its payload was never copied: replaying would send an entry without it
     ks = [keys.dlq, keys.requests]
     if dl.request_id:
         ks.append(keys.done(dl.request_id))
-    new_id = script(keys=ks, args=[dl.dlq_id, dl.request_id])
+    new_id = script(keys=ks, args=[dl.dlq_id, dl.request_id, ops.DLQ_PREFIX])
     return 1 if new_id else 0
 
 
@@ -138,6 +155,6 @@ def dlq_purge(redis: Any, namespace: str, model: str) -> int:
     """
     keys = ModelKeys(namespace, model)
     try:
-        return int(redis.register_script(scripts.DLQ_PURGE)(keys=[keys.dlq], args=[]))
+        return int(redis.register_script(scripts.source("DLQ_PURGE"))(keys=[keys.dlq], args=[]))
     except Exception as e:  # noqa: BLE001
         raise _wrap("purging the DLQ", e) from e

@@ -1,7 +1,7 @@
 """Read-side status of served models: what ``headrace status`` shows.
 
 Workers write one line per committed batch to ``<ns>:{<model>}:stats`` (a stream capped at
-about 2000 lines; see ``broker.BatchStats``) and heartbeat into the ``<ns>:models`` hash.
+about 2000 lines; see :class:`headrace.workers.pipeline.stats.BatchStats`) and heartbeat into the ``<ns>:models`` hash.
 This module turns those, plus ``XINFO`` on the request stream, into typed snapshots. It
 takes a synchronous ``redis.Redis`` created with ``decode_responses=False`` (the default):
 the latency field is msgpack, which a decoding client cannot read.

@@ -77,6 +77,14 @@ class Servable(abc.ABC):
         """Cost proxy used to bucket variable-length inputs (e.g. characters of text)."""
         return len(request.text) if request.text is not None else 0
 
+    def plan(self, requests: Sequence[Request]) -> list[list[int]]:
+        """How a batch of checked requests splits into model calls: lists of request
+        indices, each list run by one :meth:`infer` call. The worker reports each call's
+        size as its requests' ``timings.batch_size``. Default: one call for all; a servable
+        that cannot run some requests together (different shapes) or has a largest call
+        says so here."""
+        return [list(range(len(requests)))]
+
     @abc.abstractmethod
     def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
         """Run one batch; return one output map per request, in order.

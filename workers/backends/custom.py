@@ -119,6 +119,11 @@ class CustomServable(Servable):
         else:
             check_tensors(request, self.inputs, self.reject_non_finite)
 
+    def plan(self, requests: Sequence[Request]) -> list[list[int]]:
+        """The ``infer_batch`` calls of :meth:`infer`: chunks of ``max_batch``."""
+        step = self.max_batch or len(requests) or 1
+        return [list(range(i, min(i + step, len(requests)))) for i in range(0, len(requests), step)]
+
     def infer(self, requests: Sequence[Request]) -> list[dict[str, Array]]:
         """pre-process, ``infer_batch`` in chunks of ``max_batch``, post-process.
 

@@ -1,24 +1,17 @@
-"""The worker's view of the queue: a small :class:`Broker` interface and its Redis Streams
-implementation :class:`RedisBroker`.
+"""The :class:`~headrace.workers.broker.base.Broker` on Redis Streams (``redis.asyncio``).
 
-The worker loop only talks to a broker; ``memory_broker.MemoryBroker`` implements the same
-semantics in memory for unit tests. One broker instance serves one consumer of one model's
-request stream. Every method that talks to Redis raises
-:class:`~headrace.client.errors.BrokerError` (chained) when Redis is unreachable, so the loop
-can back off and retry; atomic multi-step operations are the Lua scripts of
-:mod:`headrace.workers.broker.scripts`.
+Atomic multi-step operations are the Lua scripts of :mod:`headrace.workers.broker.scripts`.
+Reads and claims go through scripts that size them to a byte budget (``READ``, ``CLAIM``):
+an entry larger than ``max_entry_bytes`` is delivered to this consumer but only its routing
+fields leave Redis, so the worker can dead-letter it without ever holding its payload.
 """
 
 from __future__ import annotations
 
-import abc
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
-
-import msgpack
 
 from headrace.client import errors as E
 from headrace.client.functions import aensure_library
@@ -26,6 +19,15 @@ from headrace.client.keys import ModelKeys, registry_key
 from headrace.client.protocol import now_ms
 from headrace.workers.broker import scripts
 from headrace.workers.broker.backlog import Backlog, group_backlog, last_entry_id, stale_lag
+from headrace.workers.broker.base import Broker, CommitRejected
+from headrace.workers.pipeline.entry import (
+    ROUTING_FIELD_MAX_BYTES,
+    ROUTING_FIELDS,
+    Entry,
+    truncated_entry,
+)
+from headrace.workers.pipeline.ops import DLQ_SCRIPT_NAMES, Ack, Op, Reply
+from headrace.workers.pipeline.stats import BatchStats
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -33,168 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 STATS_MAXLEN = 2000
 REFRESH_CHUNK = 1000  # ids per refresh script call (Lua unpack() stack limit is ~8000)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One request entry as delivered to this consumer.
-
-    Attributes:
-        entry_id: the stream id.
-        fields: raw entry fields (bytes to bytes).
-        deliveries: how many times the group delivered it (1 for a first read).
-    """
-
-    entry_id: str
-    fields: Mapping[bytes, bytes]
-    deliveries: int = 1
-
-
-@dataclass(frozen=True)
-class Ack:
-    """Acknowledge without answering (the request was answered before)."""
-
-    entry_id: str
-
-
-@dataclass(frozen=True)
-class Reply:
-    """Write ``fields`` (an encoded result) to ``reply_to`` unless ``request_id`` was
-    answered already, then acknowledge."""
-
-    entry_id: str
-    request_id: str
-    reply_to: str
-    fields: Mapping[bytes, bytes]
-
-
-@dataclass(frozen=True)
-class DeadLetterOp:
-    """Move an entry to the dead-letter stream (original fields + ``dlq_*``), tell the
-    producer when it can be told (``reply_fields``), and acknowledge."""
-
-    entry_id: str
-    fields: Mapping[bytes, bytes]
-    reason: str
-    code: str
-    deliveries: int
-    request_id: str | None = None
-    reply_to: str | None = None
-    reply_fields: Mapping[bytes, bytes] | None = None
-
-    def dlq_fields(self, at_ms: int) -> dict[bytes, bytes]:
-        out = {k: v for k, v in self.fields.items() if not k.startswith(b"dlq_")}
-        out.update({b"dlq_reason": self.reason[:1000].encode(), b"dlq_code": self.code.encode(),
-                    b"dlq_entry_id": self.entry_id.encode(), b"dlq_deliveries": str(self.deliveries).encode(),
-                    b"dlq_ts_ms": str(at_ms).encode()})
-        return out
-
-
-Op = Ack | Reply | DeadLetterOp
-
-# Outcome codes returned by Broker.commit, one per op.
-WRITTEN = 1
-DUPLICATE = 0
-UNWRITABLE = -1
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """One line of the ``<ns>:{<model>}:stats`` stream (see ``workers/admin/status.py``)."""
-
-    worker: str
-    batch: int
-    ok: int
-    failed: int
-    infer_ms: float
-    lat_ms: Sequence[float] = field(default_factory=tuple)
-
-    def to_fields(self, at_ms: int) -> dict[bytes, bytes]:
-        return {b"ts_ms": str(at_ms).encode(), b"worker": self.worker.encode(), b"batch": str(self.batch).encode(),
-                b"ok": str(self.ok).encode(), b"failed": str(self.failed).encode(),
-                b"infer_ms": f"{self.infer_ms:.3f}".encode(),
-                b"lat_ms": msgpack.packb([round(float(x), 3) for x in self.lat_ms])}
-
-
-class Broker(abc.ABC):
-    """One consumer's access to one model's request stream. See module doc."""
-
-    consumer: str
-
-    @abc.abstractmethod
-    async def ensure_group(self) -> None:
-        """Create the consumer group at id 0 (serving entries added before any worker)."""
-
-    @abc.abstractmethod
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        """New entries for this consumer (``XREADGROUP ... >``), waiting up to ``block_ms``."""
-
-    @abc.abstractmethod
-    async def claim_abandoned(self, min_idle_ms: int, count: int) -> list[Entry]:
-        """Take over entries pending longer than ``min_idle_ms`` (any consumer, this one
-        included), with their delivery counts."""
-
-    @abc.abstractmethod
-    async def refresh_lease(self, entry_ids: Sequence[str]) -> list[str]:
-        """Reset the idle time of the given entries this consumer still owns; returns
-        those it still owns (the others were claimed by someone else)."""
-
-    @abc.abstractmethod
-    async def release(self, entries: Sequence[Entry], idle_ms: int) -> list[str]:
-        """Hand back entries this consumer holds but never ran: each becomes claimable at
-        once (idle ``idle_ms``) with its delivery count as before this consumer got it.
-        Returns the ids handed back (entries claimed by someone else are left alone)."""
-
-    @abc.abstractmethod
-    async def answered(self, request_ids: Sequence[str]) -> list[bool]:
-        """Whether each request id has a dedupe marker (was answered)."""
-
-    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
-        """Per request id, the time (Unix ms) up to which its submissions were cancelled
-        (its cancel marker, ``ModelKeys.cancel``), 0 when none. A broker without cancel
-        markers runs everything."""
-        return [0] * len(request_ids)
-
-    @abc.abstractmethod
-    async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
-        """Apply ops atomically (results, dead letters, acks); one outcome per op
-        (:data:`WRITTEN`, :data:`DUPLICATE`, :data:`UNWRITABLE`). Also appends the ``stats``
-        lines (not atomically: they are informational)."""
-
-    @abc.abstractmethod
-    async def trim(self) -> int:
-        """Remove entries every group has acknowledged; returns how many."""
-
-    @abc.abstractmethod
-    async def backlog(self) -> Backlog:
-        """Current lag and pending count of the group."""
-
-    @abc.abstractmethod
-    async def heartbeat(self, worker: Mapping[str, Any], describe: Mapping[str, Any] | None = None,
-                        stale_ms: int = 30_000) -> None:
-        """Register this worker in ``<ns>:models`` (format: :mod:`headrace.client.registry`).
-
-        Args:
-            worker: flat JSON-able facts of this worker (``version``, ``backend``, batching
-                limits, ``host``, ``pid``); ``seen_ms`` is set from the broker's clock.
-            describe: the servable's description, stored per version (None keeps it).
-            stale_ms: drop other workers whose last heartbeat is older than this.
-        """
-
-    @abc.abstractmethod
-    async def unregister(self) -> None:
-        """Remove this worker from ``<ns>:models``."""
-
-    @abc.abstractmethod
-    async def delete_idle_consumers(self, min_idle_ms: int, only: str | None = None) -> list[str]:
-        """Delete consumers with no pending entries idle at least ``min_idle_ms``."""
-
-    @abc.abstractmethod
-    async def ping(self) -> None:
-        """Raise BrokerError unless the broker answers."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
-        """Release connections. Idempotent."""
+CLAIM_PAGES = 64  # most CLAIM script calls per claim_abandoned (pages of the pending list)
 
 
 def _s(value: Any) -> str:
@@ -204,7 +45,7 @@ def _s(value: Any) -> str:
 def _ms(value: Any) -> int:
     """A cancel marker's value (Unix ms as text) as an int; 0 when absent or malformed."""
     try:
-        return int(value) if value is not None else 0
+        return int(value) if value is not None and len(value) <= 20 else 0
     except (TypeError, ValueError):
         return 0
 
@@ -235,6 +76,29 @@ def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
     return out
 
 
+def _script_entry(item: Sequence[Any], deliveries: int = 1) -> Entry:
+    """An entry as READ / CLAIM return it: ``[id, flat]`` whole, ``[id, flat, size, n]``
+    truncated (see ``lua/read.lua``)."""
+    entry_id, flat = _s(item[0]), _pairs(item[1])
+    if len(item) >= 4:
+        return truncated_entry(entry_id, flat, deliveries, int(item[2]), int(item[3]))
+    return Entry(entry_id, flat, deliveries)
+
+
+def _transient(err: Exception) -> bool:
+    """A server state that passes (out of memory, loading, a failover), not a refusal of
+    the ops themselves."""
+    return str(err).split(" ", 1)[0].upper() in {"OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN",
+                                                  "CLUSTERDOWN", "NOREPLICAS"}
+
+
+def _sized(entry: Entry, max_entry_bytes: int) -> Entry:
+    """``entry`` truncated when it is larger than ``max_entry_bytes``."""
+    if entry.size_bytes <= max_entry_bytes:
+        return entry
+    return truncated_entry(entry.entry_id, entry.fields, entry.deliveries, entry.size_bytes, entry.field_count)
+
+
 class RedisBroker(Broker):
     """:class:`Broker` on Redis Streams through ``redis.asyncio``.
 
@@ -251,6 +115,8 @@ class RedisBroker(Broker):
         self.settings = settings
         self.keys = ModelKeys(settings.namespace, settings.model, settings.group)
         self.consumer = settings.effective_consumer
+        self.max_entry_bytes = settings.max_entry_bytes
+        self.default_budget_bytes = settings.memory_budget_bytes
         self._client = client
         self._owns_client = client is None
         self._scripts: dict[str, Any] = {}
@@ -271,7 +137,7 @@ class RedisBroker(Broker):
     def _script(self, name: str) -> Any:
         s = self._scripts.get(name)
         if s is None:
-            s = self._scripts[name] = self.client.register_script(getattr(scripts, name))
+            s = self._scripts[name] = self.client.register_script(scripts.source(name))
         return s
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -291,6 +157,10 @@ class RedisBroker(Broker):
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 raise E.BrokerError(f"{what}: Redis unreachable: {e}") from e
         raise AssertionError("unreachable")
+
+    def _sizing_args(self, budget_bytes: int | None) -> list[Any]:
+        budget = self.default_budget_bytes if budget_bytes is None else budget_bytes
+        return [max(1, int(budget)), self.max_entry_bytes, ROUTING_FIELD_MAX_BYTES, *ROUTING_FIELDS]
 
     async def ensure_group(self) -> None:
         import redis
@@ -329,33 +199,52 @@ class RedisBroker(Broker):
             await self.client.hset(self.keys.limits, "max_payload_bytes", str(self.settings.max_payload_bytes))
         except redis.exceptions.NoPermissionError as e:
             log.warning("this worker's Redis user may not publish its limits (%s); see docs/security.md", e)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            raise E.BrokerError(f"HSET {self.keys.limits}: Redis unreachable: {e}") from e
         except redis.RedisError as e:
             raise E.BrokerError(f"HSET {self.keys.limits} failed: {e}") from e
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        async def go() -> Any:
+    async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
+        # What is there already, sized to the budget by the READ script; only when nothing
+        # is, one blocking XREADGROUP COUNT 1: a script cannot block, and one entry is the
+        # most a wait can bring in unsized.
+        args = [self.settings.group, self.consumer, max(1, int(count)), *self._sizing_args(budget_bytes)]
+
+        async def sized() -> Any:
+            return await self._script("READ")(keys=[self.keys.requests], args=args)
+
+        items = await self._call("XREADGROUP", sized)
+        if items:
+            return [_script_entry(item) for item in items]
+
+        async def wait() -> Any:
             return await self.client.xreadgroup(self.settings.group, self.consumer, {self.keys.requests: ">"},
-                                                count=count, block=block_ms)
+                                                count=1, block=max(1, int(block_ms)))
 
-        resp = await self._call("XREADGROUP", go)
-        return [Entry(_s(entry_id), fields or {}, 1) for entry_id, fields in _stream_entries(resp)]
+        resp = await self._call("XREADGROUP", wait)
+        return [_sized(Entry(_s(entry_id), fields or {}, 1), self.max_entry_bytes)
+                for entry_id, fields in _stream_entries(resp)]
 
-    async def claim_abandoned(self, min_idle_ms: int, count: int) -> list[Entry]:
+    async def claim_abandoned(self, min_idle_ms: int, count: int, budget_bytes: int | None = None) -> list[Entry]:
         out: list[Entry] = []
-        cursor = "0-0"
-        # Walk the whole PEL once (bounded by count entries claimed) so idle entries behind a
-        # long run of fresh ones are still found.
-        for _ in range(64):
-            args = [self.settings.group, self.consumer, int(min_idle_ms), cursor, count - len(out)]
+        start = "-"
+        left = self.default_budget_bytes if budget_bytes is None else int(budget_bytes)
+        # Walk the pending list page by page (bounded) so idle entries behind a long run of
+        # fresh ones are still found.
+        for _ in range(CLAIM_PAGES):
+            args = [self.settings.group, self.consumer, int(min_idle_ms), start, count - len(out),
+                    *self._sizing_args(left)]
 
             async def go(args: list[Any] = args) -> Any:
                 return await self._script("CLAIM")(keys=[self.keys.requests], args=args)
 
-            next_cursor, claimed = await self._call("XAUTOCLAIM", go)
-            for entry_id, flat, deliveries in claimed:
-                out.append(Entry(_s(entry_id), _pairs(flat), int(deliveries)))
-            cursor = _s(next_cursor)
-            if cursor == "0-0" or len(out) >= count:
+            next_start, items, full = await self._call("XAUTOCLAIM", go)
+            for item in items:
+                entry = _script_entry(item[:-1], int(item[-1]))
+                out.append(entry)
+                left -= 0 if entry.truncated else entry.size_bytes
+            start = _s(next_start)
+            if start == "0-0" or int(full) or len(out) >= count or left <= 0:
                 break
         return out
 
@@ -419,7 +308,8 @@ class RedisBroker(Broker):
 
     def _commit_args(self, ops: Sequence[Op], at_ms: int) -> tuple[list[str], list[Any]]:
         keys = [self.keys.requests, self.keys.dlq]
-        args: list[Any] = [self.settings.group, self.settings.dedupe_ttl_s, self.settings.reply_ttl_s * 1000, at_ms]
+        args: list[Any] = [self.settings.group, self.settings.dedupe_ttl_s, self.settings.reply_ttl_s * 1000, at_ms,
+                           *DLQ_SCRIPT_NAMES]
         for op in ops:
             if isinstance(op, Ack):
                 args += [b"A", op.entry_id]
@@ -460,7 +350,16 @@ class RedisBroker(Broker):
             if ops and isinstance(res[0], redis.exceptions.NoScriptError):
                 # Script cache empty (Redis restarted, SCRIPT FLUSH): nothing was written;
                 # the Script call loads it and runs the commit on its own.
-                res[0] = await script(keys=keys, args=args)
+                try:
+                    res[0] = await script(keys=keys, args=args)
+                except redis.ResponseError as e:
+                    res[0] = e
+            if ops and isinstance(res[0], redis.ResponseError) and not _transient(res[0]):
+                # The script refused the ops (e.g. a reply key in another cluster slot, a DLQ
+                # key of another type): the same ops would fail the same way. Redis does not
+                # roll a script back, but what it applied before the failing op carries
+                # dedupe markers, so committing those ops again only acks them.
+                raise CommitRejected(f"commit of {len(ops)} ops refused: {res[0]}") from res[0]
             if ops and isinstance(res[0], Exception):
                 raise res[0]
             for r in res[1 if ops else 0:]:

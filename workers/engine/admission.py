@@ -1,135 +1,45 @@
-"""Admission of request entries and the answers the worker writes.
+"""Admission of request entries: per entry, run it or answer it at once.
 
-:class:`Answers` turns outcomes into broker ops (result replies, error replies, dead
-letters) grouped in a :class:`Unit` (what one commit script call writes for one batch);
-:class:`Admission` decides, per delivered entry, whether it can run or is answered at once:
-already answered (ack only), cancelled by its producer (ack only, unanswered), delivered too
-often (DLQ), another model, past its deadline, undecodable body, bad dtype/shape/value. None of
-these outcomes ever raises.
+Three stages, each of which can fail for one entry alone (an unexpected exception answers
+that entry ``internal_error``, or dead-letters it when nobody can be told):
+
+* :meth:`Admission.route` (event loop, cheap): oversize entries are dead-lettered by their
+  sizes; the envelope is decoded (an undecodable one is answered, or dead-lettered when it
+  has no usable id/``reply_to``); ``reply_to`` must be one of this model's reply streams.
+* :meth:`Admission.screen` (event loop, cheap): already answered (ack only), cancelled by its
+  producer (ack only, unanswered), delivered too often (DLQ), another model, past its deadline.
+* :meth:`Admission.prepare` (admission thread, may be costly: body decoding, the servable's
+  input check, its length hint, e.g. tokenising a text): the request as :class:`Work`, or the
+  :class:`Refusal` to answer it with.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
-from headrace.client.protocol import (
-    STATUS_ERROR,
-    STATUS_EXPIRED,
-    STATUS_OK,
-    Envelope,
-    Request,
-    Result,
-    Status,
-    Timings,
-    decode_body,
-    decode_envelope,
-    encode_result,
-    error_result,
-    now_ms,
-)
+from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
-from headrace.workers.broker.redis_broker import Ack, BatchStats, DeadLetterOp, Entry, Op, Reply
 from headrace.workers.metrics import CANCELLED, NullMetrics, WorkerMetrics
+from headrace.workers.pipeline.answers import Answers
+from headrace.workers.pipeline.entry import Entry, elapsed_ms, envelope_of, route_of
+from headrace.workers.pipeline.work import Unit, Work
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Work:
-    """A checked request waiting for (or in) a batch; ``read_ms`` is when it was read;
-    ``length`` the servable's batching cost hint (computed once, at admission)."""
+class Refusal:
+    """Why a request is answered without running: its wire ``code`` and a message."""
 
-    entry: Entry
-    request: Request
-    read_ms: int
-    length: int = 0
-
-
-@dataclass(frozen=True)
-class Meta:
-    """What the writer reports for an op once it is committed (``ts_ms``: producer's submit
-    time, 0 when unknown; ``queue_s``: submit to batch)."""
-
-    status: str
     code: str
-    ts_ms: int
-    queue_s: float
-
-
-@dataclass
-class Unit:
-    """Ops of one batch (or one admission round), committed together."""
-
-    ops: list[Op] = field(default_factory=list)
-    meta: list[Meta | None] = field(default_factory=list)
-    batch: int = 0
-    infer_ms: float = 0.0
-
-    def add(self, op: Op, meta: Meta | None) -> None:
-        self.ops.append(op)
-        self.meta.append(meta)
-
-    def stats_line(self, worker: str, at_ms: int) -> BatchStats:
-        """This unit's line of the stats stream, latencies measured up to ``at_ms``."""
-        answered = [m for m in self.meta if m is not None]
-        ok = sum(1 for m in answered if m.status == STATUS_OK)
-        lat = [float(at_ms - m.ts_ms) for m in answered if m.ts_ms]
-        return BatchStats(worker, self.batch, ok, len(answered) - ok, round(self.infer_ms, 3), lat)
-
-
-def route_of(fields: Any) -> tuple[str, str] | None:
-    """(request_id, reply_to) of an entry whose envelope failed to decode, when both are
-    still usable (so the producer can be told what was wrong), else None."""
-    try:
-        env = decode_envelope({**fields, b"v": b"1", b"deadline_ms": b"0", b"ts_ms": b"0"})
-    except E.HeadraceError:
-        return None
-    return env.request_id, env.reply_to
-
-
-class Answers:
-    """Builds the ops that answer requests, stamped with model, version and worker name."""
-
-    def __init__(self, model: str, version: str, consumer: str) -> None:
-        self.model, self.version, self.consumer = model, version, consumer
-
-    def reply(self, env: Envelope, entry: Entry, res: Result, unit: Unit, queue_s: float = 0.0) -> None:
-        """Queue ``res`` for the producer.
-
-        Raises:
-            InvalidTensorError: an output has a dtype that is not a wire dtype.
-        """
-        op = Reply(entry.entry_id, env.request_id, env.reply_to, encode_result(res))
-        unit.add(op, Meta(res.status, res.code, env.ts_ms, queue_s))
-
-    def error(self, env: Envelope, entry: Entry, code: str, message: str, unit: Unit,
-              status: Status = STATUS_ERROR) -> None:
-        log.debug("request %s answered %s/%s: %s", env.request_id, status, code, message)
-        # Queue time up to this answer: the producer sent ts_ms, and a refusal waited too.
-        queue_ms = max(0.0, float(now_ms() - env.ts_ms)) if env.ts_ms else 0.0
-        res = error_result(env.request_id, code, message, status=status, model=self.model,
-                           version=self.version, timings=Timings(queue_ms=queue_ms, worker=self.consumer))
-        self.reply(env, entry, res, unit, queue_ms / 1000)
-
-    def dead_letter(self, entry: Entry, env: Envelope | None, code: str, reason: str, unit: Unit,
-                    reply_code: str = E.MAX_DELIVERIES) -> None:
-        """Queue moving ``entry`` to the DLQ; the producer (when known) gets ``reply_code``."""
-        reply = None
-        if env is not None:
-            reply = encode_result(error_result(env.request_id, reply_code, reason, model=self.model,
-                                               version=self.version, timings=Timings(worker=self.consumer)))
-        op = DeadLetterOp(entry.entry_id, entry.fields, reason, code, entry.deliveries,
-                          env.request_id if env else None, env.reply_to if env else None, reply)
-        unit.add(op, Meta(STATUS_ERROR, reply_code if env else code, env.ts_ms if env else 0, 0.0))
-        log.warning("dead-lettering entry %s (request %s) after %d deliveries: %s", entry.entry_id,
-                    env.request_id if env else "?", entry.deliveries, reason)
+    message: str
 
 
 class Admission:
@@ -148,7 +58,42 @@ class Admission:
         atomic commit script."""
         return not self.settings.restrict_reply_to or reply_to.startswith(self.reply_prefix)
 
-    def undecodable(self, entry: Entry, err: E.HeadraceError, unit: Unit) -> None:
+    # --- stage 1: route ----------------------------------------------------------------------
+
+    def route(self, entry: Entry, unit: Unit) -> Envelope | None:
+        """The entry's envelope when it can go on, else None (answered or dead-lettered)."""
+        try:
+            return self._route(entry, unit)
+        except Exception as err:  # noqa: BLE001 - one entry's failure is that entry's answer
+            log.exception("routing entry %s failed unexpectedly", entry.entry_id)
+            self.unexpected(entry, None, err, unit)
+            return None
+
+    def _route(self, entry: Entry, unit: Unit) -> Envelope | None:
+        if entry.truncated:
+            self._oversize(entry, unit)
+            return None
+        try:
+            env = envelope_of(entry)
+        except E.HeadraceError as err:
+            self._undecodable(entry, err, unit)
+            return None
+        if not self.reply_allowed(env.reply_to):
+            self.answers.dead_letter(entry, None, E.DECODE_ERROR,
+                                     f"reply_to {env.reply_to[:80]!r} is not a reply stream of this model "
+                                     f"({self.reply_prefix}<client>); nobody was answered", unit)
+            return None
+        return env
+
+    def _oversize(self, entry: Entry, unit: Unit) -> None:
+        reason = (f"entry of {entry.size_bytes} bytes in {entry.field_count} fields exceeds the "
+                  f"{self.settings.max_entry_bytes} bytes a worker reads (max_payload_bytes + 64 KiB, all fields "
+                  "counted); its payload was not read")
+        route = route_of(entry.fields)
+        env = Envelope(request_id=route[0], reply_to=route[1]) if route and self.reply_allowed(route[1]) else None
+        self.answers.dead_letter(entry, env, E.PAYLOAD_TOO_LARGE, reason, unit, reply_code=E.PAYLOAD_TOO_LARGE)
+
+    def _undecodable(self, entry: Entry, err: E.HeadraceError, unit: Unit) -> None:
         """Answer an entry whose envelope did not decode, or dead-letter it when it has no
         usable id/reply_to (nobody can be told)."""
         route = route_of(entry.fields)
@@ -157,67 +102,71 @@ class Admission:
         else:
             self.answers.error(Envelope(request_id=route[0], reply_to=route[1]), entry, err.code, err.message, unit)
 
-    def admit(self, entry: Entry, env: Envelope, answered: bool, at_ms: int, unit: Unit,
-              cancelled_ms: int = 0) -> Work | None:
-        """The entry as runnable :class:`Work`, or None when it was answered (or skipped)
-        here. ``cancelled_ms``: its cancel marker (Unix ms, 0 = none)."""
-        try:
-            if cancelled_ms and env.ts_ms <= cancelled_ms and self.reply_allowed(env.reply_to) and not answered:
-                self.skip_cancelled(entry, env, at_ms, unit)
-                return None
-            return self._admit(entry, env, answered, at_ms, unit)
-        except Exception as err:  # noqa: BLE001 - a request must never kill the loop
-            log.exception("admitting request %s failed unexpectedly", env.request_id)
-            self.answers.error(env, entry, E.INTERNAL_ERROR, f"worker could not admit the request: {err}", unit)
-            return None
+    # --- stage 2: screen ---------------------------------------------------------------------
 
-    def _admit(self, entry: Entry, env: Envelope, answered: bool, at: int, unit: Unit) -> Work | None:
+    def screen(self, entry: Entry, env: Envelope, answered: bool, at_ms: int, unit: Unit,
+               cancelled_ms: int = 0) -> bool:
+        """True when the request goes on to :meth:`prepare`; else it was answered (or
+        skipped) here. ``cancelled_ms``: its cancel marker (Unix ms, 0 = none)."""
+        try:
+            if cancelled_ms and not answered and env.ts_ms <= cancelled_ms:
+                self.skip_cancelled(entry, env, at_ms, unit)
+                return False
+            return self._screen(entry, env, answered, at_ms, unit)
+        except Exception as err:  # noqa: BLE001 - one entry's failure is that entry's answer
+            log.exception("screening request %s failed unexpectedly", env.request_id)
+            self.unexpected(entry, env, err, unit)
+            return False
+
+    def _screen(self, entry: Entry, env: Envelope, answered: bool, at: int, unit: Unit) -> bool:
         s, ans = self.settings, self.answers
-        if not self.reply_allowed(env.reply_to):
-            ans.dead_letter(entry, None, E.DECODE_ERROR,
-                            f"reply_to {env.reply_to[:80]!r} is not a reply stream of this model "
-                            f"({self.reply_prefix}<client>); nobody was answered", unit)
-            return None
         if answered:
             self.counters["duplicates"] += 1
             log.debug("request %s (entry %s) was answered before; acking", env.request_id, entry.entry_id)
-            unit.add(Ack(entry.entry_id), None)
-            return None
+            ans.ack(entry, unit)
+            return False
         if entry.deliveries > s.max_deliveries:
             ans.dead_letter(entry, env, E.MAX_DELIVERIES,
                             f"delivered {entry.deliveries} times (max_deliveries={s.max_deliveries}); "
                             "workers kept failing or dying on it", unit)
-            return None
+            return False
         if env.model and env.model != s.model:
             ans.error(env, entry, E.UNKNOWN_MODEL, f"request names model {env.model!r} but was queued for "
-                      f"{s.model!r}", unit)
-            return None
+                      f"{s.model!r}", unit, read_ms=at)
+            return False
         if env.expired(at):
             ans.error(env, entry, E.DEADLINE_EXCEEDED, f"deadline passed {at - env.deadline_ms} ms before it was "
-                      "read", unit, status=STATUS_EXPIRED)
-            return None
-        try:
-            req = decode_body(env, entry.fields.get(b"body"), s.limits)
-            if s.reject_non_finite:
-                check_finite(req)
-            self.servable.check(req)
-        except E.HeadraceError as err:
-            ans.error(env, entry, err.code, err.message, unit)
-            return None
-        except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug, not the loop's
-            log.exception("servable check raised for request %s", env.request_id)
-            ans.error(env, entry, E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}", unit)
-            return None
-        return Work(entry, req, at, self.length(req))
+                      "read", unit, status=STATUS_EXPIRED, read_ms=at)
+            return False
+        return True
 
     def skip_cancelled(self, entry: Entry, env: Envelope, at_ms: int, unit: Unit) -> None:
         """Its producer cancelled it (a cancel marker at or after its ``ts_ms``): ack it
         without running or answering it; nobody waits for the answer."""
         self.counters["cancelled"] += 1
-        queue_s = max(0.0, (at_ms - env.ts_ms) / 1000.0) if env.ts_ms else 0.0
-        self.metrics.observe_request(CANCELLED, CANCELLED, queue_s, 0.0)
+        self.metrics.observe_request(CANCELLED, CANCELLED, elapsed_ms(at_ms, env.ts_ms) / 1000.0, 0.0)
         log.debug("request %s (entry %s) was cancelled by its producer; skipped", env.request_id, entry.entry_id)
-        unit.add(Ack(entry.entry_id), None)
+        self.answers.ack(entry, unit)
+
+    # --- stage 3: prepare (admission thread) ---------------------------------------------------
+
+    def prepare_all(self, items: Sequence[tuple[Entry, Envelope]], at_ms: int) -> list[Work | Refusal]:
+        """:meth:`prepare` for each item (one call into the admission thread)."""
+        return [self.prepare(entry, env, at_ms) for entry, env in items]
+
+    def prepare(self, entry: Entry, env: Envelope, at_ms: int) -> Work | Refusal:
+        """Decode and check the body; never raises."""
+        try:
+            req = decode_body(env, entry.fields.get(b"body"), self.settings.limits)
+            if self.settings.reject_non_finite:
+                check_finite(req)
+            self.servable.check(req)
+        except E.HeadraceError as err:
+            return Refusal(err.code, err.message)
+        except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
+            log.exception("input check raised for request %s", env.request_id)
+            return Refusal(E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}")
+        return Work(entry, req, at_ms, self.length(req))
 
     def length(self, request: Request) -> int:
         """The servable's batching cost hint; 0 when it fails."""
@@ -225,3 +174,19 @@ class Admission:
             return int(self.servable.length(request))
         except Exception:  # noqa: BLE001 - length is only a batching hint
             return 0
+
+    # --- failures ------------------------------------------------------------------------------
+
+    def unexpected(self, entry: Entry, env: Envelope | None, err: BaseException, unit: Unit) -> None:
+        """Answer ``entry`` for a failure of the worker's own code: ``internal_error`` to its
+        producer when it can be told, else the DLQ. Never raises."""
+        message = f"worker could not handle the request: {type(err).__name__}: {err}"[:500]
+        try:
+            route = (env.request_id, env.reply_to) if env is not None else route_of(entry.fields)
+            if route is not None and self.reply_allowed(route[1]):
+                self.answers.error(Envelope(request_id=route[0], reply_to=route[1]), entry, E.INTERNAL_ERROR,
+                                   message, unit)
+            else:
+                self.answers.dead_letter(entry, None, E.INTERNAL_ERROR, message, unit)
+        except Exception:  # noqa: BLE001 - last resort: the entry stays pending, redelivered
+            log.exception("could not answer entry %s", entry.entry_id)

@@ -1,68 +1,44 @@
-"""Running batches: the model call off the event loop, failure isolation, results as ops.
+"""Running batches: model calls off the event loop, failure isolation, results as ops.
 
 :class:`BatchRunner` is the inference stage of a :class:`~headrace.workers.engine.worker.StreamWorker`.
-One batch at a time runs in a dedicated thread (ONNX Runtime and torch release the GIL, so
-the event loop keeps reading and committing meanwhile). A batch that raises is re-run one
-request at a time so its batch-mates are still answered; the failing request is left
-pending for redelivery (or dead-lettered after ``max_deliveries``). A model call that runs
-past ``infer_timeout_s`` cannot be interrupted: :class:`~headrace.client.errors.ModelTimeoutError`
-propagates to the worker, which stops consuming (see ``StreamWorker``).
+Model calls run on a dedicated daemon thread (ONNX Runtime and torch release the GIL, so
+the event loop keeps reading and committing meanwhile). A batch becomes one or more model
+calls: text is cut into length buckets, and the servable's :meth:`~Servable.plan` splits
+what it cannot run together (different shapes, its own largest batch); each request's
+``timings.batch_size`` is the size of the call it ran in.
+
+A call that raises is split in halves (bisection; from :data:`SPLIT_ABOVE` requests down,
+one request at a time) until the failing request runs alone, so its batch-mates are still
+answered; the failing request is released for redelivery (or
+dead-lettered after ``max_deliveries``). A model call that runs past ``infer_timeout_s``
+cannot be interrupted: :class:`~headrace.client.errors.ModelTimeoutError` propagates to the
+worker, which stops consuming.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from typing import Any
 
 from headrace.client import errors as E
 from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Result, Timings, now_ms
 from headrace.workers.backends.base import Servable
-from headrace.workers.engine.admission import Answers, Unit, Work
 from headrace.workers.engine.batcher import split_by_length
-from headrace.workers.metrics import WorkerMetrics
+from headrace.workers.engine.daemon import DaemonExecutor
+from headrace.workers.pipeline.answers import Answers
+from headrace.workers.pipeline.entry import elapsed_ms
+from headrace.workers.pipeline.work import Call, Unit, Work
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-
-class InferenceThread:
-    """One daemon thread running model calls in order (a one-thread executor).
-
-    Not a ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so a model
-    call stuck in native code would keep a worker process from ever exiting.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = \
-            queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fut, fn, args = job
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                fut.set_exception(e)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
-        self._jobs.put((fut, fn, args))
-        return fut
-
-    def shutdown(self) -> None:
-        """Ask the thread to end after the current call (does not wait for it)."""
-        self._jobs.put(None)
+#: a failing call of more requests than this is split in halves; up to this many are re-run
+#: one request at a time: as few calls as halving them (<= 8 against 6), and each batch-mate
+#: runs only once more.
+SPLIT_ABOVE = 8
 
 
 class BatchRunner:
@@ -72,29 +48,25 @@ class BatchRunner:
         settings: the worker's settings (``max_deliveries``, ``infer_timeout_s``, model name).
         servable: the loaded model.
         answers: builds result / error / dead-letter ops.
-        counters, metrics: the worker's counters and metrics sink.
-        release: called with an entry id the worker should stop holding (no lease refresh
-            any more), so the entry is redelivered after ``lease_s``.
-        consumer: this worker's consumer name (reported in result timings).
         index: which of the worker's ``instances`` this runner is (names its thread).
     """
 
-    def __init__(self, settings: WorkerSettings, servable: Servable, answers: Answers, counters: Counter[str],
-                 metrics: WorkerMetrics, release: Callable[[str], object], consumer: str, index: int = 0) -> None:
+    def __init__(self, settings: WorkerSettings, servable: Servable, answers: Answers, index: int = 0) -> None:
         self.settings = settings
         self.servable = servable
         self.answers = answers
-        self.counters = counters
-        self.metrics = metrics
-        self.release = release
-        self.consumer = consumer
-        self.thread = InferenceThread(f"headrace-infer-{settings.model}-{index}")
+        self.thread = DaemonExecutor(f"headrace-infer-{settings.model}-{index}")
         #: the requests of the model call in progress (or the last one).
         self.running: list[Work] = []
 
-    async def run_batch(self, batch: Sequence[Work], unit: Unit) -> None:
-        """Run ``batch`` (expired requests answered without running; text split into length
-        buckets) and add the ops to commit to ``unit``.
+    async def run_batch(self, batch: Sequence[Work], unit: Unit) -> list[Work]:
+        """Run ``batch`` and add the ops to commit to ``unit`` (and its model calls to
+        ``unit.calls``). Requests past their deadline are answered without running;
+        redelivered ones (their batch killed or wedged a worker) run alone.
+
+        Returns:
+            The requests that failed on a delivery before ``max_deliveries``: the caller
+            stops holding them, so they are redelivered after ``lease_s``.
 
         Raises:
             ModelTimeoutError: one model call ran past ``infer_timeout_s`` (it may still be
@@ -102,25 +74,46 @@ class BatchRunner:
                 ``unit`` what finished before it).
         """
         at = now_ms()
+        released: list[Work] = []
         live: list[Work] = []
         for w in batch:
             env = w.request.envelope
             if env.expired(at):
                 self.answers.error(env, w.entry, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker",
-                                   unit, status=STATUS_EXPIRED)
+                                   unit, status=STATUS_EXPIRED, read_ms=w.read_ms)
             else:
                 live.append(w)
-        # Redelivered requests were in a batch whose worker died or hung: each runs on its
-        # own, so a request that kills or wedges workers takes no batch-mates down with it.
-        suspects = [w for w in live if w.entry.deliveries > 1]
         fresh = [w for w in live if w.entry.deliveries <= 1]
-        buckets = (split_by_length([w.length for w in fresh])
-                   if self.servable.accepts_text else [list(range(len(fresh)))])
+        for call in self._plan(fresh):
+            await self._run_call(call, unit, released)
+        for w in live:
+            if w.entry.deliveries > 1:
+                await self._run_call([w], unit, released)
+        return released
+
+    def _plan(self, works: list[Work]) -> list[list[Work]]:
+        """The model calls of ``works``: length buckets (text), then the servable's plan."""
+        if not works:
+            return []
+        buckets = (split_by_length([w.length for w in works]) if self.servable.accepts_text
+                   else [list(range(len(works)))])
+        calls: list[list[Work]] = []
         for bucket in buckets:
-            if bucket:
-                await self._run_bucket([fresh[i] for i in bucket], unit)
-        for w in suspects:
-            await self._run_bucket([w], unit)
+            members = [works[i] for i in bucket]
+            calls.extend([members[i] for i in idx] for idx in self._servable_plan(members))
+        return [c for c in calls if c]
+
+    def _servable_plan(self, works: list[Work]) -> list[list[int]]:
+        n = len(works)
+        try:
+            plan = [list(idx) for idx in self.servable.plan([w.request for w in works])]
+        except Exception:  # noqa: BLE001 - a plan is an optimisation: fall back to one call
+            log.exception("servable plan failed; running the batch as one call")
+            return [list(range(n))]
+        if sorted(i for idx in plan for i in idx) != list(range(n)):
+            log.error("servable plan %s is not a partition of %d requests; running them as one call", plan, n)
+            return [list(range(n))]
+        return plan
 
     async def _call_model(self, works: Sequence[Work]) -> list[dict[str, Any]]:
         self.running = list(works)
@@ -139,38 +132,43 @@ class BatchRunner:
                                "expected one output map per request")
         return outs
 
-    async def _run_bucket(self, works: list[Work], unit: Unit) -> None:
+    async def _run_call(self, works: list[Work], unit: Unit, released: list[Work]) -> None:
         t0 = time.perf_counter()
         try:
             outs = await self._call_model(works)
         except E.ModelTimeoutError:
-            raise  # the thread is stuck: isolating one by one would queue behind it
+            raise  # the thread is stuck: isolating would queue behind it
         except Exception as err:  # noqa: BLE001 - isolate the failing request(s) below
             if len(works) == 1:
-                self._failed(works[0], err, unit)
+                self._failed(works[0], err, unit, released)
                 return
-            log.warning("batch of %d failed (%s); re-running one by one to isolate", len(works), err)
-            for w in works:
-                await self._run_bucket([w], unit)
+            log.warning("model call on %d requests failed (%s); splitting it to isolate the cause", len(works), err)
+            half = len(works) // 2
+            parts = [works[:half], works[half:]] if len(works) > SPLIT_ABOVE else [[w] for w in works]
+            for part in parts:
+                await self._run_call(part, unit, released)
             return
         infer_s = time.perf_counter() - t0
-        self.metrics.observe_batch(len(works), infer_s)
-        self.counters["batches"] += 1
-        self.counters["batched_requests"] += len(works)
-        unit.batch += len(works)
-        unit.infer_ms += infer_s * 1000
+        unit.calls.append(Call(len(works), infer_s))
         for w, out in zip(works, outs, strict=True):
-            env = w.request.envelope
-            queue_ms = max(0.0, float(w.read_ms - env.ts_ms)) if env.ts_ms else 0.0
-            res = Result(env.request_id, STATUS_OK, out, model=self.settings.model, version=self.servable.version,
-                         timings=Timings(queue_ms, infer_s * 1000, len(works), self.consumer))
-            try:
-                self.answers.reply(env, w.entry, res, unit, queue_ms / 1000)
-            except E.HeadraceError as err:  # e.g. an output dtype that is not a wire dtype
-                self.answers.error(env, w.entry, E.MODEL_ERROR, f"cannot encode the model output: {err.message}",
-                                   unit)
+            self._answer(w, out, infer_s, len(works), unit)
 
-    def _failed(self, w: Work, err: BaseException, unit: Unit) -> None:
+    def _answer(self, w: Work, out: dict[str, Any], infer_s: float, size: int, unit: Unit) -> None:
+        env = w.request.envelope
+        queue_ms = elapsed_ms(w.read_ms, env.ts_ms)
+        res = Result(env.request_id, STATUS_OK, out, model=self.settings.model, version=self.servable.version,
+                     timings=Timings(queue_ms, infer_s * 1000, size, self.answers.consumer))
+        try:
+            self.answers.reply(env, w.entry, res, unit, queue_ms / 1000)
+        except E.HeadraceError as err:  # e.g. an output dtype that is not a wire dtype
+            self.answers.error(env, w.entry, E.MODEL_ERROR, f"cannot encode the model output: {err.message}", unit,
+                               read_ms=w.read_ms)
+        except Exception as err:  # noqa: BLE001 - an output the encoder chokes on fails this request only
+            log.exception("encoding the result of request %s failed", env.request_id)
+            self.answers.error(env, w.entry, E.MODEL_ERROR,
+                               f"cannot encode the model output: {type(err).__name__}: {err}", unit, read_ms=w.read_ms)
+
+    def _failed(self, w: Work, err: BaseException, unit: Unit, released: list[Work]) -> None:
         entry, env = w.entry, w.request.envelope
         if entry.deliveries >= self.settings.max_deliveries:
             self.answers.dead_letter(entry, env, E.MODEL_ERROR, f"model failed on each of {entry.deliveries} "
@@ -178,8 +176,7 @@ class BatchRunner:
             return
         # Leave it pending and stop renewing its lease: after lease_s some worker reclaims it
         # (delivery count + 1) and tries again, until max_deliveries sends it to the DLQ.
-        self.release(entry.entry_id)
-        self.counters["retried"] += 1
+        released.append(w)
         log.warning("request %s failed on delivery %d/%d, will be retried after the lease: %s",
                     env.request_id, entry.deliveries, self.settings.max_deliveries, err)
 

@@ -1,22 +1,19 @@
-"""Run a :class:`~headrace.workers.engine.worker.StreamWorker` in its own thread and event loop, for
-hosts that are not async (a Ray Serve replica's constructor, tests, notebooks)."""
+"""Run a :class:`~headrace.workers.engine.worker.StreamWorker` in its own thread and event
+loop, for hosts that are not async (a Ray Serve replica's constructor, tests, notebooks)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from headrace.client import errors as E
 from headrace.workers.backends.base import Servable
-from headrace.workers.broker.redis_broker import Broker
+from headrace.workers.broker.base import Broker
+from headrace.workers.engine.worker import StreamWorker, WorkerFailed
 from headrace.workers.metrics import WorkerMetrics
-from headrace.workers.settings import WorkerSettings
-
-if TYPE_CHECKING:
-    from headrace.workers.engine.worker import StreamWorker
+from headrace.workers.settings import WorkerSettings, live_fields
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +34,7 @@ class WorkerThread:
 
     def __init__(self, settings: WorkerSettings, servable: Servable, broker: Broker | None = None,
                  metrics: WorkerMetrics | None = None, name: str | None = None) -> None:
-        from headrace.workers.engine.worker import StreamWorker
-
-        self.worker: StreamWorker = StreamWorker(settings, servable, broker=broker, metrics=metrics)
+        self.worker = StreamWorker(settings, servable, broker=broker, metrics=metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._main, name=name or f"headrace-worker-{settings.model}",
                                         daemon=True)
@@ -66,13 +61,14 @@ class WorkerThread:
             BrokerError: the worker did not start within ``timeout_s`` (Redis unreachable?).
         """
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.worker._running:
+        started = self.worker.started
+        waited = 0.0
+        while waited < timeout_s:
+            if started.wait(min(0.05, timeout_s - waited)):
                 return self
+            waited += 0.05
             if not self._thread.is_alive():
                 raise E.BrokerError(f"worker thread ended during start: {self._error!r}")
-            time.sleep(0.005)
         raise E.BrokerError(f"worker did not start within {timeout_s}s; is Redis reachable at "
                             f"{self.worker.settings.effective_redis_url}?")
 
@@ -101,17 +97,21 @@ class WorkerThread:
         """Thread alive and the worker healthy (see :meth:`StreamWorker.healthy`)."""
         return self._thread.is_alive() and self.worker.healthy()
 
+    @property
+    def failed(self) -> WorkerFailed | None:
+        """Set when an internal task of the worker died (it stopped; replace it)."""
+        return self.worker.failed
+
     def stats(self) -> dict[str, Any]:
         return self.worker.stats()
 
     def reconfigure(self, **changes: Any) -> None:
-        """Change batching live (thread-safe; validated here, applied on the loop).
+        """Change the live settings (thread-safe; validated here, applied on the loop).
 
         Raises:
             ConfigError: see :meth:`StreamWorker.reconfigure`.
         """
-        self.worker.settings.replace(**{k: v for k, v in changes.items() if k in ("max_batch", "preferred_batch",
-                                                                                   "max_wait_ms")})
+        self.worker.settings.replace(**{k: v for k, v in changes.items() if k in live_fields()})
         loop = self._loop
         if loop is None or loop.is_closed():
             self.worker.reconfigure(**changes)

@@ -1,10 +1,12 @@
-"""In-memory :class:`~headrace.workers.broker.redis_broker.Broker` with Redis Streams semantics, for tests.
+"""In-memory :class:`~headrace.workers.broker.base.Broker` with Redis Streams semantics, for tests.
 
 A :class:`MemoryStore` holds one model's request stream, its consumer group (pending
 entries list with owner, delivery count and delivery time), dedupe markers, reply streams,
 dead letters and stats; any number of :class:`MemoryBroker` consumers share it (also across
 threads: every method takes one lock). Time comes from an injectable ``clock`` (seconds), so
-lease expiry can be tested without sleeping.
+lease expiry can be tested without sleeping. ``tests/unit/test_broker_contract.py`` holds it
+to the Redis broker's behaviour: byte-budgeted reads with truncated oversize entries,
+``UNWRITABLE`` replies to keys of another type, refused commits, outages on every call.
 """
 
 from __future__ import annotations
@@ -19,18 +21,23 @@ from typing import Any
 
 from headrace.client import errors as E
 from headrace.client.protocol import Request, Result, decode_result, encode_request
-from headrace.workers.broker.redis_broker import (
+from headrace.workers.broker.backlog import Backlog
+from headrace.workers.broker.base import Broker, CommitRejected
+from headrace.workers.pipeline.entry import Entry, fields_bytes, truncated_entry
+from headrace.workers.pipeline.ops import (
+    DLQ_SCRIPT_NAMES,
     DUPLICATE,
+    UNWRITABLE,
     WRITTEN,
     Ack,
-    Backlog,
-    BatchStats,
-    Broker,
-    DeadLetterOp,
-    Entry,
     Op,
     Reply,
 )
+from headrace.workers.pipeline.stats import BatchStats
+from headrace.workers.settings import WorkerSettings
+from headrace.workers.testing.clock import ManualClock
+
+__all__ = ["ManualClock", "MemoryBroker", "MemoryStore", "Pending"]
 
 
 def _key(entry_id: str) -> tuple[int, int]:
@@ -45,21 +52,16 @@ class Pending:
     deliveries: int
 
 
-class ManualClock:
-    """A clock for tests: ``clock()`` returns the current time, ``advance(s)`` moves it."""
-
-    def __init__(self, start_s: float = 1000.0) -> None:
-        self.now_s = start_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-
 class MemoryStore:
-    """Shared state of one model's stream and one consumer group (see module doc)."""
+    """Shared state of one model's stream and one consumer group (see module doc).
+
+    Attributes:
+        wrong_type: keys holding a value of another type than a stream (writes to them
+            fail as in Redis); ``dlq_key`` names the dead-letter stream among them.
+        fail_ops: > 0: the next N broker calls raise BrokerError (an outage).
+    """
+
+    dlq_key = "dlq"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, dedupe_ttl_s: float = 86_400) -> None:
         self.clock = clock
@@ -78,8 +80,9 @@ class MemoryStore:
         self.registry: dict[str, dict[str, Any]] = {}
         self.signatures: dict[str, dict[str, Any]] = {}
         self.acked: list[str] = []
+        self.wrong_type: set[str] = set()
         self.group_exists = False
-        self.fail_ops = 0  # > 0: the next N broker calls raise BrokerError (outage simulation)
+        self.fail_ops = 0
 
     # --- producer / inspection side (tests) ----------------------------------------------
 
@@ -133,59 +136,103 @@ class MemoryStore:
         if self.pel.pop(entry_id, None) is not None:
             self.acked.append(entry_id)
 
+    def _add_dlq(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        if self.dlq_key in self.wrong_type:
+            raise CommitRejected(f"WRONGTYPE: {self.dlq_key} holds a value of another type")
+        self.dlq.append((entry_id, fields))
+
+    def _reply(self, reply_to: str, entry_id: str, fields: Mapping[bytes, bytes]) -> bool:
+        if reply_to in self.wrong_type:
+            return False
+        self.replies.setdefault(reply_to, []).append((entry_id, dict(fields)))
+        return True
+
 
 class MemoryBroker(Broker):
-    """One consumer of a :class:`MemoryStore` (see module doc)."""
+    """One consumer of a :class:`MemoryStore` (see module doc).
 
-    def __init__(self, store: MemoryStore | None = None, consumer: str = "mem-1") -> None:
+    Args:
+        max_entry_bytes: entries larger than this are returned truncated (default: the
+            worker settings' default).
+    """
+
+    def __init__(self, store: MemoryStore | None = None, consumer: str = "mem-1",
+                 max_entry_bytes: int | None = None) -> None:
         self.store = store if store is not None else MemoryStore()
         self.consumer = consumer
+        defaults = WorkerSettings()
+        self.max_entry_bytes = defaults.max_entry_bytes if max_entry_bytes is None else max_entry_bytes
+        self.default_budget_bytes = defaults.memory_budget_bytes
 
     async def ensure_group(self) -> None:
         with self.store.lock:
             self.store._check_up()
             self.store.group_exists = True
 
-    def _read_now(self, count: int) -> list[Entry]:
+    def _sized(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Entry:
+        size = fields_bytes(fields)
+        if size > self.max_entry_bytes:
+            return truncated_entry(entry_id, fields, deliveries, size, len(fields))
+        return Entry(entry_id, dict(fields), deliveries, size)
+
+    def _read_now(self, count: int, budget_bytes: int) -> list[Entry]:
         s = self.store
         with s.lock:
             s._check_up()
+            # Every read registers the consumer (Redis 7.0 does so once a read delivers
+            # something); when a consumer appears is not part of the broker contract.
             s._touch(self.consumer)
             out: list[Entry] = []
+            total = 0
             for entry_id, fields in s.entries.items():
                 if len(out) >= count:
                     break
                 if _key(entry_id) <= _key(s.last_delivered):
                     continue
+                entry = self._sized(entry_id, fields, 1)
+                if out and (entry.truncated or total + entry.size_bytes > budget_bytes):
+                    break
                 s.pel[entry_id] = Pending(self.consumer, s.clock(), 1)
                 s.last_delivered = entry_id
-                out.append(Entry(entry_id, dict(fields), 1))
+                out.append(entry)
+                total += entry.size_bytes
+                if entry.truncated:
+                    break
             return out
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
+    async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
+        budget_bytes = self.default_budget_bytes if budget_bytes is None else budget_bytes
+        out = self._read_now(count, budget_bytes)
         deadline = time.monotonic() + block_ms / 1000.0
-        while True:
-            out = self._read_now(count)
-            if out or time.monotonic() >= deadline:
-                return out
+        while not out and time.monotonic() < deadline:
             await asyncio.sleep(min(0.002, max(0.0, deadline - time.monotonic())))
+            out = self._read_now(1, budget_bytes)  # a read that waited brings one entry, as in Redis
+        return out
 
-    async def claim_abandoned(self, min_idle_ms: int, count: int) -> list[Entry]:
+    async def claim_abandoned(self, min_idle_ms: int, count: int, budget_bytes: int | None = None) -> list[Entry]:
+        budget_bytes = self.default_budget_bytes if budget_bytes is None else budget_bytes
         s = self.store
         with s.lock:
             s._check_up()
             now = s.clock()
             out: list[Entry] = []
-            for entry_id, p in list(s.pel.items()):
+            total = 0
+            for entry_id, p in sorted(s.pel.items(), key=lambda kv: _key(kv[0])):
                 if len(out) >= count:
                     break
                 if (now - p.delivered_at_s) * 1000.0 < min_idle_ms:
                     continue
-                if entry_id not in s.entries:  # trimmed/deleted: XAUTOCLAIM drops it from the PEL
-                    del s.pel[entry_id]
+                if entry_id not in s.entries:  # deleted while pending: nothing left to run
+                    s._ack(entry_id)
                     continue
+                entry = self._sized(entry_id, s.entries[entry_id], p.deliveries + 1)
+                if out and not entry.truncated and total + entry.size_bytes > budget_bytes:
+                    break
                 s.pel[entry_id] = Pending(self.consumer, now, p.deliveries + 1)
-                out.append(Entry(entry_id, dict(s.entries[entry_id]), p.deliveries + 1))
+                total += 0 if entry.truncated else entry.size_bytes
+                out.append(entry)
+            if out:
+                s._touch(self.consumer)
             return out
 
     async def refresh_lease(self, entry_ids: Sequence[str]) -> list[str]:
@@ -222,6 +269,31 @@ class MemoryBroker(Broker):
             self.store._check_up()
             return [self.store.cancels.get(r, 0) for r in request_ids]
 
+    def _apply(self, op: Op, at: int) -> int:
+        s = self.store
+        if isinstance(op, Ack):
+            return DUPLICATE
+        if isinstance(op, Reply):
+            if not s._set_done(op.request_id, op.entry_id):
+                return DUPLICATE
+            if s._reply(op.reply_to, op.entry_id, op.fields):
+                return WRITTEN
+            del s.done[op.request_id]
+            reason, code, entry, deliveries, ts = DLQ_SCRIPT_NAMES
+            s._add_dlq(op.entry_id, {b"id": op.fields.get(b"id", b""), b"reply_to": op.reply_to.encode(),
+                                     reason: f"reply_to is not writable: WRONGTYPE {op.reply_to}".encode(),
+                                     code: E.INTERNAL_ERROR.encode(), entry: op.entry_id.encode(),
+                                     deliveries: b"0", ts: str(at).encode()})
+            return UNWRITABLE
+        if op.request_id is not None and op.reply_to is not None and op.reply_fields is not None:
+            if not s._set_done(op.request_id, op.entry_id):
+                return DUPLICATE
+            s._add_dlq(op.entry_id, op.dlq_fields(at))
+            s._reply(op.reply_to, op.entry_id, op.reply_fields)
+            return WRITTEN
+        s._add_dlq(op.entry_id, op.dlq_fields(at))
+        return WRITTEN
+
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
         s = self.store
         with s.lock:
@@ -229,25 +301,8 @@ class MemoryBroker(Broker):
             at = int(time.time() * 1000)
             out: list[int] = []
             for op in ops:
-                if isinstance(op, Ack):
-                    out.append(DUPLICATE)
-                elif isinstance(op, Reply):
-                    if s._set_done(op.request_id, op.entry_id):
-                        s.replies.setdefault(op.reply_to, []).append((op.entry_id, dict(op.fields)))
-                        out.append(WRITTEN)
-                    else:
-                        out.append(DUPLICATE)
-                elif isinstance(op, DeadLetterOp):
-                    if op.request_id is not None and op.reply_to is not None and op.reply_fields is not None:
-                        if s._set_done(op.request_id, op.entry_id):
-                            s.dlq.append((op.entry_id, op.dlq_fields(at)))
-                            s.replies.setdefault(op.reply_to, []).append((op.entry_id, dict(op.reply_fields)))
-                            out.append(WRITTEN)
-                        else:
-                            out.append(DUPLICATE)
-                    else:
-                        s.dlq.append((op.entry_id, op.dlq_fields(at)))
-                        out.append(WRITTEN)
+                # Applied one by one, not rolled back on a refusal: as a Redis script.
+                out.append(self._apply(op, at))
                 s._ack(op.entry_id)
             for line in stats:
                 s.stats.append(line.to_fields(at))
@@ -280,6 +335,7 @@ class MemoryBroker(Broker):
 
     async def unregister(self) -> None:
         with self.store.lock:
+            self.store._check_up()
             self.store.registry.pop(self.consumer, None)
 
     async def delete_idle_consumers(self, min_idle_ms: int, only: str | None = None) -> list[str]:
