@@ -75,19 +75,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _redis(args: argparse.Namespace, work: Path) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis of the run: ``--redis-url``, or a private one with AOF."""
+    if args.redis_url:
+        if args.flush:
+            redis.Redis.from_url(args.redis_url).flushall()
+        if args.restart_redis_every_s:
+            raise SystemExit("--restart-redis-every-s needs the private Redis (no --redis-url)")
+        return args.redis_url, None
+    (work / "redis").mkdir()
+    server = EmbeddedRedis(data_dir=work / "redis", appendonly=True, appendfsync="everysec").start()
+    return server.url, server
+
+
+class _Faults:
+    """The fault schedule: SIGKILL a worker every ``kill_every_s``, crash and restart Redis
+    every ``restart_redis_every_s`` (0 = never)."""
+
+    def __init__(self, args: argparse.Namespace, fleet: Fleet, server: EmbeddedRedis | None, t0: float) -> None:
+        self.args, self.fleet, self.server = args, fleet, server
+        self.rng = random.Random(args.seed)
+        self.next_kill = t0 + args.kill_every_s if args.kill_every_s else float("inf")
+        self.next_restart = t0 + args.restart_redis_every_s if args.restart_redis_every_s else float("inf")
+        self.restarts = 0
+
+    def tick(self, r: redis.Redis, now: float) -> None:
+        if now >= self.next_kill:
+            self.next_kill = now + self.args.kill_every_s
+            try:
+                owners = [p for p in self.fleet.alive() if group_state(r).get("consumers", {}).get(p.name, 0) > 0]
+            except redis.RedisError:
+                owners = []
+            live = owners or self.fleet.alive()
+            if live:
+                self.fleet.sigkill(self.rng.choice(live))
+            self.fleet.spawn()
+        if now >= self.next_restart and self.server is not None:
+            self.next_restart = now + self.args.restart_redis_every_s
+            self.server.restart(crash=True, down_s=0.5)
+            self.restarts += 1
+
+
+def _drive(args: argparse.Namespace, prod: SteadyProducer, ledger: Ledger, faults: _Faults, r: redis.Redis,
+           total: int, t0: float) -> float:
+    """Send everything while injecting faults, then wait for the answers; returns the send time (s)."""
+    with tqdm(total=total, unit="req", desc="answered", smoothing=0.1, mininterval=5) as bar:
+        while not prod.done.is_set():
+            time.sleep(0.5)
+            bar.update(ledger.answered() - bar.n)
+            faults.tick(r, time.monotonic())
+        send_s = time.monotonic() - t0
+        acked = {rid for rid, s in prod.sent.items() if s.acked}
+        give_up = time.monotonic() + args.drain_s
+        while time.monotonic() < give_up and not acked <= ledger.counts.keys():
+            time.sleep(0.5)
+            bar.update(ledger.answered() - bar.n)
+        bar.update(ledger.answered() - bar.n)
+    return send_s
+
+
+def _figures(report: Report, sampler: Sampler, baseline: dict[str, Any], end_trim: dict[str, Any]) -> dict[str, Any]:
+    """Ledger and memory figures of the run."""
+    return {
+        "requests_sent": report.sent, "answered": report.answered, "lost": len(report.lost),
+        "duplicated": len(report.duplicated), "wrong": len(report.wrong), "unexpected": len(report.unexpected),
+        "results": report.results, "codes": dict(report.codes),
+        "peak_stream_len": int(sampler.peak("xlen")), "peak_backlog": int(sampler.peak("backlog")),
+        "xinfo_lag_at_end": int(end_trim["xinfo_backlog"]),
+        "peak_acked_untrimmed": int(max((x["xlen"] - x["backlog"] for x in sampler.samples), default=0)),
+        "end_stream_len": int(end_trim["xlen"]),
+        "peak_dedupe_keys": int(sampler.peak("done_keys")), "dedupe_keys_at_end": int(end_trim["done_keys"]),
+        "baseline_used_memory_mb": round(baseline["used_memory"] / 2**20, 2),
+        "peak_used_memory_mb": round(sampler.peak("used_memory") / 2**20, 2),
+        "end_used_memory_mb": round(end_trim["used_memory"] / 2**20, 2),
+        "lost_examples": report.lost[:10], "duplicated_examples": list(report.duplicated)[:10],
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="headrace-soak-"))
-    server: EmbeddedRedis | None = None
-    if args.redis_url:
-        url = args.redis_url
-        if args.flush:
-            redis.Redis.from_url(url).flushall()
-    else:
-        (work / "redis").mkdir()
-        server = EmbeddedRedis(data_dir=work / "redis", appendonly=True, appendfsync="everysec").start()
-        url = server.url
-    if args.restart_redis_every_s and server is None:
-        raise SystemExit("--restart-redis-every-s needs the private Redis (no --redis-url)")
+    url, server = _redis(args, work)
     r = redis.Redis.from_url(url)
     keys = ModelKeys("headrace", "affine")
     total = min(args.requests, int(args.rate * args.duration_s) + args.pipeline)
@@ -100,9 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              str(args.dedupe_ttl_s), "--max-deliveries", "20"]
     fleet = Fleet(url, work, wargs, env={"HEADRACE_FAKE_DELAY_MS": str(args.delay_ms)})
     fleet.env.pop("HEADRACE_FAKE_RECORD")  # the run record would grow with every request
-    rng = random.Random(args.seed)
-    restarts = 0
     t0 = time.monotonic()
+    faults = _Faults(args, fleet, server, t0)
     try:
         for _ in range(args.workers):
             fleet.spawn()
@@ -110,35 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         baseline = sampler.sample(r)
         for t in (sampler, ledger, prod):
             t.start()
-        next_kill = t0 + args.kill_every_s if args.kill_every_s else float("inf")
-        next_restart = t0 + args.restart_redis_every_s if args.restart_redis_every_s else float("inf")
-        with tqdm(total=total, unit="req", desc="answered", smoothing=0.1, mininterval=5) as bar:
-            while not prod.done.is_set():
-                time.sleep(0.5)
-                bar.update(ledger.answered() - bar.n)
-                now = time.monotonic()
-                if now >= next_kill:
-                    next_kill = now + args.kill_every_s
-                    try:
-                        owners = [p for p in fleet.alive()
-                                  if group_state(r).get("consumers", {}).get(p.name, 0) > 0]
-                    except redis.RedisError:
-                        owners = []
-                    live = owners or fleet.alive()
-                    if live:
-                        fleet.sigkill(rng.choice(live))
-                    fleet.spawn()
-                if now >= next_restart and server is not None:
-                    next_restart = now + args.restart_redis_every_s
-                    server.restart(crash=True, down_s=0.5)
-                    restarts += 1
-            send_s = time.monotonic() - t0
-            acked = {rid for rid, s in prod.sent.items() if s.acked}
-            give_up = time.monotonic() + args.drain_s
-            while time.monotonic() < give_up and not acked <= ledger.counts.keys():
-                time.sleep(0.5)
-                bar.update(ledger.answered() - bar.n)
-            bar.update(ledger.answered() - bar.n)
+        send_s = _drive(args, prod, ledger, faults, r, total, t0)
         answered_s = time.monotonic() - t0
         time.sleep(args.lease_s + 1.0)  # late duplicates would land now
         report: Report = ledger.report(prod)
@@ -153,27 +191,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fleet.close()
         if server is not None:
             server.close()
-    out = {
-        "requests_sent": report.sent, "answered": report.answered, "lost": len(report.lost),
-        "duplicated": len(report.duplicated), "wrong": len(report.wrong), "unexpected": len(report.unexpected),
-        "results": report.results, "codes": dict(report.codes), "send_s": round(send_s, 1),
+    return {
+        **_figures(report, sampler, baseline, end_trim), "send_s": round(send_s, 1),
         "all_answered_s": round(answered_s, 1), "throughput_rps": round(report.answered / answered_s, 1),
-        "workers": args.workers, "worker_kills": fleet.kills, "redis_restarts": restarts,
+        "workers": args.workers, "worker_kills": fleet.kills, "redis_restarts": faults.restarts,
         "producer_xadd_errors": prod.errors, "ledger_reconnects": ledger.reconnects,
-        "worker_exit_codes": exit_codes,
-        "peak_stream_len": int(sampler.peak("xlen")), "peak_backlog": int(sampler.peak("backlog")),
-        "xinfo_lag_at_end": int(end_trim["xinfo_backlog"]),
-        "peak_acked_untrimmed": int(max((x["xlen"] - x["backlog"] for x in sampler.samples), default=0)),
-        "end_stream_len": int(end_trim["xlen"]),
-        "peak_dedupe_keys": int(sampler.peak("done_keys")), "dedupe_keys_at_end": int(end_trim["done_keys"]),
-        "baseline_used_memory_mb": round(baseline["used_memory"] / 2**20, 2),
-        "peak_used_memory_mb": round(sampler.peak("used_memory") / 2**20, 2),
-        "end_used_memory_mb": round(end_trim["used_memory"] / 2**20, 2),
-        "stats_stream_len": stats_len, "dlq_len": dlq_len,
+        "worker_exit_codes": exit_codes, "stats_stream_len": stats_len, "dlq_len": dlq_len,
         "samples": sampler.samples, "args": vars(args),
-        "lost_examples": report.lost[:10], "duplicated_examples": list(report.duplicated)[:10],
     }
-    return out
 
 
 def show(out: dict[str, Any]) -> None:

@@ -116,22 +116,30 @@ def _type_name(typ: Any) -> str:
     return getattr(typ, "__name__", str(typ))
 
 
-def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
-    """``(ok, value)``: whether ``value`` is of the documented type ``typ``, and the value
-    to store (an int for a float field becomes a float, a list for a tuple field a tuple)."""
-    if typ is Any:
-        return True, value
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and type(None) in args and len(args) > 1):
-        if value is None:
-            return type(None) in args, value
-        for inner in (a for a in args if a is not type(None)):
-            ok, out = _coerce(value, inner)
-            if ok:
-                return True, out
+def _coerce_union(value: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    if value is None:
+        return type(None) in args, value
+    for inner in (a for a in args if a is not type(None)):
+        ok, out = _coerce(value, inner)
+        if ok:
+            return True, out
+    return False, value
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    if not isinstance(value, (tuple, list)):
         return False, value
-    if origin is Literal:
-        return value in args, value
+    inner = args[0] if args else Any
+    out = []
+    for item in value:
+        ok, conv = _coerce(item, inner)
+        if not ok:
+            return False, value
+        out.append(conv)
+    return True, tuple(out)
+
+
+def _coerce_scalar(value: Any, typ: Any) -> tuple[bool, Any]:
     if typ is bool:
         return isinstance(value, bool), value
     if typ is int:
@@ -139,22 +147,26 @@ def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
     if typ is float:
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
         return ok, float(value) if ok else value
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            return False, value
-        inner = args[0] if args else Any
-        out = []
-        for item in value:
-            ok, conv = _coerce(item, inner)
-            if not ok:
-                return False, value
-            out.append(conv)
-        return True, tuple(out)
-    if origin in (dict, Mapping) or typ in (dict, Mapping):
-        return isinstance(value, Mapping), value
     if isinstance(typ, type):
         return isinstance(value, typ), value
     return True, value
+
+
+def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
+    """``(ok, value)``: whether ``value`` is of the documented type ``typ``, and the value
+    to store (an int for a float field becomes a float, a list for a tuple field a tuple)."""
+    if typ is Any:
+        return True, value
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or (origin is not None and type(None) in args and len(args) > 1):
+        return _coerce_union(value, args)
+    if origin is Literal:
+        return value in args, value
+    if origin is tuple:
+        return _coerce_tuple(value, args)
+    if origin in (dict, Mapping) or typ in (dict, Mapping):
+        return isinstance(value, Mapping), value
+    return _coerce_scalar(value, typ)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -235,28 +235,7 @@ def run_demo(*, redis_url: str | None = None, namespace: str | None = None, repo
             serving = start_serving(wsettings, n_workers)
             con.print(f"[bold]3/5 Serving[/]: {serving.description}")
 
-            picked = pick_sentences(n_sentences)
-            topics = [t for t, _ in picked]
-            texts = [s for _, s in picked]
-            con.print(f"[bold]4/5 Inference[/]: {len(texts)} sentences through Client.map …")
-            t0 = time.perf_counter()
-            results = client.map(DEMO_MODEL, texts, progress=progress, raise_on_error=True)
-            wall = time.perf_counter() - t0
-            name = "embeddings" if "embeddings" in results[0].outputs else next(iter(results[0].outputs))
-            emb = np.stack([np.asarray(r.outputs[name], dtype=np.float32).reshape(-1) for r in results])
-            within, across, hit, sim = similarity_report(topics, emb)
-            report = DemoReport(
-                n=len(texts), wall_s=wall, within_topic_cos=within, across_topic_cos=across,
-                neighbour_same_topic=hit,
-                mean_queue_ms=float(np.mean([r.timings.queue_ms for r in results])),
-                mean_infer_ms=float(np.mean([r.timings.infer_ms for r in results])),
-                mean_batch=float(np.mean([r.timings.batch_size for r in results])))
-            con.print(_neighbours_table(texts, topics, sim))
-            con.print(f"    {len(texts)} embeddings of {emb.shape[1]} dims in {wall:.2f}s "
-                      f"({len(texts) / wall:.1f} req/s incl. warm-up); mean queue {report.mean_queue_ms:.1f} ms, "
-                      f"infer {report.mean_infer_ms:.1f} ms per batch, mean batch {report.mean_batch:.1f}")
-            con.print(f"    mean cosine within a topic {within:.3f} vs across topics {across:.3f}; "
-                      f"nearest neighbour in the same topic for {hit:.0%} of sentences")
+            report = _embed_and_report(client, con, n_sentences, progress)
             con.print("[bold]5/5 Status[/]:")
             import redis
 
@@ -269,6 +248,33 @@ def run_demo(*, redis_url: str | None = None, namespace: str | None = None, repo
             serving.stop()
         if embedded is not None:
             embedded.close()
+
+
+def _embed_and_report(client: Any, con: Console, n_sentences: int, progress: bool) -> DemoReport:
+    """Step 4: embed the demo sentences through ``Client.map`` and print what they show."""
+    picked = pick_sentences(n_sentences)
+    topics = [t for t, _ in picked]
+    texts = [s for _, s in picked]
+    con.print(f"[bold]4/5 Inference[/]: {len(texts)} sentences through Client.map …")
+    t0 = time.perf_counter()
+    results = client.map(DEMO_MODEL, texts, progress=progress, raise_on_error=True)
+    wall = time.perf_counter() - t0
+    name = "embeddings" if "embeddings" in results[0].outputs else next(iter(results[0].outputs))
+    emb = np.stack([np.asarray(r.outputs[name], dtype=np.float32).reshape(-1) for r in results])
+    within, across, hit, sim = similarity_report(topics, emb)
+    report = DemoReport(
+        n=len(texts), wall_s=wall, within_topic_cos=within, across_topic_cos=across,
+        neighbour_same_topic=hit,
+        mean_queue_ms=float(np.mean([r.timings.queue_ms for r in results])),
+        mean_infer_ms=float(np.mean([r.timings.infer_ms for r in results])),
+        mean_batch=float(np.mean([r.timings.batch_size for r in results])))
+    con.print(_neighbours_table(texts, topics, sim))
+    con.print(f"    {len(texts)} embeddings of {emb.shape[1]} dims in {wall:.2f}s "
+              f"({len(texts) / wall:.1f} req/s incl. warm-up); mean queue {report.mean_queue_ms:.1f} ms, "
+              f"infer {report.mean_infer_ms:.1f} ms per batch, mean batch {report.mean_batch:.1f}")
+    con.print(f"    mean cosine within a topic {within:.3f} vs across topics {across:.3f}; "
+              f"nearest neighbour in the same topic for {hit:.0%} of sentences")
+    return report
 
 
 def _neighbours_table(texts: Sequence[str], topics: Sequence[str], sim: np.ndarray[Any, Any],

@@ -64,6 +64,36 @@ def _kw(call: ast.Call, name: str) -> ast.expr | None:
     return next((k.value for k in call.keywords if k.arg == name), None)
 
 
+def _import_problems(node: ast.AST, rel: Path) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [f"{rel}:{node.lineno} import {a.name}" for a in node.names if a.name in PICKLE_MODULES]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        if node.module in PICKLE_MODULES or any(f"{node.module}.{a.name}" in PICKLE_MODULES | PICKLE_CALLS
+                                                for a in node.names):
+            return [f"{rel}:{node.lineno} from {node.module} import ..."]
+    return []
+
+
+def _call_problems(node: ast.Call, rel: Path) -> list[str]:
+    name = _dotted(node.func)
+    if name in {"np.load", "numpy.load"}:
+        # numpy refuses pickles by default; it must never be switched on.
+        flag = _kw(node, "allow_pickle")
+        if flag is not None and not (isinstance(flag, ast.Constant) and flag.value is False):
+            return [f"{rel}:{node.lineno} {name}(allow_pickle=...)"]
+    elif name in {"yaml.load"}:
+        loader = _kw(node, "Loader")
+        if loader is None or "Safe" not in _dotted(loader):
+            return [f"{rel}:{node.lineno} yaml.load without SafeLoader"]
+    elif name in PICKLE_CALLS and (str(rel), name) not in ALLOWED_CALLS:
+        return [f"{rel}:{node.lineno} {name}()"]
+    elif name.endswith("unpackb") or name.endswith("Unpacker"):
+        hooks = {"object_hook", "object_pairs_hook", "list_hook", "ext_hook"} & {k.arg for k in node.keywords}
+        if hooks:
+            return [f"{rel}:{node.lineno} msgpack decoding with hooks {sorted(hooks)}"]
+    return []
+
+
 def test_no_pickle_anywhere_in_the_code() -> None:
     files = _sources()
     assert len(files) > 30, "the scan must see the package sources"
@@ -72,29 +102,7 @@ def test_no_pickle_anywhere_in_the_code() -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         rel = path.relative_to(ROOT)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                problems += [f"{rel}:{node.lineno} import {a.name}" for a in node.names if a.name in PICKLE_MODULES]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                if node.module in PICKLE_MODULES or any(f"{node.module}.{a.name}" in PICKLE_MODULES | PICKLE_CALLS
-                                                        for a in node.names):
-                    problems.append(f"{rel}:{node.lineno} from {node.module} import ...")
-            elif isinstance(node, ast.Call):
-                name = _dotted(node.func)
-                if name in {"np.load", "numpy.load"}:
-                    # numpy refuses pickles by default; it must never be switched on.
-                    flag = _kw(node, "allow_pickle")
-                    if flag is not None and not (isinstance(flag, ast.Constant) and flag.value is False):
-                        problems.append(f"{rel}:{node.lineno} {name}(allow_pickle=...)")
-                elif name in {"yaml.load"}:
-                    loader = _kw(node, "Loader")
-                    if loader is None or "Safe" not in _dotted(loader):
-                        problems.append(f"{rel}:{node.lineno} yaml.load without SafeLoader")
-                elif name in PICKLE_CALLS and (str(rel), name) not in ALLOWED_CALLS:
-                    problems.append(f"{rel}:{node.lineno} {name}()")
-                elif name.endswith("unpackb") or name.endswith("Unpacker"):
-                    hooks = {"object_hook", "object_pairs_hook", "list_hook", "ext_hook"} & {k.arg for k in node.keywords}
-                    if hooks:
-                        problems.append(f"{rel}:{node.lineno} msgpack decoding with hooks {sorted(hooks)}")
+            problems += _call_problems(node, rel) if isinstance(node, ast.Call) else _import_problems(node, rel)
     assert not problems, "pickle-capable code paths:\n" + "\n".join(problems)
 
 
