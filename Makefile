@@ -28,7 +28,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 bench: setup
-	$(PY) benchmarks/e2e_vs_raw.py
+	$(PY) -m benchmarks.e2e_vs_raw
 
 clean:
 	rm -rf $(VENV) model_repo .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,7 @@ as "overloaded". The raw limit is measured again at the end to show drift.
 Prints tables, writes JSON and PNG plots (latency vs offered load, throughput bars).
 Asserts nothing about speed.
 
-    .venv/bin/python benchmarks/compare.py --threads 2 --batch 32 [--models int8,fp32] \\
+    .venv/bin/python -m benchmarks.compare --threads 2 --batch 32 [--models int8,fp32] \\
         [--systems standalone,ray1,ray2,celery,http] [--json runs/compare.json] [--plot-dir docs/img]
 """
 

@@ -7,7 +7,7 @@ calibration domain), legal text (licence files of installed packages) and scient
 (scikit-learn's dataset descriptions). Speed: the INT8 artifact against fp32 torch and the
 fp32 ONNX graph, side by side in one run, batch 1/8/32 (same threads).
 
-    .venv/bin/python benchmarks/compress_minilm_ood.py --threads 2 [--min-fidelity 0.995]
+    .venv/bin/python -m benchmarks.compress_minilm_ood --threads 2 [--min-fidelity 0.995]
 
 Also prints the fully quantized model (no node kept fp32) on the same corpora, to show what
 the mixed-precision search's floor buys in and out of domain.

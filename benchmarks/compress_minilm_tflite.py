@@ -2,7 +2,7 @@
 export is added as ``minilm-plain``, converted by onnx2tf with dynamic-range INT8, run in
 LiteRT and measured against the fp32 ONNX graph on 400 held-out corpus sentences.
 
-    .venv/bin/python benchmarks/compress_minilm_tflite.py [dynamic|integer]
+    .venv/bin/python -m benchmarks.compress_minilm_tflite [dynamic|integer]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ markdown tables (``runs/compress/report.md``) and ``measured`` into every manife
 distillation run is checkpointed under ``--work-dir`` and resumed if the command is run again.
 Asserts nothing about speed: it prints what it measured.
 
-    .venv/bin/python benchmarks/compress_report.py --threads 2 --distill-steps 2000
+    .venv/bin/python -m benchmarks.compress_report --threads 2 --distill-steps 2000
 
 Takes about 40 minutes on the 2-core development machine (most of it distillation).
 """
@@ -47,7 +47,7 @@ def main() -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
-    sections = [f"Command: `.venv/bin/python benchmarks/compress_report.py --threads {args.threads} "
+    sections = [f"Command: `.venv/bin/python -m benchmarks.compress_report --threads {args.threads} "
                 f"--distill-steps {args.distill_steps}`  ",
                 f"Date: {started.date().isoformat()}; host {platform.node()} ({platform.machine()}), "
                 f"{args.threads} threads for every backend."]

@@ -25,7 +25,7 @@ For each model artifact (MiniLM INT8 and fp32 by default):
 
 Prints a table and writes JSON. Asserts nothing about speed.
 
-    .venv/bin/python benchmarks/e2e_vs_raw.py --threads 2 --batch 32 [--models int8,fp32] [--json runs/e2e_vs_raw.json]
+    .venv/bin/python -m benchmarks.e2e_vs_raw --threads 2 --batch 32 [--models int8,fp32] [--json runs/e2e_vs_raw.json]
 """
 
 from __future__ import annotations

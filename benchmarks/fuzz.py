@@ -5,7 +5,7 @@ with ``HEADRACE_FUZZ_SCALE`` times their CI example counts, random seeds
 (``HEADRACE_FUZZ_RANDOM=1``), and prints how many cases of each family were tried and how
 each was answered (per layer: ``decoder``, ``worker``, ``result``).
 
-    .venv/bin/python benchmarks/fuzz.py --scale 20 [--json runs/fuzz.json]
+    .venv/bin/python -m benchmarks.fuzz --scale 20 [--json runs/fuzz.json]
 
 Exits with pytest's status (non-zero when a property failed; hypothesis prints the case).
 """

@@ -4,7 +4,7 @@ Exercises the real serving path (repository entry -> ``load_servable`` -> ``Torc
 on ``cuda``) and prints throughput at several batch sizes and fidelity (cosine) of each GPU
 run against the CPU fp32 embeddings of the same weights.
 
-    python benchmarks/gpu_torch.py --weights DIR [--n 512] [--json OUT]
+    python -m benchmarks.gpu_torch --weights DIR [--n 512] [--json OUT]
 
 ``DIR`` holds ``model.safetensors`` (fp32 or fp16 weights in the Hugging Face layout),
 ``config.json`` and ``tokenizer.json``; by default the packaged all-MiniLM-L6-v2.

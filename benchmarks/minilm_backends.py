@@ -4,7 +4,7 @@ Both run through their servables (same tokenisation, same split of outputs) with
 number of intra-op threads, on real sentences from the offline corpus. Prints measured
 figures; asserts nothing about speed.
 
-    .venv/bin/python benchmarks/minilm_backends.py --threads 2 --seconds 5 [--plot runs/minilm.png] [--record]
+    .venv/bin/python -m benchmarks.minilm_backends --threads 2 --seconds 5 [--plot runs/minilm.png] [--record]
 """
 
 from __future__ import annotations

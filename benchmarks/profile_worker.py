@@ -15,7 +15,7 @@ py-spy's active thread time per stage beside it, Redis' ``INFO CPU`` per sample,
 ``--speedscope DIR``, speedscope profiles to open at https://www.speedscope.app).
 Needs ``py-spy`` (``pip install py-spy``) and permission to read the processes (same user).
 
-    .venv/bin/python benchmarks/profile_worker.py [--fake affine] [--max-batch 256] [--duration-s 8] \\
+    .venv/bin/python -m benchmarks.profile_worker [--fake affine] [--max-batch 256] [--duration-s 8] \\
         [--json runs/profile_worker.json] [--speedscope runs/speedscope]
 """
 

@@ -18,7 +18,7 @@ On this 2-core machine the Python processes saturate the cores long before Redis
 the measured requests/s is a floor of what the pattern sustains and the ceiling is the
 interesting figure. Prints a table, writes JSON. Asserts nothing about speed.
 
-    .venv/bin/python benchmarks/redis_ops.py [--workers 2 --clients 2 --concurrency 64 --max-batch 32 --duration-s 15]
+    .venv/bin/python -m benchmarks.redis_ops [--workers 2 --clients 2 --concurrency 64 --max-batch 32 --duration-s 15]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Markdown tables for BENCHMARKS.md from the JSON the benchmark scripts write, so the
 figures in the document are copied by a program, not by hand.
 
-    .venv/bin/python benchmarks/report_md.py runs/e2e_vs_raw.json runs/compare.json runs/redis_ops.json runs/scaling.json
+    .venv/bin/python -m benchmarks.report_md runs/e2e_vs_raw.json runs/compare.json runs/redis_ops.json runs/scaling.json
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ model capacity without adding CPU load and the data plane's own limits show:
 Ideal throughput = workers x max_batch / delay. The load generator is a closed loop with
 ``2 x max_batch`` requests outstanding per worker. Prints a table, writes JSON.
 
-    .venv/bin/python benchmarks/scaling.py --part processes,ray [--delay-ms 40 --max-batch 8]
+    .venv/bin/python -m benchmarks.scaling --part processes,ray [--delay-ms 40 --max-batch 8]
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ of ``--concurrency``).
 On a 2-core machine the three processes share the cores, so throughput is bounded by
 their sum; the CPU figures are the stable ones. Asserts nothing about speed.
 
-    .venv/bin/python benchmarks/sdk_cost.py [--requests 5000 --concurrency 96 --kind length --delay-ms 0]
+    .venv/bin/python -m benchmarks.sdk_cost [--requests 5000 --concurrency 96 --kind length --delay-ms 0]
 
 To compare with another version of the SDK, put a copy of it first on the path, e.g. a
 folder ``/tmp/old/headrace/client`` and ``PYTHONPATH=/tmp/old`` (the worker process always

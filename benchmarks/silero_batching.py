@@ -11,7 +11,7 @@ checks) on the same chunks, with the same intra-op threads, one worker batch of
 
 Prints measured chunks/s of each and their ratio; asserts nothing about speed.
 
-    .venv/bin/python benchmarks/silero_batching.py --batch 32 --seconds 5 --threads 1
+    .venv/bin/python -m benchmarks.silero_batching --batch 32 --seconds 5 --threads 1
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Faults (optional): ``--kill-every-s`` SIGKILLs a random worker (one that owns en
 there is one) and starts a replacement; ``--restart-redis-every-s`` crashes and restarts the
 private Redis from its AOF. Every ``--garbage-every``-th entry is undecodable.
 
-    .venv/bin/python benchmarks/soak.py --duration-s 120 --requests 300000 --rate 3000 \\
+    .venv/bin/python -m benchmarks.soak --duration-s 120 --requests 300000 --rate 3000 \\
         --workers 3 --kill-every-s 10 [--restart-redis-every-s 40] [--json runs/soak.json] [--plot runs/soak.png]
 
 Prints the ledger and memory table; exits 1 when anything was lost, duplicated or wrong.
@@ -32,12 +32,9 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "chaos"))
-
-from headrace.client.keys import ModelKeys  # noqa: E402
-from headrace.cluster.ops.embedded_redis import EmbeddedRedis  # noqa: E402
-from tests.support.chaos import (  # noqa: E402
+from headrace.client.keys import ModelKeys
+from headrace.cluster.ops.embedded_redis import EmbeddedRedis
+from tests.support.chaos import (
     Fleet,
     Ledger,
     Report,

@@ -8,7 +8,7 @@ it adds ``--requests`` entries each way in pipelines of 256 and prints Redis' ow
 per call (``INFO commandstats``, microseconds; a script's or function's figure includes the
 commands it runs) and the ratio function / script. Asserts nothing.
 
-    .venv/bin/python benchmarks/submit_cost.py [--requests 20000]
+    .venv/bin/python -m benchmarks.submit_cost [--requests 20000]
 """
 
 from __future__ import annotations
