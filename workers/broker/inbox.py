@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgpack
-
 #: field names per entry (the submit function's MAX_FIELDS).
 MAX_FIELDS: Final = 16
 #: bytes of one field name (the submit function's MAX_NAME_BYTES).
@@ -53,12 +51,58 @@ def check_element(raw: bytes, max_payload_bytes: int) -> tuple[list[bytes], None
         return None, ("payload_too_large", f"inbox element of {len(raw)} bytes exceeds max_payload_bytes="
                                            f"{max_payload_bytes}; its payload was not read")
     try:
-        flat: Any = msgpack.unpackb(raw, raw=True, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - anything a producer pushed that is not one msgpack object
+        flat, end = _walk(raw, 0, top=True)
+    except (IndexError, ValueError):
         return None, ("decode_error", "inbox element is not one msgpack array of field, value pairs")
-    if not isinstance(flat, list) or not flat:
+    if end != len(raw) or not isinstance(flat, list) or not flat:
         return None, ("decode_error", "inbox element is not a msgpack array of field, value pairs")
     return _check_fields(flat, max_payload_bytes)
+
+
+# Fixed-size msgpack types: the lead byte and how many bytes follow it.
+_FIXED: Final = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+                 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+_STR: Final = {0xD9: 1, 0xDA: 2, 0xDB: 4}     # str8/16/32: bytes of the length
+_ARRAY: Final = {0xDC: 2, 0xDD: 4}            # array16/32
+_MAP: Final = {0xDE: 2, 0xDF: 4}              # map16/32
+
+
+def _length(raw: bytes, pos: int, size: int) -> tuple[int, int]:
+    if pos + size > len(raw):
+        raise ValueError("truncated")
+    return int.from_bytes(raw[pos:pos + size], "big"), pos + size
+
+
+def _walk(raw: bytes, pos: int, top: bool = False) -> tuple[Any, int]:
+    """One msgpack object at ``pos`` as Redis's Lua ``cmsgpack.unpack`` reads it: strings
+    as bytes, the top-level array as a list, anything else as None; bin and ext types,
+    which cmsgpack cannot decode, raise ValueError. Returns (object, next position)."""
+    lead = raw[pos]
+    pos += 1
+    if lead <= 0x7F or lead >= 0xE0:
+        return None, pos
+    if lead in _FIXED:
+        if pos + _FIXED[lead] > len(raw):
+            raise ValueError("truncated")
+        return None, pos + _FIXED[lead]
+    if 0xA0 <= lead <= 0xBF or lead in _STR:
+        n, pos = (lead & 0x1F, pos) if lead <= 0xBF else _length(raw, pos, _STR[lead])
+        if pos + n > len(raw):
+            raise ValueError("truncated")
+        return raw[pos:pos + n], pos + n
+    if 0x90 <= lead <= 0x9F or lead in _ARRAY:
+        n, pos = (lead & 0x0F, pos) if lead <= 0x9F else _length(raw, pos, _ARRAY[lead])
+        items = []
+        for _ in range(n):
+            item, pos = _walk(raw, pos)
+            items.append(item)
+        return (items if top else None), pos
+    if 0x80 <= lead <= 0x8F or lead in _MAP:
+        n, pos = (lead & 0x0F, pos) if lead <= 0x8F else _length(raw, pos, _MAP[lead])
+        for _ in range(2 * n):
+            _, pos = _walk(raw, pos)
+        return None, pos
+    raise ValueError(f"msgpack type 0x{lead:02x} (bin, ext or invalid) is not decoded by the relay")
 
 
 def _check_fields(flat: list[Any], max_payload_bytes: int) -> tuple[list[bytes], None] | tuple[None, tuple[str, str]]:

@@ -341,7 +341,7 @@ class MemoryBroker(Broker):
                     return True
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.005)
 
     async def trim(self) -> int:
         s = self.store
