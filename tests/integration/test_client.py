@@ -13,9 +13,9 @@ import redis
 from headrace.client import Client, InferenceFailed, QueueFull, RequestExpired, ResultTimeout
 from headrace.client import errors as E
 from headrace.client import protocol as P
+from headrace.client.keys import ModelKeys
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
-from headrace.client.keys import ModelKeys
 from tests.support.client import affine_inputs, start_fake_worker, wait_until
 from tests.support.worker import queued, queued_requests
 
