@@ -293,8 +293,8 @@ local function relay(keys, args)
   -- The worker's rights, checked before anything is popped: Redis does not roll a function
   -- back, so a caller who may FCALL but not XADD (a strict producer) must not get this far.
   if not redis.acl_check_cmd('XADD', keys[1], '*', 'v', '1') or not redis.acl_check_cmd('XADD', keys[4], '*', 'v', '1')
-      or not redis.acl_check_cmd('LPOP', keys[3], '1') then
-    return redis.error_reply('NOPERM headrace_relay is for workers (needs XADD, LPOP on the model keys)')
+      or not redis.acl_check_cmd('LPOP', keys[3], '1') or not redis.acl_check_cmd('LPUSH', keys[3], 'x') then
+    return redis.error_reply('NOPERM headrace_relay is for workers (needs XADD, LPOP, LPUSH on the model keys)')
   end
   local count = math.floor(tonumber(args[1]) or 0)
   if count < 1 or count > RELAY_MAX_COUNT or #args ~= 9 then
@@ -302,17 +302,26 @@ local function relay(keys, args)
   end
   local names, now = {args[2], args[3], args[4], args[5], args[6], args[7], args[8]}, args[9]
   local max_bytes = max_payload_bytes(keys[2])
-  local items = redis.call('LPOP', keys[3], count)
+  local items = redis.call('LPOP', keys[3], count) or {}
   local added, dead = 0, 0
-  for _, raw in ipairs(items or {}) do
+  for i, raw in ipairs(items) do
     local flat, code, reason, route = unpack_element(raw, max_bytes)
-    if flat == nil then
-      relay_dead_letter(keys[4], names, now, raw, code, reason, route)
-      dead = dead + 1
-    else
-      redis.call('XADD', keys[1], '*', unpack(flat))
-      added = added + 1
+    local ok, err = pcall(function()
+      if flat == nil then
+        relay_dead_letter(keys[4], names, now, raw, code, reason, route)
+      else
+        redis.call('XADD', keys[1], '*', unpack(flat))
+      end
+    end)
+    if not ok then
+      -- Redis does not roll a function back: an XADD that fails (a stream or DLQ key of
+      -- another type, a stream whose last id is the maximal one) must not lose what was
+      -- popped. This element and the ones after it go back to the head of the inbox, in order.
+      for j = #items, i, -1 do redis.call('LPUSH', keys[3], items[j]) end
+      return redis.error_reply('ERR headrace_relay stopped, ' .. (#items - i + 1)
+        .. ' requests put back in the inbox: ' .. tostring(type(err) == 'table' and err.err or err))
     end
+    if flat == nil then dead = dead + 1 else added = added + 1 end
   end
   return {added, dead, redis.call('LLEN', keys[3])}
 end

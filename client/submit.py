@@ -147,7 +147,7 @@ def refusal(error: BaseException, prepared: PreparedRequest) -> E.HeadraceError 
         return E.BrokerError(
             f"request {rid} was not enqueued: {prepared.stream} holds the largest possible entry id (a plain XADD "
             "with an explicit id); nothing can be added until an operator repairs the stream (docs/security.md, "
-            "Known limits)", request_id=rid, retryable=False)
+            "direct mode)", request_id=rid, retryable=False)
     return None
 
 

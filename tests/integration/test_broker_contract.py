@@ -43,6 +43,7 @@ def result_fields(rid: str) -> dict[bytes, bytes]:
 class MemoryHarness:
     name = "memory"
     dlq_key = MemoryStore.dlq_key
+    requests_key = MemoryStore.requests_key
 
     def __init__(self) -> None:
         self.store = MemoryStore()
@@ -90,6 +91,7 @@ class MemoryHarness:
 class RedisHarness:
     name = "redis"
     dlq_key = KEYS.dlq
+    requests_key = KEYS.requests
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -439,3 +441,15 @@ async def test_waiting_for_the_inbox_leaves_the_element_for_any_relay(h: Any) ->
     assert await other.relay(10) == RelayStep(1, 0, 0)
     assert await a.relay(10) == RelayStep(0, 0, 0)
     assert [e.fields[b"id"] for e in await a.read(10, 10)] == [b"w"]
+
+
+@pytest.mark.timeout(20)
+async def test_a_relay_that_cannot_add_puts_everything_back_in_order(h: Any) -> None:
+    b = h.broker()
+    await b.ensure_group()
+    for i in range(3):
+        h.push(packed(req(f"p{i}")))
+    h.wrong_type(h.requests_key)  # a stream key of another type: every XADD fails
+    with pytest.raises(E.BrokerError):
+        await b.relay(10)
+    assert h.inbox() == 3 and h.dlq() == [], "nothing popped is lost"

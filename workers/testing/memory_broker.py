@@ -63,6 +63,7 @@ class MemoryStore:
     """
 
     dlq_key = "dlq"
+    requests_key = "requests"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, dedupe_ttl_s: float = 86_400) -> None:
         self.clock = clock
@@ -320,6 +321,8 @@ class MemoryBroker(Broker):
         s = self.store
         with s.lock:
             s._check_up()
+            if s.requests_key in s.wrong_type:  # the relay puts everything back and fails
+                raise E.BrokerError(f"inbox relay failed: WRONGTYPE {s.requests_key}; requests put back")
             taken, s.inbox = s.inbox[:count], s.inbox[count:]
             added = 0
             for raw in taken:
