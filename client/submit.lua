@@ -213,7 +213,7 @@ end
 --   FCALL headrace_relay 4 <ns>:{<model>}:requests <ns>:{<model>}:limits <ns>:{<model>}:inbox
 --         <ns>:{<model>}:dlq <count> <reason> <code> <entry id> <deliveries> <ts> <bytes> <fields> <now ms>
 --
--- ARGV[1]    most inbox elements to move (the oldest first)
+-- ARGV[1]    most inbox elements to move (the oldest first; one call also stops after 1 MiB)
 -- ARGV[2..8] the dead-letter field names (headrace.workers.pipeline.ops: dlq_reason, dlq_code,
 --            dlq_entry_id, dlq_deliveries, dlq_ts_ms, dlq_entry_bytes, dlq_entry_fields)
 -- ARGV[9]    now (Unix ms), the dead letters' time
@@ -236,6 +236,7 @@ end
 -- it is), so a worker killed between that wake-up and this call leaves everything in the
 -- inbox for the others.
 local RELAY_MAX_COUNT = 1000
+local RELAY_MAX_BYTES = 1048576  -- most inbox bytes one call moves (after the element that crosses it)
 
 local function relay_dead_letter(dlq, names, now, raw, code, reason, route)
   local entry = {}
@@ -302,9 +303,14 @@ local function relay(keys, args)
   end
   local names, now = {args[2], args[3], args[4], args[5], args[6], args[7], args[8]}, args[9]
   local max_bytes = max_payload_bytes(keys[2])
-  local items = redis.call('LPOP', keys[3], count) or {}
-  local added, dead = 0, 0
-  for i, raw in ipairs(items) do
+  local added, dead, bytes = 0, 0, 0
+  -- One element at a time, up to count or RELAY_MAX_BYTES: the Lua heap holds one request,
+  -- not a whole step of them (a step of 256 large requests costs several times more CPU
+  -- per request in allocation and garbage collection).
+  while added + dead < count and bytes < RELAY_MAX_BYTES do
+    local raw = redis.call('LPOP', keys[3])
+    if not raw then break end
+    bytes = bytes + #raw
     local flat, code, reason, route = unpack_element(raw, max_bytes)
     local ok, err = pcall(function()
       if flat == nil then
@@ -316,10 +322,10 @@ local function relay(keys, args)
     if not ok then
       -- Redis does not roll a function back: an XADD that fails (a stream or DLQ key of
       -- another type, a stream whose last id is the maximal one) must not lose what was
-      -- popped. This element and the ones after it go back to the head of the inbox, in order.
-      for j = #items, i, -1 do redis.call('LPUSH', keys[3], items[j]) end
-      return redis.error_reply('ERR headrace_relay stopped, ' .. (#items - i + 1)
-        .. ' requests put back in the inbox: ' .. tostring(type(err) == 'table' and err.err or err))
+      -- popped. The element goes back to the head of the inbox, where it was.
+      redis.call('LPUSH', keys[3], raw)
+      return redis.error_reply('ERR headrace_relay stopped after ' .. (added + dead)
+        .. ' requests, the next one put back in the inbox: ' .. tostring(type(err) == 'table' and err.err or err))
     end
     if flat == nil then dead = dead + 1 else added = added + 1 end
   end

@@ -156,7 +156,8 @@ class WorkerSettings(Settings):
                                          "model's inbox, which workers relay into the stream (producers need no "
                                          "XADD right); 'direct' XADDs at once for producers an operator granted "
                                          "XADD (docs/security.md).")
-    relay_batch: int = setting(256, "Most inbox requests one relay step moves into the stream.", unit="requests")
+    relay_batch: int = setting(256, "Most inbox requests one relay step moves into the stream (a step also stops "
+                                    "after 1 MiB of requests).", unit="requests")
     servable: str = setting("", "package.module:Class of an operator-written servable (a CustomServable subclass, "
                                 "docs/models.md) to serve the model with instead of the manifest's backend. "
                                 "Operator configuration only: a manifest never names code.")
