@@ -255,7 +255,16 @@ local function relay_dead_letter(dlq, names, now, raw, code, reason, route)
     entry[#entry + 1] = pair[1]
     entry[#entry + 1] = pair[2]
   end
-  redis.call('XADD', dlq, '*', unpack(entry))
+  return redis.pcall('XADD', dlq, '*', unpack(entry))
+end
+
+-- What a refused element's dead letter names: its first value of each field name.
+local function route_of(flat)
+  local route = {n_fields = math.floor(#flat / 2)}
+  for i = 1, math.min(#flat, 2 * MAX_FIELDS) - 1, 2 do
+    if type(flat[i]) == 'string' and route[flat[i]] == nil then route[flat[i]] = flat[i + 1] end
+  end
+  return route
 end
 
 -- The element as a flat field list, or nil plus (code, reason, route).
@@ -270,18 +279,14 @@ local function unpack_element(raw, max_bytes)
     return nil, 'decode_error', 'inbox element is not one msgpack array of field, value pairs'
   end
   local flat = decoded[2]
-  local route = {n_fields = math.floor(#flat / 2)}
-  for i = 1, math.min(#flat, 2 * MAX_FIELDS) - 1, 2 do
-    if type(flat[i]) == 'string' and route[flat[i]] == nil then route[flat[i]] = flat[i + 1] end
-  end
   local n_keys = 0
   for _ in pairs(flat) do n_keys = n_keys + 1 end
   if #flat == 0 or n_keys ~= #flat then
-    return nil, 'decode_error', 'inbox element is not a msgpack array of field, value pairs', route
+    return nil, 'decode_error', 'inbox element is not a msgpack array of field, value pairs', route_of(flat)
   end
   local fields, code, message = read_fields(flat, 1, max_bytes)
   if fields == nil then
-    return nil, code, 'inbox element refused: ' .. message, route
+    return nil, code, 'inbox element refused: ' .. message, route_of(flat)
   end
   return flat
 end
@@ -312,20 +317,19 @@ local function relay(keys, args)
     if not raw then break end
     bytes = bytes + #raw
     local flat, code, reason, route = unpack_element(raw, max_bytes)
-    local ok, err = pcall(function()
-      if flat == nil then
-        relay_dead_letter(keys[4], names, now, raw, code, reason, route)
-      else
-        redis.call('XADD', keys[1], '*', unpack(flat))
-      end
-    end)
-    if not ok then
+    local res
+    if flat == nil then
+      res = relay_dead_letter(keys[4], names, now, raw, code, reason, route)
+    else
+      res = redis.pcall('XADD', keys[1], '*', unpack(flat))
+    end
+    if type(res) == 'table' and res.err then
       -- Redis does not roll a function back: an XADD that fails (a stream or DLQ key of
       -- another type, a stream whose last id is the maximal one) must not lose what was
       -- popped. The element goes back to the head of the inbox, where it was.
       redis.call('LPUSH', keys[3], raw)
       return redis.error_reply('ERR headrace_relay stopped after ' .. (added + dead)
-        .. ' requests, the next one put back in the inbox: ' .. tostring(type(err) == 'table' and err.err or err))
+        .. ' requests, the next one put back in the inbox: ' .. res.err)
     end
     if flat == nil then dead = dead + 1 else added = added + 1 end
   end
