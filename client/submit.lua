@@ -108,7 +108,7 @@ local function read_fields(args, first, max_bytes)
   return fields
 end
 
-local function check_envelope(fields, model, caller_reads_reply_to)
+local function check_envelope(fields, model)
   for _, name in ipairs(REQUIRED) do
     if fields[name] == nil then
       return 'missing_field', "entry field '" .. name .. "' is missing"
@@ -128,7 +128,7 @@ local function check_envelope(fields, model, caller_reads_reply_to)
   end
   -- The caller must be able to read the stream it names: results go only where the
   -- producer itself collects them, never into another client's reply stream.
-  if caller_reads_reply_to and not redis.acl_check_cmd('XREAD', 'STREAMS', reply_to, '0') then
+  if not redis.acl_check_cmd('XREAD', 'STREAMS', reply_to, '0') then
     return 'decode_error', 'reply_to must be a reply stream this Redis user may read (XREAD)'
   end
   for _, name in ipairs({'deadline_ms', 'ts_ms'}) do
@@ -191,7 +191,7 @@ local function submit(keys, args)
   if fields == nil then
     return refuse(code, message)
   end
-  code, message = check_envelope(fields, model, true)
+  code, message = check_envelope(fields, model)
   if code ~= nil then
     return refuse(code, message)
   end
