@@ -1,12 +1,15 @@
-"""What the checked submit path costs Redis: ``FCALL headrace_submit`` against the unchecked
-backpressure script producers used before it (``EVALSHA``, the same backlog reading and
-``XADD``, no entry checks) and a bare ``XADD`` of the same entry, side by side on one
-private ``redis-server``.
+"""What the checked submit path costs Redis: ``FCALL headrace_submit`` in direct mode
+(checks + ``XADD``) and in strict mode (checks + ``RPUSH`` onto the inbox, then the workers'
+``FCALL headrace_relay`` moving the inbox into the stream in steps of 256), against the
+unchecked backpressure script producers used before it (``EVALSHA``, the same backlog
+reading and ``XADD``, no entry checks) and a bare ``XADD`` of the same entry, side by side on
+one private ``redis-server``.
 
 For each entry kind (an ``affine`` tensor request, a ``minilm``-sized text, a 100 KB body)
 it adds ``--requests`` entries each way in pipelines of 256 and prints Redis' own CPU time
-per call (``INFO commandstats``, microseconds; a script's or function's figure includes the
-commands it runs) and the ratio function / script. Asserts nothing.
+per request (``INFO commandstats``, microseconds; a script's or function's figure includes
+the commands it runs), strict = submit + its share of a relay call, and the ratio strict /
+direct. Asserts nothing.
 
     .venv/bin/python -m benchmarks.submit_cost [--requests 20000]
 """
@@ -21,9 +24,10 @@ import numpy as np
 import redis
 
 from headrace.client import protocol as P
-from headrace.client.functions import ensure_library
+from headrace.client.functions import RELAY_FUNCTION, SUBMIT_FUNCTION, ensure_library
 from headrace.client.keys import ModelKeys
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
+from headrace.workers.pipeline.ops import DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, DLQ_SCRIPT_NAMES
 
 PIPELINE = 256
 # The submit script before the submit function (issue #10): backlog check and XADD, no checks
@@ -107,19 +111,41 @@ def _timed(r: redis.Redis, command: str, build: Any, batch: list[dict[bytes, byt
     return usec_per_call(r, command)
 
 
-def run(r: redis.Redis, kind: str, n: int, script_sha: str) -> tuple[float, float, float]:
+def _relay_usec(r: redis.Redis, keys: ModelKeys, n: int) -> float:
+    """Redis CPU per request of relaying ``n`` inbox elements in calls of PIPELINE."""
+    r.config_resetstat()
+    relay_keys = [keys.requests, keys.limits, keys.inbox, keys.dlq]
+    moved = 0
+    while moved < n:
+        added, _, _ = r.execute_command("FCALL", RELAY_FUNCTION, 4, *relay_keys, PIPELINE, *DLQ_SCRIPT_NAMES,
+                                        DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, 0)
+        assert int(added) > 0, "the inbox ran dry before every request was relayed"
+        moved += int(added)
+    stats: Any = r.info("commandstats").get("cmdstat_fcall", {})
+    r.delete(keys.requests)
+    return float(stats.get("usec", 0.0)) / n
+
+
+def run(r: redis.Redis, kind: str, n: int, script_sha: str) -> tuple[float, float, float, float, float]:
+    """Redis CPU per request (us): bare XADD, old script, direct FCALL, strict FCALL, relay."""
     keys = ModelKeys("bench", kind)
     batch = entries(kind, n, keys)
 
     def flat(fields: dict[bytes, bytes]) -> list[bytes]:
         return list(itertools.chain.from_iterable(fields.items()))
 
+    def submit(f: dict[bytes, bytes]) -> tuple[Any, ...]:
+        return ("FCALL", SUBMIT_FUNCTION, 3, keys.requests, keys.limits, keys.inbox, "workers", 0, *flat(f))
+
     bare = _timed(r, "xadd", lambda f: ("XADD", keys.requests, "*", *flat(f)), batch, keys.requests)
     script = _timed(r, "evalsha", lambda f: ("EVALSHA", script_sha, 1, keys.requests, "workers", 0, *flat(f)),
                     batch, keys.requests)
-    checked = _timed(r, "fcall", lambda f: ("FCALL", "headrace_submit", 2, keys.requests, keys.limits, "workers", 0,
-                                            *flat(f)), batch, keys.requests)
-    return bare, script, checked
+    r.hset(keys.limits, "submit_mode", "direct")  # what workers with --submit-mode direct publish
+    direct = _timed(r, "fcall", submit, batch, keys.requests)
+    r.hset(keys.limits, "submit_mode", "strict")
+    strict = _timed(r, "fcall", submit, batch, keys.requests)
+    relay = _relay_usec(r, keys, n)
+    return bare, script, direct, strict, relay
 
 
 def _chunks(items: list[Any]) -> Any:
@@ -135,10 +161,12 @@ def main() -> int:
         r = redis.Redis.from_url(server.url)
         ensure_library(r)
         sha = r.script_load(UNCHECKED_SCRIPT)
-        print(f"{'entry':<8} {'bare XADD us':>13} {'old script us':>14} {'FCALL us':>9} {'FCALL/script':>13}")
+        print(f"{'entry':<8} {'bare XADD':>10} {'old script':>11} {'direct':>8} {'strict submit':>14} "
+              f"{'+ relay':>8} {'strict total':>13} {'strict/direct':>14}   (us of Redis CPU per request)")
         for kind, n in (("affine", args.requests), ("text", args.requests), ("100KB", max(1, args.requests // 20))):
-            bare, script, checked = run(r, kind, n, sha)
-            print(f"{kind:<8} {bare:>13.2f} {script:>14.2f} {checked:>9.2f} {checked / script:>13.2f}")
+            bare, script, direct, strict, relay = run(r, kind, n, sha)
+            print(f"{kind:<8} {bare:>10.2f} {script:>11.2f} {direct:>8.2f} {strict:>14.2f} {relay:>8.2f} "
+                  f"{strict + relay:>13.2f} {(strict + relay) / direct:>14.2f}")
         r.close()
     return 0
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 LIBRARY_NAME: Final = "headrace"
 SUBMIT_FUNCTION: Final = "headrace_submit"
+RELAY_FUNCTION: Final = "headrace_relay"
 VERSION_FUNCTION: Final = "headrace_version"
 LIBRARY_SOURCE: Final[str] = resources.files(__package__).joinpath("submit.lua").read_text(encoding="utf-8")
 LIBRARY_SHA256: Final[str] = hashlib.sha256(LIBRARY_SOURCE.encode("utf-8")).hexdigest()

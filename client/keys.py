@@ -13,6 +13,7 @@ touch them together, on a single Redis and on Redis Cluster alike.
     <ns>:{<model>}:stats               recent batch statistics (capped stream)
     <ns>:{<model>}:reply:<client_id>   a client's reply stream for this model
     <ns>:{<model>}:limits              hash: the workers' entry limits the submit function applies
+    <ns>:{<model>}:inbox               list: checked requests the workers relay into the stream
     <ns>:models                        hash: model -> JSON info of the workers serving it
 """
 
@@ -64,6 +65,13 @@ class ModelKeys:
         """Hash of the limits the submit function applies (``max_payload_bytes``), written by
         the model's workers; declared as a key of ``FCALL headrace_submit``."""
         return f"{self.prefix}:limits"
+
+    @property
+    def inbox(self) -> str:
+        """List of checked requests (msgpack arrays of field, value pairs) that the submit
+        function appends in strict mode and the workers move into :attr:`requests`
+        (``headrace_relay``); declared as a key of ``FCALL headrace_submit``."""
+        return f"{self.prefix}:inbox"
 
     @property
     def cancel_prefix(self) -> str:

@@ -4,19 +4,32 @@
 -- Load once per Redis primary (workers do it at start; operators: `headrace functions load`
 -- or `redis-cli -x FUNCTION LOAD REPLACE < client/submit.lua`), then submit with
 --
---   FCALL headrace_submit 2 <ns>:{<model>}:requests <ns>:{<model>}:limits
+--   FCALL headrace_submit 3 <ns>:{<model>}:requests <ns>:{<model>}:limits <ns>:{<model>}:inbox
 --         <group> <max_backlog> field value [field value ...]
 --
 -- KEYS[1]  the model's request stream, <ns>:{<model>}:requests
 -- KEYS[2]  the model's limits hash, <ns>:{<model>}:limits (written by the model's workers;
---          field max_payload_bytes; absent: DEFAULT_MAX_PAYLOAD_BYTES)
+--          fields max_payload_bytes, absent: DEFAULT_MAX_PAYLOAD_BYTES, and submit_mode)
+-- KEYS[3]  the model's inbox, <ns>:{<model>}:inbox (a list the workers relay from)
 -- ARGV[1]  the workers' consumer group ("workers"), for the backlog reading
 -- ARGV[2]  max_backlog: refuse when the backlog is >= this many entries (0 = no limit)
 -- ARGV[3…] the request entry as field, value, field, value, ... (see docs/protocol.md)
 --
--- Returns {1, <entry id>} when the request was added, {0, <backlog>} when the backlog was
--- full (nothing was written), or an error reply whose first word is the wire error code
--- (e.g. "payload_too_large entry of 5000000 bytes exceeds ..."), nothing written.
+-- Returns {1, <entry id>} when the request was added to the stream (direct mode), {1, 'inbox'}
+-- when it was queued in the inbox (strict mode), {0, <backlog>} when the backlog was full
+-- (nothing was written), or an error reply whose first word is the wire error code (e.g.
+-- "payload_too_large entry of 5000000 bytes exceeds ..."), nothing written.
+--
+-- Strict mode (the default): the checked entry is appended to the inbox as one msgpack array
+-- [field, value, field, value, ...]; the workers move it into the request stream with
+-- headrace_relay (below). Redis runs a function's commands under the CALLER's ACL, so a
+-- function that XADDs needs a caller allowed to XADD, who could then also XADD MAXLEN 0, an
+-- explicit maximal id, etc. by hand. Appending to a list is the only right a strict producer
+-- needs: RPUSH cannot trim, reorder or block anything, and whatever a producer RPUSHes by
+-- hand is checked again by the relay. Direct mode (limits field submit_mode = 'direct',
+-- published by workers started with --submit-mode direct) XADDs at once, but only for a
+-- caller the operator granted XADD (docs/security.md); any other caller still goes through
+-- the inbox.
 --
 -- What it guarantees about every entry it adds: the server picks the entry id ('*', never
 -- one from the caller), nothing is trimmed, the required fields are there exactly once and
@@ -33,7 +46,7 @@
 -- any worker started are still delivered; a producer that could create groups could also
 -- create one that pins trimming forever.
 
-local LIBRARY_VERSION = 1
+local LIBRARY_VERSION = 2
 local DEFAULT_MAX_PAYLOAD_BYTES = 4194304
 local MAX_FIELDS = 16        -- field names per entry, unknown optional ones included
 local MAX_NAME_BYTES = 64    -- bytes of one field name
@@ -45,32 +58,40 @@ local function refuse(code, message)
   return redis.error_reply(code .. ' ' .. message)
 end
 
-local function parse_keys(keys)
-  if #keys ~= 2 then
-    return nil, 'needs 2 keys: <ns>:{<model>}:requests <ns>:{<model>}:limits'
+-- The model and the key prefix of KEYS: the request stream, then one key per suffix.
+local function parse_keys(keys, suffixes)
+  local usage = '<ns>:{<model>}:requests <ns>:{<model>}:' .. table.concat(suffixes, ' <ns>:{<model>}:')
+  if #keys ~= #suffixes + 1 then
+    return nil, 'needs ' .. (#suffixes + 1) .. ' keys: ' .. usage
   end
   local prefix = string.match(keys[1], '^([^{}:]+:{[A-Za-z0-9._%-]+}):requests$')
   if prefix == nil then
     return nil, 'KEYS[1] must be a request stream <ns>:{<model>}:requests'
   end
-  if keys[2] ~= prefix .. ':limits' then
-    return nil, 'KEYS[2] must be ' .. prefix .. ':limits'
+  for i, suffix in ipairs(suffixes) do
+    if keys[i + 1] ~= prefix .. ':' .. suffix then
+      return nil, 'KEYS[' .. (i + 1) .. '] must be ' .. prefix .. ':' .. suffix
+    end
   end
-  return string.match(prefix, '{(.*)}$')
+  return string.match(prefix, '{(.*)}$'), prefix
 end
 
--- The entry's fields as a table, or nil plus (code, message).
-local function read_fields(args, max_bytes)
-  local n = #args - 2
+-- The entry's fields (args[first], args[first + 1], ... field/value pairs) as a table, or nil
+-- plus (code, message).
+local function read_fields(args, first, max_bytes)
+  local n = #args - first + 1
   if n < 2 or n % 2 ~= 0 then
-    return nil, 'decode_error', 'the entry must be field, value pairs after <group> <max_backlog>'
+    return nil, 'decode_error', 'the entry must be field, value pairs'
   end
   if n / 2 > MAX_FIELDS then
     return nil, 'payload_too_large', 'entry of ' .. (n / 2) .. ' fields exceeds ' .. MAX_FIELDS
   end
   local fields, total = {}, 0
-  for i = 3, #args, 2 do
+  for i = first, #args, 2 do
     local name, value = args[i], args[i + 1]
+    if type(name) ~= 'string' or type(value) ~= 'string' then
+      return nil, 'decode_error', 'field names and values must be strings'
+    end
     if #name == 0 or #name > MAX_NAME_BYTES then
       return nil, 'decode_error', 'field names must be 1-' .. MAX_NAME_BYTES .. ' bytes'
     end
@@ -153,8 +174,12 @@ local function backlog_of(stream, group)
   return math.min(tonumber(info['lag']) + tonumber(info['pending']), length)
 end
 
+local function max_payload_bytes(limits)
+  return tonumber(redis.call('HGET', limits, 'max_payload_bytes')) or DEFAULT_MAX_PAYLOAD_BYTES
+end
+
 local function submit(keys, args)
-  local model, key_error = parse_keys(keys)
+  local model, key_error = parse_keys(keys, {'limits', 'inbox'})
   if model == nil then
     return refuse('decode_error', key_error)
   end
@@ -162,8 +187,7 @@ local function submit(keys, args)
   if group == nil or #group == 0 or max_backlog == nil or max_backlog < 0 then
     return refuse('decode_error', 'ARGV must start with <group> <max_backlog>')
   end
-  local max_bytes = tonumber(redis.call('HGET', keys[2], 'max_payload_bytes')) or DEFAULT_MAX_PAYLOAD_BYTES
-  local fields, code, message = read_fields(args, max_bytes)
+  local fields, code, message = read_fields(args, 3, max_payload_bytes(keys[2]))
   if fields == nil then
     return refuse(code, message)
   end
@@ -171,14 +195,149 @@ local function submit(keys, args)
   if code ~= nil then
     return refuse(code, message)
   end
-  local backlog = backlog_of(keys[1], group)
+  -- Requests waiting in the inbox count as backlog: they are in the stream a moment later.
+  local backlog = backlog_of(keys[1], group) + redis.call('LLEN', keys[3])
   if max_backlog > 0 and backlog >= max_backlog then
     return {0, backlog}
   end
-  return {1, redis.call('XADD', keys[1], '*', unpack(args, 3))}
+  if redis.call('HGET', keys[2], 'submit_mode') == 'direct'
+      and redis.acl_check_cmd('XADD', keys[1], '*', 'v', '1') then
+    return {1, redis.call('XADD', keys[1], '*', unpack(args, 3))}
+  end
+  redis.call('RPUSH', keys[3], cmsgpack.pack({unpack(args, 3)}))
+  return {1, 'inbox'}
+end
+
+-- headrace_relay: move requests from a model's inbox into its request stream (workers only).
+--
+--   FCALL headrace_relay 4 <ns>:{<model>}:requests <ns>:{<model>}:limits <ns>:{<model>}:inbox
+--         <ns>:{<model>}:dlq <count> <reason> <code> <entry id> <deliveries> <ts> <bytes> <fields> <now ms>
+--
+-- ARGV[1]    most inbox elements to move (the oldest first; one call also stops after 1 MiB)
+-- ARGV[2..8] the dead-letter field names (headrace.workers.pipeline.ops: dlq_reason, dlq_code,
+--            dlq_entry_id, dlq_deliveries, dlq_ts_ms, dlq_entry_bytes, dlq_entry_fields)
+-- ARGV[9]    now (Unix ms), the dead letters' time
+--
+-- Returns {added, dead_lettered, left in the inbox}.
+--
+-- Every element gets the same bounds as headrace_submit applies (a msgpack array of at most
+-- MAX_FIELDS string pairs, names 1-MAX_NAME_BYTES bytes, no name twice, all fields within
+-- max_payload_bytes) and is XADDed with a server-picked id and no trimming option. What a
+-- producer RPUSHed by hand and does not pass is dead-lettered as a description (its size, and
+-- its id and reply_to when they could be read), never copied: the payload stays out of the
+-- stream, the DLQ and the worker. The envelope (version, id, reply_to, digits, model) is the
+-- worker's to check, as for every entry it reads: it answers a bad one on its reply_to, or
+-- dead-letters it.
+--
+-- Races this prevents: the LPOP and the XADDs are one atomic step, so a worker that dies
+-- mid-relay loses and duplicates nothing (an element is either still in the inbox or already
+-- in the stream), and two workers relaying at once each move different elements. The worker
+-- waits for the inbox with BLMOVE <inbox> <inbox> (a rotation that leaves the element where
+-- it is), so a worker killed between that wake-up and this call leaves everything in the
+-- inbox for the others.
+local RELAY_MAX_COUNT = 1000
+local RELAY_MAX_BYTES = 1048576  -- most inbox bytes one call moves (after the element that crosses it)
+
+local function relay_dead_letter(dlq, names, now, raw, code, reason, route)
+  local entry = {}
+  if route ~= nil then
+    for _, name in ipairs({'v', 'id', 'reply_to', 'model'}) do
+      local value = route[name]
+      if type(value) == 'string' and #value <= 1024 then
+        entry[#entry + 1] = name
+        entry[#entry + 1] = value
+      end
+    end
+  end
+  local n_fields = (type(route) == 'table' and route.n_fields) or 0
+  for _, pair in ipairs({{names[1], reason}, {names[2], code}, {names[3], 'inbox'}, {names[4], '0'},
+                         {names[5], now}, {names[6], tostring(#raw)}, {names[7], tostring(n_fields)}}) do
+    entry[#entry + 1] = pair[1]
+    entry[#entry + 1] = pair[2]
+  end
+  return redis.pcall('XADD', dlq, '*', unpack(entry))
+end
+
+-- What a refused element's dead letter names: its first value of each field name.
+local function route_of(flat)
+  local route = {n_fields = math.floor(#flat / 2)}
+  for i = 1, math.min(#flat, 2 * MAX_FIELDS) - 1, 2 do
+    if type(flat[i]) == 'string' and route[flat[i]] == nil then route[flat[i]] = flat[i + 1] end
+  end
+  return route
+end
+
+-- The element as a flat field list, or nil plus (code, reason, route).
+local function unpack_element(raw, max_bytes)
+  -- Bounded before decoding: an oversize element is described, never unpacked.
+  if #raw > max_bytes + 2 * MAX_FIELDS * 9 then
+    return nil, 'payload_too_large', 'inbox element of ' .. #raw .. ' bytes exceeds max_payload_bytes='
+      .. max_bytes .. '; its payload was not read'
+  end
+  local decoded = {pcall(cmsgpack.unpack, raw)}
+  if not decoded[1] or #decoded ~= 2 or type(decoded[2]) ~= 'table' then
+    return nil, 'decode_error', 'inbox element is not one msgpack array of field, value pairs'
+  end
+  local flat = decoded[2]
+  local n_keys = 0
+  for _ in pairs(flat) do n_keys = n_keys + 1 end
+  if #flat == 0 or n_keys ~= #flat then
+    return nil, 'decode_error', 'inbox element is not a msgpack array of field, value pairs', route_of(flat)
+  end
+  local fields, code, message = read_fields(flat, 1, max_bytes)
+  if fields == nil then
+    return nil, code, 'inbox element refused: ' .. message, route_of(flat)
+  end
+  return flat
+end
+
+local function relay(keys, args)
+  local model, key_error = parse_keys(keys, {'limits', 'inbox', 'dlq'})
+  if model == nil then
+    return refuse('decode_error', key_error)
+  end
+  -- The worker's rights, checked before anything is popped: Redis does not roll a function
+  -- back, so a caller who may FCALL but not XADD (a strict producer) must not get this far.
+  if not redis.acl_check_cmd('XADD', keys[1], '*', 'v', '1') or not redis.acl_check_cmd('XADD', keys[4], '*', 'v', '1')
+      or not redis.acl_check_cmd('LPOP', keys[3], '1') or not redis.acl_check_cmd('LPUSH', keys[3], 'x') then
+    return redis.error_reply('NOPERM headrace_relay is for workers (needs XADD, LPOP, LPUSH on the model keys)')
+  end
+  local count = math.floor(tonumber(args[1]) or 0)
+  if count < 1 or count > RELAY_MAX_COUNT or #args ~= 9 then
+    return refuse('decode_error', 'ARGV must be <count 1-' .. RELAY_MAX_COUNT .. '> and 8 dead-letter arguments')
+  end
+  local names, now = {args[2], args[3], args[4], args[5], args[6], args[7], args[8]}, args[9]
+  local max_bytes = max_payload_bytes(keys[2])
+  local added, dead, bytes = 0, 0, 0
+  -- One element at a time, up to count or RELAY_MAX_BYTES: the Lua heap holds one request,
+  -- not a whole step of them (a step of 256 large requests costs several times more CPU
+  -- per request in allocation and garbage collection).
+  while added + dead < count and bytes < RELAY_MAX_BYTES do
+    local raw = redis.call('LPOP', keys[3])
+    if not raw then break end
+    bytes = bytes + #raw
+    local flat, code, reason, route = unpack_element(raw, max_bytes)
+    local res
+    if flat == nil then
+      res = relay_dead_letter(keys[4], names, now, raw, code, reason, route)
+    else
+      res = redis.pcall('XADD', keys[1], '*', unpack(flat))
+    end
+    if type(res) == 'table' and res.err then
+      -- Redis does not roll a function back: an XADD that fails (a stream or DLQ key of
+      -- another type, a stream whose last id is the maximal one) must not lose what was
+      -- popped. The element goes back to the head of the inbox, where it was.
+      redis.call('LPUSH', keys[3], raw)
+      return redis.error_reply('ERR headrace_relay stopped after ' .. (added + dead)
+        .. ' requests, the next one put back in the inbox: ' .. res.err)
+    end
+    if flat == nil then dead = dead + 1 else added = added + 1 end
+  end
+  return {added, dead, redis.call('LLEN', keys[3])}
 end
 
 redis.register_function{function_name = 'headrace_submit', callback = submit}
+redis.register_function{function_name = 'headrace_relay', callback = relay}
 redis.register_function{
   function_name = 'headrace_version',
   callback = function() return LIBRARY_VERSION end,

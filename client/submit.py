@@ -105,13 +105,13 @@ def function_args(keys: ModelKeys, prepared: PreparedRequest, max_backlog: int) 
     argv: list[Any] = [keys.group, max_backlog]
     for k, v in prepared.fields.items():
         argv += [k, v]
-    return [keys.requests, keys.limits], argv
+    return [keys.requests, keys.limits, keys.inbox], argv
 
 
 def submit_command(keys: ModelKeys, prepared: PreparedRequest, max_backlog: int) -> tuple[Any, ...]:
     """The whole ``FCALL headrace_submit`` command for ``prepared``, as arguments for
     ``execute_command`` (what :func:`function_args` describes)."""
-    cmd: list[Any] = ["FCALL", SUBMIT_FUNCTION, 2, prepared.stream, keys.limits, keys.group, max_backlog]
+    cmd: list[Any] = ["FCALL", SUBMIT_FUNCTION, 3, prepared.stream, keys.limits, keys.inbox, keys.group, max_backlog]
     for kv in prepared.fields.items():
         cmd += kv
     return tuple(cmd)
@@ -147,12 +147,13 @@ def refusal(error: BaseException, prepared: PreparedRequest) -> E.HeadraceError 
         return E.BrokerError(
             f"request {rid} was not enqueued: {prepared.stream} holds the largest possible entry id (a plain XADD "
             "with an explicit id); nothing can be added until an operator repairs the stream (docs/security.md, "
-            "Known limits)", request_id=rid, retryable=False)
+            "direct mode)", request_id=rid, retryable=False)
     return None
 
 
 def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
-    """Interpret the submit function's answer; return the request stream entry id.
+    """Interpret the submit function's answer; return the request stream entry id, or
+    ``"inbox"`` when the request waits in the model's inbox for a worker to relay it.
 
     Raises:
         QueueFull: the model's backlog was at or above ``max_backlog``; nothing was added.

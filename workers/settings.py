@@ -152,6 +152,12 @@ class WorkerSettings(Settings):
     restrict_reply_to: bool = setting(True, "Write results only to this model's reply streams "
                                             "(<ns>:{<model>}:reply:<client>); other reply_to keys are "
                                             "dead-lettered unanswered. Off only for trusted producers.")
+    submit_mode: str = setting("strict", "How the submit function adds requests: 'strict' appends them to the "
+                                         "model's inbox, which workers relay into the stream (producers need no "
+                                         "XADD right); 'direct' XADDs at once for producers an operator granted "
+                                         "XADD (docs/security.md).")
+    relay_batch: int = setting(256, "Most inbox requests one relay step moves into the stream (a step also stops "
+                                    "after 1 MiB of requests).", unit="requests")
     servable: str = setting("", "package.module:Class of an operator-written servable (a CustomServable subclass, "
                                 "docs/models.md) to serve the model with instead of the manifest's backend. "
                                 "Operator configuration only: a manifest never names code.")
@@ -183,6 +189,10 @@ class WorkerSettings(Settings):
         require(1 <= self.instances <= 64, "instances",
                 "must be between 1 and 64 concurrent model calls (usually <= the cores, with intra_op_threads=1)")
         require(0 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port or 0")
+        require(self.submit_mode in {"strict", "direct"}, "submit_mode",
+                "must be 'strict' (producers only append to the inbox) or 'direct' (producers granted XADD add "
+                "to the stream; docs/security.md)")
+        require(1 <= self.relay_batch <= 1000, "relay_batch", "must be between 1 and 1000 requests")
         mod, sep, cls = self.servable.partition(":")
         require(not self.servable or (bool(sep) and bool(mod) and bool(cls) and " " not in self.servable),
                 "servable", "must be 'package.module:Class' (an importable CustomServable subclass) or empty")

@@ -14,17 +14,19 @@ log = logging.getLogger(__name__)
 
 
 def known_models(r: redis.Redis, namespace: str) -> list[str]:
-    """Models registered by workers (``<ns>:models``) plus models whose request stream
-    exists without a worker yet (found with SCAN, so a backlog nobody serves still shows)."""
+    """Models registered by workers (``<ns>:models``) plus models whose request stream or
+    inbox exists without a worker yet (found with SCAN, so a backlog nobody serves still
+    shows)."""
     from headrace.workers.admin.status import list_models
 
     names: set[str] = set()
     names.update(m.model for m in list_models(r, namespace))
     prefix = f"{namespace}:{{"
-    for key in r.scan_iter(match=f"{namespace}:{{*}}:requests", count=500):
-        k = key.decode() if isinstance(key, bytes) else str(key)
-        if k.startswith(prefix) and k.endswith("}:requests"):
-            names.add(k[len(prefix):-len("}:requests")])
+    for suffix in ("requests", "inbox"):
+        for key in r.scan_iter(match=f"{namespace}:{{*}}:{suffix}", count=500):
+            k = key.decode() if isinstance(key, bytes) else str(key)
+            if k.startswith(prefix) and k.endswith(f"}}:{suffix}"):
+                names.add(k[len(prefix):-len(f"}}:{suffix}")])
     return sorted(names)
 
 

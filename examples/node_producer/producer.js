@@ -112,13 +112,14 @@ function refusal(e) {
   return e;
 }
 
-// FCALL the submit function (validation + atomic backpressure check + XADD); load the
-// library once when Redis does not know the function yet.
+// FCALL the submit function (validation + atomic backpressure check + append to the model's
+// inbox, which the workers relay into the request stream); load the library once when Redis
+// does not know the function yet. Returns "inbox", or the entry id in direct mode.
 async function submit(client, prefix, fields, opts) {
   const stream = `${prefix}:requests`;
   if (opts.plain) return String(await client.sendCommand(['XADD', stream, '*', ...fields]));
-  const args = ['FCALL', SUBMIT_FUNCTION, '2', stream, `${prefix}:limits`, GROUP, String(opts.maxBacklog),
-    ...fields];
+  const args = ['FCALL', SUBMIT_FUNCTION, '3', stream, `${prefix}:limits`, `${prefix}:inbox`, GROUP,
+    String(opts.maxBacklog), ...fields];
   let reply;
   try {
     reply = await client.sendCommand(args);

@@ -2,10 +2,11 @@
 
 A real worker runs as the worker user and two SDK clients as producer users; everything
 works end to end, the worker's whole loop (loading the submit function, reads, results,
-dead letters, trimming, heartbeats, cleanup) triggers no ACL denial, and a producer can
-neither read another client's results nor the dead-letter stream, nor the requests of
-others, nor run any of the destructive commands of issue #10 but one plain XADD that Redis
-cannot tell from the function's own (see docs/security.md, "Known limits").
+dead letters, trimming, heartbeats, cleanup, relaying the inbox) triggers no ACL denial, and
+a producer can neither read another client's results nor the dead-letter stream, nor the
+requests of others, nor run any of the destructive commands of issue #10: in strict submit
+mode a producer holds no XADD at all, only RPUSH onto the inbox, and what it pushes by hand
+is checked again by the workers' relay (docs/security.md).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import redis
 
 from headrace.client import Client
-from headrace.client.functions import LIBRARY_SOURCE, SUBMIT_FUNCTION, current_code, ensure_library
+from headrace.client.functions import LIBRARY_SOURCE, RELAY_FUNCTION, SUBMIT_FUNCTION, current_code, ensure_library
 from headrace.client.keys import ModelKeys
+from headrace.client.protocol import Envelope, Request, encode_request
 from headrace.workers.backends.fake import affine_reference, make_fake
 from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings
@@ -40,7 +43,7 @@ def acl_lines() -> list[str]:
     block = re.search(r"<!-- acl-rules.*?```text\n(.*?)```", doc, flags=re.S)
     assert block, "docs/security.md lost its acl-rules block"
     lines = [ln.strip() for ln in block.group(1).splitlines() if ln.strip()]
-    assert len(lines) == 3 and all(ln.startswith("ACL SETUSER ") for ln in lines)
+    assert len(lines) == 4 and all(ln.startswith("ACL SETUSER ") for ln in lines)
     return lines
 
 
@@ -74,7 +77,7 @@ def fcall(keys: ModelKeys, rid: str, reply_to: str, body: bytes = b"\x81\xa4text
           limits: str | None = None, **extra: Any) -> tuple[Any, ...]:
     """``FCALL headrace_submit`` of one entry (max_backlog 0)."""
     entry = {"v": "1", "id": rid, "reply_to": reply_to, "body": body, **extra}
-    return ("FCALL", SUBMIT_FUNCTION, 2, keys.requests, limits or keys.limits, keys.group, 0,
+    return ("FCALL", SUBMIT_FUNCTION, 3, keys.requests, limits or keys.limits, keys.inbox, keys.group, 0,
             *itertools.chain.from_iterable(entry.items()))
 
 
@@ -172,7 +175,8 @@ def test_producer_cannot_read_other_clients_results_the_dlq_or_other_requests(
         ("XINFO", "STREAM", keys.reply("bob")),
         ("EVAL", "return redis.call('XRANGE', KEYS[1], '-', '+')", 1, keys.reply("bob")),
         ("EVAL", "return redis.call('XRANGE', KEYS[1], '-', '+')", 1, keys.requests),
-        ("FCALL", "headrace_submit", 2, keys.reply("bob"), keys.limits, "workers", 0, "v", "1"),
+        ("FCALL", "headrace_submit", 3, keys.reply("bob"), keys.limits, keys.inbox, "workers", 0, "v", "1"),
+        ("LRANGE", keys.inbox, "0", "-1"),  # the requests of others waiting in the inbox
         ("XRANGE", keys.dlq, "-", "+"),
         ("XREAD", "STREAMS", keys.dlq, "0"),
         ("XLEN", keys.dlq),
@@ -211,13 +215,23 @@ def test_producer_cannot_read_other_clients_results_the_dlq_or_other_requests(
 
 EVIL_LIBRARY = "#!lua name=headrace\nredis.register_function('headrace_submit', function() return {1, '0-1'} end)"
 MAX_ID = "18446744073709551615-18446744073709551615"
+NOPE = "no permissions|can't run this command"
+
+
+def relay_call(keys: ModelKeys, fourth: str) -> tuple[Any, ...]:
+    return ("FCALL", RELAY_FUNCTION, 4, keys.requests, keys.limits, keys.inbox, fourth, 1000,
+            "r", "c", "e", "d", "t", "b", "f", "0")
 
 
 def destructive_commands(keys: ModelKeys, entry_id: str) -> list[tuple[tuple[Any, ...], str]]:
     """Every command of issue #10 item 2 and its relatives, with what refuses it."""
-    req, nope = keys.requests, "no permissions|can't run this command"
+    req, inbox, nope = keys.requests, keys.inbox, NOPE
     other = ModelKeys(NS, "length")
     return [
+        (("XADD", req, "MAXLEN", "0", "*", "v", "1"), nope),            # deletes every queued request
+        (("XADD", req, "MINID", MAX_ID, "*", "v", "1"), nope),
+        (("XADD", req, MAX_ID, "v", "1"), nope),                        # every later add would fail
+        (("XADD", req, "*", "v", "1"), nope),                           # no XADD at all in strict mode
         (("XGROUP", "CREATE", req, "evil", "0"), nope),                # pins trimming forever
         (("XGROUP", "CREATE", other.requests, "workers", "$", "MKSTREAM"), nope),  # skips earlier entries
         (("XGROUP", "SETID", req, "workers", "$"), nope),
@@ -225,6 +239,7 @@ def destructive_commands(keys: ModelKeys, entry_id: str) -> list[tuple[tuple[Any
         (("XGROUP", "CREATECONSUMER", req, "workers", "evil"), nope),
         (("EVAL", "return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)", 1, req), nope),  # any Lua
         (("EVAL", "return redis.call('XADD', KEYS[1], 'MAXLEN', 0, '*', 'a', 'b')", 1, req), nope),
+        (("EVAL", "return redis.call('DEL', KEYS[1])", 1, inbox), nope),
         (("EVALSHA", "0" * 40, 1, req), nope),
         (("SCRIPT", "LOAD", "return 1"), nope),
         (("SCRIPT", "FLUSH"), nope),
@@ -239,8 +254,28 @@ def destructive_commands(keys: ModelKeys, entry_id: str) -> list[tuple[tuple[Any
         (("UNLINK", req), nope),
         (("RENAME", req, keys.prefix + ":x"), nope),
         (("EXPIRE", req, "1"), nope),
+        # The inbox: append only; nothing taken, reordered, read or deleted.
+        (("LTRIM", inbox, "1", "0"), nope),
+        (("DEL", inbox), nope),
+        (("UNLINK", inbox), nope),
+        (("EXPIRE", inbox, "1"), nope),
+        (("LPOP", inbox), nope),
+        (("RPOP", inbox, "100"), nope),
+        (("BLPOP", inbox, "0.01"), nope),
+        (("LMOVE", inbox, inbox, "LEFT", "RIGHT"), nope),
+        (("LREM", inbox, "0", "x"), nope),
+        (("LSET", inbox, "0", "x"), nope),
+        (("LINSERT", inbox, "BEFORE", "x", "y"), nope),
+        (("LRANGE", inbox, "0", "-1"), nope),
+        (("LPUSH", inbox, "x"), nope),                                  # would jump the queue
+        (("RENAME", inbox, keys.prefix + ":x"), nope),
+        # The relay is the workers': the DLQ key is not the producer's, and with the
+        # producer's own keys the function refuses before it pops anything.
+        (relay_call(keys, keys.dlq), nope),
+        (relay_call(keys, keys.inbox), "decode_error"),
         (("XADD", keys.limits, "*", "a", "b"), nope),                  # break the function's HGET
         (("HSET", keys.limits, "max_payload_bytes", "999999999999"), nope),  # lift the size limit
+        (("HSET", keys.limits, "submit_mode", "direct"), nope),
         (("DEL", keys.limits), nope),
         (("HSET", f"{NS}:models", "affine", "{}"), nope),
         (("XADD", keys.dlq, "*", "a", "b"), nope),
@@ -257,12 +292,39 @@ def destructive_commands(keys: ModelKeys, entry_id: str) -> list[tuple[tuple[Any
         (fcall(keys, "spoof", keys.reply("bob")), "decode_error"),     # results into bob's stream
         (fcall(keys, "bad id!", keys.reply("alice")), "decode_error"),
         (fcall(keys, "big-ms", keys.reply("alice"), ts_ms="9" * 400), "decode_error"),
-        (("FCALL", SUBMIT_FUNCTION, 2, keys.dlq, keys.limits, "workers", 0, "v", "1"), nope),
+        (("FCALL", SUBMIT_FUNCTION, 3, keys.dlq, keys.limits, keys.inbox, "workers", 0, "v", "1"), nope),
     ]
+
+
+def raw_pushes(keys: ModelKeys) -> tuple[list[bytes], list[bytes]]:
+    """What a producer can RPUSH onto the inbox by hand: (elements the relay dead-letters,
+    well-formed elements it relays). None of it touches anything already queued."""
+    def mp(obj: Any) -> bytes:
+        return msgpack.packb(obj, use_bin_type=False)
+
+    alice = keys.reply("alice").encode()
+    refused = [
+        b"garbage",                                                   # not msgpack
+        b"\x91" + mp(b"\0" * (5 << 20)),                              # 5 MiB: described, never decoded
+        msgpack.packb([b"v", b"1", b"id", b"bin"], use_bin_type=True),  # bin types
+        mp({"v": "1", "id": "map"}),                                   # a map
+        mp([x for i in range(4000) for x in (f"f{i}".encode(), b"x")]),  # 4000 fields
+        mp([b"id", b"a", b"id", b"b"]),                                # a name twice
+    ]
+    relayed = [
+        # A well-formed request: a submit that skipped the function (and its backpressure).
+        mp([x for kv in encode_request(Request(envelope=Envelope(request_id="raw-ok", reply_to=alice.decode()),
+                                               inputs={"x": np.ones(4, np.float32)})).items() for x in kv]),
+        # Bounded but invalid: the worker answers it on its (valid) reply_to.
+        mp([b"v", b"1", b"id", b"raw-bad", b"reply_to", alice, b"body", b"\xc1", b"ts_ms", b"9" * 400]),
+    ]
+    return refused, relayed
 
 
 @pytest.mark.timeout(90)
 def test_producer_cannot_destroy_queued_requests_or_the_submit_path(redis_url: str, acl: dict[str, str]) -> None:
+    """The ledger of issue #10: 20 requests of bob queued, every destructive command as
+    alice, then a worker: sent 20, answered 20, lost 0, duplicated 0."""
     admin = redis.Redis.from_url(redis_url)
     keys = ModelKeys(NS, "affine")
     ensure_library(admin)  # what an operator or the first worker does
@@ -270,16 +332,19 @@ def test_producer_cannot_destroy_queued_requests_or_the_submit_path(redis_url: s
     with Client(acl["bob"], client_id="bob", timeout_s=30, require_registered=False) as bob:
         xs = [np.full(4, float(i), np.float32) for i in range(20)]
         tickets = [bob.submit("affine", {"x": x}) for x in xs]  # queued: no worker yet
-        queued = admin.xlen(keys.requests)
+        assert {t.entry_id for t in tickets} == {"inbox"}
+        queued = admin.xlen(keys.requests) + admin.llen(keys.inbox)
         alice = redis.Redis.from_url(acl["alice"])
-        entry_id = tickets[0].entry_id or "0-1"
-        commands = destructive_commands(keys, entry_id)
+        commands = destructive_commands(keys, "0-1")
         for cmd, refused_by in commands:
             with pytest.raises(redis.exceptions.ResponseError, match=refused_by):
                 alice.execute_command(*cmd)
-        alice.close()
-        # Nothing was lost or changed: every queued entry, one group, the real function.
-        assert admin.xlen(keys.requests) == queued == 20
+        refused, relayed = raw_pushes(keys)
+        for raw in refused + relayed:
+            alice.rpush(keys.inbox, raw)  # allowed: harmless (below)
+        # Nothing was lost or changed: every queued request, one group, the real function.
+        assert queued == 20 and admin.xlen(keys.requests) == 0
+        assert admin.llen(keys.inbox) == 20 + len(refused) + len(relayed)
         assert [g["name"] for g in admin.xinfo_groups(keys.requests)] == [b"workers"]
         assert current_code(admin) == LIBRARY_SOURCE
         assert not admin.exists(keys.limits) and not admin.exists(ModelKeys(NS, "length").requests)
@@ -288,39 +353,58 @@ def test_producer_cannot_destroy_queued_requests_or_the_submit_path(redis_url: s
         wt = WorkerThread(s, make_fake("affine")).start()
         try:
             results = bob.collect(tickets, timeout_s=30)
+            wait_until(lambda: admin.xlen(keys.reply("alice")) == len(relayed), 20)
+            assert wt.healthy(), "no worker stuck"
         finally:
             wt.stop()
+            alice.close()
     for x, res in zip(xs, results, strict=True):
         np.testing.assert_array_equal(res.raise_for_status().outputs["y"], affine_reference(x))
-    # Each request was answered once: one dedupe marker per id, nothing dead-lettered.
-    assert sum(1 for _ in admin.scan_iter(match=keys.done("*"))) == 20 and admin.xlen(keys.dlq) == 0
-    print(f"\n{len(commands)} destructive commands refused; 20 queued requests answered once each")
+    # The ledger: each of bob's requests answered exactly once (one dedupe marker each), the
+    # refused raw pushes dead-lettered as descriptions (no payload), the inbox empty.
+    answered = {t.request_id for t in tickets} & {k.decode().rsplit(":", 1)[1]
+                                                  for k in admin.scan_iter(match=keys.done("*"))}
+    assert len(answered) == 20 and len(set(t.request_id for t in tickets)) == 20
+    letters = [f for _, f in admin.xrange(keys.dlq)]
+    assert len(letters) == len(refused) and all(f[b"dlq_entry_id"] == b"inbox" for f in letters)
+    assert max(len(v) for f in letters for v in f.values()) < 2048, "a dead letter copied a payload"
+    answers = {f[b"id"]: f[b"code"] for _, f in admin.xrange(keys.reply("alice"))}
+    assert answers == {b"raw-ok": b"", b"raw-bad": b"decode_error"}
+    assert admin.llen(keys.inbox) == 0
+    duplicated = len(results) - len({r.request_id for r in results})
+    assert duplicated == 0 and admin.xlen(keys.reply("bob")) == 0, "a second result for a request"
+    print(f"\n{len(commands)} destructive commands refused, {len(refused) + len(relayed)} raw pushes handled; "
+          f"ledger: sent 20, answered {len(answered)}, lost {20 - len(answered)}, duplicated {duplicated}")
 
 
 @pytest.mark.timeout(30)
-def test_a_function_runs_under_its_callers_acl_so_a_submitting_producer_needs_xadd(
+def test_direct_mode_xadds_only_for_a_producer_the_operator_granted_xadd(
         redis_url: str, acl: dict[str, str]) -> None:
-    """Why the producer line grants XADD on request streams: Redis checks every command a
-    function runs against the user that called it (Redis has no privilege elevation for
-    functions), so a user with FCALL but without XADD cannot submit at all. Plain XADD with
-    trimming options or an explicit id therefore stays possible for any user that may
-    submit (docs/security.md, Known limits)."""
+    """Direct mode needs both grants: workers publishing submit_mode=direct, and the
+    producer-direct ACL (with XADD). A strict producer keeps going through the inbox."""
     admin = redis.Redis.from_url(redis_url)
     keys = ModelKeys(NS, "affine")
     ensure_library(admin)
     pw = uuid.uuid4().hex
-    line = next(ln for ln in acl_lines() if "headrace-producer" in ln)
-    line = line.replace(" (+xadd +xinfo|groups +xlen %RW~<ns>:{*}:requests)", "")
-    args = tokens(line.replace("<ns>", NS).replace("<client>", "carol").replace("<password>", pw))
-    admin.execute_command(*args)
-    carol = redis.Redis.from_url(url_for(redis_url, args[2], pw))
+    carol_user = create_user(admin, "producer-direct", pw, "carol")
+    carol = redis.Redis.from_url(url_for(redis_url, carol_user, pw))
+    alice = redis.Redis.from_url(acl["alice"])
     try:
-        with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
-            carol.execute_command(*fcall(keys, "c1", keys.reply("carol")))
+        added, where = carol.execute_command(*fcall(keys, "c1", keys.reply("carol")))
+        assert (added, where) == (1, b"inbox"), "strict mode (the default): the inbox, XADD grant or not"
+        admin.hset(keys.limits, "submit_mode", "direct")  # what workers with --submit-mode direct publish
+        added, where = carol.execute_command(*fcall(keys, "c2", keys.reply("carol")))
+        assert added == 1 and where != b"inbox" and admin.xlen(keys.requests) == 1
+        added, where = alice.execute_command(*fcall(keys, "a1", keys.reply("alice")))
+        assert (added, where) == (1, b"inbox"), "a producer without the XADD grant stays strict"
+        assert admin.llen(keys.inbox) == 2
+        # The trade-off of the grant: the direct producer can trim by hand.
+        carol.execute_command("XADD", keys.requests, "MAXLEN", "0", "*", "v", "1")
         assert admin.xlen(keys.requests) == 0
     finally:
         carol.close()
-        admin.execute_command("ACL", "DELUSER", args[2])
+        alice.close()
+        admin.execute_command("ACL", "DELUSER", carol_user)
 
 
 @pytest.mark.timeout(60)

@@ -1,7 +1,7 @@
 """The broker contract: the same scenarios against the in-memory broker (the unit tests'
 fake) and the Redis broker, so the fake cannot drift from what the worker meets in
 production (reads sized to a byte budget, oversize entries truncated, UNWRITABLE replies,
-refused commits, outages on every call, delivery counts, trimming)."""
+refused commits, outages on every call, delivery counts, trimming, relaying the inbox)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
-from headrace.workers.broker.base import Broker, CommitRejected
+from headrace.workers.broker.base import Broker, CommitRejected, RelayStep
 from headrace.workers.broker.redis_broker import RedisBroker
 from headrace.workers.pipeline import ops
 from headrace.workers.pipeline.entry import Entry
@@ -42,9 +43,11 @@ def result_fields(rid: str) -> dict[bytes, bytes]:
 class MemoryHarness:
     name = "memory"
     dlq_key = MemoryStore.dlq_key
+    requests_key = MemoryStore.requests_key
 
     def __init__(self) -> None:
         self.store = MemoryStore()
+        self.store.max_payload_bytes = PAYLOAD
 
     def broker(self, consumer: str = "a") -> Broker:
         return MemoryBroker(self.store, consumer, max_entry_bytes=MAX_ENTRY)
@@ -75,6 +78,12 @@ class MemoryHarness:
     def cancel(self, request_id: str, up_to_ms: int) -> None:
         self.store.cancel(request_id, up_to_ms)
 
+    def push(self, element: bytes) -> None:
+        self.store.push(element)
+
+    def inbox(self) -> int:
+        return len(self.store.inbox)
+
     async def close(self) -> None:
         pass
 
@@ -82,6 +91,7 @@ class MemoryHarness:
 class RedisHarness:
     name = "redis"
     dlq_key = KEYS.dlq
+    requests_key = KEYS.requests
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -123,6 +133,12 @@ class RedisHarness:
 
     def cancel(self, request_id: str, up_to_ms: int) -> None:
         self.r.set(KEYS.cancel(request_id), str(up_to_ms))
+
+    def push(self, element: bytes) -> None:
+        self.r.rpush(KEYS.inbox, element)
+
+    def inbox(self) -> int:
+        return int(self.r.llen(KEYS.inbox))
 
     async def close(self) -> None:
         for b in self.brokers:
@@ -344,8 +360,96 @@ async def test_every_call_raises_broker_error_when_the_queue_is_unreachable(h: A
     b = h.unreachable()
     calls = [b.ensure_group(), b.read(1, 10), b.claim_abandoned(1, 1), b.refresh_lease(["1-0"]), b.release([Entry("1-0", {})], 1),
              b.answered(["x"]), b.cancel_marks(["x"]), b.commit([Ack("1-0")]), b.trim(), b.backlog(), b.heartbeat({"version": "1"}),
-             b.unregister(), b.delete_idle_consumers(0), b.ping()]
+             b.unregister(), b.delete_idle_consumers(0), b.ping(), b.relay(1), b.wait_inbox(10)]
     for call in calls:
         with pytest.raises(E.BrokerError):
             await call
     await b.close()  # never raises
+
+
+def packed(fields: dict[bytes, bytes]) -> bytes:
+    """An inbox element as the submit function appends it: one msgpack array of pairs."""
+    return msgpack.packb([x for kv in fields.items() for x in kv], use_bin_type=False)
+
+
+@pytest.mark.timeout(20)
+async def test_relay_moves_the_oldest_inbox_elements_into_the_stream_in_order(h: Any) -> None:
+    b = h.broker()
+    await b.ensure_group()
+    assert await b.relay(10) == RelayStep(0, 0, 0)
+    for i in range(5):
+        h.push(packed(req(f"i{i}")))
+    step = await b.relay(3)
+    assert step == RelayStep(3, 0, 2) and h.inbox() == 2
+    assert (await b.relay(10)).added == 2 and h.inbox() == 0
+    got = await b.read(10, 10)
+    assert [e.fields[b"id"] for e in got] == [f"i{i}".encode() for i in range(5)]
+    assert dict(got[0].fields) == req("i0"), "the entry is the element's fields, nothing added"
+    assert h.dlq() == []
+
+
+@pytest.mark.timeout(20)
+async def test_relay_dead_letters_what_breaks_the_entry_bounds_without_its_payload(h: Any) -> None:
+    b = h.broker()
+    await b.ensure_group()
+    def mp(obj: Any) -> bytes:
+        return msgpack.packb(obj, use_bin_type=False)  # strings as msgpack str, as cmsgpack packs them
+
+    bad = {
+        b"not msgpack \xc1": "decode_error",
+        msgpack.packb([b"v", b"1"], use_bin_type=True): "decode_error",  # bin types: Lua's cmsgpack refuses them
+        mp({"v": "1", "id": "m"}): "decode_error",                         # a map, not pairs
+        mp([b"v", b"1"]) + mp([b"v", b"1"]): "decode_error",               # two objects
+        mp([b"v", b"1", b"id"]): "decode_error",                           # odd
+        mp([b"v", 1, b"id", b"x"]): "decode_error",                        # not strings
+        mp([b"v", [b"1"], b"id", b"x"]): "decode_error",                   # nested
+        mp([b"id", b"a", b"id", b"b"]): "decode_error",                    # a name twice
+        mp([b"x" * 65, b"1"]): "decode_error",                             # a long name
+        mp([x for i in range(17) for x in (f"f{i}".encode(), 1)]): "payload_too_large",  # 17 fields
+        packed(req("fat", pad=PAYLOAD)): "payload_too_large",              # all fields > max_payload_bytes
+        b"\x91" + mp(b"y" * (4 * PAYLOAD)): "payload_too_large",          # oversize: never decoded
+    }
+    h.push(packed(req("good-1")))
+    for raw in bad:
+        h.push(raw)
+    h.push(packed(req("good-2")))
+    step = await b.relay(100)
+    assert step == RelayStep(2, len(bad), 0)
+    assert [e.fields[b"id"] for e in await b.read(10, 10)] == [b"good-1", b"good-2"]
+    letters = h.dlq()
+    assert [d[b"dlq_code"].decode() for d in letters] == list(bad.values())
+    assert all(d[b"dlq_entry_id"] == b"inbox" for d in letters)
+    assert [int(d[b"dlq_entry_bytes"]) for d in letters] == [len(raw) for raw in bad]
+    assert max(len(v) for d in letters for v in d.values()) < 1024, "no payload was copied"
+
+
+@pytest.mark.timeout(20)
+async def test_waiting_for_the_inbox_leaves_the_element_for_any_relay(h: Any) -> None:
+    a, other = h.broker("a"), h.broker("b")
+    await a.ensure_group()
+    assert await a.wait_inbox(20) is False
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        h.push(packed(req("w")))
+
+    task = asyncio.ensure_future(later())
+    assert await a.wait_inbox(2000) is True
+    await task
+    assert h.inbox() == 1, "the wait took nothing"
+    # The waiting worker may die now: any other relays the element, once.
+    assert await other.relay(10) == RelayStep(1, 0, 0)
+    assert await a.relay(10) == RelayStep(0, 0, 0)
+    assert [e.fields[b"id"] for e in await a.read(10, 10)] == [b"w"]
+
+
+@pytest.mark.timeout(20)
+async def test_a_relay_that_cannot_add_puts_everything_back_in_order(h: Any) -> None:
+    b = h.broker()
+    await b.ensure_group()
+    for i in range(3):
+        h.push(packed(req(f"p{i}")))
+    h.wrong_type(h.requests_key)  # a stream key of another type: every XADD fails
+    with pytest.raises(E.BrokerError):
+        await b.relay(10)
+    assert h.inbox() == 3 and h.dlq() == [], "nothing popped is lost"

@@ -13,9 +13,11 @@ import redis
 from headrace.client import Client, InferenceFailed, QueueFull, RequestExpired, ResultTimeout
 from headrace.client import errors as E
 from headrace.client import protocol as P
+from headrace.client.keys import ModelKeys
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
 from tests.support.client import affine_inputs, start_fake_worker, wait_until
+from tests.support.worker import queued, queued_requests
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,8 +75,8 @@ def test_requests_submitted_before_any_worker_are_served(client: Client, start_w
     r = redis.Redis.from_url(redis_url)
     # Producers never create consumer groups (docs/security.md); the first worker creates
     # the group at id 0, so it still gets every entry added before it started.
-    assert r.xinfo_groups(client.model_keys("affine").requests) == []
-    assert r.xlen(client.model_keys("affine").requests) == 5
+    assert not r.exists(client.model_keys("affine").requests)  # no group, no stream yet: all in the inbox
+    assert queued(r, client.model_keys("affine")) == 5
     start_worker("affine")
     results = client.collect(tickets)
     for i, res in enumerate(results):
@@ -89,8 +91,8 @@ def test_queue_full_enqueues_nothing(redis_url: str) -> None:
         with pytest.raises(QueueFull) as info:
             c.submit("affine", affine_inputs(9), request_id="refused-1")
         assert info.value.code == E.QUEUE_FULL
-        assert r.xlen(c.model_keys("affine").requests) == 3
-        ids = {P.decode_request(f).request_id for _, f in r.xrange(c.model_keys("affine").requests)}
+        assert queued(r, c.model_keys("affine")) == 3
+        ids = {P.decode_request(f).request_id for f in queued_requests(r, c.model_keys("affine"))}
         assert "refused-1" not in ids
         assert len(c.outstanding()) == 3  # the refused ticket is not tracked
 
@@ -121,7 +123,7 @@ def test_backpressure_holds_under_concurrent_producers(redis_url: str) -> None:
     for t in ts:
         t.join(30)
     r = redis.Redis.from_url(redis_url)
-    assert r.xlen("headrace:{affine}:requests") == limit
+    assert queued(r, ModelKeys("headrace", "affine")) == limit
     assert sum(accepted) == limit and sum(refused) == threads * per_thread - limit
 
 
@@ -239,7 +241,7 @@ def test_resubmit_after_redis_lost_its_data(tmp_path: Any) -> None:
                 worker.stop()
             assert [res.request_id for res in results] == [t.request_id for t in tickets]
             assert all(res.ok for res in results)
-            assert r.xlen(c.model_keys("affine").requests) <= 3
+            assert queued(r, c.model_keys("affine")) <= 3
 
 
 def test_acl_user_and_password_in_the_url(tmp_path: Any) -> None:
@@ -331,7 +333,7 @@ def test_stale_lag_over_an_untrimmed_stream_is_repaired_by_the_worker(redis_url:
         assert asyncio.run(backlog()) == (0, 0)  # nothing after the last delivered id
         assert reported_lag() == 0  # repaired in Redis, for every reader of XINFO
         assert c.submit("affine", affine_inputs(1.0)).entry_id  # served again
-        assert reported_lag() == 1
+        assert reported_lag() == 0 and r.llen(keys.inbox) == 1  # accepted, waiting in the inbox
         for i in range(300):  # a real backlog is still refused
             r.xadd(keys.requests, {"n": f"more{i}"})
         with pytest.raises(QueueFull):

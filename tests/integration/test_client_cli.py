@@ -71,7 +71,7 @@ def test_status_shows_served_and_unserved_models(redis_url: str, workers: None) 
     rows = {cells[0]: cells for cells in (line.split() for line in out.splitlines()) if len(cells) == 10}
     assert {"affine", "length", "nobody"} <= set(rows)
     assert rows["affine"][-1] != "-" and float(rows["affine"][-1]) >= 0  # p99 from the stats stream
-    assert rows["nobody"][:3] == ["nobody", "1", "1"]  # stream 1, lag 1
+    assert rows["nobody"][:3] == ["nobody", "0", "1"]  # nothing in the stream, lag 1: waiting in the inbox
 
 
 def test_dlq_list_empty_and_purge(redis_url: str) -> None:

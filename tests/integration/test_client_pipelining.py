@@ -18,6 +18,7 @@ from headrace.client.pipeline import run_submits
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.backends.fake import affine_reference
 from tests.support.client import affine_inputs, start_fake_worker
+from tests.support.worker import queued
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,7 +37,7 @@ async def test_concurrent_submits_are_coalesced_into_few_round_trips(redis_url: 
         tickets = await asyncio.gather(*(c.submit("affine", affine_inputs(i)) for i in range(300)))
         # 300 submits of one pass: two pipelines (256 + 44), not 300 round trips
         assert c._pipeline.flushes - before == 2
-        assert len({t.entry_id for t in tickets}) == 300 and all(t.entry_id for t in tickets)
+        assert len({t.request_id for t in tickets}) == 300 and all(t.entry_id for t in tickets)
         results = await c.collect(tickets, timeout_s=20)
     for i, res in enumerate(results):
         np.testing.assert_array_equal(res.outputs["y"], affine_reference(affine_inputs(i)["x"]))
@@ -54,7 +55,7 @@ async def test_queue_full_is_per_request_inside_one_pipeline(redis_url: str) -> 
         assert [t.request_id for t in accepted] == [f"req-{i}" for i in range(5)]
         assert len(refused) == 7 and all(isinstance(e, QueueFull) for e in refused)
         assert "req-9" in str(refused[4])
-        assert r.xlen(c.model_keys("affine").requests) == 5
+        assert queued(r, c.model_keys("affine")) == 5
         assert {t.request_id for t in c.outstanding()} == {f"req-{i}" for i in range(5)}
 
 
@@ -117,7 +118,7 @@ def test_run_submits_reloads_the_function_after_function_flush(redis_url: str) -
         tickets = [c._core.new_ticket("affine", affine_inputs(i), None, None, None) for i in range(1, 6)]
         errors = c._run(flows.send(c._core, tickets))  # one pipeline of five submits
         assert errors == [None] * 5
-        assert r.xlen(c.model_keys("affine").requests) == 6
+        assert queued(r, c.model_keys("affine")) == 6
 
 
 def test_sync_map_submits_in_batches(redis_url: str, affine_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:

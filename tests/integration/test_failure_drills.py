@@ -38,7 +38,7 @@ from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_port
 from headrace.workers.backends.fake import affine_reference
 from tests.support.client import affine_inputs
 from tests.support.procs import WorkerProc
-from tests.support.worker import records, wait_until, worker_procs
+from tests.support.worker import queued, queued_requests, records, wait_until, worker_procs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -63,6 +63,8 @@ def _cancelled_count(port: int) -> float:
 
 def _drained(r: redis.Redis, stream: str) -> bool:
     groups = r.xinfo_groups(stream)
+    if r.llen(stream.removesuffix(":requests") + ":inbox"):
+        return False  # requests not relayed yet
     return bool(groups) and all(int(g["lag"] or 0) == 0 and int(g["pending"]) == 0 for g in groups)
 
 
@@ -114,8 +116,7 @@ def test_worker_down_then_back(redis_url: str, tmp_path: Path, spawn: Callable[.
         assert len(outstanding) == 6  # the six retrying callers
 
         # the retrying callers submitted again (same ids) while the worker was away
-        requests = c.model_keys("affine").requests
-        assert wait_until(lambda: r.xlen(requests) >= 1 + 6 + 8 + 3 + 2 + 6)
+        assert wait_until(lambda: queued(r, c.model_keys("affine")) >= 1 + 6 + 8 + 3 + 2 + 6)
         port = free_port()
         spawn(*FAST, "--metrics-port", str(port), env=env)
         for t in retrying:
@@ -139,12 +140,12 @@ async def _cancelled_tasks(url: str) -> set[str]:
         tasks = [asyncio.create_task(ac.infer("affine", affine_inputs(400 + i), request_id=f"aio-{i}",
                                               timeout_s=30)) for i in range(2)]
         r = redis.Redis.from_url(url)
-        requests = ac.model_keys("affine").requests
+        keys = ac.model_keys("affine")
 
         def enqueued() -> int:
-            return sum(1 for _, f in r.xrange(requests) if f[b"id"].startswith(b"aio-"))
+            return sum(1 for f in queued_requests(r, keys) if f[b"id"].startswith(b"aio-"))
 
-        while enqueued() < 2:  # both requests are in the stream, their callers waiting
+        while enqueued() < 2:  # both requests are queued, their callers waiting
             await asyncio.sleep(0.01)
         for task in tasks:
             task.cancel()
@@ -185,7 +186,7 @@ def test_redis_data_lost_retry_recovers_every_request(tmp_path: Path) -> None:
     with EmbeddedRedis(data_dir=tmp_path, appendonly=False) as server, worker_procs(server.url, tmp_path) as start:
         r = redis.Redis.from_url(server.url)
         with Client(server.url, reply_block_ms=200, require_registered=False, reconnect_backoff_max_s=0.5) as c:
-            requests = c.model_keys("affine").requests
+            keys = c.model_keys("affine")
             callers, got = _in_threads(lambda i: c.infer("affine", affine_inputs(i), timeout_s=1.0,
                                                           retry=PATIENT), 20)
             mapped: dict[str, Any] = {}
@@ -193,10 +194,10 @@ def test_redis_data_lost_retry_recovers_every_request(tmp_path: Path) -> None:
                 "affine", [affine_inputs(50 + i) for i in range(30)], timeout_s=1.0, retry=PATIENT,
                 progress=False)), daemon=True)
             mapper.start()
-            assert wait_until(lambda: r.exists(requests) and r.xlen(requests) >= 50)
+            assert wait_until(lambda: queued(r, keys) >= 50)
             assert len(c.outstanding()) == 50
             server.restart()  # no persistence: requests, consumer group and registry are gone
-            assert r.exists(requests) == 0
+            assert queued(r, keys) == 0
             start(*FAST, env={"HEADRACE_LOG_LEVEL": "WARNING"})
             for t in [*callers, mapper]:
                 t.join(45)
@@ -233,7 +234,7 @@ def test_queue_full_carries_structured_fields(redis_url: str, monkeypatch: pytes
 
     monkeypatch.setenv("HEADRACE_MAX_BACKLOG", "1")
     r = redis.Redis.from_url(redis_url)
-    r.delete("headrace:{other}:requests")
+    r.delete("headrace:{other}:requests", "headrace:{other}:inbox")
     with Client(redis_url, require_registered=False) as env_client:
         env_client.submit("other", affine_inputs(0))
         with pytest.raises(QueueFull) as info:

@@ -27,6 +27,7 @@ from headrace.cluster.serve.ingress import create_api
 from headrace.workers.backends.fake import affine_reference, make_fake
 from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import WorkerSettings, default_consumer_name
+from tests.support.worker import queued
 
 pytestmark = pytest.mark.timeout(120)
 KEYS = {"alice": uuid.uuid4().hex, "bob": uuid.uuid4().hex}
@@ -220,5 +221,5 @@ async def test_timed_out_calls_do_not_accumulate(redis_url: str) -> None:
     client = next(iter(gw._clients.values()))
     assert len(gw.calls) == 0 and client.outstanding() == []
     assert grown < 8 * 1024 * 1024, f"{grown / 2**20:.1f} MiB kept after 600 timed-out calls of 100 KB"
-    assert redis.Redis.from_url(redis_url).xlen(ModelKeys("headrace", "stalled").requests) == 620
+    assert queued(redis.Redis.from_url(redis_url), ModelKeys("headrace", "stalled")) == 620
     await gw.close()

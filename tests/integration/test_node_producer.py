@@ -16,8 +16,10 @@ import redis
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
+from headrace.client.keys import ModelKeys
 from headrace.workers.backends.fake import affine_reference
 from tests.support.client import start_fake_worker
+from tests.support.worker import queued, queued_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "node_producer"
@@ -112,9 +114,8 @@ def test_node_submit_function_refuses_when_the_queue_is_full(node_example: Path,
                     "--no-wait", check=False)
     assert proc.returncode == 4 and "queue_full" in proc.stderr
     r = redis.Redis.from_url(redis_url)
-    assert r.xlen("headrace:{idle}:requests") == 1
-    assert r.xinfo_groups("headrace:{idle}:requests") == []  # producers never create groups
-    [(_, fields)] = r.xrange("headrace:{idle}:requests")
+    assert not r.exists("headrace:{idle}:requests")  # producers never create streams or groups
+    [fields] = queued_requests(r, ModelKeys("headrace", "idle"))  # waiting in the inbox
     req = P.decode_request(fields)
     assert req.envelope.model == "idle" and req.inputs["x"].dtype == np.float32
     np.testing.assert_array_equal(req.inputs["x"], [1, 2, 3, 4])
@@ -125,4 +126,4 @@ def test_node_producer_gets_the_functions_refusal_with_its_wire_code(node_exampl
     r.hset("headrace:{affine}:limits", "max_payload_bytes", "100")  # what a worker with that limit publishes
     proc = run_node(node_example, "--url", redis_url, "--model", "affine", "--no-wait", check=False)
     assert proc.returncode == 5 and "[payload_too_large]" in proc.stderr and "max_payload_bytes=100" in proc.stderr
-    assert r.xlen("headrace:{affine}:requests") == 0
+    assert queued(r, ModelKeys("headrace", "affine")) == 0

@@ -259,6 +259,6 @@ def test_the_submit_function_refuses_with_the_documented_code(redis_url: str, wh
     fields = change(entry("affine", x()))
     args = [a for kv in fields.items() for a in kv]
     with pytest.raises(redis.ResponseError) as refused:
-        r.fcall("headrace_submit", 2, keys.requests, keys.limits, "workers", 0, *args)
+        r.fcall("headrace_submit", 3, keys.requests, keys.limits, keys.inbox, "workers", 0, *args)
     assert str(refused.value).split(" ", 1)[0] == code, str(refused.value)[:200]
-    assert r.xlen(keys.requests) == 0
+    assert r.xlen(keys.requests) == 0 and r.llen(keys.inbox) == 0

@@ -139,8 +139,13 @@ def test_the_function_runs_on_redis_cluster(redis_cluster: Any, redis_cluster_ur
             keys = ModelKeys("headrace", model)
             fields = [b"v", b"1", b"id", b"c-1", b"reply_to", keys.reply("c").encode(), b"body", b"\x80"]
             node = rc.get_node_from_key(keys.requests)
-            added, entry_id = rc.execute_command("FCALL", "headrace_submit", 2, keys.requests, keys.limits,
-                                                 "workers", 0, *fields, target_nodes=node)
-            assert added == 1 and rc.xlen(keys.requests) == 1
+            added, where = rc.execute_command("FCALL", "headrace_submit", 3, keys.requests, keys.limits, keys.inbox,
+                                              "workers", 0, *fields, target_nodes=node)
+            assert (added, where) == (1, b"inbox") and rc.llen(keys.inbox) == 1
+            # The workers' relay: all four keys in the model's slot, too.
+            relay_keys = [keys.requests, keys.limits, keys.inbox, keys.dlq]
+            moved = rc.execute_command("FCALL", "headrace_relay", 4, *relay_keys, 10, "r", "c", "e", "d", "t", "b",
+                                       "f", "0", target_nodes=node)
+            assert moved == [1, 0, 0] and rc.xlen(keys.requests) == 1
     finally:
         rc.close()

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import redis
 
@@ -104,3 +105,18 @@ def records(path: Path) -> list[str]:
 
 __all__ = ["Collector", "WorkerProc", "affine_request", "consumers", "pending_count", "produce", "records",
            "signal", "wait_until", "worker_procs"]
+
+
+def queued_requests(r: redis.Redis, keys: ModelKeys) -> list[dict[bytes, bytes]]:
+    """The fields of every request of ``keys.model`` not yet read by a worker: those in the
+    request stream, then those still waiting in the inbox (strict submit mode)."""
+    out: list[dict[bytes, bytes]] = [dict(f) for _, f in r.xrange(keys.requests)]  # type: ignore[union-attr]
+    for raw in r.lrange(keys.inbox, 0, -1):  # type: ignore[union-attr]
+        flat = msgpack.unpackb(raw, raw=True)
+        out.append(dict(zip(flat[0::2], flat[1::2], strict=True)))
+    return out
+
+
+def queued(r: redis.Redis, keys: ModelKeys) -> int:
+    """How many requests of ``keys.model`` wait in its stream and its inbox together."""
+    return int(r.xlen(keys.requests)) + int(r.llen(keys.inbox))  # type: ignore[arg-type]

@@ -192,8 +192,8 @@ async def test_a_client_that_may_not_load_the_function_keeps_the_error_and_does_
 def test_submit_command_matches_function_args() -> None:
     p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
     keys, argv = function_args(KEYS, p, 10)
-    assert keys == [KEYS.requests, KEYS.limits]
-    assert submit_command(KEYS, p, 10) == ("FCALL", SUBMIT_FUNCTION, 2, *keys, *argv)
+    assert keys == [KEYS.requests, KEYS.limits, KEYS.inbox]
+    assert submit_command(KEYS, p, 10) == ("FCALL", SUBMIT_FUNCTION, 3, *keys, *argv)
 
 
 def test_prepare_request_checks_the_id_without_decoding_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,7 +58,7 @@ def test_prepare_request_refuses_bad_requests(kwargs: dict[str, object], code: s
 def test_function_args_and_reply_parsing() -> None:
     p = prepare_request(KEYS, REPLY, None, "t", request_id="r", deadline_s=0)
     keys, argv = function_args(KEYS, p, 10)
-    assert keys == [KEYS.requests, KEYS.limits] and argv[:2] == ["workers", 10]
+    assert keys == [KEYS.requests, KEYS.limits, KEYS.inbox] and argv[:2] == ["workers", 10]
     assert dict(zip(argv[2::2], argv[3::2], strict=True)) == dict(p.fields)
     assert parse_reply([1, b"1-0"], p, 10) == "1-0"
     with pytest.raises(E.QueueFull) as info:

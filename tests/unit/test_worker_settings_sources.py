@@ -21,7 +21,8 @@ from headrace.workers.settings import UNSET, WorkerSettings, infos, live_fields
 
 # Valid non-default values where "default + 1" or "<name>-x" would not be valid.
 SAMPLES: dict[str, Any] = {"backend": "torch", "redis_url": "redis://h:1/0", "model_repo": "/srv/models",
-                           "preferred_batch": 1, "metrics_port": 9100, "servable": "pkg.mod:Servable"}
+                           "preferred_batch": 1, "metrics_port": 9100, "servable": "pkg.mod:Servable",
+                           "submit_mode": "direct"}
 
 
 def sample(name: str, hint: Any, default: Any) -> Any:

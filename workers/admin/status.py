@@ -46,7 +46,8 @@ class ModelStatus:
 
     Attributes:
         stream_length: entries in the request stream (acked ones until trimmed).
-        lag: entries not yet delivered to the group.
+        lag: entries not yet delivered to the group, the requests still in the model's
+            inbox (strict submit mode) included.
         pending: delivered but not yet acknowledged.
         consumers: the group's consumers.
         dead_letters: entries in the dead-letter stream.
@@ -110,6 +111,7 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
                               for c in redis.xinfo_consumers(keys.requests, group))
         except redis_mod.ResponseError:
             pass  # no stream or group yet: nothing queued
+        lag += int(redis.llen(keys.inbox))
         dead = int(redis.xlen(keys.dlq))
         lines = redis.xrange(keys.stats, min=f"{max(0, now - int(window_s * 1000))}-0", max="+")
         records, now = read_registry(redis, namespace)

@@ -17,11 +17,12 @@ from typing import Any
 
 from headrace.client import errors as E
 from headrace.workers.broker.backlog import Backlog
+from headrace.workers.broker.inbox import RelayStep
 from headrace.workers.pipeline.entry import Entry
 from headrace.workers.pipeline.ops import Op
 from headrace.workers.pipeline.stats import BatchStats
 
-__all__ = ["Backlog", "Broker", "CommitRejected"]
+__all__ = ["Backlog", "Broker", "CommitRejected", "RelayStep"]
 
 
 class CommitRejected(E.BrokerError):
@@ -93,6 +94,18 @@ class Broker(abc.ABC):
             CommitRejected: the queue refused the ops (nothing was applied).
             BrokerError: the queue is unreachable (nothing was applied, or all was).
         """
+
+    @abc.abstractmethod
+    async def relay(self, count: int) -> RelayStep:
+        """Move up to ``count`` of the oldest inbox elements into the request stream in one
+        atomic step (server-picked ids, no trimming); elements that break the entry bounds
+        are dead-lettered as a description without their payload (see
+        :mod:`headrace.workers.broker.inbox`)."""
+
+    @abc.abstractmethod
+    async def wait_inbox(self, block_ms: int) -> bool:
+        """Wait up to ``block_ms`` until the inbox holds an element, without taking it;
+        True when it does."""
 
     @abc.abstractmethod
     async def trim(self) -> int:

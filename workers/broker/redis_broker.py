@@ -14,19 +14,20 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from headrace.client import errors as E
-from headrace.client.functions import aensure_library
+from headrace.client.functions import RELAY_FUNCTION, aensure_library
 from headrace.client.keys import ModelKeys, registry_key
 from headrace.client.protocol import now_ms
 from headrace.workers.broker import scripts
 from headrace.workers.broker.backlog import Backlog, group_backlog, last_entry_id, stale_lag
 from headrace.workers.broker.base import Broker, CommitRejected
+from headrace.workers.broker.inbox import RelayStep
 from headrace.workers.pipeline.entry import (
     ROUTING_FIELD_MAX_BYTES,
     ROUTING_FIELDS,
     Entry,
     truncated_entry,
 )
-from headrace.workers.pipeline.ops import DLQ_SCRIPT_NAMES, Ack, Op, Reply
+from headrace.workers.pipeline.ops import DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, DLQ_SCRIPT_NAMES, Ack, Op, Reply
 from headrace.workers.pipeline.stats import BatchStats
 from headrace.workers.settings import WorkerSettings
 
@@ -195,8 +196,9 @@ class RedisBroker(Broker):
                 raise
             log.warning("this worker's Redis user may not load the submit function (%s); see docs/security.md "
                         "for the worker ACL, or have an operator run `headrace functions load`", e)
+        limits = {"max_payload_bytes": str(self.settings.max_payload_bytes), "submit_mode": self.settings.submit_mode}
         try:
-            await self.client.hset(self.keys.limits, "max_payload_bytes", str(self.settings.max_payload_bytes))
+            await self.client.hset(self.keys.limits, mapping=limits)
         except redis.exceptions.NoPermissionError as e:
             log.warning("this worker's Redis user may not publish its limits (%s); see docs/security.md", e)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
@@ -369,6 +371,29 @@ class RedisBroker(Broker):
 
         res = await self._call("commit", go)
         return [int(x) for x in res[0]] if ops else []
+
+    async def relay(self, count: int) -> RelayStep:
+        keys = [self.keys.requests, self.keys.limits, self.keys.inbox, self.keys.dlq]
+        args = [max(1, int(count)), *DLQ_SCRIPT_NAMES, DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, now_ms()]
+
+        async def go() -> Any:
+            return await self.client.execute_command("FCALL", RELAY_FUNCTION, len(keys), *keys, *args)
+
+        added, dead, left = await self._call("inbox relay", go)
+        return RelayStep(int(added), int(dead), int(left))
+
+    async def wait_inbox(self, block_ms: int) -> bool:
+        # BLMOVE of the inbox onto itself: it blocks until an element is there and rotates
+        # it instead of taking it, so a worker that dies before its relay call leaves the
+        # element for the others; the relay function then moves it atomically. The element
+        # itself is dropped here unread (the relay bounds it before anyone decodes it).
+        inbox = self.keys.inbox
+
+        async def go() -> Any:
+            return await self.client.execute_command("BLMOVE", inbox, inbox, "LEFT", "RIGHT",
+                                                     max(0.001, block_ms / 1000.0))
+
+        return await self._call("BLMOVE", go) is not None
 
     async def trim(self) -> int:
         async def go() -> Any:

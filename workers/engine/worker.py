@@ -10,7 +10,8 @@ Tasks of one :class:`StreamWorker` (one event loop; their state is
   request is alone; a call past ``infer_timeout_s`` stops the worker (``stuck``);
 * writer (:mod:`~headrace.workers.engine.writer`): one atomic commit script per batch
   (results + dedupe markers + acks), merging what queued up meanwhile;
-* lease and maintenance (:mod:`~headrace.workers.engine.upkeep`).
+* lease and maintenance (:mod:`~headrace.workers.engine.upkeep`);
+* relay (:mod:`~headrace.workers.engine.relay`): the model's inbox into its request stream.
 
 Redis outages never end the loop: each task backs off (capped at 2 s) and resumes;
 :meth:`StreamWorker.healthy` reports the outage meanwhile. A request never ends a task:
@@ -37,6 +38,7 @@ from headrace.workers.engine.admission import Admission
 from headrace.workers.engine.batcher import Batcher
 from headrace.workers.engine.inference import BatchRunner
 from headrace.workers.engine.intake import Intake
+from headrace.workers.engine.relay import Relay
 from headrace.workers.engine.state import Shared
 from headrace.workers.engine.upkeep import Upkeep
 from headrace.workers.engine.writer import REFUSED, Writer
@@ -92,6 +94,7 @@ class StreamWorker:
         self._runners = [BatchRunner(settings, servable, answers, k) for k in range(settings.instances)]
         self._writer = Writer(self.shared, self.consumer, self._after_commit)
         self._upkeep = Upkeep(self.shared, self.consumer)
+        self._relay = Relay(self.shared)
         #: set when a model call ran past ``infer_timeout_s`` (the worker then stops).
         self.stuck: E.ModelTimeoutError | None = None
         #: set when an internal task died (the worker then stops without draining).
@@ -217,7 +220,8 @@ class StreamWorker:
         readers = [spawn(self._intake.read_loop(), name="read"), spawn(self._intake.claim_loop(), name="claim")]
         infer = [spawn(self._infer_loop(r), name=f"infer-{k}") for k, r in enumerate(self._runners)]
         writer = spawn(self._writer.run(), name="write")
-        upkeep = [spawn(self._upkeep.lease_loop(), name="lease"), spawn(self._upkeep.maintenance_loop(), name="maint")]
+        upkeep = [spawn(self._upkeep.lease_loop(), name="lease"), spawn(self._upkeep.maintenance_loop(), name="maint"),
+                  spawn(self._relay.relay_loop(), name="relay")]
         self._tasks = [*readers, *infer, writer, *upkeep]
         for task in self._tasks:
             task.add_done_callback(self._task_done)

@@ -23,6 +23,7 @@ from headrace.client import errors as E
 from headrace.client.protocol import Request, Result, decode_result, encode_request
 from headrace.workers.broker.backlog import Backlog
 from headrace.workers.broker.base import Broker, CommitRejected
+from headrace.workers.broker.inbox import RelayStep, check_element
 from headrace.workers.pipeline.entry import Entry, fields_bytes, truncated_entry
 from headrace.workers.pipeline.ops import (
     DLQ_SCRIPT_NAMES,
@@ -62,6 +63,7 @@ class MemoryStore:
     """
 
     dlq_key = "dlq"
+    requests_key = "requests"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, dedupe_ttl_s: float = 86_400) -> None:
         self.clock = clock
@@ -80,6 +82,8 @@ class MemoryStore:
         self.registry: dict[str, dict[str, Any]] = {}
         self.signatures: dict[str, dict[str, Any]] = {}
         self.acked: list[str] = []
+        self.inbox: list[bytes] = []
+        self.max_payload_bytes = WorkerSettings().max_payload_bytes
         self.wrong_type: set[str] = set()
         self.group_exists = False
         self.fail_ops = 0
@@ -91,6 +95,11 @@ class MemoryStore:
             entry_id = f"{int(time.time() * 1000)}-{next(self._seq)}"
             self.entries[entry_id] = dict(fields)
             return entry_id
+
+    def push(self, element: bytes) -> None:
+        """Append ``element`` to the inbox (what the submit function, or a raw RPUSH, does)."""
+        with self.lock:
+            self.inbox.append(element)
 
     def add_request(self, request: Request) -> str:
         return self.add(encode_request(request))
@@ -307,6 +316,35 @@ class MemoryBroker(Broker):
             for line in stats:
                 s.stats.append(line.to_fields(at))
             return out
+
+    async def relay(self, count: int) -> RelayStep:
+        s = self.store
+        with s.lock:
+            s._check_up()
+            if s.requests_key in s.wrong_type:  # the relay puts everything back and fails
+                raise E.BrokerError(f"inbox relay failed: WRONGTYPE {s.requests_key}; requests put back")
+            taken, s.inbox = s.inbox[:count], s.inbox[count:]
+            added = 0
+            for raw in taken:
+                flat, refused = check_element(raw, s.max_payload_bytes)
+                if flat is not None:
+                    s.add(dict(zip(flat[0::2], flat[1::2], strict=True)))
+                    added += 1
+                elif refused is not None:
+                    s._add_dlq("inbox", {b"dlq_reason": refused[1].encode(), b"dlq_code": refused[0].encode(),
+                                            b"dlq_entry_id": b"inbox", b"dlq_entry_bytes": str(len(raw)).encode()})
+            return RelayStep(added, len(taken) - added, len(s.inbox))
+
+    async def wait_inbox(self, block_ms: int) -> bool:
+        deadline = time.monotonic() + block_ms / 1000.0
+        while True:
+            with self.store.lock:
+                self.store._check_up()
+                if self.store.inbox:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
 
     async def trim(self) -> int:
         s = self.store
