@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from headrace.client.sharding import is_cluster
 from headrace.client.failures import broker_error
 from headrace.client.keys import registry_key
 
@@ -184,10 +185,14 @@ def read_model(redis: Any, namespace: str, model: str) -> tuple[ModelRecord | No
         BrokerError: Redis unreachable or refused the read.
     """
     try:
-        pipe = redis.pipeline(transaction=False)
-        pipe.hget(registry_key(namespace), model)
-        pipe.time()
-        raw, now = pipe.execute()
+        if is_cluster(redis):  # a cluster pipeline refuses TIME: ask the registry's node
+            key = registry_key(namespace)
+            raw, now = redis.hget(key, model), redis.time(target_nodes=redis.get_node_from_key(key))
+        else:
+            pipe = redis.pipeline(transaction=False)
+            pipe.hget(registry_key(namespace), model)
+            pipe.time()
+            raw, now = pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
         raise broker_error(e, "reading the model registry") from e
     return decode_record(model, raw), server_ms(now)
@@ -200,10 +205,15 @@ async def aread_model(redis: Any, namespace: str, model: str) -> tuple[ModelReco
         BrokerError: Redis unreachable or refused the read.
     """
     try:
-        pipe = redis.pipeline(transaction=False)
-        pipe.hget(registry_key(namespace), model)
-        pipe.time()
-        raw, now = await pipe.execute()
+        if is_cluster(redis):  # a cluster pipeline refuses TIME: ask the registry's node
+            key = registry_key(namespace)
+            raw = await redis.hget(key, model)
+            now = await redis.time(target_nodes=redis.get_node_from_key(key))
+        else:
+            pipe = redis.pipeline(transaction=False)
+            pipe.hget(registry_key(namespace), model)
+            pipe.time()
+            raw, now = await pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
         raise broker_error(e, "reading the model registry") from e
     return decode_record(model, raw), server_ms(now)

@@ -7,7 +7,8 @@
 --   FCALL headrace_submit 2 <ns>:{<model>}:requests <ns>:{<model>}:limits
 --         <group> <max_backlog> field value [field value ...]
 --
--- KEYS[1]  the model's request stream, <ns>:{<model>}:requests
+-- KEYS[1]  the model's request stream, <ns>:{<model>}:requests, or one partition's,
+--          <ns>:{<model>~<p>}:requests (the entry's model is <model>)
 -- KEYS[2]  the model's limits hash, <ns>:{<model>}:limits (written by the model's workers;
 --          field max_payload_bytes; absent: DEFAULT_MAX_PAYLOAD_BYTES)
 -- ARGV[1]  the workers' consumer group ("workers"), for the backlog reading
@@ -33,7 +34,7 @@
 -- any worker started are still delivered; a producer that could create groups could also
 -- create one that pins trimming forever.
 
-local LIBRARY_VERSION = 1
+local LIBRARY_VERSION = 2
 local DEFAULT_MAX_PAYLOAD_BYTES = 4194304
 local MAX_FIELDS = 16        -- field names per entry, unknown optional ones included
 local MAX_NAME_BYTES = 64    -- bytes of one field name
@@ -50,13 +51,16 @@ local function parse_keys(keys)
     return nil, 'needs 2 keys: <ns>:{<model>}:requests <ns>:{<model>}:limits'
   end
   local prefix = string.match(keys[1], '^([^{}:]+:{[A-Za-z0-9._%-]+}):requests$')
+  -- or one partition of a model, tag {<model>~<p>} (docs/scaling.md section 4)
+  prefix = prefix or string.match(keys[1], '^([^{}:]+:{[A-Za-z0-9._%-]+~[0-9]+}):requests$')
   if prefix == nil then
     return nil, 'KEYS[1] must be a request stream <ns>:{<model>}:requests'
   end
   if keys[2] ~= prefix .. ':limits' then
     return nil, 'KEYS[2] must be ' .. prefix .. ':limits'
   end
-  return string.match(prefix, '{(.*)}$')
+  local tag = string.match(prefix, '{(.*)}$')
+  return string.match(tag, '^(.-)~[0-9]+$') or tag
 end
 
 -- The entry's fields as a table, or nil plus (code, message).

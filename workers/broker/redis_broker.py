@@ -346,7 +346,9 @@ class RedisBroker(Broker):
             script = self._script("COMMIT")
             pipe = self.client.pipeline(transaction=False)
             if ops:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                # (as a plain command: redis-py's cluster pipeline refuses its evalsha method
+                # but routes EVALSHA by its keys like any other command)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             for line in stats:
                 pipe.xadd(self.keys.stats, line.to_fields(at), maxlen=STATS_MAXLEN, approximate=True)
             res = list(await pipe.execute(raise_on_error=False))

@@ -1,0 +1,98 @@
+"""A model split into partitions, served on a real 3-master Redis Cluster that the tests
+start on loopback (tests/support/redis_cluster.py): a real worker process reads every
+partition, the SDK spreads requests by id and reads one reply stream per partition, and
+the ledger (sent / answered / lost / duplicated) balances."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from redis.cluster import RedisCluster
+
+from headrace.client import Client
+from headrace.client.keys import ModelKeys, partition_keys, partition_of, registry_key
+from tests.support.procs import WorkerProc
+from tests.support.redis_cluster import RedisClusterProcs
+from tests.support.worker import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+P = 6  # more partitions than masters: each master holds two
+
+
+@pytest.fixture
+def rc(redis_cluster_url: str) -> Iterator[RedisCluster]:
+    r = RedisCluster.from_url(redis_cluster_url)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def worker(redis_cluster: RedisClusterProcs, redis_cluster_url: str, tmp_path: Path, rc: RedisCluster) -> Iterator[WorkerProc]:
+    proc = WorkerProc(redis_cluster_url, tmp_path / "worker.log", "--partitions", str(P), "--redis-cluster",
+                      "--max-wait-ms", "2", "--block-ms", "200", "--consumer", "w1")
+    try:
+        wait_until(lambda: rc.hget(registry_key("headrace"), "affine") or not proc.alive, 60)
+        assert proc.alive, proc.log()
+        yield proc
+    finally:
+        proc.kill()
+
+
+def _added(rc: RedisCluster, key: str) -> int:
+    """Entries ever added to stream ``key`` (``entries-added``: deleted ones included)."""
+    if not rc.exists(key):
+        return 0
+    return int(rc.xinfo_stream(key)["entries-added"])
+
+
+def test_partitions_land_on_every_master(rc: RedisCluster) -> None:
+    parts = partition_keys("headrace", "affine", P)
+    nodes = {(rc.get_node_from_key(k.requests).port) for k in parts}
+    assert len(nodes) == 3, "the 6 partitions spread over the 3 masters"
+    for k in parts:  # every key of one partition shares its slot
+        assert len({rc.keyslot(x) for x in (k.requests, k.dlq, k.limits, k.done("r"), k.reply("c"), k.cancel("r"))}) == 1
+
+
+def test_every_request_is_answered_exactly_once_over_the_cluster(rc: RedisCluster, worker: WorkerProc,
+                                                                 redis_cluster_url: str) -> None:
+    n = 600
+    items: list[Any] = [{"x": np.full(4, i, np.float32)} for i in range(n)]
+    with Client(redis_cluster_url, redis_cluster=True, partitions=P, client_id="ledger", timeout_s=60) as client:
+        results = list(client.map("affine", items))
+        answered = Counter(r.request_id for r in results)
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+        for i, r in enumerate(results):
+            np.testing.assert_allclose(r.outputs["y"], np.full(4, 2 * i + 1, np.float32))
+        parts = partition_keys("headrace", "affine", P)
+        written = sum(_added(rc, k.reply("ledger")) for k in parts)
+        per_part = [_added(rc, k.requests) for k in parts]
+    ledger = {"sent": n, "answered": len(answered), "lost": n - len(answered),
+              "duplicated": written - len(answered)}
+    assert ledger == {"sent": n, "answered": n, "lost": 0, "duplicated": 0}, ledger
+    assert sum(per_part) == n and min(per_part) > n / P / 2, per_part  # crc32 spreads the ids
+    expected = Counter(partition_of(rid, P) for rid in answered)
+    assert [expected[p] for p in range(P)] == per_part, "each request went to the partition of its id"
+    assert worker.alive
+
+
+def test_a_retry_with_the_same_id_meets_the_same_dedupe_marker(rc: RedisCluster, worker: WorkerProc,
+                                                               redis_cluster_url: str) -> None:
+    rid = "retry-me-0001"
+    keys: ModelKeys = partition_keys("headrace", "affine", P)[partition_of(rid, P)]
+    with Client(redis_cluster_url, redis_cluster=True, partitions=P, client_id="again", timeout_s=30) as client:
+        first = client.infer("affine", inputs={"x": np.ones(4, np.float32)}, request_id=rid)
+        assert first.ok and first.request_id == rid
+        # the same id again (a producer that did not see the first answer): enqueued on the
+        # same partition, where the marker makes the worker ack it without a second answer
+        again = client.submit("affine", inputs={"x": np.ones(4, np.float32)}, request_id=rid)
+        wait_until(lambda: _added(rc, keys.requests) == 2 and not rc.xpending(keys.requests, "workers")["pending"]
+                   and rc.xinfo_groups(keys.requests)[0]["lag"] == 0, 30)
+        assert rc.exists(keys.done(rid)) == 1
+        assert _added(rc, keys.reply("again")) == 1, "answered once"
+        again.cancel()
