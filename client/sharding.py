@@ -31,6 +31,41 @@ def is_cluster(r: Any) -> bool:
     return isinstance(r, (RedisCluster, AsyncRedisCluster))
 
 
+def _local_keys(args: tuple[Any, ...]) -> list[Any] | None:
+    """The keys of ``FCALL <function> <numkeys> key...`` and of ``XREAD``/``XREADGROUP ...
+    STREAMS key... id...`` read off the command (None: another command, or none found)."""
+    name = str(args[0]).upper() if args else ""
+    if name in ("FCALL", "FCALL_RO") and len(args) > 3:
+        return list(args[3:3 + int(args[2])]) or None
+    if name in ("XREAD", "XREADGROUP"):
+        marks = [i for i, a in enumerate(args) if isinstance(a, (str, bytes)) and str(
+            a.decode() if isinstance(a, bytes) else a).upper() == "STREAMS"]
+        if marks:
+            rest = args[marks[-1] + 1:]
+            return list(rest[:len(rest) // 2]) or None
+    return None
+
+
+def _route_fcall_locally(client: Any) -> Any:
+    """Make ``client`` find the keys of ``FCALL``, ``XREAD`` and ``XREADGROUP`` in the
+    command itself, as redis-py does for ``EVALSHA``: otherwise it asks a node
+    (``COMMAND GETKEYS``) before each of them (every submit, every read), a round trip and
+    a node's CPU per request. Its pipelines share the parser."""
+    parser = client.commands_parser
+    get_keys = parser.get_keys
+    if isinstance(client, AsyncRedisCluster):
+        async def aget(*args: Any) -> Any:
+            return _local_keys(args) or await get_keys(*args)
+
+        parser.get_keys = aget
+    else:
+        def get(redis_conn: Any, *args: Any) -> Any:
+            return _local_keys(args) or get_keys(redis_conn, *args)
+
+        parser.get_keys = get
+    return client
+
+
 def sync_client(url: str, cluster: bool, **options: Any) -> Any:
     """A ``redis.Redis`` for ``url``, or a ``RedisCluster`` when ``cluster`` (``options`` go
     to redis-py either way; the cluster client discovers the other nodes from this one).
@@ -40,7 +75,7 @@ def sync_client(url: str, cluster: bool, **options: Any) -> Any:
     """
     if cluster:
         options.pop("single_connection_client", None)  # a cluster client has a pool per node
-        return RedisCluster.from_url(url, **options)
+        return _route_fcall_locally(RedisCluster.from_url(url, **options))
     return redis.Redis.from_url(url, **options)
 
 
@@ -48,7 +83,7 @@ def async_client(url: str, cluster: bool, **options: Any) -> Any:
     """:func:`sync_client` for ``redis.asyncio`` (connects lazily, on first use)."""
     if cluster:
         options.pop("single_connection_client", None)
-        return AsyncRedisCluster.from_url(url, **options)
+        return _route_fcall_locally(AsyncRedisCluster.from_url(url, **options))
     return aioredis.Redis.from_url(url, **options)
 
 
