@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -112,6 +113,35 @@ class RedisClusterProcs:
                 raise BrokerError(f"Redis Cluster of {self.masters} did not form within {timeout_s:.0f}s: "
                                   f"{[(i.get('cluster_state'), i.get('cluster_known_nodes')) for i in infos]}")
             time.sleep(0.1)
+
+    def place(self, keys: Sequence[str]) -> list[int]:
+        """Give the slot of ``keys[i]`` to master ``i % masters`` (``CLUSTER SETSLOT <slot>
+        NODE <id>`` on every node: what an operator does once for a partitioned model's
+        empty slots, since a model's partition tags may hash to slots of one master).
+        Returns the master index of each key. The slots must hold no keys (flush first).
+
+        Raises:
+            redis.RedisError: a node refused (e.g. the slot holds keys).
+        """
+        from redis.cluster import key_slot
+
+        ids = []
+        for n in self.nodes:
+            r = redis.Redis.from_url(n.url)
+            try:
+                ids.append(r.execute_command("CLUSTER MYID").decode())
+            finally:
+                r.close()
+        owners = [i % self.masters for i in range(len(keys))]
+        for key, owner in zip(keys, owners, strict=True):
+            slot = key_slot(key.encode())
+            for n in [self.nodes[owner], *[m for m in self.nodes if m is not self.nodes[owner]]]:
+                r = redis.Redis.from_url(n.url)
+                try:
+                    r.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[owner])
+                finally:
+                    r.close()
+        return owners
 
     def flush(self) -> None:
         """``FLUSHALL`` on every master."""
