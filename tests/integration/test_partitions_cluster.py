@@ -96,3 +96,18 @@ def test_a_retry_with_the_same_id_meets_the_same_dedupe_marker(rc: RedisCluster,
         assert rc.exists(keys.done(rid)) == 1
         assert _added(rc, keys.reply("again")) == 1, "answered once"
         again.cancel()
+
+
+async def test_the_async_client_spreads_and_collects_over_the_cluster(rc: RedisCluster, worker: WorkerProc,
+                                                                      redis_cluster_url: str) -> None:
+    from headrace.client import AsyncClient
+
+    n = 200
+    async with AsyncClient(redis_cluster_url, redis_cluster=True, partitions=P, client_id="aio",
+                           timeout_s=60) as client:
+        tickets = [await client.submit("affine", inputs={"x": np.full(4, i, np.float32)}) for i in range(n)]
+        results = await client.collect(tickets)
+        assert [float(r.outputs["y"][0]) for r in results] == [2.0 * i + 1 for i in range(n)]
+        parts = partition_keys("headrace", "affine", P)
+        assert sum(_added(rc, k.reply("aio")) for k in parts) == n, "answered once each"
+        assert sum(1 for k in parts if _added(rc, k.requests)) == P, "every partition was used"
