@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 from redis.cluster import RedisCluster
 from rich.console import Console
 from rich.table import Table
@@ -75,6 +76,31 @@ def _shards_of(cluster: RedisClusterProcs, k: int) -> int:
         rc.close()
 
 
+def _reset_commandstats(urls: list[str]) -> None:
+    for u in urls:
+        r = redis.Redis.from_url(u)
+        try:
+            r.config_resetstat()
+        finally:
+            r.close()
+
+
+def _commandstats(urls: list[str], requests: int) -> dict[str, dict[str, float]]:
+    """``INFO COMMANDSTATS`` summed over the nodes, per request: calls and us."""
+    total: dict[str, list[float]] = {}
+    for u in urls:
+        r = redis.Redis.from_url(u)
+        try:
+            for name, row in r.info("commandstats").items():
+                acc = total.setdefault(name.removeprefix("cmdstat_"), [0.0, 0.0])
+                acc[0] += row["calls"]
+                acc[1] += row["usec"]
+        finally:
+            r.close()
+    return {name: {"calls_per_request": c / requests, "us_per_request": us / requests}
+            for name, (c, us) in sorted(total.items(), key=lambda kv: -kv[1][1])}
+
+
 def measure(cluster: RedisClusterProcs, k: int, placed: bool, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One configuration: ``k`` partitions (``placed``: their slots spread round-robin over
     the masters first), a fresh worker, warm-up, idle rate, then ``args.requests`` requests
@@ -89,9 +115,11 @@ def measure(cluster: RedisClusterProcs, k: int, placed: bool, args: argparse.Nam
             list(client.map(MODEL, _items(args.warmup)))
             meter = ShardCpu(cluster.urls)
             meter.idle(args.idle_s)  # the worker and the SDK reader idle, as they do between bursts
+            _reset_commandstats(cluster.urls)
             meter.start()
             results = list(client.map(MODEL, _items(args.requests)))
             meter.stop()
+            stats = _commandstats(cluster.urls, args.requests)
         if not all(r.ok for r in results) or len(results) != args.requests:
             raise RuntimeError("not every request was answered ok")
         wall = meter._t1 - meter._t0
@@ -100,7 +128,7 @@ def measure(cluster: RedisClusterProcs, k: int, placed: bool, args: argparse.Nam
     per = meter.per_request_us(args.requests)
     return {"partitions": k, "placed": placed and k > 1, "shards_used": _shards_of(cluster, k), "per_shard_us": per, "sum_us": sum(per.values()),
             "busiest_us": max(per.values()), "implied_ceiling_rps": implied_ceiling(per),
-            "wall_s": wall, "measured_rps": args.requests / wall}
+            "wall_s": wall, "measured_rps": args.requests / wall, "commandstats": stats}
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
@@ -115,6 +143,23 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
                   f"{r['sum_us']:.1f}", f"{100 * r['sum_us'] / base['sum_us']:.0f}%", f"{r['busiest_us']:.1f}",
                   f"{r['implied_ceiling_rps']:.0f}", f"{r['implied_ceiling_rps'] / base['implied_ceiling_rps']:.2f}x",
                   f"{r['measured_rps']:.0f}")
+    return t
+
+
+def commands_table(results: list[dict[str, Any]], top: int = 8) -> Table:
+    """The commands costing most (``INFO COMMANDSTATS``, all shards) per configuration:
+    where the extra CPU of more partitions goes."""
+    names = list(results[0]["commandstats"])[:top]
+    t = Table(title="Redis commands per request, all shards (calls / us)")
+    t.add_column("command")
+    for r in results:
+        t.add_column(f"{r['partitions']}{' placed' if r['placed'] else ''}", justify="right")
+    for name in names:
+        cells = []
+        for r in results:
+            row = r["commandstats"].get(name, {"calls_per_request": 0.0, "us_per_request": 0.0})
+            cells.append(f"{row['calls_per_request']:.3f} / {row['us_per_request']:.1f}")
+        t.add_row(name, *cells)
     return t
 
 
@@ -137,6 +182,7 @@ def main() -> None:
             k, _, how = spec.partition(":")
             results.append(measure(cluster, int(k), how != "hashed", args, Path(tmp)))
     Console().print(table(results, args))
+    Console().print(commands_table(results))
     doc = {"benchmark": "partitions", "started_at": started, "host": host_info(), "load_average": os.getloadavg(),
            "args": vars(args), "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -33,9 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from headrace.client.sharding import is_cluster
 from headrace.client.failures import broker_error
 from headrace.client.keys import registry_key
+from headrace.client.sharding import is_cluster
 
 ALIVE_MS = 30_000
 """A worker whose last heartbeat is older than this (ms, server time) is not serving."""
