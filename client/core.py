@@ -157,7 +157,7 @@ class ClientCore:
         if not self.registry.fresh(model):
             return False
         self.registry.check(model, require_registered=s.require_registered, fail_fast=s.fail_fast,
-                            namespace=s.namespace)
+                            namespace=s.namespace, partitions=s.partitions)
         return True
 
     def register(self, tickets: Sequence[Ticket]) -> tuple[bool, list[Command]]:

@@ -67,6 +67,8 @@ class WorkerRecord:
             delivered to the group / delivered and not acknowledged).
         p50_ms / p99_ms: submit-to-result latency of the requests it answered lately
             (milliseconds; 0 when it answered none).
+        partitions: the request streams it reads (``WorkerSettings.partitions``; 1 when it
+            does not say).
     """
 
     consumer: str
@@ -82,6 +84,7 @@ class WorkerRecord:
     pending: int = 0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    partitions: int = 1
 
     @classmethod
     def decode(cls, consumer: str, raw: Any) -> WorkerRecord | None:
@@ -92,7 +95,7 @@ class WorkerRecord:
                    preferred_batch=_int(raw.get("preferred_batch")), max_wait_ms=_float(raw.get("max_wait_ms")),
                    host=str(raw.get("host") or ""), pid=_int(raw.get("pid")), lag=_int(raw.get("lag")),
                    pending=_int(raw.get("pending")), p50_ms=_float(raw.get("p50_ms")),
-                   p99_ms=_float(raw.get("p99_ms")))
+                   p99_ms=_float(raw.get("p99_ms")), partitions=max(1, _int(raw.get("partitions"))))
 
     def alive(self, now_ms: int, alive_ms: int = ALIVE_MS) -> bool:
         return now_ms - self.seen_ms <= alive_ms

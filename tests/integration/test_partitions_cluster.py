@@ -111,3 +111,14 @@ async def test_the_async_client_spreads_and_collects_over_the_cluster(rc: RedisC
         parts = partition_keys("headrace", "affine", P)
         assert sum(_added(rc, k.reply("aio")) for k in parts) == n, "answered once each"
         assert sum(1 for k in parts if _added(rc, k.requests)) == P, "every partition was used"
+
+
+def test_a_client_with_another_partition_count_is_told_before_it_sends(worker: WorkerProc,
+                                                                        redis_cluster_url: str) -> None:
+    from headrace.client import errors as E
+
+    with Client(redis_cluster_url, redis_cluster=True, partitions=3) as client, \
+            pytest.raises(E.ConfigError, match=r"reading 6 partition\(s\), but this client sends to 3"):
+        client.submit("affine", inputs={"x": np.ones(4, np.float32)})
+    with Client(redis_cluster_url, redis_cluster=True) as client, pytest.raises(E.ConfigError, match="partitions"):
+        client.infer("affine", inputs={"x": np.ones(4, np.float32)})
