@@ -45,24 +45,31 @@ class SlotReader:
         groups = by_slot(streams)
         if not groups:
             return []
-        out = self._now(r, groups, count)
-        if out:
-            self._slice_ms = 1
-            return out
-        self._turn = (self._turn + 1) % len(groups)
-        wait = max(1, min(block_ms, self._slice_ms))
-        self._slice_ms = min(self.max_slice_ms, self._slice_ms * 2)
-        return list(r.xread(groups[self._turn], count=count, block=wait) or [])
-
-    @staticmethod
-    def _now(r: Any, groups: list[dict[str, Any]], count: int) -> list[Any]:
         pipe = r.pipeline(transaction=False)
         for g in groups:
             pipe.xread(g, count=count)
+        out = self._found(pipe.execute())
+        if out:
+            return out
+        group, wait = self._next_wait(groups, block_ms)
+        return list(r.xread(group, count=count, block=wait) or [])
+
+    def _found(self, replies: list[Any]) -> list[Any]:
+        """The entries of the non-blocking reads, one ``XREAD`` reply per slot; a read that
+        found something resets the slice."""
         out: list[Any] = []
-        for reply in pipe.execute():
+        for reply in replies:
             out += list(reply or [])
+        if out:
+            self._slice_ms = 1
         return out
+
+    def _next_wait(self, groups: list[dict[str, Any]], block_ms: int) -> tuple[dict[str, Any], int]:
+        """The slot to block on (the next in turn) and for how long (ms); doubles the slice."""
+        self._turn = (self._turn + 1) % len(groups)
+        wait = max(1, min(block_ms, self._slice_ms))
+        self._slice_ms = min(self.max_slice_ms, self._slice_ms * 2)
+        return groups[self._turn], wait
 
 
 class AsyncSlotReader(SlotReader):
@@ -76,13 +83,8 @@ class AsyncSlotReader(SlotReader):
         pipe = r.pipeline(transaction=False)
         for g in groups:
             pipe.xread(g, count=count)
-        out: list[Any] = []
-        for reply in await pipe.execute():
-            out += list(reply or [])
+        out = self._found(await pipe.execute())
         if out:
-            self._slice_ms = 1
             return out
-        self._turn = (self._turn + 1) % len(groups)
-        wait = max(1, min(block_ms, self._slice_ms))
-        self._slice_ms = min(self.max_slice_ms, self._slice_ms * 2)
-        return list(await r.xread(groups[self._turn], count=count, block=wait) or [])
+        group, wait = self._next_wait(groups, block_ms)
+        return list(await r.xread(group, count=count, block=wait) or [])

@@ -85,3 +85,41 @@ def test_cluster_routing_reads_fcall_and_xread_keys_off_the_command() -> None:
     assert _local_keys(("XREAD", "COUNT", 5, "BLOCK", 1, "STREAMS", "s1", "s2", "0-0", "0-0")) == ["s1", "s2"]
     assert _local_keys(("XREADGROUP", "GROUP", "g", "c", b"STREAMS", "s", ">")) == ["s"]
     assert _local_keys(("FCALL", "f", 0)) is None and _local_keys(("GET", "k")) is None
+
+
+class _FakeCluster:
+    """Records the reads a SlotReader makes; ``data`` answers the non-blocking ones."""
+
+    def __init__(self) -> None:
+        self.blocking: list[tuple[list[str], int]] = []
+        self.data: list[list[object]] = []
+
+    def pipeline(self, transaction: bool = False) -> _FakeCluster:
+        self.batch: list[list[str]] = []
+        return self
+
+    def xread(self, streams: dict[str, str], count: int, block: int | None = None) -> object:
+        if block is None:
+            self.batch.append(list(streams))
+            return None
+        self.blocking.append((list(streams), block))
+        return []
+
+    def execute(self) -> list[object]:
+        return self.data.pop(0) if self.data else [None] * len(self.batch)
+
+
+def test_the_cluster_reply_reader_reads_every_slot_then_waits_on_one_in_short_growing_slices() -> None:
+    from headrace.client.slot_reader import SlotReader
+
+    streams = {k.reply("c"): "0-0" for k in partition_keys("hr", "m", 3)}
+    fake, reader = _FakeCluster(), SlotReader(max_slice_ms=8)
+    for _ in range(6):
+        assert reader.read(fake, streams, 10, 1000) == []
+    assert [w for _, w in fake.blocking] == [1, 2, 4, 8, 8, 8], "the slice doubles while idle, capped"
+    assert {s[0] for s, _ in fake.blocking} == set(streams), "every slot gets its turn to block"
+    assert all(len(s) == 1 for s, _ in fake.blocking) and len(fake.batch) == 3
+    fake.data = [[None, [["s", [("1-0", {})]]], None]]
+    assert reader.read(fake, streams, 10, 1000) == [["s", [("1-0", {})]]]
+    reader.read(fake, streams, 10, 1000)
+    assert fake.blocking[-1][1] == 1, "a read that found something resets the slice"
