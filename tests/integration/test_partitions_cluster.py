@@ -122,3 +122,31 @@ def test_a_client_with_another_partition_count_is_told_before_it_sends(worker: W
         client.submit("affine", inputs={"x": np.ones(4, np.float32)})
     with Client(redis_cluster_url, redis_cluster=True) as client, pytest.raises(E.ConfigError, match="partitions"):
         client.infer("affine", inputs={"x": np.ones(4, np.float32)})
+
+
+def test_a_killed_workers_entries_on_every_partition_are_rescued_once(redis_cluster_url: str, rc: RedisCluster,
+                                                                      tmp_path: Path) -> None:
+    """SIGKILL a worker mid-batch: another claims its pending entries, partition by
+    partition, after the lease; every request is answered, none twice."""
+    n = 240
+    common = ("--partitions", str(P), "--redis-cluster", "--max-batch", "16", "--block-ms", "50", "--lease-s", "1")
+    victim = WorkerProc(redis_cluster_url, tmp_path / "victim.log", *common, "--consumer", "victim",
+                        env={"HEADRACE_FAKE_DELAY_MS": "300"})
+    rescuer = None
+    try:
+        wait_until(lambda: rc.hget(registry_key("headrace"), "affine") or not victim.alive, 60)
+        with Client(redis_cluster_url, redis_cluster=True, partitions=P, client_id="rescue", timeout_s=90) as client:
+            tickets = [client.submit("affine", inputs={"x": np.full(4, i, np.float32)}) for i in range(n)]
+            parts = partition_keys("headrace", "affine", P)
+            wait_until(lambda: sum(rc.xpending(k.requests, "workers")["pending"] for k in parts) > 0, 30)
+            victim.proc.kill()
+            victim.wait(10)
+            rescuer = WorkerProc(redis_cluster_url, tmp_path / "rescuer.log", *common, "--consumer", "rescuer")
+            results = client.collect(tickets, timeout_s=90)
+            assert [float(r.outputs["y"][0]) for r in results] == [2.0 * i + 1 for i in range(n)]
+            assert sum(_added(rc, k.reply("rescue")) for k in parts) == n, "nothing answered twice"
+            assert sum(rc.xpending(k.requests, "workers")["pending"] for k in parts) == 0
+    finally:
+        victim.kill()
+        if rescuer is not None:
+            rescuer.kill()
