@@ -153,3 +153,17 @@ async def test_entries_a_wait_brought_in_are_handed_back_on_close(make: object, 
     claimed = await other.claim_abandoned(50, 10)
     assert len(claimed) == P - 1 and all(e.deliveries == 1 for e in claimed)
     assert first[0].entry_id not in {e.entry_id for e in claimed}
+
+
+def test_the_autoscaling_policy_adds_up_every_partitions_backlog(r: redis.Redis, redis_url: str) -> None:
+    from headrace.cluster.serve.autoscale import LagAutoscalingPolicy
+
+    for p, keys in enumerate(ALL):
+        r.xgroup_create(keys.requests, "workers", id="0", mkstream=True)
+        for i in range(p + 2):
+            add(r, rid_on(p, f"s{p}{i}-"))
+    r.xreadgroup("workers", "w", {ALL[1].requests: ">"}, count=1)
+    policy = LagAutoscalingPolicy(redis_url=redis_url, model="affine", partitions=P, poll_interval_s=0)
+    assert policy.poll() == (2 + 3 + 4 - 1, 1)
+    single = LagAutoscalingPolicy(redis_url=redis_url, model="affine", poll_interval_s=0)
+    assert single.poll() == (0, 0), "the unpartitioned stream is another one"
