@@ -229,10 +229,14 @@ def read_registry(redis: Any, namespace: str) -> tuple[dict[str, ModelRecord], i
         BrokerError: Redis unreachable or refused the read.
     """
     try:
-        pipe = redis.pipeline(transaction=False)
-        pipe.hgetall(registry_key(namespace))
-        pipe.time()
-        raw, now = pipe.execute()
+        if is_cluster(redis):  # a cluster pipeline refuses TIME: ask the registry's node
+            key = registry_key(namespace)
+            raw, now = redis.hgetall(key), redis.time(target_nodes=redis.get_node_from_key(key))
+        else:
+            pipe = redis.pipeline(transaction=False)
+            pipe.hgetall(registry_key(namespace))
+            pipe.time()
+            raw, now = pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
         raise broker_error(e, "reading the model registry") from e
     return decode_registry(raw), server_ms(now)

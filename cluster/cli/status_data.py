@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 def known_models(r: redis.Redis, namespace: str) -> list[str]:
     """Models registered by workers (``<ns>:models``) plus models whose request stream
     exists without a worker yet (found with SCAN, so a backlog nobody serves still shows)."""
+    from headrace.client.keys import PARTITION_SEP
     from headrace.workers.admin.status import list_models
 
     names: set[str] = set()
@@ -24,7 +25,9 @@ def known_models(r: redis.Redis, namespace: str) -> list[str]:
     for key in r.scan_iter(match=f"{namespace}:{{*}}:requests", count=500):
         k = key.decode() if isinstance(key, bytes) else str(key)
         if k.startswith(prefix) and k.endswith("}:requests"):
-            names.add(k[len(prefix):-len("}:requests")])
+            tag = k[len(prefix):-len("}:requests")]
+            model, sep, part = tag.rpartition(PARTITION_SEP)
+            names.add(model if sep and part.isdigit() else tag)  # a partition's stream: its model
     return sorted(names)
 
 

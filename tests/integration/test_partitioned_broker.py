@@ -167,3 +167,19 @@ def test_the_autoscaling_policy_adds_up_every_partitions_backlog(r: redis.Redis,
     assert policy.poll() == (2 + 3 + 4 - 1, 1)
     single = LagAutoscalingPolicy(redis_url=redis_url, model="affine", poll_interval_s=0)
     assert single.poll() == (0, 0), "the unpartitioned stream is another one"
+
+
+async def test_status_adds_up_the_partitions_its_workers_report(make: object, r: redis.Redis) -> None:
+    from headrace.workers.admin.status import model_status
+
+    b = make("w1")  # type: ignore[operator]
+    await b.ensure_group()
+    await b.heartbeat({"version": "1"})
+    for p in range(P):
+        for i in range(2):
+            add(r, rid_on(p, f"st{p}{i}-"))
+    got = await b.read(4, 10)
+    st = model_status(r, "headrace", "affine")
+    assert (st.stream_length, st.lag, st.pending) == (2 * P, 2 * P - len(got), len(got))
+    assert [(c.name, c.pending) for c in st.consumers] == [("w1", len(got))]
+    assert st.workers == ("w1",)

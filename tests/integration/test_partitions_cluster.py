@@ -150,3 +150,25 @@ def test_a_killed_workers_entries_on_every_partition_are_rescued_once(redis_clus
         victim.kill()
         if rescuer is not None:
             rescuer.kill()
+
+
+def test_the_cli_shows_and_loads_on_the_cluster(worker: WorkerProc, redis_cluster_url: str) -> None:
+    """``headrace status`` adds up a partitioned model's streams; ``functions load`` covers
+    every primary (``HEADRACE_REDIS_CLUSTER=1``)."""
+    from click.testing import CliRunner
+
+    from headrace.cluster.cli.main import main
+
+    with Client(redis_cluster_url, redis_cluster=True, partitions=P, timeout_s=30) as client:
+        list(client.map("affine", [{"x": np.ones(4, np.float32)}] * 30))
+    env = {"COLUMNS": "200", "HEADRACE_REDIS_CLUSTER": "1"}
+    res = CliRunner().invoke(main, ["--redis-url", redis_cluster_url, "status"], env=env)
+    assert res.exit_code == 0, res.output
+    rows = {cells[0]: cells for cells in (line.split() for line in res.output.splitlines()) if len(cells) == 10}
+    assert set(rows) == {"affine"}, res.output  # one model, not one row per partition
+    model, stream, lag, pending, consumers, workers, dlq, rps = rows["affine"][:8]
+    assert (lag, pending, consumers, workers, dlq) == ("0", "0", "1", "1", "0"), res.output
+    assert 1 <= int(stream) <= 30, "all partitions' entries (until trimmed)"
+    assert float(rps) == pytest.approx(30 / 60, abs=0.05), "every partition's batches are in the stats"
+    res = CliRunner().invoke(main, ["--redis-url", redis_cluster_url, "functions", "load"], env=env)
+    assert res.exit_code == 0 and res.output.count("current") == 3, res.output

@@ -244,12 +244,12 @@ class PartitionedBroker(Broker):
         groups: dict[int, list[int]] = {}
         for i, op in enumerate(ops):
             groups.setdefault(unwrap(op.entry_id)[0], []).append(i)
-        if not groups and stats:
-            groups[0] = []
+        if stats and 0 not in groups:
+            groups[0] = []  # the stats lines go to partition 0's stats stream (headrace status reads it)
         calls = []
-        for n, (p, idx) in enumerate(groups.items()):
+        for p, idx in groups.items():
             inner = [dataclasses.replace(ops[i], entry_id=unwrap(ops[i].entry_id)[1]) for i in idx]
-            calls.append(self.parts[p].commit(inner, stats if n == 0 else ()))
+            calls.append(self.parts[p].commit(inner, stats if p == 0 else ()))
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         for res in outcomes:
             if isinstance(res, BaseException):
