@@ -183,3 +183,30 @@ async def test_status_adds_up_the_partitions_its_workers_report(make: object, r:
     assert (st.stream_length, st.lag, st.pending) == (2 * P, 2 * P - len(got), len(got))
     assert [(c.name, c.pending) for c in st.consumers] == [("w1", len(got))]
     assert st.workers == ("w1",)
+
+
+async def test_dead_letters_of_every_partition_are_listed_replayed_and_purged(make: object, r: redis.Redis) -> None:
+    from headrace.client import errors as E
+    from headrace.workers.admin.dlq import dlq_list, dlq_purge, dlq_replay
+    from headrace.workers.pipeline.ops import DeadLetterOp
+
+    b = make()  # type: ignore[operator]
+    await b.ensure_group()
+    await b.heartbeat({"version": "1"})  # the registry says: 3 partitions
+    rids = [rid_on(0, "d0-"), rid_on(2, "d2-"), rid_on(2, "e2-")]
+    for rid in rids:
+        add(r, rid)
+    got = []
+    while len(got) < 3:
+        got += await b.read(10, 10)
+    await b.commit([DeadLetterOp(e.entry_id, e.fields, "poison", E.MODEL_ERROR, 3) for e in got])
+    listed = dlq_list(r, "headrace", "affine")
+    assert sorted(d.request_id for d in listed) == sorted(rids)
+    assert {d.dlq_id.split("/")[0] for d in listed} == {"0", "2"}, "ids name their partition"
+    one = next(d for d in listed if d.request_id == rids[1])
+    assert dlq_replay(r, "headrace", "affine", [one.dlq_id]) == 1
+    assert r.xlen(ALL[2].dlq) == 1
+    (_, back), = r.xrevrange(ALL[2].requests, count=1)  # type: ignore[misc]
+    assert back[b"id"] == rids[1].encode(), "replayed into its own partition's stream"
+    assert dlq_purge(r, "headrace", "affine") == 2
+    assert dlq_list(r, "headrace", "affine") == []

@@ -85,6 +85,23 @@ def list_models(redis: Any, namespace: str) -> list[ModelRecord]:
     return [records[name] for name in sorted(records)]
 
 
+def served_keys(redis: Any, namespace: str, model: str, group: str = DEFAULT_GROUP) -> list[ModelKeys]:
+    """The key sets of ``model``: one per partition its workers report in the registry
+    (``partitions``, the largest any worker reports), else the unpartitioned one.
+
+    Raises:
+        BrokerError: the registry cannot be read. ConfigError: invalid names.
+    """
+    ModelKeys(namespace, model, group)  # checks the names
+    record = read_registry(redis, namespace)[0].get(model)
+    return _keys_of(record, namespace, model, group)
+
+
+def _keys_of(record: ModelRecord | None, namespace: str, model: str, group: str) -> list[ModelKeys]:
+    partitions = max((w.partitions for w in record.workers.values()), default=1) if record else 1
+    return partition_keys(namespace, model, partitions, group)
+
+
 def _queue(redis: Any, keys: ModelKeys, group: str) -> tuple[int, int, int, list[ConsumerInfo]]:
     """``(stream length, lag, pending, consumers)`` of one request stream (zeros when it
     or its group does not exist yet)."""
@@ -128,8 +145,7 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
     try:
         records, now = read_registry(redis, namespace)
         record = records.get(model)
-        parts = partition_keys(namespace, model, max((w.partitions for w in record.workers.values()), default=1)
-                               if record else 1, group)
+        parts = _keys_of(record, namespace, model, group)
         stream_length = lag = pending = dead = 0
         consumers: list[ConsumerInfo] = []
         for keys in parts:
