@@ -210,3 +210,21 @@ async def test_dead_letters_of_every_partition_are_listed_replayed_and_purged(ma
     assert back[b"id"] == rids[1].encode(), "replayed into its own partition's stream"
     assert dlq_purge(r, "headrace", "affine") == 2
     assert dlq_list(r, "headrace", "affine") == []
+
+
+async def test_an_oversize_entry_of_another_partition_still_comes_alone(redis_url: str, r: redis.Redis) -> None:
+    s = WorkerSettings(model="affine", redis_url=redis_url, consumer="a", block_ms=100, partitions=P,
+                       max_payload_bytes=1024, memory_budget_bytes=10**7)
+    b = redis_broker(s)
+    try:
+        await b.ensure_group()
+        small = add(r, rid_on(0, "sm"))
+        big_rid = rid_on(1, "big")
+        fields = req(big_rid) | {b"body": b"x" * (s.max_entry_bytes + 10)}
+        big = wrap(1, r.xadd(ALL[1].requests, fields).decode())  # type: ignore[arg-type,union-attr]
+        first = await b.read(10, 10)
+        assert [e.entry_id for e in first] == [small]
+        (second,) = await b.read(10, 10)
+        assert second.entry_id == big and second.truncated
+    finally:
+        await b.close()

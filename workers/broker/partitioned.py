@@ -128,6 +128,9 @@ class PartitionedBroker(Broker):
         out: list[Entry] = []
         for p in self._order():
             got = [_rewrap(p, e) for e in await fetch(self.parts[p], count - len(out), budget)]
+            if out and any(e.truncated for e in got):
+                self._ready[:0] = got  # an oversize entry comes alone: the next read hands it out
+                break
             out += got
             budget -= sum(0 if e.truncated else e.size_bytes for e in got)
             if len(out) >= count or budget <= 0 or any(e.truncated for e in got):
