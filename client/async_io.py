@@ -37,6 +37,8 @@ from headrace.client.effects import (
 from headrace.client.pipeline import AutoPipeline, Command
 from headrace.client.protocol import Result
 from headrace.client.registry import aread_model
+from headrace.client.sharding import async_client
+from headrace.client.slot_reader import AsyncSlotReader
 from headrace.client.tickets import Ticket, resolve_all
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,18 @@ class AsyncIO:
         # hundreds in flight) callers wait for a free connection instead of failing with
         # "Too many connections". Its connections retry after a Redis restart (redis.asyncio
         # does not by default: the first command on each would fail).
-        self.redis: aioredis.Redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=s.timeout_s,
-            retry=AsyncRedisRetry(connection_backoff(s), s.connect_retries), **connection_options(s)))
+        # On a Redis Cluster: redis-py's cluster client (a pool per node), and the reply
+        # streams of a partitioned model read slot by slot (see SyncIO).
+        self.slot_reader = AsyncSlotReader() if s.redis_cluster else None
+        self.redis: aioredis.Redis = async_client(
+            url, True, max_connections=64, retry=AsyncRedisRetry(connection_backoff(s), s.connect_retries),
+            **connection_options(s)) if s.redis_cluster else aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=64, timeout=s.timeout_s,
+                retry=AsyncRedisRetry(connection_backoff(s), s.connect_retries), **connection_options(s)))
         # One dedicated connection for the reader (see SyncIO: CLIENT UNBLOCK needs its id).
-        self.reader_redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, single_connection_client=True, retry=AsyncRedisRetry(NoBackoff(), 0),
+        self.reader_redis: aioredis.Redis = async_client(
+            url, s.redis_cluster, single_connection_client=True, retry=AsyncRedisRetry(NoBackoff(), 0),
             socket_timeout=s.reply_block_ms / 1000 + 10)
         self.pipeline = AutoPipeline(self.redis)
         self.closed = asyncio.Event()
@@ -181,7 +189,7 @@ class AsyncIO:
             self._reader = asyncio.get_running_loop().create_task(
                 self.run(flows.read_loop(self.core)), name=f"headrace-reader-{self.core.client_id}")
         conn_id = self.core.reader_conn_id
-        if conn_id is None:
+        if conn_id is None or self.slot_reader is not None:
             return
         try:  # best effort, see SyncIO.wake_reader
             await self.redis.client_unblock(conn_id)
@@ -206,6 +214,8 @@ class AsyncIO:
                 del self._registry_reads[effect.model]
 
     async def _reader_id(self, effect: ReaderId) -> int:
+        if self.slot_reader is not None:
+            return 0  # a cluster reader blocks in short slices: nothing to wake
         return int(await self.reader_redis.client_id())
 
     async def _delete(self, effect: Delete) -> None:
@@ -216,6 +226,8 @@ class AsyncIO:
 
     async def _xread(self, effect: XRead) -> Any:
         streams: dict[Any, Any] = dict(effect.streams)
+        if self.slot_reader is not None:
+            return await self.slot_reader.aread(self.reader_redis, streams, effect.count, effect.block_ms)
         return await self.reader_redis.xread(streams, count=effect.count, block=effect.block_ms)
 
     async def _resolve(self, effect: Resolve) -> None:

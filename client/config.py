@@ -359,6 +359,11 @@ class ClientSettings(Settings):
             (seconds), so the hot path does not pay a round trip per submit.
         cancel_ttl_s: how long a cancel marker (``ticket.cancel()``) lives; a worker that
             reads the request within it skips it.
+        partitions: request streams each model is split into (docs/scaling.md section 4):
+            a request goes to partition ``crc32(request_id) % partitions``; must match the
+            workers' ``partitions``. 1 (default) = one stream per model.
+        redis_cluster: ``redis_url`` names a Redis Cluster node: connect with redis-py's
+            cluster client.
     """
 
     redis_url: str = ""
@@ -377,9 +382,13 @@ class ClientSettings(Settings):
     fail_fast: bool = False
     registry_cache_s: float = 2.0
     cancel_ttl_s: int = 86_400
+    partitions: int = 1
+    redis_cluster: bool = False
 
     def validate(self) -> None:
         validate_namespace(self.namespace)
+        require(1 <= self.partitions <= 1024, "partitions",
+                "must be between 1 (one stream per model) and 1024; use the workers' value")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 (0 disables the check)")
         require(self.timeout_s > 0, "timeout_s", "must be > 0 seconds")
         require(self.deadline_s >= 0, "deadline_s", "must be >= 0 seconds (0 = no deadline)")

@@ -20,11 +20,11 @@ from headrace.client.backoff import BackoffPolicy
 from headrace.client.config import ClientSettings
 from headrace.client.failures import broker_error
 from headrace.client.health import RegistryCache
-from headrace.client.keys import ModelKeys
+from headrace.client.keys import ModelKeys, partition_keys, partition_of
 from headrace.client.pipeline import Command
-from headrace.client.protocol import Result
+from headrace.client.protocol import Result, check_request_id
 from headrace.client.retry import Retry
-from headrace.client.submit import parse_reply, prepare_request, refusal, submit_command
+from headrace.client.submit import new_request_id, parse_reply, prepare_request, refusal, submit_command
 from headrace.client.tickets import Ticket, TicketBook
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class ClientCore:
         self.reconnects = 0
         self.cancel_sink: Callable[[Command], None] | None = None
         self._keys: dict[str, ModelKeys] = {}
+        self._partitions: dict[str, list[ModelKeys]] = {}
         self._to_delete: dict[str, list[str]] = {}
 
     # --- requests --------------------------------------------------------------------------
@@ -106,6 +107,20 @@ class ClientCore:
             keys = self._keys[model] = ModelKeys(namespace=self.settings.namespace, model=model)
         return keys
 
+    def keys_for(self, model: str, request_id: str) -> ModelKeys:
+        """Key names of the partition of ``model`` that ``request_id`` goes to
+        (``crc32(request_id) % partitions``; the model's own keys when it has one).
+
+        Raises:
+            ConfigError: an invalid model name.
+        """
+        if self.settings.partitions == 1:
+            return self.model_keys(model)
+        parts = self._partitions.get(model)
+        if parts is None:
+            parts = self._partitions[model] = partition_keys(self.settings.namespace, model, self.settings.partitions)
+        return parts[partition_of(request_id, self.settings.partitions)]
+
     def reply_stream(self, model: str) -> str:
         return self.model_keys(model).reply(self.client_id)
 
@@ -120,7 +135,11 @@ class ClientCore:
         Raises:
             ProtocolError: invalid inputs or request id. ConfigError: invalid model name.
         """
-        keys = self.model_keys(model)
+        if request_id is None:
+            request_id = new_request_id()
+        elif self.settings.partitions > 1:
+            check_request_id(request_id)  # it picks the partition: reject a bad one first
+        keys = self.keys_for(model, request_id)
         prepared = prepare_request(keys, keys.reply(self.client_id), inputs, text, request_id=request_id,
                                    deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
         return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
@@ -138,7 +157,7 @@ class ClientCore:
         if not self.registry.fresh(model):
             return False
         self.registry.check(model, require_registered=s.require_registered, fail_fast=s.fail_fast,
-                            namespace=s.namespace)
+                            namespace=s.namespace, partitions=s.partitions)
         return True
 
     def register(self, tickets: Sequence[Ticket]) -> tuple[bool, list[Command]]:
@@ -149,7 +168,7 @@ class ClientCore:
         commands = []
         for t in tickets:
             t.submissions += 1
-            commands.append(submit_command(self.model_keys(t.model), t.prepared, max_backlog))
+            commands.append(submit_command(self.keys_for(t.model, t.request_id), t.prepared, max_backlog))
         return new_stream, commands
 
     def settle_all(self, tickets: Sequence[Ticket], replies: Sequence[Any], *,
@@ -231,7 +250,7 @@ class ClientCore:
         if ticket.deadline_ms:
             ttl = max(1, min(ttl, math.ceil((ticket.deadline_ms - time.time() * 1000) / 1000) + 5))
         ts = ticket.prepared.fields.get(b"ts_ms", b"0")
-        return ("SET", self.model_keys(ticket.model).cancel(ticket.request_id), ts, "EX", ttl)
+        return ("SET", self.keys_for(ticket.model, ticket.request_id).cancel(ticket.request_id), ts, "EX", ttl)
 
     # --- the reply reader ---------------------------------------------------------------
 

@@ -66,7 +66,7 @@ def gate(core: ClientCore, model: str) -> Flow[None]:
             return
         core.registry.store(model, record, now_ms)
     core.registry.check(model, require_registered=s.require_registered, fail_fast=s.fail_fast,
-                        namespace=s.namespace)
+                        namespace=s.namespace, partitions=s.partitions)
 
 
 def send(core: ClientCore, tickets: Sequence[Ticket], *, resubmit: bool = False) -> Flow[list[E.HeadraceError | None]]:

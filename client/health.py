@@ -159,6 +159,7 @@ class _Cached:
     read_at: float  # time.monotonic() of the read
     live_until: float  # time.monotonic() at which the newest heartbeat of the read gets too old
     p50_ms: float  # the model's recent median latency (0: unknown)
+    partitions: frozenset[int] = frozenset()  # the partition counts of its live workers
 
 
 class RegistryCache:
@@ -196,8 +197,9 @@ class RegistryCache:
         newest = max((w.seen_ms for w in record.workers.values()), default=None) if record else None
         live_until = now + (newest + ALIVE_MS - server_ms) / 1000.0 if newest is not None else now
         p50 = model_status(model, record, server_ms).latency_p50_ms if record else 0.0
+        parts = frozenset(w.partitions for w in record.workers.values() if w.alive(server_ms)) if record else frozenset()
         with self._lock:
-            self._cache[model] = _Cached(record, server_ms, now, live_until, p50)
+            self._cache[model] = _Cached(record, server_ms, now, live_until, p50, parts)
             if record is not None:
                 self._known.add(model)
 
@@ -227,17 +229,27 @@ class RegistryCache:
         now_ms = got.server_ms + int((self._clock() - got.read_at) * 1000)
         return model_status(model, got.record, now_ms)
 
-    def check(self, model: str, *, require_registered: bool, fail_fast: bool, namespace: str = "") -> None:
+    def check(self, model: str, *, require_registered: bool, fail_fast: bool, namespace: str = "",
+              partitions: int | None = None) -> None:
         """Apply the submit checks with the cached read (call :meth:`fresh` first).
 
         Raises:
             UnknownModel: ``require_registered`` and no worker ever registered ``model``.
             ModelUnavailable: ``fail_fast`` and no live worker serves ``model``.
+            ConfigError: ``partitions`` given and no live worker reads that many partitions
+                (while some live worker reads another count): requests would wait on
+                streams nobody reads.
         """
         with self._lock:
             got = self._cache.get(model)
         if got is None:
             return
+        if partitions is not None and got.partitions and partitions not in got.partitions:
+            theirs = ", ".join(str(p) for p in sorted(got.partitions))
+            raise E.ConfigError(
+                f"model {model!r} is served by workers reading {theirs} partition(s), but this client sends to "
+                f"{partitions}: its requests would wait on streams no worker reads; set the partitions argument "
+                f"(env HEADRACE_PARTITIONS) to the workers' value", field="partitions")
         if got.record is None and require_registered and model not in self._known:
             raise unknown_model(model, namespace)
         if fail_fast and self._clock() >= got.live_until:

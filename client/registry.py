@@ -35,6 +35,7 @@ from typing import Any
 
 from headrace.client.failures import broker_error
 from headrace.client.keys import registry_key
+from headrace.client.sharding import is_cluster
 
 ALIVE_MS = 30_000
 """A worker whose last heartbeat is older than this (ms, server time) is not serving."""
@@ -66,6 +67,8 @@ class WorkerRecord:
             delivered to the group / delivered and not acknowledged).
         p50_ms / p99_ms: submit-to-result latency of the requests it answered lately
             (milliseconds; 0 when it answered none).
+        partitions: the request streams it reads (``WorkerSettings.partitions``; 1 when it
+            does not say).
     """
 
     consumer: str
@@ -81,6 +84,7 @@ class WorkerRecord:
     pending: int = 0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    partitions: int = 1
 
     @classmethod
     def decode(cls, consumer: str, raw: Any) -> WorkerRecord | None:
@@ -91,7 +95,7 @@ class WorkerRecord:
                    preferred_batch=_int(raw.get("preferred_batch")), max_wait_ms=_float(raw.get("max_wait_ms")),
                    host=str(raw.get("host") or ""), pid=_int(raw.get("pid")), lag=_int(raw.get("lag")),
                    pending=_int(raw.get("pending")), p50_ms=_float(raw.get("p50_ms")),
-                   p99_ms=_float(raw.get("p99_ms")))
+                   p99_ms=_float(raw.get("p99_ms")), partitions=max(1, _int(raw.get("partitions"))))
 
     def alive(self, now_ms: int, alive_ms: int = ALIVE_MS) -> bool:
         return now_ms - self.seen_ms <= alive_ms
@@ -184,10 +188,14 @@ def read_model(redis: Any, namespace: str, model: str) -> tuple[ModelRecord | No
         BrokerError: Redis unreachable or refused the read.
     """
     try:
-        pipe = redis.pipeline(transaction=False)
-        pipe.hget(registry_key(namespace), model)
-        pipe.time()
-        raw, now = pipe.execute()
+        if is_cluster(redis):  # a cluster pipeline refuses TIME: ask the registry's node
+            key = registry_key(namespace)
+            raw, now = redis.hget(key, model), redis.time(target_nodes=redis.get_node_from_key(key))
+        else:
+            pipe = redis.pipeline(transaction=False)
+            pipe.hget(registry_key(namespace), model)
+            pipe.time()
+            raw, now = pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
         raise broker_error(e, "reading the model registry") from e
     return decode_record(model, raw), server_ms(now)
@@ -200,10 +208,15 @@ async def aread_model(redis: Any, namespace: str, model: str) -> tuple[ModelReco
         BrokerError: Redis unreachable or refused the read.
     """
     try:
-        pipe = redis.pipeline(transaction=False)
-        pipe.hget(registry_key(namespace), model)
-        pipe.time()
-        raw, now = await pipe.execute()
+        if is_cluster(redis):  # a cluster pipeline refuses TIME: ask the registry's node
+            key = registry_key(namespace)
+            raw = await redis.hget(key, model)
+            now = await redis.time(target_nodes=redis.get_node_from_key(key))
+        else:
+            pipe = redis.pipeline(transaction=False)
+            pipe.hget(registry_key(namespace), model)
+            pipe.time()
+            raw, now = await pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
         raise broker_error(e, "reading the model registry") from e
     return decode_record(model, raw), server_ms(now)
@@ -216,10 +229,14 @@ def read_registry(redis: Any, namespace: str) -> tuple[dict[str, ModelRecord], i
         BrokerError: Redis unreachable or refused the read.
     """
     try:
-        pipe = redis.pipeline(transaction=False)
-        pipe.hgetall(registry_key(namespace))
-        pipe.time()
-        raw, now = pipe.execute()
+        if is_cluster(redis):  # a cluster pipeline refuses TIME: ask the registry's node
+            key = registry_key(namespace)
+            raw, now = redis.hgetall(key), redis.time(target_nodes=redis.get_node_from_key(key))
+        else:
+            pipe = redis.pipeline(transaction=False)
+            pipe.hgetall(registry_key(namespace))
+            pipe.time()
+            raw, now = pipe.execute()
     except Exception as e:  # noqa: BLE001 - redis-py raises several connection error types
         raise broker_error(e, "reading the model registry") from e
     return decode_registry(raw), server_ms(now)

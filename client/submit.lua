@@ -7,7 +7,8 @@
 --   FCALL headrace_submit 3 <ns>:{<model>}:requests <ns>:{<model>}:limits <ns>:{<model>}:inbox
 --         <group> <max_backlog> field value [field value ...]
 --
--- KEYS[1]  the model's request stream, <ns>:{<model>}:requests
+-- KEYS[1]  the model's request stream, <ns>:{<model>}:requests, or one partition's,
+--          <ns>:{<model>~<p>}:requests (the entry's model is <model>)
 -- KEYS[2]  the model's limits hash, <ns>:{<model>}:limits (written by the model's workers;
 --          fields max_payload_bytes, absent: DEFAULT_MAX_PAYLOAD_BYTES, and submit_mode)
 -- KEYS[3]  the model's inbox, <ns>:{<model>}:inbox (a list the workers relay from)
@@ -65,6 +66,8 @@ local function parse_keys(keys, suffixes)
     return nil, 'needs ' .. (#suffixes + 1) .. ' keys: ' .. usage
   end
   local prefix = string.match(keys[1], '^([^{}:]+:{[A-Za-z0-9._%-]+}):requests$')
+  -- or one partition of a model, tag {<model>~<p>} (docs/scaling.md section 4)
+  prefix = prefix or string.match(keys[1], '^([^{}:]+:{[A-Za-z0-9._%-]+~[0-9]+}):requests$')
   if prefix == nil then
     return nil, 'KEYS[1] must be a request stream <ns>:{<model>}:requests'
   end
@@ -73,7 +76,8 @@ local function parse_keys(keys, suffixes)
       return nil, 'KEYS[' .. (i + 1) .. '] must be ' .. prefix .. ':' .. suffix
     end
   end
-  return string.match(prefix, '{(.*)}$'), prefix
+  local tag = string.match(prefix, '{(.*)}$')
+  return string.match(tag, '^(.-)~[0-9]+$') or tag, prefix
 end
 
 -- The entry's fields (args[first], args[first + 1], ... field/value pairs) as a table, or nil

@@ -37,6 +37,8 @@ from headrace.client.effects import (
 from headrace.client.pipeline import Command, run_submits
 from headrace.client.protocol import Result
 from headrace.client.registry import read_model
+from headrace.client.sharding import sync_client
+from headrace.client.slot_reader import SlotReader
 from headrace.client.tickets import resolve_all
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,12 @@ class SyncIO:
     def __init__(self, core: ClientCore) -> None:
         s = core.settings
         self.core = core
-        self.redis: redis.Redis = redis.Redis.from_url(
-            s.effective_redis_url, retry=RedisRetry(connection_backoff(s), s.connect_retries), **connection_options(s))
+        self.redis: redis.Redis = sync_client(
+            s.effective_redis_url, s.redis_cluster, retry=RedisRetry(connection_backoff(s), s.connect_retries),
+            **connection_options(s))
         self.reader_redis: redis.Redis | None = None  # created by the reader thread
+        # On a Redis Cluster the reply streams of a partitioned model span slots: read by slot.
+        self.slot_reader = SlotReader() if s.redis_cluster else None
         self.closed = threading.Event()
         self._reader: threading.Thread | None = None
         self._reader_lock = threading.Lock()
@@ -102,6 +107,9 @@ class SyncIO:
             log.warning("could not set the cancel marker %s: %s (the request may still run)", command[1], e)
 
     def safe_url(self) -> str:
+        if self.slot_reader is not None:
+            node = self.redis.get_default_node()  # type: ignore[attr-defined]
+            return f"{node.host}:{node.port} (Redis Cluster)"
         kw = self.redis.connection_pool.connection_kwargs
         return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
 
@@ -140,6 +148,8 @@ class SyncIO:
             return cached or read_model(self.redis, self.core.settings.namespace, effect.model)
 
     def _reader_id(self, effect: ReaderId) -> int:
+        if self.slot_reader is not None:
+            return 0  # a cluster reader blocks in short slices: nothing to wake
         return int(self._reader_client().client_id())
 
     def _delete(self, effect: Delete) -> None:
@@ -150,6 +160,8 @@ class SyncIO:
 
     def _xread(self, effect: XRead) -> Any:
         streams: dict[Any, Any] = dict(effect.streams)
+        if self.slot_reader is not None:
+            return self.slot_reader.read(self._reader_client(), streams, effect.count, effect.block_ms)
         return self._reader_client().xread(streams, count=effect.count, block=effect.block_ms)
 
     def _resolve(self, effect: Resolve) -> None:
@@ -171,7 +183,7 @@ class SyncIO:
         Best effort: without it (e.g. an ACL without CLIENT), new streams join the read
         after at most ``reply_block_ms``."""
         conn_id = self.core.reader_conn_id
-        if conn_id is None:
+        if conn_id is None or self.slot_reader is not None:
             return
         try:
             self.redis.client_unblock(conn_id)
@@ -186,7 +198,7 @@ class SyncIO:
         loop has its own backoff and logging."""
         if self.reader_redis is None:
             s = self.core.settings
-            self.reader_redis = redis.Redis.from_url(
-                s.effective_redis_url, single_connection_client=True, retry=RedisRetry(NoBackoff(), 0),
+            self.reader_redis = sync_client(
+                s.effective_redis_url, s.redis_cluster, single_connection_client=True, retry=RedisRetry(NoBackoff(), 0),
                 socket_timeout=s.reply_block_ms / 1000 + 10)
         return self.reader_redis

@@ -33,6 +33,7 @@ from headrace.client.config import (
     validate_model_name,
     validate_namespace,
 )
+from headrace.client.keys import validate_partitions
 from headrace.client.protocol import Limits
 from headrace.workers.pipeline.entry import ENVELOPE_ALLOWANCE_BYTES
 
@@ -106,6 +107,11 @@ class WorkerSettings(Settings):
     redis_url: str = setting("", "Redis URL (ACL user:password@ and rediss:// pass through); empty: "
                                  f"HEADRACE_REDIS_URL, else {DEFAULT_REDIS_URL}.", app_arg=True)
     namespace: str = setting(DEFAULT_NAMESPACE, "Key prefix shared with producers.", app_arg=True)
+    partitions: int = setting(1, "Request streams the model is split into, each its own Redis Cluster slot "
+                                 "(hash tag {model~p}); the worker reads all of them. 1 = one stream (the "
+                                 "default). Producers must use the same value.", unit="streams", app_arg=True)
+    redis_cluster: bool = setting(False, "Redis URL names a Redis Cluster node: connect with the cluster client "
+                                         "(scripts routed by key, the submit function loaded on every primary).")
     group: str = setting(DEFAULT_GROUP, "Consumer group shared by all workers of the model.")
     consumer: str = setting("", "This worker's consumer name; empty picks a unique one (host-pid-random).")
     model_repo: str = setting("model_repo", "Path of the model repository directory (relative: to the working "
@@ -165,6 +171,7 @@ class WorkerSettings(Settings):
     def validate(self) -> None:
         validate_model_name(self.model)
         validate_namespace(self.namespace)
+        validate_partitions(self.partitions)
         require(bool(self.group) and "{" not in self.group, "group", "must be a non-empty name")
         require(self.backend in {"", "onnx", "torch", "litert"}, "backend",
                 "must be 'onnx', 'torch', 'litert' or empty (manifest)")

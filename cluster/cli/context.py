@@ -22,9 +22,12 @@ class CliConfig:
         return ClientSettings.from_env(redis_url=self.redis_url, namespace=self.namespace, **overrides)
 
     def redis(self) -> Any:
-        import redis
+        """A sync client for the configured Redis: a Redis Cluster client when
+        ``HEADRACE_REDIS_CLUSTER`` is set (keys routed to their node)."""
+        from headrace.client.sharding import sync_client
 
-        return redis.Redis.from_url(self.client_settings().effective_redis_url)
+        s = self.client_settings()
+        return sync_client(s.effective_redis_url, s.redis_cluster)
 
     @property
     def ns(self) -> str:

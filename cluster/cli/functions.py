@@ -18,17 +18,19 @@ def functions() -> None:
 def functions_load_cmd(cfg: CliConfig, force: bool) -> None:
     """Load the library into Redis unless it is loaded already (older versions are replaced).
 
-    Run it once per Redis primary (on a cluster: against every primary). Workers do the same
-    when they start, if their Redis user may (docs/security.md).
+    Run it once per Redis primary; with ``HEADRACE_REDIS_CLUSTER=1`` it loads it on every
+    primary of the cluster. Workers do the same when they start, if their Redis user may
+    (docs/security.md).
     """
-    from headrace.client.functions import LIBRARY_VERSION, ensure_library
+    from headrace.client.functions import LIBRARY_VERSION
+    from headrace.client.sharding import ensure_library_everywhere
 
     r = cfg.redis()
     try:
-        outcome = ensure_library(r, force=force)
+        outcomes = ensure_library_everywhere(r, force=force)
     finally:
         r.close()
-    click.echo(f"headrace function library version {LIBRARY_VERSION}: {outcome.value}")
+    click.echo(f"headrace function library version {LIBRARY_VERSION}: {', '.join(o.value for o in outcomes)}")
 
 
 @functions.command("show")

@@ -17,6 +17,7 @@ def known_models(r: redis.Redis, namespace: str) -> list[str]:
     """Models registered by workers (``<ns>:models``) plus models whose request stream or
     inbox exists without a worker yet (found with SCAN, so a backlog nobody serves still
     shows)."""
+    from headrace.client.keys import PARTITION_SEP
     from headrace.workers.admin.status import list_models
 
     names: set[str] = set()
@@ -26,7 +27,9 @@ def known_models(r: redis.Redis, namespace: str) -> list[str]:
         for key in r.scan_iter(match=f"{namespace}:{{*}}:{suffix}", count=500):
             k = key.decode() if isinstance(key, bytes) else str(key)
             if k.startswith(prefix) and k.endswith(f"}}:{suffix}"):
-                names.add(k[len(prefix):-len(f"}}:{suffix}")])
+                tag = k[len(prefix):-len(f"}}:{suffix}")]
+                model, sep, part = tag.rpartition(PARTITION_SEP)
+                names.add(model if sep and part.isdigit() else tag)  # a partition's key: its model
     return sorted(names)
 
 

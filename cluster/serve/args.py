@@ -187,7 +187,9 @@ class _ServeArgs(Settings):
     def policy_settings(self) -> LagPolicySettings:
         group = str(self.worker_overrides.get("group", "") or LagPolicySettings.group)
         return LagPolicySettings(redis_url=self.redis_url, namespace=self.namespace, model=self.model,
-                                 group=group, target_backlog_per_replica=self.target_backlog_per_replica)
+                                 group=group, target_backlog_per_replica=self.target_backlog_per_replica,
+                                 partitions=self.partitions,
+                                 redis_cluster=bool(self.worker_overrides.get("redis_cluster", False)))
 
     def user_config(self) -> dict[str, Any]:
         """The live worker settings: the deployment's ``user_config``."""

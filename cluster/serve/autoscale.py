@@ -35,13 +35,15 @@ from headrace.client.config import (
     DEFAULT_GROUP,
     DEFAULT_NAMESPACE,
     Settings,
+    redact_url,
     require,
     resolve_redis_url,
     validate_model_name,
     validate_namespace,
 )
 from headrace.client.errors import BrokerError
-from headrace.client.keys import ModelKeys
+from headrace.client.keys import ModelKeys, partition_keys, validate_partitions
+from headrace.client.sharding import sync_client
 from headrace.workers.broker.backlog import group_backlog, last_entry_id
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class LagPolicySettings(Settings):
             roughly ``max_batch`` times the batches a replica clears in the tolerated delay.
         poll_interval_s: shortest time between two Redis polls.
         redis_timeout_s: socket timeout of a poll (the controller waits this long at most).
+        partitions: the model's request streams (the workers' ``partitions``); the backlog
+            is their sum.
+        redis_cluster: ``redis_url`` names a Redis Cluster node.
     """
 
     redis_url: str = ""
@@ -72,6 +77,8 @@ class LagPolicySettings(Settings):
     target_backlog_per_replica: float = 64.0
     poll_interval_s: float = 1.0
     redis_timeout_s: float = 0.5
+    partitions: int = 1
+    redis_cluster: bool = False
 
     def validate(self) -> None:
         validate_namespace(self.namespace)
@@ -81,6 +88,7 @@ class LagPolicySettings(Settings):
                 "must be > 0 entries, e.g. 4 x max_batch")
         require(self.poll_interval_s >= 0, "poll_interval_s", "must be >= 0 s")
         require(self.redis_timeout_s > 0, "redis_timeout_s", "must be > 0 s")
+        validate_partitions(self.partitions)
 
 
 def desired_replicas(backlog: float, target_backlog_per_replica: float) -> float:
@@ -133,6 +141,8 @@ class LagAutoscalingPolicy:
     def __init__(self, **kwargs: Any) -> None:
         self.settings = LagPolicySettings(**kwargs)
         self.keys = ModelKeys(self.settings.namespace, self.settings.model, self.settings.group)
+        self.parts = partition_keys(self.settings.namespace, self.settings.model, self.settings.partitions,
+                                    self.settings.group)
         self._client: Any = None
         self._last_poll = -math.inf
         self._last: tuple[int, int] | None = None
@@ -140,10 +150,15 @@ class LagAutoscalingPolicy:
     def _redis(self) -> Any:
         if self._client is None:
             import redis
+            from redis.exceptions import RedisClusterException
 
             url = resolve_redis_url(self.settings.redis_url)
-            self._client = redis.Redis.from_url(url, socket_timeout=self.settings.redis_timeout_s,
-                                                socket_connect_timeout=self.settings.redis_timeout_s)
+            try:  # a cluster client connects at once, to learn the slot map
+                self._client = sync_client(url, self.settings.redis_cluster,
+                                           socket_timeout=self.settings.redis_timeout_s,
+                                           socket_connect_timeout=self.settings.redis_timeout_s)
+            except (redis.RedisError, RedisClusterException) as e:
+                raise BrokerError(f"cannot reach Redis at {redact_url(url)}: {e}") from e
         return self._client
 
     def poll(self, now: float | None = None) -> tuple[int, int] | None:
@@ -153,7 +168,8 @@ class LagAutoscalingPolicy:
             return self._last
         self._last_poll = now
         try:
-            self._last = read_backlog(self._redis(), self.keys)
+            each = [read_backlog(self._redis(), keys) for keys in self.parts]
+            self._last = sum(lag for lag, _ in each), sum(pending for _, pending in each)
         except BrokerError as e:
             log.warning("autoscaling %s: %s; using replica reports", self.keys.model, e)
             self._last = None

@@ -14,8 +14,9 @@ import pytest
 import redis
 
 from headrace.client import errors as E
-from headrace.client.keys import ModelKeys
+from headrace.client.keys import ModelKeys, partition_keys
 from headrace.workers.broker.base import Broker, CommitRejected, RelayStep
+from headrace.workers.broker.partitioned import PartitionedBroker, unwrap, wrap
 from headrace.workers.broker.redis_broker import RedisBroker
 from headrace.workers.pipeline import ops
 from headrace.workers.pipeline.entry import Entry
@@ -59,6 +60,10 @@ class MemoryHarness:
 
     def add(self, fields: dict[bytes, bytes]) -> str:
         return self.store.add(fields)
+
+    def stream_id(self, entry_id: str) -> str:
+        """The id the request stream (and so a dead letter) knows ``entry_id`` by."""
+        return entry_id
 
     def replies(self, key: str) -> list[dict[bytes, bytes]]:
         return [f for _, f in self.store.replies.get(key, [])]
@@ -115,6 +120,9 @@ class RedisHarness:
     def add(self, fields: dict[bytes, bytes]) -> str:
         return self.r.xadd(KEYS.requests, fields).decode()  # type: ignore[arg-type,union-attr]
 
+    def stream_id(self, entry_id: str) -> str:
+        return entry_id
+
     def replies(self, key: str) -> list[dict[bytes, bytes]]:
         return [f for _, f in self.r.xrange(key)]  # type: ignore[union-attr]
 
@@ -146,9 +154,62 @@ class RedisHarness:
         self.r.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+class PartitionedHarness(RedisHarness):
+    """A model split into 3 partitions (one :class:`PartitionedBroker` over 3 Redis brokers)
+    whose producer routes every request of these scenarios to partition 1: the scenarios
+    see one stream, as they assume, while every call goes through the partition routing
+    (wrapped ids, rotating reads, waits on every partition). Spreading over partitions has
+    its own tests (tests/integration/test_partitioned_broker.py)."""
+
+    name = "partitioned"
+    PART = 1
+    ALL = partition_keys("headrace", "affine", 3)
+    dlq_key = ALL[PART].dlq
+    requests_key = ALL[PART].requests
+
+    def _parts(self, settings: WorkerSettings) -> Broker:
+        b = PartitionedBroker([RedisBroker(settings, keys=k) for k in self.ALL], route=lambda rid: self.PART)
+        self.brokers.append(b)
+        return b
+
+    def broker(self, consumer: str = "a") -> Broker:
+        return self._parts(self.settings(consumer))
+
+    def unreachable(self) -> Broker:
+        return self._parts(self.settings("down", "redis://127.0.0.1:1/0"))
+
+    def add(self, fields: dict[bytes, bytes]) -> str:
+        return wrap(self.PART, self.r.xadd(self.ALL[self.PART].requests, fields).decode())  # type: ignore[arg-type,union-attr]
+
+    def stream_id(self, entry_id: str) -> str:
+        return unwrap(entry_id)[1]  # the partition's stream knows the plain id
+
+    def dlq(self) -> list[dict[bytes, bytes]]:
+        return [f for _, f in self.r.xrange(self.dlq_key)]  # type: ignore[union-attr]
+
+    def pending(self) -> dict[str, tuple[str, int]]:
+        keys = self.ALL[self.PART]
+        rows = self.r.xpending_range(keys.requests, keys.group, "-", "+", 1000)
+        return {wrap(self.PART, row["message_id"].decode()): (row["consumer"].decode(), int(row["times_delivered"]))
+                for row in rows}
+
+    def length(self) -> int:
+        return int(self.r.xlen(self.ALL[self.PART].requests))
+
+    def cancel(self, request_id: str, up_to_ms: int) -> None:
+        self.r.set(self.ALL[self.PART].cancel(request_id), str(up_to_ms))
+
+    def push(self, element: bytes) -> None:
+        self.r.rpush(self.ALL[self.PART].inbox, element)
+
+    def inbox(self) -> int:
+        return int(self.r.llen(self.ALL[self.PART].inbox))
+
+
+@pytest.fixture(params=["memory", "redis", "partitioned"])
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    harness: Any = MemoryHarness() if request.param == "memory" else RedisHarness(request.getfixturevalue("redis_url"))
+    harness: Any = MemoryHarness() if request.param == "memory" else (
+        RedisHarness if request.param == "redis" else PartitionedHarness)(request.getfixturevalue("redis_url"))
     yield harness
     await harness.close()
 
@@ -246,7 +307,7 @@ async def test_a_reply_to_a_key_of_another_type_is_unwritable_and_dead_lettered(
     assert await b.commit([Reply(eid, "u", bad_key, result_fields("u"))]) == [UNWRITABLE]
     (dead,) = h.dlq()
     assert dead[b"id"] == b"u" and dead[ops.DLQ_CODE] == E.INTERNAL_ERROR.encode()
-    assert dead[ops.DLQ_ENTRY_ID] == eid.encode() and h.pending() == {}
+    assert dead[ops.DLQ_ENTRY_ID] == h.stream_id(eid).encode() and h.pending() == {}
     assert await b.answered(["u"]) == [False], "no marker: a replay may answer it"
 
 

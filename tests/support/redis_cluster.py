@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -49,15 +50,18 @@ class RedisClusterProcs:
     Args:
         masters: number of master nodes (no replicas).
         node_timeout_ms: ``cluster-node-timeout``.
+        appendonly: persist every node's data (AOF), so a node restarted on its data folder
+            comes back with its streams (its cluster config, ``nodes.conf``, always persists).
 
     Raises:
         BrokerError: from :meth:`start` when a node does not come up or the cluster does
             not reach ``cluster_state:ok`` within ``timeout_s``.
     """
 
-    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 5000) -> None:
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 5000, appendonly: bool = False) -> None:
         self.masters = masters
         self.node_timeout_ms = node_timeout_ms
+        self.appendonly = appendonly
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.nodes: list[EmbeddedRedis] = []
         self.bus_ports: list[int] = []
@@ -79,7 +83,7 @@ class RedisClusterProcs:
             for port, bus in zip(data_ports, self.bus_ports, strict=True):
                 d = Path(self._tmp.name) / str(port)
                 d.mkdir()
-                node = EmbeddedRedis(port, data_dir=d, extra_args=[
+                node = EmbeddedRedis(port, data_dir=d, appendonly=self.appendonly, extra_args=[
                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                     "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-port", str(bus)])
                 self.nodes.append(node.start())
@@ -102,6 +106,15 @@ class RedisClusterProcs:
                 first.execute_command("CLUSTER MEET", "127.0.0.1", node.port, bus)
         finally:
             first.close()
+        self.wait_ok(timeout_s)
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Return once every node reports ``cluster_state:ok``, knows every other node and
+        sees all slots assigned (after forming, or after a node restarted).
+
+        Raises:
+            BrokerError: not within ``timeout_s``.
+        """
         give_up = time.monotonic() + timeout_s
         while True:
             infos = [_cluster_info(n) for n in self.nodes]
@@ -112,6 +125,35 @@ class RedisClusterProcs:
                 raise BrokerError(f"Redis Cluster of {self.masters} did not form within {timeout_s:.0f}s: "
                                   f"{[(i.get('cluster_state'), i.get('cluster_known_nodes')) for i in infos]}")
             time.sleep(0.1)
+
+    def place(self, keys: Sequence[str]) -> list[int]:
+        """Give the slot of ``keys[i]`` to master ``i % masters`` (``CLUSTER SETSLOT <slot>
+        NODE <id>`` on every node: what an operator does once for a partitioned model's
+        empty slots, since a model's partition tags may hash to slots of one master).
+        Returns the master index of each key. The slots must hold no keys (flush first).
+
+        Raises:
+            redis.RedisError: a node refused (e.g. the slot holds keys).
+        """
+        from redis.cluster import key_slot
+
+        ids = []
+        for n in self.nodes:
+            r = redis.Redis.from_url(n.url)
+            try:
+                ids.append(r.execute_command("CLUSTER MYID").decode())
+            finally:
+                r.close()
+        owners = [i % self.masters for i in range(len(keys))]
+        for key, owner in zip(keys, owners, strict=True):
+            slot = key_slot(key.encode())
+            for n in [self.nodes[owner], *[m for m in self.nodes if m is not self.nodes[owner]]]:
+                r = redis.Redis.from_url(n.url)
+                try:
+                    r.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[owner])
+                finally:
+                    r.close()
+        return owners
 
     def flush(self) -> None:
         """``FLUSHALL`` on every master."""

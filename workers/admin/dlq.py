@@ -5,6 +5,10 @@ all) plus the ``dlq_*`` fields named in :mod:`headrace.workers.pipeline.ops`: re
 its id in the request stream, deliveries, when, and the entry's size in Redis (bytes and
 fields; an oversize entry is recorded by its sizes, its payload never copied). These
 functions take a synchronous ``redis.Redis``.
+
+A partitioned model (docs/scaling.md section 4; the count comes from its workers' registry
+records) has one dead-letter stream per partition: these functions cover all of them, and
+a dead letter's ``dlq_id`` then names its partition, ``<p>/<stream id>``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
+from headrace.workers.admin.status import served_keys
 from headrace.workers.broker import scripts
 from headrace.workers.pipeline import ops
 
@@ -91,12 +96,31 @@ def dlq_list(redis: Any, namespace: str, model: str, count: int = 100) -> list[D
     Raises:
         BrokerError: Redis unreachable. ConfigError: invalid names.
     """
-    keys = ModelKeys(namespace, model)
+    out: list[DeadLetter] = []
     try:
-        entries = redis.xrange(keys.dlq, min="-", max="+", count=max(1, count))
+        parts = served_keys(redis, namespace, model)
+        for p, keys in enumerate(parts):
+            entries = redis.xrange(keys.dlq, min="-", max="+", count=max(1, count - len(out)))
+            out += [DeadLetter.from_entry(_named(p, len(parts), i), f) for i, f in entries]
+            if len(out) >= count:
+                break
+    except E.HeadraceError:
+        raise
     except Exception as e:  # noqa: BLE001 - redis-py connection errors have several types
         raise _wrap("reading the DLQ", e) from e
-    return [DeadLetter.from_entry(i, f) for i, f in entries]
+    return out
+
+
+def _named(partition: int, partitions: int, dlq_id: Any) -> str:
+    """A dead letter's id as listed: ``<p>/<stream id>`` when the model has partitions."""
+    return f"{partition}/{_s(dlq_id)}" if partitions > 1 else _s(dlq_id)
+
+
+def _split(dlq_id: str, partitions: int) -> tuple[int, str]:
+    head, sep, rest = dlq_id.partition("/")
+    if partitions > 1 and sep and head.isdigit() and int(head) < partitions:
+        return int(head), rest
+    return 0, dlq_id
 
 
 def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None = None) -> int:
@@ -112,29 +136,35 @@ def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None
     Raises:
         BrokerError: Redis unreachable. ConfigError: invalid names.
     """
-    keys = ModelKeys(namespace, model)
     script = redis.register_script(scripts.source("DLQ_REPLAY"))
     replayed = 0
     try:
+        parts = served_keys(redis, namespace, model)
         if ids is None:
-            cursor = "-"
-            while True:
-                page = redis.xrange(keys.dlq, min=cursor, max="+", count=_PAGE)
-                for dlq_id, raw in page:
-                    replayed += _replay_one(script, keys, DeadLetter.from_entry(dlq_id, raw))
-                if len(page) < _PAGE:
-                    break
-                cursor = f"({_s(page[-1][0])}"
+            for keys in parts:
+                replayed += _replay_all(redis, script, keys)
         else:
-            for dlq_id in ids:
-                page = redis.xrange(keys.dlq, min=dlq_id, max=dlq_id)
+            for named in ids:
+                p, dlq_id = _split(named, len(parts))
+                page = redis.xrange(parts[p].dlq, min=dlq_id, max=dlq_id)
                 if page:
-                    replayed += _replay_one(script, keys, DeadLetter.from_entry(page[0][0], page[0][1]))
+                    replayed += _replay_one(script, parts[p], DeadLetter.from_entry(page[0][0], page[0][1]))
     except E.HeadraceError:
         raise
     except Exception as e:  # noqa: BLE001
         raise _wrap("replaying the DLQ", e) from e
     return replayed
+
+
+def _replay_all(redis: Any, script: Any, keys: ModelKeys) -> int:
+    replayed, cursor = 0, "-"
+    while True:
+        page = redis.xrange(keys.dlq, min=cursor, max="+", count=_PAGE)
+        for dlq_id, raw in page:
+            replayed += _replay_one(script, keys, DeadLetter.from_entry(dlq_id, raw))
+        if len(page) < _PAGE:
+            return replayed
+        cursor = f"({_s(page[-1][0])}"
 
 
 def _replay_one(script: Any, keys: ModelKeys, dl: DeadLetter) -> int:
@@ -153,8 +183,10 @@ def dlq_purge(redis: Any, namespace: str, model: str) -> int:
     Raises:
         BrokerError: Redis unreachable. ConfigError: invalid names.
     """
-    keys = ModelKeys(namespace, model)
     try:
-        return int(redis.register_script(scripts.source("DLQ_PURGE"))(keys=[keys.dlq], args=[]))
+        purge = redis.register_script(scripts.source("DLQ_PURGE"))
+        return sum(int(purge(keys=[keys.dlq], args=[])) for keys in served_keys(redis, namespace, model))
+    except E.HeadraceError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise _wrap("purging the DLQ", e) from e

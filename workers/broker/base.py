@@ -58,6 +58,11 @@ class Broker(abc.ABC):
         and truncated. A read that had to wait returns at most one entry.
         """
 
+    async def read_ready(self, count: int, budget_bytes: int | None = None) -> list[Entry]:
+        """Like :meth:`read`, without waiting: the entries there already (none when none
+        is). Readers of several streams use it to visit each without blocking on one."""
+        return await self.read(count, 1, budget_bytes)
+
     @abc.abstractmethod
     async def claim_abandoned(self, min_idle_ms: int, count: int, budget_bytes: int | None = None) -> list[Entry]:
         """Take over entries pending longer than ``min_idle_ms`` (any consumer, this one

@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from headrace.client import errors as E
-from headrace.client.functions import RELAY_FUNCTION, aensure_library
+from headrace.client.functions import RELAY_FUNCTION
 from headrace.client.keys import ModelKeys, registry_key
 from headrace.client.protocol import now_ms
+from headrace.client.sharding import aensure_library_everywhere, async_client
 from headrace.workers.broker import scripts
 from headrace.workers.broker.backlog import Backlog, group_backlog, last_entry_id, stale_lag
 from headrace.workers.broker.base import Broker, CommitRejected
@@ -100,6 +101,16 @@ def _sized(entry: Entry, max_entry_bytes: int) -> Entry:
     return truncated_entry(entry.entry_id, entry.fields, entry.deliveries, entry.size_bytes, entry.field_count)
 
 
+def _raised_inside_redis_py(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is redis-py's (or asyncio's streams,
+    which redis-py writes through) rather than this package's."""
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and ("/redis/" in last or "/asyncio/" in last)
+
+
 class RedisBroker(Broker):
     """:class:`Broker` on Redis Streams through ``redis.asyncio``.
 
@@ -110,11 +121,13 @@ class RedisBroker(Broker):
     Args:
         settings: stream, group and consumer names, TTLs.
         client: an existing ``redis.asyncio.Redis`` (bytes responses) to use instead.
+        keys: the key set to serve (one partition of the model); None: the model's
+            unpartitioned keys.
     """
 
-    def __init__(self, settings: WorkerSettings, client: Any = None) -> None:
+    def __init__(self, settings: WorkerSettings, client: Any = None, keys: ModelKeys | None = None) -> None:
         self.settings = settings
-        self.keys = ModelKeys(settings.namespace, settings.model, settings.group)
+        self.keys = keys if keys is not None else ModelKeys(settings.namespace, settings.model, settings.group)
         self.consumer = settings.effective_consumer
         self.max_entry_bytes = settings.max_entry_bytes
         self.default_budget_bytes = settings.memory_budget_bytes
@@ -125,12 +138,10 @@ class RedisBroker(Broker):
     @property
     def client(self) -> Any:
         if self._client is None:
-            import redis.asyncio as aredis
-
             # The socket timeout must outlast a blocking XREADGROUP, or a healthy idle read
             # would be reported as a dead connection.
-            self._client = aredis.Redis.from_url(
-                self.settings.effective_redis_url, decode_responses=False,
+            self._client = async_client(
+                self.settings.effective_redis_url, self.settings.redis_cluster, decode_responses=False,
                 socket_connect_timeout=2.0, socket_timeout=self.settings.block_ms / 1000.0 + 10.0,
                 health_check_interval=30)
         return self._client
@@ -157,6 +168,14 @@ class RedisBroker(Broker):
                 raise E.BrokerError(f"{what} failed: {e}") from e
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 raise E.BrokerError(f"{what}: Redis unreachable: {e}") from e
+            except (AttributeError, TypeError) as e:
+                if not _raised_inside_redis_py(e):
+                    raise
+                # redis-py's asyncio cluster client tears a node's connections down when the
+                # node fails, also under a command another task is writing on one of them
+                # (redis/redis-py#3546, #3835): that is the node being unreachable, not a bug
+                # here, and must back off like any outage instead of killing the task.
+                raise E.BrokerError(f"{what}: Redis connection torn down mid-command: {e!r}") from e
         raise AssertionError("unreachable")
 
     def _sizing_args(self, budget_bytes: int | None) -> list[Any]:
@@ -190,7 +209,7 @@ class RedisBroker(Broker):
         import redis
 
         try:
-            await aensure_library(self.client)
+            await aensure_library_everywhere(self.client)
         except E.BrokerError as e:
             if not isinstance(e.__cause__, redis.exceptions.NoPermissionError):
                 raise
@@ -210,14 +229,9 @@ class RedisBroker(Broker):
         # What is there already, sized to the budget by the READ script; only when nothing
         # is, one blocking XREADGROUP COUNT 1: a script cannot block, and one entry is the
         # most a wait can bring in unsized.
-        args = [self.settings.group, self.consumer, max(1, int(count)), *self._sizing_args(budget_bytes)]
-
-        async def sized() -> Any:
-            return await self._script("READ")(keys=[self.keys.requests], args=args)
-
-        items = await self._call("XREADGROUP", sized)
-        if items:
-            return [_script_entry(item) for item in items]
+        ready = await self.read_ready(count, budget_bytes)
+        if ready:
+            return ready
 
         async def wait() -> Any:
             return await self.client.xreadgroup(self.settings.group, self.consumer, {self.keys.requests: ">"},
@@ -226,6 +240,14 @@ class RedisBroker(Broker):
         resp = await self._call("XREADGROUP", wait)
         return [_sized(Entry(_s(entry_id), fields or {}, 1), self.max_entry_bytes)
                 for entry_id, fields in _stream_entries(resp)]
+
+    async def read_ready(self, count: int, budget_bytes: int | None = None) -> list[Entry]:
+        args = [self.settings.group, self.consumer, max(1, int(count)), *self._sizing_args(budget_bytes)]
+
+        async def sized() -> Any:
+            return await self._script("READ")(keys=[self.keys.requests], args=args)
+
+        return [_script_entry(item) for item in await self._call("XREADGROUP", sized)]
 
     async def claim_abandoned(self, min_idle_ms: int, count: int, budget_bytes: int | None = None) -> list[Entry]:
         out: list[Entry] = []
@@ -345,7 +367,9 @@ class RedisBroker(Broker):
             script = self._script("COMMIT")
             pipe = self.client.pipeline(transaction=False)
             if ops:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                # (as a plain command: redis-py's cluster pipeline refuses its evalsha method
+                # but routes EVALSHA by its keys like any other command)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             for line in stats:
                 pipe.xadd(self.keys.stats, line.to_fields(at), maxlen=STATS_MAXLEN, approximate=True)
             res = list(await pipe.execute(raise_on_error=False))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from headrace.client import errors as E
-from headrace.client.keys import ModelKeys
+from headrace.client.keys import ModelKeys, partition_keys
 from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
@@ -50,13 +50,16 @@ class Admission:
         self.settings, self.servable, self.answers, self.counters = settings, servable, answers, counters
         self.metrics: WorkerMetrics = metrics if metrics is not None else NullMetrics()
         self.reply_prefix = ModelKeys(settings.namespace, settings.model, settings.group).reply("")
+        # A partitioned model's reply streams live in its partitions' slots.
+        self.reply_prefixes = tuple(k.reply("") for k in partition_keys(
+            settings.namespace, settings.model, settings.partitions, settings.group))
 
     def reply_allowed(self, reply_to: str) -> bool:
         """A result may only go to a reply stream of this model (``<ns>:{<model>}:reply:*``):
         otherwise a producer could make workers write into any key they can write (another
         model's request stream, the DLQ), and on Redis Cluster a foreign slot would break the
         atomic commit script."""
-        return not self.settings.restrict_reply_to or reply_to.startswith(self.reply_prefix)
+        return not self.settings.restrict_reply_to or reply_to.startswith(self.reply_prefixes)
 
     # --- stage 1: route ----------------------------------------------------------------------
 

@@ -80,9 +80,9 @@ class StreamWorker:
             raise E.ConfigError(f"instances={settings.instances} needs a thread-safe servable; "
                                 f"{type(servable).__name__} is not: use instances=1")
         if broker is None:
-            from headrace.workers.broker.redis_broker import RedisBroker
+            from headrace.workers.broker.partitioned import redis_broker
 
-            broker = RedisBroker(settings)
+            broker = redis_broker(settings)
         self.servable = servable
         self.broker = broker
         self.consumer = broker.consumer

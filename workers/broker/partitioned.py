@@ -1,0 +1,363 @@
+"""One consumer of a model split into ``P`` partitions (docs/scaling.md section 4): the
+:class:`~headrace.workers.broker.base.Broker` interface over one broker per partition.
+
+Each partition is its own request stream with its own hash tag (``{<model>~<p>}``), hence
+its own Redis Cluster slot, and a cluster refuses one command over several slots
+(``CROSSSLOT``). So nothing here ever sends a command over two partitions:
+
+* **reads** visit the partitions in turn without waiting (each a sized ``READ`` script),
+  starting one further each time, so a busy partition never starves the others; only when
+  all are empty does the read wait, with one blocking ``XREADGROUP COUNT 1`` per
+  partition at once (each broker has its own connections). The first that brings an entry
+  ends the wait; the others keep waiting in the background and what they bring is handed
+  out by the next reads (never lost: on :meth:`close` it is handed back, claimable at once);
+* **entry ids** carry their partition (``<p>/<stream id>``), so acks, lease refreshes,
+  hand-backs and dead letters go to the partition the entry came from, grouped per
+  partition; the dead-letter record keeps the plain stream id;
+* **dedupe and cancel checks** go to the partition the request id maps to
+  (``crc32(request_id) % P``, where producers put it); the commit script checks the marker
+  again atomically in the entry's own partition, so a request a foreign producer put
+  elsewhere is still answered at most once;
+* the **registry** heartbeat is the model's (one per worker), backlog and trims add up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from headrace.client import errors as E
+from headrace.client.keys import partition_keys, partition_of
+from headrace.workers.broker.backlog import Backlog
+from headrace.workers.broker.base import Broker, RelayStep
+from headrace.workers.pipeline.entry import Entry
+from headrace.workers.pipeline.ops import Op
+from headrace.workers.pipeline.stats import BatchStats
+from headrace.workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SEP = "/"
+
+
+def wrap(partition: int, entry_id: str) -> str:
+    """The id a partitioned entry has in the worker: ``<partition>/<stream id>``."""
+    return f"{partition}{SEP}{entry_id}"
+
+
+def unwrap(entry_id: str) -> tuple[int, str]:
+    """``(partition, stream id)`` of a wrapped id; an id without a partition is partition 0's."""
+    head, sep, rest = entry_id.partition(SEP)
+    return (int(head), rest) if sep and head.isdigit() else (0, entry_id)
+
+
+def _rewrap(partition: int, entry: Entry) -> Entry:
+    return dataclasses.replace(entry, entry_id=wrap(partition, entry.entry_id))
+
+
+def _group(ids: Sequence[str]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for i in ids:
+        p, sid = unwrap(i)
+        out.setdefault(p, []).append(sid)
+    return out
+
+
+class PartitionedBroker(Broker):
+    """:class:`Broker` over ``parts`` (one broker per partition, index = partition number).
+    See module doc.
+
+    Args:
+        parts: the partitions' brokers, all of one consumer name.
+        release_idle_ms: the idle time entries handed back on :meth:`close` get (so others
+            claim them at once).
+        route: the partition of a request id (None: ``crc32(request_id) % P``, what the
+            SDK uses; another producer's rule may be given here).
+    """
+
+    def __init__(self, parts: Sequence[Broker], release_idle_ms: int = 30_000,
+                 route: Callable[[str], int] | None = None) -> None:
+        if not parts:
+            raise E.ConfigError("a partitioned broker needs at least one partition")
+        self.parts = list(parts)
+        self.consumer = parts[0].consumer
+        self.max_entry_bytes = parts[0].max_entry_bytes
+        self.default_budget_bytes = parts[0].default_budget_bytes
+        self.release_idle_ms = release_idle_ms
+        self._route = route
+        self._next = 0  # the partition the next read starts from
+        self._waits: dict[int, asyncio.Task[list[Entry]]] = {}
+        self._ready: list[Entry] = []  # brought in by waits, not yet handed out (wrapped ids)
+        self._inbox_waits: dict[int, asyncio.Task[bool]] = {}
+
+    @property
+    def partitions(self) -> int:
+        return len(self.parts)
+
+    def _order(self) -> list[int]:
+        start, self._next = self._next, (self._next + 1) % len(self.parts)
+        return [(start + i) % len(self.parts) for i in range(len(self.parts))]
+
+    def _of(self, request_id: str) -> int:
+        return self._route(request_id) if self._route is not None else partition_of(request_id, len(self.parts))
+
+    async def ensure_group(self) -> None:
+        for part in self.parts:
+            await part.ensure_group()
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _take_ready(self, count: int, budget: int) -> list[Entry]:
+        out: list[Entry] = []
+        while self._ready and len(out) < count:
+            size = 0 if self._ready[0].truncated else self._ready[0].size_bytes
+            if out and (size > budget or self._ready[0].truncated):
+                break
+            out.append(self._ready.pop(0))
+            budget -= size
+            if out[-1].truncated:
+                break
+        return out
+
+    async def _visit(self, fetch: Callable[[Broker, int, int], Any], count: int, budget: int) -> list[Entry]:
+        """Ask each partition in turn (``fetch(part, count_left, budget_left)``) until
+        ``count`` entries or the budget are reached; an oversize entry ends the round."""
+        out: list[Entry] = []
+        for p in self._order():
+            got = [_rewrap(p, e) for e in await fetch(self.parts[p], count - len(out), budget)]
+            if out and any(e.truncated for e in got):
+                self._ready[:0] = got  # an oversize entry comes alone: the next read hands it out
+                break
+            out += got
+            budget -= sum(0 if e.truncated else e.size_bytes for e in got)
+            if len(out) >= count or budget <= 0 or any(e.truncated for e in got):
+                break
+        return out
+
+    async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
+        budget = self.default_budget_bytes if budget_bytes is None else int(budget_bytes)
+        ready = self._take_ready(count, budget) or await self.read_ready(count, budget)
+        if ready:
+            return ready
+        return await self._wait(block_ms, budget)
+
+    async def read_ready(self, count: int, budget_bytes: int | None = None) -> list[Entry]:
+        budget = self.default_budget_bytes if budget_bytes is None else int(budget_bytes)
+        self._harvest()
+        ready = self._take_ready(count, budget)
+        if ready:
+            return ready
+
+        async def fetch(part: Broker, n: int, left: int) -> list[Entry]:
+            return await part.read_ready(n, left)
+
+        return await self._visit(fetch, count, budget)
+
+    async def _wait(self, block_ms: int, budget: int) -> list[Entry]:
+        """Wait up to ``block_ms`` for an entry on any partition (see module doc)."""
+        for p, part in enumerate(self.parts):
+            if p not in self._waits:
+                self._waits[p] = asyncio.ensure_future(part.read(1, block_ms, budget))
+        await asyncio.wait(list(self._waits.values()), timeout=block_ms / 1000.0 + 0.5,
+                           return_when=asyncio.FIRST_COMPLETED)
+        error = self._harvest()
+        ready = self._take_ready(1, budget)
+        if not ready and error is not None:
+            raise error
+        return ready
+
+    def _harvest(self) -> E.BrokerError | None:
+        """Move what finished waits brought into ``_ready``; the last error they met."""
+        error: E.BrokerError | None = None
+        for p, task in list(self._waits.items()):
+            if not task.done():
+                continue
+            del self._waits[p]
+            if task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is None:
+                self._ready += [_rewrap(p, e) for e in task.result()]
+            elif isinstance(exc, E.BrokerError):
+                error = exc
+            else:
+                error = E.BrokerError(f"reading partition {p} failed: {exc!r}")
+        return error
+
+    async def claim_abandoned(self, min_idle_ms: int, count: int, budget_bytes: int | None = None) -> list[Entry]:
+        budget = self.default_budget_bytes if budget_bytes is None else int(budget_bytes)
+
+        async def fetch(part: Broker, n: int, left: int) -> list[Entry]:
+            return await part.claim_abandoned(min_idle_ms, n, left)
+
+        return await self._visit(fetch, count, budget)
+
+    # --- per-entry operations, grouped by partition ------------------------------------------
+
+    async def refresh_lease(self, entry_ids: Sequence[str]) -> list[str]:
+        owned: list[str] = []
+        for p, ids in _group(entry_ids).items():
+            owned += [wrap(p, i) for i in await self.parts[p].refresh_lease(ids)]
+        return owned
+
+    async def release(self, entries: Sequence[Entry], idle_ms: int) -> list[str]:
+        groups: dict[int, list[Entry]] = {}
+        for e in entries:
+            p, sid = unwrap(e.entry_id)
+            groups.setdefault(p, []).append(dataclasses.replace(e, entry_id=sid))
+        out: list[str] = []
+        for p, group in groups.items():
+            out += [wrap(p, i) for i in await self.parts[p].release(group, idle_ms)]
+        return out
+
+    async def _by_request(self, request_ids: Sequence[str], ask: Callable[[Broker, list[str]], Any]) -> list[T]:
+        groups: dict[int, list[int]] = {}
+        for i, rid in enumerate(request_ids):
+            groups.setdefault(self._of(rid), []).append(i)
+        out: list[Any] = [None] * len(request_ids)
+        for p, idx in groups.items():
+            for i, value in zip(idx, await ask(self.parts[p], [request_ids[i] for i in idx]), strict=True):
+                out[i] = value
+        return out
+
+    async def answered(self, request_ids: Sequence[str]) -> list[bool]:
+        async def ask(part: Broker, rids: list[str]) -> list[bool]:
+            return await part.answered(rids)
+
+        return await self._by_request(request_ids, ask)
+
+    async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
+        async def ask(part: Broker, rids: list[str]) -> list[int]:
+            return await part.cancel_marks(rids)
+
+        return await self._by_request(request_ids, ask)
+
+    async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
+        """Each partition's ops in one commit of its own (atomic per partition, in
+        parallel); the stats lines go to partition 0's stats stream.
+
+        Raises:
+            CommitRejected: a partition refused its ops (the others' were applied; their
+                dedupe markers make committing them again a no-op).
+            BrokerError: a partition is unreachable.
+        """
+        groups: dict[int, list[int]] = {}
+        for i, op in enumerate(ops):
+            groups.setdefault(unwrap(op.entry_id)[0], []).append(i)
+        if stats and 0 not in groups:
+            groups[0] = []  # the stats lines go to partition 0's stats stream (headrace status reads it)
+        calls = []
+        for p, idx in groups.items():
+            inner = [dataclasses.replace(ops[i], entry_id=unwrap(ops[i].entry_id)[1]) for i in idx]
+            calls.append(self.parts[p].commit(inner, stats if p == 0 else ()))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for res in outcomes:
+            if isinstance(res, BaseException):
+                raise res
+        out = [0] * len(ops)
+        for idx, res in zip(groups.values(), outcomes, strict=True):
+            for i, value in zip(idx, res, strict=True):  # type: ignore[arg-type]
+                out[i] = value
+        return out
+
+    # --- the model as a whole ----------------------------------------------------------------
+
+    async def relay(self, count: int) -> RelayStep:
+        """One ``headrace_relay`` step of up to ``count`` elements per partition (each inbox
+        is in its partition's slot); the step's figures add up over the partitions."""
+        added = dead = left = 0
+        for part in self.parts:
+            step = await part.relay(count)
+            added, dead, left = added + step.added, dead + step.dead_lettered, left + step.left
+        return RelayStep(added, dead, left)
+
+    async def wait_inbox(self, block_ms: int) -> bool:
+        """Wait on every partition's inbox at once (one blocking wait each: their keys are
+        in different slots). Waits still running when the first one returns keep running
+        and are reused by the next call, so no connection is torn down by a cancel."""
+        for p, part in enumerate(self.parts):
+            if p not in self._inbox_waits:
+                self._inbox_waits[p] = asyncio.ensure_future(part.wait_inbox(block_ms))
+        await asyncio.wait(list(self._inbox_waits.values()), timeout=block_ms / 1000.0 + 0.5,
+                           return_when=asyncio.FIRST_COMPLETED)
+        found, error = False, None
+        for p, task in list(self._inbox_waits.items()):
+            if not task.done():
+                continue
+            del self._inbox_waits[p]
+            exc = task.exception()
+            if exc is None:
+                found = found or bool(task.result())
+            elif isinstance(exc, E.BrokerError):
+                error = exc
+            else:
+                raise exc
+        if not found and error is not None:
+            raise error
+        return found
+
+    async def trim(self) -> int:
+        return sum([await part.trim() for part in self.parts])
+
+    async def backlog(self) -> Backlog:
+        each = [await part.backlog() for part in self.parts]
+        return Backlog(sum(b.lag for b in each), sum(b.pending for b in each))
+
+    async def heartbeat(self, worker: Mapping[str, Any], describe: Mapping[str, Any] | None = None,
+                        stale_ms: int = 30_000) -> None:
+        await self.parts[0].heartbeat({**worker, "partitions": len(self.parts)}, describe, stale_ms)
+
+    async def unregister(self) -> None:
+        await self.parts[0].unregister()
+
+    async def delete_idle_consumers(self, min_idle_ms: int, only: str | None = None) -> list[str]:
+        # Each partition's group deletes the consumers that own nothing there (a consumer
+        # that never read a partition is not in its group at all): the names deleted somewhere.
+        deleted: set[str] = set()
+        for part in self.parts:
+            deleted.update(await part.delete_idle_consumers(min_idle_ms, only))
+        return sorted(deleted)
+
+    async def ping(self) -> None:
+        for part in self.parts:
+            await part.ping()
+
+    async def close(self) -> None:
+        """Let running waits end (at most ``block_ms``), hand back every entry they brought
+        that was never handed out, then close the partitions' brokers."""
+        if self._waits:
+            await asyncio.wait(list(self._waits.values()), timeout=60.0)
+            for task in self._waits.values():
+                task.cancel()
+        self._harvest()
+        self._waits.clear()
+        inbox_waits = list(self._inbox_waits.values())
+        self._inbox_waits.clear()
+        for wait in inbox_waits:
+            wait.cancel()  # a wait only rotates the inbox: nothing to hand back
+        await asyncio.gather(*inbox_waits, return_exceptions=True)
+        unread, self._ready = self._ready, []
+        if unread:
+            try:
+                await self.release(unread, self.release_idle_ms)
+            except E.BrokerError as e:
+                log.warning("could not hand back %d entries read but never run (%s); others claim them after "
+                            "their lease", len(unread), e)
+        for part in self.parts:
+            await part.close()
+
+
+def redis_broker(settings: WorkerSettings) -> Broker:
+    """The worker's broker for ``settings``: a :class:`RedisBroker` on the model's stream
+    when ``partitions`` is 1, else a :class:`PartitionedBroker` over one per partition."""
+    from headrace.workers.broker.redis_broker import RedisBroker
+
+    if settings.partitions == 1:
+        return RedisBroker(settings)
+    parts = [RedisBroker(settings, keys=k)
+             for k in partition_keys(settings.namespace, settings.model, settings.partitions, settings.group)]
+    return PartitionedBroker(parts, release_idle_ms=int(settings.lease_s * 1000))
