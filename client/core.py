@@ -17,6 +17,7 @@ from redis.backoff import AbstractBackoff
 
 from headrace.client import errors as E
 from headrace.client.backoff import BackoffPolicy
+from headrace.client.chunks import Chunk, prepare_chunk
 from headrace.client.config import ClientSettings
 from headrace.client.failures import broker_error
 from headrace.client.health import RegistryCache
@@ -123,6 +124,17 @@ class ClientCore:
         keys = self.model_keys(model)
         prepared = prepare_request(keys, keys.reply(self.client_id), inputs, text, request_id=request_id,
                                    deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
+        return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
+
+    def new_chunk_ticket(self, model: str, chunk: Chunk, request_id: str | None, deadline_s: float | None) -> Ticket:
+        """Prepare one multi-sample request of ``chunk`` (not sent yet).
+
+        Raises:
+            ProtocolError: invalid inputs or request id. ConfigError: invalid model name.
+        """
+        keys = self.model_keys(model)
+        prepared = prepare_chunk(keys, keys.reply(self.client_id), chunk, request_id=request_id,
+                                 deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
         return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
 
     def checked(self, model: str) -> bool:

@@ -39,6 +39,7 @@ DEADLINE_EXCEEDED: Final = "deadline_exceeded"
 QUEUE_FULL: Final = "queue_full"
 INTERNAL_ERROR: Final = "internal_error"
 CONFIG_ERROR: Final = "config_error"
+TOO_MANY_SAMPLES: Final = "too_many_samples"
 # SDK outcomes, never in a result: the client stopped waiting (its timeout_s), the caller
 # cancelled, Redis failed under a submit or read, no live worker serves the model (fail_fast).
 RESULT_TIMEOUT: Final = "result_timeout"
@@ -68,6 +69,7 @@ ALL_CODES: Final = frozenset(
         CANCELLED,
         BROKER_ERROR,
         MODEL_UNAVAILABLE,
+        TOO_MANY_SAMPLES,
     }
 )
 

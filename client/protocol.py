@@ -330,9 +330,22 @@ def decode_body(envelope: Envelope, data: bytes | None, limits: Limits = DEFAULT
         PayloadTooLargeError, DecodeError, MissingFieldError, InvalidTensorError, and
         ProtocolError with code ``bad_value`` for a ``text`` that is not a str.
     """
+    return decode_body_map(envelope, unpack_body(data, limits), limits)
+
+
+def unpack_body(data: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """The msgpack-decoded ``body`` field of a request entry.
+
+    Raises:
+        MissingFieldError: no body; PayloadTooLargeError, DecodeError: see :func:`decode_body`.
+    """
     if data is None:
         raise E.MissingFieldError("entry field 'body' is missing")
-    body = _unpack(data, limits)
+    return _unpack(data, limits)
+
+
+def decode_body_map(envelope: Envelope, body: Any, limits: Limits = DEFAULT_LIMITS) -> Request:
+    """The single-sample request of an unpacked body (see :func:`decode_body`)."""
     if not isinstance(body, dict):
         raise E.DecodeError("body must be a msgpack map with 'inputs' or 'text'")
     if "text" in body and "inputs" in body:
@@ -412,6 +425,8 @@ class Result:
     timings: Timings = field(default_factory=Timings)
     model: str = ""
     version: str = ""
+    #: per-sample results of a multi-sample entry, in order (empty for a single sample).
+    samples: tuple[Result, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -451,12 +466,16 @@ def error_result(request_id: str, code: str, message: str, status: Status = STAT
 
 def encode_result(res: Result) -> dict[bytes, bytes]:
     """Encode a result as reply-stream entry fields."""
-    body = {
+    body: dict[str, Any] = {
         "outputs": {k: encode_tensor(v) for k, v in res.outputs.items()},
         "timings": res.timings.to_wire(),
         "model": res.model,
         "version": res.version,
     }
+    if res.samples:
+        from headrace.client.samples import sample_to_wire
+
+        body["samples"] = [sample_to_wire(s) for s in res.samples]
     return {
         b"v": _b(PROTOCOL_VERSION),
         b"id": _b(res.request_id),
@@ -502,10 +521,15 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
         timings = Timings.from_wire(body.get("timings"))
     except (TypeError, ValueError) as e:
         raise E.DecodeError(f"result timings are malformed: {e}") from e
+    model, version = str(body.get("model") or ""), str(body.get("version") or "")
+    samples: tuple[Result, ...] = ()
+    if "samples" in body:
+        from headrace.client.samples import samples_from_wire
+
+        samples = samples_from_wire(request_id, body["samples"], timings, model, version, _RESULT_LIMITS)
     return Result(
         request_id=request_id, status=cast(Status, status), outputs=outputs,
         code=_s(fields, b"code", required=False) or "",
         message=_s(fields, b"message", required=False) or "",
-        timings=timings,
-        model=str(body.get("model") or ""), version=str(body.get("version") or ""),
+        timings=timings, model=model, version=version, samples=samples,
     )

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys
-from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body
+from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body_map, unpack_body
+from headrace.client.samples import declared_count, decode_samples, is_multi
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
 from headrace.workers.metrics import CANCELLED, NullMetrics, WorkerMetrics
 from headrace.workers.pipeline.answers import Answers
 from headrace.workers.pipeline.entry import Entry, elapsed_ms, envelope_of, route_of
+from headrace.workers.pipeline.group import Group
 from headrace.workers.pipeline.work import Unit, Work
 from headrace.workers.settings import WorkerSettings
 
@@ -40,6 +42,18 @@ class Refusal:
 
     code: str
     message: str
+
+
+@dataclass(frozen=True)
+class Samples:
+    """A multi-sample entry admitted: its group and the samples that go on to a model call
+    (those refused at admission have their slot filled already)."""
+
+    group: Group
+    works: list[Work]
+
+
+Admitted = Work | Samples | Refusal
 
 
 class Admission:
@@ -150,23 +164,55 @@ class Admission:
 
     # --- stage 3: prepare (admission thread) ---------------------------------------------------
 
-    def prepare_all(self, items: Sequence[tuple[Entry, Envelope]], at_ms: int) -> list[Work | Refusal]:
+    def prepare_all(self, items: Sequence[tuple[Entry, Envelope]], at_ms: int) -> list[Admitted]:
         """:meth:`prepare` for each item (one call into the admission thread)."""
         return [self.prepare(entry, env, at_ms) for entry, env in items]
 
-    def prepare(self, entry: Entry, env: Envelope, at_ms: int) -> Work | Refusal:
+    def prepare(self, entry: Entry, env: Envelope, at_ms: int) -> Admitted:
         """Decode and check the body; never raises."""
         try:
-            req = decode_body(env, entry.fields.get(b"body"), self.settings.limits)
-            if self.settings.reject_non_finite:
-                check_finite(req)
-            self.servable.check(req)
+            body = unpack_body(entry.fields.get(b"body"), self.settings.limits)
+            declared = declared_count(entry.fields)
+            if is_multi(body):
+                return self._prepare_samples(entry, env, body, declared, at_ms)
+            if declared not in (None, 1):
+                raise E.ProtocolError(f"entry field n={declared} but the body carries one sample", code=E.BAD_VALUE)
+            req = decode_body_map(env, body, self.settings.limits)
+            self._check(req)
         except E.HeadraceError as err:
             return Refusal(err.code, err.message)
         except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
             log.exception("input check raised for request %s", env.request_id)
             return Refusal(E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}")
         return Work(entry, req, at_ms, self.length(req))
+
+    def _check(self, req: Request) -> None:
+        if self.settings.reject_non_finite:
+            check_finite(req)
+        self.servable.check(req)
+
+    def _prepare_samples(self, entry: Entry, env: Envelope, body: dict[str, object], declared: int | None,
+                         at_ms: int) -> Samples:
+        """Split a multi-sample body: a sample failing its checks fills its slot with the
+        error, the others go on. Entry-wide faults (count, tensors) raise (see
+        :func:`~headrace.client.samples.decode_samples`)."""
+        slots = decode_samples(env, body, declared, self.settings.max_samples_per_entry, self.settings.limits)
+        group = Group(entry, env, at_ms, len(slots))
+        works: list[Work] = []
+        for i, slot in enumerate(slots):
+            if slot.request is None:
+                group.fail(i, slot.code, slot.message)
+                continue
+            try:
+                self._check(slot.request)
+            except E.HeadraceError as err:
+                group.fail(i, err.code, f"sample {i}: {err.message}")
+                continue
+            except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
+                group.fail(i, E.MODEL_ERROR, f"sample {i}: input check failed: {type(err).__name__}: {err}")
+                continue
+            works.append(Work(entry, slot.request, at_ms, self.length(slot.request), group, i))
+        return Samples(group, works)
 
     def length(self, request: Request) -> int:
         """The servable's batching cost hint; 0 when it fails."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, now_ms
-from headrace.workers.engine.admission import Admission, Refusal
+from headrace.workers.engine.admission import Admission, Admitted, Refusal, Samples
 from headrace.workers.engine.daemon import DaemonExecutor
 from headrace.workers.engine.state import Shared
 from headrace.workers.pipeline.entry import Entry
@@ -111,6 +111,11 @@ class Intake:
             for (entry, env), res in zip(candidates, results, strict=True):
                 if isinstance(res, Work):
                     s.batcher.put(res, res.length)
+                elif isinstance(res, Samples):
+                    for w in res.works:
+                        s.batcher.put(w, w.length)
+                    if res.group.complete:  # every sample refused at admission
+                        s.answers.reply_group(res.group, unit)
                 else:
                     s.answers.error(env, entry, res.code, res.message, unit, read_ms=at)
         s.emit(unit)
@@ -142,7 +147,7 @@ class Intake:
             return [False] * len(request_ids), [0] * len(request_ids)
         return done, cancel_ms
 
-    async def _prepare(self, items: list[tuple[Entry, Envelope]], at: int) -> list[Work | Refusal]:
+    async def _prepare(self, items: list[tuple[Entry, Envelope]], at: int) -> list[Admitted]:
         body_bytes = sum(len(entry.fields.get(b"body") or b"") for entry, _ in items)
         if not self.shared.servable.accepts_text and body_bytes <= INLINE_BODY_BYTES:
             return self.admission.prepare_all(items, at)
