@@ -118,7 +118,12 @@ RESULT_CASES: dict[str, list[tuple[str, dict[bytes, bytes]]]] = {
     E.MAX_DELIVERIES: [("affine", entry("affine", x([POISON] * 4)))],
     E.MODEL_ERROR: [("odd", entry("odd", x([7, 7, 7, 7])))],
     E.INTERNAL_ERROR: [("odd", entry("odd", x([1, 2, 3, 4]), id="bug-in-admission"))],
+    # Multi-sample entries (faults of the entry as a whole; per-sample ones: tests/unit/test_multisample.py).
+    E.TOO_MANY_SAMPLES: [("affine", entry("affine", {"samples": 1025, **x(np.zeros((1025, 4)))}, n="1025")),
+                         ("length", entry("length", {"texts": ["t"] * 1025}))],
 }
+RESULT_CASES[E.BAD_VALUE] += [("affine", entry("affine", {"samples": 2, **x(np.zeros((2, 4)))}, n="3"))]
+RESULT_CASES[E.BAD_SHAPE] += [("affine", entry("affine", {"samples": 3, **x(np.zeros((2, 4)))}, n="3"))]
 
 
 class OddServable(AffineServable):
