@@ -8,7 +8,7 @@ each effect it yields (see :class:`~headrace.client.Client` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis

@@ -473,8 +473,6 @@ def encode_result(res: Result) -> dict[bytes, bytes]:
         "version": res.version,
     }
     if res.samples:
-        from headrace.client.samples import sample_to_wire
-
         body["samples"] = [sample_to_wire(s) for s in res.samples]
     return {
         b"v": _b(PROTOCOL_VERSION),
@@ -524,8 +522,6 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     model, version = str(body.get("model") or ""), str(body.get("version") or "")
     samples: tuple[Result, ...] = ()
     if "samples" in body:
-        from headrace.client.samples import samples_from_wire
-
         samples = samples_from_wire(request_id, body["samples"], timings, model, version, _RESULT_LIMITS)
     return Result(
         request_id=request_id, status=cast(Status, status), outputs=outputs,
@@ -533,3 +529,44 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
         message=_s(fields, b"message", required=False) or "",
         timings=timings, model=model, version=version, samples=samples,
     )
+
+
+# --- the slots of a multi-sample result (client/samples.py) -------------------------------
+
+
+def sample_to_wire(res: Result) -> dict[str, Any]:
+    """One slot of a multi-sample result body.
+
+    Raises:
+        InvalidTensorError: an output dtype that is not a wire dtype.
+    """
+    slot: dict[str, Any] = {"status": res.status}
+    if res.outputs:
+        slot["outputs"] = {k: encode_tensor(v) for k, v in res.outputs.items()}
+    if res.code:
+        slot["code"], slot["message"] = res.code, res.message
+    return slot
+
+
+def samples_from_wire(request_id: str, raw: Any, timings: Timings, model: str, version: str,
+                      limits: Limits) -> tuple[Result, ...]:
+    """The per-sample results of a multi-sample result body (each a :class:`Result` with the
+    entry's request id, timings, model and version).
+
+    Raises:
+        DecodeError: a slot is malformed.
+    """
+    if not isinstance(raw, list):
+        raise E.DecodeError("result 'samples' must be a list")
+    out: list[Result] = []
+    for slot in raw:
+        if not isinstance(slot, dict) or slot.get("status") not in STATUSES:
+            raise E.DecodeError("each result sample needs a status of ok|error|expired|rejected")
+        outs = slot.get("outputs") or {}
+        if not isinstance(outs, dict):
+            raise E.DecodeError("result sample outputs must be a map of name -> tensor")
+        status: Status = slot["status"]
+        out.append(Result(request_id, status, {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()},
+                          code=str(slot.get("code") or ""), message=str(slot.get("message") or ""),
+                          timings=timings, model=model, version=version))
+    return tuple(out)

@@ -28,13 +28,9 @@ import numpy as np
 from headrace.client import errors as E
 from headrace.client.protocol import (
     DEFAULT_LIMITS,
-    STATUSES,
     Envelope,
     Limits,
     Request,
-    Result,
-    Status,
-    Timings,
     decode_tensor,
     encode_request,
     encode_tensor,
@@ -176,44 +172,3 @@ def _text_slot(envelope: Envelope, text: Any, limits: Limits) -> SampleSlot:
     if len(text) > limits.max_text_chars:
         return SampleSlot(None, E.PAYLOAD_TOO_LARGE, f"text of {len(text)} chars exceeds {limits.max_text_chars}")
     return SampleSlot(Request(envelope, text=text))
-
-
-# --- results -------------------------------------------------------------------------------
-
-
-def sample_to_wire(res: Result) -> dict[str, Any]:
-    """One slot of a multi-sample result body.
-
-    Raises:
-        InvalidTensorError: an output dtype that is not a wire dtype.
-    """
-    slot: dict[str, Any] = {"status": res.status}
-    if res.outputs:
-        slot["outputs"] = {k: encode_tensor(v) for k, v in res.outputs.items()}
-    if res.code:
-        slot["code"], slot["message"] = res.code, res.message
-    return slot
-
-
-def samples_from_wire(request_id: str, raw: Any, timings: Timings, model: str, version: str,
-                      limits: Limits) -> tuple[Result, ...]:
-    """The per-sample results of a multi-sample result body (each a :class:`Result` with the
-    entry's request id, timings, model and version).
-
-    Raises:
-        DecodeError: a slot is malformed.
-    """
-    if not isinstance(raw, list):
-        raise E.DecodeError("result 'samples' must be a list")
-    out: list[Result] = []
-    for slot in raw:
-        if not isinstance(slot, dict) or slot.get("status") not in STATUSES:
-            raise E.DecodeError("each result sample needs a status of ok|error|expired|rejected")
-        outs = slot.get("outputs") or {}
-        if not isinstance(outs, dict):
-            raise E.DecodeError("result sample outputs must be a map of name -> tensor")
-        status: Status = slot["status"]
-        out.append(Result(request_id, status, {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()},
-                          code=str(slot.get("code") or ""), message=str(slot.get("message") or ""),
-                          timings=timings, model=model, version=version))
-    return tuple(out)

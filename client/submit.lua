@@ -9,9 +9,11 @@
 --
 -- KEYS[1]  the model's request stream, <ns>:{<model>}:requests
 -- KEYS[2]  the model's limits hash, <ns>:{<model>}:limits (written by the model's workers;
---          field max_payload_bytes; absent: DEFAULT_MAX_PAYLOAD_BYTES)
+--          field max_payload_bytes; absent: DEFAULT_MAX_PAYLOAD_BYTES; field extra_samples,
+--          kept by this function and the workers)
 -- ARGV[1]  the workers' consumer group ("workers"), for the backlog reading
--- ARGV[2]  max_backlog: refuse when the backlog is >= this many entries (0 = no limit)
+-- ARGV[2]  max_backlog: refuse when the backlog is >= this many samples (0 = no limit); an
+--          entry counts its field n (multi-sample entries), else 1
 -- ARGV[3…] the request entry as field, value, field, value, ... (see docs/protocol.md)
 --
 -- Returns {1, <entry id>} when the request was added, {0, <backlog>} when the backlog was
@@ -116,6 +118,10 @@ local function check_envelope(fields, model)
       return 'decode_error', name .. ' must be empty or 1-' .. MAX_MS_DIGITS .. ' ASCII digits (Unix ms)'
     end
   end
+  local n = fields['n']
+  if n ~= nil and (#n > 9 or string.match(n, '^[0-9]+$') == nil or tonumber(n) < 1) then
+    return 'decode_error', 'n (the sample count) must be 1-9 ASCII digits, at least 1'
+  end
   if fields['model'] ~= nil and fields['model'] ~= model then
     return 'unknown_model', "entry names model '" .. string.sub(fields['model'], 1, 128)
       .. "' but was sent to the stream of '" .. model .. "'"
@@ -162,7 +168,8 @@ local function submit(keys, args)
   if group == nil or #group == 0 or max_backlog == nil or max_backlog < 0 then
     return refuse('decode_error', 'ARGV must start with <group> <max_backlog>')
   end
-  local max_bytes = tonumber(redis.call('HGET', keys[2], 'max_payload_bytes')) or DEFAULT_MAX_PAYLOAD_BYTES
+  local limits = redis.call('HMGET', keys[2], 'max_payload_bytes', 'extra_samples')
+  local max_bytes = tonumber(limits[1]) or DEFAULT_MAX_PAYLOAD_BYTES
   local fields, code, message = read_fields(args, max_bytes)
   if fields == nil then
     return refuse(code, message)
@@ -171,9 +178,22 @@ local function submit(keys, args)
   if code ~= nil then
     return refuse(code, message)
   end
+  -- Backlog in samples: entries, plus the samples past the first of the multi-sample
+  -- entries queued (extra_samples: added here, taken off by workers once they ack such an
+  -- entry). An empty backlog resets it, so a drift (an entry trimmed unacked) cannot last.
   local backlog = backlog_of(keys[1], group)
-  if max_backlog > 0 and backlog >= max_backlog then
-    return {0, backlog}
+  local extra = tonumber(limits[2]) or 0
+  if backlog == 0 and extra ~= 0 then
+    redis.call('HSET', keys[2], 'extra_samples', 0)
+    extra = 0
+  end
+  local depth = backlog + math.max(extra, 0)
+  if max_backlog > 0 and depth >= max_backlog then
+    return {0, depth}
+  end
+  local samples = tonumber(fields['n'] or '1')
+  if samples > 1 then
+    redis.call('HINCRBY', keys[2], 'extra_samples', samples - 1)
   end
   return {1, redis.call('XADD', keys[1], '*', unpack(args, 3))}
 end

@@ -250,6 +250,8 @@ FUNCTION_REFUSALS: list[tuple[str, Callable[[dict[bytes, bytes]], dict[bytes, by
     ("Arabic-Indic deadline", lambda f: {**f, b"deadline_ms": "\u0661\u0660".encode()}, E.DECODE_ERROR),
     ("ts_ms of 400 nines", lambda f: {**f, b"ts_ms": b"9" * 400}, E.DECODE_ERROR),
     ("another model", lambda f: {**f, b"model": b"minilm"}, E.UNKNOWN_MODEL),
+    ("sample count 0", lambda f: {**f, b"n": b"0"}, E.DECODE_ERROR),
+    ("sample count of 10 digits", lambda f: {**f, b"n": b"1" * 10}, E.DECODE_ERROR),
     ("entry over max_payload_bytes", lambda f: {**f, b"pad": b"\0" * (4 << 20)}, E.PAYLOAD_TOO_LARGE),
     ("4000 fields", lambda f: {**f, **{f"f{i}".encode(): b"x" for i in range(4000)}}, E.PAYLOAD_TOO_LARGE),
 ]

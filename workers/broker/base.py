@@ -95,6 +95,17 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def uncount_samples(self, extra: int) -> None:
+        """Take ``extra`` off the model's ``extra_samples`` (limits hash): the samples past
+        the first of multi-sample entries just acknowledged, which the submit function
+        counted into the backlog.
+
+        Raises:
+            BrokerError: Redis failed (the count is an estimate the submit function resets
+                whenever the backlog is empty: callers may ignore it).
+        """
+
+    @abc.abstractmethod
     async def trim(self) -> int:
         """Remove entries every group has acknowledged; returns how many."""
 

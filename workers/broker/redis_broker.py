@@ -376,6 +376,12 @@ class RedisBroker(Broker):
 
         return int(await self._call("trim", go))
 
+    async def uncount_samples(self, extra: int) -> None:
+        async def go() -> Any:
+            return await self.client.hincrby(self.keys.limits, "extra_samples", -extra)
+
+        await self._call("HINCRBY extra_samples", go)
+
     async def backlog(self) -> Backlog:
         async def go() -> Any:
             pipe = self.client.pipeline(transaction=False)

@@ -69,6 +69,10 @@ class InFlight:
             self.wake()
         return entry
 
+    def get(self, entry_id: str) -> Entry | None:
+        """The held entry ``entry_id``, if held."""
+        return self._entries.get(entry_id)
+
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._entries
 

@@ -83,6 +83,8 @@ class MemoryStore:
         self.wrong_type: set[str] = set()
         self.group_exists = False
         self.fail_ops = 0
+        #: the limits hash's extra_samples (the submit function adds, workers take off).
+        self.extra_samples = 0
 
     # --- producer / inspection side (tests) ----------------------------------------------
 
@@ -319,6 +321,11 @@ class MemoryBroker(Broker):
             for i in doomed:
                 del s.entries[i]
             return len(doomed)
+
+    async def uncount_samples(self, extra: int) -> None:
+        with self.store.lock:
+            self.store._check_up()
+            self.store.extra_samples -= extra
 
     async def backlog(self) -> Backlog:
         with self.store.lock:
