@@ -15,6 +15,7 @@ that entry ``internal_error``, or dead-letters it when nobody can be told):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -165,8 +166,19 @@ class Admission:
     # --- stage 3: prepare (admission thread) ---------------------------------------------------
 
     def prepare_all(self, items: Sequence[tuple[Entry, Envelope]], at_ms: int) -> list[Admitted]:
-        """:meth:`prepare` for each item (one call into the admission thread)."""
-        return [self.prepare(entry, env, at_ms) for entry, env in items]
+        """:meth:`prepare` for each item (one call into the admission thread), then the
+        servable's length hints of every request that goes on, in one call (a text model
+        tokenises them with one ``encode_batch``)."""
+        out = [self.prepare(entry, env, at_ms) for entry, env in items]
+        works = [w for res in out for w in ((res,) if isinstance(res, Work) else
+                                            res.works if isinstance(res, Samples) else ())]
+        if not works:
+            return out
+        hints = iter(self.lengths([w.request for w in works]))
+        sized = {id(w): dataclasses.replace(w, length=next(hints)) for w in works}
+        return [sized[id(res)] if isinstance(res, Work)
+                else Samples(res.group, [sized[id(w)] for w in res.works]) if isinstance(res, Samples) else res
+                for res in out]
 
     def prepare(self, entry: Entry, env: Envelope, at_ms: int) -> Admitted:
         """Decode and check the body; never raises."""
@@ -184,7 +196,7 @@ class Admission:
         except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
             log.exception("input check raised for request %s", env.request_id)
             return Refusal(E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}")
-        return Work(entry, req, at_ms, self.length(req))
+        return Work(entry, req, at_ms)
 
     def _check(self, req: Request) -> None:
         if self.settings.reject_non_finite:
@@ -211,15 +223,16 @@ class Admission:
             except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
                 group.fail(i, E.MODEL_ERROR, f"sample {i}: input check failed: {type(err).__name__}: {err}")
                 continue
-            works.append(Work(entry, slot.request, at_ms, self.length(slot.request), group, i))
+            works.append(Work(entry, slot.request, at_ms, 0, group, i))
         return Samples(group, works)
 
-    def length(self, request: Request) -> int:
-        """The servable's batching cost hint; 0 when it fails."""
+    def lengths(self, requests: Sequence[Request]) -> list[int]:
+        """The servable's batching cost hints; zeros when they fail."""
         try:
-            return int(self.servable.length(request))
+            hints = [int(n) for n in self.servable.lengths(requests)]
         except Exception:  # noqa: BLE001 - length is only a batching hint
-            return 0
+            return [0] * len(requests)
+        return hints if len(hints) == len(requests) else [0] * len(requests)
 
     # --- failures ------------------------------------------------------------------------------
 
