@@ -172,8 +172,8 @@ class Admission:
         out = [self.prepare(entry, env, at_ms) for entry, env in items]
         works = [w for res in out for w in ((res,) if isinstance(res, Work) else
                                             res.works if isinstance(res, Samples) else ())]
-        if not works:
-            return out
+        if not works or not self.servable.accepts_text:
+            return out  # tensor requests got their (cheap) hint in prepare
         hints = iter(self.lengths([w.request for w in works]))
         sized = {id(w): dataclasses.replace(w, length=next(hints)) for w in works}
         return [sized[id(res)] if isinstance(res, Work)
@@ -196,7 +196,7 @@ class Admission:
         except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
             log.exception("input check raised for request %s", env.request_id)
             return Refusal(E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}")
-        return Work(entry, req, at_ms)
+        return Work(entry, req, at_ms, 0 if self.servable.accepts_text else self.lengths([req])[0])
 
     def _check(self, req: Request) -> None:
         if self.settings.reject_non_finite:
@@ -223,7 +223,8 @@ class Admission:
             except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
                 group.fail(i, E.MODEL_ERROR, f"sample {i}: input check failed: {type(err).__name__}: {err}")
                 continue
-            works.append(Work(entry, slot.request, at_ms, 0, group, i))
+            hint = 0 if self.servable.accepts_text else self.lengths([slot.request])[0]
+            works.append(Work(entry, slot.request, at_ms, hint, group, i))
         return Samples(group, works)
 
     def lengths(self, requests: Sequence[Request]) -> list[int]:
