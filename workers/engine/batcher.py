@@ -42,6 +42,8 @@ def select_window(lengths: Sequence[int], oldest: int, size: int) -> list[int]:
     n = len(lengths)
     if size >= n:
         return list(range(n))
+    if min(lengths) == max(lengths):  # fixed-size inputs: the oldest ``size``, no sort
+        return list(range(size))
     order = sorted(range(n), key=lambda i: (lengths[i], i))
     pos = order.index(oldest)
     best_start, best_spread = 0, None

@@ -40,6 +40,8 @@ class Intake:
         self.shared = shared
         self.admission = admission
         self.thread = DaemonExecutor(f"headrace-admit-{shared.settings.model}")
+        #: samples per entry admitted lately (moving average): sizes the next read.
+        self.samples_per_entry = 1.0
 
     def _stopping(self) -> bool:
         return self.shared.control.stopping
@@ -57,7 +59,8 @@ class Intake:
                 await self._wait_for_room()
                 if s.control.stopping:
                     break
-                room = max(1, s.settings.max_batch - len(s.batcher))
+                # Room is counted in samples; multi-sample entries fill it faster.
+                room = max(1, int((s.settings.max_batch - len(s.batcher)) / self.samples_per_entry))
                 entries = await s.broker.read(room, s.settings.block_ms, max(1, s.budget_left()))
                 backoff.ok()
                 if entries:
@@ -108,6 +111,8 @@ class Intake:
             self._keep(entry, env if kept else None, unit, n, candidates)
         if candidates:
             results = await self._prepare(candidates, at)
+            samples = sum(len(res.group.slots) if isinstance(res, Samples) else 1 for res in results)
+            self.samples_per_entry = 0.8 * self.samples_per_entry + 0.2 * samples / len(results)
             for (entry, env), res in zip(candidates, results, strict=True):
                 if isinstance(res, Work):
                     s.batcher.put(res, res.length)
