@@ -28,7 +28,7 @@ import math
 import re
 import reprlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
@@ -473,7 +473,9 @@ def encode_result(res: Result) -> dict[bytes, bytes]:
         "version": res.version,
     }
     if res.samples:
-        body["samples"] = [sample_to_wire(s) for s in res.samples]
+        body["samples"], stacked = samples_to_wire(res.samples)
+        if stacked is not None:
+            body["stacked"] = stacked
     return {
         b"v": _b(PROTOCOL_VERSION),
         b"id": _b(res.request_id),
@@ -522,7 +524,7 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     model, version = str(body.get("model") or ""), str(body.get("version") or "")
     samples: tuple[Result, ...] = ()
     if "samples" in body:
-        samples = samples_from_wire(request_id, body["samples"], timings, model, version, _RESULT_LIMITS)
+        samples = samples_from_wire(request_id, body, timings, model, version, _RESULT_LIMITS)
     return Result(
         request_id=request_id, status=cast(Status, status), outputs=outputs,
         code=_s(fields, b"code", required=False) or "",
@@ -534,39 +536,63 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
 # --- the slots of a multi-sample result (client/samples.py) -------------------------------
 
 
-def sample_to_wire(res: Result) -> dict[str, Any]:
-    """One slot of a multi-sample result body.
+def samples_to_wire(samples: Sequence[Result]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The slots of a multi-sample result body, and its ``stacked`` outputs: when every ok
+    slot has the same output names, dtypes and shapes, they are sent as one tensor per
+    output with a leading sample dimension (rows of other slots are zeros), one buffer per
+    entry instead of one per sample; else each ok slot carries its own ``outputs``.
 
     Raises:
         InvalidTensorError: an output dtype that is not a wire dtype.
     """
+    ok = [s for s in samples if s.status == STATUS_OK and s.outputs]
+    sig = {tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in s.outputs.items()) for s in ok}
+    if len(sig) != 1:
+        return [_slot_to_wire(s, with_outputs=True) for s in samples], None
+    stacked: dict[str, Any] = {}
+    for name, shape, dtype in next(iter(sig)):
+        arr = np.zeros((len(samples), *shape), dtype=dtype)
+        for i, s in enumerate(samples):
+            if s.status == STATUS_OK and s.outputs:
+                arr[i] = s.outputs[name]
+        stacked[name] = encode_tensor(arr)
+    return [_slot_to_wire(s, with_outputs=False) for s in samples], stacked
+
+
+def _slot_to_wire(res: Result, with_outputs: bool) -> dict[str, Any]:
     slot: dict[str, Any] = {"status": res.status}
-    if res.outputs:
+    if with_outputs and res.outputs:
         slot["outputs"] = {k: encode_tensor(v) for k, v in res.outputs.items()}
     if res.code:
         slot["code"], slot["message"] = res.code, res.message
     return slot
 
 
-def samples_from_wire(request_id: str, raw: Any, timings: Timings, model: str, version: str,
+def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings, model: str, version: str,
                       limits: Limits) -> tuple[Result, ...]:
     """The per-sample results of a multi-sample result body (each a :class:`Result` with the
-    entry's request id, timings, model and version).
+    entry's request id, timings, model and version; ``stacked`` outputs become per-slot views).
 
     Raises:
         DecodeError: a slot is malformed.
     """
-    if not isinstance(raw, list):
-        raise E.DecodeError("result 'samples' must be a list")
+    raw, stacked_raw = body.get("samples"), body.get("stacked") or {}
+    if not isinstance(raw, list) or not isinstance(stacked_raw, dict):
+        raise E.DecodeError("result 'samples' must be a list and 'stacked' a map of name -> tensor")
+    stacked = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in stacked_raw.items()}
+    if any(a.ndim == 0 or a.shape[0] != len(raw) for a in stacked.values()):
+        raise E.DecodeError("result 'stacked' outputs need a leading dimension of one row per sample")
     out: list[Result] = []
-    for slot in raw:
+    for i, slot in enumerate(raw):
         if not isinstance(slot, dict) or slot.get("status") not in STATUSES:
             raise E.DecodeError("each result sample needs a status of ok|error|expired|rejected")
         outs = slot.get("outputs") or {}
         if not isinstance(outs, dict):
             raise E.DecodeError("result sample outputs must be a map of name -> tensor")
         status: Status = slot["status"]
-        out.append(Result(request_id, status, {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()},
-                          code=str(slot.get("code") or ""), message=str(slot.get("message") or ""),
-                          timings=timings, model=model, version=version))
+        mine = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()}
+        if status == STATUS_OK and not mine:
+            mine = {k: a[i] for k, a in stacked.items()}
+        out.append(Result(request_id, status, mine, code=str(slot.get("code") or ""),
+                          message=str(slot.get("message") or ""), timings=timings, model=model, version=version))
     return tuple(out)

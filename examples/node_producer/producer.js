@@ -168,11 +168,20 @@ function decodeResult(kv) {
     id: String(f.id), status: String(f.status), code: String(f.code || ''), message: String(f.message || ''),
     model: body.model || '', version: body.version || '', outputs, timings: body.timings || {},
   };
-  // A multi-sample entry's result: one slot per sample, each with its own status.
+  // A multi-sample entry's result: one slot per sample, each with its own status; the ok
+  // slots' outputs are either their own or row i of the entry's "stacked" outputs.
   if (Array.isArray(body.samples)) {
-    res.samples = body.samples.map((slot) => {
+    const stacked = Object.entries(body.stacked || {}).map(([name, t]) => [name, decodeTensor(t)]);
+    res.samples = body.samples.map((slot, i) => {
       const outs = {};
       for (const [name, t] of Object.entries(slot.outputs || {})) outs[name] = decodeTensor(t);
+      if (slot.status === 'ok' && !slot.outputs) {
+        for (const [name, t] of stacked) {
+          const shape = t.shape.slice(1);
+          const row = shape.reduce((a, b) => a * b, 1);
+          outs[name] = { dtype: t.dtype, shape, data: t.data && t.data.slice(i * row, (i + 1) * row) };
+        }
+      }
       return { status: slot.status, code: slot.code || '', message: slot.message || '', outputs: outs };
     });
   }

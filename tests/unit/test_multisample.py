@@ -63,6 +63,16 @@ def test_codec_round_trip_and_count_field() -> None:
     assert [s.status for s in back.samples] == ["ok", "error"] and back.samples[1].code == "bad_value"
     np.testing.assert_array_equal(back.samples[0].outputs["y"], np.arange(3, dtype=np.float32))
     assert decode_result(encode_result(Result("s", "ok"))).samples == ()
+    # equal output signatures travel as one stacked tensor; mixed ones slot by slot
+    same = [Result("m", "ok", {"y": np.full(2, i, np.float32)}) for i in range(3)]
+    wire = encode_result(Result("m", "ok", samples=(*same, slots[1])))
+    body = msgpack.unpackb(wire[b"body"])
+    assert body["stacked"]["y"]["shape"] == [4, 2] and "outputs" not in body["samples"][0]
+    back = decode_result(wire)
+    assert [float(s.outputs["y"][0]) for s in back.samples[:3]] == [0.0, 1.0, 2.0] and not back.samples[3].outputs
+    mixed = decode_result(encode_result(Result("m", "ok", samples=(same[0], Result("m", "ok", {"y": np.ones(5)})))))
+    assert [s.outputs["y"].shape for s in mixed.samples] == [(2,), (5,)]
+    assert "stacked" not in msgpack.unpackb(encode_result(Result("m", "ok", samples=tuple(mixed.samples)))[b"body"])
 
 
 @pytest.mark.timeout(20)
