@@ -99,6 +99,9 @@ class SampleSlot:
     request: Request | None
     code: str = ""
     message: str = ""
+    #: False when a float input of this sample holds NaN or Inf (checked for the whole
+    #: entry at once; texts: always True).
+    finite: bool = True
 
 
 def declared_count(fields: Mapping[bytes, bytes]) -> int | None:
@@ -152,8 +155,13 @@ def decode_samples(envelope: Envelope, body: dict[str, Any], declared: int | Non
         if arr.ndim == 0 or arr.shape[0] != n:
             raise E.InvalidTensorError(f"{name}: shape {list(arr.shape)} needs a leading (sample) dim of {n}",
                                        code=E.BAD_SHAPE)
+    finite = np.ones(n, dtype=bool)
+    for arr in arrays.values():
+        if arr.dtype.kind == "f" and arr.size:
+            finite &= np.isfinite(arr.reshape(n, -1)).all(axis=1)
     # arr[i] is a view: the samples share the entry's one buffer per input (no copies).
-    return [SampleSlot(Request(envelope, inputs={k: a[i] for k, a in arrays.items()})) for i in range(n)]
+    return [SampleSlot(Request(envelope, inputs={k: a[i] for k, a in arrays.items()}), finite=bool(finite[i]))
+            for i in range(n)]
 
 
 def _check_count(n: int, declared: int | None, max_samples: int) -> None:

@@ -211,19 +211,24 @@ class Admission:
         slots = decode_samples(env, body, declared, self.settings.max_samples_per_entry, self.settings.limits)
         group = Group(entry, env, at_ms, len(slots))
         works: list[Work] = []
+        hint: int | None = None  # the samples of one tensor entry share their shapes: one hint
         for i, slot in enumerate(slots):
             if slot.request is None:
                 group.fail(i, slot.code, slot.message)
                 continue
+            if not slot.finite and self.settings.reject_non_finite:
+                group.fail(i, E.BAD_VALUE, f"sample {i}: a float input holds NaN or Inf; send finite values")
+                continue
             try:
-                self._check(slot.request)
+                self.servable.check(slot.request)
             except E.HeadraceError as err:
                 group.fail(i, err.code, f"sample {i}: {err.message}")
                 continue
             except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
                 group.fail(i, E.MODEL_ERROR, f"sample {i}: input check failed: {type(err).__name__}: {err}")
                 continue
-            hint = 0 if self.servable.accepts_text else self.lengths([slot.request])[0]
+            if hint is None:
+                hint = 0 if self.servable.accepts_text else self.lengths([slot.request])[0]
             works.append(Work(entry, slot.request, at_ms, hint, group, i))
         return Samples(group, works)
 
