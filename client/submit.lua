@@ -9,11 +9,11 @@
 --
 -- KEYS[1]  the model's request stream, <ns>:{<model>}:requests
 -- KEYS[2]  the model's limits hash, <ns>:{<model>}:limits (written by the model's workers;
---          field max_payload_bytes; absent: DEFAULT_MAX_PAYLOAD_BYTES; field extra_samples,
---          kept by this function and the workers)
+--          field max_payload_bytes; absent: DEFAULT_MAX_PAYLOAD_BYTES; field
+--          samples_per_entry, absent: 1)
 -- ARGV[1]  the workers' consumer group ("workers"), for the backlog reading
--- ARGV[2]  max_backlog: refuse when the backlog is >= this many samples (0 = no limit); an
---          entry counts its field n (multi-sample entries), else 1
+-- ARGV[2]  max_backlog: refuse when the backlog is >= this many samples (0 = no limit):
+--          entries times the workers' published samples_per_entry
 -- ARGV[3…] the request entry as field, value, field, value, ... (see docs/protocol.md)
 --
 -- Returns {1, <entry id>} when the request was added, {0, <backlog>} when the backlog was
@@ -168,8 +168,7 @@ local function submit(keys, args)
   if group == nil or #group == 0 or max_backlog == nil or max_backlog < 0 then
     return refuse('decode_error', 'ARGV must start with <group> <max_backlog>')
   end
-  local limits = redis.call('HMGET', keys[2], 'max_payload_bytes', 'extra_samples')
-  local max_bytes = tonumber(limits[1]) or DEFAULT_MAX_PAYLOAD_BYTES
+  local max_bytes = tonumber(redis.call('HGET', keys[2], 'max_payload_bytes')) or DEFAULT_MAX_PAYLOAD_BYTES
   local fields, code, message = read_fields(args, max_bytes)
   if fields == nil then
     return refuse(code, message)
@@ -178,22 +177,16 @@ local function submit(keys, args)
   if code ~= nil then
     return refuse(code, message)
   end
-  -- Backlog in samples: entries, plus the samples past the first of the multi-sample
-  -- entries queued (extra_samples: added here, taken off by workers once they ack such an
-  -- entry). An empty backlog resets it, so a drift (an entry trimmed unacked) cannot last.
+  -- Backlog in samples: the entries times the samples per entry the workers published
+  -- (a moving average of what they read; absent: 1). Read-only: producers never write
+  -- the limits hash, whose max_payload_bytes they must not be able to raise.
   local backlog = backlog_of(keys[1], group)
-  local extra = tonumber(limits[2]) or 0
-  if backlog == 0 and extra ~= 0 then
-    redis.call('HSET', keys[2], 'extra_samples', 0)
-    extra = 0
+  if max_backlog > 0 and backlog > 0 then
+    local per_entry = tonumber(redis.call('HGET', keys[2], 'samples_per_entry')) or 1
+    backlog = math.floor(backlog * math.max(per_entry, 1) + 0.5)
   end
-  local depth = backlog + math.max(extra, 0)
-  if max_backlog > 0 and depth >= max_backlog then
-    return {0, depth}
-  end
-  local samples = tonumber(fields['n'] or '1')
-  if samples > 1 then
-    redis.call('HINCRBY', keys[2], 'extra_samples', samples - 1)
+  if max_backlog > 0 and backlog >= max_backlog then
+    return {0, backlog}
   end
   return {1, redis.call('XADD', keys[1], '*', unpack(args, 3))}
 end

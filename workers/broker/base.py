@@ -95,14 +95,13 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def uncount_samples(self, extra: int) -> None:
-        """Take ``extra`` off the model's ``extra_samples`` (limits hash): the samples past
-        the first of multi-sample entries just acknowledged, which the submit function
-        counted into the backlog.
+    async def publish_samples_per_entry(self, value: float) -> None:
+        """Publish how many samples the entries of this model carry lately (a moving
+        average, >= 1) as ``samples_per_entry`` in its limits hash: the submit function
+        counts the backlog in samples with it.
 
         Raises:
-            BrokerError: Redis failed (the count is an estimate the submit function resets
-                whenever the backlog is empty: callers may ignore it).
+            BrokerError: Redis failed.
         """
 
     @abc.abstractmethod

@@ -376,11 +376,11 @@ class RedisBroker(Broker):
 
         return int(await self._call("trim", go))
 
-    async def uncount_samples(self, extra: int) -> None:
+    async def publish_samples_per_entry(self, value: float) -> None:
         async def go() -> Any:
-            return await self.client.hincrby(self.keys.limits, "extra_samples", -extra)
+            return await self.client.hset(self.keys.limits, "samples_per_entry", f"{max(1.0, value):.2f}")
 
-        await self._call("HINCRBY extra_samples", go)
+        await self._call("HSET samples_per_entry", go)
 
     async def backlog(self) -> Backlog:
         async def go() -> Any:

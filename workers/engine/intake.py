@@ -40,8 +40,6 @@ class Intake:
         self.shared = shared
         self.admission = admission
         self.thread = DaemonExecutor(f"headrace-admit-{shared.settings.model}")
-        #: samples per entry admitted lately (moving average): sizes the next read.
-        self.samples_per_entry = 1.0
 
     def _stopping(self) -> bool:
         return self.shared.control.stopping
@@ -60,7 +58,7 @@ class Intake:
                 if s.control.stopping:
                     break
                 # Room is counted in samples; multi-sample entries fill it faster.
-                room = max(1, int((s.settings.max_batch - len(s.batcher)) / self.samples_per_entry))
+                room = max(1, int((s.settings.max_batch - len(s.batcher)) / s.samples_per_entry))
                 entries = await s.broker.read(room, s.settings.block_ms, max(1, s.budget_left()))
                 backoff.ok()
                 if entries:
@@ -112,7 +110,7 @@ class Intake:
         if candidates:
             results = await self._prepare(candidates, at)
             samples = sum(len(res.group.slots) if isinstance(res, Samples) else 1 for res in results)
-            self.samples_per_entry = 0.8 * self.samples_per_entry + 0.2 * samples / len(results)
+            s.samples_per_entry = 0.8 * s.samples_per_entry + 0.2 * samples / len(results)
             for (entry, env), res in zip(candidates, results, strict=True):
                 if isinstance(res, Work):
                     s.batcher.put(res, res.length)

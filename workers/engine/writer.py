@@ -18,7 +18,6 @@ from headrace.client import errors as E
 from headrace.client.protocol import now_ms
 from headrace.workers.broker.base import CommitRejected
 from headrace.workers.engine.state import Shared
-from headrace.workers.pipeline.entry import extra_samples
 from headrace.workers.pipeline.ops import Ack, DeadLetterOp, Op, Reply
 from headrace.workers.pipeline.stats import BatchStats
 from headrace.workers.pipeline.work import Unit
@@ -70,19 +69,7 @@ class Writer:
                 self.shared.in_flight.committing.clear()
             if applied is None:
                 return  # shutdown while Redis is unreachable
-            extra = sum(extra_samples(e) for op in applied if (e := self.shared.in_flight.get(op.entry_id)))
             self.committed(applied, units, outcomes)
-            if extra:
-                await self._uncount(extra)
-
-    async def _uncount(self, extra: int) -> None:
-        """Take the acknowledged multi-sample entries' extra samples off the backlog count
-        (one call per commit; a failure only leaves the estimate high until the backlog
-        next empties, see ``client/submit.lua``)."""
-        try:
-            await self.shared.broker.uncount_samples(extra)
-        except E.BrokerError as e:
-            log.debug("could not take %d samples off the backlog count: %s", extra, e)
 
     def _merge(self, first: Unit) -> tuple[list[Unit], bool]:
         units, n_ops = [first], len(first.ops)

@@ -15,7 +15,7 @@ from headrace.client import errors as E
 from headrace.client.protocol import Envelope, decode_envelope
 
 #: the entry fields of wire protocol v1 other than ``body``: what routes an answer.
-ROUTING_FIELDS: Final = (b"v", b"id", b"reply_to", b"deadline_ms", b"ts_ms", b"model", b"n")
+ROUTING_FIELDS: Final = (b"v", b"id", b"reply_to", b"deadline_ms", b"ts_ms", b"model")
 #: the entry fields of wire protocol v1.
 PROTOCOL_FIELDS: Final = (*ROUTING_FIELDS, b"body")
 #: longest routing field kept from an oversize entry (bytes); longer ones are dropped.
@@ -59,15 +59,6 @@ class Entry:
             object.__setattr__(self, "size_bytes", fields_bytes(self.fields))
         if self.field_count < 0:
             object.__setattr__(self, "field_count", len(self.fields))
-
-
-def extra_samples(entry: Entry) -> int:
-    """Samples past the first that the submit function counted for ``entry`` (its field
-    ``n`` minus 1; 0 when absent or malformed). Never raises."""
-    raw = entry.fields.get(b"n")
-    if not raw or len(raw) > 9 or not bytes(raw).isdigit():
-        return 0
-    return max(0, int(raw) - 1)
 
 
 def routing_fields(fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:

@@ -83,8 +83,8 @@ class MemoryStore:
         self.wrong_type: set[str] = set()
         self.group_exists = False
         self.fail_ops = 0
-        #: the limits hash's extra_samples (the submit function adds, workers take off).
-        self.extra_samples = 0
+        #: the limits hash's samples_per_entry (published by workers).
+        self.samples_per_entry = 1.0
 
     # --- producer / inspection side (tests) ----------------------------------------------
 
@@ -322,10 +322,10 @@ class MemoryBroker(Broker):
                 del s.entries[i]
             return len(doomed)
 
-    async def uncount_samples(self, extra: int) -> None:
+    async def publish_samples_per_entry(self, value: float) -> None:
         with self.store.lock:
             self.store._check_up()
-            self.store.extra_samples -= extra
+            self.store.samples_per_entry = max(1.0, value)
 
     async def backlog(self) -> Backlog:
         with self.store.lock:
