@@ -178,3 +178,40 @@ async def test_an_entry_answered_before_is_not_answered_again() -> None:
 def test_max_samples_per_entry_is_validated() -> None:
     with pytest.raises(E.ConfigError, match="max_samples_per_entry"):
         WorkerSettings(max_samples_per_entry=0)
+
+
+@pytest.mark.timeout(20)
+async def test_an_oversize_multi_sample_entry_is_dead_lettered_unread_and_its_producer_told() -> None:
+    store = MemoryStore()
+    settings = WorkerSettings(model="affine", max_batch=8, max_wait_ms=20, block_ms=5, max_payload_bytes=1024,
+                              memory_budget_bytes=1 << 20, max_samples_per_entry=8192)
+    sv = AffineServable()
+    w = StreamWorker(settings, sv, MemoryBroker(store, "w", max_entry_bytes=settings.max_entry_bytes))
+    with store.lock:
+        store.add(multi("huge", np.ones((8000, 4), np.float32)))  # 128 KB: past 1 KiB + 64 KiB
+        store.add(multi("small", np.ones((3, 4), np.float32)))
+    await serve_until(w, lambda: len(store.results(AFF)) == 2)
+    got = {r.request_id: r for r in store.results(AFF)}
+    assert got["huge"].code == E.PAYLOAD_TOO_LARGE and len(store.dlq) == 1
+    assert got["small"].ok and len(got["small"].samples) == 3
+    assert all(len(b) <= 8 for b in sv.batches) and "huge" not in {rid for b in sv.batches for rid in b}
+
+
+@pytest.mark.timeout(20)
+async def test_a_redelivered_multi_sample_entry_runs_apart_and_is_answered_once() -> None:
+    store = MemoryStore()
+    with store.lock:
+        store.add(multi("again", np.arange(40, dtype=np.float32).reshape(10, 4)))
+        store.add(multi("fresh", np.ones((5, 4), np.float32)))
+    dead = MemoryBroker(store, "dead")  # a worker that read the first entry and died
+    await dead.ensure_group()
+    assert len(await dead.read(1, 5)) == 1
+    w, sv = affine_worker(store, lease_s=0.1, max_batch=4)
+    await serve_until(w, lambda: len(store.results(AFF)) == 2)
+    got = {r.request_id: r for r in store.results(AFF)}
+    assert [s.ok for s in got["again"].samples] == [True] * 10
+    np.testing.assert_array_equal(got["again"].samples[9].outputs["y"], affine_reference(np.arange(36, 40.0)))
+    # the redelivered entry's samples ran in calls of their own (at most max_batch each)
+    again_calls = [b for b in sv.batches if "again" in b]
+    assert all(set(b) == {"again"} and len(b) <= 4 for b in again_calls) and sum(map(len, again_calls)) == 10
+    assert not store.pending_ids() and len(store.results(AFF)) == 2
