@@ -215,3 +215,45 @@ async def test_a_redelivered_multi_sample_entry_runs_apart_and_is_answered_once(
     again_calls = [b for b in sv.batches if "again" in b]
     assert all(set(b) == {"again"} and len(b) <= 4 for b in again_calls) and sum(map(len, again_calls)) == 10
     assert not store.pending_ids() and len(store.results(AFF)) == 2
+
+
+class Liar:
+    """An output that claims a wire dtype but is no array."""
+
+    dtype = np.dtype("float32")
+
+
+class Unencodable(AffineServable):
+    """A non-wire dtype for samples of 7 and an object array for 9 (that sample's fault),
+    an output no encoder can send for 5 (its entry fails)."""
+
+    def infer(self, requests):  # type: ignore[no-untyped-def]
+        out = super().infer(requests)
+        for o, r in zip(out, requests, strict=True):
+            if bool((r.inputs["x"] == 7).any()):
+                o["y"] = o["y"].astype(np.complex64)
+            if bool((r.inputs["x"] == 9).any()):
+                o["y"] = np.array([object()] * 4, dtype=object)
+            if bool((r.inputs["x"] == 5).any()):
+                o["y"] = Liar()  # type: ignore[assignment]
+        return out
+
+
+@pytest.mark.timeout(20)
+async def test_outputs_that_cannot_be_sent_fail_their_sample_or_entry_and_the_worker_goes_on() -> None:
+    store = MemoryStore()
+    w = StreamWorker(WorkerSettings(model="affine", max_batch=8, max_wait_ms=20, block_ms=5), Unencodable(),
+                     MemoryBroker(store, "w"))
+    xs = np.ones((3, 4), np.float32)
+    xs[1] = 7.0
+    with store.lock:
+        store.add(multi("dtype", xs))
+        store.add(multi("object", np.full((2, 4), 9.0, np.float32)))
+        store.add(multi("liar", np.full((2, 4), 5.0, np.float32)))
+        store.add(multi("fine", np.zeros((2, 4), np.float32)))
+    await serve_until(w, lambda: len(store.results(AFF)) == 4)
+    got = {r.request_id: r for r in store.results(AFF)}
+    assert [s.code for s in got["dtype"].samples] == ["", E.MODEL_ERROR, ""]
+    assert [s.code for s in got["object"].samples] == [E.MODEL_ERROR] * 2
+    assert got["liar"].code == E.MODEL_ERROR and not got["liar"].samples
+    assert got["fine"].ok and all(s.ok for s in got["fine"].samples)

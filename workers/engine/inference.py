@@ -101,9 +101,17 @@ class BatchRunner:
         return released
 
     def _fill(self, w: Work, completed: bool, unit: Unit) -> None:
-        """Answer ``w``'s multi-sample entry when ``completed`` (its last slot was filled)."""
-        if completed and w.group is not None:
+        """Answer ``w``'s multi-sample entry when ``completed`` (its last slot was filled);
+        outputs that cannot be encoded answer the entry ``model_error``."""
+        if not completed or w.group is None:
+            return
+        try:
             self.answers.reply_group(w.group, unit)
+        except Exception as err:  # noqa: BLE001 - one entry's outputs fail that entry only
+            log.exception("encoding the result of request %s failed", w.group.envelope.request_id)
+            self.answers.error(w.group.envelope, w.entry, E.MODEL_ERROR,
+                               f"cannot encode the model outputs: {type(err).__name__}: {err}", unit,
+                               read_ms=w.read_ms)
 
     def _plan(self, works: list[Work]) -> list[list[Work]]:
         """The model calls of ``works``: length buckets (text), then the servable's plan."""
