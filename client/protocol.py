@@ -546,7 +546,8 @@ def samples_to_wire(samples: Sequence[Result]) -> tuple[list[dict[str, Any]], di
         InvalidTensorError: an output dtype that is not a wire dtype.
     """
     ok = [s for s in samples if s.status == STATUS_OK and s.outputs]
-    sig = {tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in s.outputs.items()) for s in ok}
+    sig = {tuple((k, v.shape, v.dtype.str) if isinstance(v, np.ndarray) else (k, np.shape(v), np.asarray(v).dtype.str)
+                 for k, v in s.outputs.items()) for s in ok}
     if len(sig) != 1:
         return [_slot_to_wire(s, with_outputs=True) for s in samples], None
     stacked: dict[str, Any] = {}

@@ -96,6 +96,7 @@ async def test_entries_are_packed_and_split_into_calls_of_at_most_max_batch() ->
     for rid in ("big", "a", "b"):
         res = got[rid]
         assert res.ok and len(res.samples) == sizes[rid]
+        assert res.timings.batch_size == max(len(b) for b in sv.batches if rid in b)
         for i, s in enumerate(res.samples):
             assert s.ok, s
             np.testing.assert_array_equal(s.outputs["y"], affine_reference(data[rid][i]))

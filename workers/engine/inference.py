@@ -172,13 +172,15 @@ class BatchRunner:
             return
         infer_s = time.perf_counter() - t0
         unit.calls.append(Call(len(works), infer_s))
+        # Each multi-sample entry counts this call once, however many of its samples ran in it.
+        for group in {id(w.group): w.group for w in works if w.group is not None}.values():
+            group.ran(infer_s, len(works))
         for w, out in zip(works, outs, strict=True):
             self._answer(w, out, infer_s, len(works), unit)
 
     def _answer(self, w: Work, out: dict[str, Any], infer_s: float, size: int, unit: Unit) -> None:
         env = w.request.envelope
         if w.group is not None:
-            w.group.ran(infer_s, size)
             self._fill(w, w.group.fill(w.index, Result(env.request_id, STATUS_OK, out)), unit)
             return
         queue_ms = elapsed_ms(w.read_ms, env.ts_ms)

@@ -60,7 +60,7 @@ class Group:
         out: list[Result] = []
         for res in self.slots:
             assert res is not None, "results() of an incomplete group"
-            bad = [k for k, v in res.outputs.items() if getattr(v, "dtype", None) is None or v.dtype.name not in DTYPES]
+            bad = [k for k, v in res.outputs.items() if getattr(getattr(v, "dtype", None), "name", None) not in DTYPES]
             if bad:
                 res = error_result(res.request_id, E.MODEL_ERROR, f"cannot encode the model output {bad[0]!r}: its "
                                    "dtype is not a wire dtype")
