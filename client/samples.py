@@ -159,9 +159,10 @@ def decode_samples(envelope: Envelope, body: dict[str, Any], declared: int | Non
     for arr in arrays.values():
         if arr.dtype.kind == "f" and arr.size:
             finite &= np.isfinite(arr.reshape(n, -1)).all(axis=1)
-    # arr[i] is a view: the samples share the entry's one buffer per input (no copies).
-    return [SampleSlot(Request(envelope, inputs={k: a[i] for k, a in arrays.items()}), finite=bool(finite[i]))
-            for i in range(n)]
+    # list(arr) yields row views: the samples share the entry's one buffer per input (no copies).
+    names, rows = list(arrays), [list(a) for a in arrays.values()]
+    return [SampleSlot(Request(envelope, inputs=dict(zip(names, vals, strict=True))), finite=ok)
+            for vals, ok in zip(zip(*rows, strict=True), finite.tolist(), strict=True)]
 
 
 def _check_count(n: int, declared: int | None, max_samples: int) -> None:
