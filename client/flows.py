@@ -186,6 +186,8 @@ def imap(core: ClientCore, model: str, items: Iterable[Any], *, timeout_s: float
     size = core.settings.chunk_size if chunk_size is None else chunk_size
     if size < 1:
         raise E.ConfigError(f"chunk_size must be >= 1 samples per entry (1: one request per item), got {size}")
+    # A chunk larger than the window would defeat it: chunks hold at most max_in_flight.
+    size = min(size, core.settings.max_in_flight)
     window = MapWindow(chunked(items, size), core.settings.max_in_flight, wait_s, prepare,
                        retry if retry is not None else core.retry)
     checked = False
