@@ -334,7 +334,8 @@ class ClientSettings(Settings):
             straight to redis-py. Empty means :data:`DEFAULT_REDIS_URL`.
         namespace: key prefix shared with the workers.
         max_backlog: refuse new work with :class:`QueueFull` when a model's backlog
-            (unread + pending entries) reaches this many; 0 disables the check.
+            reaches this many samples (unread + pending entries times the samples per
+            entry the workers publish); 0 disables the check.
         timeout_s: default wait for a result in ``infer``/``result`` (seconds; per attempt
             when a retry policy resubmits).
         deadline_s: default time-to-live of a request; 0 means no deadline.
