@@ -201,7 +201,7 @@ class ClientCore:
     def _queue_full(self, ticket: Ticket, err: E.QueueFull) -> E.QueueFull:
         s = self.settings
         out = E.QueueFull(
-            f"model {ticket.model!r} has a backlog of {err.backlog} requests (max_backlog={s.max_backlog}); "
+            f"model {ticket.model!r} has a backlog of {err.backlog} samples (max_backlog={s.max_backlog}); "
             f"request {ticket.request_id} was not enqueued: retry later, add workers, or raise "
             f"{s.setting_hint('max_backlog')}", backlog=err.backlog, max_backlog=s.max_backlog,
             retry_after_s=self.registry.retry_after_s(ticket.model), request_id=ticket.request_id, model=ticket.model)

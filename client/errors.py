@@ -167,7 +167,8 @@ class QueueFull(UnavailableError):
     Nothing was enqueued; retry after ``retry_after_s``, add workers, or raise the limit.
 
     Attributes:
-        backlog: the model's backlog (entries) the submit script saw.
+        backlog: the model's backlog (samples, estimated: entries times samples per entry) the submit
+            function saw.
         max_backlog: the limit in force.
         retry_after_s: a suggested wait before trying again (seconds).
         request_id: the refused request's id.
