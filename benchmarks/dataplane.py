@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=256, help="worker max_batch (and @serve.batch's)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--in-flight", type=int, default=1024, help="samples outstanding (SDK map window, bare producer)")
-    ap.add_argument("--samples-per-entry", type=int, default=64, help="multi-sample entries of the bare ceiling")
+    ap.add_argument("--samples-per-entry", type=int, default=64,
+                    help="(a): samples per multi-sample entry, bare ceiling and headrace")
+    ap.add_argument("--b-chunk", type=int, default=32, help="(b)/(c): the SDK's chunk_size (1: single-sample)")
     ap.add_argument("--standin", default="cuda fp16", help="curve run of the stand-in")
     ap.add_argument("--curve", default=str(DEFAULT_CURVE_FILE), help="gpu_torch.py report holding the curve")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comparison systems for (b); '' for none")
@@ -87,8 +89,10 @@ def loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def headrace_saturation(redis: EmbeddedRedis, args: argparse.Namespace, *, standin: bool) -> dict[str, Any]:
-    """One worker (stand-in or ``affine`` fake) saturated by ``benchmarks.lib.saturate``."""
+def headrace_saturation(redis: EmbeddedRedis, args: argparse.Namespace, *, standin: bool,
+                        chunk: int = 1, in_flight: int = 0) -> dict[str, Any]:
+    """One worker (stand-in or ``affine`` fake) saturated by ``benchmarks.lib.saturate``
+    with multi-sample entries of ``chunk`` samples (1: single-sample entries)."""
     ns = f"dp-{uuid.uuid4().hex[:6]}"
     model, kind = ("minilm-standin", "text") if standin else ("affine", "affine")
     extra = ["--standin", args.standin, "--curve", args.curve] if standin else []
@@ -97,7 +101,8 @@ def headrace_saturation(redis: EmbeddedRedis, args: argparse.Namespace, *, stand
                          settings={"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}) as workers:
         w0, r0 = sum(process_cpu_s(p) for p in workers.pids), process_cpu_s(redis.proc.pid if redis.proc else 0)
         out = subprocess.run([sys.executable, "-m", "benchmarks.lib.saturate", redis.url, ns, model, kind,
-                              str(args.in_flight), str(args.warmup_s), str(args.duration_s)],
+                              str(in_flight or args.in_flight), str(args.warmup_s), str(args.duration_s),
+                              str(chunk)],
                              capture_output=True, text=True, check=True, timeout=args.warmup_s + args.duration_s + 180)
         w1, r1 = sum(process_cpu_s(p) for p in workers.pids), process_cpu_s(redis.proc.pid if redis.proc else 0)
     res = json.loads(out.stdout)
@@ -113,13 +118,15 @@ def part_a(redis: EmbeddedRedis, args: argparse.Namespace) -> dict[str, Any]:
     bare1 = bare_ceiling(redis.url, CeilingConfig(1, args.in_flight, warmup_s=args.warmup_s,
                                                   duration_s=args.duration_s))
     bare1["load_average"] = loadavg()
-    bare_k = bare_ceiling(redis.url, CeilingConfig(k, max(args.in_flight, 64 * k), warmup_s=args.warmup_s,
+    window = max(args.in_flight, 64 * k)
+    bare_k = bare_ceiling(redis.url, CeilingConfig(k, window, warmup_s=args.warmup_s,
                                                    duration_s=args.duration_s))
     bare_k["load_average"] = loadavg()
     single = headrace_saturation(redis, args, standin=False)
+    multi = headrace_saturation(redis, args, standin=False, chunk=k, in_flight=window)
     return {"bare_single": bare1, "bare_multi": bare_k, "headrace_single": single,
             "ratio_single": single["samples_per_s"] / bare1["samples_per_s"],
-            "headrace_multi": None, "ratio_multi": None}
+            "headrace_multi": multi, "ratio_multi": multi["samples_per_s"] / bare_k["samples_per_s"]}
 
 
 def ray_up(args: argparse.Namespace) -> int:
@@ -207,7 +214,7 @@ def comparison_systems(redis: EmbeddedRedis, args: argparse.Namespace, payloads:
 
 
 def part_b(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -> dict[str, Any]:
-    hr = headrace_saturation(redis, args, standin=True)
+    hr = headrace_saturation(redis, args, standin=True, chunk=args.b_chunk)
     curve = LatencyCurve.load(args.curve, args.standin)
     at_max = curve_limit(curve, args.max_batch, args.limit_s)
     used = max(1, round(hr["mean_batch"] or 1))

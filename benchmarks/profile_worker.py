@@ -16,7 +16,7 @@ py-spy's active thread time per stage beside it, Redis' ``INFO CPU`` per sample,
 Needs ``py-spy`` (``pip install py-spy``) and permission to read the processes (same user).
 
     .venv/bin/python -m benchmarks.profile_worker [--fake affine] [--max-batch 256] [--duration-s 8] \\
-        [--json runs/profile_worker.json] [--speedscope runs/speedscope]
+        [--chunk 64] [--json runs/profile_worker.json] [--speedscope runs/speedscope]
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=2, help="worker threads (math libraries, tokenizer pool)")
-    ap.add_argument("--in-flight", type=int, default=1024, help="requests the load generator keeps outstanding")
+    ap.add_argument("--in-flight", type=int, default=1024, help="samples the load generator keeps outstanding")
+    ap.add_argument("--chunk", type=int, default=1, help="samples per multi-sample entry (the SDK's chunk_size)")
     ap.add_argument("--warmup-s", type=float, default=3.0)
     ap.add_argument("--duration-s", type=float, default=8.0, help="profiled window")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -103,7 +104,8 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                              extra_args=extra, threads=args.threads,
                              settings={"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}) as workers:
             load = subprocess.Popen([sys.executable, "-m", "benchmarks.lib.saturate", server.url, ns, model, kind,
-                                     str(args.in_flight), str(args.warmup_s), str(args.duration_s + 2)],
+                                     str(args.in_flight), str(args.warmup_s), str(args.duration_s + 2),
+                                     str(args.chunk)],
                                     stdout=subprocess.PIPE, text=True)
             time.sleep(args.warmup_s + 1.0)  # the load generator's own start-up, then its warm-up
             r = redis.Redis.from_url(server.url)
@@ -127,14 +129,14 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             cpu = {who: process_cpu_s(pid) - cpu0[who] for who, pid in pids.items()}
             sat = json.loads(load.communicate(timeout=120)[0])
             r.close()
-    served = n1 - n0
+    served = (n1 - n0) * args.chunk  # the endless item stream fills every chunk
     active = {who: stages.us_per_sample(stages.stage_counts(stages.parse_raw(files[who].read_text()),
                                                             stages.WORKER_RULES if who == "worker"
                                                             else stages.CLIENT_RULES), args.rate, served)
               for who in pids}
     proc = {who: v * 1e6 / max(1, served) for who, v in cpu.items()}
     proc["redis"] = (rc1 - rc0) * 1e6 / max(1, served)
-    return {"model": model, "simulation": not args.fake, "served": served, "window_s": wall,
+    return {"model": model, "simulation": not args.fake, "served": served, "window_s": wall, "chunk": args.chunk,
             "samples_per_s": served / wall, "mean_batch": sat.get("mean_batch"),
             "cpu_us_per_sample": {who: stages.apportion(active[who], proc[who]) for who in pids},
             "active_us_per_sample": active, "proc_cpu_us_per_sample": proc, "load_average": os.getloadavg()}

@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=500, help="requests before measuring")
     ap.add_argument("--concurrency", type=int, default=96,
                     help="outstanding requests (closed loop; max_in_flight for the map modes)")
+    ap.add_argument("--chunk-size", type=int, default=1, help="map: items per multi-sample entry (1: per request)")
     ap.add_argument("--kind", choices=("length", "affine"), default="length",
                     help="fake model: text input (length) or a float32 tensor (affine)")
     ap.add_argument("--max-batch", type=int, default=64, help="the worker's max_batch")
@@ -158,7 +159,8 @@ async def measure_async(url: str, ns: str, args: argparse.Namespace, meter: Mete
         async def run(n: int) -> tuple[dict[str, int], list[float]]:
             if args.mode == "submit":
                 return await drive(client, args.kind, n, args.concurrency, args.timeout_s)
-            return tally(await client.map(args.kind, map_items(args.kind, n), progress=False)), []
+            return tally(await client.map(args.kind, map_items(args.kind, n), progress=False,
+                                          chunk_size=args.chunk_size)), []
 
         await run(args.warmup)
         pipeline = getattr(client, "_pipeline", None)  # absent in SDKs without auto-pipelining
@@ -176,9 +178,10 @@ async def measure_async(url: str, ns: str, args: argparse.Namespace, meter: Mete
 
 def measure_sync(url: str, ns: str, args: argparse.Namespace, meter: Meter) -> dict[str, Any]:
     with Client(url, namespace=ns, timeout_s=args.timeout_s, max_backlog=0, max_in_flight=args.concurrency) as client:
-        client.map(args.kind, map_items(args.kind, args.warmup), progress=False)
+        client.map(args.kind, map_items(args.kind, args.warmup), progress=False, chunk_size=args.chunk_size)
         meter.start()
-        results = client.map(args.kind, map_items(args.kind, args.requests), progress=False)
+        results = client.map(args.kind, map_items(args.kind, args.requests), progress=False,
+                             chunk_size=args.chunk_size)
         meter.stop()
     return {"outcomes": tally(results)}
 

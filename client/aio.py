@@ -198,17 +198,19 @@ class AsyncClient:
 
     def imap(self, model: str, items: Iterable[MapItem], *, progress: ProgressOption = None,
              timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = False,
-             total: int | None = None, retry: Retry | None = None) -> AsyncIterator[Result]:
+             total: int | None = None, retry: Retry | None = None, chunk_size: int | None = None
+             ) -> AsyncIterator[Result]:
         """Async iterator form of :meth:`map` (input order); ``async for``."""
         if total is None and isinstance(items, Sized):
             total = len(items)
         bar = make_progress(progress, total, model)
         return self._io.iterate(flows.imap(self._core, model, items, timeout_s=timeout_s, deadline_s=deadline_s,
-                                           retry=retry, progress=bar, raise_on_error=raise_on_error))
+                                           retry=retry, progress=bar, raise_on_error=raise_on_error,
+                                           chunk_size=chunk_size))
 
     async def map(self, model: str, items: Iterable[MapItem], *, progress: ProgressOption = None,
                   timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = False,
-                  total: int | None = None, retry: Retry | None = None) -> list[Result]:
+                  total: int | None = None, retry: Retry | None = None, chunk_size: int | None = None) -> list[Result]:
         """Pipelined bulk inference, results in input order; see :meth:`Client.map`.
 
         Raises:
@@ -217,7 +219,7 @@ class AsyncClient:
         """
         return [r async for r in self.imap(model, items, progress=progress, timeout_s=timeout_s,
                                            deadline_s=deadline_s, raise_on_error=raise_on_error, total=total,
-                                           retry=retry)]
+                                           retry=retry, chunk_size=chunk_size)]
 
     async def _run(self, flow: Flow[T]) -> T:
         return await self._io.run(flow)

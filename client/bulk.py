@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from headrace.client import errors as E
+from headrace.client.chunks import Chunk
 from headrace.client.pipeline import MAX_PIPELINE
 from headrace.client.retry import Attempts, Retry
 from headrace.client.submit import split_item
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MapItem = str | Mapping[str, Any]
 """One ``map`` item: a text input, or named input arrays (one sample each)."""
+Source = Chunk | tuple[Mapping[str, Any] | None, str | None]
+"""What one request of ``map`` is prepared from: a chunk of items, or one item's ``(inputs, text)``."""
 
 
 class Step(Enum):
@@ -35,10 +38,11 @@ class Step(Enum):
 
 @dataclass
 class _Slot:
-    """One map item in input order: its inputs, and its ticket once prepared."""
+    """One request of a map in input order (one item, or a chunk of ``size`` items): what it
+    is prepared from, and its ticket once prepared."""
 
-    inputs: Mapping[str, Any] | None
-    text: str | None
+    source: Source | None
+    size: int = 1
     ticket: Ticket | None = None
     sent: bool = False
     first_refused: float = 0.0  # time.monotonic() of its first refusal; 0.0 = none
@@ -46,7 +50,7 @@ class _Slot:
 
 
 class MapWindow:
-    """Input-ordered window of at most ``max_in_flight`` outstanding ``map`` requests.
+    """Input-ordered window of ``map`` requests holding at most ``max_in_flight`` samples.
 
     A driver (the sync or the async ``imap``) loops on :meth:`step`. Requests go out in
     batches: every item the window has room for is prepared and submitted in one pipeline,
@@ -60,16 +64,17 @@ class MapWindow:
     again (:meth:`resubmittable`), each within its own attempts.
 
     Args:
-        items: the map items (``str`` or mapping each), read lazily as room frees up.
-        max_in_flight: most requests outstanding.
+        items: the map items (``str``, mapping or :class:`Chunk` each), read lazily as
+            room frees up.
+        max_in_flight: most samples outstanding (a chunk counts its items).
         wait_s: longest time one request may be refused before :class:`QueueFull` is raised.
-        prepare: ``prepare(inputs, text, request_id)`` -> a new, unsent :class:`Ticket`
+        prepare: ``prepare(source, request_id)`` -> a new, unsent :class:`Ticket`
             (``request_id`` None picks a new id).
         retry: the retry policy (None: broker errors and timeouts are raised at once).
     """
 
     def __init__(self, items: Iterable[Any], max_in_flight: int, wait_s: float,
-                 prepare: Callable[[Mapping[str, Any] | None, str | None, str | None], Ticket],
+                 prepare: Callable[[Source, str | None], Ticket],
                  retry: Retry | None = None) -> None:
         self._retry_policy = retry
         self._items: Iterator[Any] | None = iter(items)
@@ -77,6 +82,7 @@ class MapWindow:
         self._wait_s = wait_s
         self._prepare = prepare
         self._window: collections.deque[_Slot] = collections.deque()
+        self._samples = 0  # samples of the requests in the window
         self._unsent: list[_Slot] = []  # in input order: refused ones first, then new ones
         self._retry = False  # refused requests may be resent (after a pop or a back-off)
         self._backoff_s = 0.01
@@ -88,7 +94,7 @@ class MapWindow:
                 return Step.SEND
             # The queue is full: make room by taking our own oldest result, else wait.
             return Step.POP if self._window[0].sent else Step.BACK_OFF
-        if self._items is not None and len(self._window) < self._max_in_flight:
+        if self._items is not None and self._samples < self._max_in_flight:
             return Step.SEND
         return Step.POP if self._window else Step.DONE
 
@@ -99,20 +105,22 @@ class MapWindow:
         Raises:
             ProtocolError: an item is neither ``str`` nor a mapping, or is invalid.
         """
-        while (self._items is not None and len(self._window) < self._max_in_flight
+        while (self._items is not None and self._samples < self._max_in_flight
                and len(self._unsent) < MAX_PIPELINE):
             try:
                 item = next(self._items)
             except StopIteration:
                 self._items = None
                 break
-            slot = _Slot(*split_item(item))
+            slot = _Slot(item, item.size) if isinstance(item, Chunk) else _Slot(split_item(item))
+            self._samples += slot.size
             self._window.append(slot)
             self._unsent.append(slot)
         tickets: list[Ticket] = []
         for slot in self._unsent[:MAX_PIPELINE]:
             rid = slot.ticket.request_id if slot.ticket is not None else None
-            slot.ticket = self._prepare(slot.inputs, slot.text, rid)
+            assert slot.source is not None
+            slot.ticket = self._prepare(slot.source, rid)
             if self._retry_policy is not None:
                 if slot.attempts is None:
                     slot.attempts = self._retry_policy.start(slot.ticket.deadline_ms)
@@ -135,7 +143,7 @@ class MapWindow:
         for slot, err in zip(batch, errors, strict=True):
             if err is None:
                 slot.sent = True
-                slot.inputs = slot.text = None  # encoded in the ticket: let the caller's arrays go
+                slot.source = None  # encoded in the ticket: let the caller's arrays go
             elif isinstance(err, E.QueueFull) or self._retries(slot, err):
                 slot.first_refused = slot.first_refused or now
                 if isinstance(err, E.QueueFull):
@@ -190,11 +198,13 @@ class MapWindow:
         assert slot.sent and slot.ticket is not None
         return slot.ticket
 
-    def popleft(self) -> Ticket:
-        """Remove the oldest ticket (its result is in) and return it."""
-        ticket = self._window.popleft().ticket
-        assert ticket is not None
-        return ticket
+    def popleft(self) -> tuple[Ticket, int]:
+        """Remove the oldest ticket (its result is in); return it and its items' count
+        (more than 1: a chunk, whose result holds one slot per item)."""
+        slot = self._window.popleft()
+        self._samples -= slot.size
+        assert slot.ticket is not None
+        return slot.ticket, slot.size
 
     def oldest_done(self) -> bool:
         """True when the oldest ticket is sent and its result is in already."""

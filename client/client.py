@@ -262,20 +262,24 @@ class Client:
 
     def imap(self, model: str, items: Iterable[MapItem], *, progress: ProgressOption = None,
              timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = False,
-             total: int | None = None, retry: Retry | None = None) -> Iterator[Result]:
+             total: int | None = None, retry: Retry | None = None, chunk_size: int | None = None) -> Iterator[Result]:
         """Like :meth:`map` but yields each result (in input order) as soon as it and all
         earlier ones are in. Requests still out when the iteration stops early are cancelled."""
         if total is None and isinstance(items, Sized):
             total = len(items)
         bar = make_progress(progress, total, model)
         return self._io.iterate(flows.imap(self._core, model, items, timeout_s=timeout_s, deadline_s=deadline_s,
-                                           retry=retry, progress=bar, raise_on_error=raise_on_error))
+                                           retry=retry, progress=bar, raise_on_error=raise_on_error,
+                                           chunk_size=chunk_size))
 
     def map(self, model: str, items: Iterable[MapItem], *, progress: ProgressOption = None,
             timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = False,
-            total: int | None = None, retry: Retry | None = None) -> list[Result]:
-        """Run ``model`` on every item with at most ``settings.max_in_flight`` requests
-        outstanding; return the results in input order. While the queue is full
+            total: int | None = None, retry: Retry | None = None, chunk_size: int | None = None) -> list[Result]:
+        """Run ``model`` on every item with at most ``settings.max_in_flight`` samples
+        outstanding; return the results in input order. Consecutive items that fit together
+        go out as multi-sample entries of up to ``chunk_size`` (default
+        ``settings.chunk_size``; 1 sends one request per item); each item still gets its own
+        result (a sample's error the way a single request's would be). While the queue is full
         (:class:`QueueFull`) it waits and retries instead of failing. Requests are
         submitted in batches, one Redis round trip for all there is room for.
 
@@ -299,7 +303,8 @@ class Client:
             InferenceFailed, RequestExpired: with ``raise_on_error``.
         """
         return list(self.imap(model, items, progress=progress, timeout_s=timeout_s, deadline_s=deadline_s,
-                              raise_on_error=raise_on_error, total=total, retry=retry))
+                              raise_on_error=raise_on_error, total=total, retry=retry,
+                              chunk_size=chunk_size))
 
     def _run(self, flow: Flow[T]) -> T:
         return self._io.run(flow)

@@ -334,14 +334,17 @@ class ClientSettings(Settings):
             straight to redis-py. Empty means :data:`DEFAULT_REDIS_URL`.
         namespace: key prefix shared with the workers.
         max_backlog: refuse new work with :class:`QueueFull` when a model's backlog
-            (unread + pending entries) reaches this many; 0 disables the check.
+            reaches this many samples (unread + pending entries times the samples per
+            entry the workers publish); 0 disables the check.
         timeout_s: default wait for a result in ``infer``/``result`` (seconds; per attempt
             when a retry policy resubmits).
         deadline_s: default time-to-live of a request; 0 means no deadline.
         reply_block_ms: how long one blocking ``XREAD`` on the reply stream waits.
         reply_ttl_s: a client's reply stream expires this long after its last write
             (bounds memory left by clients that went away).
-        max_in_flight: ``map`` keeps at most this many requests outstanding.
+        max_in_flight: ``map`` keeps at most this many samples outstanding.
+        chunk_size: ``map`` sends up to this many items as one multi-sample entry
+            (1: one request per item).
         reconnect_backoff_max_s: upper bound of the reply reader's reconnect backoff and of
             the default retry policy's backoff (seconds).
         retry_attempts: attempts of the client's default retry policy, which retries only
@@ -374,6 +377,7 @@ class ClientSettings(Settings):
     reply_block_ms: int = 1000
     reply_ttl_s: int = 86_400
     max_in_flight: int = 256
+    chunk_size: int = 32
     reconnect_backoff_max_s: float = 5.0
     retry_attempts: int = 3
     connect_retries: int = 3
@@ -395,6 +399,8 @@ class ClientSettings(Settings):
         require(self.reply_block_ms >= 1, "reply_block_ms", "must be >= 1 ms")
         require(self.reply_ttl_s >= 1, "reply_ttl_s", "must be >= 1 s")
         require(self.max_in_flight >= 1, "max_in_flight", "must be >= 1")
+        require(1 <= self.chunk_size <= 65_536, "chunk_size",
+                "must be between 1 (one request per item) and 65536 samples per entry")
         require(self.reconnect_backoff_max_s > 0, "reconnect_backoff_max_s", "must be > 0 s")
         require(1 <= self.retry_attempts <= 100, "retry_attempts", "must be between 1 (no retries) and 100")
         require(0 <= self.connect_retries <= 20, "connect_retries", "must be between 0 and 20")

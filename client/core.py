@@ -17,6 +17,7 @@ from redis.backoff import AbstractBackoff
 
 from headrace.client import errors as E
 from headrace.client.backoff import BackoffPolicy
+from headrace.client.chunks import Chunk, prepare_chunk
 from headrace.client.config import ClientSettings
 from headrace.client.failures import broker_error
 from headrace.client.health import RegistryCache
@@ -144,6 +145,21 @@ class ClientCore:
                                    deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
         return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
 
+    def new_chunk_ticket(self, model: str, chunk: Chunk, request_id: str | None, deadline_s: float | None) -> Ticket:
+        """Prepare one multi-sample request of ``chunk`` (not sent yet).
+
+        Raises:
+            ProtocolError: invalid inputs or request id. ConfigError: invalid model name.
+        """
+        if request_id is None:
+            request_id = new_request_id()
+        elif self.settings.partitions > 1:
+            check_request_id(request_id)  # it picks the partition: reject a bad one first
+        keys = self.keys_for(model, request_id)
+        prepared = prepare_chunk(keys, keys.reply(self.client_id), chunk, request_id=request_id,
+                                 deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
+        return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
+
     def checked(self, model: str) -> bool:
         """True when ``submit``'s registry checks pass without reading the registry (they
         are off, the registry is unreadable, or a fresh read says yes).
@@ -208,7 +224,7 @@ class ClientCore:
     def _queue_full(self, ticket: Ticket, err: E.QueueFull) -> E.QueueFull:
         s = self.settings
         out = E.QueueFull(
-            f"model {ticket.model!r} has a backlog of {err.backlog} requests (max_backlog={s.max_backlog}); "
+            f"model {ticket.model!r} has a backlog of {err.backlog} samples (max_backlog={s.max_backlog}); "
             f"request {ticket.request_id} was not enqueued: retry later, add workers, or raise "
             f"{s.setting_hint('max_backlog')}", backlog=err.backlog, max_backlog=s.max_backlog,
             retry_after_s=self.registry.retry_after_s(ticket.model), request_id=ticket.request_id, model=ticket.model)

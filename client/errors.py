@@ -39,6 +39,7 @@ DEADLINE_EXCEEDED: Final = "deadline_exceeded"
 QUEUE_FULL: Final = "queue_full"
 INTERNAL_ERROR: Final = "internal_error"
 CONFIG_ERROR: Final = "config_error"
+TOO_MANY_SAMPLES: Final = "too_many_samples"
 # SDK outcomes, never in a result: the client stopped waiting (its timeout_s), the caller
 # cancelled, Redis failed under a submit or read, no live worker serves the model (fail_fast).
 RESULT_TIMEOUT: Final = "result_timeout"
@@ -68,6 +69,7 @@ ALL_CODES: Final = frozenset(
         CANCELLED,
         BROKER_ERROR,
         MODEL_UNAVAILABLE,
+        TOO_MANY_SAMPLES,
     }
 )
 
@@ -165,7 +167,8 @@ class QueueFull(UnavailableError):
     Nothing was enqueued; retry after ``retry_after_s``, add workers, or raise the limit.
 
     Attributes:
-        backlog: the model's backlog (entries) the submit script saw.
+        backlog: the model's backlog (samples, estimated: entries times samples per entry) the submit
+            function saw.
         max_backlog: the limit in force.
         retry_after_s: a suggested wait before trying again (seconds).
         request_id: the refused request's id.

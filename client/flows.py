@@ -8,7 +8,7 @@ each effect it yields (see :class:`~headrace.client.Client` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -16,7 +16,8 @@ import redis
 from headrace.client import errors as E
 from headrace.client import health
 from headrace.client.backoff import BackoffPolicy
-from headrace.client.bulk import MapWindow, Step
+from headrace.client.bulk import MapWindow, Source, Step
+from headrace.client.chunks import Chunk, chunked, expand
 from headrace.client.core import READ_COUNT, ClientCore
 from headrace.client.effects import (
     Delete,
@@ -166,9 +167,10 @@ def results(core: ClientCore, tickets: Iterable[Ticket], timeout_s: float | None
 
 
 def imap(core: ClientCore, model: str, items: Iterable[Any], *, timeout_s: float | None, deadline_s: float | None,
-         retry: Retry | None, progress: Progress, raise_on_error: bool) -> Flow[None]:
-    """Emit a result per item, in input order (see ``Client.map``). Requests still out when
-    the map ends early (an error, or the caller stops iterating) are cancelled.
+         retry: Retry | None, progress: Progress, raise_on_error: bool, chunk_size: int | None = None) -> Flow[None]:
+    """Emit a result per item, in input order (see ``Client.map``). Items go out in chunks of
+    ``chunk_size`` (None: the client's setting) as multi-sample entries. Requests still out
+    when the map ends early (an error, or the caller stops iterating) are cancelled.
 
     Raises:
         UnknownModel, ModelUnavailable, ProtocolError, QueueFull, BrokerError, ResultTimeout,
@@ -176,10 +178,18 @@ def imap(core: ClientCore, model: str, items: Iterable[Any], *, timeout_s: float
     """
     wait_s = core.settings.timeout_s if timeout_s is None else timeout_s
 
-    def prepare(inputs: Mapping[str, Any] | None, text: str | None, request_id: str | None) -> Ticket:
-        return core.new_ticket(model, inputs, text, request_id, deadline_s)
+    def prepare(source: Source, request_id: str | None) -> Ticket:
+        if isinstance(source, Chunk):
+            return core.new_chunk_ticket(model, source, request_id, deadline_s)
+        return core.new_ticket(model, source[0], source[1], request_id, deadline_s)
 
-    window = MapWindow(items, core.settings.max_in_flight, wait_s, prepare, retry if retry is not None else core.retry)
+    size = core.settings.chunk_size if chunk_size is None else chunk_size
+    if size < 1:
+        raise E.ConfigError(f"chunk_size must be >= 1 samples per entry (1: one request per item), got {size}")
+    # A chunk larger than the window would defeat it: chunks hold at most max_in_flight.
+    size = min(size, core.settings.max_in_flight)
+    window = MapWindow(chunked(items, size), core.settings.max_in_flight, wait_s, prepare,
+                       retry if retry is not None else core.retry)
     checked = False
     try:
         while True:
@@ -212,9 +222,12 @@ def _pop(core: ClientCore, window: MapWindow, wait_s: float, given: float | None
         yield from send(core, [t for t in again if not t.done()], resubmit=True)
     # The results right behind it are often in already (a worker answers a batch at once):
     # take them too, so the next send is one batch as well.
-    burst = [window.popleft().result(0)]
-    while window.oldest_done():
-        burst.append(window.popleft().result(0))
+    burst: list[Result] = []
+    while True:
+        ticket, size = window.popleft()
+        burst.extend(expand(ticket.result(0), size))
+        if not window.oldest_done():
+            break
     window.popped()
     progress.update(len(burst))
     if raise_on_error:

@@ -28,7 +28,7 @@ import math
 import re
 import reprlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
@@ -330,9 +330,22 @@ def decode_body(envelope: Envelope, data: bytes | None, limits: Limits = DEFAULT
         PayloadTooLargeError, DecodeError, MissingFieldError, InvalidTensorError, and
         ProtocolError with code ``bad_value`` for a ``text`` that is not a str.
     """
+    return decode_body_map(envelope, unpack_body(data, limits), limits)
+
+
+def unpack_body(data: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """The msgpack-decoded ``body`` field of a request entry.
+
+    Raises:
+        MissingFieldError: no body; PayloadTooLargeError, DecodeError: see :func:`decode_body`.
+    """
     if data is None:
         raise E.MissingFieldError("entry field 'body' is missing")
-    body = _unpack(data, limits)
+    return _unpack(data, limits)
+
+
+def decode_body_map(envelope: Envelope, body: Any, limits: Limits = DEFAULT_LIMITS) -> Request:
+    """The single-sample request of an unpacked body (see :func:`decode_body`)."""
     if not isinstance(body, dict):
         raise E.DecodeError("body must be a msgpack map with 'inputs' or 'text'")
     if "text" in body and "inputs" in body:
@@ -412,6 +425,8 @@ class Result:
     timings: Timings = field(default_factory=Timings)
     model: str = ""
     version: str = ""
+    #: per-sample results of a multi-sample entry, in order (empty for a single sample).
+    samples: tuple[Result, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -451,12 +466,16 @@ def error_result(request_id: str, code: str, message: str, status: Status = STAT
 
 def encode_result(res: Result) -> dict[bytes, bytes]:
     """Encode a result as reply-stream entry fields."""
-    body = {
+    body: dict[str, Any] = {
         "outputs": {k: encode_tensor(v) for k, v in res.outputs.items()},
         "timings": res.timings.to_wire(),
         "model": res.model,
         "version": res.version,
     }
+    if res.samples:
+        body["samples"], stacked = samples_to_wire(res.samples)
+        if stacked is not None:
+            body["stacked"] = stacked
     return {
         b"v": _b(PROTOCOL_VERSION),
         b"id": _b(res.request_id),
@@ -502,10 +521,79 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
         timings = Timings.from_wire(body.get("timings"))
     except (TypeError, ValueError) as e:
         raise E.DecodeError(f"result timings are malformed: {e}") from e
+    model, version = str(body.get("model") or ""), str(body.get("version") or "")
+    samples: tuple[Result, ...] = ()
+    if "samples" in body:
+        samples = samples_from_wire(request_id, body, timings, model, version, _RESULT_LIMITS)
     return Result(
         request_id=request_id, status=cast(Status, status), outputs=outputs,
         code=_s(fields, b"code", required=False) or "",
         message=_s(fields, b"message", required=False) or "",
-        timings=timings,
-        model=str(body.get("model") or ""), version=str(body.get("version") or ""),
+        timings=timings, model=model, version=version, samples=samples,
     )
+
+
+# --- the slots of a multi-sample result (client/samples.py) -------------------------------
+
+
+def samples_to_wire(samples: Sequence[Result]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The slots of a multi-sample result body, and its ``stacked`` outputs: when every ok
+    slot has the same output names, dtypes and shapes, they are sent as one tensor per
+    output with a leading sample dimension (rows of other slots are zeros), one buffer per
+    entry instead of one per sample; else each ok slot carries its own ``outputs``.
+
+    Raises:
+        InvalidTensorError: an output dtype that is not a wire dtype.
+    """
+    ok = [s for s in samples if s.status == STATUS_OK and s.outputs]
+    sig = {tuple((k, v.shape, v.dtype.str) if isinstance(v, np.ndarray) else (k, np.shape(v), np.asarray(v).dtype.str)
+                 for k, v in s.outputs.items()) for s in ok}
+    if len(sig) != 1:
+        return [_slot_to_wire(s, with_outputs=True) for s in samples], None
+    stacked: dict[str, Any] = {}
+    for name, shape, dtype in next(iter(sig)):
+        arr = np.zeros((len(samples), *shape), dtype=dtype)
+        for i, s in enumerate(samples):
+            if s.status == STATUS_OK and s.outputs:
+                arr[i] = s.outputs[name]
+        stacked[name] = encode_tensor(arr)
+    return [_slot_to_wire(s, with_outputs=False) for s in samples], stacked
+
+
+def _slot_to_wire(res: Result, with_outputs: bool) -> dict[str, Any]:
+    slot: dict[str, Any] = {"status": res.status}
+    if with_outputs and res.outputs:
+        slot["outputs"] = {k: encode_tensor(v) for k, v in res.outputs.items()}
+    if res.code:
+        slot["code"], slot["message"] = res.code, res.message
+    return slot
+
+
+def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings, model: str, version: str,
+                      limits: Limits) -> tuple[Result, ...]:
+    """The per-sample results of a multi-sample result body (each a :class:`Result` with the
+    entry's request id, timings, model and version; ``stacked`` outputs become per-slot views).
+
+    Raises:
+        DecodeError: a slot is malformed.
+    """
+    raw, stacked_raw = body.get("samples"), body.get("stacked") or {}
+    if not isinstance(raw, list) or not isinstance(stacked_raw, dict):
+        raise E.DecodeError("result 'samples' must be a list and 'stacked' a map of name -> tensor")
+    stacked = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in stacked_raw.items()}
+    if any(a.ndim == 0 or a.shape[0] != len(raw) for a in stacked.values()):
+        raise E.DecodeError("result 'stacked' outputs need a leading dimension of one row per sample")
+    out: list[Result] = []
+    for i, slot in enumerate(raw):
+        if not isinstance(slot, dict) or slot.get("status") not in STATUSES:
+            raise E.DecodeError("each result sample needs a status of ok|error|expired|rejected")
+        outs = slot.get("outputs") or {}
+        if not isinstance(outs, dict):
+            raise E.DecodeError("result sample outputs must be a map of name -> tensor")
+        status: Status = slot["status"]
+        mine = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()}
+        if status == STATUS_OK and not mine:
+            mine = {k: a[i] for k, a in stacked.items()}
+        out.append(Result(request_id, status, mine, code=str(slot.get("code") or ""),
+                          message=str(slot.get("message") or ""), timings=timings, model=model, version=version))
+    return tuple(out)

@@ -10,10 +10,12 @@
 -- KEYS[1]  the model's request stream, <ns>:{<model>}:requests, or one partition's,
 --          <ns>:{<model>~<p>}:requests (the entry's model is <model>)
 -- KEYS[2]  the model's limits hash, <ns>:{<model>}:limits (written by the model's workers;
---          fields max_payload_bytes, absent: DEFAULT_MAX_PAYLOAD_BYTES, and submit_mode)
+--          fields max_payload_bytes, absent: DEFAULT_MAX_PAYLOAD_BYTES; submit_mode; and
+--          samples_per_entry, absent: 1)
 -- KEYS[3]  the model's inbox, <ns>:{<model>}:inbox (a list the workers relay from)
 -- ARGV[1]  the workers' consumer group ("workers"), for the backlog reading
--- ARGV[2]  max_backlog: refuse when the backlog is >= this many entries (0 = no limit)
+-- ARGV[2]  max_backlog: refuse when the backlog is >= this many samples (0 = no limit):
+--          entries times the workers' published samples_per_entry
 -- ARGV[3…] the request entry as field, value, field, value, ... (see docs/protocol.md)
 --
 -- Returns {1, <entry id>} when the request was added to the stream (direct mode), {1, 'inbox'}
@@ -47,7 +49,7 @@
 -- any worker started are still delivered; a producer that could create groups could also
 -- create one that pins trimming forever.
 
-local LIBRARY_VERSION = 2
+local LIBRARY_VERSION = 3
 local DEFAULT_MAX_PAYLOAD_BYTES = 4194304
 local MAX_FIELDS = 16        -- field names per entry, unknown optional ones included
 local MAX_NAME_BYTES = 64    -- bytes of one field name
@@ -141,6 +143,10 @@ local function check_envelope(fields, model)
       return 'decode_error', name .. ' must be empty or 1-' .. MAX_MS_DIGITS .. ' ASCII digits (Unix ms)'
     end
   end
+  local n = fields['n']
+  if n ~= nil and (#n > 9 or string.match(n, '^[0-9]+$') == nil or tonumber(n) < 1) then
+    return 'decode_error', 'n (the sample count) must be 1-9 ASCII digits, at least 1'
+  end
   if fields['model'] ~= nil and fields['model'] ~= model then
     return 'unknown_model', "entry names model '" .. string.sub(fields['model'], 1, 128)
       .. "' but was sent to the stream of '" .. model .. "'"
@@ -199,8 +205,15 @@ local function submit(keys, args)
   if code ~= nil then
     return refuse(code, message)
   end
-  -- Requests waiting in the inbox count as backlog: they are in the stream a moment later.
+  -- Backlog in samples: the entries, in the stream and waiting in the inbox (they are in
+  -- the stream a moment later), times the samples per entry the workers published (a moving
+  -- average of what they read; absent: 1). Read-only: producers never write the limits
+  -- hash, whose max_payload_bytes they must not be able to raise.
   local backlog = backlog_of(keys[1], group) + redis.call('LLEN', keys[3])
+  if max_backlog > 0 and backlog > 0 then
+    local per_entry = tonumber(redis.call('HGET', keys[2], 'samples_per_entry')) or 1
+    backlog = math.floor(backlog * math.max(per_entry, 1) + 0.5)
+  end
   if max_backlog > 0 and backlog >= max_backlog then
     return {0, backlog}
   end

@@ -166,7 +166,7 @@ def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
                             retryable=False) from e
     if not added:
         raise E.QueueFull(
-            f"model {prepared.model!r} has a backlog of {int(value)} requests (max_backlog={max_backlog}); "
+            f"model {prepared.model!r} has a backlog of {int(value)} samples (max_backlog={max_backlog}); "
             f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise max_backlog",
             backlog=int(value), max_backlog=max_backlog, request_id=prepared.request_id, model=prepared.model)
     return value.decode() if isinstance(value, bytes) else str(value)

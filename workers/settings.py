@@ -135,6 +135,8 @@ class WorkerSettings(Settings):
     max_payload_bytes: int = setting(4 * 1024 * 1024, "Largest accepted request body; entries larger than this "
                                                       "plus 64 KiB (all fields counted) are dead-lettered "
                                                       "unread.", unit="bytes")
+    max_samples_per_entry: int = setting(1024, "Most samples one multi-sample entry may carry; more are answered "
+                                               "too_many_samples.", unit="samples")
     memory_budget_bytes: int = setting(64 * 1024 * 1024, "Most bytes of request entries the worker holds at "
                                                          "once (read, queued, running, being answered); reads "
                                                          "are sized to it.", unit="bytes")
@@ -184,6 +186,8 @@ class WorkerSettings(Settings):
         require(self.max_deliveries >= 1, "max_deliveries", "must be >= 1")
         require(self.dedupe_ttl_s >= 1, "dedupe_ttl_s", "must be >= 1 s (longer than any redelivery window)")
         require(self.max_payload_bytes >= 1024, "max_payload_bytes", "must be >= 1024 bytes")
+        require(1 <= self.max_samples_per_entry <= 65_536, "max_samples_per_entry",
+                "must be between 1 and 65536 samples (producers send larger inputs in several entries)")
         require(self.memory_budget_bytes >= self.max_entry_bytes, "memory_budget_bytes",
                 f"must hold at least one entry of the largest accepted size ({self.max_entry_bytes} bytes: "
                 "max_payload_bytes + 64 KiB); raise it or lower max_payload_bytes")

@@ -108,6 +108,9 @@ class ProbeServable(Servable):
     def length(self, request: Request) -> int:
         return self.inner.length(request)
 
+    def lengths(self, requests: Sequence[Request]) -> list[int]:
+        return self.inner.lengths(requests)
+
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
         return self.inner.plan(requests)
 

@@ -1,9 +1,9 @@
 """Saturate a served model through the SDK from a process of its own, and count what comes back.
 
-    python -m benchmarks.lib.saturate REDIS_URL NAMESPACE MODEL KIND IN_FLIGHT WARMUP_S DURATION_S   # prints JSON
+    python -m benchmarks.lib.saturate REDIS_URL NAMESPACE MODEL KIND IN_FLIGHT WARMUP_S DURATION_S [CHUNK]
 
 ``AsyncClient.imap`` (the SDK's bulk path: pipelined submits, at most ``IN_FLIGHT``
-requests outstanding) over an endless stream of inputs: ``KIND`` ``affine`` sends float32
+samples outstanding, in multi-sample entries of ``CHUNK`` samples, default 1) over an endless stream of inputs: ``KIND`` ``affine`` sends float32
 ``x`` of shape (4,), ``text`` cycles through real sentences (the held-out corpus). After
 ``WARMUP_S`` the answers arriving over ``DURATION_S`` are counted. The load generator runs
 in its own process (its own interpreter and GIL), as the bare ceiling's producer and
@@ -38,7 +38,7 @@ def items(kind: str) -> Iterator[Any]:
 
 
 async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: int, warmup_s: float,
-                   duration_s: float) -> dict[str, Any]:
+                   duration_s: float, chunk: int = 1) -> dict[str, Any]:
     """Answers per second over the window, their statuses, and this process' CPU per answer."""
     from headrace.client.aio import AsyncClient
 
@@ -49,7 +49,7 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
     start, end = t0 + warmup_s, t0 + warmup_s + duration_s
     c_start = 0.0
     async with AsyncClient(url, namespace=namespace, max_in_flight=in_flight, timeout_s=60.0) as client:
-        stream: Any = client.imap(model, items(kind), progress=False)  # an async generator: closable
+        stream: Any = client.imap(model, items(kind), progress=False, chunk_size=chunk)  # closable
         async with contextlib.aclosing(stream) as results:
             async for res in results:
                 total += 1
@@ -64,7 +64,7 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
                 batch_sizes.append(res.timings.batch_size)
     cpu_s = time.process_time() - c_start
     n = sum(statuses.values())
-    return {"samples_per_s": statuses["ok"] / duration_s, "answers": n, "answers_total": total,
+    return {"samples_per_s": statuses["ok"] / duration_s, "answers": n, "answers_total": total, "chunk": chunk,
             "statuses": dict(statuses),
             "mean_batch": (sum(batch_sizes) / len(batch_sizes)) if batch_sizes else 0.0,
             "load_generator_cpu_us_per_sample": cpu_s * 1e6 / max(1, n)}
@@ -79,8 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("in_flight", type=int)
     ap.add_argument("warmup_s", type=float)
     ap.add_argument("duration_s", type=float)
+    ap.add_argument("chunk", type=int, nargs="?", default=1)
     a = ap.parse_args(argv)
-    out = asyncio.run(saturate(a.url, a.namespace, a.model, a.kind, a.in_flight, a.warmup_s, a.duration_s))
+    out = asyncio.run(saturate(a.url, a.namespace, a.model, a.kind, a.in_flight, a.warmup_s, a.duration_s, a.chunk))
     print(json.dumps(out))
     return 0
 

@@ -253,6 +253,10 @@ class StandInServable(Servable):
         """Tokens of the text (tokenised here, on admission; the ids are kept for the batch)."""
         return self._encoder.count(request.text or "")
 
+    def lengths(self, requests: Sequence[Request]) -> list[int]:
+        """Tokens of every text of an admitted read, from one ``encode_batch``."""
+        return self._encoder.count_batch([r.text or "" for r in requests])
+
     def infer(self, requests: Sequence[Request]) -> list[dict[str, Array]]:
         from headrace.workers.backends.prepost import split
 

@@ -1,8 +1,9 @@
-"""``headrace submit``: one request from the command line."""
+"""``headrace submit``: one request, or many samples in chunks, from the command line."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -14,30 +15,75 @@ from headrace.cluster.cli.context import CliConfig, pass_cfg
 @click.option("--text", default=None, help="Text input (text models such as minilm).")
 @click.option("--input", "input_files", multiple=True, metavar="[NAME=]FILE",
               help="Tensor input from .npy (named by --input NAME=… or the file stem), .npz or .json; repeatable.")
+@click.option("--texts", "texts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Many text inputs: a file with one text per line ('-' not supported).")
+@click.option("--batch", is_flag=True, help="The --input arrays carry a leading sample dimension: one result per "
+                                            "sample, sent in multi-sample entries of --chunk-size.")
+@click.option("--chunk-size", type=click.IntRange(1, 65_536), default=None,
+              help="Samples per multi-sample entry with --batch/--texts (default: the client's chunk_size, 32; "
+                   "1: one request per sample).")
 @click.option("--timeout-s", type=float, default=None, help="Longest wait for the result (s).")
 @click.option("--deadline-s", type=float, default=None, help="Answer 'expired' instead of running after this (s).")
-@click.option("--request-id", default=None, help="Your request id (idempotency key).")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@click.option("--request-id", default=None, help="Your request id (idempotency key; single requests only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON (one line per sample "
+                                                      "with --batch/--texts).")
 @pass_cfg
-def submit(cfg: CliConfig, model: str, text: str | None, input_files: tuple[str, ...], timeout_s: float | None,
-           deadline_s: float | None, request_id: str | None, as_json: bool) -> None:
-    """Submit one request to MODEL, wait, and print its outputs and timings."""
-    from rich.console import Console
-
+def submit(cfg: CliConfig, model: str, text: str | None, input_files: tuple[str, ...], texts_file: str | None,
+           batch: bool, chunk_size: int | None, timeout_s: float | None, deadline_s: float | None,
+           request_id: str | None, as_json: bool) -> None:
+    """Submit one request to MODEL, wait, and print its outputs and timings. With --batch or
+    --texts: submit every sample (in multi-sample entries), print one result per sample in
+    input order, and exit 2 when any failed."""
     from headrace.client import Client
-    from headrace.cluster.cli.render import load_inputs, result_json, result_table
+    from headrace.cluster.cli.render import load_inputs
 
-    if (text is None) == (not input_files):
-        raise click.UsageError("give exactly one of --text or --input")
+    if sum([text is not None, bool(input_files), texts_file is not None]) != 1:
+        raise click.UsageError("give exactly one of --text, --input or --texts")
+    if batch and not input_files:
+        raise click.UsageError("--batch applies to --input arrays")
+    many = batch or texts_file is not None
+    if many and request_id is not None:
+        raise click.UsageError("--request-id names one request; --batch/--texts send many")
     inputs = load_inputs(input_files) if input_files else None
     with Client(settings=cfg.client_settings()) as client:
-        res = client.infer(model, inputs, text, request_id=request_id, deadline_s=deadline_s,
-                           timeout_s=timeout_s, raise_on_error=False)
+        if many:
+            items = _lines(texts_file) if texts_file is not None else _samples(inputs or {})
+            results = client.map(model, items, timeout_s=timeout_s, deadline_s=deadline_s, chunk_size=chunk_size,
+                                 progress=False)
+        else:
+            results = [client.infer(model, inputs, text, request_id=request_id, deadline_s=deadline_s,
+                                    timeout_s=timeout_s, raise_on_error=False)]
+    _print(results, as_json, many)
+    if not all(r.ok for r in results):
+        sys.exit(2)
+
+
+def _lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _samples(inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    sizes = {len(a) if getattr(a, "ndim", 0) else 0 for a in inputs.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise click.UsageError("--batch needs every --input array to have the same leading (sample) dimension")
+    n = sizes.pop()
+    return [{k: a[i] for k, a in inputs.items()} for i in range(n)]
+
+
+def _print(results: list[Any], as_json: bool, many: bool) -> None:
+    from rich.console import Console
+
+    from headrace.cluster.cli.render import result_json, result_table
+
     if as_json:
         import json
 
-        click.echo(json.dumps(result_json(res)))
-    else:
-        Console().print(result_table(res))
-    if not res.ok:
-        sys.exit(2)
+        for res in results:
+            click.echo(json.dumps(result_json(res)))
+        return
+    console = Console()
+    for i, res in enumerate(results):
+        if many:
+            console.print(f"sample {i}")
+        console.print(result_table(res))

@@ -3,8 +3,9 @@
 // client. It submits requests through the same Redis Function the Python SDK uses
 // (FCALL headrace_submit, library client/submit.lua; or a plain XADD with --plain, which
 // needs an operator's explicit grant, docs/security.md), then reads its reply stream with
-// XREAD BLOCK, decodes the msgpack results, prints one JSON line per result, and deletes
-// the entries it consumed.
+// XREAD BLOCK, decodes the msgpack results, prints one JSON line per sample, and deletes
+// the entries it consumed. The --count samples go out in multi-sample entries of --chunk
+// samples (docs/protocol.md, "Multi-sample entries"; --chunk 1: one request per sample).
 //
 //   npm ci && node producer.js --url redis://127.0.0.1:6379/0 --model affine --count 3
 //   node producer.js --model minilm --text "A sentence to embed."
@@ -35,7 +36,7 @@ function parseArgs(argv) {
     url: process.env.HEADRACE_REDIS_URL || 'redis://127.0.0.1:6379/0',
     namespace: process.env.HEADRACE_NAMESPACE || 'headrace',
     model: 'affine', count: 1, text: null, input: 'x', dtype: 'float32', values: '1,2,3,4',
-    plain: false, maxBacklog: 100000, timeoutMs: 30000, deadlineMs: 0, wait: true,
+    plain: false, maxBacklog: 100000, timeoutMs: 30000, deadlineMs: 0, wait: true, chunk: 32,
   };
   for (let i = 2; i < argv.length; i++) {
     const arg = argv[i];
@@ -45,6 +46,7 @@ function parseArgs(argv) {
       case '--namespace': opts.namespace = next(); break;
       case '--model': opts.model = next(); break;
       case '--count': opts.count = parseInt(next(), 10); break;
+      case '--chunk': opts.chunk = parseInt(next(), 10); break;
       case '--text': opts.text = next(); break;
       case '--input': opts.input = next(); break;
       case '--dtype': opts.dtype = next(); break;
@@ -55,7 +57,7 @@ function parseArgs(argv) {
       case '--deadline-ms': opts.deadlineMs = parseInt(next(), 10); break;
       case '--no-wait': opts.wait = false; break;
       case '-h': case '--help':
-        console.log('usage: node producer.js [--url URL] [--namespace NS] [--model M] [--count N] ' +
+        console.log('usage: node producer.js [--url URL] [--namespace NS] [--model M] [--count N] [--chunk N] ' +
           '[--text T | --input NAME --dtype D --values 1,2,3,4] [--plain] [--max-backlog N] ' +
           '[--deadline-ms MS] [--timeout-ms MS] [--no-wait]');
         process.exit(0);
@@ -64,6 +66,7 @@ function parseArgs(argv) {
     }
   }
   if (!(opts.count >= 1)) throw new Error('--count must be >= 1');
+  if (!(opts.chunk >= 1)) throw new Error('--chunk must be >= 1');
   if (!TYPED[opts.dtype]) throw new Error(`--dtype must be one of ${Object.keys(TYPED).join(', ')}`);
   return opts;
 }
@@ -87,12 +90,28 @@ function decodeTensor(t) {
   return { dtype: t.dtype, shape: t.shape, data: t.dtype === 'bool' ? data.map(Boolean) : data };
 }
 
-function requestFields({ id, replyTo, model, deadlineMs, body }) {
-  return [
+function requestFields({ id, replyTo, model, deadlineMs, body, samples }) {
+  const fields = [
     'v', PROTOCOL_VERSION, 'id', id, 'reply_to', replyTo, 'model', model,
     'deadline_ms', String(deadlineMs ? Date.now() + deadlineMs : 0), 'ts_ms', String(Date.now()),
     'body', Buffer.from(encode(body)),
   ];
+  // n: the sample count of a multi-sample entry (the submit function counts backlog with it).
+  if (samples > 1) fields.push('n', String(samples));
+  return fields;
+}
+
+// The body of samples first..first+size-1: one sample as before, several as one
+// multi-sample entry ({texts} or {samples, inputs} with a leading sample dimension).
+function requestBody(opts, base, first, size) {
+  if (size === 1) {
+    return opts.text !== null ? { text: opts.text }
+      : { inputs: { [opts.input]: encodeTensor(opts.dtype, [base.length], base.map((v) => v + first)) } };
+  }
+  if (opts.text !== null) return { texts: Array(size).fill(opts.text) };
+  const values = [];
+  for (let k = first; k < first + size; k++) values.push(...base.map((v) => v + k));
+  return { samples: size, inputs: { [opts.input]: encodeTensor(opts.dtype, [size, base.length], values) } };
 }
 
 // Load the function library; normally a worker or an operator (`headrace functions load`)
@@ -146,10 +165,39 @@ function decodeResult(kv) {
   const body = f.body && f.body.length ? decode(f.body) : {};
   const outputs = {};
   for (const [name, t] of Object.entries(body.outputs || {})) outputs[name] = decodeTensor(t);
-  return {
+  const res = {
     id: String(f.id), status: String(f.status), code: String(f.code || ''), message: String(f.message || ''),
     model: body.model || '', version: body.version || '', outputs, timings: body.timings || {},
   };
+  // A multi-sample entry's result: one slot per sample, each with its own status; the ok
+  // slots' outputs are either their own or row i of the entry's "stacked" outputs.
+  if (Array.isArray(body.samples)) {
+    const stacked = Object.entries(body.stacked || {}).map(([name, t]) => [name, decodeTensor(t)]);
+    res.samples = body.samples.map((slot, i) => {
+      const outs = {};
+      for (const [name, t] of Object.entries(slot.outputs || {})) outs[name] = decodeTensor(t);
+      if (slot.status === 'ok' && !slot.outputs) {
+        for (const [name, t] of stacked) {
+          const shape = t.shape.slice(1);
+          const row = shape.reduce((a, b) => a * b, 1);
+          outs[name] = { dtype: t.dtype, shape, data: t.data && t.data.slice(i * row, (i + 1) * row) };
+        }
+      }
+      return { status: slot.status, code: slot.code || '', message: slot.message || '', outputs: outs };
+    });
+  }
+  return res;
+}
+
+// One line per sample: a multi-sample result becomes one line per slot (with its index),
+// an error of the whole entry one line per sample it carried.
+function sampleLines(res, size) {
+  if (!res.samples) {
+    if (size === 1) return [res];
+    return Array.from({ length: size }, (_, i) => ({ ...res, sample: i }));
+  }
+  const { samples, ...rest } = res;
+  return samples.map((slot, i) => ({ ...rest, ...slot, sample: i }));
 }
 
 // Read the reply stream from 0-0 (a result may land before the first XREAD) until every
@@ -187,23 +235,27 @@ async function main() {
     const replyTo = `${prefix}:reply:node-${process.pid}-${crypto.randomBytes(3).toString('hex')}`;
     const base = opts.values.split(',').map(Number);
     const ids = [];
-    for (let k = 0; k < opts.count; k++) {
+    const sizes = new Map();
+    for (let k = 0; k < opts.count; k += opts.chunk) {
       const id = `node-${crypto.randomUUID()}`;
-      const body = opts.text !== null
-        ? { text: opts.text }
-        : { inputs: { [opts.input]: encodeTensor(opts.dtype, [base.length], base.map((v) => v + k)) } };
+      const size = Math.min(opts.chunk, opts.count - k);
       const entryId = await submit(client, prefix, requestFields({
-        id, replyTo, model: opts.model, deadlineMs: opts.deadlineMs, body,
+        id, replyTo, model: opts.model, deadlineMs: opts.deadlineMs, body: requestBody(opts, base, k, size),
+        samples: size,
       }), opts);
       ids.push(id);
-      console.error(`submitted ${id} as ${entryId}`);
+      sizes.set(id, size);
+      console.error(`submitted ${id} (${size} sample${size > 1 ? 's' : ''}) as ${entryId}`);
     }
     if (!opts.wait) {
       console.log(JSON.stringify({ reply_to: replyTo, ids }));
       return;
     }
     const { results, missing } = await collect(client, replyTo, ids, opts.timeoutMs);
-    for (const id of ids) if (results.has(id)) console.log(JSON.stringify(results.get(id)));
+    for (const id of ids) {
+      if (!results.has(id)) continue;
+      for (const line of sampleLines(results.get(id), sizes.get(id))) console.log(JSON.stringify(line));
+    }
     if (missing.length) {
       console.error(`no result within ${opts.timeoutMs} ms for ${missing.length} request(s)`);
       process.exitCode = 3;

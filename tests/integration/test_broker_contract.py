@@ -80,6 +80,9 @@ class MemoryHarness:
     def length(self) -> int:
         return len(self.store.entries)
 
+    def samples_per_entry(self) -> float:
+        return self.store.samples_per_entry
+
     def cancel(self, request_id: str, up_to_ms: int) -> None:
         self.store.cancel(request_id, up_to_ms)
 
@@ -138,6 +141,9 @@ class RedisHarness:
 
     def length(self) -> int:
         return int(self.r.xlen(KEYS.requests))
+
+    def samples_per_entry(self) -> float:
+        return float(self.r.hget(KEYS.limits, "samples_per_entry") or 1)
 
     def cancel(self, request_id: str, up_to_ms: int) -> None:
         self.r.set(KEYS.cancel(request_id), str(up_to_ms))
@@ -201,6 +207,9 @@ class PartitionedHarness(RedisHarness):
 
     def push(self, element: bytes) -> None:
         self.r.rpush(self.ALL[self.PART].inbox, element)
+
+    def samples_per_entry(self) -> float:
+        return float(self.r.hget(self.ALL[self.PART].limits, "samples_per_entry") or 1)
 
     def inbox(self) -> int:
         return int(self.r.llen(self.ALL[self.PART].inbox))
@@ -403,6 +412,15 @@ async def test_trim_keeps_pending_and_unread_and_backlog_counts_them(h: Any) -> 
 
 
 @pytest.mark.timeout(20)
+async def test_samples_per_entry_is_published_at_least_one(h: Any) -> None:
+    b = h.broker()
+    await b.publish_samples_per_entry(31.5)
+    assert h.samples_per_entry() == 31.5
+    await b.publish_samples_per_entry(0.2)  # below one sample per entry: one
+    assert h.samples_per_entry() == 1.0
+
+
+@pytest.mark.timeout(20)
 async def test_consumers_are_deleted_only_when_they_own_nothing(h: Any) -> None:
     a, b = h.broker("a"), h.broker("b")
     await a.ensure_group()
@@ -421,7 +439,8 @@ async def test_every_call_raises_broker_error_when_the_queue_is_unreachable(h: A
     b = h.unreachable()
     calls = [b.ensure_group(), b.read(1, 10), b.claim_abandoned(1, 1), b.refresh_lease(["1-0"]), b.release([Entry("1-0", {})], 1),
              b.answered(["x"]), b.cancel_marks(["x"]), b.commit([Ack("1-0")]), b.trim(), b.backlog(), b.heartbeat({"version": "1"}),
-             b.unregister(), b.delete_idle_consumers(0), b.ping(), b.relay(1), b.wait_inbox(10)]
+             b.unregister(), b.delete_idle_consumers(0), b.ping(), b.relay(1), b.wait_inbox(10),
+             b.publish_samples_per_entry(2.0)]
     for call in calls:
         with pytest.raises(E.BrokerError):
             await call

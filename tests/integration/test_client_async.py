@@ -52,7 +52,9 @@ async def test_infer_submit_and_await_ticket(redis_url: str, start_worker: Calla
 async def test_map_in_order_collect_and_results(redis_url: str, start_worker: Callable[..., Any]) -> None:
     start_worker("affine")
     async with AsyncClient(redis_url, max_in_flight=8, reply_block_ms=200, max_backlog=6) as c:
-        results = await c.map("affine", [affine_inputs(i) for i in range(80)], progress=False)
+        # One request per item: a backlog limit of 6 samples is below one default chunk, and
+        # the submits below would meet the samples-per-entry estimate of chunked entries.
+        results = await c.map("affine", [affine_inputs(i) for i in range(80)], progress=False, chunk_size=1)
         for i, res in enumerate(results):
             np.testing.assert_array_equal(res.outputs["y"], affine_reference(affine_inputs(i)["x"]))
         tickets = [await c.submit("affine", affine_inputs(i)) for i in range(5)]

@@ -53,6 +53,26 @@ def test_submit_npy_json_and_text(redis_url: str, workers: None, tmp_path: Path)
     assert code == 0 and json.loads(out)["outputs"]["length"]["data"] == [5]
 
 
+def test_submit_many_samples_in_chunks(redis_url: str, workers: None, tmp_path: Path) -> None:
+    xs = np.arange(40, dtype=np.float32).reshape(10, 4)
+    xs[6, 0] = np.nan  # refused in its own slot
+    np.save(tmp_path / "xs.npy", xs)
+    code, out = invoke(redis_url, "submit", "affine", "--input", f"x={tmp_path / 'xs.npy'}", "--batch",
+                       "--chunk-size", "4", "--json")
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert code == 2 and len(docs) == 10  # one sample failed: exit 2, every sample printed
+    assert len({d["request_id"] for d in docs}) == 3  # 4 + 4 + 2 samples per entry
+    assert docs[6]["code"] == "bad_value"
+    for i, d in enumerate(docs):
+        if i != 6:
+            assert d["status"] == "ok" and d["outputs"]["y"]["data"] == (xs[i] * 2 + 1).tolist(), (i, d)
+    (tmp_path / "t.txt").write_text("a\nbb\nccc\n")
+    code, out = invoke(redis_url, "submit", "length", "--texts", str(tmp_path / "t.txt"))
+    assert code == 0 and out.count("sample ") == 3, out
+    code, out = invoke(redis_url, "submit", "affine", "--text", "x", "--batch")
+    assert code == 2 and "--batch applies to --input" in out
+
+
 def test_submit_error_result_exits_2(redis_url: str, workers: None, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.ones(3, np.float32))
     code, out = invoke(redis_url, "submit", "affine", "--input", str(tmp_path / "x.npy"))

@@ -131,7 +131,7 @@ def test_sync_map_submits_in_batches(redis_url: str, affine_worker: Any, monkeyp
     monkeypatch.setattr(sync_io_module, "run_submits", counting)
     n = 400
     with Client(redis_url, max_in_flight=64, reply_block_ms=200, timeout_s=20) as c:
-        results = c.map("affine", [affine_inputs(i) for i in range(n)], progress=False)
+        results = c.map("affine", [affine_inputs(i) for i in range(n)], progress=False, chunk_size=1)
     for i, res in enumerate(results):
         np.testing.assert_array_equal(res.outputs["y"], affine_reference(affine_inputs(i)["x"]))
     assert sum(sizes) == n and sizes[0] == 64
@@ -141,8 +141,11 @@ def test_sync_map_submits_in_batches(redis_url: str, affine_worker: Any, monkeyp
 async def test_async_map_submits_in_batches(redis_url: str, affine_worker: Any) -> None:
     n = 400
     async with AsyncClient(redis_url, max_in_flight=64, reply_block_ms=200, timeout_s=20) as c:
-        results = await c.map("affine", [affine_inputs(i) for i in range(n)], progress=False)
+        results = await c.map("affine", [affine_inputs(i) for i in range(n)], progress=False, chunk_size=1)
         assert c._pipeline.commands == n
         assert c._pipeline.flushes < n / 4
+        chunked = await c.map("affine", [affine_inputs(i) for i in range(n)], progress=False, chunk_size=16)
+        assert c._pipeline.commands == n + n // 16  # one submit per chunk of 16
+        assert [r.outputs["y"].tolist() for r in chunked] == [r.outputs["y"].tolist() for r in results]
     for i, res in enumerate(results):
         np.testing.assert_array_equal(res.outputs["y"], affine_reference(affine_inputs(i)["x"]))

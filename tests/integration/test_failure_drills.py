@@ -192,10 +192,11 @@ def test_redis_data_lost_retry_recovers_every_request(tmp_path: Path) -> None:
             mapped: dict[str, Any] = {}
             mapper = threading.Thread(target=lambda: mapped.setdefault("out", c.map(
                 "affine", [affine_inputs(50 + i) for i in range(30)], timeout_s=1.0, retry=PATIENT,
-                progress=False)), daemon=True)
+                progress=False, chunk_size=10)), daemon=True)
             mapper.start()
-            assert wait_until(lambda: queued(r, keys) >= 50)
-            assert len(c.outstanding()) == 50
+            # 20 single requests and the map's 30 items as 3 multi-sample entries
+            assert wait_until(lambda: queued(r, keys) >= 23)
+            assert len(c.outstanding()) == 23
             server.restart()  # no persistence: requests, consumer group and registry are gone
             assert queued(r, keys) == 0
             start(*FAST, env={"HEADRACE_LOG_LEVEL": "WARNING"})

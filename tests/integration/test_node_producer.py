@@ -70,6 +70,7 @@ def test_node_producer_affine_results_match_the_model(node_example: Path, redis_
                          "--values", "0.5,-1,2,8"))
     assert len(out) == 3
     base = np.array([0.5, -1, 2, 8], np.float32)
+    assert len({res["id"] for res in out}) == 1 and [res["sample"] for res in out] == [0, 1, 2]  # one entry
     for k, res in enumerate(out):
         assert res["status"] == "ok" and res["model"] == "affine" and res["id"].startswith("node-")
         assert res["outputs"]["y"]["dtype"] == "float32" and res["outputs"]["y"]["shape"] == [4]
@@ -80,7 +81,7 @@ def test_node_producer_affine_results_match_the_model(node_example: Path, redis_
 
 def test_node_requests_decoded_by_python(node_example: Path, redis_url: str, workers: None) -> None:
     """--no-wait leaves the results in the reply stream; decode them with the Python codec."""
-    sub = json.loads(run_node(node_example, "--url", redis_url, "--count", "2", "--no-wait").stdout)
+    sub = json.loads(run_node(node_example, "--url", redis_url, "--count", "2", "--chunk", "1", "--no-wait").stdout)
     r = redis.Redis.from_url(redis_url)
     reply_to, ids = sub["reply_to"], sub["ids"]
     assert reply_to.startswith("headrace:{affine}:reply:node-")
@@ -100,6 +101,20 @@ def test_node_requests_decoded_by_python(node_example: Path, redis_url: str, wor
                                       affine_reference(np.array([1, 2, 3, 4], np.float32) + np.float32(k)))
     assert r.exists(f"headrace:{{affine}}:done:{ids[0]}") == 1
 
+    # 5 samples in chunks of 2: entries of 2, 2 and 1 samples (the last a plain request).
+    sub = json.loads(run_node(node_example, "--url", redis_url, "--count", "5", "--chunk", "2", "--no-wait").stdout)
+    reply_to, ids = sub["reply_to"], sub["ids"]
+    got: dict[str, P.Result] = {}
+    for _ in range(50):
+        for _stream, entries in r.xread({reply_to: "0-0"}, block=200) or []:
+            got = {res.request_id: res for res in (P.decode_result(f) for _eid, f in entries)}
+        if len(got) == 3:
+            break
+    assert len(ids) == 3 and set(got) == set(ids)
+    outs = [s.outputs["y"] for rid in ids[:2] for s in got[rid].samples] + [got[ids[2]].outputs["y"]]
+    for k, y in enumerate(outs):
+        np.testing.assert_array_equal(y, affine_reference(np.array([1, 2, 3, 4], np.float32) + np.float32(k)))
+
 
 def test_node_text_plain_xadd_and_errors(node_example: Path, redis_url: str, workers: None) -> None:
     out = lines(run_node(node_example, "--url", redis_url, "--model", "length", "--text", "naïve café", "--plain"))
@@ -111,7 +126,7 @@ def test_node_text_plain_xadd_and_errors(node_example: Path, redis_url: str, wor
 def test_node_submit_function_refuses_when_the_queue_is_full(node_example: Path, redis_url: str) -> None:
     # no worker for "idle": the first request is queued, the second is refused by the function
     proc = run_node(node_example, "--url", redis_url, "--model", "idle", "--count", "2", "--max-backlog", "1",
-                    "--no-wait", check=False)
+                    "--chunk", "1", "--no-wait", check=False)
     assert proc.returncode == 4 and "queue_full" in proc.stderr
     r = redis.Redis.from_url(redis_url)
     assert not r.exists("headrace:{idle}:requests")  # producers never create streams or groups

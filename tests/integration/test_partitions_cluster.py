@@ -64,7 +64,7 @@ def test_every_request_is_answered_exactly_once_over_the_cluster(rc: RedisCluste
     n = 600
     items: list[Any] = [{"x": np.full(4, i, np.float32)} for i in range(n)]
     with Client(redis_cluster_url, redis_cluster=True, partitions=P, client_id="ledger", timeout_s=60) as client:
-        results = list(client.map("affine", items))
+        results = list(client.map("affine", items, chunk_size=1))  # one entry per item: spread by id
         answered = Counter(r.request_id for r in results)
         assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
         for i, r in enumerate(results):
@@ -160,7 +160,7 @@ def test_the_cli_shows_and_loads_on_the_cluster(worker: WorkerProc, redis_cluste
     from headrace.cluster.cli.main import main
 
     with Client(redis_cluster_url, redis_cluster=True, partitions=P, timeout_s=30) as client:
-        list(client.map("affine", [{"x": np.ones(4, np.float32)}] * 30))
+        list(client.map("affine", [{"x": np.ones(4, np.float32)}] * 30, chunk_size=1))  # one entry per item: the stats count entries
     env = {"COLUMNS": "200", "HEADRACE_REDIS_CLUSTER": "1"}
     res = CliRunner().invoke(main, ["--redis-url", redis_cluster_url, "status"], env=env)
     assert res.exit_code == 0, res.output
@@ -172,3 +172,23 @@ def test_the_cli_shows_and_loads_on_the_cluster(worker: WorkerProc, redis_cluste
     assert float(rps) == pytest.approx(30 / 60, abs=0.05), "every partition's batches are in the stats"
     res = CliRunner().invoke(main, ["--redis-url", redis_cluster_url, "functions", "load"], env=env)
     assert res.exit_code == 0 and res.output.count("current") == 3, res.output
+
+
+def test_chunked_map_spreads_multi_sample_entries_over_the_partitions(rc: RedisCluster, worker: WorkerProc,
+                                                                     redis_cluster_url: str) -> None:
+    """``map``'s default multi-sample entries: each chunk goes to the partition of its own id,
+    every item answered once and in order."""
+    n, chunk = 640, 32
+    items: list[Any] = [{"x": np.full(4, i, np.float32)} for i in range(n)]
+    parts = partition_keys("headrace", "affine", P)
+    before = [_added(rc, k.requests) for k in parts]
+    with Client(redis_cluster_url, redis_cluster=True, partitions=P, client_id="chunks", timeout_s=60) as client:
+        results = list(client.map("affine", items, chunk_size=chunk))
+        replies = sum(_added(rc, k.reply("chunks")) for k in parts)  # before close deletes them
+    assert len(results) == n and all(r.ok for r in results)
+    for i, r in enumerate(results):
+        np.testing.assert_allclose(r.outputs["y"], np.full(4, 2 * i + 1, np.float32))
+    entries = [_added(rc, k.requests) - b for k, b in zip(parts, before, strict=True)]
+    assert sum(entries) == n // chunk, entries
+    assert sum(1 for e in entries if e) >= 3, f"the chunks' ids spread them: {entries}"
+    assert replies == n // chunk, "one result per entry"

@@ -118,7 +118,12 @@ RESULT_CASES: dict[str, list[tuple[str, dict[bytes, bytes]]]] = {
     E.MAX_DELIVERIES: [("affine", entry("affine", x([POISON] * 4)))],
     E.MODEL_ERROR: [("odd", entry("odd", x([7, 7, 7, 7])))],
     E.INTERNAL_ERROR: [("odd", entry("odd", x([1, 2, 3, 4]), id="bug-in-admission"))],
+    # Multi-sample entries (faults of the entry as a whole; per-sample ones: tests/unit/test_multisample.py).
+    E.TOO_MANY_SAMPLES: [("affine", entry("affine", {"samples": 1025, **x(np.zeros((1025, 4)))}, n="1025")),
+                         ("length", entry("length", {"texts": ["t"] * 1025}))],
 }
+RESULT_CASES[E.BAD_VALUE] += [("affine", entry("affine", {"samples": 2, **x(np.zeros((2, 4)))}, n="3"))]
+RESULT_CASES[E.BAD_SHAPE] += [("affine", entry("affine", {"samples": 3, **x(np.zeros((2, 4)))}, n="3"))]
 
 
 class OddServable(AffineServable):
@@ -245,6 +250,8 @@ FUNCTION_REFUSALS: list[tuple[str, Callable[[dict[bytes, bytes]], dict[bytes, by
     ("Arabic-Indic deadline", lambda f: {**f, b"deadline_ms": "\u0661\u0660".encode()}, E.DECODE_ERROR),
     ("ts_ms of 400 nines", lambda f: {**f, b"ts_ms": b"9" * 400}, E.DECODE_ERROR),
     ("another model", lambda f: {**f, b"model": b"minilm"}, E.UNKNOWN_MODEL),
+    ("sample count 0", lambda f: {**f, b"n": b"0"}, E.DECODE_ERROR),
+    ("sample count of 10 digits", lambda f: {**f, b"n": b"1" * 10}, E.DECODE_ERROR),
     ("entry over max_payload_bytes", lambda f: {**f, b"pad": b"\0" * (4 << 20)}, E.PAYLOAD_TOO_LARGE),
     ("4000 fields", lambda f: {**f, **{f"f{i}".encode(): b"x" for i in range(4000)}}, E.PAYLOAD_TOO_LARGE),
 ]

@@ -28,12 +28,13 @@ from hypothesis import strategies as st
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
+from headrace.client.samples import MultiRequest
 
 REPLY = "headrace:{affine}:reply:fuzz"
 # Codes a bad request may be answered with: specific protocol codes, never internal_error
 # or model_error (those would mean the input reached code that was not ready for it).
 INPUT_CODES = frozenset({E.DECODE_ERROR, E.MISSING_FIELD, E.BAD_DTYPE, E.BAD_SHAPE, E.BAD_VALUE,
-                         E.PAYLOAD_TOO_LARGE, E.UNSUPPORTED_VERSION})
+                         E.PAYLOAD_TOO_LARGE, E.UNSUPPORTED_VERSION, E.TOO_MANY_SAMPLES})
 OK = "ok"
 _ids = itertools.count()
 
@@ -334,6 +335,31 @@ def bad_envelope_values(draw: st.DrawFn) -> Case:
     return Case("bad_envelope", f, expect)
 
 
+@st.composite
+def multi_sample(draw: st.DrawFn) -> Case:
+    """A multi-sample entry: finite samples, some with a NaN (refused in their slot alone),
+    and now and then a fault of the whole entry (count, leading dim, too many samples) or
+    texts sent to the tensor model (each slot refused)."""
+    n = draw(st.integers(1, 6))
+    xs = np.stack([draw(finite_x) for _ in range(n)])
+    for i in draw(st.lists(st.integers(0, n - 1), max_size=2)):
+        xs[i, draw(st.integers(0, 3))] = np.nan
+    fault = draw(st.sampled_from(["none", "none", "none", "count", "lead", "texts", "too_many"]))
+    if fault == "too_many":
+        xs = np.zeros((1025, 4), np.float32)
+    env = P.Envelope(request_id=unique_id(), reply_to=REPLY, ts_ms=P.now_ms())
+    fields = MultiRequest(env, inputs={"x": xs}).encode()
+    if fault == "count":
+        fields[b"n"] = str(n + 1).encode()
+    elif fault == "lead":
+        fields[b"n"] = str(n + 1).encode()
+        fields[b"body"] = pack({"samples": n + 1, "inputs": {"x": P.encode_tensor(xs)}})
+    elif fault == "texts":
+        fields[b"body"] = pack({"texts": ["not a tensor"] * n})
+    expect = {"count": E.BAD_VALUE, "lead": E.BAD_SHAPE, "too_many": E.TOO_MANY_SAMPLES}.get(fault)
+    return Case(f"multi_sample:{fault}", fields, expect)
+
+
 def _utf8(b: bytes) -> bool:
     try:
         b.decode("utf-8")
@@ -347,7 +373,7 @@ ALL_FAMILIES = (random_bytes_body, random_fields, truncated_msgpack, bitflip_bod
                 deep_nesting, huge_shape, wrong_dtype, other_wire_dtype, wrong_model_shape, non_finite,
                 non_utf8, oversize, missing_field, missing_tensor_part, extra_fields, bad_envelope_values)
 any_bad_case = st.one_of(*(f() for f in ALL_FAMILIES))
-any_case = st.one_of(valid_case(), any_bad_case)
+any_case = st.one_of(valid_case(), multi_sample(), any_bad_case)
 
 
 # --- outcome bookkeeping (for the report) ------------------------------------------------------

@@ -104,7 +104,7 @@ def test_headrace_errors_become_clean_messages() -> None:
 
 def test_submit_needs_text_or_input() -> None:
     res = CliRunner().invoke(main, ["submit", "affine"])
-    assert res.exit_code == 2 and "exactly one of --text or --input" in res.output
+    assert res.exit_code == 2 and "exactly one of --text, --input or --texts" in res.output
 
 
 def test_status_renders_model_status(monkeypatch: pytest.MonkeyPatch) -> None:

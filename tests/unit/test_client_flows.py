@@ -244,7 +244,7 @@ def test_imap_resubmits_unanswered_requests_and_cancels_what_is_left_when_abando
     bursts: list[tuple[int, int | None]] = []
     out = list(iterate(flows.imap(c, "affine", items, timeout_s=0.0, deadline_s=None, retry=FAST,
                                   progress=make_progress(lambda d, t: bursts.append((d, t)), 6, "affine"),
-                                  raise_on_error=False), shell))
+                                  raise_on_error=False, chunk_size=1), shell))
     assert len(out) == 6 and all(r.ok for r in out)
     ids = shell.ids()
     assert len(ids) == 6 + 4 and len(set(ids)) == 6  # the whole first window again, same ids
@@ -254,13 +254,14 @@ def test_imap_resubmits_unanswered_requests_and_cancels_what_is_left_when_abando
     shell = Shell(c, answer=lambda t, n: False)
     with pytest.raises(E.ResultTimeout):
         list(iterate(flows.imap(c, "affine", items, timeout_s=0.0, deadline_s=None, retry=Retry.none(),
-                                progress=make_progress(False, 6, "affine"), raise_on_error=False), shell))
+                                progress=make_progress(False, 6, "affine"), raise_on_error=False, chunk_size=1),
+                     shell))
     assert c.book.outstanding() == [] and len(shell.markers) == 4  # the window was cancelled
 
     c = core(max_in_flight=4)
     shell = Shell(c)
     it = iterate(flows.imap(c, "affine", items, timeout_s=1.0, deadline_s=None, retry=None,
-                            progress=make_progress(False, 6, "affine"), raise_on_error=False), shell)
+                            progress=make_progress(False, 6, "affine"), raise_on_error=False, chunk_size=1), shell)
     next(it)
     it.close()  # the caller stops early: the three requests still out are cancelled
     assert c.book.outstanding() == [] and len(shell.markers) == 3

@@ -215,7 +215,8 @@ def test_prepare_request_checks_the_id_without_decoding_the_entry(monkeypatch: p
 # --- the map window ------------------------------------------------------------------------
 
 
-def _prepare(inputs: Any, text: str | None, rid: str | None) -> Ticket:
+def _prepare(source: Any, rid: str | None) -> Ticket:
+    inputs, text = source
     return Ticket(prepare_request(KEYS, REPLY, inputs, text, request_id=rid, deadline_s=0))
 
 
@@ -251,7 +252,7 @@ def _drive(window: MapWindow, decide: Callable[[int, Ticket], E.HeadraceError | 
             window.popleft()
             out.append(t.prepared.fields[b"body"].decode("latin-1"))
             while window.oldest_done():
-                out.append(window.popleft().prepared.fields[b"body"].decode("latin-1"))
+                out.append(window.popleft()[0].prepared.fields[b"body"].decode("latin-1"))
             window.popped()
         elif step is Step.BACK_OFF:
             window.back_off_s()

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
+from headrace.client.samples import declared_count, decode_samples, is_multi
 from headrace.workers.backends.fake import AffineServable
 from headrace.workers.backends.validate import check_finite
 from tests.support.fuzz_cases import (
@@ -60,7 +61,17 @@ def _report() -> Iterator[None]:
 def decode_outcome(case: Case) -> str:
     """``ok`` or the code the decoder raised. Anything but a ProtocolError fails the test."""
     try:
-        req = P.decode_request(case.fields)
+        # The worker's order: envelope, body, the sample count, then one or N samples.
+        env = P.decode_envelope(case.fields)
+        body = P.unpack_body(case.fields.get(b"body"))
+        declared = declared_count(case.fields)
+        if is_multi(body):
+            slots = decode_samples(env, body, declared, 1024)
+            assert all(s.request is not None or (s.code in INPUT_CODES and s.message) for s in slots)
+            return OK
+        if declared not in (None, 1):
+            raise E.ProtocolError("n says several samples, the body carries one", code=E.BAD_VALUE)
+        req = P.decode_body_map(env, body)
     except E.ProtocolError as err:
         assert err.code in INPUT_CODES, f"{case.family}: unspecific code {err.code}: {err}"
         assert err.message, "an error result must say what was wrong"

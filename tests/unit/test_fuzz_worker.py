@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from headrace.client import errors as E
 from headrace.client import protocol as P
+from headrace.client.samples import SampleSlot, declared_count, decode_samples, is_multi
 from headrace.workers.backends.fake import AffineServable, affine_reference
 from headrace.workers.backends.validate import check_finite
 from headrace.workers.engine.thread import WorkerThread
@@ -57,6 +58,8 @@ class Expected:
 
     route: tuple[str, str] | None
     code: str
+    #: a multi-sample entry that runs: each slot's code and input (None when refused).
+    slots: tuple[tuple[str, np.ndarray | None], ...] | None = None
 
 
 def expected(fields: dict[bytes, bytes], at_ms: int) -> Expected:
@@ -73,12 +76,31 @@ def expected(fields: dict[bytes, bytes], at_ms: int) -> Expected:
     if env.expired(at_ms):
         return Expected(route, E.DEADLINE_EXCEEDED)
     try:
-        req = P.decode_body(env, fields.get(b"body"))
-        check_finite(req)
-        AffineServable().check(req)
+        body = P.unpack_body(fields.get(b"body"))
+        declared = declared_count(fields)
+        if is_multi(body):
+            return Expected(route, OK, tuple(_slot(s) for s in decode_samples(env, body, declared, 1024)))
+        if declared not in (None, 1):
+            return Expected(route, E.BAD_VALUE)
+        _check(P.decode_body_map(env, body))
     except E.ProtocolError as err:
         return Expected(route, err.code)
     return Expected(route, OK)
+
+
+def _check(req: P.Request) -> None:
+    check_finite(req)
+    AffineServable().check(req)
+
+
+def _slot(slot: SampleSlot) -> tuple[str, np.ndarray | None]:
+    if slot.request is None:
+        return slot.code, None
+    try:
+        _check(slot.request)
+    except E.ProtocolError as err:
+        return err.code, None
+    return OK, slot.request.inputs["x"]
 
 
 def wait_idle(store: MemoryStore, timeout_s: float = 10.0) -> None:
@@ -136,11 +158,23 @@ def test_every_entry_of_a_mixed_batch_gets_exactly_one_specific_answer(served: S
         record("worker", case.family, outcome)
         if case.expect is not None:
             assert outcome == case.expect, f"{case.family}: expected {case.expect}, got {outcome}"
-        if res.ok:
-            x = P.decode_request(case.fields).inputs["x"]
-            np.testing.assert_array_equal(res.outputs["y"], affine_reference(x))
-        else:
-            assert res.message and not res.outputs
+        check_answer(res, case, next(e for c, e in group if e.code == outcome))
+
+
+def check_answer(res: P.Result, case: Case, exp: Expected) -> None:
+    """The result carries the model's outputs (per slot for a multi-sample entry) or says why not."""
+    if exp.slots is not None:
+        assert [OK if s.ok else s.code for s in res.samples] == [code for code, _ in exp.slots], res
+        for s, (code, x) in zip(res.samples, exp.slots, strict=True):
+            if code == OK:
+                np.testing.assert_array_equal(s.outputs["y"], affine_reference(x))
+            else:
+                assert code in INPUT_CODES and s.message and not s.outputs
+    elif res.ok:
+        x = P.decode_request(case.fields).inputs["x"]
+        np.testing.assert_array_equal(res.outputs["y"], affine_reference(x))
+    else:
+        assert res.message and not res.outputs
 
 
 def test_the_worker_survived_the_fuzz_and_counted_no_internal_errors(served: Served) -> None:

@@ -77,6 +77,11 @@ class Servable(abc.ABC):
         """Cost proxy used to bucket variable-length inputs (e.g. characters of text)."""
         return len(request.text) if request.text is not None else 0
 
+    def lengths(self, requests: Sequence[Request]) -> list[int]:
+        """:meth:`length` of each request, in one call (the worker calls this once per
+        admitted read, off the event loop): a text servable tokenises them in one batch."""
+        return [self.length(r) for r in requests]
+
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
         """How a batch of checked requests splits into model calls: lists of request
         indices, each list run by one :meth:`infer` call. The worker reports each call's

@@ -96,6 +96,18 @@ class TextEncoder:
             mask[i, :len(r)] = 1
         return ids, mask
 
+    def count_batch(self, texts: Sequence[str]) -> list[int]:
+        """:meth:`count` of each text from one ``encode_batch`` call (the tokenizer's own
+        thread pool, without the GIL); keeps the ids for the ``encode`` that follows."""
+        encs = self._tok.encode_batch([t[:self.max_chars] for t in texts])
+        with self._lock:
+            for t, enc in zip(texts, encs, strict=True):
+                self._counted[t] = enc.ids
+                self._counted.move_to_end(t)
+            while len(self._counted) > self._cache_size:
+                self._counted.popitem(last=False)
+        return [len(enc.ids) for enc in encs]
+
     def count(self, text: str) -> int:
         """Tokens of ``text`` after truncation (special tokens included); keeps its ids
         for the ``encode`` that follows."""
@@ -326,3 +338,9 @@ class ManifestServable(Servable):
         if self._encoder is not None and request.text is not None:
             return self._encoder.count(request.text)
         return int(sum(a.size for a in request.inputs.values()))
+
+    def lengths(self, requests: Sequence[Request]) -> list[int]:
+        """Token counts of texts from one ``encode_batch`` (the ids are kept for the batch)."""
+        if self._encoder is not None and all(r.text is not None for r in requests):
+            return self._encoder.count_batch([r.text or "" for r in requests])
+        return [self.length(r) for r in requests]

@@ -113,6 +113,16 @@ class Broker(abc.ABC):
         True when it does."""
 
     @abc.abstractmethod
+    async def publish_samples_per_entry(self, value: float) -> None:
+        """Publish how many samples the entries of this model carry lately (a moving
+        average, >= 1) as ``samples_per_entry`` in its limits hash: the submit function
+        counts the backlog in samples with it.
+
+        Raises:
+            BrokerError: Redis failed.
+        """
+
+    @abc.abstractmethod
     async def trim(self) -> int:
         """Remove entries every group has acknowledged; returns how many."""
 

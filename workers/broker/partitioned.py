@@ -300,6 +300,12 @@ class PartitionedBroker(Broker):
             raise error
         return found
 
+    async def publish_samples_per_entry(self, value: float) -> None:
+        """Published on every partition: each partition's submit function reads its own
+        limits hash."""
+        for part in self.parts:
+            await part.publish_samples_per_entry(value)
+
     async def trim(self) -> int:
         return sum([await part.trim() for part in self.parts])
 

@@ -425,6 +425,12 @@ class RedisBroker(Broker):
 
         return int(await self._call("trim", go))
 
+    async def publish_samples_per_entry(self, value: float) -> None:
+        async def go() -> Any:
+            return await self.client.hset(self.keys.limits, "samples_per_entry", f"{max(1.0, value):.2f}")
+
+        await self._call("HSET samples_per_entry", go)
+
     async def backlog(self) -> Backlog:
         async def go() -> Any:
             pipe = self.client.pipeline(transaction=False)

@@ -15,6 +15,7 @@ that entry ``internal_error``, or dead-letters it when nobody can be told):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys, partition_keys
-from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body
+from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body_map, unpack_body
+from headrace.client.samples import declared_count, decode_samples, is_multi
 from headrace.workers.backends.base import Servable
 from headrace.workers.backends.validate import check_finite
 from headrace.workers.metrics import CANCELLED, NullMetrics, WorkerMetrics
 from headrace.workers.pipeline.answers import Answers
 from headrace.workers.pipeline.entry import Entry, elapsed_ms, envelope_of, route_of
+from headrace.workers.pipeline.group import Group
 from headrace.workers.pipeline.work import Unit, Work
 from headrace.workers.settings import WorkerSettings
 
@@ -40,6 +43,18 @@ class Refusal:
 
     code: str
     message: str
+
+
+@dataclass(frozen=True)
+class Samples:
+    """A multi-sample entry admitted: its group and the samples that go on to a model call
+    (those refused at admission have their slot filled already)."""
+
+    group: Group
+    works: list[Work]
+
+
+Admitted = Work | Samples | Refusal
 
 
 class Admission:
@@ -153,30 +168,80 @@ class Admission:
 
     # --- stage 3: prepare (admission thread) ---------------------------------------------------
 
-    def prepare_all(self, items: Sequence[tuple[Entry, Envelope]], at_ms: int) -> list[Work | Refusal]:
-        """:meth:`prepare` for each item (one call into the admission thread)."""
-        return [self.prepare(entry, env, at_ms) for entry, env in items]
+    def prepare_all(self, items: Sequence[tuple[Entry, Envelope]], at_ms: int) -> list[Admitted]:
+        """:meth:`prepare` for each item (one call into the admission thread), then the
+        servable's length hints of every request that goes on, in one call (a text model
+        tokenises them with one ``encode_batch``)."""
+        out = [self.prepare(entry, env, at_ms) for entry, env in items]
+        works = [w for res in out for w in ((res,) if isinstance(res, Work) else
+                                            res.works if isinstance(res, Samples) else ())]
+        if not works or not self.servable.accepts_text:
+            return out  # tensor requests got their (cheap) hint in prepare
+        hints = iter(self.lengths([w.request for w in works]))
+        sized = {id(w): dataclasses.replace(w, length=next(hints)) for w in works}
+        return [sized[id(res)] if isinstance(res, Work)
+                else Samples(res.group, [sized[id(w)] for w in res.works]) if isinstance(res, Samples) else res
+                for res in out]
 
-    def prepare(self, entry: Entry, env: Envelope, at_ms: int) -> Work | Refusal:
+    def prepare(self, entry: Entry, env: Envelope, at_ms: int) -> Admitted:
         """Decode and check the body; never raises."""
         try:
-            req = decode_body(env, entry.fields.get(b"body"), self.settings.limits)
-            if self.settings.reject_non_finite:
-                check_finite(req)
-            self.servable.check(req)
+            body = unpack_body(entry.fields.get(b"body"), self.settings.limits)
+            declared = declared_count(entry.fields)
+            if is_multi(body):
+                return self._prepare_samples(entry, env, body, declared, at_ms)
+            if declared not in (None, 1):
+                raise E.ProtocolError(f"entry field n={declared} but the body carries one sample", code=E.BAD_VALUE)
+            req = decode_body_map(env, body, self.settings.limits)
+            self._check(req)
         except E.HeadraceError as err:
             return Refusal(err.code, err.message)
         except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
             log.exception("input check raised for request %s", env.request_id)
             return Refusal(E.MODEL_ERROR, f"input check failed: {type(err).__name__}: {err}")
-        return Work(entry, req, at_ms, self.length(req))
+        return Work(entry, req, at_ms, 0 if self.servable.accepts_text else self.lengths([req])[0])
 
-    def length(self, request: Request) -> int:
-        """The servable's batching cost hint; 0 when it fails."""
+    def _check(self, req: Request) -> None:
+        if self.settings.reject_non_finite:
+            check_finite(req)
+        self.servable.check(req)
+
+    def _prepare_samples(self, entry: Entry, env: Envelope, body: dict[str, object], declared: int | None,
+                         at_ms: int) -> Samples:
+        """Split a multi-sample body: a sample failing its checks fills its slot with the
+        error, the others go on. Entry-wide faults (count, tensors) raise (see
+        :func:`~headrace.client.samples.decode_samples`)."""
+        slots = decode_samples(env, body, declared, self.settings.max_samples_per_entry, self.settings.limits)
+        group = Group(entry, env, at_ms, len(slots))
+        works: list[Work] = []
+        hint: int | None = None  # the samples of one tensor entry share their shapes: one hint
+        for i, slot in enumerate(slots):
+            if slot.request is None:
+                group.fail(i, slot.code, slot.message)
+                continue
+            if not slot.finite and self.settings.reject_non_finite:
+                group.fail(i, E.BAD_VALUE, f"sample {i}: a float input holds NaN or Inf; send finite values")
+                continue
+            try:
+                self.servable.check(slot.request)
+            except E.HeadraceError as err:
+                group.fail(i, err.code, f"sample {i}: {err.message}")
+                continue
+            except Exception as err:  # noqa: BLE001 - a servable's check failing oddly is its bug
+                group.fail(i, E.MODEL_ERROR, f"sample {i}: input check failed: {type(err).__name__}: {err}")
+                continue
+            if hint is None:
+                hint = 0 if self.servable.accepts_text else self.lengths([slot.request])[0]
+            works.append(Work(entry, slot.request, at_ms, hint, group, i))
+        return Samples(group, works)
+
+    def lengths(self, requests: Sequence[Request]) -> list[int]:
+        """The servable's batching cost hints; zeros when they fail."""
         try:
-            return int(self.servable.length(request))
+            hints = [int(n) for n in self.servable.lengths(requests)]
         except Exception:  # noqa: BLE001 - length is only a batching hint
-            return 0
+            return [0] * len(requests)
+        return hints if len(hints) == len(requests) else [0] * len(requests)
 
     # --- failures ------------------------------------------------------------------------------
 

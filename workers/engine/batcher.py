@@ -42,6 +42,9 @@ def select_window(lengths: Sequence[int], oldest: int, size: int) -> list[int]:
     n = len(lengths)
     if size >= n:
         return list(range(n))
+    if min(lengths) == max(lengths):  # fixed-size inputs: what the sort below picks, without it
+        start = max(0, oldest - size + 1)
+        return list(range(start, start + size))
     order = sorted(range(n), key=lambda i: (lengths[i], i))
     pos = order.index(oldest)
     best_start, best_spread = 0, None

@@ -78,18 +78,40 @@ class BatchRunner:
         live: list[Work] = []
         for w in batch:
             env = w.request.envelope
-            if env.expired(at):
+            if not env.expired(at):
+                live.append(w)
+            elif w.group is not None:
+                self._fill(w, w.group.fail(w.index, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker",
+                                           status=STATUS_EXPIRED), unit)
+            else:
                 self.answers.error(env, w.entry, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker",
                                    unit, status=STATUS_EXPIRED, read_ms=w.read_ms)
-            else:
-                live.append(w)
         fresh = [w for w in live if w.entry.deliveries <= 1]
         for call in self._plan(fresh):
             await self._run_call(call, unit, released)
+        # Redelivered entries (their batch may have killed a worker) run apart from the
+        # others: a single sample alone, the samples of one multi-sample entry together.
+        again: dict[str, list[Work]] = {}
         for w in live:
             if w.entry.deliveries > 1:
-                await self._run_call([w], unit, released)
+                again.setdefault(w.entry.entry_id, []).append(w)
+        for works in again.values():
+            for call in self._plan(works) if works[0].group is not None else [works]:
+                await self._run_call(call, unit, released)
         return released
+
+    def _fill(self, w: Work, completed: bool, unit: Unit) -> None:
+        """Answer ``w``'s multi-sample entry when ``completed`` (its last slot was filled);
+        outputs that cannot be encoded answer the entry ``model_error``."""
+        if not completed or w.group is None:
+            return
+        try:
+            self.answers.reply_group(w.group, unit)
+        except Exception as err:  # noqa: BLE001 - one entry's outputs fail that entry only
+            log.exception("encoding the result of request %s failed", w.group.envelope.request_id)
+            self.answers.error(w.group.envelope, w.entry, E.MODEL_ERROR,
+                               f"cannot encode the model outputs: {type(err).__name__}: {err}", unit,
+                               read_ms=w.read_ms)
 
     def _plan(self, works: list[Work]) -> list[list[Work]]:
         """The model calls of ``works``: length buckets (text), then the servable's plan."""
@@ -150,11 +172,17 @@ class BatchRunner:
             return
         infer_s = time.perf_counter() - t0
         unit.calls.append(Call(len(works), infer_s))
+        # Each multi-sample entry counts this call once, however many of its samples ran in it.
+        for group in {id(w.group): w.group for w in works if w.group is not None}.values():
+            group.ran(infer_s, len(works))
         for w, out in zip(works, outs, strict=True):
             self._answer(w, out, infer_s, len(works), unit)
 
     def _answer(self, w: Work, out: dict[str, Any], infer_s: float, size: int, unit: Unit) -> None:
         env = w.request.envelope
+        if w.group is not None:
+            self._fill(w, w.group.fill(w.index, Result(env.request_id, STATUS_OK, out)), unit)
+            return
         queue_ms = elapsed_ms(w.read_ms, env.ts_ms)
         res = Result(env.request_id, STATUS_OK, out, model=self.settings.model, version=self.servable.version,
                      timings=Timings(queue_ms, infer_s * 1000, size, self.answers.consumer))
@@ -170,6 +198,13 @@ class BatchRunner:
 
     def _failed(self, w: Work, err: BaseException, unit: Unit, released: list[Work]) -> None:
         entry, env = w.entry, w.request.envelope
+        if w.group is not None:
+            # One result answers all samples of the entry: a sample the model fails on even
+            # alone is answered model_error in its slot; its entry-mates keep their outputs.
+            log.warning("request %s: the model failed on sample %d alone: %s", env.request_id, w.index, err)
+            self._fill(w, w.group.fail(w.index, E.MODEL_ERROR, f"model failed on sample {w.index}: "
+                                       f"{type(err).__name__}: {err}"), unit)
+            return
         if entry.deliveries >= self.settings.max_deliveries:
             self.answers.dead_letter(entry, env, E.MODEL_ERROR, f"model failed on each of {entry.deliveries} "
                                      f"deliveries; last: {type(err).__name__}: {err}", unit)

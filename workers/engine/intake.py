@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, now_ms
-from headrace.workers.engine.admission import Admission, Refusal
+from headrace.workers.engine.admission import Admission, Admitted, Refusal, Samples
 from headrace.workers.engine.daemon import DaemonExecutor
 from headrace.workers.engine.state import Shared
 from headrace.workers.pipeline.entry import Entry
@@ -57,7 +57,8 @@ class Intake:
                 await self._wait_for_room()
                 if s.control.stopping:
                     break
-                room = max(1, s.settings.max_batch - len(s.batcher))
+                # Room is counted in samples; multi-sample entries fill it faster.
+                room = max(1, int((s.settings.max_batch - len(s.batcher)) / s.samples_per_entry))
                 entries = await s.broker.read(room, s.settings.block_ms, max(1, s.budget_left()))
                 backoff.ok()
                 if entries:
@@ -108,9 +109,16 @@ class Intake:
             self._keep(entry, env if kept else None, unit, n, candidates)
         if candidates:
             results = await self._prepare(candidates, at)
+            samples = sum(len(res.group.slots) if isinstance(res, Samples) else 1 for res in results)
+            s.samples_per_entry = 0.8 * s.samples_per_entry + 0.2 * samples / len(results)
             for (entry, env), res in zip(candidates, results, strict=True):
                 if isinstance(res, Work):
                     s.batcher.put(res, res.length)
+                elif isinstance(res, Samples):
+                    for w in res.works:
+                        s.batcher.put(w, w.length)
+                    if res.group.complete:  # every sample refused at admission
+                        s.answers.reply_group(res.group, unit)
                 else:
                     s.answers.error(env, entry, res.code, res.message, unit, read_ms=at)
         s.emit(unit)
@@ -142,7 +150,7 @@ class Intake:
             return [False] * len(request_ids), [0] * len(request_ids)
         return done, cancel_ms
 
-    async def _prepare(self, items: list[tuple[Entry, Envelope]], at: int) -> list[Work | Refusal]:
+    async def _prepare(self, items: list[tuple[Entry, Envelope]], at: int) -> list[Admitted]:
         body_bytes = sum(len(entry.fields.get(b"body") or b"") for entry, _ in items)
         if not self.shared.servable.accepts_text and body_bytes <= INLINE_BODY_BYTES:
             return self.admission.prepare_all(items, at)

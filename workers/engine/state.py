@@ -128,6 +128,9 @@ class Shared:
     commits: asyncio.Queue[Unit | None] = field(default_factory=asyncio.Queue)
     #: (lag, pending) as the maintenance task last read them (for the registry).
     backlog: tuple[int, int] = (0, 0)
+    #: samples per entry admitted lately (moving average): sizes reads, and the submit
+    #: function counts backlog in samples with it (published in the limits hash).
+    samples_per_entry: float = 1.0
     #: submit-to-result times (ms) of the requests answered lately (for the registry).
     recent_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LATENCIES))
 

@@ -96,6 +96,7 @@ class Upkeep:
                 await s.broker.heartbeat(self.registry_facts(), describe, stale_ms=STALE_MS)
                 bl = await s.broker.backlog()
                 s.backlog = (bl.lag, bl.pending)
+                await s.broker.publish_samples_per_entry(s.samples_per_entry)
                 s.metrics.set_backlog(bl.lag, bl.pending)
                 if time.monotonic() >= next_trim:
                     next_trim = time.monotonic() + s.settings.trim_interval_s

@@ -16,6 +16,7 @@ from headrace.client.protocol import (
     now_ms,
 )
 from headrace.workers.pipeline.entry import Entry, elapsed_ms
+from headrace.workers.pipeline.group import Group
 from headrace.workers.pipeline.ops import Ack, DeadLetterOp, Reply
 from headrace.workers.pipeline.work import Meta, Unit
 
@@ -40,6 +41,17 @@ class Answers:
         """
         op = Reply(entry.entry_id, env.request_id, env.reply_to, encode_result(res))
         unit.add(op, Meta(res.status, res.code, env.ts_ms, queue_s))
+
+    def reply_group(self, group: Group, unit: Unit) -> None:
+        """Queue the one result of a multi-sample entry whose slots are all filled."""
+        if group.answered:
+            return
+        group.answered = True
+        env = group.envelope
+        queue_ms = elapsed_ms(group.read_ms, env.ts_ms)
+        res = Result(env.request_id, "ok", model=self.model, version=self.version, samples=group.results(),
+                     timings=Timings(queue_ms, group.infer_s * 1000, group.batch_size, self.consumer))
+        self.reply(env, group.entry, res, unit, queue_ms / 1000)
 
     def error(self, env: Envelope, entry: Entry, code: str, message: str, unit: Unit,
               status: Status = STATUS_ERROR, read_ms: int = 0) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from headrace.client.protocol import STATUS_OK, Request
 from headrace.workers.pipeline.entry import Entry, elapsed_ms
+from headrace.workers.pipeline.group import Group
 from headrace.workers.pipeline.ops import Op
 from headrace.workers.pipeline.stats import BatchStats
 
@@ -18,12 +19,15 @@ from headrace.workers.pipeline.stats import BatchStats
 @dataclass(frozen=True)
 class Work:
     """A checked request: ``read_ms`` is when it was read (Unix ms); ``length`` the
-    servable's batching cost hint (computed once, at admission)."""
+    servable's batching cost hint (computed once, at admission). A sample of a multi-sample
+    entry names its ``group`` and its ``index`` there."""
 
     entry: Entry
     request: Request
     read_ms: int
     length: int = 0
+    group: Group | None = None
+    index: int = 0
 
 
 @dataclass(frozen=True)

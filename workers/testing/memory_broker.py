@@ -87,6 +87,8 @@ class MemoryStore:
         self.wrong_type: set[str] = set()
         self.group_exists = False
         self.fail_ops = 0
+        #: the limits hash's samples_per_entry (published by workers).
+        self.samples_per_entry = 1.0
 
     # --- producer / inspection side (tests) ----------------------------------------------
 
@@ -357,6 +359,11 @@ class MemoryBroker(Broker):
             for i in doomed:
                 del s.entries[i]
             return len(doomed)
+
+    async def publish_samples_per_entry(self, value: float) -> None:
+        with self.store.lock:
+            self.store._check_up()
+            self.store.samples_per_entry = max(1.0, value)
 
     async def backlog(self) -> Backlog:
         with self.store.lock:
