@@ -299,7 +299,6 @@ def _outputs(path: Path) -> list[str]:
 def tflite(ctx: StepContext) -> list[Candidate]:
     """INT8 TFLite through onnx2tf, run in LiteRT before it is offered."""
     from headrace.models.compress.edge import export_tflite, static_shapes
-
     from headrace.models.compress.freeze import needs_freezing
     from headrace.models.compress.source import graph_signature
 
