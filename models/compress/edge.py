@@ -92,26 +92,21 @@ class TfliteExport:
 
 def static_shapes(declared: Mapping[str, Sequence[int | None]], sample: Feed, *,
                   seq_length: int = 0) -> dict[str, list[int]]:
-    """Every input's frozen shape: batch 1, declared dimensions kept, other symbolic ones set
-    to ``seq_length`` when given (token inputs: the longest sequence the entry accepts), else
-    to the calibration sample's size.
+    """Every input's frozen shape: the shape of ``sample`` (one calibration sample, so its
+    batch axis is 1 wherever that axis is), with the symbolic axis 1 of token inputs
+    (``[batch, sequence]``) set to ``seq_length`` when that is given: the longest sequence the
+    entry accepts, shorter ones being padded.
 
     Raises:
-        ModelError: a symbolic dimension has neither a ``seq_length`` nor a sample to size it.
+        ModelError: the sample lacks an input or disagrees with its declared rank.
     """
     out: dict[str, list[int]] = {}
     for name, dims in declared.items():
-        have = np.asarray(sample[name]).shape if name in sample else ()
-        shape = [1]
-        for axis, d in enumerate(list(dims)[1:], start=1):
-            if d is not None:
-                shape.append(int(d))
-            elif seq_length > 0:
-                shape.append(int(seq_length))
-            elif axis < len(have):
-                shape.append(int(have[axis]))
-            else:
-                raise ModelError(f"input {name!r} axis {axis} is symbolic and no sample sizes it")
+        if name not in sample or np.ndim(sample[name]) != len(dims):
+            raise ModelError(f"input {name!r} (dims {list(dims)}) has no matching calibration sample to size it")
+        shape = [int(v) for v in np.shape(sample[name])]
+        if seq_length > 0 and len(dims) == 2 and dims[1] is None:
+            shape[1] = int(seq_length)
         out[name] = shape
     return out
 
@@ -288,8 +283,10 @@ def litert_run_all(path: str | Path, threads: int, extra: Mapping[str, Any]) -> 
 
     def run_frozen(feed: Feed) -> dict[str, np.ndarray[Any, Any]]:
         arrays = {k: np.asarray(feed[k]) for k in inputs}
-        for k, a in arrays.items():
-            if not pad and list(a.shape[1:]) != list(frozen[k][1:]):
+        if all(list(a.shape) == list(frozen[k]) for k, a in arrays.items()):
+            return run(arrays)
+        for k, a in arrays.items():  # split along axis 0 only where it is the batch axis of every input
+            if list(frozen[k])[:1] != [1] or (not pad and list(a.shape[1:]) != list(frozen[k][1:])):
                 raise ModelError(f"input {k!r} of shape {list(a.shape)}: this TFLite model takes {list(frozen[k])}")
         rows = len(next(iter(arrays.values())))
         length = max((a.shape[1] for a in arrays.values() if a.ndim > 1), default=0)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from headrace.client import errors as E
+from headrace.client.protocol import Request
 from headrace.models.repository.store import Manifest
 from headrace.workers.backends import prepost
 
@@ -57,9 +58,32 @@ class LiteRTServable(prepost.ManifestServable):
         self.reject_non_finite = reject_non_finite
         extra = {"tflite_inputs": manifest.extra.get("tflite_inputs", [s.name for s in self.inputs]),
                  "tflite_outputs": manifest.extra.get("tflite_outputs", [s.name for s in self.outputs])}
+        frozen = manifest.extra.get("tflite_static_shapes") or {}
+        if frozen:
+            extra.update(tflite_static_shapes=frozen, tflite_pad=bool(manifest.extra.get("tflite_pad", False)))
+        # Per-sample shapes a frozen file takes: exactly these, or up to these when padded.
+        self._frozen = {k: tuple(int(d) for d in v[1:]) for k, v in frozen.items()}
+        self._pad = bool(extra.get("tflite_pad", False))
         self._call: Any = litert_run_all(model_path, max(1, intra_op_threads), extra)
         self._lock = threading.Lock()
         log.info("loaded %s/%s (tflite, %s) on LiteRT", self.name, self.version, manifest.precision)
+
+    def check(self, request: Request) -> None:
+        """The signature's checks, then the frozen shape of a static file (onnx2tf's
+        transformer exports): a longer token sequence is a bad request, never truncated.
+
+        Raises:
+            MissingFieldError / InvalidTensorError: code ``bad_shape`` for a sample that does
+                not fit the frozen shape.
+        """
+        super().check(request)
+        for name, want in self._frozen.items():
+            have = tuple(request.inputs[name].shape) if name in request.inputs else want
+            fits = len(have) == len(want) and all(h <= w if self._pad else h == w for h, w in zip(have, want, strict=False))
+            if not fits:
+                raise E.InvalidTensorError(
+                    f"input {name!r} of request {request.request_id} has shape {list(have)}; this TFLite model "
+                    f"takes {list(want)}{' at most (shorter is padded)' if self._pad else ''}", code=E.BAD_SHAPE)
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         if self._call is None:
