@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SUFFIX = {"integer": "_integer_quant.tflite", "dynamic": "_dynamic_range_quant.tflite"}
 CONVERT_TIMEOUT_S = 1800
+# The float32 TFLite file must agree with ONNX Runtime to this cosine per output before its
+# INT8 sibling is offered (a correct conversion measures 0.9999+; layout mistakes, far less).
+CONVERSION_MIN_COSINE = 0.999
 
 _CHILD = r"""
 import json, sys
@@ -160,7 +163,35 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
                        sum(len(next(iter(f.values()))) for f in samples) if quant == "integer" else 0,
                        {k: list(v) for k, v in (shapes or {}).items()}, bool(shapes) and pad)
     litert_run_all(path, 1, exp.manifest_extra())(dict(samples[0]))  # it must run before it is offered
+    _check_conversion(onnx_path, out_dir, samples[:4], exp.manifest_extra())
     return exp
+
+
+def _check_conversion(onnx_path: Path, out_dir: Path, samples: Sequence[Feed], extra: Mapping[str, Any]) -> None:
+    """onnx2tf's float32 file against ONNX Runtime on a few samples: a layout mistake in the
+    conversion shows here as a wrong answer, apart from any quantization error.
+
+    Raises:
+        ModelError: an output's cosine to ONNX Runtime is under :data:`CONVERSION_MIN_COSINE`.
+    """
+    import onnxruntime as ort
+
+    fp32 = sorted(out_dir.glob("*_float32.tflite"))
+    if not fp32:
+        return
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    run = litert_run_all(fp32[0], 1, extra)
+    names = [o.name for o in sess.get_outputs()]
+    for feed in samples:
+        got = run(dict(feed))
+        for name, ref in zip(names, sess.run(names, dict(feed)), strict=True):
+            a, b = np.ravel(got[name]).astype(np.float64), np.ravel(ref).astype(np.float64)
+            den = float(np.linalg.norm(a) * np.linalg.norm(b))
+            cos = float(a @ b) / den if den > 0 else float(np.allclose(a, b, atol=1e-5))
+            if cos < CONVERSION_MIN_COSINE:
+                raise ModelError(f"onnx2tf's float32 conversion of {onnx_path.name} disagrees with ONNX Runtime "
+                                 f"on output {name!r} (cosine {cos:.4f}) before any quantization: a layout the "
+                                 "converter guessed wrong; the INT8 file is not offered")
 
 
 def _calibration_files(declared: Mapping[str, Any], samples: Sequence[Feed], out_dir: Path,

@@ -70,3 +70,32 @@ def freeze_graph(src: Path, dst: Path, shapes: Mapping[str, Sequence[int]]) -> P
         staged.unlink(missing_ok=True)
     onnx.save(folded, str(dst))
     return dst
+
+
+def model_dims(path: Path) -> set[int]:
+    """Every size the graph's weights and integer constants name (widths, head counts, head
+    sizes): lengths a frozen axis should not share.
+
+    onnx2tf takes a tensor whose non-batch dimensions are all equal (``[1, 32, 32]``: sequence
+    32, hidden 32) for a transposed one and transposes it back, whatever its true layout.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    dims: set[int] = set()
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in tensors:
+        dims.update(int(d) for d in t.dims)
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(t.dims) <= 1:
+            dims.update(int(v) for v in numpy_helper.to_array(t).ravel()[:8])
+    return {d for d in dims if d > 1}
+
+
+def free_length(path: Path, length: int) -> int:
+    """The smallest length >= ``length`` that no dimension of the graph at ``path`` shares."""
+    taken = model_dims(path)
+    while length in taken:
+        length += 1
+    return length

@@ -299,14 +299,15 @@ def _outputs(path: Path) -> list[str]:
 def tflite(ctx: StepContext) -> list[Candidate]:
     """INT8 TFLite through onnx2tf, run in LiteRT before it is offered."""
     from headrace.models.compress.edge import export_tflite, static_shapes
-    from headrace.models.compress.freeze import needs_freezing
+    from headrace.models.compress.freeze import free_length, needs_freezing
     from headrace.models.compress.source import graph_signature
 
     samples = ctx.feeds(1)[:100]
     declared = graph_signature(ctx.onnx_path)[0]
     shapes = None
     if needs_freezing(declared):  # onnx2tf guesses layouts wrong on symbolic shapes (see freeze.py)
-        shapes = static_shapes(declared, samples[0], seq_length=_seq_length(ctx) if ctx.encode else 0)
+        seq = free_length(ctx.onnx_path, _seq_length(ctx)) if ctx.encode else 0
+        shapes = static_shapes(declared, samples[0], seq_length=seq)
     exp = export_tflite(ctx.onnx_path, samples, ctx.work / "tflite", quant=ctx.tflite.quant,
                         shapes=shapes, pad=ctx.encode is not None)
     ctx.details["tflite"] = exp.to_dict()
