@@ -40,6 +40,12 @@ def _tokens(rng: np.random.Generator, lengths: list[int], width: int, vocab: int
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def encode(tok: Any, texts: list[str]) -> dict[str, np.ndarray[Any, Any]]:
+    from headrace.models.tokenizer import encode_batch
+
+    return dict(zip(("input_ids", "attention_mask"), encode_batch(tok, texts), strict=True))
+
+
 def _hf_bert_onnx(path: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel
@@ -93,11 +99,40 @@ def test_hf_bert_tflite_matches_onnxruntime(tmp_path: Path) -> None:
     assert _cosines(run(short)["embeddings"], ref[1:3]).min() >= 0.99
     with pytest.raises(ModelError, match="static shape"):
         run(_tokens(rng, [20], 20, 200))  # longer than the frozen sequence: refused, not truncated
+    _served_as_tensor_entry(exp.path, exp.manifest_extra(), feed, ref, tmp_path / "repo")
     fp32 = litert_run_all(next(exp.path.parent.glob("*_float32.tflite")), 1, exp.manifest_extra())
     assert _cosines(fp32(feed)["embeddings"], ref).min() >= 0.9999  # the conversion itself is exact
-    # Unfrozen, onnx2tf mis-guesses the attention layouts: the float32 check refuses the file.
+    # Frozen to the hidden width (32), [1, 32, 32] tensors look transposed to onnx2tf and it
+    # turns them: the float32 check refuses the file before it is offered.
     with pytest.raises(ModelError, match="disagrees with ONNX Runtime"):
-        export_tflite(src, samples[:1], tmp_path / "unfrozen", quant="dynamic")
+        export_tflite(src, samples[:1], tmp_path / "clash", quant="dynamic",
+                      shapes=static_shapes(declared, samples[0], seq_length=32), pad=True)
+
+
+def _served_as_tensor_entry(path: Path, extra: dict[str, Any], feed: dict[str, Any], ref: Any, root: Path) -> None:
+    """The frozen file as a tensor-signature entry on the LiteRT servable: token rows of any
+    length up to the frozen one are answered; a longer one is a ``bad_shape`` request."""
+    from headrace.client.protocol import Envelope, Request
+    from headrace.models.repository.store import IOSpec
+    from headrace.workers.backends.litert import LiteRTServable
+
+    repo = ModelRepository(root)
+    m = repo.add("bert-edge", {"model.tflite": path}, format="tflite", backend="litert", precision="int8",
+                 inputs=[IOSpec("input_ids", "int64", (-1,)), IOSpec("attention_mask", "int64", (-1,))],
+                 outputs=[IOSpec("embeddings", "float32", (32,))], model_file="model.tflite", extra=extra,
+                 source="tests")
+    servable = LiteRTServable(m, repo.file_path(m, "model.tflite"))
+    lengths = feed["attention_mask"].sum(1)
+    reqs = [Request(Envelope(f"r{i}", "reply"), inputs={k: v[i, :n] for k, v in feed.items()})
+            for i, n in enumerate(lengths)]
+    for r in reqs:
+        servable.check(r)
+    got = np.stack([servable.infer([r])[0]["embeddings"] for r in reqs])
+    assert _cosines(got, ref).min() >= 0.99
+    long = Request(Envelope("long", "reply"), inputs={k: np.ones(20, np.int64) for k in feed})
+    with pytest.raises(E.InvalidTensorError, match="takes") as err:
+        servable.check(long)
+    assert err.value.code == E.BAD_SHAPE
 
 
 @pytest.mark.timeout(300)
@@ -111,6 +146,7 @@ def test_bert_entry_compressed_to_tflite_and_served_on_litert(redis_url: str, tm
     from headrace.models.builtin.minilm import MiniLM, MiniLMConfig, default_model_path, save_minilm
     from headrace.models.compress.export import MINILM_AXES, export_onnx
     from headrace.models.repository.store import IOSpec
+    from headrace.models.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     enc = MiniLM(MiniLMConfig(hidden_size=32, head_dim=16, num_heads=(2, 2), intermediate_sizes=(64, 64),
@@ -128,30 +164,30 @@ def test_bert_entry_compressed_to_tflite_and_served_on_litert(redis_url: str, tm
                                   repo=repo.root, work_dir=tmp_path / "work", steps=("tflite",),
                                   tflite=TfliteOptions(quant="dynamic"), threads=1, progress=False, bench=False,
                                   min_fidelity=0.99))
-    assert res.published == ["tiny-bert-tflite-int8/1"], (res.refused, res.details)
-    m = repo.verify("tiny-bert-tflite-int8")
+    assert res.published == ["tiny-bert-tflite-int8-dynamic/1"], (res.refused, res.details)
+    m = repo.verify("tiny-bert-tflite-int8-dynamic")
+    tok = load_tokenizer(default_model_path() / "tokenizer.json", max_length=32)
     # max_length 32 is also the hidden width: frozen one longer (onnx2tf reads [1, 32, 32] as transposed)
     assert m.measured["fidelity"]["score"] >= 0.99 and m.extra["tflite_static_shapes"]["input_ids"] == [1, 33]
     onnx_path = tmp_path / "fp32.onnx"
-    rng = np.random.default_rng(3)
-    feed = _tokens(rng, [5, 17, 9], 17, 30000)
-    export_onnx(enc, feed, onnx_path, output_names=["embeddings"], dynamic_axes=MINILM_AXES)
-    ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    sentences = corpus.held_out[40:43] + ["word " * 80]  # the last one is truncated to max_length
+    feeds = [encode(tok, [t]) for t in sentences]
+    export_onnx(enc, feeds[0], onnx_path, output_names=["embeddings"], dynamic_axes=MINILM_AXES)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([sess.run(None, f)[0] for f in feeds])
     log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "headrace.workers", "--model", "tiny-bert-tflite-int8",
+    proc = subprocess.Popen([sys.executable, "-m", "headrace.workers", "--model", "tiny-bert-tflite-int8-dynamic",
                              "--model-repo", str(repo.root), "--redis-url", redis_url, "--backend", "litert",
                              "--consumer", "edge-1", "--block-ms", "50", "--max-wait-ms", "5"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         with Client(redis_url, timeout_s=120, require_registered=False) as c:
-            rows = [{k: v[i, : int(feed["attention_mask"][i].sum())] for k, v in feed.items()} for i in range(3)]
-            got = np.stack([c.submit("tiny-bert-tflite-int8", r).result(120).raise_for_status().outputs["embeddings"]
-                            for r in rows])
+            tickets = [c.submit("tiny-bert-tflite-int8-dynamic", text=t) for t in sentences]
+            got = np.stack([t.result(120).raise_for_status().outputs["embeddings"] for t in tickets])
             assert _cosines(got, ref).min() >= 0.99, _cosines(got, ref)
-            too_long = {k: np.ones(40, np.int64) for k in feed}  # beyond the frozen 33 tokens
-            bad = c.submit("tiny-bert-tflite-int8", too_long).result(60)
-            assert bad.status != "ok" and bad.code == E.BAD_SHAPE, (bad.status, bad.code)
-            again = c.infer("tiny-bert-tflite-int8", rows[0], timeout_s=60)  # still serving
+            bad = c.submit("tiny-bert-tflite-int8-dynamic", {"input_ids": np.ones(4, np.int64)}).result(60)
+            assert bad.status != "ok"  # a text entry takes text
+            again = c.infer("tiny-bert-tflite-int8-dynamic", text=sentences[0], timeout_s=60)  # still serving
             np.testing.assert_allclose(again.outputs["embeddings"], got[0], atol=1e-5)
         assert proc.poll() is None
     finally:

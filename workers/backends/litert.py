@@ -4,8 +4,12 @@ same consumer group as the ONNX Runtime workers and answers the same requests.
 
 The entry's manifest keeps the ONNX signature (names, per-sample shapes, dtypes);
 ``extra.tflite_inputs`` / ``extra.tflite_outputs`` name the tensors in ONNX order, and the
-TFLite signature runner resizes the batch axis per call. Only ``ai-edge-litert`` is needed on
-the device (no TensorFlow, no onnxruntime).
+TFLite signature runner resizes the batch axis per call. Transformer files are frozen to one
+sample of a fixed token length (``extra.tflite_static_shapes``, see
+:mod:`headrace.models.compress.freeze`): batches run sample by sample, shorter sequences padded.
+Text entries are tokenised here as on the ONNX servable (truncated at ``extra.max_length``,
+which the frozen length covers). Only ``ai-edge-litert`` (and ``tokenizers`` for text) is
+needed on the device (no TensorFlow, no onnxruntime).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class LiteRTServable(prepost.ManifestServable):
     Args:
         manifest: the version's manifest (signature, post-processing, max_batch).
         model_path: the verified ``model.tflite``.
+        tokenizer_path: ``tokenizer.json`` for text entries (``preprocess: bert_tokenizer``).
         intra_op_threads: interpreter threads (0 = 1).
         reject_non_finite: answer ``bad_value`` for float inputs holding NaN/Inf.
 
@@ -42,17 +47,20 @@ class LiteRTServable(prepost.ManifestServable):
     # One interpreter holds its tensors between calls: concurrent calls would overwrite them.
     thread_safe = False
 
-    def __init__(self, manifest: Manifest, model_path: Path, *, intra_op_threads: int = 0,
-                 reject_non_finite: bool = True) -> None:
+    def __init__(self, manifest: Manifest, model_path: Path, *, tokenizer_path: Path | None = None,
+                 intra_op_threads: int = 0, reject_non_finite: bool = True) -> None:
         from headrace.models.compress.edge import litert_run_all
 
-        if manifest.accepts_text:
-            raise E.ModelError(f"{manifest.name}/{manifest.version}: text entries are not served by LiteRT here; "
-                               f"send token tensors to a tensor-signature entry")
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
-        self.accepts_text = False
+        self.accepts_text = manifest.accepts_text
+        if self.accepts_text:
+            if tokenizer_path is None:
+                raise E.ModelError(f"{manifest.name}/{manifest.version} takes text but no tokenizer file was given")
+            # Truncated at the entry's max_length, which the frozen sequence length covers.
+            self._encoder = prepost.text_encoder(manifest, tokenizer_path)
+            self._text_inputs = prepost.text_inputs_of(manifest)
         self.inputs = prepost.specs(manifest.inputs)
         self.outputs = prepost.specs(manifest.outputs)
         self.reject_non_finite = reject_non_finite
