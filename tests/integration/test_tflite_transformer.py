@@ -170,7 +170,7 @@ def test_bert_entry_compressed_to_tflite_and_served_on_litert(redis_url: str, tm
     # max_length 32 is also the hidden width: frozen one longer (onnx2tf reads [1, 32, 32] as transposed)
     assert m.measured["fidelity"]["score"] >= 0.99 and m.extra["tflite_static_shapes"]["input_ids"] == [1, 33]
     onnx_path = tmp_path / "fp32.onnx"
-    sentences = corpus.held_out[40:43] + ["word " * 80]  # the last one is truncated to max_length
+    sentences = [*corpus.held_out[40:43], "word " * 80]  # the last one is truncated to max_length
     feeds = [encode(tok, [t]) for t in sentences]
     export_onnx(enc, feeds[0], onnx_path, output_names=["embeddings"], dynamic_axes=MINILM_AXES)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
