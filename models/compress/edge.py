@@ -146,6 +146,11 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
         raise ModelError('TFLite export needs onnx2tf: pip install "headrace[tf]" and '
                          "pip install --no-deps onnx2tf (its own pins would downgrade numpy/onnx/onnxruntime)")
     declared, outputs = graph_signature(onnx_path)
+    ints = [k for k in declared if samples and np.asarray(samples[0][k]).dtype.kind in "iub"]
+    if quant == "integer" and ints:
+        # onnx2tf feeds its calibration data to the converter as float32 (normalised by mean/std).
+        raise ModelError(f"full-integer TFLite calibrates on float inputs; {ints} are integer "
+                         "(token ids): use --tflite-quant dynamic")
     out_dir.mkdir(parents=True, exist_ok=True)
     # onnx2tf writes generated op names back into the file it converts: give it a copy, never
     # the caller's (a repository file would no longer match its checksum).

@@ -285,6 +285,16 @@ def test_tflite_freezes_graphs_symbolic_beyond_the_batch_axis() -> None:
         _pad_to(np.ones((1, 6)), [1, 5])
 
 
+def test_tflite_full_integer_refuses_token_inputs(tmp_path: Path) -> None:
+    pytest.importorskip("onnx2tf")
+    from headrace.client.errors import ModelError
+    from headrace.models.compress.edge import export_tflite
+
+    src = tiny_mlp_onnx(tmp_path / "mlp.onnx")
+    with pytest.raises(ModelError, match="--tflite-quant dynamic"):
+        export_tflite(src, [{"x": np.ones((1, 16), np.int64)}], tmp_path / "t", quant="integer")
+
+
 def test_freeze_graph_folds_shapes_and_checks_them(tmp_path: Path) -> None:
     import onnx
 
