@@ -153,10 +153,13 @@ def test_cli_options_map_onto_the_option_objects(tmp_path: Path) -> None:
 
     opts = build_options("m", str(tmp_path), {"data": "d.npz", "calibration_method": "entropy", "mixed": False,
                                               "prune_fraction": 0.3, "tflite_quant": "dynamic", "publish": "version",
-                                              "steps": "quantize-static,prune", "threads": 1})
+                                              "tflite_seq_length": 128, "steps": "quantize-static,prune", "threads": 1})
     assert isinstance(opts, AnyModelOptions) and opts.data == Path("d.npz") and opts.publish == "version"
     assert (opts.quantize.method, opts.quantize.mixed, opts.prune.fraction, opts.tflite.quant) == \
         ("entropy", False, 0.3, "dynamic")
+    assert opts.tflite.seq_length == 128
+    with pytest.raises(ConfigError, match="seq_length"):
+        build_options("m", str(tmp_path), {"data": "d.npz", "tflite_seq_length": -1})
     assert opts.steps == ("quantize-static", "prune")
     rec = build_options("digits", str(tmp_path), {"prune_ffn": 0.5, "held_out_sentences": 3})
     assert isinstance(rec, CompressOptions) and rec.prune_ffn == 0.5 and rec.held_out == 3
