@@ -29,6 +29,7 @@ ANY_FIELDS = {
     "calibration_method": ("quantize", "method"), "per_channel": ("quantize", "per_channel"),
     "mixed": ("quantize", "mixed"), "prune_fraction": ("prune", "fraction"),
     "recover_steps": ("prune", "recover_steps"), "tflite_quant": ("tflite", "quant"),
+    "tflite_seq_length": ("tflite", "seq_length"),
 }
 RECIPE_FIELDS = {"distill_steps": "distill_steps", "prune_heads": "prune_heads", "prune_ffn": "prune_ffn",
                  "prune_recover_steps": "prune_recover_steps", "held_out_sentences": "held_out",
@@ -95,6 +96,8 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
 @click.option("--prune-fraction", type=float, default=None, help="Share of channels torch-pruning removes.")
 @click.option("--recover-steps", type=int, default=None, help="Recovery distillation steps after pruning.")
 @click.option("--tflite-quant", type=click.Choice(["integer", "dynamic"]), default=None)
+@click.option("--tflite-seq-length", type=int, default=None,
+              help="Token length a text model's TFLite graph is frozen to. [default: the tokenizer's]")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Scratch space and kept reports (reports/). [default: runs/compress]")
 @click.option("--threads", type=int, default=None, help="Threads of every backend while measuring. [default: 2]")

@@ -56,13 +56,17 @@ class QuantizeOptions:
 @dataclass(frozen=True)
 class TfliteOptions:
     """TFLite export: ``integer`` (INT8 weights and activations, calibrated; float I/O) or
-    ``dynamic`` (INT8 weights, activations quantized per call)."""
+    ``dynamic`` (INT8 weights, activations quantized per call). ``seq_length``: the token
+    length a text model's graph is frozen to (0 = the tokenizer's truncation length)."""
 
     quant: str = "integer"
+    seq_length: int = 0
 
     def __post_init__(self) -> None:
         if self.quant not in ("integer", "dynamic"):
             raise ConfigError(f"tflite quant {self.quant!r}: integer or dynamic")
+        if self.seq_length < 0:
+            raise ConfigError(f"tflite seq_length {self.seq_length}: 0 (the tokenizer's length) or a positive count")
 
 
 @dataclass
@@ -294,12 +298,30 @@ def _outputs(path: Path) -> list[str]:
 @step("tflite")
 def tflite(ctx: StepContext) -> list[Candidate]:
     """INT8 TFLite through onnx2tf, run in LiteRT before it is offered."""
-    from headrace.models.compress.edge import export_tflite
+    from headrace.models.compress.edge import export_tflite, static_shapes
+    from headrace.models.compress.freeze import free_length, needs_freezing
+    from headrace.models.compress.source import graph_signature
 
-    exp = export_tflite(ctx.onnx_path, ctx.feeds(1)[:100], ctx.work / "tflite", quant=ctx.tflite.quant)
+    samples = ctx.feeds(1)[:100]
+    declared = graph_signature(ctx.onnx_path)[0]
+    shapes = None
+    if needs_freezing(declared):  # onnx2tf guesses layouts wrong on symbolic shapes (see freeze.py)
+        seq = free_length(ctx.onnx_path, _seq_length(ctx)) if ctx.encode else 0
+        shapes = static_shapes(declared, samples[0], seq_length=seq)
+    exp = export_tflite(ctx.onnx_path, samples, ctx.work / "tflite", quant=ctx.tflite.quant,
+                        shapes=shapes, pad=ctx.encode is not None)
     ctx.details["tflite"] = exp.to_dict()
     return [Candidate(f"tflite int8 ({ctx.tflite.quant})", exp.path, "tflite", "int8",
                       [{"step": "tflite", "params": exp.to_dict()}], "LiteRT", extra=exp.manifest_extra())]
+
+
+def _seq_length(ctx: StepContext) -> int:
+    """The frozen token length: ``--tflite-seq-length``, else the tokenizer's truncation length
+    (every input the entry accepts fits)."""
+    if ctx.tflite.seq_length:
+        return ctx.tflite.seq_length
+    trunc = getattr(ctx.tokenizer, "truncation", None) or {}
+    return int(trunc.get("max_length", 0)) or 256
 
 
 def _register_more() -> None:

@@ -16,7 +16,7 @@ from headrace.models.compress.anymodel import AnyModelOptions, run_any
 from headrace.models.compress.fidelity import fidelity_for, infer_kind
 from headrace.models.compress.steps import STEPS, PruneOptions, QuantizeOptions
 from headrace.models.repository.store import ModelRepository
-from tests.support.compress import add_tiny_mlp, mlp_data, tiny_cnn
+from tests.support.compress import add_tiny_mlp, mlp_data, tiny_cnn, tiny_mlp_onnx
 
 
 def test_npz_sample_axis_follows_the_graph_not_axis_0(tmp_path: Path) -> None:
@@ -153,10 +153,13 @@ def test_cli_options_map_onto_the_option_objects(tmp_path: Path) -> None:
 
     opts = build_options("m", str(tmp_path), {"data": "d.npz", "calibration_method": "entropy", "mixed": False,
                                               "prune_fraction": 0.3, "tflite_quant": "dynamic", "publish": "version",
-                                              "steps": "quantize-static,prune", "threads": 1})
+                                              "tflite_seq_length": 128, "steps": "quantize-static,prune", "threads": 1})
     assert isinstance(opts, AnyModelOptions) and opts.data == Path("d.npz") and opts.publish == "version"
     assert (opts.quantize.method, opts.quantize.mixed, opts.prune.fraction, opts.tflite.quant) == \
         ("entropy", False, 0.3, "dynamic")
+    assert opts.tflite.seq_length == 128
+    with pytest.raises(ConfigError, match="seq_length"):
+        build_options("m", str(tmp_path), {"data": "d.npz", "tflite_seq_length": -1})
     assert opts.steps == ("quantize-static", "prune")
     rec = build_options("digits", str(tmp_path), {"prune_ffn": 0.5, "held_out_sentences": 3})
     assert isinstance(rec, CompressOptions) and rec.prune_ffn == 0.5 and rec.held_out == 3
@@ -262,6 +265,56 @@ def test_tflite_signature_names_map_by_name_or_by_position() -> None:
     assert _mapping(["logits", "state"], ["output_1", "output_0"]) == {"logits": "output_0", "state": "output_1"}
     with pytest.raises(ModelError, match="do not match"):
         _mapping(["a", "b"], ["output_0"])
+
+
+def test_tflite_freezes_graphs_symbolic_beyond_the_batch_axis() -> None:
+    from headrace.client.errors import ModelError
+    from headrace.models.compress.edge import _pad_to, static_shapes
+    from headrace.models.compress.freeze import needs_freezing
+
+    text = {"input_ids": [None, None], "attention_mask": [None, None]}
+    assert needs_freezing(text) and needs_freezing({"state": [2, None, 128]})
+    assert not needs_freezing({"x": [None, 3, 32, 32]}) and not needs_freezing(X16)
+    one = {"input_ids": np.ones((1, 7), np.int64), "attention_mask": np.ones((1, 7), np.int64)}
+    assert static_shapes(text, one, seq_length=64) == {"input_ids": [1, 64], "attention_mask": [1, 64]}
+    assert static_shapes(text, one) == {"input_ids": [1, 7], "attention_mask": [1, 7]}
+    # a batch axis that is not axis 0 (silero-vad's state) keeps the sample's own shape
+    assert static_shapes({"state": [2, None, 3]}, {"state": np.zeros((2, 1, 3))}, seq_length=64) == {"state": [2, 1, 3]}
+    with pytest.raises(ModelError, match="no matching calibration sample"):
+        static_shapes(text, {"input_ids": one["input_ids"]})
+    padded = _pad_to(np.array([[5, 6, 7]]), [1, 5])
+    np.testing.assert_array_equal(padded, [[5, 6, 7, 0, 0]])
+    with pytest.raises(ModelError, match="does not fit"):
+        _pad_to(np.ones((1, 6)), [1, 5])
+
+
+def test_tflite_full_integer_refuses_token_inputs(tmp_path: Path) -> None:
+    pytest.importorskip("onnx2tf")
+    from headrace.client.errors import ModelError
+    from headrace.models.compress.edge import export_tflite
+
+    src = tiny_mlp_onnx(tmp_path / "mlp.onnx")
+    with pytest.raises(ModelError, match="--tflite-quant dynamic"):
+        export_tflite(src, [{"x": np.ones((1, 16), np.int64)}], tmp_path / "t", quant="integer")
+
+
+def test_freeze_graph_folds_shapes_and_checks_them(tmp_path: Path) -> None:
+    import onnx
+
+    from headrace.client.errors import ModelError
+    from headrace.models.compress.freeze import free_length, freeze_graph
+    from headrace.models.compress.source import graph_signature
+
+    src = tiny_mlp_onnx(tmp_path / "mlp.onnx")
+    out = freeze_graph(src, tmp_path / "frozen.onnx", {"x": [1, 16]})
+    assert graph_signature(out)[0] == {"x": [1, 16]}
+    model = onnx.load(str(out))
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 1  # inferred through the graph
+    with pytest.raises(ModelError, match="positive dims"):
+        freeze_graph(src, tmp_path / "bad.onnx", {"x": [1]})
+    with pytest.raises(ModelError, match="failed"):
+        freeze_graph(src, tmp_path / "bad.onnx", {"x": [1, 15]})  # contradicts the 16-wide weights
+    assert free_length(src, 64) == 65 and free_length(src, 63) == 63  # 64: the MLP's width
 
 
 @pytest.mark.timeout(300)

@@ -73,7 +73,8 @@ def servable_from_manifest(repo: ModelRepository, manifest: Manifest, *, intra_o
     if m.format == "tflite":
         from headrace.workers.backends.litert import LiteRTServable
 
-        return LiteRTServable(m, model_path, intra_op_threads=intra_op_threads, reject_non_finite=reject_non_finite)
+        return LiteRTServable(m, model_path, tokenizer_path=tok, intra_op_threads=intra_op_threads,
+                              reject_non_finite=reject_non_finite)
     raise E.ModelError(f"{m.name}/{m.version}: format {m.format!r} has no servable here "
                        f"(TensorRT engines are served through ONNX Runtime's TensorRT provider)")
 
