@@ -53,6 +53,29 @@ def check_content_type(content_type: str | None) -> None:
     raise E.DecodeError(f"Content-Type {mime!r} is not JSON; send the body as application/json")
 
 
+# Deepest bracket nesting a body may have. A tensor needs at most MAX_DIMS levels of lists
+# inside two objects; anything deeper is refused before json.loads sees it, because the C
+# decoder recurses per level and only the interpreter's recursion limit stops it, a limit any
+# library in the process may raise (onnx2tf sets it to 2**31-1 at import), after which a body
+# of 100,000 brackets overflows the C stack and kills the replica.
+MAX_JSON_DEPTH: Final[int] = MAX_DIMS + 8
+
+_OPEN, _CLOSE, _QUOTE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8), ord('"')
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of ``raw`` outside JSON strings (vectorised: about
+    10 ms per MB). Escaped quotes and backslashes are taken out first, so what is left of
+    the quotes toggles in and out of strings."""
+    flat = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    b = np.frombuffer(flat, np.uint8)
+    if b.size == 0:
+        return 0
+    outside = (np.cumsum(b == _QUOTE) % 2) == 0
+    step = np.isin(b, _OPEN).astype(np.int32) - np.isin(b, _CLOSE).astype(np.int32)
+    return int(np.cumsum(step * outside).max(initial=0))
+
+
 def parse_body(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> InferCall:
     """Parse and check a request body.
 
@@ -65,6 +88,8 @@ def parse_body(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> InferCall:
         InvalidTensorError: ``bad_dtype`` / ``bad_shape``.
         PayloadTooLargeError: too many inputs or elements, a text too long.
     """
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise E.DecodeError(f"the body is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(raw, parse_constant=_no_constants)
     except E.HeadraceError:
