@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-PHASE2 = "not yet available (issue 14 phase 2)"
+PHASE2 = "not measured in this run"
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ def sections(doc: dict[str, Any]) -> list[Section]:
     if "c" in res:
         out.append(section_c(res["c"]))
     out.append(Section("Not measured in this run", ["what", "status"], [
-        ["K-partition request streams on Redis Cluster", PHASE2 + "; `benchmarks/cluster_cpu.py` measures the "
-         "bare per-shard CPU per request now"],
+        ["K-partition request streams on Redis Cluster", "measured by `python -m benchmarks.partitions` "
+         "(headrace's per-shard Redis CPU per request, 1 vs K partitions, on a loopback 3-master cluster) and "
+         "`benchmarks/cluster_cpu.py` (the bare data plane)"],
         ["GPU rows (torch CUDA fp16, ONNX Runtime CUDA/TensorRT)", "not measured (no device lent to this run)"]]))
     return out
 
