@@ -6,6 +6,10 @@
 // XREAD BLOCK, decodes the msgpack results, prints one JSON line per sample, and deletes
 // the entries it consumed. The --count samples go out in multi-sample entries of --chunk
 // samples (docs/protocol.md, "Multi-sample entries"; --chunk 1: one request per sample).
+// A partitioned model (workers with partitions = P > 1, docs/protocol.md "Partitions") gets
+// each entry on partition crc32(id) % P, with the reply stream of that partition; P is read
+// from the live workers' registry records (--partitions N sets it). One Redis (not Cluster):
+// the reply streams of all partitions are read with one XREAD.
 //
 //   npm ci && node producer.js --url redis://127.0.0.1:6379/0 --model affine --count 3
 //   node producer.js --model minilm --text "A sentence to embed."
@@ -14,6 +18,7 @@
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const os = require('node:os');
+const zlib = require('node:zlib');
 const path = require('node:path');
 const { createClient, RESP_TYPES } = require('redis');
 const { encode, decode } = require('@msgpack/msgpack');
@@ -22,6 +27,8 @@ const PROTOCOL_VERSION = '1';
 const GROUP = 'workers';
 const LIBRARY = path.resolve(__dirname, '..', '..', 'client', 'submit.lua');
 const SUBMIT_FUNCTION = 'headrace_submit';
+const MAX_PARTITIONS = 1024; // as validate_partitions in client/keys.py
+const ALIVE_MS = 30000; // a worker is live while its registry seen_ms is at most this old
 // Replies as Buffers: result bodies are binary msgpack.
 const BINARY = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } };
 
@@ -36,7 +43,7 @@ function parseArgs(argv) {
     url: process.env.HEADRACE_REDIS_URL || 'redis://127.0.0.1:6379/0',
     namespace: process.env.HEADRACE_NAMESPACE || 'headrace',
     model: 'affine', count: 1, text: null, input: 'x', dtype: 'float32', values: '1,2,3,4',
-    plain: false, maxBacklog: 100000, timeoutMs: 30000, deadlineMs: 0, wait: true, chunk: 32,
+    plain: false, maxBacklog: 100000, timeoutMs: 30000, deadlineMs: 0, wait: true, chunk: 32, partitions: 0,
   };
   for (let i = 2; i < argv.length; i++) {
     const arg = argv[i];
@@ -47,6 +54,7 @@ function parseArgs(argv) {
       case '--model': opts.model = next(); break;
       case '--count': opts.count = parseInt(next(), 10); break;
       case '--chunk': opts.chunk = parseInt(next(), 10); break;
+      case '--partitions': opts.partitions = parseInt(next(), 10); break;
       case '--text': opts.text = next(); break;
       case '--input': opts.input = next(); break;
       case '--dtype': opts.dtype = next(); break;
@@ -58,7 +66,7 @@ function parseArgs(argv) {
       case '--no-wait': opts.wait = false; break;
       case '-h': case '--help':
         console.log('usage: node producer.js [--url URL] [--namespace NS] [--model M] [--count N] [--chunk N] ' +
-          '[--text T | --input NAME --dtype D --values 1,2,3,4] [--plain] [--max-backlog N] ' +
+          '[--partitions N] [--text T | --input NAME --dtype D --values 1,2,3,4] [--plain] [--max-backlog N] ' +
           '[--deadline-ms MS] [--timeout-ms MS] [--no-wait]');
         process.exit(0);
         break;
@@ -67,6 +75,9 @@ function parseArgs(argv) {
   }
   if (!(opts.count >= 1)) throw new Error('--count must be >= 1');
   if (!(opts.chunk >= 1)) throw new Error('--chunk must be >= 1');
+  if (!(opts.partitions >= 0 && opts.partitions <= MAX_PARTITIONS)) {
+    throw new Error(`--partitions must be between 1 and ${MAX_PARTITIONS} (0 or absent: the workers' value)`);
+  }
   if (!TYPED[opts.dtype]) throw new Error(`--dtype must be one of ${Object.keys(TYPED).join(', ')}`);
   return opts;
 }
@@ -112,6 +123,35 @@ function requestBody(opts, base, first, size) {
   const values = [];
   for (let k = first; k < first + size; k++) values.push(...base.map((v) => v + k));
   return { samples: size, inputs: { [opts.input]: encodeTensor(opts.dtype, [size, base.length], values) } };
+}
+
+// The key prefix of partition p: the model itself is the Redis Cluster hash tag, a
+// partition's tag is {<model>~<p>}.
+function keyPrefix(opts, p, partitions) {
+  return partitions > 1 ? `${opts.namespace}:{${opts.model}~${p}}` : `${opts.namespace}:{${opts.model}}`;
+}
+
+// The partition of a request id: CRC-32 (zlib's) of its UTF-8 bytes, modulo P.
+function partitionOf(id, partitions) {
+  return partitions > 1 ? zlib.crc32(Buffer.from(id, 'utf8')) % partitions : 0;
+}
+
+// The partition count the model's live workers read (registry record, docs/protocol.md);
+// 1 when none reports one. Workers reporting different counts are a configuration error.
+async function workerPartitions(client, opts) {
+  const raw = await client.sendCommand(['HGET', `${opts.namespace}:models`, opts.model]);
+  if (!raw) return 1;
+  const [secs, micros] = (await client.sendCommand(['TIME'])).map(Number);
+  const now = secs * 1000 + Math.floor(micros / 1000);
+  const counts = new Set();
+  for (const w of Object.values(JSON.parse(String(raw)).workers || {})) {
+    if (now - Number(w.seen_ms) <= ALIVE_MS) counts.add(Number(w.partitions || 1));
+  }
+  if (counts.size > 1) {
+    throw new Error(`live workers of ${opts.model} read different partition counts (${[...counts].join(', ')}); ` +
+      'pass --partitions N');
+  }
+  return counts.size ? [...counts][0] : 1;
 }
 
 // Load the function library; normally a worker or an operator (`headrace functions load`)
@@ -200,27 +240,32 @@ function sampleLines(res, size) {
   return samples.map((slot, i) => ({ ...rest, ...slot, sample: i }));
 }
 
-// Read the reply stream from 0-0 (a result may land before the first XREAD) until every
-// id is answered, deleting consumed entries: this producer is their only reader.
-async function collect(client, replyTo, ids, timeoutMs) {
+// Read the reply streams (one per partition) from 0-0 (a result may land before the first
+// XREAD) until every id is answered, deleting consumed entries: this producer is their only
+// reader.
+async function collect(client, replyTos, ids, timeoutMs) {
   const pending = new Set(ids);
   const results = new Map();
   const giveUp = Date.now() + timeoutMs;
-  let cursor = '0-0';
+  const cursors = new Map(replyTos.map((r) => [r, '0-0']));
   while (pending.size && Date.now() < giveUp) {
     const block = String(Math.max(1, Math.min(1000, giveUp - Date.now())));
-    const reply = await client.sendCommand(['XREAD', 'COUNT', '100', 'BLOCK', block, 'STREAMS', replyTo, cursor], BINARY);
+    const reply = await client.sendCommand(['XREAD', 'COUNT', '100', 'BLOCK', block, 'STREAMS',
+      ...cursors.keys(), ...cursors.values()], BINARY);
     if (!reply) continue;
-    const consumed = [];
-    for (const [, entries] of reply) {
+    for (const [rawStream, entries] of reply) {
+      const stream = rawStream.toString();
+      const consumed = [];
       for (const [rawId, kv] of entries) {
-        cursor = rawId.toString();
-        consumed.push(cursor);
+        consumed.push(rawId.toString());
         const res = decodeResult(kv);
         if (pending.delete(res.id)) results.set(res.id, res);
       }
+      if (consumed.length) {
+        cursors.set(stream, consumed[consumed.length - 1]);
+        await client.sendCommand(['XDEL', stream, ...consumed]);
+      }
     }
-    if (consumed.length) await client.sendCommand(['XDEL', replyTo, ...consumed]);
   }
   return { results, missing: [...pending] };
 }
@@ -231,16 +276,19 @@ async function main() {
   client.on('error', (e) => console.error(`redis: ${e.message}`));
   await client.connect();
   try {
-    const prefix = `${opts.namespace}:{${opts.model}}`; // the model is the Redis Cluster hash tag
-    const replyTo = `${prefix}:reply:node-${process.pid}-${crypto.randomBytes(3).toString('hex')}`;
+    const partitions = opts.partitions || await workerPartitions(client, opts);
+    const me = `node-${process.pid}-${crypto.randomBytes(3).toString('hex')}`;
+    const prefixes = Array.from({ length: partitions }, (_, p) => keyPrefix(opts, p, partitions));
+    const replyTos = prefixes.map((prefix) => `${prefix}:reply:${me}`);
     const base = opts.values.split(',').map(Number);
     const ids = [];
     const sizes = new Map();
     for (let k = 0; k < opts.count; k += opts.chunk) {
       const id = `node-${crypto.randomUUID()}`;
       const size = Math.min(opts.chunk, opts.count - k);
-      const entryId = await submit(client, prefix, requestFields({
-        id, replyTo, model: opts.model, deadlineMs: opts.deadlineMs, body: requestBody(opts, base, k, size),
+      const p = partitionOf(id, partitions);
+      const entryId = await submit(client, prefixes[p], requestFields({
+        id, replyTo: replyTos[p], model: opts.model, deadlineMs: opts.deadlineMs, body: requestBody(opts, base, k, size),
         samples: size,
       }), opts);
       ids.push(id);
@@ -248,10 +296,10 @@ async function main() {
       console.error(`submitted ${id} (${size} sample${size > 1 ? 's' : ''}) as ${entryId}`);
     }
     if (!opts.wait) {
-      console.log(JSON.stringify({ reply_to: replyTo, ids }));
+      console.log(JSON.stringify({ reply_to: replyTos.length === 1 ? replyTos[0] : replyTos, ids }));
       return;
     }
-    const { results, missing } = await collect(client, replyTo, ids, opts.timeoutMs);
+    const { results, missing } = await collect(client, replyTos, ids, opts.timeoutMs);
     for (const id of ids) {
       if (!results.has(id)) continue;
       for (const line of sampleLines(results.get(id), sizes.get(id))) console.log(JSON.stringify(line));

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,36 @@ def test_node_requests_decoded_by_python(node_example: Path, redis_url: str, wor
     outs = [s.outputs["y"] for rid in ids[:2] for s in got[rid].samples] + [got[ids[2]].outputs["y"]]
     for k, y in enumerate(outs):
         np.testing.assert_array_equal(y, affine_reference(np.array([1, 2, 3, 4], np.float32) + np.float32(k)))
+
+
+def test_node_producer_spreads_entries_over_a_partitioned_models_partitions(node_example: Path,
+                                                                          redis_url: str) -> None:
+    """Workers with partitions=3 read three request streams: the Node producer learns P from
+    their registry records, puts each entry on partition crc32(id) % 3 with that partition's
+    reply stream, and collects every answer from the three reply streams."""
+    worker = start_fake_worker(redis_url, "affine", "parted", partitions=3)
+    try:
+        r = redis.Redis.from_url(redis_url)
+        for _ in range(100):  # the first heartbeat registers partitions=3
+            raw = r.hget("headrace:models", "parted")
+            if raw and any(w.get("partitions") == 3 for w in json.loads(raw)["workers"].values()):
+                break
+            time.sleep(0.05)
+        out = lines(run_node(node_example, "--url", redis_url, "--model", "parted", "--count", "24", "--chunk", "1"))
+        assert len(out) == 24 and all(res["status"] == "ok" for res in out)
+        for k, res in enumerate(out):
+            np.testing.assert_array_equal(np.array(res["outputs"]["y"]["data"], np.float32),
+                                          affine_reference(np.array([1, 2, 3, 4], np.float32) + np.float32(k)))
+        done = {p: [k.decode() for k in r.scan_iter(f"headrace:{{parted~{p}}}:done:*")] for p in range(3)}
+        assert sum(len(v) for v in done.values()) == 24
+        for p, keys in done.items():  # every id's dedupe marker lies in the partition its crc32 names
+            assert keys and all(zlib.crc32(k.rsplit(":done:", 1)[1].encode()) % 3 == p for k in keys)
+        assert not r.exists("headrace:{parted}:requests")
+
+        bad = run_node(node_example, "--url", redis_url, "--model", "parted", "--partitions", "2000", check=False)
+        assert bad.returncode != 0 and "--partitions must be between 1 and 1024" in bad.stderr
+    finally:
+        worker.stop()
 
 
 def test_node_text_plain_xadd_and_errors(node_example: Path, redis_url: str, workers: None) -> None:
