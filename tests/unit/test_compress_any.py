@@ -131,10 +131,13 @@ def test_torch_cnn_is_channel_pruned_recovered_and_quantized(tmp_path: Path, tor
     x, _, xt, yt = cnn.load_images()
     np.savez(tmp_path / "cal.npz", image=x[:128])
     np.savez(tmp_path / "held.npz", image=xt[:64], labels=yt[:64])
+    # 150 recovery steps: the pruned model of a freshly trained tiny CNN scores 0.48 / 0.56 /
+    # 0.66 on these 64 held-out images after 60 / 100 / 150 steps, so 150 leaves a margin over
+    # the 0.5 gate whatever run produced the cached CNN.
     res = run_any(AnyModelOptions("tiny-cnn", data=tmp_path / "cal.npz", held_out=tmp_path / "held.npz",
                                   repo=repo.root, work_dir=tmp_path / "work", steps=("prune",), threads=1,
                                   progress=False, bench=False, min_fidelity=0.5,
-                                  prune=PruneOptions(fraction=0.4, recover_steps=60, lr=3e-3, batch_size=32)))
+                                  prune=PruneOptions(fraction=0.4, recover_steps=150, lr=3e-3, batch_size=32)))
     rows = {e.candidate.label: e for e in res.evaluated}
     assert not res.details["failed"] and not res.refused, (res.details["failed"], res.refused)
     assert set(rows) == {"fp32 torch", "fp32 onnx", "pruned fp32", "pruned int8 static"}

@@ -1,0 +1,259 @@
+"""Wire protocol v1, results: one entry of a request's ``reply_to`` stream.
+
+Fields ``v``, ``id``, ``status`` (``ok|error|expired|rejected``), ``code``, ``message`` and
+``body`` (msgpack map: ``{"outputs": {name: tensor}, "timings": {...}, "model": ...,
+"version": ...}``; a multi-sample entry's result adds ``samples``, one slot per sample, and
+may carry the ok slots' outputs ``stacked``). See ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
+
+import msgpack
+import numpy as np
+
+from headrace.client import errors as E
+from headrace.client.wire import (
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
+    STATUS_ERROR,
+    STATUS_EXPIRED,
+    STATUS_OK,
+    STATUSES,
+    SUPPORTED_VERSIONS,
+    Limits,
+    Status,
+    decode_tensor,
+    encode_tensor,
+    field_bytes,
+    field_text,
+    quote,
+    unpack_msgpack,
+)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in milliseconds.
+
+    Attributes:
+        queue_ms: from the producer's ``ts_ms`` until the worker took it into a batch.
+        infer_ms: the batch's model run (shared by every request of the batch).
+        batch_size: how many requests ran together.
+        worker: the consumer name that answered.
+    """
+
+    queue_ms: float = 0.0
+    infer_ms: float = 0.0
+    batch_size: int = 0
+    worker: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"queue_ms": self.queue_ms, "infer_ms": self.infer_ms,
+                "batch_size": self.batch_size, "worker": self.worker}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Timings:
+        if not isinstance(obj, dict):
+            return cls()
+        return cls(queue_ms=float(obj.get("queue_ms", 0.0)), infer_ms=float(obj.get("infer_ms", 0.0)),
+                   batch_size=int(obj.get("batch_size", 0)), worker=str(obj.get("worker", "")))
+
+
+@dataclass(frozen=True)
+class Result:
+    """The answer to one request.
+
+    Attributes:
+        request_id: the request's id.
+        status: ``ok``, ``error`` (``code`` says why), ``expired`` (its deadline passed
+            before it ran) or ``rejected`` (treated like ``error``).
+        outputs: the model's outputs for this sample (numpy arrays, no batch dimension).
+        code / message: the stable error code and a human-readable detail (not ``ok``).
+        timings: where the time went (queue, model run, batch size, worker).
+        model / version: what answered.
+    """
+
+    request_id: str
+    status: Status
+    outputs: Mapping[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    code: str = ""
+    message: str = ""
+    timings: Timings = field(default_factory=Timings)
+    model: str = ""
+    version: str = ""
+    #: per-sample results of a multi-sample entry, in order (empty for a single sample).
+    samples: tuple[Result, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def __repr__(self) -> str:
+        # Compact: arrays by dtype and shape (an embedding would print hundreds of floats).
+        outs = ", ".join(f"{k!r}: {v.dtype}{list(v.shape)}" for k, v in self.outputs.items())
+        parts = [f"request_id={self.request_id!r}", f"status={self.status!r}"]
+        if self.code:
+            parts.append(f"code={self.code!r}")
+        if self.message:
+            parts.append(f"message={quote(self.message)}")
+        parts.append(f"outputs={{{outs}}}")
+        if self.model:
+            parts.append(f"model={self.model!r}" + (f", version={self.version!r}" if self.version else ""))
+        t = self.timings
+        parts.append(f"timings=(queue_ms={t.queue_ms:.1f}, infer_ms={t.infer_ms:.1f}, batch_size={t.batch_size})")
+        return f"Result({', '.join(parts)})"
+
+    def encode(self) -> dict[bytes, bytes]:
+        return encode_result(self)
+
+    def raise_for_status(self) -> Result:
+        """Return self when ok, else raise the matching :class:`ResultError`."""
+        if self.status == STATUS_OK:
+            return self
+        if self.status == STATUS_EXPIRED:
+            raise E.RequestExpired(f"request {self.request_id}: {self.message or 'deadline passed before it ran'}")
+        raise E.InferenceFailed(f"request {self.request_id}: {self.message}", code=self.code or E.INTERNAL_ERROR)
+
+
+def error_result(request_id: str, code: str, message: str, status: Status = STATUS_ERROR,
+                 **kw: Any) -> Result:
+    return Result(request_id=request_id, status=status, code=code, message=message[:1000], **kw)
+
+
+def encode_result(res: Result) -> dict[bytes, bytes]:
+    """Encode a result as reply-stream entry fields."""
+    body: dict[str, Any] = {
+        "outputs": {k: encode_tensor(v) for k, v in res.outputs.items()},
+        "timings": res.timings.to_wire(),
+        "model": res.model,
+        "version": res.version,
+    }
+    if res.samples:
+        body["samples"], stacked = samples_to_wire(res.samples)
+        if stacked is not None:
+            body["stacked"] = stacked
+    return {
+        b"v": field_bytes(PROTOCOL_VERSION),
+        b"id": field_bytes(res.request_id),
+        b"status": field_bytes(res.status),
+        b"code": field_bytes(res.code),
+        b"message": field_bytes(res.message),
+        b"body": msgpack.packb(body, use_bin_type=True),
+    }
+
+
+# A client trusts its workers' results far more than a worker trusts requests: these bounds
+# only stop a corrupt entry from allocating without limit. One shared instance, because the
+# reply reader decodes every result with it.
+RESULT_LIMITS: Final = Limits(max_payload_bytes=1 << 30, max_elements=1 << 30)
+
+
+def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS) -> Result:
+    """Decode a reply-stream entry.
+
+    Raises:
+        DecodeError, MissingFieldError, UnsupportedVersionError.
+    """
+    version = field_text(fields, b"v")
+    assert version is not None
+    if version not in SUPPORTED_VERSIONS:
+        raise E.UnsupportedVersionError(f"result protocol version {version!r} is not supported")
+    request_id = field_text(fields, b"id")
+    status = field_text(fields, b"status")
+    assert request_id is not None and status is not None
+    if status not in STATUSES:
+        raise E.DecodeError(f"result status {status!r} is not one of {sorted(STATUSES)}")
+    body_raw = fields.get(b"body")
+    body = unpack_msgpack(body_raw, RESULT_LIMITS) if body_raw else {}
+    if not isinstance(body, dict):
+        raise E.DecodeError("result body must be a msgpack map")
+    outputs_raw = body.get("outputs") or {}
+    # Only ProtocolError may leave here: the SDK's reply reader skips an undecodable result,
+    # but any other exception would make it re-read the same entry forever.
+    if not isinstance(outputs_raw, dict):
+        raise E.DecodeError("result outputs must be a map of name -> tensor")
+    outputs = {str(k): decode_tensor(v, RESULT_LIMITS, name=str(k)) for k, v in outputs_raw.items()}
+    try:
+        timings = Timings.from_wire(body.get("timings"))
+    except (TypeError, ValueError) as e:
+        raise E.DecodeError(f"result timings are malformed: {e}") from e
+    model, version = str(body.get("model") or ""), str(body.get("version") or "")
+    samples: tuple[Result, ...] = ()
+    if "samples" in body:
+        samples = samples_from_wire(request_id, body, timings, model, version, RESULT_LIMITS)
+    return Result(
+        request_id=request_id, status=cast(Status, status), outputs=outputs,
+        code=field_text(fields, b"code", required=False) or "",
+        message=field_text(fields, b"message", required=False) or "",
+        timings=timings, model=model, version=version, samples=samples,
+    )
+
+
+# --- the slots of a multi-sample result (client/samples.py) -------------------------------
+
+
+def samples_to_wire(samples: Sequence[Result]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The slots of a multi-sample result body, and its ``stacked`` outputs: when every ok
+    slot has the same output names, dtypes and shapes, they are sent as one tensor per
+    output with a leading sample dimension (rows of other slots are zeros), one buffer per
+    entry instead of one per sample; else each ok slot carries its own ``outputs``.
+
+    Raises:
+        InvalidTensorError: an output dtype that is not a wire dtype.
+    """
+    ok = [s for s in samples if s.status == STATUS_OK and s.outputs]
+    sig = {tuple((k, v.shape, v.dtype.str) if isinstance(v, np.ndarray) else (k, np.shape(v), np.asarray(v).dtype.str)
+                 for k, v in s.outputs.items()) for s in ok}
+    if len(sig) != 1:
+        return [_slot_to_wire(s, with_outputs=True) for s in samples], None
+    stacked: dict[str, Any] = {}
+    for name, shape, dtype in next(iter(sig)):
+        arr = np.zeros((len(samples), *shape), dtype=dtype)
+        for i, s in enumerate(samples):
+            if s.status == STATUS_OK and s.outputs:
+                arr[i] = s.outputs[name]
+        stacked[name] = encode_tensor(arr)
+    return [_slot_to_wire(s, with_outputs=False) for s in samples], stacked
+
+
+def _slot_to_wire(res: Result, with_outputs: bool) -> dict[str, Any]:
+    slot: dict[str, Any] = {"status": res.status}
+    if with_outputs and res.outputs:
+        slot["outputs"] = {k: encode_tensor(v) for k, v in res.outputs.items()}
+    if res.code:
+        slot["code"], slot["message"] = res.code, res.message
+    return slot
+
+
+def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings, model: str, version: str,
+                      limits: Limits) -> tuple[Result, ...]:
+    """The per-sample results of a multi-sample result body (each a :class:`Result` with the
+    entry's request id, timings, model and version; ``stacked`` outputs become per-slot views).
+
+    Raises:
+        DecodeError: a slot is malformed.
+    """
+    raw, stacked_raw = body.get("samples"), body.get("stacked") or {}
+    if not isinstance(raw, list) or not isinstance(stacked_raw, dict):
+        raise E.DecodeError("result 'samples' must be a list and 'stacked' a map of name -> tensor")
+    stacked = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in stacked_raw.items()}
+    if any(a.ndim == 0 or a.shape[0] != len(raw) for a in stacked.values()):
+        raise E.DecodeError("result 'stacked' outputs need a leading dimension of one row per sample")
+    out: list[Result] = []
+    for i, slot in enumerate(raw):
+        if not isinstance(slot, dict) or slot.get("status") not in STATUSES:
+            raise E.DecodeError("each result sample needs a status of ok|error|expired|rejected")
+        outs = slot.get("outputs") or {}
+        if not isinstance(outs, dict):
+            raise E.DecodeError("result sample outputs must be a map of name -> tensor")
+        status: Status = slot["status"]
+        mine = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()}
+        if status == STATUS_OK and not mine:
+            mine = {k: a[i] for k, a in stacked.items()}
+        out.append(Result(request_id, status, mine, code=str(slot.get("code") or ""),
+                          message=str(slot.get("message") or ""), timings=timings, model=model, version=version))
+    return tuple(out)

@@ -1,0 +1,203 @@
+"""Wire protocol v1, the shared vocabulary: versions, statuses, the tensor codec, the
+decoder limits and the field readers every message of ``protocol`` and ``results`` uses.
+
+A tensor is the msgpack map ``{"dtype": "float32", "shape": [3, 4], "data": <bin>}`` with
+the raw little-endian, C-order bytes of the array (``dtype`` one of :data:`DTYPES`, at
+most :data:`MAX_DIMS` dimensions). msgpack only, never pickle. See ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import reprlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgpack
+import numpy as np
+
+from headrace.client import errors as E
+
+PROTOCOL_VERSION: Final = "1"
+SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
+
+Status = Literal["ok", "error", "expired", "rejected"]
+"""A result's status (see :class:`Result`)."""
+STATUS_OK: Final[Status] = "ok"
+STATUS_ERROR: Final[Status] = "error"
+STATUS_EXPIRED: Final[Status] = "expired"
+STATUS_REJECTED: Final[Status] = "rejected"
+STATUSES: Final[frozenset[str]] = frozenset({STATUS_OK, STATUS_ERROR, STATUS_EXPIRED, STATUS_REJECTED})
+
+# dtype strings accepted on the wire, mapped to little-endian numpy dtypes.
+DTYPES: Final[dict[str, np.dtype[Any]]] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+        "int64", "uint64", "float16", "float32", "float64",
+    )
+}
+MAX_DIMS: Final = 8
+# Used with fullmatch: "$" would also accept the string with one trailing newline.
+ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Stream keys are bytes to Redis; we bound them and forbid control characters.
+KEY_RE = re.compile(r"[^\x00-\x1f\x7f]{1,512}")
+# deadline_ms / ts_ms: empty (= not given) or decimal ASCII only (int() would also take "1_000", " 7" or
+# Arabic-Indic digits), at most 18 digits so every value fits an int64 and a float.
+MS_RE = re.compile(rb"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Decoder limits; everything beyond them is refused before allocation.
+
+    Attributes:
+        max_payload_bytes: largest accepted ``body`` (bytes).
+        max_elements: largest element count of one tensor.
+        max_text_chars: longest accepted text input.
+        max_inputs: most named inputs in one request.
+    """
+
+    max_payload_bytes: int = 4 * 1024 * 1024
+    max_elements: int = 16 * 1024 * 1024
+    max_text_chars: int = 100_000
+    max_inputs: int = 32
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+# Error messages quote what the producer sent; reprlib bounds depth and length, because a
+# plain repr() of a 1000-level nested list (msgpack accepts ~1023) raises RecursionError.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxstring, _QUOTE.maxother = 3, 10, 40, 40
+
+
+def quote(value: Any) -> str:
+    """A bounded repr of producer-sent ``value`` for error messages (never raises on depth)."""
+    return _QUOTE.repr(value)
+
+
+# --- tensors -----------------------------------------------------------------------------
+
+
+def encode_tensor(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """Encode an array as a wire tensor map (little-endian, C order).
+
+    Raises:
+        InvalidTensorError: the dtype is not a wire dtype.
+    """
+    a = np.asarray(arr)
+    name = a.dtype.name
+    if name not in DTYPES:
+        raise E.InvalidTensorError(f"dtype {name!r} is not a wire dtype; use one of {sorted(DTYPES)}",
+                                   code=E.BAD_DTYPE)
+    # asarray(order="C"), not ascontiguousarray: the latter turns 0-d scalars into shape (1,).
+    a = np.asarray(a, dtype=DTYPES[name], order="C")
+    return {"dtype": name, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor") -> np.ndarray[Any, Any]:
+    """Decode a wire tensor map into a (read-only view) numpy array in native byte order.
+
+    Raises:
+        MissingFieldError: ``dtype``, ``shape`` or ``data`` is absent.
+        InvalidTensorError: unknown dtype (``bad_dtype``), or a shape that is malformed,
+            has a dimension no array can have, or does not match the byte length (``bad_shape``).
+        PayloadTooLargeError: more elements than ``limits.max_elements``.
+    """
+    if not isinstance(obj, Mapping):
+        raise E.DecodeError(f"{name}: a tensor must be a map with dtype/shape/data")
+    for key in ("dtype", "shape", "data"):
+        if key not in obj:
+            raise E.MissingFieldError(f"{name}: tensor field {key!r} is missing")
+    dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise E.InvalidTensorError(f"{name}: dtype {quote(dtype_name)} is not one of {sorted(DTYPES)}",
+                                   code=E.BAD_DTYPE)
+    if (not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise E.InvalidTensorError(f"{name}: shape must be a list of at most {MAX_DIMS} "
+                                   f"non-negative integers, got {quote(shape)}", code=E.BAD_SHAPE)
+    if not isinstance(data, (bytes, bytearray)):
+        raise E.DecodeError(f"{name}: tensor data must be msgpack bin (raw bytes)")
+    # math.prod on Python ints cannot overflow; compare before trusting any allocation.
+    n = math.prod(shape)
+    if n > limits.max_elements:
+        raise E.PayloadTooLargeError(f"{name}: {n} elements exceed the limit of {limits.max_elements}")
+    # An empty tensor may still name absurd dimensions ([0, 2**63]); numpy refuses any shape
+    # whose non-zero dimensions multiply beyond its size limit, so bound them the same way.
+    if math.prod(d or 1 for d in shape) > limits.max_elements:
+        raise E.InvalidTensorError(f"{name}: shape {quote(shape)} has dimensions beyond "
+                                   f"{limits.max_elements} elements", code=E.BAD_SHAPE)
+    dt = DTYPES[dtype_name]
+    if n * dt.itemsize != len(data):
+        raise E.InvalidTensorError(
+            f"{name}: shape {list(shape)} of {dtype_name} needs {n * dt.itemsize} bytes, got {len(data)}",
+            code=E.BAD_SHAPE)
+    arr = np.frombuffer(bytes(data), dtype=dt).reshape(shape)
+    return arr.astype(dt.newbyteorder("="), copy=False)
+
+
+# --- entry fields ------------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    """Unix time in ms (the clock of ``ts_ms`` and ``deadline_ms``)."""
+    return int(time.time() * 1000)
+
+
+def field_bytes(value: Any) -> bytes:
+    """An entry field value as bytes (``str(value)`` UTF-8 encoded unless already bytes)."""
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+def field_text(fields: Mapping[bytes, bytes], key: bytes, required: bool = True) -> str | None:
+    """Entry field ``key`` as text; None when absent and not ``required``.
+
+    Raises:
+        MissingFieldError: absent and ``required``.
+        DecodeError: not UTF-8.
+    """
+    raw = fields.get(key)
+    if raw is None:
+        if required:
+            raise E.MissingFieldError(f"entry field {key.decode()!r} is missing")
+        return None
+    try:
+        return raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    except UnicodeDecodeError as e:
+        raise E.DecodeError(f"entry field {key.decode()!r} is not UTF-8") from e
+
+
+def unpack_msgpack(data: bytes, limits: Limits) -> Any:
+    """Decode a msgpack body within ``limits`` (containers beyond them are refused before
+    they are built; extension types are never accepted).
+
+    Raises:
+        PayloadTooLargeError: ``data`` or a container in it is beyond ``limits``.
+        DecodeError: not valid msgpack (any decoder failure).
+    """
+    if len(data) > limits.max_payload_bytes:
+        raise E.PayloadTooLargeError(
+            f"body of {len(data)} bytes exceeds max_payload_bytes={limits.max_payload_bytes}")
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True,
+            max_bin_len=limits.max_payload_bytes, max_str_len=limits.max_payload_bytes,
+            max_array_len=limits.max_elements, max_map_len=limits.max_inputs * 4 + 16,
+            max_ext_len=0,
+        )
+    except ValueError as e:
+        # msgpack's own length caps (max_map_len etc.) refuse a huge container before
+        # building it; to the producer that is "too large", not "undecodable". Extension
+        # types (max_ext_len=0) are not part of the protocol at all: those stay decode errors.
+        if "exceeds max_" in str(e) and "max_ext_len" not in str(e):
+            raise E.PayloadTooLargeError(f"body holds a container beyond the decoder's limits: {e}") from e
+        raise E.DecodeError(f"body is not valid msgpack: {type(e).__name__}: {e}") from e
+    except Exception as e:  # msgpack raises many types (ExtraData, StackError, UnicodeDecodeError...)
+        raise E.DecodeError(f"body is not valid msgpack: {type(e).__name__}: {e}") from e
