@@ -72,7 +72,7 @@ class _ServeArgs(Settings):
         num_cpus / num_gpus: resources per replica, and per rank with tensor parallelism.
         max_replicas_per_node: 0 = no limit.
         autoscale: scale on stream backlog (:mod:`headrace.cluster.serve.autoscale`) between
-            ``min_replicas`` and ``max_replicas``, ``target_backlog_per_replica`` entries
+            ``min_replicas`` and ``max_replicas``, ``target_backlog_per_replica`` samples
             each, after ``upscale_delay_s`` / ``downscale_delay_s`` seconds of agreement.
         health_check_period_s / health_check_timeout_s: Serve's replica health checks.
         unhealthy_grace_s: how long the loop may stay unhealthy (e.g. Redis down) before

@@ -3,8 +3,14 @@
 Serve's default policy counts requests in flight *through Serve*; our replicas get their work
 from Redis, so Serve sees none. This policy instead reads the model's consumer group:
 
-    backlog = lag (entries not yet delivered to the group) + pending (delivered, unacked)
+    backlog = (lag + inbox + pending) x samples_per_entry
     desired = ceil(backlog / target_backlog_per_replica)
+
+``lag``: entries not yet delivered to the group; ``inbox``: checked requests still waiting
+in the model's inbox (strict submit mode: only a running worker relays them into the
+stream, so at zero replicas this is the whole backlog); ``pending``: delivered, unacked;
+``samples_per_entry``: the moving average the workers publish in the model's limits hash
+(multi-sample entries; 1 when absent), so the target is in samples, like ``max_batch``.
 
 and Serve applies the deployment's ``min_replicas`` / ``max_replicas``, ``upscale_delay_s`` /
 ``downscale_delay_s`` and up/down-scaling factors on top (``_apply_autoscaling_config``).
@@ -61,8 +67,9 @@ class LagPolicySettings(Settings):
     Attributes:
         redis_url: Redis holding the model's stream (empty: ``HEADRACE_REDIS_URL``, else the default).
         namespace / model / group: which consumer group to read.
-        target_backlog_per_replica: backlog (lag + pending entries) one replica should carry;
-            roughly ``max_batch`` times the batches a replica clears in the tolerated delay.
+        target_backlog_per_replica: backlog one replica should carry, in samples (entries
+            queued, in the inbox or pending, times the samples they carry); roughly
+            ``max_batch`` times the batches a replica clears in the tolerated delay.
         poll_interval_s: shortest time between two Redis polls.
         redis_timeout_s: socket timeout of a poll (the controller waits this long at most).
         partitions: the model's request streams (the workers' ``partitions``); the backlog
@@ -85,14 +92,14 @@ class LagPolicySettings(Settings):
         validate_model_name(self.model)
         require(bool(self.group), "group", "must be a non-empty consumer group name")
         require(self.target_backlog_per_replica > 0, "target_backlog_per_replica",
-                "must be > 0 entries, e.g. 4 x max_batch")
+                "must be > 0 samples, e.g. 4 x max_batch")
         require(self.poll_interval_s >= 0, "poll_interval_s", "must be >= 0 s")
         require(self.redis_timeout_s > 0, "redis_timeout_s", "must be > 0 s")
         validate_partitions(self.partitions)
 
 
 def desired_replicas(backlog: float, target_backlog_per_replica: float) -> float:
-    """Replicas needed for ``backlog`` entries at ``target_backlog_per_replica`` each.
+    """Replicas needed for ``backlog`` samples at ``target_backlog_per_replica`` each.
 
     May be 0 (an empty queue); Serve clamps the result to ``[min_replicas, max_replicas]``.
     """
@@ -127,6 +134,31 @@ def read_backlog(client: Any, keys: ModelKeys) -> tuple[int, int]:
     return backlog.lag, backlog.pending
 
 
+def read_queued(client: Any, keys: ModelKeys) -> tuple[int, float]:
+    """``(inbox, samples_per_entry)``: the entries waiting in the model's inbox (strict submit
+    mode; the relay of a running worker moves them into the stream) and the samples an entry
+    carries lately, as the workers publish it in the limits hash (1.0 when absent or not a
+    number >= 1).
+
+    Raises:
+        BrokerError: Redis is unreachable or answered unexpectedly.
+    """
+    import redis
+
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.llen(keys.inbox)
+        pipe.hget(keys.limits, "samples_per_entry")
+        inbox, raw = pipe.execute()
+    except redis.RedisError as e:
+        raise BrokerError(f"cannot read the inbox of {keys.requests}: {e}") from e
+    try:
+        per_entry = float(raw) if raw is not None else 1.0
+    except ValueError:
+        per_entry = 1.0
+    return int(inbox), per_entry if math.isfinite(per_entry) and per_entry >= 1.0 else 1.0
+
+
 class LagAutoscalingPolicy:
     """Serve custom autoscaling policy (class form: Serve instantiates it once with
     ``policy_kwargs`` and calls it every control-loop tick).
@@ -146,6 +178,8 @@ class LagAutoscalingPolicy:
         self._client: Any = None
         self._last_poll = -math.inf
         self._last: tuple[int, int] | None = None
+        #: samples per entry of the last poll (1.0 until one succeeds).
+        self.samples_per_entry = 1.0
 
     def _redis(self) -> Any:
         if self._client is None:
@@ -162,14 +196,19 @@ class LagAutoscalingPolicy:
         return self._client
 
     def poll(self, now: float | None = None) -> tuple[int, int] | None:
-        """Backlog from Redis, at most once per ``poll_interval_s``; None when unreachable."""
+        """``(lag + inbox, pending)`` in entries, summed over the partitions, from Redis, at most
+        once per ``poll_interval_s`` (also sets :attr:`samples_per_entry`); None when
+        unreachable."""
         now = time.monotonic() if now is None else now
         if now - self._last_poll < self.settings.poll_interval_s and self._last is not None:
             return self._last
         self._last_poll = now
         try:
             each = [read_backlog(self._redis(), keys) for keys in self.parts]
-            self._last = sum(lag for lag, _ in each), sum(pending for _, pending in each)
+            queued = [read_queued(self._redis(), keys) for keys in self.parts]
+            inbox = sum(n for n, _ in queued)
+            self._last = sum(lag for lag, _ in each) + inbox, sum(pending for _, pending in each)
+            self.samples_per_entry = max(per_entry for _, per_entry in queued)
         except BrokerError as e:
             log.warning("autoscaling %s: %s; using replica reports", self.keys.model, e)
             self._last = None
@@ -201,12 +240,13 @@ class LagAutoscalingPolicy:
             # Nothing to go on: hold the current target rather than guess.
             return float(ctx.target_num_replicas), state
         lag, pending = backlog
-        desired = desired_replicas(lag + pending, self.settings.target_backlog_per_replica)
+        per_entry = self.samples_per_entry
+        desired = desired_replicas((lag + pending) * per_entry, self.settings.target_backlog_per_replica)
         state.update({"headrace_lag": lag, "headrace_pending": pending, "headrace_source": source,
-                      "headrace_desired": desired})
+                      "headrace_samples_per_entry": per_entry, "headrace_desired": desired})
         if desired != ctx.target_num_replicas:
-            log.info("autoscaling %s: lag=%d pending=%d (%s) -> %d replicas (now %d)", self.keys.model,
-                     lag, pending, source, int(desired), ctx.current_num_replicas)
+            log.info("autoscaling %s: lag=%d pending=%d x %.1f samples per entry (%s) -> %d replicas (now %d)",
+                     self.keys.model, lag, pending, per_entry, source, int(desired), ctx.current_num_replicas)
         return desired, state
 
 

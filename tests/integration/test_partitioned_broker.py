@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import redis
 
@@ -167,6 +169,27 @@ def test_the_autoscaling_policy_adds_up_every_partitions_backlog(r: redis.Redis,
     assert policy.poll() == (2 + 3 + 4 - 1, 1)
     single = LagAutoscalingPolicy(redis_url=redis_url, model="affine", poll_interval_s=0)
     assert single.poll() == (0, 0), "the unpartitioned stream is another one"
+
+
+def test_the_autoscaling_policy_scales_from_zero_on_requests_waiting_in_the_inboxes(r: redis.Redis,
+                                                                                   redis_url: str) -> None:
+    """Strict submit mode with no worker running: requests wait in the partitions' inboxes
+    (only a worker relays them), so the streams are empty; the policy still asks for
+    replicas, and counts multi-sample entries by the samples they carry."""
+    from headrace.client import Client
+    from headrace.cluster.serve.autoscale import LagAutoscalingPolicy
+
+    with Client(redis_url, require_registered=False, partitions=P) as client:
+        for i in range(12):
+            client.submit("affine", inputs={"x": np.zeros(4, np.float32)}, request_id=f"z{i}")
+    assert sum(r.llen(k.inbox) for k in ALL) == 12 and not any(r.exists(k.requests) for k in ALL)
+    policy = LagAutoscalingPolicy(redis_url=redis_url, model="affine", partitions=P, poll_interval_s=0,
+                                  target_backlog_per_replica=5)
+    assert policy.poll() == (12, 0)
+    r.hset(ALL[0].limits, "samples_per_entry", "8.00")
+    ctx = SimpleNamespace(current_num_replicas=0, target_num_replicas=0, policy_state={}, aggregated_metrics={})
+    desired, state = policy(ctx)
+    assert desired == 20 and state["headrace_samples_per_entry"] == 8.0  # 12 entries x 8 / 5 per replica
 
 
 async def test_status_adds_up_the_partitions_its_workers_report(make: object, r: redis.Redis) -> None:

@@ -29,9 +29,12 @@ class FakeStreams:
     entry id (by default newer than the groups' last delivered id, so lag is as reported)."""
 
     def __init__(self, groups: list[dict[str, Any]] | None = None, length: int = 1000,
-                 fail: Exception | None = None, tail: bytes | None = b"999999-0") -> None:
+                 fail: Exception | None = None, tail: bytes | None = b"999999-0", inbox: int = 0,
+                 samples_per_entry: bytes | None = None) -> None:
         self.groups = groups
         self.length = length
+        self.inbox = inbox
+        self.samples_per_entry = samples_per_entry
         self.tail = tail
         self.fail = fail
         self.calls = 0
@@ -49,6 +52,14 @@ class FakeStreams:
 
     def xrevrange(self, key: str, *args: Any, **kw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
         return [] if self.tail is None else [(self.tail, {})]
+
+    def llen(self, key: str) -> int:
+        if self.fail is not None:
+            raise self.fail
+        return self.inbox
+
+    def hget(self, key: str, field: str) -> bytes | None:
+        return self.samples_per_entry
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self)
@@ -68,8 +79,16 @@ class FakePipeline:
     def xrevrange(self, key: str, *args: Any, **kw: Any) -> None:
         self.queued.append(("xrevrange", key))
 
+    def llen(self, key: str) -> None:
+        self.queued.append(("llen", key))
+
+    def hget(self, key: str, field: str) -> None:
+        self.queued.append(("hget", key))
+
     def execute(self) -> list[Any]:
-        return [getattr(self.streams, name)(key) for name, key in self.queued]
+        return [self.streams.hget(key, "samples_per_entry") if name == "hget" else getattr(self.streams, name)(key)
+                for name, key in self.queued]
+
 
 
 KEYS = ModelKeys("headrace", "m")
@@ -140,6 +159,21 @@ def test_policy_scales_on_polled_backlog_and_caches_polls() -> None:
     assert fake.calls == 1
     assert policy.poll(now=1e12) == (0, 0)
     assert policy(_ctx(4))[0] == 0
+
+
+def test_policy_counts_the_inbox_and_the_samples_entries_carry() -> None:
+    policy = LagAutoscalingPolicy(model="m", target_backlog_per_replica=10, poll_interval_s=0)
+    # Strict submit mode at zero replicas: nobody relays, the stream is empty, the inbox is not.
+    policy._client = FakeStreams(None, inbox=25)
+    desired, state = policy(_ctx(0))
+    assert desired == 3 and state["headrace_lag"] == 25 and state["headrace_samples_per_entry"] == 1.0
+    # Entries of 32 samples lately: 2 queued + 1 pending entries are 96 samples.
+    policy._client = FakeStreams([_group(2, 1)], samples_per_entry=b"32.00")
+    desired, state = policy(_ctx(1))
+    assert desired == 10 and state["headrace_samples_per_entry"] == 32.0
+    for junk in (b"nan", b"inf", b"-4", b"0.5", b"lots"):  # never trusted beyond a number >= 1
+        policy._client = FakeStreams([_group(2, 1)], samples_per_entry=junk)
+        assert policy(_ctx(1))[0] == 1, junk
 
 
 def test_policy_falls_back_to_replica_reports_then_holds() -> None:
