@@ -136,12 +136,40 @@ def encode_result(res: Result) -> dict[bytes, bytes]:
         body["samples"], stacked = samples_to_wire(res.samples)
         if stacked is not None:
             body["stacked"] = stacked
+    return _result_fields(res.request_id, res.status, res.code, res.message, body)
+
+
+def encode_stacked_result(request_id: str, outputs: Mapping[str, np.ndarray[Any, Any]], timings: Timings,
+                          model: str = "", version: str = "") -> dict[bytes, bytes]:
+    """Encode the result of a multi-sample entry whose samples are all ``ok``, from their
+    outputs stacked on a leading axis of one row per sample: the same entry
+    :func:`encode_result` makes of a :class:`Result` with those samples, without a result
+    object per sample.
+
+    Raises:
+        InvalidTensorError: an output dtype that is not a wire dtype.
+        ValueError: outputs without a common leading axis.
+    """
+    rows = {int(np.shape(v)[0]) if np.ndim(v) else -1 for v in outputs.values()}
+    if len(rows) != 1 or -1 in rows:
+        raise ValueError(f"stacked outputs need one common leading axis, got {sorted(rows)}")
+    count = rows.pop()
+    body: dict[str, Any] = {
+        "outputs": {}, "timings": timings.to_wire(), "model": model, "version": version,
+        # the slot every sample gets (msgpack writes one map per sample)
+        "samples": [{"status": STATUS_OK}] * count,
+        "stacked": {k: encode_tensor(v) for k, v in outputs.items()},
+    }
+    return _result_fields(request_id, STATUS_OK, "", "", body)
+
+
+def _result_fields(request_id: str, status: str, code: str, message: str, body: Mapping[str, Any]) -> dict[bytes, bytes]:
     return {
         b"v": field_bytes(PROTOCOL_VERSION),
-        b"id": field_bytes(res.request_id),
-        b"status": field_bytes(res.status),
-        b"code": field_bytes(res.code),
-        b"message": field_bytes(res.message),
+        b"id": field_bytes(request_id),
+        b"status": field_bytes(status),
+        b"code": field_bytes(code),
+        b"message": field_bytes(message),
         b"body": msgpack.packb(body, use_bin_type=True),
     }
 

@@ -139,12 +139,32 @@ def decode_samples(envelope: Envelope, body: dict[str, Any], declared: int | Non
             raise E.ProtocolError("'texts' must be a list of str", code=E.BAD_VALUE)
         _check_count(len(texts), declared, max_samples)
         return [_text_slot(envelope, t, limits) for t in texts]
+    arrays, finite = decode_sample_arrays(body, declared, max_samples, limits)
+    return slots_of(envelope, arrays, finite)
+
+
+def decode_sample_arrays(body: dict[str, Any], declared: int | None, max_samples: int,
+                         limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
+    """The tensors of a multi-sample tensor body, each with its leading (sample) axis, and
+    which samples hold only finite floats (a bool per sample): the entry as arrays, for a
+    worker that runs samples stacked. Refuses what :func:`decode_samples` refuses.
+
+    Raises:
+        ProtocolError: as :func:`decode_samples` (a ``texts`` body too: ``bad_value``).
+    """
+    if "texts" in body:
+        raise E.ProtocolError("a text body has no sample arrays", code=E.BAD_VALUE)
     n = body.get("samples")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise E.ProtocolError(f"'samples' must be a positive int, got {type(n).__name__}", code=E.BAD_VALUE)
     _check_count(n, declared, max_samples)
     if "text" in body:
         raise E.DecodeError("a multi-sample body sends texts as 'texts', not 'text'")
+    return _sample_arrays(body, n, limits)
+
+
+def _sample_arrays(body: dict[str, Any], n: int,
+                   limits: Limits) -> tuple[dict[str, np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
     raw = body.get("inputs")
     if not isinstance(raw, dict) or not raw:
         raise E.MissingFieldError("a multi-sample body needs 'texts' or 'inputs' (tensors with a leading dim)")
@@ -159,7 +179,13 @@ def decode_samples(envelope: Envelope, body: dict[str, Any], declared: int | Non
     for arr in arrays.values():
         if arr.dtype.kind == "f" and arr.size:
             finite &= np.isfinite(arr.reshape(n, -1)).all(axis=1)
-    # list(arr) yields row views: the samples share the entry's one buffer per input (no copies).
+    return arrays, finite
+
+
+def slots_of(envelope: Envelope, arrays: Mapping[str, np.ndarray[Any, Any]],
+             finite: np.ndarray[Any, Any]) -> list[SampleSlot]:
+    """One slot per sample of decoded sample arrays (row views: the samples share the
+    entry's one buffer per input, no copies)."""
     names, rows = list(arrays), [list(a) for a in arrays.values()]
     return [SampleSlot(Request(envelope, inputs=dict(zip(names, vals, strict=True))), finite=ok)
             for vals, ok in zip(zip(*rows, strict=True), finite.tolist(), strict=True)]

@@ -9,7 +9,8 @@ post-processing (splitting the batch back into per-request outputs).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,27 @@ class Servable(abc.ABC):
             ModelError: the backend failed for this batch.
         """
 
+    def runs_stacked(self) -> bool:
+        """True when :meth:`infer_stacked` can run samples already stacked on a leading axis
+        and :meth:`check` depends only on input names, dtypes, shapes and finiteness: the
+        worker then carries a multi-sample tensor entry as blocks (checked once, one array
+        per input through batching and the model call, no object per sample). Default False.
+        A subclass that overrides ``infer`` or ``check`` of a servable that runs stacked is
+        run per request unless it overrides this method too."""
+        return False
+
+    def infer_stacked(self, inputs: Mapping[str, np.ndarray[Any, Any]],
+                      request_ids: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        """Run ``len(request_ids)`` samples stacked on axis 0 of every input (one row per
+        sample, all rows of one shape); return every output with the same leading axis.
+        ``request_ids``: whose each row is (for logs). Only called when :meth:`runs_stacked`;
+        called off the event loop, like :meth:`infer`.
+
+        Raises:
+            ModelError: the backend failed for these samples.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not run stacked samples")
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release sessions/threads. Idempotent."""
 
@@ -118,3 +140,21 @@ class Servable(abc.ABC):
                 "inputs": [tensor_description(s) for s in self.inputs],
                 "outputs": [tensor_description(s) for s in self.outputs],
                 "batched": True, "max_batch": 0}
+
+
+def runs_stacked(servable: Servable) -> bool:
+    """The servable's :meth:`~Servable.runs_stacked`, unless a subclass changed ``infer`` or
+    ``check`` below the class that says it runs stacked (its own ``infer`` is then the truth,
+    and its ``check`` may look at values); False when asking fails (a servable bug must not
+    stop the worker: it then runs samples one request each)."""
+    for cls in type(servable).__mro__:
+        if "runs_stacked" in vars(cls):
+            break
+        if "infer" in vars(cls) or "check" in vars(cls):
+            return False
+    try:
+        return bool(servable.runs_stacked())
+    except Exception:  # noqa: BLE001 - optional capability
+        logging.getLogger(__name__).exception("%s.runs_stacked() failed; running samples as separate requests",
+                                              type(servable).__name__)
+        return False

@@ -59,7 +59,9 @@ class _FakeBase(Servable):
         self.closed = False
 
     def _record(self, requests: Sequence[Request]) -> None:
-        ids = [r.request_id for r in requests]
+        self._record_ids([r.request_id for r in requests])
+
+    def _record_ids(self, ids: list[str]) -> None:
         with self._lock:
             self.batches.append(ids)
             self.invocations.update(ids)
@@ -110,8 +112,17 @@ class AffineServable(_FakeBase):
         check_tensors(request, self.inputs, self.reject_non_finite)
 
     def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
-        self._record(requests)
         xs = np.stack([np.asarray(r.inputs["x"], dtype=np.float32) for r in requests])
+        ys = self.infer_stacked({"x": xs}, [r.request_id for r in requests])["y"]
+        return [{"y": ys[i]} for i in range(len(requests))]
+
+    def runs_stacked(self) -> bool:
+        return True
+
+    def infer_stacked(self, inputs: Mapping[str, np.ndarray[Any, Any]],
+                      request_ids: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        self._record_ids(list(request_ids))
+        xs = np.asarray(inputs["x"], dtype=np.float32)
         if self.crash is not None and bool((xs == self.crash).any()):
             os._exit(CRASH_EXIT_CODE)
         if self.hang is not None and bool((xs == self.hang).any()):
@@ -119,11 +130,10 @@ class AffineServable(_FakeBase):
             raise E.ModelError("hung model call released")
         self._sleep()
         if self.poison is not None:
-            bad = [r.request_id for r, x in zip(requests, xs, strict=True) if bool((x == self.poison).any())]
-            if bad:
-                raise E.ModelError(f"poison input in request(s) {bad}")
-        ys = affine_reference(xs)
-        return [{"y": ys[i]} for i in range(len(requests))]
+            hit = (xs == self.poison).reshape(len(xs), -1).any(axis=1)
+            if hit.any():
+                raise E.ModelError(f"poison input in request(s) {sorted({request_ids[int(i)] for i in np.flatnonzero(hit)})}")
+        return {"y": affine_reference(xs)}
 
 
 class LengthServable(_FakeBase):

@@ -304,6 +304,26 @@ class ManifestServable(Servable):
             return results
         return run_tensor_batch(requests, self.manifest, self.inputs, self._run_tensors, self.outputs)
 
+    def runs_stacked(self) -> bool:
+        """Batched tensor models whose inputs and outputs all carry the batch on axis 0."""
+        return (self._encoder is None and not self.accepts_text and self.manifest.batched
+                and all(s.batch_axis == 0 for s in (*self.inputs, *self.outputs)))
+
+    def infer_stacked(self, inputs: Mapping[str, Array], request_ids: Sequence[str]) -> dict[str, Array]:
+        """Run stacked samples in calls of at most the manifest's ``max_batch``, post-processed.
+        Raises ModelError if the backend fails."""
+        n = len(request_ids)
+        feed = {s.name: np.asarray(inputs[s.name], dtype=s.dtype) for s in self.inputs}
+        step = self.manifest.max_batch or n or 1
+        chunks: list[dict[str, Array]] = []
+        for start in range(0, n, step):
+            part = feed if step >= n else {k: v[start:start + step] for k, v in feed.items()}
+            chunks.append({k: postprocess(self.manifest.postprocess, np.asarray(v))
+                           for k, v in self._run_tensors(part).items()})
+        if len(chunks) == 1:
+            return chunks[0]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
         """The model calls :meth:`infer` would make: ``max_batch`` chunks of text, or groups
         of equal input shapes in ``max_batch`` chunks."""

@@ -20,12 +20,13 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys, partition_keys
 from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body_map, unpack_body
-from headrace.client.samples import declared_count, decode_samples, is_multi
-from headrace.workers.backends.base import Servable
+from headrace.client.samples import declared_count, decode_sample_arrays, decode_samples, is_multi, slots_of
+from headrace.workers.backends.base import Servable, runs_stacked
 from headrace.workers.backends.validate import check_finite
 from headrace.workers.metrics import CANCELLED, NullMetrics, WorkerMetrics
 from headrace.workers.pipeline.answers import Answers
@@ -63,6 +64,7 @@ class Admission:
     def __init__(self, settings: WorkerSettings, servable: Servable, answers: Answers,
                  counters: Counter[str], metrics: WorkerMetrics | None = None) -> None:
         self.settings, self.servable, self.answers, self.counters = settings, servable, answers, counters
+        self.stacked = runs_stacked(servable)
         self.metrics: WorkerMetrics = metrics if metrics is not None else NullMetrics()
         self.reply_prefix = ModelKeys(settings.namespace, settings.model, settings.group).reply("")
         # A partitioned model's reply streams live in its partitions' slots.
@@ -210,8 +212,18 @@ class Admission:
                          at_ms: int) -> Samples:
         """Split a multi-sample body: a sample failing its checks fills its slot with the
         error, the others go on. Entry-wide faults (count, tensors) raise (see
-        :func:`~headrace.client.samples.decode_samples`)."""
-        slots = decode_samples(env, body, declared, self.settings.max_samples_per_entry, self.settings.limits)
+        :func:`~headrace.client.samples.decode_samples`). A tensor entry for a servable that
+        runs stacked samples goes on as one block when its samples pass the checks (they
+        share their shapes and dtypes: the first one is checked for all)."""
+        s = self.settings
+        if "texts" in body or not self.stacked:
+            slots = decode_samples(env, body, declared, s.max_samples_per_entry, s.limits)
+        else:
+            arrays, finite = decode_sample_arrays(body, declared, s.max_samples_per_entry, s.limits)
+            block = self._block(entry, env, arrays, bool(finite.all()), at_ms)
+            if block is not None:
+                return block
+            slots = slots_of(env, arrays, finite)
         group = Group(entry, env, at_ms, len(slots))
         works: list[Work] = []
         hint: int | None = None  # the samples of one tensor entry share their shapes: one hint
@@ -234,6 +246,22 @@ class Admission:
                 hint = 0 if self.servable.accepts_text else self.lengths([slot.request])[0]
             works.append(Work(entry, slot.request, at_ms, hint, group, i))
         return Samples(group, works)
+
+    def _block(self, entry: Entry, env: Envelope, arrays: dict[str, Any], finite: bool, at_ms: int) -> Samples | None:
+        """The entry as one block of stacked samples, or None when some sample may fail its
+        checks (a non-finite float; the first sample refused): then each goes alone, and
+        the failing ones are refused in their slots."""
+        if not finite:
+            return None
+        first = Request(env, inputs={k: a[0] for k, a in arrays.items()})
+        try:
+            self.servable.check(first)
+        except Exception:  # noqa: BLE001 - the per-sample path reports it, slot by slot
+            return None
+        count = len(next(iter(arrays.values())))
+        group = Group(entry, env, at_ms, count)
+        work = Work(entry, Request(env, inputs=arrays), at_ms, self.lengths([first])[0], group, 0, count, block=True)
+        return Samples(group, [work])
 
     def lengths(self, requests: Sequence[Request]) -> list[int]:
         """The servable's batching cost hints; zeros when they fail."""

@@ -7,6 +7,10 @@ The worker's reader puts checked requests in; the inference loop takes batches o
 * It holds at most ``max_batch`` requests. When more are waiting and they have different
   lengths (text), the batch is the ``max_batch`` requests of closest length around the
   oldest one: the oldest request always goes (no starvation) and padding stays small.
+* An item may weigh more than one sample (a block of a multi-sample entry): sizes, readiness
+  and room are counted in samples, and a queue holding blocks is taken oldest first up to
+  ``max_batch`` samples, the block that does not fit cut by the ``split`` function (its
+  tail stays first in line).
 * :func:`split_by_length` cuts a batch of very different lengths into buckets that run as
   separate model calls, when that saves more padded work than the extra call costs.
 
@@ -17,6 +21,7 @@ decisions are unit-testable without sleeping.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ class _Item(Generic[T]):
     length: int
     enqueued_s: float
     seq: int
+    weight: int = 1
 
 
 def select_window(lengths: Sequence[int], oldest: int, size: int) -> list[int]:
@@ -93,14 +99,20 @@ class Batcher(Generic[T]):
         preferred_batch: run as soon as this many wait (0 = ``max_batch``).
         max_wait_ms: longest time the oldest request waits for batch-mates (ms).
         clock: monotonic seconds.
+        split: ``split(payload, k)`` cuts an item of weight > k into its first ``k`` samples
+            and the rest (None: an item that does not fit waits for the next batch, or goes
+            alone when it is the oldest).
 
     Raises:
         ConfigError: invalid sizes.
     """
 
     def __init__(self, max_batch: int, preferred_batch: int = 0, max_wait_ms: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 split: Callable[[T, int], tuple[T, T]] | None = None) -> None:
         self._items: list[_Item[T]] = []
+        self._samples = 0  # the items' weights added up
+        self._split = split
         self._seq = 0
         self._clock = clock
         self._closed = False
@@ -137,15 +149,19 @@ class Batcher(Generic[T]):
         self._wake()
 
     def __len__(self) -> int:
-        return len(self._items)
+        """Samples queued (an item weighs its samples)."""
+        return self._samples
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def put(self, payload: T, length: int = 0) -> None:
-        """Queue one request; ``length`` is its padding cost proxy (0 for fixed-size)."""
-        self._items.append(_Item(payload, int(length), self._clock(), self._seq))
+    def put(self, payload: T, length: int = 0, weight: int = 1) -> None:
+        """Queue one request; ``length`` is its padding cost proxy (0 for fixed-size),
+        ``weight`` the samples it carries (>= 1)."""
+        weight = max(1, int(weight))
+        self._items.append(_Item(payload, int(length), self._clock(), self._seq, weight))
+        self._samples += weight
         self._seq += 1
         self._wake()
 
@@ -173,7 +189,7 @@ class Batcher(Generic[T]):
         """Seconds until a batch is ready: 0 when ready now, None when nothing is queued."""
         if not self._items:
             return None
-        if self._closed or len(self._items) >= self.preferred_batch:
+        if self._closed or self._samples >= self.preferred_batch:
             return 0.0
         waited_s = self._clock() - self._items[0].enqueued_s
         return max(0.0, self.max_wait_ms / 1000.0 - waited_s)
@@ -182,10 +198,42 @@ class Batcher(Generic[T]):
         """Remove and return the next batch regardless of readiness (empty when none)."""
         if not self._items:
             return []
+        if self._samples != len(self._items):
+            return self._take_weighted()
         picked = select_window([it.length for it in self._items], 0, self.max_batch)
         chosen = set(picked)
         batch = [self._items[i].payload for i in picked]
         self._items = [it for i, it in enumerate(self._items) if i not in chosen]
+        self._samples -= len(batch)
+        self._wake()
+        return batch
+
+    def _take_weighted(self) -> list[T]:
+        """Oldest first up to ``max_batch`` samples; the item that does not fit is cut (its
+        tail keeps its place and age) or, without ``split``, waits (unless it is the oldest:
+        then it goes alone, so nothing starves)."""
+        batch: list[T] = []
+        room = self.max_batch
+        taken = 0
+        while taken < len(self._items) and room > 0:
+            it = self._items[taken]
+            if it.weight <= room:
+                batch.append(it.payload)
+                room -= it.weight
+                taken += 1
+                continue
+            if self._split is not None:
+                head, tail = self._split(it.payload, room)
+                batch.append(head)
+                self._items[taken] = dataclasses.replace(it, payload=tail, weight=it.weight - room)
+                room = 0
+            elif not batch:
+                batch.append(it.payload)
+                room -= it.weight
+                taken += 1
+            break
+        del self._items[:taken]
+        self._samples = sum(it.weight for it in self._items)
         self._wake()
         return batch
 
@@ -210,10 +258,10 @@ class Batcher(Generic[T]):
             await asyncio.wait({changed}, timeout=self.time_to_ready())
 
     async def wait_for_room(self, limit: int, until: Callable[[], bool] | None = None) -> None:
-        """Wait until fewer than ``limit`` requests are queued (reader back-pressure), the
+        """Wait until fewer than ``limit`` samples are queued (reader back-pressure), the
         batcher is closed, or ``until()`` is true (checked on every :meth:`wake`)."""
         while True:
             changed = self._change()
-            if len(self._items) < limit or self._closed or (until is not None and until()):
+            if self._samples < limit or self._closed or (until is not None and until()):
                 return
             await asyncio.wait({changed})

@@ -5,7 +5,13 @@ Model calls run on a dedicated daemon thread (ONNX Runtime and torch release the
 the event loop keeps reading and committing meanwhile). A batch becomes one or more model
 calls: text is cut into length buckets, and the servable's :meth:`~Servable.plan` splits
 what it cannot run together (different shapes, its own largest batch); each request's
-``timings.batch_size`` is the size of the call it ran in.
+``timings.batch_size`` is the size of the call it ran in (in samples).
+
+A servable that runs stacked samples (:meth:`~Servable.runs_stacked`) gets one
+:meth:`~Servable.infer_stacked` call per input signature instead: the blocks of multi-sample
+entries (one array per input) and single samples concatenated on the leading axis, the
+outputs cut back into row ranges. A failing call of several blocks is split between them,
+and a failing block in halves, down to the one sample that fails.
 
 A call that raises is split in halves (bisection; from :data:`SPLIT_ABOVE` requests down,
 one request at a time) until the failing request runs alone, so its batch-mates are still
@@ -20,20 +26,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Result, Timings, now_ms
-from headrace.workers.backends.base import Servable
+from headrace.workers.backends.base import Servable, runs_stacked
 from headrace.workers.engine.batcher import split_by_length
 from headrace.workers.engine.daemon import DaemonExecutor
 from headrace.workers.pipeline.answers import Answers
 from headrace.workers.pipeline.entry import elapsed_ms
-from headrace.workers.pipeline.work import Call, Unit, Work
+from headrace.workers.pipeline.work import Call, Unit, Work, split_work
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: a failing call of more requests than this is split in halves; up to this many are re-run
 #: one request at a time: as few calls as halving them (<= 8 against 6), and each batch-mate
@@ -58,6 +67,7 @@ class BatchRunner:
         self.thread = DaemonExecutor(f"headrace-infer-{settings.model}-{index}")
         #: the requests of the model call in progress (or the last one).
         self.running: list[Work] = []
+        self.stacked = runs_stacked(servable)
 
     async def run_batch(self, batch: Sequence[Work], unit: Unit) -> list[Work]:
         """Run ``batch`` and add the ops to commit to ``unit`` (and its model calls to
@@ -82,7 +92,7 @@ class BatchRunner:
                 live.append(w)
             elif w.group is not None:
                 self._fill(w, w.group.fail(w.index, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker",
-                                           status=STATUS_EXPIRED), unit)
+                                           status=STATUS_EXPIRED, count=w.count), unit)
             else:
                 self.answers.error(env, w.entry, E.DEADLINE_EXCEEDED, "deadline passed while queued in the worker",
                                    unit, status=STATUS_EXPIRED, read_ms=w.read_ms)
@@ -114,9 +124,15 @@ class BatchRunner:
                                read_ms=w.read_ms)
 
     def _plan(self, works: list[Work]) -> list[list[Work]]:
-        """The model calls of ``works``: length buckets (text), then the servable's plan."""
+        """The model calls of ``works``: length buckets (text), then the servable's plan; for
+        a servable that runs stacked samples, one call per input signature."""
         if not works:
             return []
+        if self.stacked:
+            same: dict[tuple[Any, ...], list[Work]] = {}
+            for w in works:
+                same.setdefault(row_signature(w), []).append(w)
+            return list(same.values())
         buckets = (split_by_length([w.length for w in works]) if self.servable.accepts_text
                    else [list(range(len(works)))])
         calls: list[list[Work]] = []
@@ -137,22 +153,54 @@ class BatchRunner:
             return [list(range(n))]
         return plan
 
-    async def _call_model(self, works: Sequence[Work]) -> list[dict[str, Any]]:
+    async def _in_thread(self, works: Sequence[Work], fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the inference thread, bounded by ``infer_timeout_s``.
+
+        Raises:
+            ModelTimeoutError: still running after ``infer_timeout_s``.
+        """
         self.running = list(works)
-        reqs = [w.request for w in works]
-        call = asyncio.wrap_future(self.thread.submit(self.servable.infer, reqs))
+        call = asyncio.wrap_future(self.thread.submit(fn, *args))
         limit_s = self.settings.infer_timeout_s
         try:
-            outs = await asyncio.wait_for(call, limit_s) if limit_s > 0 else await call
+            return await asyncio.wait_for(call, limit_s) if limit_s > 0 else await call
         except asyncio.TimeoutError as e:
             raise E.ModelTimeoutError(
-                f"model call on {len(reqs)} requests (e.g. {reqs[0].envelope.request_id}) still running after "
-                f"infer_timeout_s={limit_s:g}s") from e
+                f"model call on {sum(w.count for w in works)} requests (e.g. {works[0].request.envelope.request_id}) "
+                f"still running after infer_timeout_s={limit_s:g}s") from e
+
+    async def _call_model(self, works: Sequence[Work]) -> list[dict[str, Any]]:
+        """One output map per work (a block's holds its rows)."""
+        if self.stacked:
+            return await self._call_stacked(works)
+        reqs = [w.request for w in works]
+        outs = await self._in_thread(works, self.servable.infer, reqs)
         if not isinstance(outs, list) or len(outs) != len(reqs) or not all(isinstance(o, dict) for o in outs):
             n = len(outs) if hasattr(outs, "__len__") else "?"
             raise E.ModelError(f"servable returned {type(outs).__name__} of {n} items for {len(reqs)} requests; "
                                "expected one output map per request")
         return outs
+
+    async def _call_stacked(self, works: Sequence[Work]) -> list[dict[str, Any]]:
+        ids: list[str] = []
+        for w in works:
+            ids.extend([w.request.envelope.request_id] * w.count)
+        outs = await self._in_thread(works, self.servable.infer_stacked, stack_rows(works), ids)
+        rows = len(ids)
+        if not isinstance(outs, dict) or not all(isinstance(v, np.ndarray) and v.ndim and len(v) == rows
+                                                 for v in outs.values()):
+            got = {k: list(np.shape(v)) for k, v in outs.items()} if isinstance(outs, dict) else type(outs).__name__
+            raise E.ModelError(f"servable returned {got} for {rows} stacked samples; expected a map of arrays with "
+                               f"{rows} rows each")
+        out: list[dict[str, Any]] = []
+        at = 0
+        for w in works:
+            if w.block:
+                out.append({k: v[at:at + w.count] for k, v in outs.items()})
+            else:
+                out.append({k: v[at] for k, v in outs.items()})
+            at += w.count
+        return out
 
     async def _run_call(self, works: list[Work], unit: Unit, released: list[Work]) -> None:
         t0 = time.perf_counter()
@@ -161,25 +209,28 @@ class BatchRunner:
         except E.ModelTimeoutError:
             raise  # the thread is stuck: isolating would queue behind it
         except Exception as err:  # noqa: BLE001 - isolate the failing request(s) below
-            if len(works) == 1:
+            if len(works) == 1 and works[0].count == 1:
                 self._failed(works[0], err, unit, released)
                 return
-            log.warning("model call on %d requests failed (%s); splitting it to isolate the cause", len(works), err)
-            half = len(works) // 2
-            parts = [works[:half], works[half:]] if len(works) > SPLIT_ABOVE else [[w] for w in works]
-            for part in parts:
+            log.warning("model call on %d requests failed (%s); splitting it to isolate the cause",
+                        sum(w.count for w in works), err)
+            for part in isolation_parts(works):
                 await self._run_call(part, unit, released)
             return
         infer_s = time.perf_counter() - t0
-        unit.calls.append(Call(len(works), infer_s))
+        size = sum(w.count for w in works)
+        unit.calls.append(Call(size, infer_s))
         # Each multi-sample entry counts this call once, however many of its samples ran in it.
         for group in {id(w.group): w.group for w in works if w.group is not None}.values():
-            group.ran(infer_s, len(works))
+            group.ran(infer_s, size)
         for w, out in zip(works, outs, strict=True):
-            self._answer(w, out, infer_s, len(works), unit)
+            self._answer(w, out, infer_s, size, unit)
 
     def _answer(self, w: Work, out: dict[str, Any], infer_s: float, size: int, unit: Unit) -> None:
         env = w.request.envelope
+        if w.block and w.group is not None:
+            self._fill(w, w.group.fill_block(w.index, w.count, out), unit)
+            return
         if w.group is not None:
             self._fill(w, w.group.fill(w.index, Result(env.request_id, STATUS_OK, out)), unit)
             return
@@ -218,3 +269,28 @@ class BatchRunner:
     def close(self) -> None:
         """Let the inference thread go (without waiting: a stuck model call cannot be joined)."""
         self.thread.shutdown()
+
+
+def row_signature(w: Work) -> tuple[Any, ...]:
+    """What rows must share to be stacked together: each input's name, row shape and dtype."""
+    return tuple(sorted((n, a.shape[1:] if w.block else a.shape, a.dtype.str) for n, a in w.request.inputs.items()))
+
+
+def stack_rows(works: Sequence[Work]) -> dict[str, np.ndarray[Any, Any]]:
+    """The inputs of ``works`` (of one :func:`row_signature`) on one leading axis: blocks as
+    they are, single samples as one row each (no copy for a lone block)."""
+    names = list(works[0].request.inputs)
+    if len(works) == 1 and works[0].block:
+        return dict(works[0].request.inputs)
+    return {n: np.concatenate([w.request.inputs[n] if w.block else w.request.inputs[n][None] for w in works])
+            for n in names}
+
+
+def isolation_parts(works: list[Work]) -> list[list[Work]]:
+    """How a failing call is re-run to isolate the failing sample: a lone block in halves;
+    more than :data:`SPLIT_ABOVE` works in halves; else each work alone."""
+    if len(works) == 1:
+        head, tail = split_work(works[0], works[0].count // 2)
+        return [[head], [tail]]
+    half = len(works) // 2
+    return [works[:half], works[half:]] if len(works) > SPLIT_ABOVE else [[w] for w in works]

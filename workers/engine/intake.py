@@ -116,7 +116,7 @@ class Intake:
                     s.batcher.put(res, res.length)
                 elif isinstance(res, Samples):
                     for w in res.works:
-                        s.batcher.put(w, w.length)
+                        s.batcher.put(w, w.length, w.count)
                     if res.group.complete:  # every sample refused at admission
                         s.answers.reply_group(res.group, unit)
                 else:

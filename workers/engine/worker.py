@@ -46,7 +46,7 @@ from headrace.workers.metrics import NullMetrics, WorkerMetrics
 from headrace.workers.pipeline.answers import Answers
 from headrace.workers.pipeline.entry import elapsed_ms, plausible_ms
 from headrace.workers.pipeline.ops import DUPLICATE, UNWRITABLE, DeadLetterOp, Op
-from headrace.workers.pipeline.work import Unit, Work
+from headrace.workers.pipeline.work import Unit, Work, split_work
 from headrace.workers.settings import WorkerSettings, live_fields
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ class StreamWorker:
         self.consumer = broker.consumer
         self.metrics: WorkerMetrics = metrics if metrics is not None else NullMetrics()
         answers = Answers(settings.model, servable.version, self.consumer)
-        batcher: Batcher[Work] = Batcher(settings.max_batch, settings.preferred_batch, settings.max_wait_ms)
+        batcher: Batcher[Work] = Batcher(settings.max_batch, settings.preferred_batch, settings.max_wait_ms,
+                                         split=split_work)
         self.shared = Shared(settings, servable, broker, self.metrics, answers, batcher)
         self._intake = Intake(self.shared, Admission(settings, servable, answers, self.shared.counters, self.metrics))
         self._runners = [BatchRunner(settings, servable, answers, k) for k in range(settings.instances)]

@@ -7,6 +7,7 @@ import logging
 from headrace.client import errors as E
 from headrace.client.protocol import (
     STATUS_ERROR,
+    STATUS_OK,
     Envelope,
     Result,
     Status,
@@ -15,6 +16,7 @@ from headrace.client.protocol import (
     error_result,
     now_ms,
 )
+from headrace.client.results import encode_stacked_result
 from headrace.workers.pipeline.entry import Entry, elapsed_ms
 from headrace.workers.pipeline.group import Group
 from headrace.workers.pipeline.ops import Ack, DeadLetterOp, Reply
@@ -43,14 +45,22 @@ class Answers:
         unit.add(op, Meta(res.status, res.code, env.ts_ms, queue_s))
 
     def reply_group(self, group: Group, unit: Unit) -> None:
-        """Queue the one result of a multi-sample entry whose slots are all filled."""
+        """Queue the one result of a multi-sample entry whose slots are all filled (from the
+        stacked outputs of its blocks when they answered every sample)."""
         if group.answered:
             return
         group.answered = True
         env = group.envelope
         queue_ms = elapsed_ms(group.read_ms, env.ts_ms)
-        res = Result(env.request_id, "ok", model=self.model, version=self.version, samples=group.results(),
-                     timings=Timings(queue_ms, group.infer_s * 1000, group.batch_size, self.consumer))
+        timings = Timings(queue_ms, group.infer_s * 1000, group.batch_size, self.consumer)
+        stacked = group.stacked()
+        if stacked is not None:
+            fields = encode_stacked_result(env.request_id, stacked, timings, self.model, self.version)
+            unit.add(Reply(group.entry.entry_id, env.request_id, env.reply_to, fields),
+                     Meta(STATUS_OK, "", env.ts_ms, queue_ms / 1000))
+            return
+        res = Result(env.request_id, STATUS_OK, model=self.model, version=self.version, samples=group.results(),
+                     timings=timings)
         self.reply(env, group.entry, res, unit, queue_ms / 1000)
 
     def error(self, env: Envelope, entry: Entry, code: str, message: str, unit: Unit,

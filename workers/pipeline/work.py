@@ -7,6 +7,7 @@ they are committed (:class:`Meta`) and the model calls that produced them (:clas
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from headrace.client.protocol import STATUS_OK, Request
@@ -20,7 +21,9 @@ from headrace.workers.pipeline.stats import BatchStats
 class Work:
     """A checked request: ``read_ms`` is when it was read (Unix ms); ``length`` the
     servable's batching cost hint (computed once, at admission). A sample of a multi-sample
-    entry names its ``group`` and its ``index`` there."""
+    entry names its ``group`` and its ``index`` there; a ``block`` is ``count`` consecutive
+    samples of one from ``index`` on, its inputs stacked on a leading axis of ``count`` rows
+    (one array per input: no per-sample objects)."""
 
     entry: Entry
     request: Request
@@ -28,6 +31,20 @@ class Work:
     length: int = 0
     group: Group | None = None
     index: int = 0
+    count: int = 1
+    block: bool = False
+
+
+def split_work(work: Work, k: int) -> tuple[Work, Work]:
+    """A block cut into its first ``k`` samples and the rest (row views, no copies); the
+    batcher's ``split``. Only blocks are ever cut (a single sample weighs 1)."""
+    if not work.block or not 0 < k < work.count:
+        raise ValueError(f"cannot cut {k} samples off a work of {work.count}")
+    req = work.request
+    head = Request(req.envelope, inputs={n: a[:k] for n, a in req.inputs.items()})
+    tail = Request(req.envelope, inputs={n: a[k:] for n, a in req.inputs.items()})
+    return (dataclasses.replace(work, request=head, count=k),
+            dataclasses.replace(work, request=tail, index=work.index + k, count=work.count - k))
 
 
 @dataclass(frozen=True)
