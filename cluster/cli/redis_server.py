@@ -10,7 +10,7 @@ import click
 
 
 class _Stop(Exception):
-    """A termination signal arrived (SIGTERM, SIGHUP): stop the server, like Ctrl-C does."""
+    """A termination signal arrived (SIGTERM, SIGHUP, SIGINT): stop the server."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -33,8 +33,10 @@ def redis_cmd(port: int, appendonly: bool, data_dir: str | None) -> None:
     from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
     # Installed before the server starts: a SIGTERM that lands while it is starting must
-    # still reach the cleanup below, not kill this process and orphan the server.
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # still reach the cleanup below, not kill this process and orphan the server. SIGINT
+    # too: a process started in the background of a script inherits SIGINT ignored, and
+    # Python then raises no KeyboardInterrupt for it.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     server = EmbeddedRedis(port, appendonly=appendonly, data_dir=data_dir, die_with_parent=True)
     try:
         server.start()

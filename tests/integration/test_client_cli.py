@@ -136,4 +136,5 @@ def test_worker_and_redis_commands_as_processes(tmp_path: Path) -> None:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     p.kill()
-    assert server.returncode is not None
+                    p.wait(10)
+    assert server.returncode == 0, "the redis command stops cleanly on SIGINT"

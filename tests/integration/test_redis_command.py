@@ -58,6 +58,26 @@ def test_a_termination_signal_stops_the_server_too(started: tuple[subprocess.Pop
     poll_until(lambda: not _alive(server_pid), 10, 0.05, what="redis-server gone")
 
 
+def test_sigint_stops_it_even_when_started_with_sigint_ignored(tmp_path: Path) -> None:
+    """A command started in the background of a script inherits SIGINT ignored (and Python
+    then raises no KeyboardInterrupt): an explicit SIGINT still stops it and its server."""
+    cmd = subprocess.Popen([EXE, "redis", "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
+    try:
+        assert cmd.stdout is not None
+        url = cmd.stdout.readline().strip()
+        r = redis.Redis.from_url(url)
+        server_pid = int(r.info("server")["process_id"])
+        r.close()
+        cmd.send_signal(signal.SIGINT)
+        assert cmd.wait(20) == 0
+        poll_until(lambda: not _alive(server_pid), 10, 0.05, what="redis-server gone")
+    finally:
+        if cmd.poll() is None:
+            cmd.kill()
+            cmd.wait(10)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_sigkill_of_the_command_takes_the_server_down(started: tuple[subprocess.Popen[str], int]) -> None:
     cmd, server_pid = started
