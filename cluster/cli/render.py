@@ -127,7 +127,11 @@ def status_table(statuses: Iterable[tuple[str, Any]], namespace: str) -> Table:
         workers = _get(st, "workers", None)
         if isinstance(workers, (list, tuple, dict)):
             workers = len(workers)
-        table.add_row(model, _fmt(_get(st, "stream_length")), _fmt(_get(st, "lag")), _fmt(_get(st, "pending")),
+        lag = _fmt(_get(st, "lag"))
+        per_entry = _get(st, "samples_per_entry", 1.0)
+        if isinstance(per_entry, (int, float)) and per_entry > 1.0:
+            lag = f"{lag} ×{per_entry:.0f}"  # multi-sample entries: entries x samples each
+        table.add_row(model, _fmt(_get(st, "stream_length")), lag, _fmt(_get(st, "pending")),
                       str(len(consumers)), _fmt(workers), _fmt(_get(st, "dead_letters")),
                       _fmt(_get(st, "throughput_rps")), _fmt(_get(st, "p50_ms")), _fmt(_get(st, "p99_ms")))
     if table.row_count == 0:

@@ -50,7 +50,7 @@ from headrace.client.config import (
 from headrace.client.errors import BrokerError
 from headrace.client.keys import ModelKeys, partition_keys, validate_partitions
 from headrace.client.sharding import sync_client
-from headrace.workers.broker.backlog import group_backlog, last_entry_id
+from headrace.workers.broker.backlog import group_backlog, last_entry_id, samples_per_entry
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,7 @@ def read_queued(client: Any, keys: ModelKeys) -> tuple[int, float]:
         inbox, raw = pipe.execute()
     except redis.RedisError as e:
         raise BrokerError(f"cannot read the inbox of {keys.requests}: {e}") from e
-    try:
-        per_entry = float(raw) if raw is not None else 1.0
-    except ValueError:
-        per_entry = 1.0
-    return int(inbox), per_entry if math.isfinite(per_entry) and per_entry >= 1.0 else 1.0
+    return int(inbox), samples_per_entry(raw)
 
 
 class LagAutoscalingPolicy:

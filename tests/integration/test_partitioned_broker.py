@@ -204,6 +204,9 @@ async def test_status_adds_up_the_partitions_its_workers_report(make: object, r:
     got = await b.read(4, 10)
     st = model_status(r, "headrace", "affine")
     assert (st.stream_length, st.lag, st.pending) == (2 * P, 2 * P - len(got), len(got))
+    assert st.samples_per_entry == 1.0  # nothing published yet
+    await b.publish_samples_per_entry(16.5)
+    assert model_status(r, "headrace", "affine").samples_per_entry == 16.5
     assert [(c.name, c.pending) for c in st.consumers] == [("w1", len(got))]
     assert st.workers == ("w1",)
 

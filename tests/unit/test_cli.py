@@ -139,6 +139,14 @@ def test_status_table_without_data_and_empty() -> None:
     assert "no models" in _render(status_table([], "ns"))
 
 
+def test_status_table_shows_the_samples_multi_sample_entries_carry() -> None:
+    from headrace.workers.admin.status import ModelStatus
+
+    st = ModelStatus(model="m", stream_length=40, lag=12, pending=3, consumers=(), dead_letters=0,
+                     throughput_rps=0.0, p50_ms=None, p99_ms=None, workers=(), window_s=60.0, samples_per_entry=31.6)
+    assert "12 ×32" in _render(status_table([("m", st)], "ns"))
+
+
 def test_dlq_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     import headrace.workers.admin.dlq as dlq_mod
 

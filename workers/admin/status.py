@@ -19,7 +19,7 @@ from headrace.client import errors as E
 from headrace.client.config import DEFAULT_GROUP
 from headrace.client.keys import ModelKeys, partition_keys
 from headrace.client.registry import ModelRecord, read_registry
-from headrace.workers.broker.backlog import group_backlog, last_entry_id
+from headrace.workers.broker.backlog import group_backlog, last_entry_id, samples_per_entry
 
 
 def _s(v: Any) -> str:
@@ -55,6 +55,8 @@ class ModelStatus:
         p50_ms / p99_ms: submit-to-result latency over the window (None without data).
         workers: names of workers whose heartbeat is recent.
         answered / failed: requests answered (any status) / not ok within the window.
+        samples_per_entry: samples an entry carried lately, as the workers publish it (1.0
+            until a worker has): ``lag`` and ``pending`` times this is the backlog in samples.
     """
 
     model: str
@@ -71,6 +73,7 @@ class ModelStatus:
     answered: int = 0
     failed: int = 0
     version: str = ""
+    samples_per_entry: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +161,7 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
             dead += int(redis.xlen(keys.dlq))
         # batch statistics: a partitioned model's workers write them to partition 0's stream
         lines = redis.xrange(parts[0].stats, min=f"{max(0, now - int(window_s * 1000))}-0", max="+")
+        per_entry = samples_per_entry(redis.hget(parts[0].limits, "samples_per_entry"))
     except redis_mod.RedisError as e:
         raise E.BrokerError(f"cannot read the status of {model!r}: {e}") from e
     answered = failed = 0
@@ -177,6 +181,6 @@ def model_status(redis: Any, namespace: str, model: str, window_s: float = 60.0,
                        consumers=_merged(consumers), dead_letters=dead, throughput_rps=answered / window_s if window_s > 0 else 0.0,
                        p50_ms=p50, p99_ms=p99, workers=tuple(w.consumer for w in live),
                        window_s=window_s, answered=answered, failed=failed,
-                       version=", ".join(record.versions(now)) if record else "")
+                       version=", ".join(record.versions(now)) if record else "", samples_per_entry=per_entry)
 
 

@@ -12,9 +12,20 @@ nothing is unread.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+
+def samples_per_entry(raw: Any) -> float:
+    """The ``samples_per_entry`` a model's workers publish in its limits hash, as a number
+    >= 1 (absent, unreadable, non-finite or below 1: 1.0). Backlog in samples = entries x this."""
+    try:
+        value = float(raw) if raw is not None else 1.0
+    except (TypeError, ValueError):
+        return 1.0
+    return value if math.isfinite(value) and value >= 1.0 else 1.0
 
 
 @dataclass(frozen=True)
