@@ -3,6 +3,7 @@ worker processes (``python -m headrace.workers --fake ...``)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ import redis
 
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Envelope, Request, Result, decode_result, encode_request
+from headrace.workers.engine.worker import StreamWorker
 from tests.support.polling import poll_until
 from tests.support.procs import WorkerProc
 
@@ -23,6 +25,24 @@ from tests.support.procs import WorkerProc
 def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02) -> Any:
     """Poll ``cond`` until truthy; raise AssertionError after ``timeout_s``."""
     return poll_until(cond, timeout_s, interval_s)
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Await until ``cond()`` (polled every 5 ms on the event loop); AssertionError after ``timeout_s``."""
+    give_up = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < give_up, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def serve_until(worker: StreamWorker, cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Run ``worker`` (in-process, e.g. on a memory broker) until ``cond()``, then stop it."""
+    task = asyncio.ensure_future(worker.run())
+    try:
+        await wait_for(cond, timeout_s)
+    finally:
+        await worker.stop()
+        await task
 
 
 def affine_request(rid: str, value: float, reply_to: str, **env: Any) -> dict[bytes, bytes]:

@@ -6,10 +6,6 @@ while every other sample (its entry-mates included) is answered; the count is ca
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-
 import msgpack
 import numpy as np
 import pytest
@@ -21,21 +17,11 @@ from headrace.workers.backends.fake import AffineServable, LengthServable, affin
 from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
+from tests.support.worker import serve_until
 
 AFF = "headrace:{affine}:reply:t"
 LEN = "headrace:{length}:reply:t"
 
-
-async def serve_until(worker: StreamWorker, cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    task = asyncio.ensure_future(worker.run())
-    try:
-        give_up = time.monotonic() + timeout_s
-        while not cond():
-            assert time.monotonic() < give_up, "condition not met in time"
-            await asyncio.sleep(0.005)
-    finally:
-        await worker.stop()
-        await task
 
 
 def affine_worker(store: MemoryStore, **kw: object) -> tuple[StreamWorker, AffineServable]:

@@ -6,10 +6,8 @@ servable that only overrides ``infer`` keeps being called per request."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from headrace.workers.pipeline.work import Work, split_work
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.testing.clock import ManualClock
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
+from tests.support.worker import serve_until
 
 AFF = "headrace:{affine}:reply:t"
 
@@ -39,17 +38,6 @@ AFF = "headrace:{affine}:reply:t"
 def multi(rid: str, xs: np.ndarray[Any, Any], deadline_ms: int = 0) -> dict[bytes, bytes]:
     return MultiRequest(Envelope(rid, AFF, deadline_ms=deadline_ms), inputs={"x": xs}).encode()
 
-
-async def serve_until(worker: StreamWorker, cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    task = asyncio.ensure_future(worker.run())
-    try:
-        give_up = time.monotonic() + timeout_s
-        while not cond():
-            assert time.monotonic() < give_up, "condition not met in time"
-            await asyncio.sleep(0.005)
-    finally:
-        await worker.stop()
-        await task
 
 
 def admitted(servable: AffineServable, xs: np.ndarray[Any, Any]) -> Samples:

@@ -4,10 +4,8 @@ a failing call is split to isolate the failing request, and that the costly admi
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +18,9 @@ from headrace.workers.backends.fake import AffineServable, LengthServable, affin
 from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
+from tests.support.worker import serve_until
 
 REPLY = "headrace:{img}:reply:t"
-
-
-async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    give_up = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < give_up, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-async def serve_until(worker: StreamWorker, cond: Callable[[], bool]) -> None:
-    task = asyncio.ensure_future(worker.run())
-    try:
-        await wait_for(cond)
-    finally:
-        await worker.stop()
-        await task
 
 
 class Images(Servable):
