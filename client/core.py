@@ -136,13 +136,9 @@ class ClientCore:
         Raises:
             ProtocolError: invalid inputs or request id. ConfigError: invalid model name.
         """
-        if request_id is None:
-            request_id = new_request_id()
-        elif self.settings.partitions > 1:
-            check_request_id(request_id)  # it picks the partition: reject a bad one first
-        keys = self.keys_for(model, request_id)
+        request_id, keys = self._route(model, request_id)
         prepared = prepare_request(keys, keys.reply(self.client_id), inputs, text, request_id=request_id,
-                                   deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
+                                   deadline_s=self._deadline_s(deadline_s))
         return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
 
     def new_chunk_ticket(self, model: str, chunk: Chunk, request_id: str | None, deadline_s: float | None) -> Ticket:
@@ -151,14 +147,25 @@ class ClientCore:
         Raises:
             ProtocolError: invalid inputs or request id. ConfigError: invalid model name.
         """
+        request_id, keys = self._route(model, request_id)
+        prepared = prepare_chunk(keys, keys.reply(self.client_id), chunk, request_id=request_id,
+                                 deadline_s=self._deadline_s(deadline_s))
+        return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
+
+    def _route(self, model: str, request_id: str | None) -> tuple[str, ModelKeys]:
+        """The request id (a new one when None) and the keys of the partition it picks.
+
+        Raises:
+            ProtocolError: an invalid id on a partitioned model (checked before it routes).
+        """
         if request_id is None:
             request_id = new_request_id()
         elif self.settings.partitions > 1:
             check_request_id(request_id)  # it picks the partition: reject a bad one first
-        keys = self.keys_for(model, request_id)
-        prepared = prepare_chunk(keys, keys.reply(self.client_id), chunk, request_id=request_id,
-                                 deadline_s=self.settings.deadline_s if deadline_s is None else deadline_s)
-        return Ticket(prepared, default_timeout_s=self.settings.timeout_s, canceller=self._cancelled)
+        return request_id, self.keys_for(model, request_id)
+
+    def _deadline_s(self, deadline_s: float | None) -> float:
+        return self.settings.deadline_s if deadline_s is None else deadline_s
 
     def checked(self, model: str) -> bool:
         """True when ``submit``'s registry checks pass without reading the registry (they
