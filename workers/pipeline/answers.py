@@ -41,8 +41,12 @@ class Answers:
         Raises:
             InvalidTensorError: an output has a dtype that is not a wire dtype.
         """
-        op = Reply(entry.entry_id, env.request_id, env.reply_to, encode_result(res))
-        unit.add(op, Meta(res.status, res.code, env.ts_ms, queue_s))
+        self._queue(env, entry, encode_result(res), res.status, res.code, queue_s, unit)
+
+    @staticmethod
+    def _queue(env: Envelope, entry: Entry, fields: dict[bytes, bytes], status: str, code: str, queue_s: float,
+               unit: Unit) -> None:
+        unit.add(Reply(entry.entry_id, env.request_id, env.reply_to, fields), Meta(status, code, env.ts_ms, queue_s))
 
     def reply_group(self, group: Group, unit: Unit) -> None:
         """Queue the one result of a multi-sample entry whose slots are all filled (from the
@@ -56,8 +60,7 @@ class Answers:
         stacked = group.stacked()
         if stacked is not None:
             fields = encode_stacked_result(env.request_id, stacked, timings, self.model, self.version)
-            unit.add(Reply(group.entry.entry_id, env.request_id, env.reply_to, fields),
-                     Meta(STATUS_OK, "", env.ts_ms, queue_ms / 1000))
+            self._queue(env, group.entry, fields, STATUS_OK, "", queue_ms / 1000, unit)
             return
         res = Result(env.request_id, STATUS_OK, model=self.model, version=self.version, samples=group.results(),
                      timings=timings)
