@@ -220,7 +220,7 @@ class Admission:
             slots = decode_samples(env, body, declared, s.max_samples_per_entry, s.limits)
         else:
             arrays, finite = decode_sample_arrays(body, declared, s.max_samples_per_entry, s.limits)
-            block = self._block(entry, env, arrays, bool(finite.all()), at_ms)
+            block = self._block(entry, env, arrays, finite, at_ms)
             if block is not None:
                 return block
             slots = slots_of(env, arrays, finite)
@@ -247,20 +247,20 @@ class Admission:
             works.append(Work(entry, slot.request, at_ms, hint, group, i))
         return Samples(group, works)
 
-    def _block(self, entry: Entry, env: Envelope, arrays: dict[str, Any], finite: bool, at_ms: int) -> Samples | None:
+    def _block(self, entry: Entry, env: Envelope, arrays: dict[str, Any], finite: Any, at_ms: int) -> Samples | None:
         """The entry as one block of stacked samples, or None when some sample may fail its
-        checks (a non-finite float; the first sample refused): then each goes alone, and
-        the failing ones are refused in their slots."""
-        if not finite:
+        checks (``finite``, one bool per sample, is not all true; the first sample refused):
+        then each goes alone, and the failing ones are refused in their slots."""
+        if not finite.all():
             return None
         first = Request(env, inputs={k: a[0] for k, a in arrays.items()})
         try:
             self.servable.check(first)
         except Exception:  # noqa: BLE001 - the per-sample path reports it, slot by slot
             return None
-        count = len(next(iter(arrays.values())))
-        group = Group(entry, env, at_ms, count)
-        work = Work(entry, Request(env, inputs=arrays), at_ms, self.lengths([first])[0], group, 0, count, block=True)
+        group = Group(entry, env, at_ms, len(finite))
+        work = Work(entry, Request(env, inputs=arrays), at_ms, self.lengths([first])[0], group, 0, len(finite),
+                    block=True)
         return Samples(group, [work])
 
     def lengths(self, requests: Sequence[Request]) -> list[int]:

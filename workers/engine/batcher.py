@@ -233,7 +233,7 @@ class Batcher(Generic[T]):
                 taken += 1
             break
         del self._items[:taken]
-        self._samples = sum(it.weight for it in self._items)
+        self._samples -= self.max_batch - room  # what went out: the room it filled
         self._wake()
         return batch
 
