@@ -21,10 +21,8 @@ headrace's own K-partition streams (issue 14, phase 2) are measured the same way
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from redis.cluster import RedisCluster
@@ -32,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.lib.ceiling import request_pool
+from benchmarks.lib.output import write_json
 from benchmarks.lib.shard_cpu import ShardCpu, implied_ceiling
 from headrace.cluster.bench.run import host_info
 from tests.support.redis_cluster import RedisClusterProcs
@@ -124,8 +123,7 @@ def main() -> None:
     Console().print(t)
     doc = {"benchmark": "cluster_cpu", "started_at": started, "host": host_info(), "load_average": os.getloadavg(),
            "args": vars(args), "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     print(f"JSON: {args.json}")
 
 

@@ -46,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.lib.models import ensure_benchmark_models
+from benchmarks.lib.output import write_json
 from benchmarks.lib.systems import (
     CpuMeter,
     WorkerProcesses,
@@ -410,8 +411,7 @@ def main() -> None:
     doc = {"benchmark": "compare", "started_at": started, "wall_s": round(time.monotonic() - t0, 1),
            "host": host_info(), "args": vars(args), "payloads": payloads.describe(), "results": results,
            "plots": pngs}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     console.print(f"JSON: {args.json}; plots: {', '.join(pngs)}")
 
 

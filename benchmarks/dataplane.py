@@ -46,6 +46,7 @@ from benchmarks.lib import dataplane_report as report
 from benchmarks.lib.ceiling import CeilingConfig, bare_ceiling
 from benchmarks.lib.floor import stream_round_trip_floor
 from benchmarks.lib.limits import tokenizer_limit
+from benchmarks.lib.output import write_json
 from benchmarks.lib.probe import load_probes, queue_split
 from benchmarks.lib.standin import DEFAULT_CURVE_FILE, LatencyCurve, curve_limit, make_standin, standin_factory
 from benchmarks.lib.systems import WorkerProcesses, process_cpu_s, thread_env
@@ -304,8 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         out.print(table)
     md = report.markdown(doc)
     print(md)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     if args.markdown:
         Path(args.markdown).write_text(md)
     print(f"JSON: {args.json}")

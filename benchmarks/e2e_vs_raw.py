@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import tempfile
 import threading
@@ -47,6 +46,7 @@ from rich.table import Table
 
 from benchmarks.lib.floor import stream_round_trip_floor
 from benchmarks.lib.models import ensure_benchmark_models
+from benchmarks.lib.output import write_json
 from benchmarks.lib.probe import PROBE_ENV, load_probes, queue_split
 from benchmarks.lib.systems import WorkerProcesses, pin_threads, process_cpu_s, set_ort_spin
 from headrace.client.aio import AsyncClient
@@ -299,8 +299,7 @@ def main() -> None:
            "host": host_info(), "args": vars(args), "payloads": payloads.describe(), "results": results,
            "fake": fake}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2))
+        write_json(args.json, doc)
         console.print(f"JSON: {args.json}")
 
 

@@ -27,7 +27,6 @@ shard carrying about 1/min(K, shards) of it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -40,6 +39,7 @@ from redis.cluster import RedisCluster
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.lib.output import write_json
 from benchmarks.lib.shard_cpu import ShardCpu, implied_ceiling
 from headrace.client import Client
 from headrace.client.keys import partition_keys, registry_key
@@ -185,8 +185,7 @@ def main() -> None:
     Console().print(commands_table(results))
     doc = {"benchmark": "partitions", "started_at": started, "host": host_info(), "load_average": os.getloadavg(),
            "args": vars(args), "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     print(f"JSON: {args.json}")
 
 

@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.lib import stages
+from benchmarks.lib.output import write_json
 from benchmarks.lib.systems import WorkerProcesses, process_cpu_s
 from headrace.client.keys import ModelKeys
 from headrace.cluster.bench.run import host_info
@@ -171,8 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy(f, raw_dir / f"profile_{res['model']}_{f.name}")
     Console().print(render(res))
     doc = {"benchmark": "profile_worker", "started_at": started, "host": host_info(), "args": vars(args), **res}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     print(f"JSON: {args.json}")
 
 

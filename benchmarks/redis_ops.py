@@ -39,6 +39,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.lib.output import write_json
 from benchmarks.lib.systems import WorkerProcesses, process_cpu_s
 from headrace.cluster.bench.run import host_info
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
@@ -130,8 +131,7 @@ def main() -> None:
            "mean_batch": mean_batch, "python_cpu_us_per_request": python_us, "redis_version": os.popen("redis-server --version").read().strip(),
            "commands": {k: {"calls_per_request": c / answered, "usec_per_call": u / c, "usec_per_request": u / answered}
                         for k, (c, u) in cmds.items()}}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     console.print(f"JSON: {args.json}")
 
 

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import time
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.lib.output import write_json
 from benchmarks.lib.systems import WorkerProcesses, wait_for_workers
 from headrace.cluster.bench.run import BenchSettings, host_info, run_bench_async
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
@@ -142,8 +141,7 @@ def main() -> None:
                                 f"(one machine)", out["ray"], "replicas"))
     doc = {"benchmark": "scaling", "started_at": started, "wall_s": round(time.monotonic() - t0, 1),
            "host": host_info(), "args": vars(args), **out}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     console.print(f"JSON: {args.json}")
 
 
