@@ -22,7 +22,7 @@ from headrace.models.repository.store import Manifest, ModelRepository
 log = logging.getLogger(__name__)
 
 INT8_NAME = "minilm-int8"
-INT8_PARAMS: dict[str, Any] = {"weight_type": "int8", "per_channel": True, "reduce_range": False,
+INT8_PARAMS: dict[str, Any] = {"weight_type": "int8", "per_channel": True, "reduce_range": "host",
                                "tool": "onnxruntime.quantization"}
 INT8_RECIPE: dict[str, Any] = {"step": "quantize-dynamic", "params": INT8_PARAMS}
 
@@ -61,8 +61,12 @@ def ensure_minilm_int8(repo: ModelRepository | str | Path) -> Manifest:
 
     r = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
     fp32 = ensure_minilm_fp32(r)
+    from headrace.models.compress.quantize import cpu_needs_reduce_range
+
+    # The 7-bit choice follows the CPU (cpu_needs_reduce_range): it is part of what was built.
+    params = {**INT8_PARAMS, "reduce_range": cpu_needs_reduce_range()}
     key = build_key("minilm-int8-dynamic", default_model_path(),
-                    {"from": fp32.extra.get("build_key", fp32.version), **INT8_PARAMS})
+                    {"from": fp32.extra.get("build_key", fp32.version), **params})
     with _locked(r, INT8_NAME):
         cached = find_build(r, INT8_NAME, key)
         if cached is not None:
@@ -76,7 +80,7 @@ def ensure_minilm_int8(repo: ModelRepository | str | Path) -> Manifest:
             m = r.add(INT8_NAME, {"model.onnx": out, "tokenizer.json": tok}, format="onnx", backend="onnxruntime",
                       precision="int8", inputs=fp32.inputs, outputs=fp32.outputs, preprocess=fp32.preprocess,
                       postprocess=fp32.postprocess, source=fp32.source,
-                      recipe=[*fp32.recipe, INT8_RECIPE],
+                      recipe=[*fp32.recipe, {**INT8_RECIPE, "params": params}],
                       measured={"size_bytes": out.stat().st_size},
                       extra={**fp32.extra, "build_key": key, "from": f"{fp32.name}/{fp32.version}"},
                       description="all-MiniLM-L6-v2, INT8 dynamic per-channel ONNX (benchmark artifact)")

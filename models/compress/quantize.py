@@ -18,6 +18,8 @@ Every function writes a new file and never modifies its input.
 from __future__ import annotations
 
 import logging
+import platform
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -102,6 +104,34 @@ def _preprocess(src: Path, tmp: Path) -> Path:
 # --- dynamic and static INT8 -------------------------------------------------------------
 
 
+_VNNI = re.compile(r"\b(avx512_vnni|avx_vnni|amx_int8)\b")
+
+
+def cpu_needs_reduce_range(cpuinfo: str | None = None) -> bool:
+    """True on an x86 host without VNNI (AVX512-VNNI, AVX-VNNI or AMX): there ONNX Runtime's
+    uint8 x int8 kernels (``VPMADDUBSW``) add pairs of products in int16, which saturates
+    with 8-bit weights (a 25 % error on a plain MatMul was measured), so weights must be
+    quantized to 7 bits (ORT's ``reduce_range``). Other CPUs (ARM, x86 with VNNI) take
+    8-bit weights.
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo`` (None: read it; an x86 host where it cannot
+            be read counts as lacking VNNI, the choice that is accurate everywhere).
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return True
+    return _VNNI.search(cpuinfo) is None
+
+
+def _reduce_range(asked: bool | None) -> bool:
+    return cpu_needs_reduce_range() if asked is None else asked
+
+
 def quantize_dynamic_int8(
     src: str | Path,
     dst: str | Path,
@@ -110,7 +140,7 @@ def quantize_dynamic_int8(
     nodes_to_quantize: Sequence[str] | None = None,
     nodes_to_exclude: Sequence[str] = (),
     op_types: Sequence[str] = DYNAMIC_OPS,
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
 ) -> Path:
     """INT8 dynamic quantization: int8 weights, uint8 activations quantized per batch.
 
@@ -120,12 +150,16 @@ def quantize_dynamic_int8(
         nodes_to_quantize: only these nodes (None = every node of ``op_types``).
         op_types: op types to quantize; embedding ``Gather`` tables included by default.
         nodes_to_exclude: keep these nodes in fp32 (mixed precision).
-        reduce_range: 7-bit weights, for CPUs without VNNI where 8-bit products saturate.
+        reduce_range: 7-bit weights, for x86 CPUs without VNNI where 8-bit products
+            saturate; None: as :func:`cpu_needs_reduce_range` says for this host (quantize
+            on the kind of CPU that will serve, or pass True when unsure: 7-bit weights are
+            accurate everywhere).
 
     Returns ``dst``. Raises ModelError if the model is missing or quantization fails.
     """
     src, dst = _check_paths(Path(src), Path(dst))
     q = _ort_quant()
+    reduce_range = _reduce_range(reduce_range)
     with tempfile.TemporaryDirectory(prefix="headrace-quant-") as tmp:
         pre = _preprocess(src, Path(tmp))
         try:
@@ -139,8 +173,8 @@ def quantize_dynamic_int8(
             )
         except Exception as e:  # the quantizer raises bare Exceptions/ValueErrors for odd graphs
             raise ModelError(f"dynamic INT8 quantization of {src} failed: {e}") from e
-    log.info("quantized %s -> %s (dynamic int8, per_channel=%s, %d nodes kept fp32)",
-             src.name, dst, per_channel, len(nodes_to_exclude))
+    log.info("quantized %s -> %s (dynamic int8, per_channel=%s, reduce_range=%s, %d nodes kept fp32)",
+             src.name, dst, per_channel, reduce_range, len(nodes_to_exclude))
     return dst
 
 
@@ -221,6 +255,7 @@ def quantize_static_int8(
     method: str = "minmax",
     cache_path: str | Path | None = None,
     symmetric_activations: bool = False,
+    reduce_range: bool | None = None,
 ) -> Path:
     """INT8 static quantization in QDQ format, activations calibrated on ``calibration``.
 
@@ -235,6 +270,8 @@ def quantize_static_int8(
             data must be the same as when it was written), written otherwise.
         symmetric_activations: int8 symmetric activations (what TensorRT expects) instead
             of asymmetric uint8 (what x86 CPU kernels are fastest with).
+        reduce_range: 7-bit weights; None: as :func:`cpu_needs_reduce_range` says for this
+            host (see :func:`quantize_dynamic_int8`).
 
     Returns ``dst``. Raises ConfigError for a bad method, ModelError if quantization fails.
     """
@@ -253,6 +290,7 @@ def quantize_static_int8(
             q.quantize_static(
                 pre, dst, reader, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=list(op_types),
                 per_channel=per_channel, activation_type=act_type, weight_type=q.QuantType.QInt8,
+                reduce_range=_reduce_range(reduce_range),
                 nodes_to_quantize=list(nodes_to_quantize or []), nodes_to_exclude=list(nodes_to_exclude),
                 calibrate_method=cal_method, extra_options=extra,
                 calibration_cache_path=str(cache_path) if cache_path is not None else None,

@@ -171,3 +171,17 @@ def test_errors(digits_onnx: tuple[Path, DG.DigitsData], tmp_path: Path) -> None
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelError):
         Q.weight_nodes(bad)
+
+
+def test_reduce_range_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's u8 x s8 kernels saturate on x86 without VNNI: 7-bit weights there, 8-bit elsewhere."""
+    import platform
+
+    from headrace.models.compress import quantize as Q
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert Q.cpu_needs_reduce_range("flags\t\t: fpu sse2 avx avx2 fma")
+    assert not Q.cpu_needs_reduce_range("flags\t\t: fpu avx2 avx512f avx512_vnni")
+    assert not Q.cpu_needs_reduce_range("flags\t\t: fpu avx2 avx_vnni")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not Q.cpu_needs_reduce_range("Features\t: fp asimd")
