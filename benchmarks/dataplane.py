@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--in-flight", type=int, default=1024, help="samples outstanding (SDK map window, bare producer)")
     ap.add_argument("--samples-per-entry", type=int, default=64,
                     help="(a): samples per multi-sample entry, bare ceiling and headrace")
+    ap.add_argument("--array-block", type=int, default=1024,
+                    help="(a): samples per block of the SDK's array path (imap_arrays), sent in entries of "
+                         "--samples-per-entry")
     ap.add_argument("--b-chunk", type=int, default=32, help="(b)/(c): the SDK's chunk_size (1: single-sample)")
     ap.add_argument("--standin", default="cuda fp16", help="curve run of the stand-in")
     ap.add_argument("--curve", default=str(DEFAULT_CURVE_FILE), help="gpu_torch.py report holding the curve")
@@ -91,9 +94,10 @@ def loadavg() -> float:
 
 
 def headrace_saturation(redis: EmbeddedRedis, args: argparse.Namespace, *, standin: bool,
-                        chunk: int = 1, in_flight: int = 0) -> dict[str, Any]:
+                        chunk: int = 1, in_flight: int = 0, block: int = 0) -> dict[str, Any]:
     """One worker (stand-in or ``affine`` fake) saturated by ``benchmarks.lib.saturate``
-    with multi-sample entries of ``chunk`` samples (1: single-sample entries)."""
+    with multi-sample entries of ``chunk`` samples (1: single-sample entries); ``block`` > 0
+    drives the SDK's array path with blocks of that many samples."""
     ns = f"dp-{uuid.uuid4().hex[:6]}"
     model, kind = ("minilm-standin", "text") if standin else ("affine", "affine")
     extra = ["--standin", args.standin, "--curve", args.curve] if standin else []
@@ -103,7 +107,7 @@ def headrace_saturation(redis: EmbeddedRedis, args: argparse.Namespace, *, stand
         w0, r0 = sum(process_cpu_s(p) for p in workers.pids), process_cpu_s(redis.proc.pid if redis.proc else 0)
         out = subprocess.run([sys.executable, "-m", "benchmarks.lib.saturate", redis.url, ns, model, kind,
                               str(in_flight or args.in_flight), str(args.warmup_s), str(args.duration_s),
-                              str(chunk)],
+                              str(chunk), *(["--arrays", str(block)] if block else [])],
                              capture_output=True, text=True, check=True, timeout=args.warmup_s + args.duration_s + 180)
         w1, r1 = sum(process_cpu_s(p) for p in workers.pids), process_cpu_s(redis.proc.pid if redis.proc else 0)
     res = json.loads(out.stdout)
@@ -125,9 +129,11 @@ def part_a(redis: EmbeddedRedis, args: argparse.Namespace) -> dict[str, Any]:
     bare_k["load_average"] = loadavg()
     single = headrace_saturation(redis, args, standin=False)
     multi = headrace_saturation(redis, args, standin=False, chunk=k, in_flight=window)
+    arrays = headrace_saturation(redis, args, standin=False, chunk=k, in_flight=window, block=args.array_block)
     return {"bare_single": bare1, "bare_multi": bare_k, "headrace_single": single,
             "ratio_single": single["samples_per_s"] / bare1["samples_per_s"],
-            "headrace_multi": multi, "ratio_multi": multi["samples_per_s"] / bare_k["samples_per_s"]}
+            "headrace_multi": multi, "ratio_multi": multi["samples_per_s"] / bare_k["samples_per_s"],
+            "headrace_arrays": arrays, "ratio_arrays": arrays["samples_per_s"] / bare_k["samples_per_s"]}
 
 
 def ray_up(args: argparse.Namespace) -> int:

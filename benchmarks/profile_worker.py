@@ -2,7 +2,8 @@
 
 One private Redis, one worker process (``benchmarks.lib.bench_worker``: the accelerator
 stand-in, a SIMULATION, by default; ``--fake affine`` for the zero-cost model), and the SDK
-load generator in a process of its own (``benchmarks.lib.saturate``: ``AsyncClient.imap``,
+load generator in a process of its own (``benchmarks.lib.saturate``: ``AsyncClient.imap``, or
+``imap_arrays`` with ``--arrays BLOCK``,
 ``--in-flight`` outstanding). After the warm-up, py-spy samples the worker and the load
 generator for ``--duration-s`` (``py-spy record --nonblocking --format raw``) while the
 consumer group's ``entries-read`` counts the samples served; :mod:`benchmarks.lib.stages`
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="worker threads (math libraries, tokenizer pool)")
     ap.add_argument("--in-flight", type=int, default=1024, help="samples the load generator keeps outstanding")
     ap.add_argument("--chunk", type=int, default=1, help="samples per multi-sample entry (the SDK's chunk_size)")
+    ap.add_argument("--arrays", type=int, default=0, metavar="BLOCK",
+                    help="load generator on the SDK's array path (imap_arrays, blocks of BLOCK samples; --fake affine)")
     ap.add_argument("--warmup-s", type=float, default=3.0)
     ap.add_argument("--duration-s", type=float, default=8.0, help="profiled window")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -106,7 +109,7 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                              settings={"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}) as workers:
             load = subprocess.Popen([sys.executable, "-m", "benchmarks.lib.saturate", server.url, ns, model, kind,
                                      str(args.in_flight), str(args.warmup_s), str(args.duration_s + 2),
-                                     str(args.chunk)],
+                                     str(args.chunk), *(["--arrays", str(args.arrays)] if args.arrays else [])],
                                     stdout=subprocess.PIPE, text=True)
             time.sleep(args.warmup_s + 1.0)  # the load generator's own start-up, then its warm-up
             r = redis.Redis.from_url(server.url)

@@ -4,6 +4,7 @@ Light by design: importing it never imports ray, torch or onnxruntime.
 """
 
 from headrace.client.aio import AsyncClient
+from headrace.client.arrays import ArrayResults
 from headrace.client.backoff import BackoffPolicy
 from headrace.client.client import Client
 from headrace.client.config import ClientSettings
@@ -29,6 +30,7 @@ from headrace.client.retry import Retry
 from headrace.client.tickets import Ticket
 
 __all__ = [
+    "ArrayResults",
     "AsyncClient",
     "BackoffPolicy",
     "BatchingLimits",

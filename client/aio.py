@@ -18,6 +18,7 @@ import redis
 import redis.asyncio as aioredis
 
 from headrace.client import flows
+from headrace.client.arrays import ArrayResults, block_arrays
 from headrace.client.async_io import AsyncIO
 from headrace.client.bulk import MapItem
 from headrace.client.config import ClientSettings
@@ -220,6 +221,32 @@ class AsyncClient:
         return [r async for r in self.imap(model, items, progress=progress, timeout_s=timeout_s,
                                            deadline_s=deadline_s, raise_on_error=raise_on_error, total=total,
                                            retry=retry, chunk_size=chunk_size)]
+
+    def imap_arrays(self, model: str, blocks: Iterable[Mapping[str, Any]], *, progress: ProgressOption = None,
+                    timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = True,
+                    total: int | None = None, retry: Retry | None = None,
+                    chunk_size: int | None = None) -> AsyncIterator[ArrayResults]:
+        """Async iterator form of :meth:`Client.imap_arrays` (one :class:`ArrayResults` per block)."""
+        bar = make_progress(progress, total, model)
+        return self._io.iterate(flows.imap_arrays(self._core, model, blocks, timeout_s=timeout_s,
+                                                  deadline_s=deadline_s, retry=retry, progress=bar,
+                                                  raise_on_error=raise_on_error, chunk_size=chunk_size))
+
+    async def map_arrays(self, model: str, inputs: Mapping[str, Any], *, progress: ProgressOption = None,
+                         timeout_s: float | None = None, deadline_s: float | None = None,
+                         raise_on_error: bool = True, retry: Retry | None = None,
+                         chunk_size: int | None = None) -> ArrayResults:
+        """Array-in/array-out bulk inference; see :meth:`Client.map_arrays`.
+
+        Raises:
+            ProtocolError, InferenceFailed, RequestExpired, UnknownModel, ModelUnavailable,
+            ResultTimeout, QueueFull, BrokerError.
+        """
+        block, n = block_arrays(inputs)
+        out = [r async for r in self.imap_arrays(model, [block], progress=progress, timeout_s=timeout_s,
+                                                 deadline_s=deadline_s, raise_on_error=raise_on_error, total=n,
+                                                 retry=retry, chunk_size=chunk_size)]
+        return out[0]
 
     async def _run(self, flow: Flow[T]) -> T:
         return await self._io.run(flow)

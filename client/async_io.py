@@ -35,7 +35,6 @@ from headrace.client.effects import (
     aiterate,
 )
 from headrace.client.pipeline import AutoPipeline, Command
-from headrace.client.protocol import Result
 from headrace.client.registry import aread_model
 from headrace.client.sharding import async_client
 from headrace.client.slot_reader import AsyncSlotReader
@@ -90,7 +89,7 @@ class AsyncIO:
         self._loop = self._loop or asyncio.get_running_loop()
         return await adrive(flow, self.perform)
 
-    def iterate(self, flow: Flow[None]) -> AsyncIterator[Result]:
+    def iterate(self, flow: Flow[None]) -> AsyncIterator[Any]:
         return aiterate(flow, self.perform)
 
     async def perform(self, effect: Effect) -> Any:

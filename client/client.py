@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import redis
 
 from headrace.client import flows
+from headrace.client.arrays import ArrayResults, block_arrays
 from headrace.client.bulk import MapItem
 from headrace.client.config import ClientSettings
 from headrace.client.core import ClientCore
@@ -305,6 +306,44 @@ class Client:
         return list(self.imap(model, items, progress=progress, timeout_s=timeout_s, deadline_s=deadline_s,
                               raise_on_error=raise_on_error, total=total, retry=retry,
                               chunk_size=chunk_size))
+
+    def imap_arrays(self, model: str, blocks: Iterable[Mapping[str, Any]], *, progress: ProgressOption = None,
+                    timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = True,
+                    total: int | None = None, retry: Retry | None = None,
+                    chunk_size: int | None = None) -> Iterator[ArrayResults]:
+        """Like :meth:`map_arrays` for a stream of blocks (each a mapping of input name ->
+        array with a leading sample axis, e.g. the batches of a data loader): yields one
+        :class:`ArrayResults` per block, in input order, while later blocks are in flight.
+        ``total`` (for the progress bar) counts samples."""
+        bar = make_progress(progress, total, model)
+        return self._io.iterate(flows.imap_arrays(self._core, model, blocks, timeout_s=timeout_s,
+                                                  deadline_s=deadline_s, retry=retry, progress=bar,
+                                                  raise_on_error=raise_on_error, chunk_size=chunk_size))
+
+    def map_arrays(self, model: str, inputs: Mapping[str, Any], *, progress: ProgressOption = None,
+                   timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = True,
+                   retry: Retry | None = None, chunk_size: int | None = None) -> ArrayResults:
+        """Run ``model`` on every sample of ``inputs`` (input name -> array whose leading axis
+        is the sample axis, the same length for every input) and return the outputs as
+        arrays with the same leading axis: the bulk path without a Python object per sample.
+        The samples go out as multi-sample entries of ``chunk_size`` (default
+        ``settings.chunk_size``), at most ``settings.max_in_flight`` samples outstanding,
+        with the backpressure waits and retries of :meth:`map`.
+
+        Args:
+            raise_on_error: raise for the first sample that is not ok (default); False
+                returns it in ``failures`` (its output rows are zeros, ``ok`` is False).
+
+        Raises:
+            ProtocolError: inputs without a common leading axis (``bad_shape``), a dtype that
+                is not a wire dtype, or outputs whose row shape differs between entries.
+            InferenceFailed, RequestExpired: a sample failed (with ``raise_on_error``).
+            UnknownModel, ModelUnavailable, ResultTimeout, QueueFull, BrokerError: as :meth:`map`.
+        """
+        block, n = block_arrays(inputs)
+        return next(iter(self.imap_arrays(model, [block], progress=progress, timeout_s=timeout_s,
+                                          deadline_s=deadline_s, raise_on_error=raise_on_error, total=n,
+                                          retry=retry, chunk_size=chunk_size)))
 
     def _run(self, flow: Flow[T]) -> T:
         return self._io.run(flow)

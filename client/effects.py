@@ -77,9 +77,10 @@ class ReadModel:
 
 @dataclass(frozen=True)
 class Emit:
-    """Hand ``results`` to the caller of an iterator (``imap``, ``results``). Answer: None."""
+    """Hand ``results`` to the caller of an iterator (``imap``, ``results``: :class:`Result` s;
+    ``imap_arrays``: ``ArrayResults``). Answer: None."""
 
-    results: Sequence[Result]
+    results: Sequence[Any]
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def drive(flow: Flow[T], perform: Callable[[Effect], Any]) -> T:
             error = e
 
 
-def iterate(flow: Flow[None], perform: Callable[[Effect], Any]) -> Iterator[Result]:
+def iterate(flow: Flow[None], perform: Callable[[Effect], Any]) -> Iterator[Any]:
     """Run ``flow`` as an iterator of the results it emits (:class:`Emit`). Stopping the
     iteration closes the flow (its clean-up runs)."""
     value: Any = None
@@ -171,7 +172,7 @@ async def adrive(flow: Flow[T], perform: Callable[[Effect], Awaitable[Any]]) -> 
             error = e
 
 
-async def aiterate(flow: Flow[None], perform: Callable[[Effect], Awaitable[Any]]) -> AsyncIterator[Result]:
+async def aiterate(flow: Flow[None], perform: Callable[[Effect], Awaitable[Any]]) -> AsyncIterator[Any]:
     """:func:`iterate` with an ``async`` ``perform``."""
     value: Any = None
     error: BaseException | None = None

@@ -7,14 +7,16 @@ each effect it yields (see :class:`~headrace.client.Client` and
 
 from __future__ import annotations
 
+import collections
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
 
 from headrace.client import errors as E
 from headrace.client import health
+from headrace.client.arrays import ArrayResults, Plan, array_entries
 from headrace.client.backoff import BackoffPolicy
 from headrace.client.bulk import MapWindow, Source, Step
 from headrace.client.chunks import Chunk, chunked, expand
@@ -176,6 +178,62 @@ def imap(core: ClientCore, model: str, items: Iterable[Any], *, timeout_s: float
         UnknownModel, ModelUnavailable, ProtocolError, QueueFull, BrokerError, ResultTimeout,
         InferenceFailed, RequestExpired.
     """
+    size = _chunk_size(core, chunk_size)
+
+    def take(popped: list[tuple[Ticket, int]]) -> list[Result]:
+        burst = [res for ticket, n in popped for res in expand(ticket.result(0), n)]
+        if raise_on_error:
+            for res in burst:
+                res.raise_for_status()
+        return burst
+
+    yield from _run_window(core, model, chunked(items, size), take, timeout_s=timeout_s, deadline_s=deadline_s,
+                           retry=retry, progress=progress)
+
+
+def imap_arrays(core: ClientCore, model: str, blocks: Iterable[Any], *, timeout_s: float | None,
+                deadline_s: float | None, retry: Retry | None, progress: Progress, raise_on_error: bool,
+                chunk_size: int | None = None) -> Flow[None]:
+    """Emit one :class:`ArrayResults` per block, in input order (see ``Client.map_arrays``):
+    each block goes out as multi-sample entries of ``chunk_size`` samples (None: the
+    client's setting), through the same window, retries and cancellation as :func:`imap`.
+
+    Raises:
+        as :func:`imap`; ProtocolError also for a malformed block or an output whose row
+        shape changes between entries.
+    """
+    size = _chunk_size(core, chunk_size)
+    plan: Plan = collections.deque()
+
+    def take(popped: list[tuple[Ticket, int]]) -> list[ArrayResults]:
+        done: list[ArrayResults] = []
+        for ticket, n in popped:
+            asm, offset = plan.popleft()
+            asm.add(offset, n, ticket.result(0))
+            if asm.complete:
+                done.append(asm.finish())
+                if raise_on_error:
+                    done[-1].raise_for_status()
+        return done
+
+    yield from _run_window(core, model, array_entries(blocks, size, plan), take, timeout_s=timeout_s,
+                           deadline_s=deadline_s, retry=retry, progress=progress)
+
+
+def _chunk_size(core: ClientCore, chunk_size: int | None) -> int:
+    size = core.settings.chunk_size if chunk_size is None else chunk_size
+    if size < 1:
+        raise E.ConfigError(f"chunk_size must be >= 1 samples per entry (1: one request per item), got {size}")
+    # A chunk larger than the window would defeat it: chunks hold at most max_in_flight.
+    return min(size, core.settings.max_in_flight)
+
+
+def _run_window(core: ClientCore, model: str, items: Iterable[Any],
+                take: Callable[[list[tuple[Ticket, int]]], Sequence[Any]], *, timeout_s: float | None,
+                deadline_s: float | None, retry: Retry | None, progress: Progress) -> Flow[None]:
+    """The loop of :func:`imap` and :func:`imap_arrays`: ``items`` (single items or
+    :class:`Chunk` s) through a :class:`MapWindow`; ``take`` turns each run of popped
+    ``(ticket, samples)`` into what is emitted."""
     wait_s = core.settings.timeout_s if timeout_s is None else timeout_s
 
     def prepare(source: Source, request_id: str | None) -> Ticket:
@@ -183,13 +241,7 @@ def imap(core: ClientCore, model: str, items: Iterable[Any], *, timeout_s: float
             return core.new_chunk_ticket(model, source, request_id, deadline_s)
         return core.new_ticket(model, source[0], source[1], request_id, deadline_s)
 
-    size = core.settings.chunk_size if chunk_size is None else chunk_size
-    if size < 1:
-        raise E.ConfigError(f"chunk_size must be >= 1 samples per entry (1: one request per item), got {size}")
-    # A chunk larger than the window would defeat it: chunks hold at most max_in_flight.
-    size = min(size, core.settings.max_in_flight)
-    window = MapWindow(chunked(items, size), core.settings.max_in_flight, wait_s, prepare,
-                       retry if retry is not None else core.retry)
+    window = MapWindow(items, core.settings.max_in_flight, wait_s, prepare, retry if retry is not None else core.retry)
     checked = False
     try:
         while True:
@@ -201,7 +253,11 @@ def imap(core: ClientCore, model: str, items: Iterable[Any], *, timeout_s: float
                     checked = True
                 window.sent((yield from send(core, window.to_send())))
             elif step is Step.POP:
-                yield from _pop(core, window, wait_s, timeout_s, progress, raise_on_error)
+                popped = yield from _pop(core, window, wait_s, timeout_s)
+                progress.update(sum(n for _, n in popped))
+                out = take(popped)
+                if out:
+                    yield Emit(out)
             elif step is Step.BACK_OFF:
                 yield Sleep(window.back_off_s())
             else:
@@ -212,8 +268,7 @@ def imap(core: ClientCore, model: str, items: Iterable[Any], *, timeout_s: float
             t.cancel()
 
 
-def _pop(core: ClientCore, window: MapWindow, wait_s: float, given: float | None, progress: Progress,
-         raise_on_error: bool) -> Flow[None]:
+def _pop(core: ClientCore, window: MapWindow, wait_s: float, given: float | None) -> Flow[list[tuple[Ticket, int]]]:
     oldest = window.oldest()
     while not (yield Wait(oldest, wait_s)):
         delay, again = window.resubmittable(lambda t: core.timeout_error(t, wait_s, given))
@@ -222,18 +277,11 @@ def _pop(core: ClientCore, window: MapWindow, wait_s: float, given: float | None
         yield from send(core, [t for t in again if not t.done()], resubmit=True)
     # The results right behind it are often in already (a worker answers a batch at once):
     # take them too, so the next send is one batch as well.
-    burst: list[Result] = []
-    while True:
-        ticket, size = window.popleft()
-        burst.extend(expand(ticket.result(0), size))
-        if not window.oldest_done():
-            break
+    popped = [window.popleft()]
+    while window.oldest_done():
+        popped.append(window.popleft())
     window.popped()
-    progress.update(len(burst))
-    if raise_on_error:
-        for res in burst:
-            res.raise_for_status()
-    yield Emit(burst)
+    return popped
 
 
 def model_record(core: ClientCore, model: str) -> Flow[tuple[Any, int]]:

@@ -8,9 +8,9 @@ may carry the ok slots' outputs ``stacked``). See ``docs/protocol.md``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, cast, overload
 
 import msgpack
 import numpy as np
@@ -85,8 +85,10 @@ class Result:
     timings: Timings = field(default_factory=Timings)
     model: str = ""
     version: str = ""
-    #: per-sample results of a multi-sample entry, in order (empty for a single sample).
-    samples: tuple[Result, ...] = ()
+    #: per-sample results of a multi-sample entry, in order (empty for a single sample); a
+    #: decoded result with ``stacked`` outputs holds a :class:`SampleResults`, which builds
+    #: each sample's :class:`Result` only when it is looked at.
+    samples: Sequence[Result] = ()
 
     @property
     def ok(self) -> bool:
@@ -210,7 +212,7 @@ def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS
     except (TypeError, ValueError) as e:
         raise E.DecodeError(f"result timings are malformed: {e}") from e
     model, version = str(body.get("model") or ""), str(body.get("version") or "")
-    samples: tuple[Result, ...] = ()
+    samples: Sequence[Result] = ()
     if "samples" in body:
         samples = samples_from_wire(request_id, body, timings, model, version, RESULT_LIMITS)
     return Result(
@@ -258,12 +260,14 @@ def _slot_to_wire(res: Result, with_outputs: bool) -> dict[str, Any]:
 
 
 def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings, model: str, version: str,
-                      limits: Limits) -> tuple[Result, ...]:
+                      limits: Limits) -> Sequence[Result]:
     """The per-sample results of a multi-sample result body (each a :class:`Result` with the
-    entry's request id, timings, model and version; ``stacked`` outputs become per-slot views).
+    entry's request id, timings, model and version). When no slot carries outputs of its
+    own, they are a :class:`SampleResults` over the ``stacked`` outputs (rows made into
+    results on access); else a tuple of decoded results.
 
     Raises:
-        DecodeError: a slot is malformed.
+        DecodeError: a slot is malformed (every slot is checked here, never on access).
     """
     raw, stacked_raw = body.get("samples"), body.get("stacked") or {}
     if not isinstance(raw, list) or not isinstance(stacked_raw, dict):
@@ -271,10 +275,15 @@ def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings
     stacked = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in stacked_raw.items()}
     if any(a.ndim == 0 or a.shape[0] != len(raw) for a in stacked.values()):
         raise E.DecodeError("result 'stacked' outputs need a leading dimension of one row per sample")
-    out: list[Result] = []
-    for i, slot in enumerate(raw):
+    own = False
+    for slot in raw:
         if not isinstance(slot, dict) or slot.get("status") not in STATUSES:
             raise E.DecodeError("each result sample needs a status of ok|error|expired|rejected")
+        own = own or "outputs" in slot
+    if not own:
+        return SampleResults(request_id, raw, stacked, timings, model, version)
+    out: list[Result] = []
+    for i, slot in enumerate(raw):
         outs = slot.get("outputs") or {}
         if not isinstance(outs, dict):
             raise E.DecodeError("result sample outputs must be a map of name -> tensor")
@@ -285,3 +294,66 @@ def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings
         out.append(Result(request_id, status, mine, code=str(slot.get("code") or ""),
                           message=str(slot.get("message") or ""), timings=timings, model=model, version=version))
     return tuple(out)
+
+
+class SampleResults(Sequence[Result]):
+    """The per-sample results of a multi-sample result whose ok samples' outputs came
+    ``stacked`` (one array per output, a row per sample): a read-only sequence of
+    :class:`Result` built on access, so reading a result costs no object per sample.
+    :attr:`stacked` and :meth:`ok_mask` give the whole entry as arrays (the array path of
+    ``Client.map_arrays``). Compares equal to any sequence of the same results.
+    """
+
+    __slots__ = ("_request_id", "_slots", "_stacked", "_timings", "_model", "_version")
+
+    def __init__(self, request_id: str, slots: Sequence[Mapping[str, Any]],
+                 stacked: Mapping[str, np.ndarray[Any, Any]], timings: Timings, model: str, version: str) -> None:
+        self._request_id, self._slots, self._stacked = request_id, slots, stacked
+        self._timings, self._model, self._version = timings, model, version
+
+    @property
+    def stacked(self) -> Mapping[str, np.ndarray[Any, Any]]:
+        """The outputs, one array per name with a row per sample (rows of samples that are
+        not ok are zeros)."""
+        return self._stacked
+
+    def ok_mask(self) -> np.ndarray[Any, Any]:
+        """A bool per sample: True where its status is ``ok``."""
+        return np.fromiter((s["status"] == STATUS_OK for s in self._slots), dtype=bool, count=len(self._slots))
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @overload
+    def __getitem__(self, i: int) -> Result: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Result, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Result | tuple[Result, ...]:
+        if isinstance(i, slice):
+            return tuple(self._result(j) for j in range(*i.indices(len(self._slots))))
+        n = len(self._slots)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} of {n}")
+        return self._result(i % n)
+
+    def __iter__(self) -> Iterator[Result]:
+        return (self._result(i) for i in range(len(self._slots)))
+
+    def _result(self, i: int) -> Result:
+        slot = self._slots[i]
+        status: Status = slot["status"]
+        outs = {k: a[i] for k, a in self._stacked.items()} if status == STATUS_OK else {}
+        return Result(self._request_id, status, outs, code=str(slot.get("code") or ""),
+                      message=str(slot.get("message") or ""), timings=self._timings, model=self._model,
+                      version=self._version)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SampleResults({len(self)} samples of request {self._request_id!r})"

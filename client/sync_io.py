@@ -35,7 +35,6 @@ from headrace.client.effects import (
     iterate,
 )
 from headrace.client.pipeline import Command, run_submits
-from headrace.client.protocol import Result
 from headrace.client.registry import read_model
 from headrace.client.sharding import sync_client
 from headrace.client.slot_reader import SlotReader
@@ -75,7 +74,7 @@ class SyncIO:
     def run(self, flow: Flow[T]) -> T:
         return drive(flow, self.perform)
 
-    def iterate(self, flow: Flow[None]) -> Iterator[Result]:
+    def iterate(self, flow: Flow[None]) -> Iterator[Any]:
         return iterate(flow, self.perform)
 
     def perform(self, effect: Effect) -> Any:

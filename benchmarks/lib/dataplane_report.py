@@ -50,6 +50,11 @@ def section_a(a: dict[str, Any], args: dict[str, Any]) -> Section:
          _cpu(hk["cpu_us_per_sample"], hr_keys) if hk else "-",
          f"{bk['load_average']} / {hk['load_average']}" if hk else f"{bk['load_average']}"],
     ]
+    ha = a.get("headrace_arrays")
+    if ha:
+        rows.append([f"{bk['samples_per_entry']}, array path", _n(bk["samples_per_s"]), _n(ha["samples_per_s"]),
+                     _pct(a.get("ratio_arrays")), ">= 50 %", "(same)", _cpu(ha["cpu_us_per_sample"], hr_keys),
+                     f"{bk['load_average']} / {ha['load_average']}"])
     return Section("(a) zero-cost model: headrace vs the bare Redis ceiling (same payloads, same run)",
                    ["samples per entry", "bare ceiling samples/s", "headrace samples/s", "headrace / ceiling",
                     "target", "bare CPU us/sample (producer + consumer + reader + redis)",
@@ -57,7 +62,9 @@ def section_a(a: dict[str, Any], args: dict[str, Any]) -> Section:
                    [f"headrace: `affine` fake worker, max_batch {args['max_batch']}, SDK `AsyncClient.imap` with "
                     f"{args['in_flight']} samples in flight (single) / the bare ceiling's window (multi) in its "
                     f"own process, `chunk_size` = samples per entry; mean batch {h1.get('mean_batch') or 0:.0f} / "
-                    f"{(hk or {}).get('mean_batch') or 0:.0f} (largest model call of an entry's samples)."])
+                    f"{(hk or {}).get('mean_batch') or 0:.0f} (largest model call of an entry's samples). "
+                    f"Array path: `AsyncClient.imap_arrays` with blocks of {args.get('array_block', 0)} samples "
+                    "(one array in, one ArrayResults out per block), same entries and window."])
 
 
 def section_b(b: dict[str, Any], args: dict[str, Any]) -> Section:

@@ -1,10 +1,14 @@
 """Saturate a served model through the SDK from a process of its own, and count what comes back.
 
     python -m benchmarks.lib.saturate REDIS_URL NAMESPACE MODEL KIND IN_FLIGHT WARMUP_S DURATION_S [CHUNK]
+        [--arrays BLOCK]
 
 ``AsyncClient.imap`` (the SDK's bulk path: pipelined submits, at most ``IN_FLIGHT``
-samples outstanding, in multi-sample entries of ``CHUNK`` samples, default 1) over an endless stream of inputs: ``KIND`` ``affine`` sends float32
-``x`` of shape (4,), ``text`` cycles through real sentences (the held-out corpus). After
+samples outstanding, in multi-sample entries of ``CHUNK`` samples, default 1) over an
+endless stream of inputs: ``KIND`` ``affine`` sends float32 ``x`` of shape (4,), ``text``
+cycles through real sentences (the held-out corpus). With ``--arrays BLOCK`` (``affine``
+only) it drives ``AsyncClient.imap_arrays`` instead: endless blocks of ``BLOCK`` samples,
+one array each, answered as arrays (the SDK's array path). After
 ``WARMUP_S`` the answers arriving over ``DURATION_S`` are counted. The load generator runs
 in its own process (its own interpreter and GIL), as the bare ceiling's producer and
 reader do, so the benchmark driver's own work does not share its core time.
@@ -38,8 +42,9 @@ def items(kind: str) -> Iterator[Any]:
 
 
 async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: int, warmup_s: float,
-                   duration_s: float, chunk: int = 1) -> dict[str, Any]:
-    """Answers per second over the window, their statuses, and this process' CPU per answer."""
+                   duration_s: float, chunk: int = 1, block: int = 0) -> dict[str, Any]:
+    """Answers per second over the window, their statuses, and this process' CPU per answer
+    (``block`` > 0: through the array path, ``affine`` inputs in blocks of that many samples)."""
     from headrace.client.aio import AsyncClient
 
     statuses: Counter[str] = Counter()
@@ -49,6 +54,8 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
     start, end = t0 + warmup_s, t0 + warmup_s + duration_s
     c_start = 0.0
     async with AsyncClient(url, namespace=namespace, max_in_flight=in_flight, timeout_s=60.0) as client:
+        if block:
+            return await _saturate_arrays(client, model, block, chunk, warmup_s, duration_s)
         stream: Any = client.imap(model, items(kind), progress=False, chunk_size=chunk)  # closable
         async with contextlib.aclosing(stream) as results:
             async for res in results:
@@ -70,6 +77,35 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
             "load_generator_cpu_us_per_sample": cpu_s * 1e6 / max(1, n)}
 
 
+async def _saturate_arrays(client: Any, model: str, block: int, chunk: int, warmup_s: float,
+                           duration_s: float) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    pool = [rng.standard_normal((block, 4)).astype(np.float32) for _ in range(4)]
+    ok = failed = total = 0
+    t0 = time.perf_counter()
+    start, end = t0 + warmup_s, t0 + warmup_s + duration_s
+    c_start = 0.0
+    stream: Any = client.imap_arrays(model, ({"x": x} for x in itertools.cycle(pool)), progress=False,
+                                     chunk_size=chunk, raise_on_error=False)
+    async with contextlib.aclosing(stream) as results:
+        async for res in results:
+            total += len(res)
+            now = time.perf_counter()
+            if now < start:
+                continue
+            if not c_start:
+                c_start = time.process_time()
+            if now >= end:
+                break
+            n_ok = int(res.ok.sum())
+            ok, failed = ok + n_ok, failed + len(res) - n_ok
+    cpu_s = time.process_time() - c_start
+    n = ok + failed
+    return {"samples_per_s": ok / duration_s, "answers": n, "answers_total": total, "chunk": chunk, "block": block,
+            "statuses": {"ok": ok, "not ok": failed}, "mean_batch": 0.0,
+            "load_generator_cpu_us_per_sample": cpu_s * 1e6 / max(1, n)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("url")
@@ -80,8 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("warmup_s", type=float)
     ap.add_argument("duration_s", type=float)
     ap.add_argument("chunk", type=int, nargs="?", default=1)
+    ap.add_argument("--arrays", type=int, default=0, metavar="BLOCK",
+                    help="drive imap_arrays with blocks of BLOCK samples (affine only)")
     a = ap.parse_args(argv)
-    out = asyncio.run(saturate(a.url, a.namespace, a.model, a.kind, a.in_flight, a.warmup_s, a.duration_s, a.chunk))
+    if a.arrays and a.kind != "affine":
+        ap.error("--arrays needs KIND affine")
+    out = asyncio.run(saturate(a.url, a.namespace, a.model, a.kind, a.in_flight, a.warmup_s, a.duration_s, a.chunk,
+                               a.arrays))
     print(json.dumps(out))
     return 0
 

@@ -22,6 +22,10 @@ from headrace.cluster.cli.context import CliConfig, pass_cfg
 @click.option("--chunk-size", type=click.IntRange(1, 65_536), default=None,
               help="Samples per multi-sample entry with --batch/--texts (default: the client's chunk_size, 32; "
                    "1: one request per sample).")
+@click.option("--output", "output_file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="With --batch: send the arrays through the SDK's array path and write the outputs to this .npz "
+                   "(one array per output with a row per sample, plus 'ok', a bool per sample) instead of printing "
+                   "each sample; failed samples are listed.")
 @click.option("--timeout-s", type=float, default=None, help="Longest wait for the result (s).")
 @click.option("--deadline-s", type=float, default=None, help="Answer 'expired' instead of running after this (s).")
 @click.option("--request-id", default=None, help="Your request id (idempotency key; single requests only).")
@@ -29,11 +33,12 @@ from headrace.cluster.cli.context import CliConfig, pass_cfg
                                                       "with --batch/--texts).")
 @pass_cfg
 def submit(cfg: CliConfig, model: str, text: str | None, input_files: tuple[str, ...], texts_file: str | None,
-           batch: bool, chunk_size: int | None, timeout_s: float | None, deadline_s: float | None,
-           request_id: str | None, as_json: bool) -> None:
+           batch: bool, chunk_size: int | None, output_file: str | None, timeout_s: float | None,
+           deadline_s: float | None, request_id: str | None, as_json: bool) -> None:
     """Submit one request to MODEL, wait, and print its outputs and timings. With --batch or
     --texts: submit every sample (in multi-sample entries), print one result per sample in
-    input order, and exit 2 when any failed."""
+    input order (or, with --output, write them as arrays to a .npz), and exit 2 when any
+    failed."""
     from headrace.client import Client
     from headrace.cluster.cli.render import load_inputs
 
@@ -44,7 +49,13 @@ def submit(cfg: CliConfig, model: str, text: str | None, input_files: tuple[str,
     many = batch or texts_file is not None
     if many and request_id is not None:
         raise click.UsageError("--request-id names one request; --batch/--texts send many")
+    if output_file is not None and not batch:
+        raise click.UsageError("--output writes the arrays of --batch; add --batch")
     inputs = load_inputs(input_files) if input_files else None
+    if output_file is not None:
+        _to_file(cfg, model, inputs or {}, output_file, chunk_size=chunk_size, timeout_s=timeout_s,
+                 deadline_s=deadline_s)
+        return
     with Client(settings=cfg.client_settings()) as client:
         if many:
             items = _lines(texts_file) if texts_file is not None else _samples(inputs or {})
@@ -55,6 +66,37 @@ def submit(cfg: CliConfig, model: str, text: str | None, input_files: tuple[str,
                                     timeout_s=timeout_s, raise_on_error=False)]
     _print(results, as_json, many)
     if not all(r.ok for r in results):
+        sys.exit(2)
+
+
+def _to_file(cfg: CliConfig, model: str, inputs: dict[str, Any], path: str, *, chunk_size: int | None,
+             timeout_s: float | None, deadline_s: float | None) -> None:
+    """--batch --output: every sample through ``map_arrays``, the outputs saved as arrays;
+    exits 2 (after saving) when a sample failed."""
+    import numpy as np
+
+    from headrace.client import Client, ProtocolError
+
+    with Client(settings=cfg.client_settings()) as client:
+        try:
+            out = client.map_arrays(model, inputs, chunk_size=chunk_size, timeout_s=timeout_s, deadline_s=deadline_s,
+                                    raise_on_error=False)
+        except ProtocolError as e:
+            raise click.UsageError(f"--batch --output: {e}") from e
+    if "ok" in out.outputs:
+        raise click.UsageError(f"model {model!r} has an output named 'ok', which the .npz keeps for the status mask")
+    arrays: dict[str, Any] = {"ok": out.ok, **out.outputs}
+    with open(path, "wb") as f:
+        np.savez(f, allow_pickle=False, **arrays)  # numeric arrays only: never a pickled object
+    click.echo(f"{len(out)} samples, {len(out) - len(out.failures)} ok, {len(out.failures)} failed; "
+               f"outputs {', '.join(f'{k} {v.dtype}{list(v.shape)}' for k, v in out.outputs.items()) or 'none'} "
+               f"written to {path}")
+    for i in sorted(out.failures)[:20]:
+        res = out.failures[i]
+        click.echo(f"sample {i}: {res.status} {res.code}: {res.message}")
+    if len(out.failures) > 20:
+        click.echo(f"... and {len(out.failures) - 20} more failed samples")
+    if out.failures:
         sys.exit(2)
 
 

@@ -73,6 +73,29 @@ def test_submit_many_samples_in_chunks(redis_url: str, workers: None, tmp_path: 
     assert code == 2 and "--batch applies to --input" in out
 
 
+def test_submit_batch_to_an_npz_through_the_array_path(redis_url: str, workers: None, tmp_path: Path) -> None:
+    xs = np.random.default_rng(3).standard_normal((300, 4)).astype(np.float32)
+    np.save(tmp_path / "xs.npy", xs)
+    out_file = tmp_path / "out.npz"
+    code, out = invoke(redis_url, "submit", "affine", "--input", f"x={tmp_path / 'xs.npy'}", "--batch",
+                       "--chunk-size", "64", "--output", str(out_file))
+    assert code == 0, out
+    assert "300 samples, 300 ok, 0 failed" in out and "y float32[300, 4]" in out
+    with np.load(out_file) as saved:
+        assert saved["ok"].all()
+        np.testing.assert_array_equal(saved["y"], affine_reference(xs))
+    xs[123, 1] = np.inf
+    np.save(tmp_path / "xs.npy", xs)
+    code, out = invoke(redis_url, "submit", "affine", "--input", f"x={tmp_path / 'xs.npy'}", "--batch",
+                       "--output", str(out_file))
+    assert code == 2 and "299 ok, 1 failed" in out and "sample 123: error bad_value" in out
+    with np.load(out_file) as saved:  # written before exiting 2
+        assert saved["ok"].sum() == 299 and not saved["ok"][123]
+    code, out = invoke(redis_url, "submit", "affine", "--input", f"x={tmp_path / 'xs.npy'}",
+                       "--output", str(out_file))
+    assert code == 2 and "add --batch" in out
+
+
 def test_submit_error_result_exits_2(redis_url: str, workers: None, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.ones(3, np.float32))
     code, out = invoke(redis_url, "submit", "affine", "--input", str(tmp_path / "x.npy"))
