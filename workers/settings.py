@@ -18,6 +18,7 @@ A field added here is reachable from all of them without further wiring.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import uuid
@@ -226,8 +227,10 @@ class WorkerSettings(Settings):
         dead-lettered by their sizes, their payload never copied."""
         return self.max_payload_bytes + ENVELOPE_ALLOWANCE_BYTES
 
-    @property
+    @functools.cached_property
     def limits(self) -> Limits:
+        # cached: the decoder asks for it on every entry (settings are frozen; a live change
+        # makes new settings)
         return Limits(max_payload_bytes=self.max_payload_bytes)
 
 

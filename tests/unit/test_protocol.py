@@ -276,3 +276,17 @@ def test_error_codes_are_stable_strings() -> None:
     assert all(re.fullmatch(r"[a-z_]+", c) for c in E.ALL_CODES)
     assert str(E.QueueFull("full")) == "[queue_full] full"
     assert E.InferenceFailed("x", code=E.BAD_VALUE).code == E.BAD_VALUE
+
+
+def test_dtype_name_matches_numpy_for_every_byte_order_and_falls_back() -> None:
+    from headrace.client.wire import DTYPES, dtype_name
+
+    for base in DTYPES.values():
+        for dt in (base, base.newbyteorder(">"), base.newbyteorder("="), base.newbyteorder("<")):
+            assert dtype_name(dt) == dt.name
+    for other in (np.dtype("complex64"), np.dtype("datetime64[s]"), np.dtype([("a", "<f4")]), np.dtype("U3")):
+        assert dtype_name(other) == other.name
+    with pytest.raises(E.InvalidTensorError):
+        P.encode_tensor(np.ones(2, np.complex64))
+    back = P.decode_tensor(P.encode_tensor(np.arange(3, dtype=">i4")))
+    assert back.dtype == np.dtype("int32") and back.tolist() == [0, 1, 2]

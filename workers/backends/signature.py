@@ -24,6 +24,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, Request
+from headrace.client.wire import dtype_name
 from headrace.models.repository.manifest import NO_BATCH, IOSpec, Manifest
 from headrace.workers.backends.base import Servable
 
@@ -204,7 +205,7 @@ def check_results(manifest: Manifest, specs: Sequence[Any], results: Sequence[Ma
                 break
             a = np.asarray(a)
             want = tuple(s.shape)
-            if a.dtype.name != s.dtype or a.ndim != len(want) or any(
+            if dtype_name(a.dtype) != s.dtype or a.ndim != len(want) or any(
                     w not in (-1, g) for w, g in zip(want, a.shape, strict=False)):
                 problems.append(f"output {s.name!r}: manifest says {s.dtype} {fmt_dims(want)} per sample; "
                                 f"the model returned {a.dtype.name} {fmt_dims(a.shape)}")

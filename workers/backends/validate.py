@@ -15,6 +15,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import Request
+from headrace.client.wire import dtype_name
 from headrace.workers.backends.base import TensorSpec
 
 
@@ -58,7 +59,7 @@ def check_tensors(request: Request, specs: Sequence[TensorSpec], reject_non_fini
         arr: np.ndarray[Any, Any] | None = request.inputs.get(spec.name)
         if arr is None:
             raise E.MissingFieldError(f"input {spec.name!r} is missing")
-        if arr.dtype.name != spec.dtype:
+        if dtype_name(arr.dtype) != spec.dtype:
             raise E.InvalidTensorError(
                 f"input {spec.name!r} has dtype {arr.dtype.name}, expected {spec.dtype}", code=E.BAD_DTYPE)
         if not _shape_matches(tuple(arr.shape), tuple(spec.shape)):
