@@ -150,7 +150,7 @@ def test_memory_broker_trim_and_claim_follow_stream_semantics() -> None:
 
 
 def test_xreadgroup_reply_shapes_are_all_understood() -> None:
-    from headrace.workers.broker.redis_broker import _stream_entries
+    from headrace.workers.broker.replies import stream_entries as _stream_entries
 
     entries = [(b"1-0", {b"a": b"1"}), (b"1-1", {b"b": b"2"})]
     assert _stream_entries(None) == [] and _stream_entries({}) == [] and _stream_entries([]) == []

@@ -22,11 +22,20 @@ from headrace.workers.broker import scripts
 from headrace.workers.broker.backlog import Backlog, group_backlog, last_entry_id, stale_lag
 from headrace.workers.broker.base import Broker, CommitRejected
 from headrace.workers.broker.inbox import RelayStep
+from headrace.workers.broker.replies import (
+    flat_fields,
+    is_transient,
+    marker_ms,
+    raised_inside_redis_py,
+    script_entry,
+    sized,
+    stream_entries,
+    text,
+)
 from headrace.workers.pipeline.entry import (
     ROUTING_FIELD_MAX_BYTES,
     ROUTING_FIELDS,
     Entry,
-    truncated_entry,
 )
 from headrace.workers.pipeline.ops import DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, DLQ_SCRIPT_NAMES, Ack, Op, Reply
 from headrace.workers.pipeline.stats import BatchStats
@@ -38,77 +47,6 @@ T = TypeVar("T")
 STATS_MAXLEN = 2000
 REFRESH_CHUNK = 1000  # ids per refresh script call (Lua unpack() stack limit is ~8000)
 CLAIM_PAGES = 64  # most CLAIM script calls per claim_abandoned (pages of the pending list)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
-
-
-def _ms(value: Any) -> int:
-    """A cancel marker's value (Unix ms as text) as an int; 0 when absent or malformed."""
-    try:
-        return int(value) if value is not None and len(value) <= 20 else 0
-    except (TypeError, ValueError):
-        return 0
-
-
-def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
-
-
-def _stream_entries(resp: Any) -> list[tuple[Any, Any]]:
-    """(id, fields) pairs of a one-stream XREADGROUP reply, whichever shape redis-py gives:
-    RESP2-style ``[[stream, entries]]``, or RESP3-style ``{stream: entries}`` /
-    ``{stream: [entries]}``."""
-    if not resp:
-        return []
-    groups = list(resp.values()) if isinstance(resp, dict) else [item[1] for item in resp]
-    out: list[tuple[Any, Any]] = []
-    for entries in groups:
-        if entries and isinstance(entries[0], list):  # {stream: [entries]}
-            entries = [e for sub in entries for e in sub]
-        out.extend((e[0], e[1]) for e in entries)
-    return out
-
-
-def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
-    out: list[bytes] = [str(len(fields)).encode()]
-    for k, v in fields.items():
-        out += [k, v]
-    return out
-
-
-def _script_entry(item: Sequence[Any], deliveries: int = 1) -> Entry:
-    """An entry as READ / CLAIM return it: ``[id, flat]`` whole, ``[id, flat, size, n]``
-    truncated (see ``lua/read.lua``)."""
-    entry_id, flat = _s(item[0]), _pairs(item[1])
-    if len(item) >= 4:
-        return truncated_entry(entry_id, flat, deliveries, int(item[2]), int(item[3]))
-    return Entry(entry_id, flat, deliveries)
-
-
-def _transient(err: Exception) -> bool:
-    """A server state that passes (out of memory, loading, a failover), not a refusal of
-    the ops themselves."""
-    return str(err).split(" ", 1)[0].upper() in {"OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN",
-                                                  "CLUSTERDOWN", "NOREPLICAS"}
-
-
-def _sized(entry: Entry, max_entry_bytes: int) -> Entry:
-    """``entry`` truncated when it is larger than ``max_entry_bytes``."""
-    if entry.size_bytes <= max_entry_bytes:
-        return entry
-    return truncated_entry(entry.entry_id, entry.fields, entry.deliveries, entry.size_bytes, entry.field_count)
-
-
-def _raised_inside_redis_py(e: BaseException) -> bool:
-    """Whether the innermost frame of ``e``'s traceback is redis-py's (or asyncio's streams,
-    which redis-py writes through) rather than this package's."""
-    tb = e.__traceback__
-    last = None
-    while tb is not None:
-        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
-    return last is not None and ("/redis/" in last or "/asyncio/" in last)
 
 
 class RedisBroker(Broker):
@@ -169,7 +107,7 @@ class RedisBroker(Broker):
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 raise E.BrokerError(f"{what}: Redis unreachable: {e}") from e
             except (AttributeError, TypeError) as e:
-                if not _raised_inside_redis_py(e):
+                if not raised_inside_redis_py(e):
                     raise
                 # redis-py's asyncio cluster client tears a node's connections down when the
                 # node fails, also under a command another task is writing on one of them
@@ -238,16 +176,16 @@ class RedisBroker(Broker):
                                                 count=1, block=max(1, int(block_ms)))
 
         resp = await self._call("XREADGROUP", wait)
-        return [_sized(Entry(_s(entry_id), fields or {}, 1), self.max_entry_bytes)
-                for entry_id, fields in _stream_entries(resp)]
+        return [sized(Entry(text(entry_id), fields or {}, 1), self.max_entry_bytes)
+                for entry_id, fields in stream_entries(resp)]
 
     async def read_ready(self, count: int, budget_bytes: int | None = None) -> list[Entry]:
         args = [self.settings.group, self.consumer, max(1, int(count)), *self._sizing_args(budget_bytes)]
 
-        async def sized() -> Any:
+        async def go() -> Any:
             return await self._script("READ")(keys=[self.keys.requests], args=args)
 
-        return [_script_entry(item) for item in await self._call("XREADGROUP", sized)]
+        return [script_entry(item) for item in await self._call("XREADGROUP", go)]
 
     async def claim_abandoned(self, min_idle_ms: int, count: int, budget_bytes: int | None = None) -> list[Entry]:
         out: list[Entry] = []
@@ -264,10 +202,10 @@ class RedisBroker(Broker):
 
             next_start, items, full = await self._call("XAUTOCLAIM", go)
             for item in items:
-                entry = _script_entry(item[:-1], int(item[-1]))
+                entry = script_entry(item[:-1], int(item[-1]))
                 out.append(entry)
                 left -= 0 if entry.truncated else entry.size_bytes
-            start = _s(next_start)
+            start = text(next_start)
             if start == "0-0" or int(full) or len(out) >= count or left <= 0:
                 break
         return out
@@ -282,7 +220,7 @@ class RedisBroker(Broker):
                 return await self._script("REFRESH")(keys=[self.keys.requests],
                                                      args=[self.settings.group, self.consumer, *chunk])
 
-            owned += [_s(x) for x in await self._call("lease refresh", go)]
+            owned += [text(x) for x in await self._call("lease refresh", go)]
         return owned
 
     async def release(self, entries: Sequence[Entry], idle_ms: int) -> list[str]:
@@ -295,7 +233,7 @@ class RedisBroker(Broker):
             async def go(args: list[Any] = args) -> Any:
                 return await self._script("RELEASE")(keys=[self.keys.requests], args=args)
 
-            out += [_s(x) for x in await self._call("release", go)]
+            out += [text(x) for x in await self._call("release", go)]
         return out
 
     async def answered(self, request_ids: Sequence[str]) -> list[bool]:
@@ -328,7 +266,7 @@ class RedisBroker(Broker):
         async def go() -> Any:
             return await self.client.mget(keys)
 
-        return [_ms(v) for v in await self._call("cancel check", go)]
+        return [marker_ms(v) for v in await self._call("cancel check", go)]
 
     def _commit_args(self, ops: Sequence[Op], at_ms: int) -> tuple[list[str], list[Any]]:
         keys = [self.keys.requests, self.keys.dlq]
@@ -341,14 +279,14 @@ class RedisBroker(Broker):
                 # reply_to comes from the producer: the SDK keeps it in this model's hash slot
                 # (cluster-safe); on a single Redis any key works.
                 keys += [self.keys.done(op.request_id), op.reply_to]
-                args += [b"R", op.entry_id, *_flat(op.fields)]
+                args += [b"R", op.entry_id, *flat_fields(op.fields)]
             else:
                 with_reply = op.request_id is not None and op.reply_to is not None and op.reply_fields is not None
                 if with_reply:
                     assert op.request_id is not None and op.reply_to is not None
                     keys += [self.keys.done(op.request_id), op.reply_to]
-                args += [b"D", op.entry_id, b"1" if with_reply else b"0", *_flat(op.dlq_fields(at_ms)),
-                         *_flat(op.reply_fields or {})]
+                args += [b"D", op.entry_id, b"1" if with_reply else b"0", *flat_fields(op.dlq_fields(at_ms)),
+                         *flat_fields(op.reply_fields or {})]
         return keys, args
 
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
@@ -380,7 +318,7 @@ class RedisBroker(Broker):
                     res[0] = await script(keys=keys, args=args)
                 except redis.ResponseError as e:
                     res[0] = e
-            if ops and isinstance(res[0], redis.ResponseError) and not _transient(res[0]):
+            if ops and isinstance(res[0], redis.ResponseError) and not is_transient(res[0]):
                 # The script refused the ops (e.g. a reply key in another cluster slot, a DLQ
                 # key of another type): the same ops would fail the same way. Redis does not
                 # roll a script back, but what it applied before the failing op carries
@@ -480,7 +418,7 @@ class RedisBroker(Broker):
             return await self._script("CLEANUP")(keys=[self.keys.requests],
                                                  args=[self.settings.group, int(min_idle_ms), only or ""])
 
-        return [_s(x) for x in await self._call("consumer cleanup", go)]
+        return [text(x) for x in await self._call("consumer cleanup", go)]
 
     async def ping(self) -> None:
         async def go() -> Any:
