@@ -126,9 +126,9 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
     for key in ("dtype", "shape", "data"):
         if key not in obj:
             raise E.MissingFieldError(f"{name}: tensor field {key!r} is missing")
-    dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise E.InvalidTensorError(f"{name}: dtype {quote(dtype_name)} is not one of {sorted(DTYPES)}",
+    wire_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(wire_name, str) or wire_name not in DTYPES:
+        raise E.InvalidTensorError(f"{name}: dtype {quote(wire_name)} is not one of {sorted(DTYPES)}",
                                    code=E.BAD_DTYPE)
     if (not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -145,10 +145,10 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
     if math.prod(d or 1 for d in shape) > limits.max_elements:
         raise E.InvalidTensorError(f"{name}: shape {quote(shape)} has dimensions beyond "
                                    f"{limits.max_elements} elements", code=E.BAD_SHAPE)
-    dt = DTYPES[dtype_name]
+    dt = DTYPES[wire_name]
     if n * dt.itemsize != len(data):
         raise E.InvalidTensorError(
-            f"{name}: shape {list(shape)} of {dtype_name} needs {n * dt.itemsize} bytes, got {len(data)}",
+            f"{name}: shape {list(shape)} of {wire_name} needs {n * dt.itemsize} bytes, got {len(data)}",
             code=E.BAD_SHAPE)
     arr = np.frombuffer(bytes(data), dtype=dt).reshape(shape)
     return arr.astype(dt.newbyteorder("="), copy=False)

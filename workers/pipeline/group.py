@@ -18,6 +18,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import DTYPES, STATUS_ERROR, STATUS_OK, Envelope, Result, Status, error_result
+from headrace.client.wire import dtype_name
 from headrace.workers.pipeline.entry import Entry
 
 #: what a slot answered by a block holds (its outputs are rows of the block's arrays).
@@ -90,7 +91,7 @@ class Group:
         blocks = sorted(self.blocks, key=lambda b: b[0])
         first = blocks[0][2]
         sig = {k: (v.shape[1:], v.dtype) for k, v in first.items()}
-        if any(getattr(v.dtype, "name", None) not in DTYPES for v in first.values()):
+        if not all(_encodable(v) for v in first.values()):
             return None
         for _, _, outs in blocks[1:]:
             if {k: (v.shape[1:], v.dtype) for k, v in outs.items()} != sig:
@@ -113,9 +114,15 @@ class Group:
         out: list[Result] = []
         for res in slots:
             assert res is not None, "results() of an incomplete group"
-            bad = [k for k, v in res.outputs.items() if getattr(getattr(v, "dtype", None), "name", None) not in DTYPES]
+            bad = [k for k, v in res.outputs.items() if not _encodable(v)]
             if bad:
                 res = error_result(res.request_id, E.MODEL_ERROR, f"cannot encode the model output {bad[0]!r}: its "
                                    "dtype is not a wire dtype")
             out.append(res)
         return tuple(out)
+
+
+def _encodable(value: Any) -> bool:
+    """Whether ``value`` has a wire dtype (checked per sample: the fast name lookup)."""
+    dt = getattr(value, "dtype", None)
+    return isinstance(dt, np.dtype) and dtype_name(dt) in DTYPES
