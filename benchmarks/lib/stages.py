@@ -41,6 +41,10 @@ NOT_CPU = (DEVICE_WAIT, IDLE)
 IDLE_LEAVES = frozenset({"EpollSelector.select", "PollSelector.select", "SelectSelector.select", "Condition.wait",
                          "Event.wait", "SimpleQueue.get", "Queue.get", "Thread.join", "Lock.acquire"})
 
+# Python lines that block in C (py-spy shows the Python frame as the leaf): the inference
+# thread waiting for its next job.
+IDLE_LINES: tuple[tuple[str, str], ...] = (("workers/engine/daemon.py", "self._jobs.get()"),)
+
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<path>[^()]*):(?P<line>\d+)\)$")
 
 
@@ -126,17 +130,28 @@ FALLBACK_RULES: tuple[Rule, ...] = (
 )
 
 CLIENT_RULES: tuple[Rule, ...] = (
-    _r("reply read", "client/protocol.py", "decode_result", "decode_tensor", "_unpack", "Timings.from_wire", "_s"),
+    _r("reply read", "client/results.py"),
+    _r("reply read", "client/wire.py", "decode_tensor", "unpack_msgpack", "field_text"),
+    _r("reply read", "client/core.py", "ClientCore.take_replies", "ClientCore.take_deletes"),
+    _r("reply read", "client/flows.py", "read_loop"),
+    _r("reply read", "client/async_io.py", "AsyncIO._xread", "AsyncIO._resolve", "AsyncIO._delete"),
+    _r("reply read", "client/tickets.py", "ordered_results", "Ticket.result", "Ticket.done", "Ticket._outcome"),
+    _r("submit", "client/wire.py"),
     _r("submit", "client/protocol.py"),
     _r("submit", "client/submit.py"),
+    _r("submit", "client/samples.py"),
     _r("submit", "client/pipeline.py"),
-    _r("submit", "client/aio.py", "AsyncClient._submit_tickets", "AsyncClient._new_ticket", "AsyncClient._enqueue"),
-    _r("reply read", "client/aio.py", "AsyncClient._read_loop"),
-    _r("reply read", "client/tickets.py"),
-    _r("submit", "client/bulk.py", "settle"),
+    _r("submit", "client/chunks.py", "prepare_chunk"),
+    _r("submit", "client/core.py"),
+    _r("submit", "client/tickets.py"),
+    _r("submit", "client/flows.py", "send", "gate"),
+    _r("submit", "client/async_io.py", "AsyncIO._send"),
     _r("map bookkeeping", "client/bulk.py"),
-    _r("map bookkeeping", "client/aio.py"),
-    _r("map bookkeeping", "benchmarks/lib/saturate.py", "saturate", "items"),
+    _r("map bookkeeping", "client/chunks.py"),
+    _r("map bookkeeping", "client/arrays.py"),
+    _r("map bookkeeping", "client/flows.py"),
+    _r("map bookkeeping", "client/effects.py"),
+    _r("map bookkeeping", "benchmarks/lib/saturate.py"),
 )
 
 
@@ -162,6 +177,9 @@ def classify(stack: Sequence[str], rules: Sequence[Rule]) -> str:
     :data:`FALLBACK_RULES`; else ``event loop / other``."""
     frames = [parse_frame(f) for f in reversed(stack)]
     if frames and frames[0][0] in IDLE_LEAVES:
+        return IDLE
+    if frames and frames[0][1] and any(frames[0][1].endswith(p) and text in _source_line(frames[0][1], frames[0][2])
+                                       for p, text in IDLE_LINES):
         return IDLE
     for tier in (rules, FALLBACK_RULES):
         for func, path, line in frames:

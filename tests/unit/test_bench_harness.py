@@ -56,12 +56,29 @@ def test_classify_idle_device_and_unattributed_io() -> None:
 
 
 def test_client_rules_split_submit_and_reply_read() -> None:
-    submit = _stack("AsyncClient.imap (client/aio.py:290)", "AsyncClient._submit_tickets (client/aio.py:170)",
-                    "settle (client/bulk.py:40)")
+    submit = _stack("_run_window (client/flows.py:260)", "MapWindow.to_send (client/bulk.py:123)",
+                    "_run_window.<locals>.prepare (client/flows.py:242)", "ClientCore.new_ticket (client/core.py:140)",
+                    "encode_request (client/protocol.py:125)", "encode_tensor (client/wire.py:106)")
     assert stages.classify(submit, stages.CLIENT_RULES) == "submit"
-    read = _stack("AsyncClient._read_loop (client/aio.py:350)", "decode_result (client/protocol.py:430)",
-                  "decode_tensor (client/protocol.py:130)")
+    read = _stack("adrive (client/effects.py:160)", "read_loop (client/flows.py:330)",
+                  "ClientCore.take_replies (client/core.py:285)", "decode_result (client/results.py:190)",
+                  "decode_tensor (client/wire.py:150)")
     assert stages.classify(read, stages.CLIENT_RULES) == "reply read"
+    window = _stack("_run_window (client/flows.py:270)", "MapWindow.popleft (client/bulk.py:204)")
+    assert stages.classify(window, stages.CLIENT_RULES) == "map bookkeeping"
+
+
+def test_the_inference_thread_waiting_for_a_job_is_idle() -> None:
+    import inspect
+
+    from headrace.workers.engine import daemon
+
+    lines, first = inspect.getsourcelines(daemon.DaemonExecutor._main)
+    at = first + next(i for i, text in enumerate(lines) if "self._jobs.get()" in text)
+    waiting = ["Thread._bootstrap (threading.py:1002)", f"DaemonExecutor._main (workers/engine/daemon.py:{at})"]
+    assert stages.classify(waiting, stages.WORKER_RULES) == stages.IDLE
+    running = ["Thread._bootstrap (threading.py:1002)", f"DaemonExecutor._main (workers/engine/daemon.py:{at + 5})"]
+    assert stages.classify(running, stages.WORKER_RULES) != stages.IDLE
 
 
 def test_raw_output_to_us_per_sample_and_apportioned_cpu() -> None:
