@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from headrace.client.errors import ConfigError, ModelError
 from headrace.client.optional import install_command
@@ -64,10 +65,8 @@ def _keras_to_saved_model(path: Path, dst: Path) -> None:
 
 def tflite_names(path: Path) -> dict[str, str]:
     """Tensor name -> signature key of a ``.tflite`` file's ``serving_default`` signature."""
-    import tensorflow as tf
-
     try:
-        interp = tf.lite.Interpreter(model_path=str(path))
+        interp = tflite_interpreter(path)
         sigs = interp.get_signature_list()
         if not sigs:
             return {}
@@ -76,6 +75,18 @@ def tflite_names(path: Path) -> dict[str, str]:
     except (ValueError, RuntimeError):
         return {}
     return {str(d["name"]): str(key) for key, d in details.items()}
+
+
+def tflite_interpreter(path: Path) -> Any:
+    """LiteRT's interpreter (``ai_edge_litert``), else TensorFlow's own (deprecated, to be
+    removed in TF 2.20)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_path=str(path))
 
 
 def rename_tensors(path: Path, names: dict[str, str]) -> None:

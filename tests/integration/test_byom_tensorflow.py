@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from headrace.models.importers.tensorflow import tflite_interpreter
 from tests.support.byom import latest, max_batch_seen, models_add, raw_infer, sdk_infer, serving
 
 pytestmark = pytest.mark.timeout(420)
@@ -36,7 +37,7 @@ def tf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tflite = folder / "clf.tflite"
     tflite.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     x = np.random.default_rng(0).standard_normal((10, 6)).astype(np.float32)
-    interp = tf.lite.Interpreter(model_path=str(tflite))
+    interp = tflite_interpreter(tflite)
     runner = interp.get_signature_runner()
     lite_out = np.concatenate([next(iter(runner(features=x[i:i + 1]).values())) for i in range(len(x))])
     return {"keras": folder / "clf.keras", "tflite": tflite, "x": x,
