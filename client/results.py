@@ -276,12 +276,14 @@ def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings
     if any(a.ndim == 0 or a.shape[0] != len(raw) for a in stacked.values()):
         raise E.DecodeError("result 'stacked' outputs need a leading dimension of one row per sample")
     own = False
+    statuses: list[str] = []
     for slot in raw:
         if not isinstance(slot, dict) or slot.get("status") not in STATUSES:
             raise E.DecodeError("each result sample needs a status of ok|error|expired|rejected")
+        statuses.append(slot["status"])
         own = own or "outputs" in slot
     if not own:
-        return SampleResults(request_id, raw, stacked, timings, model, version)
+        return SampleResults(request_id, raw, stacked, timings, model, version, statuses)
     out: list[Result] = []
     for i, slot in enumerate(raw):
         outs = slot.get("outputs") or {}
@@ -304,12 +306,14 @@ class SampleResults(Sequence[Result]):
     ``Client.map_arrays``). Compares equal to any sequence of the same results.
     """
 
-    __slots__ = ("_request_id", "_slots", "_stacked", "_timings", "_model", "_version")
+    __slots__ = ("_request_id", "_slots", "_stacked", "_timings", "_model", "_version", "_statuses")
 
     def __init__(self, request_id: str, slots: Sequence[Mapping[str, Any]],
-                 stacked: Mapping[str, np.ndarray[Any, Any]], timings: Timings, model: str, version: str) -> None:
+                 stacked: Mapping[str, np.ndarray[Any, Any]], timings: Timings, model: str, version: str,
+                 statuses: Sequence[str] | None = None) -> None:
         self._request_id, self._slots, self._stacked = request_id, slots, stacked
         self._timings, self._model, self._version = timings, model, version
+        self._statuses = list(statuses) if statuses is not None else [str(s["status"]) for s in slots]
 
     @property
     def stacked(self) -> Mapping[str, np.ndarray[Any, Any]]:
@@ -319,7 +323,10 @@ class SampleResults(Sequence[Result]):
 
     def ok_mask(self) -> np.ndarray[Any, Any]:
         """A bool per sample: True where its status is ``ok``."""
-        return np.fromiter((s["status"] == STATUS_OK for s in self._slots), dtype=bool, count=len(self._slots))
+        n = len(self._statuses)
+        if self._statuses.count(STATUS_OK) == n:  # the common case, counted in C
+            return np.ones(n, dtype=bool)
+        return np.fromiter((s == STATUS_OK for s in self._statuses), dtype=bool, count=n)
 
     def __len__(self) -> int:
         return len(self._slots)
