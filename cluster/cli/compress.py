@@ -27,6 +27,7 @@ ANY_FIELDS = {
     "held_out_fraction": ("", "held_out_fraction"), "min_fidelity": ("", "min_fidelity"), "kind": ("", "kind"),
     "output": ("", "output"), "publish": ("", "publish"), "calibration_limit": ("", "calibration_limit"),
     "calibration_method": ("quantize", "method"), "per_channel": ("quantize", "per_channel"),
+    "weight_bits": ("quantize", "weight_bits"),
     "mixed": ("quantize", "mixed"), "prune_fraction": ("prune", "fraction"),
     "recover_steps": ("prune", "recover_steps"), "tflite_quant": ("tflite", "quant"),
     "tflite_seq_length": ("tflite", "seq_length"),
@@ -92,6 +93,10 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None)
 @click.option("--calibration-limit", type=int, default=None, help="Use at most this many calibration samples.")
 @click.option("--per-channel/--per-tensor", default=None, help="INT8 weight scales per output channel.")
+@click.option("--weight-bits", type=click.Choice(["auto", "8", "7"]), default=None,
+              help="INT8 weight precision: 7 bits (ONNX Runtime's reduce_range) avoids the saturation of 8-bit "
+                   "weights in its integer kernels on x86 CPUs without VNNI; auto picks 7 there, else 8. "
+                   "[default: auto]")
 @click.option("--mixed/--no-mixed", default=None, help="Keep the most sensitive nodes fp32 until the gate holds.")
 @click.option("--prune-fraction", type=float, default=None, help="Share of channels torch-pruning removes.")
 @click.option("--recover-steps", type=int, default=None, help="Recovery distillation steps after pruning.")

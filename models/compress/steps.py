@@ -35,6 +35,8 @@ class QuantizeOptions:
         mixed: keep the most sensitive nodes in fp32 until the fidelity floor holds on
             calibration samples (False: quantize everything chosen).
         batch_size: calibration batch size.
+        weight_bits: ``auto`` (7 on an x86 CPU without VNNI, where 8-bit weights saturate
+            ONNX Runtime's integer kernels; else 8), ``8`` or ``7`` (ORT's ``reduce_range``).
     """
 
     per_channel: bool = True
@@ -42,15 +44,27 @@ class QuantizeOptions:
     op_types: tuple[str, ...] = ()
     mixed: bool = True
     batch_size: int = 16
+    weight_bits: str = "auto"
+
+    @property
+    def reduce_range(self) -> bool | None:
+        """ORT's ``reduce_range`` for :attr:`weight_bits` (None: the quantizer decides)."""
+        return None if self.weight_bits == "auto" else self.weight_bits == "7"
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"calibration method {self.method!r}: choose one of {list(CALIBRATION_METHODS)}")
         if self.batch_size < 1:
             raise ConfigError("calibration batch_size must be >= 1")
+        if self.weight_bits not in ("auto", "8", "7"):
+            raise ConfigError(f"weight_bits {self.weight_bits!r}: choose auto, 8 or 7")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        from headrace.models.compress.quantize import cpu_needs_reduce_range
+
+        # what was used, not just what was asked: "auto" resolved on this host
+        bits = self.weight_bits if self.weight_bits != "auto" else "7" if cpu_needs_reduce_range() else "8"
+        return {**asdict(self), "weight_bits": bits}
 
 
 @dataclass(frozen=True)
@@ -188,13 +202,14 @@ def _mixed(ctx: StepContext, src: Path, dst: Path, mode: str) -> tuple[Any, tupl
     if mode == "dynamic":
         def qfn(s: Path, d: Path, nq: Sequence[str] | None, ne: Sequence[str]) -> None:
             Q.quantize_dynamic_int8(s, d, per_channel=ctx.quantize.per_channel, nodes_to_quantize=nq,
-                                    nodes_to_exclude=ne, op_types=ops)
+                                    nodes_to_exclude=ne, op_types=ops, reduce_range=ctx.quantize.reduce_range)
     else:
         cal = ctx.feeds(same_length=ctx.quantize.method != "minmax")
 
         def qfn(s: Path, d: Path, nq: Sequence[str] | None, ne: Sequence[str]) -> None:
             Q.quantize_static_int8(s, d, cal, per_channel=ctx.quantize.per_channel, nodes_to_quantize=nq,
-                                   nodes_to_exclude=ne, op_types=ops, method=ctx.quantize.method, cache_path=cache)
+                                   nodes_to_exclude=ne, op_types=ops, method=ctx.quantize.method, cache_path=cache,
+                                   reduce_range=ctx.quantize.reduce_range)
     if not ctx.quantize.mixed:
         qfn(src, dst, None, ())
         return Q.MixedPrecisionResult(dst, (), float("nan"), ctx.floor, True), ops

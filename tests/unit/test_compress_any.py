@@ -161,7 +161,12 @@ def test_cli_options_map_onto_the_option_objects(tmp_path: Path) -> None:
     assert isinstance(opts, AnyModelOptions) and opts.data == Path("d.npz") and opts.publish == "version"
     assert (opts.quantize.method, opts.quantize.mixed, opts.prune.fraction, opts.tflite.quant) == \
         ("entropy", False, 0.3, "dynamic")
-    assert opts.tflite.seq_length == 128
+    assert opts.tflite.seq_length == 128 and opts.quantize.weight_bits == "auto" and opts.quantize.reduce_range is None
+    seven = build_options("m", str(tmp_path), {"data": "d.npz", "weight_bits": "7"})
+    assert seven.quantize.reduce_range is True and seven.quantize.to_dict()["weight_bits"] == "7"
+    assert build_options("m", str(tmp_path), {"data": "d.npz", "weight_bits": "8"}).quantize.reduce_range is False
+    with pytest.raises(ConfigError, match="weight_bits"):
+        build_options("m", str(tmp_path), {"data": "d.npz", "weight_bits": "4"})
     with pytest.raises(ConfigError, match="seq_length"):
         build_options("m", str(tmp_path), {"data": "d.npz", "tflite_seq_length": -1})
     assert opts.steps == ("quantize-static", "prune")
