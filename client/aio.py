@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 
 from headrace.client import flows
-from headrace.client.arrays import ArrayResults, block_arrays
+from headrace.client.arrays import ArrayResults, one_block
 from headrace.client.async_io import AsyncIO
 from headrace.client.bulk import MapItem
 from headrace.client.config import ClientSettings
@@ -222,7 +222,8 @@ class AsyncClient:
                                            deadline_s=deadline_s, raise_on_error=raise_on_error, total=total,
                                            retry=retry, chunk_size=chunk_size)]
 
-    def imap_arrays(self, model: str, blocks: Iterable[Mapping[str, Any]], *, progress: ProgressOption = None,
+    def imap_arrays(self, model: str, blocks: Iterable[Mapping[str, Any] | Sequence[str]], *,
+                    progress: ProgressOption = None,
                     timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = True,
                     total: int | None = None, retry: Retry | None = None,
                     chunk_size: int | None = None) -> AsyncIterator[ArrayResults]:
@@ -232,7 +233,8 @@ class AsyncClient:
                                                   deadline_s=deadline_s, retry=retry, progress=bar,
                                                   raise_on_error=raise_on_error, chunk_size=chunk_size))
 
-    async def map_arrays(self, model: str, inputs: Mapping[str, Any], *, progress: ProgressOption = None,
+    async def map_arrays(self, model: str, inputs: Mapping[str, Any] | None = None, *,
+                         texts: Sequence[str] | None = None, progress: ProgressOption = None,
                          timeout_s: float | None = None, deadline_s: float | None = None,
                          raise_on_error: bool = True, retry: Retry | None = None,
                          chunk_size: int | None = None) -> ArrayResults:
@@ -242,7 +244,7 @@ class AsyncClient:
             ProtocolError, InferenceFailed, RequestExpired, UnknownModel, ModelUnavailable,
             ResultTimeout, QueueFull, BrokerError.
         """
-        block, n = block_arrays(inputs)
+        block, n = one_block(inputs, texts)
         out = [r async for r in self.imap_arrays(model, [block], progress=progress, timeout_s=timeout_s,
                                                  deadline_s=deadline_s, raise_on_error=raise_on_error, total=n,
                                                  retry=retry, chunk_size=chunk_size)]

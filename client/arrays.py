@@ -2,8 +2,9 @@
 with a leading sample axis, answers out as the same, with no Python object per sample.
 
 A *block* is one mapping of input name -> array whose leading axis is the sample axis (all
-inputs share its length). It goes out as consecutive multi-sample entries of at most
-``chunk_size`` samples, each a slice (a view) of the block's arrays; each entry's ``stacked``
+inputs share its length), or, for a text model, a list of texts. It goes out as consecutive
+multi-sample entries of at most ``chunk_size`` samples, each a slice (a view) of the block's
+arrays (or texts); each entry's ``stacked``
 result rows are copied into one output array per name, and the block is answered by one
 :class:`ArrayResults`: the outputs, a bool per sample, and the result of each sample that
 is not ok.
@@ -12,7 +13,7 @@ is not ok.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,18 +167,60 @@ Plan = collections.deque[tuple[BlockAssembler, int]]
 """Per entry sent, in input order: its block's assembler and the entry's first sample index."""
 
 
-def array_entries(blocks: Iterable[Any], chunk_size: int, plan: Plan) -> Iterator[Chunk]:
-    """The entries of ``blocks`` (lazily, one block at a time), each a :class:`Chunk` of
-    views of at most ``chunk_size`` samples; each entry's place goes onto ``plan`` as it is
-    read.
+def one_block(inputs: Mapping[str, Any] | None, texts: Sequence[str] | None) -> tuple[Any, int]:
+    """``map_arrays``' one block (arrays or texts) and its sample count.
 
     Raises:
-        ProtocolError: a malformed block (see :func:`block_arrays`).
+        ProtocolError: not exactly one of ``inputs`` and ``texts``; a malformed block.
+    """
+    if (inputs is None) == (texts is None):
+        raise E.ProtocolError("give either inputs (arrays) or texts", code=E.BAD_VALUE)
+    if inputs is not None:
+        return block_arrays(inputs)
+    listed = block_texts(texts)
+    return listed, len(listed)
+
+
+def block_texts(block: Any) -> list[str]:
+    """The texts of a block of a text model (a list, tuple or 1-d str array of str).
+
+    Raises:
+        ProtocolError: a bare str, an item that is not a str (``bad_value``), or no texts
+            (``bad_shape``).
+    """
+    if isinstance(block, (str, bytes)) or not isinstance(block, (list, tuple, np.ndarray)):
+        raise E.ProtocolError("a block of texts is a list of str (one text per sample), "
+                              f"got {type(block).__name__}", code=E.BAD_VALUE)
+    texts = list(block.tolist() if isinstance(block, np.ndarray) else block)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise E.ProtocolError(f"text {bad} of the block is a {type(texts[bad]).__name__}, not a str",
+                              code=E.BAD_VALUE)
+    if not texts:
+        raise E.InvalidTensorError("a block needs at least one sample", code=E.BAD_SHAPE)
+    return texts
+
+
+def array_entries(blocks: Iterable[Any], chunk_size: int, plan: Plan) -> Iterator[Chunk]:
+    """The entries of ``blocks`` (lazily, one block at a time), each a :class:`Chunk` of
+    views (or texts) of at most ``chunk_size`` samples; each entry's place goes onto
+    ``plan`` as it is read.
+
+    Raises:
+        ProtocolError: a malformed block (see :func:`block_arrays`, :func:`block_texts`).
     """
     for block in blocks:
-        arrays, n = block_arrays(block)
+        if isinstance(block, Mapping):
+            arrays, n = block_arrays(block)
+            texts: list[str] = []
+        else:
+            arrays, texts = {}, block_texts(block)
+            n = len(texts)
         asm = BlockAssembler(n)
         for start in range(0, n, chunk_size):
             size = min(chunk_size, n - start)
             plan.append((asm, start))
-            yield Chunk(size, inputs={k: a[start:start + size] for k, a in arrays.items()})
+            if texts:
+                yield Chunk(size, texts=texts[start:start + size])
+            else:
+                yield Chunk(size, inputs={k: a[start:start + size] for k, a in arrays.items()})

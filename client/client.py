@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import redis
 
 from headrace.client import flows
-from headrace.client.arrays import ArrayResults, block_arrays
+from headrace.client.arrays import ArrayResults, one_block
 from headrace.client.bulk import MapItem
 from headrace.client.config import ClientSettings
 from headrace.client.core import ClientCore
@@ -307,12 +307,14 @@ class Client:
                               raise_on_error=raise_on_error, total=total, retry=retry,
                               chunk_size=chunk_size))
 
-    def imap_arrays(self, model: str, blocks: Iterable[Mapping[str, Any]], *, progress: ProgressOption = None,
+    def imap_arrays(self, model: str, blocks: Iterable[Mapping[str, Any] | Sequence[str]], *,
+                    progress: ProgressOption = None,
                     timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = True,
                     total: int | None = None, retry: Retry | None = None,
                     chunk_size: int | None = None) -> Iterator[ArrayResults]:
         """Like :meth:`map_arrays` for a stream of blocks (each a mapping of input name ->
-        array with a leading sample axis, e.g. the batches of a data loader): yields one
+        array with a leading sample axis, e.g. the batches of a data loader, or a list of
+        texts for a text model): yields one
         :class:`ArrayResults` per block, in input order, while later blocks are in flight.
         ``total`` (for the progress bar) counts samples."""
         bar = make_progress(progress, total, model)
@@ -320,12 +322,14 @@ class Client:
                                                   deadline_s=deadline_s, retry=retry, progress=bar,
                                                   raise_on_error=raise_on_error, chunk_size=chunk_size))
 
-    def map_arrays(self, model: str, inputs: Mapping[str, Any], *, progress: ProgressOption = None,
-                   timeout_s: float | None = None, deadline_s: float | None = None, raise_on_error: bool = True,
-                   retry: Retry | None = None, chunk_size: int | None = None) -> ArrayResults:
+    def map_arrays(self, model: str, inputs: Mapping[str, Any] | None = None, *, texts: Sequence[str] | None = None,
+                   progress: ProgressOption = None, timeout_s: float | None = None, deadline_s: float | None = None,
+                   raise_on_error: bool = True, retry: Retry | None = None,
+                   chunk_size: int | None = None) -> ArrayResults:
         """Run ``model`` on every sample of ``inputs`` (input name -> array whose leading axis
-        is the sample axis, the same length for every input) and return the outputs as
-        arrays with the same leading axis: the bulk path without a Python object per sample.
+        is the sample axis, the same length for every input), or on every text of ``texts``
+        (a text model), and return the outputs as arrays with one row per sample: the bulk
+        path without a Python object per sample.
         The samples go out as multi-sample entries of ``chunk_size`` (default
         ``settings.chunk_size``), at most ``settings.max_in_flight`` samples outstanding,
         with the backpressure waits and retries of :meth:`map`.
@@ -335,12 +339,13 @@ class Client:
                 returns it in ``failures`` (its output rows are zeros, ``ok`` is False).
 
         Raises:
-            ProtocolError: inputs without a common leading axis (``bad_shape``), a dtype that
-                is not a wire dtype, or outputs whose row shape differs between entries.
+            ProtocolError: not exactly one of ``inputs`` and ``texts``; inputs without a
+                common leading axis (``bad_shape``), a dtype that is not a wire dtype, a text
+                that is not a str, or outputs whose row shape differs between entries.
             InferenceFailed, RequestExpired: a sample failed (with ``raise_on_error``).
             UnknownModel, ModelUnavailable, ResultTimeout, QueueFull, BrokerError: as :meth:`map`.
         """
-        block, n = block_arrays(inputs)
+        block, n = one_block(inputs, texts)
         return next(iter(self.imap_arrays(model, [block], progress=progress, timeout_s=timeout_s,
                                           deadline_s=deadline_s, raise_on_error=raise_on_error, total=n,
                                           retry=retry, chunk_size=chunk_size)))

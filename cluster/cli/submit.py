@@ -23,9 +23,9 @@ from headrace.cluster.cli.context import CliConfig, pass_cfg
               help="Samples per multi-sample entry with --batch/--texts (default: the client's chunk_size, 32; "
                    "1: one request per sample).")
 @click.option("--output", "output_file", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="With --batch: send the arrays through the SDK's array path and write the outputs to this .npz "
-                   "(one array per output with a row per sample, plus 'ok', a bool per sample) instead of printing "
-                   "each sample; failed samples are listed.")
+              help="With --batch or --texts: send the samples through the SDK's array path and write the outputs "
+                   "to this .npz (one array per output with a row per sample, plus 'ok', a bool per sample) instead "
+                   "of printing each sample; failed samples are listed.")
 @click.option("--timeout-s", type=float, default=None, help="Longest wait for the result (s).")
 @click.option("--deadline-s", type=float, default=None, help="Answer 'expired' instead of running after this (s).")
 @click.option("--request-id", default=None, help="Your request id (idempotency key; single requests only).")
@@ -49,12 +49,12 @@ def submit(cfg: CliConfig, model: str, text: str | None, input_files: tuple[str,
     many = batch or texts_file is not None
     if many and request_id is not None:
         raise click.UsageError("--request-id names one request; --batch/--texts send many")
-    if output_file is not None and not batch:
-        raise click.UsageError("--output writes the arrays of --batch; add --batch")
+    if output_file is not None and not many:
+        raise click.UsageError("--output writes the samples of --batch or --texts; add one of them")
     inputs = load_inputs(input_files) if input_files else None
     if output_file is not None:
-        _to_file(cfg, model, inputs or {}, output_file, chunk_size=chunk_size, timeout_s=timeout_s,
-                 deadline_s=deadline_s)
+        _to_file(cfg, model, inputs, _lines(texts_file) if texts_file is not None else None, output_file,
+                 chunk_size=chunk_size, timeout_s=timeout_s, deadline_s=deadline_s)
         return
     with Client(settings=cfg.client_settings()) as client:
         if many:
@@ -69,20 +69,20 @@ def submit(cfg: CliConfig, model: str, text: str | None, input_files: tuple[str,
         sys.exit(2)
 
 
-def _to_file(cfg: CliConfig, model: str, inputs: dict[str, Any], path: str, *, chunk_size: int | None,
-             timeout_s: float | None, deadline_s: float | None) -> None:
-    """--batch --output: every sample through ``map_arrays``, the outputs saved as arrays;
-    exits 2 (after saving) when a sample failed."""
+def _to_file(cfg: CliConfig, model: str, inputs: dict[str, Any] | None, texts: list[str] | None, path: str, *,
+             chunk_size: int | None, timeout_s: float | None, deadline_s: float | None) -> None:
+    """--batch/--texts --output: every sample through ``map_arrays``, the outputs saved as
+    arrays; exits 2 (after saving) when a sample failed."""
     import numpy as np
 
     from headrace.client import Client, ProtocolError
 
     with Client(settings=cfg.client_settings()) as client:
         try:
-            out = client.map_arrays(model, inputs, chunk_size=chunk_size, timeout_s=timeout_s, deadline_s=deadline_s,
-                                    raise_on_error=False)
+            out = client.map_arrays(model, inputs, texts=texts, chunk_size=chunk_size, timeout_s=timeout_s,
+                                    deadline_s=deadline_s, raise_on_error=False)
         except ProtocolError as e:
-            raise click.UsageError(f"--batch --output: {e}") from e
+            raise click.UsageError(f"--output: {e}") from e
     if "ok" in out.outputs:
         raise click.UsageError(f"model {model!r} has an output named 'ok', which the .npz keeps for the status mask")
     arrays: dict[str, Any] = {"ok": out.ok, **out.outputs}

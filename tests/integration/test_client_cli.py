@@ -93,7 +93,12 @@ def test_submit_batch_to_an_npz_through_the_array_path(redis_url: str, workers: 
         assert saved["ok"].sum() == 299 and not saved["ok"][123]
     code, out = invoke(redis_url, "submit", "affine", "--input", f"x={tmp_path / 'xs.npy'}",
                        "--output", str(out_file))
-    assert code == 2 and "add --batch" in out
+    assert code == 2 and "add one of them" in out
+    (tmp_path / "t.txt").write_text("a\nbb\nccc\n")
+    code, out = invoke(redis_url, "submit", "length", "--texts", str(tmp_path / "t.txt"), "--output", str(out_file))
+    assert code == 0 and "3 samples, 3 ok" in out, out
+    with np.load(out_file) as saved:
+        assert saved["length"][:, 0].tolist() == [1, 2, 3] and saved["ok"].all()
 
 
 def test_submit_error_result_exits_2(redis_url: str, workers: None, tmp_path: Path) -> None:

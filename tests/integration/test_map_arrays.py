@@ -60,6 +60,30 @@ def test_a_failed_sample_stays_in_its_place(redis_url: str, worker: None) -> Non
         assert info.value.code == E.BAD_VALUE
 
 
+def test_texts_of_a_text_model_come_back_as_arrays(redis_url: str) -> None:
+    w = start_fake_worker(redis_url, "length", "length")
+    texts = [f"sentence number {i}" + "!" * (i % 7) for i in range(150)]
+    texts[42] = "z" * 100_001  # too long: refused in its own slot
+    try:
+        with Client(redis_url, reply_block_ms=200, timeout_s=20) as c:
+            out = c.map_arrays("length", texts=texts, chunk_size=32, progress=False, raise_on_error=False)
+            assert out.outputs["length"].shape == (150, 1) and out.outputs["length"].dtype == np.int64
+            assert sorted(out.failures) == [42] and out.failures[42].code == E.PAYLOAD_TOO_LARGE
+            want = np.array([[len(t)] for t in texts])
+            want[42] = 0
+            np.testing.assert_array_equal(out.outputs["length"], want)
+            streamed = list(c.imap_arrays("length", [texts[:10], np.array(["a", "bb"])], chunk_size=4,
+                                          progress=False))
+            assert [o.outputs["length"][:, 0].tolist() for o in streamed] == [[len(t) for t in texts[:10]], [1, 2]]
+            for bad in ("one string", [b"bytes"], []):
+                with pytest.raises(E.ProtocolError):
+                    c.map_arrays("length", texts=bad, progress=False)  # type: ignore[arg-type]
+            with pytest.raises(E.ProtocolError, match="either inputs"):
+                c.map_arrays("length", {"x": np.ones((2, 1))}, texts=["a", "b"], progress=False)
+    finally:
+        w.stop()
+
+
 def test_a_bad_block_is_refused_before_anything_is_sent(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
     with Client(redis_url, reply_block_ms=200, timeout_s=5, require_registered=False) as c:
