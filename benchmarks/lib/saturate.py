@@ -41,6 +41,28 @@ def items(kind: str) -> Iterator[Any]:
     return itertools.cycle(pool)
 
 
+class _Window:
+    """The measuring window: answers before ``warmup_s`` are the warm-up, answers from
+    ``warmup_s`` to ``warmup_s + duration_s`` count; CPU counts from the first counted answer."""
+
+    def __init__(self, warmup_s: float, duration_s: float) -> None:
+        t0 = time.perf_counter()
+        self.start, self.end = t0 + warmup_s, t0 + warmup_s + duration_s
+        self.c_start = 0.0
+
+    def at(self) -> str:
+        """``warmup``, ``in`` (count this answer) or ``over`` (stop)."""
+        now = time.perf_counter()
+        if now < self.start:
+            return "warmup"
+        if not self.c_start:
+            self.c_start = time.process_time()
+        return "over" if now >= self.end else "in"
+
+    def cpu_s(self) -> float:
+        return time.process_time() - self.c_start
+
+
 async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: int, warmup_s: float,
                    duration_s: float, chunk: int = 1, block: int = 0) -> dict[str, Any]:
     """Answers per second over the window, their statuses, and this process' CPU per answer
@@ -50,60 +72,49 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
     statuses: Counter[str] = Counter()
     batch_sizes: list[int] = []
     total = 0
-    t0 = time.perf_counter()
-    start, end = t0 + warmup_s, t0 + warmup_s + duration_s
-    c_start = 0.0
+    window = _Window(warmup_s, duration_s)
     async with AsyncClient(url, namespace=namespace, max_in_flight=in_flight, timeout_s=60.0) as client:
         if block:
-            return await _saturate_arrays(client, model, block, chunk, warmup_s, duration_s)
+            return await _saturate_arrays(client, model, block, chunk, window, duration_s)
         stream: Any = client.imap(model, items(kind), progress=False, chunk_size=chunk)  # closable
         async with contextlib.aclosing(stream) as results:
             async for res in results:
                 total += 1
-                now = time.perf_counter()
-                if now < start:
+                at = window.at()
+                if at == "warmup":
                     continue
-                if not c_start:
-                    c_start = time.process_time()
-                if now >= end:
+                if at == "over":
                     break
                 statuses[res.status] += 1
                 batch_sizes.append(res.timings.batch_size)
-    cpu_s = time.process_time() - c_start
     n = sum(statuses.values())
     return {"samples_per_s": statuses["ok"] / duration_s, "answers": n, "answers_total": total, "chunk": chunk,
             "statuses": dict(statuses),
             "mean_batch": (sum(batch_sizes) / len(batch_sizes)) if batch_sizes else 0.0,
-            "load_generator_cpu_us_per_sample": cpu_s * 1e6 / max(1, n)}
+            "load_generator_cpu_us_per_sample": window.cpu_s() * 1e6 / max(1, n)}
 
 
-async def _saturate_arrays(client: Any, model: str, block: int, chunk: int, warmup_s: float,
+async def _saturate_arrays(client: Any, model: str, block: int, chunk: int, window: _Window,
                            duration_s: float) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     pool = [rng.standard_normal((block, 4)).astype(np.float32) for _ in range(4)]
     ok = failed = total = 0
-    t0 = time.perf_counter()
-    start, end = t0 + warmup_s, t0 + warmup_s + duration_s
-    c_start = 0.0
     stream: Any = client.imap_arrays(model, ({"x": x} for x in itertools.cycle(pool)), progress=False,
                                      chunk_size=chunk, raise_on_error=False)
     async with contextlib.aclosing(stream) as results:
         async for res in results:
             total += len(res)
-            now = time.perf_counter()
-            if now < start:
+            at = window.at()
+            if at == "warmup":
                 continue
-            if not c_start:
-                c_start = time.process_time()
-            if now >= end:
+            if at == "over":
                 break
             n_ok = int(res.ok.sum())
             ok, failed = ok + n_ok, failed + len(res) - n_ok
-    cpu_s = time.process_time() - c_start
     n = ok + failed
     return {"samples_per_s": ok / duration_s, "answers": n, "answers_total": total, "chunk": chunk, "block": block,
             "statuses": {"ok": ok, "not ok": failed}, "mean_batch": 0.0,
-            "load_generator_cpu_us_per_sample": cpu_s * 1e6 / max(1, n)}
+            "load_generator_cpu_us_per_sample": window.cpu_s() * 1e6 / max(1, n)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
