@@ -20,10 +20,7 @@ from headrace.client.config import DEFAULT_GROUP
 from headrace.client.keys import ModelKeys, partition_keys
 from headrace.client.registry import ModelRecord, read_registry
 from headrace.workers.broker.backlog import group_backlog, last_entry_id, samples_per_entry
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, (bytes, bytearray)) else str(v)
+from headrace.workers.broker.replies import text
 
 
 def _field(fields: Any, name: str) -> Any:
@@ -118,7 +115,7 @@ def _queue(redis: Any, keys: ModelKeys, group: str) -> tuple[int, int, int, list
     except redis_mod.ResponseError:
         return length, 0, 0, []  # no stream yet: nothing queued
     try:
-        consumers = [ConsumerInfo(_s(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0))
+        consumers = [ConsumerInfo(text(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0))
                      for c in redis.xinfo_consumers(keys.requests, group)]
     except redis_mod.ResponseError:
         consumers = []  # no group yet (no worker created it): every entry is unread

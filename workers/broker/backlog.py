@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from headrace.workers.broker.replies import text
+
 
 def samples_per_entry(raw: Any) -> float:
     """The ``samples_per_entry`` a model's workers publish in its limits hash, as a number
@@ -40,23 +42,19 @@ class Backlog:
         return self.lag + self.pending
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
-
-
 def stream_id(value: Any) -> tuple[int, int]:
     """A stream entry id (``"<ms>-<seq>"``, str or bytes) as a comparable pair."""
-    ms, _, seq = _s(value).partition("-")
+    ms, _, seq = text(value).partition("-")
     return int(ms), int(seq or 0)
 
 
 def last_entry_id(xrevrange_reply: Any) -> str | None:
     """The id from an ``XREVRANGE <stream> + - COUNT 1`` reply (None: empty stream)."""
-    return _s(xrevrange_reply[0][0]) if xrevrange_reply else None
+    return text(xrevrange_reply[0][0]) if xrevrange_reply else None
 
 
 def _row(groups: Iterable[Mapping[Any, Any]], group: str) -> Mapping[Any, Any] | None:
-    return next((g for g in groups if _s(g.get("name", b"")) == group), None)
+    return next((g for g in groups if text(g.get("name", b"")) == group), None)
 
 
 def _nothing_unread(row: Mapping[Any, Any], last_id: str | None) -> bool:

@@ -11,6 +11,7 @@ from headrace.workers.pipeline.entry import Entry, truncated_entry
 
 
 def text(value: Any) -> str:
+    """A reply value (bytes or str) as str."""
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
