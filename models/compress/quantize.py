@@ -17,6 +17,7 @@ Every function writes a new file and never modifies its input.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import re
@@ -121,14 +122,23 @@ def cpu_needs_reduce_range(cpuinfo: str | None = None) -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return False
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return True
+        return _host_needs_reduce_range()
     return _VNNI.search(cpuinfo) is None
 
 
-def _reduce_range(asked: bool | None) -> bool:
+@functools.cache
+def _host_needs_reduce_range() -> bool:
+    # read once: the CPU does not change under a process, and a mixed-precision search
+    # quantizes many times
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    return _VNNI.search(cpuinfo) is None
+
+
+def resolve_reduce_range(asked: bool | None) -> bool:
+    """``asked``, or for None what :func:`cpu_needs_reduce_range` says for this host."""
     return cpu_needs_reduce_range() if asked is None else asked
 
 
@@ -159,7 +169,7 @@ def quantize_dynamic_int8(
     """
     src, dst = _check_paths(Path(src), Path(dst))
     q = _ort_quant()
-    reduce_range = _reduce_range(reduce_range)
+    reduce_range = resolve_reduce_range(reduce_range)
     with tempfile.TemporaryDirectory(prefix="headrace-quant-") as tmp:
         pre = _preprocess(src, Path(tmp))
         try:
@@ -290,7 +300,7 @@ def quantize_static_int8(
             q.quantize_static(
                 pre, dst, reader, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=list(op_types),
                 per_channel=per_channel, activation_type=act_type, weight_type=q.QuantType.QInt8,
-                reduce_range=_reduce_range(reduce_range),
+                reduce_range=resolve_reduce_range(reduce_range),
                 nodes_to_quantize=list(nodes_to_quantize or []), nodes_to_exclude=list(nodes_to_exclude),
                 calibrate_method=cal_method, extra_options=extra,
                 calibration_cache_path=str(cache_path) if cache_path is not None else None,

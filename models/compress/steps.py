@@ -60,11 +60,10 @@ class QuantizeOptions:
             raise ConfigError(f"weight_bits {self.weight_bits!r}: choose auto, 8 or 7")
 
     def to_dict(self) -> dict[str, Any]:
-        from headrace.models.compress.quantize import cpu_needs_reduce_range
+        from headrace.models.compress.quantize import resolve_reduce_range
 
         # what was used, not just what was asked: "auto" resolved on this host
-        bits = self.weight_bits if self.weight_bits != "auto" else "7" if cpu_needs_reduce_range() else "8"
-        return {**asdict(self), "weight_bits": bits}
+        return {**asdict(self), "weight_bits": "7" if resolve_reduce_range(self.reduce_range) else "8"}
 
 
 @dataclass(frozen=True)
