@@ -289,13 +289,19 @@ def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings
         outs = slot.get("outputs") or {}
         if not isinstance(outs, dict):
             raise E.DecodeError("result sample outputs must be a map of name -> tensor")
-        status: Status = slot["status"]
         mine = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()}
-        if status == STATUS_OK and not mine:
+        if slot["status"] == STATUS_OK and not mine:
             mine = {k: a[i] for k, a in stacked.items()}
-        out.append(Result(request_id, status, mine, code=str(slot.get("code") or ""),
-                          message=str(slot.get("message") or ""), timings=timings, model=model, version=version))
+        out.append(_slot_result(request_id, slot, mine, timings, model, version))
     return tuple(out)
+
+
+def _slot_result(request_id: str, slot: Mapping[str, Any], outputs: Mapping[str, np.ndarray[Any, Any]],
+                 timings: Timings, model: str, version: str) -> Result:
+    """One sample's :class:`Result` from its checked wire slot and its outputs."""
+    status: Status = slot["status"]
+    return Result(request_id, status, outputs, code=str(slot.get("code") or ""),
+                  message=str(slot.get("message") or ""), timings=timings, model=model, version=version)
 
 
 class SampleResults(Sequence[Result]):
@@ -310,10 +316,11 @@ class SampleResults(Sequence[Result]):
 
     def __init__(self, request_id: str, slots: Sequence[Mapping[str, Any]],
                  stacked: Mapping[str, np.ndarray[Any, Any]], timings: Timings, model: str, version: str,
-                 statuses: Sequence[str] | None = None) -> None:
+                 statuses: list[str]) -> None:
+        """``slots`` are checked wire slots; ``statuses`` their statuses, in order."""
         self._request_id, self._slots, self._stacked = request_id, slots, stacked
         self._timings, self._model, self._version = timings, model, version
-        self._statuses = list(statuses) if statuses is not None else [str(s["status"]) for s in slots]
+        self._statuses = statuses
 
     @property
     def stacked(self) -> Mapping[str, np.ndarray[Any, Any]]:
@@ -348,12 +355,8 @@ class SampleResults(Sequence[Result]):
         return (self._result(i) for i in range(len(self._slots)))
 
     def _result(self, i: int) -> Result:
-        slot = self._slots[i]
-        status: Status = slot["status"]
-        outs = {k: a[i] for k, a in self._stacked.items()} if status == STATUS_OK else {}
-        return Result(self._request_id, status, outs, code=str(slot.get("code") or ""),
-                      message=str(slot.get("message") or ""), timings=self._timings, model=self._model,
-                      version=self._version)
+        outs = {k: a[i] for k, a in self._stacked.items()} if self._statuses[i] == STATUS_OK else {}
+        return _slot_result(self._request_id, self._slots[i], outs, self._timings, self._model, self._version)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
