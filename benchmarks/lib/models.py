@@ -22,9 +22,7 @@ from headrace.models.repository.store import Manifest, ModelRepository
 log = logging.getLogger(__name__)
 
 INT8_NAME = "minilm-int8"
-INT8_PARAMS: dict[str, Any] = {"weight_type": "int8", "per_channel": True, "reduce_range": "host",
-                               "tool": "onnxruntime.quantization"}
-INT8_RECIPE: dict[str, Any] = {"step": "quantize-dynamic", "params": INT8_PARAMS}
+INT8_PARAMS: dict[str, Any] = {"weight_type": "int8", "per_channel": True, "tool": "onnxruntime.quantization"}
 
 
 @contextlib.contextmanager
@@ -61,7 +59,7 @@ def ensure_minilm_int8(repo: ModelRepository | str | Path) -> Manifest:
 
     r = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
     fp32 = ensure_minilm_fp32(r)
-    from headrace.models.compress.quantize import cpu_needs_reduce_range
+    from headrace.models.compress.quantize import cpu_needs_reduce_range, quantize_dynamic_int8
 
     # The 7-bit choice follows the CPU (cpu_needs_reduce_range): it is part of what was built.
     params = {**INT8_PARAMS, "reduce_range": cpu_needs_reduce_range()}
@@ -71,16 +69,15 @@ def ensure_minilm_int8(repo: ModelRepository | str | Path) -> Manifest:
         cached = find_build(r, INT8_NAME, key)
         if cached is not None:
             return cached
-        from headrace.models.compress.quantize import quantize_dynamic_int8
-
         src = r.file_path(fp32, fp32.model_file)
         tok = r.file_path(fp32, str(fp32.extra.get("tokenizer", "tokenizer.json")))
         with tempfile.TemporaryDirectory(dir=r.root, prefix=".build-") as tmp:
-            out = quantize_dynamic_int8(src, Path(tmp) / "model.onnx", per_channel=True)
+            out = quantize_dynamic_int8(src, Path(tmp) / "model.onnx", per_channel=True,
+                                        reduce_range=params["reduce_range"])
             m = r.add(INT8_NAME, {"model.onnx": out, "tokenizer.json": tok}, format="onnx", backend="onnxruntime",
                       precision="int8", inputs=fp32.inputs, outputs=fp32.outputs, preprocess=fp32.preprocess,
                       postprocess=fp32.postprocess, source=fp32.source,
-                      recipe=[*fp32.recipe, {**INT8_RECIPE, "params": params}],
+                      recipe=[*fp32.recipe, {"step": "quantize-dynamic", "params": params}],
                       measured={"size_bytes": out.stat().st_size},
                       extra={**fp32.extra, "build_key": key, "from": f"{fp32.name}/{fp32.version}"},
                       description="all-MiniLM-L6-v2, INT8 dynamic per-channel ONNX (benchmark artifact)")
