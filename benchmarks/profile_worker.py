@@ -121,6 +121,7 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 Path(args.speedscope).mkdir(parents=True, exist_ok=True)
                 spies += [record(pid, Path(args.speedscope) / f"{who}.speedscope.json", args, "speedscope")
                           for who, pid in pids.items()]
+            r.config_resetstat()  # commandstats of the window only (CPU time is not reset)
             n0, rc0 = entries_read(r, stream), redis_cpu_s(r)
             cpu0 = {who: process_cpu_s(pid) for who, pid in pids.items()}
             t0 = time.perf_counter()
@@ -130,6 +131,7 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     raise SystemExit(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
             wall = time.perf_counter() - t0
             n1, rc1 = entries_read(r, stream), redis_cpu_s(r)
+            commands = r.info("commandstats")
             cpu = {who: process_cpu_s(pid) - cpu0[who] for who, pid in pids.items()}
             sat = json.loads(load.communicate(timeout=120)[0])
             r.close()
@@ -143,7 +145,16 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {"model": model, "simulation": not args.fake, "served": served, "window_s": wall, "chunk": args.chunk,
             "samples_per_s": served / wall, "mean_batch": sat.get("mean_batch"),
             "cpu_us_per_sample": {who: stages.apportion(active[who], proc[who]) for who in pids},
-            "active_us_per_sample": active, "proc_cpu_us_per_sample": proc, "load_average": os.getloadavg()}
+            "active_us_per_sample": active, "proc_cpu_us_per_sample": proc, "load_average": os.getloadavg(),
+            "redis_calls_per_entry": calls_per_entry(commands, n1 - n0)}
+
+
+def calls_per_entry(commandstats: dict[str, Any], entries: int) -> dict[str, float]:
+    """Redis commands per request entry over the window, most frequent first (commands run
+    inside scripts and functions are counted too)."""
+    calls = {name.removeprefix("cmdstat_"): float(row["calls"]) / max(1, entries)
+             for name, row in commandstats.items()}
+    return dict(sorted(calls.items(), key=lambda kv: -kv[1]))
 
 
 def render(res: dict[str, Any]) -> Table:
@@ -174,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         for f in Path(tmp).glob("*.txt"):
             shutil.copy(f, raw_dir / f"profile_{res['model']}_{f.name}")
     Console().print(render(res))
+    print("Redis calls per entry: " + ", ".join(f"{k} {v:.2f}" for k, v in res["redis_calls_per_entry"].items()))
     doc = {"benchmark": "profile_worker", "started_at": started, "host": host_info(), "args": vars(args), **res}
     write_json(args.json, doc)
     print(f"JSON: {args.json}")

@@ -131,16 +131,33 @@ def decode_samples(envelope: Envelope, body: dict[str, Any], declared: int | Non
             that is not a positive int or differs from ``declared``; ``decode_error`` for a
             body that mixes forms; tensor errors (``bad_shape``, ``bad_dtype``, ...).
     """
-    if "texts" in body and ("inputs" in body or "samples" in body or "text" in body):
-        raise E.DecodeError("a body with 'texts' carries nothing else ('text', 'inputs', 'samples')")
     if "texts" in body:
-        texts = body["texts"]
-        if not isinstance(texts, list):
-            raise E.ProtocolError("'texts' must be a list of str", code=E.BAD_VALUE)
-        _check_count(len(texts), declared, max_samples)
-        return [_text_slot(envelope, t, limits) for t in texts]
+        return [_text_slot(envelope, t, limits) for t in decode_texts(body, declared, max_samples)]
     arrays, finite = decode_sample_arrays(body, declared, max_samples, limits)
     return slots_of(envelope, arrays, finite)
+
+
+def decode_texts(body: dict[str, Any], declared: int | None, max_samples: int) -> list[Any]:
+    """The ``texts`` list of a multi-sample text body, as sent (each item still to be checked
+    a str within the limits: see :func:`all_valid_texts`).
+
+    Raises:
+        ProtocolError: as :func:`decode_samples`.
+    """
+    if "inputs" in body or "samples" in body or "text" in body:
+        raise E.DecodeError("a body with 'texts' carries nothing else ('text', 'inputs', 'samples')")
+    texts = body.get("texts")
+    if not isinstance(texts, list):
+        raise E.ProtocolError("'texts' must be a list of str", code=E.BAD_VALUE)
+    _check_count(len(texts), declared, max_samples)
+    return texts
+
+
+def all_valid_texts(texts: list[Any], limits: Limits = DEFAULT_LIMITS) -> bool:
+    """Whether every item of ``texts`` is a str within ``limits.max_text_chars`` (what
+    :func:`decode_samples` would refuse sample by sample), in one pass without an object per
+    text."""
+    return all(type(t) is str for t in texts) and max(map(len, texts), default=0) <= limits.max_text_chars
 
 
 def decode_sample_arrays(body: dict[str, Any], declared: int | None, max_samples: int,

@@ -268,6 +268,26 @@ class StandInServable(Servable):
             out.extend(split({"embeddings": _traceable_rows(ids, mask)}, len(chunk), "l2_normalize"))
         return out
 
+    def runs_stacked(self) -> bool:
+        """Texts run as rows (:meth:`infer_texts`): the worker carries a multi-sample text
+        entry as one block, as it does for the ONNX and torch text servables."""
+        return True
+
+    def text_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text, from one ``encode_batch`` (the ids are kept for the call)."""
+        return self._encoder.count_batch(texts)
+
+    def infer_texts(self, texts: Sequence[str], request_ids: Sequence[str]) -> dict[str, Array]:
+        from headrace.workers.backends.prepost import postprocess
+
+        rows: list[Array] = []
+        for start in range(0, len(texts), self.max_batch):
+            chunk = texts[start:start + self.max_batch]
+            ids, mask = self._encoder.encode(chunk)
+            self.device.run(len(chunk))
+            rows.append(postprocess("l2_normalize", _traceable_rows(ids, mask)))
+        return {"embeddings": rows[0] if len(rows) == 1 else np.concatenate(rows)}
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "simulation": SIMULATION_LABEL, "curve": self.device.curve.describe()}
 

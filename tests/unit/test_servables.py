@@ -18,6 +18,7 @@ from headrace.models.builtin.build import MINILM_TORCH_NAME, ensure_minilm
 from headrace.models.builtin.minilm import encode_batch, load_minilm, load_tokenizer
 from headrace.models.repository.store import IOSpec, Manifest, ModelRepository
 from headrace.workers.backends import load_servable
+from headrace.workers.backends.base import runs_stacked
 from headrace.workers.backends.onnx import choose_providers
 from headrace.workers.backends.torch_backend import resolve_factory
 from headrace.workers.settings import WorkerSettings
@@ -231,6 +232,10 @@ def test_minilm_servables_match_torch(minilm_repo: ModelRepository, model: str) 
     # A request's embedding does not depend on what it was batched with.
     alone = s.infer([requests[2]])[0]["embeddings"]
     np.testing.assert_allclose(alone, got[2], atol=1e-5)
+    # Texts as rows (a multi-sample text entry carried as a block): the same embeddings.
+    assert runs_stacked(s) and s.text_lengths(TEXTS)[2] == 3
+    rows = s.infer_texts(TEXTS, ["a", "b", "c"])["embeddings"]
+    np.testing.assert_allclose(rows, got, atol=1e-5)
 
 
 def test_ensure_minilm_reuses_identical_build(minilm_repo: ModelRepository) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from headrace.client.protocol import Request
+from headrace.client.protocol import Envelope, Request
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,35 @@ class Servable(abc.ABC):
         """
 
     def runs_stacked(self) -> bool:
-        """True when :meth:`infer_stacked` can run samples already stacked on a leading axis
-        and :meth:`check` depends only on input names, dtypes, shapes and finiteness: the
-        worker then carries a multi-sample tensor entry as blocks (checked once, one array
-        per input through batching and the model call, no object per sample). Default False.
+        """True when the servable runs samples as rows, without a request object per sample:
+
+        * tensor models: :meth:`infer_stacked` runs samples already stacked on a leading
+          axis, and :meth:`check` depends only on input names, dtypes, shapes and finiteness;
+        * text models (``accepts_text``): :meth:`infer_texts` runs a list of texts, every
+          output has one row per text (no per-token outputs), and :meth:`check` only asks
+          for a text.
+
+        The worker then carries a multi-sample entry as blocks (checked once, one array per
+        input, or one list of texts, through batching and the model call). Default False.
         A subclass that overrides ``infer`` or ``check`` of a servable that runs stacked is
         run per request unless it overrides this method too."""
         return False
+
+    def text_lengths(self, texts: Sequence[str]) -> list[int]:
+        """:meth:`lengths` of texts given as strings (the batching cost hint of each row of
+        a text block; a text model tokenises them here, once). Called off the event loop."""
+        env = Envelope(request_id="", reply_to="")
+        return self.lengths([Request(env, text=t) for t in texts])
+
+    def infer_texts(self, texts: Sequence[str], request_ids: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        """Run ``len(texts)`` texts as rows; return every output with one row per text, in
+        order. ``request_ids``: whose each text is (for logs). Only called on a text model
+        that :meth:`runs_stacked`; called off the event loop, like :meth:`infer`.
+
+        Raises:
+            ModelError: the backend failed for these texts.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not run texts as rows")
 
     def infer_stacked(self, inputs: Mapping[str, np.ndarray[Any, Any]],
                       request_ids: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:

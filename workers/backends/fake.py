@@ -142,6 +142,8 @@ class LengthServable(_FakeBase):
     Args:
         poison: a request whose text contains this substring makes its batch raise ModelError.
         crash: a request whose text contains this substring exits the process (code 17).
+        rows: run texts as rows (:meth:`infer_texts`, multi-sample entries carried as text
+            blocks) instead of one request each.
     """
 
     accepts_text = True
@@ -149,10 +151,13 @@ class LengthServable(_FakeBase):
 
     def __init__(self, name: str = "length", version: str = "1", *, delay_ms: float = 0.0,
                  poison: str | None = None, crash: str | None = None,
-                 record_path: str | None = None) -> None:
+                 record_path: str | None = None, rows: bool = False) -> None:
         super().__init__(name, version, delay_ms, record_path)
         self.poison = poison
         self.crash = crash
+        self.rows = rows
+        #: the texts of each infer_texts call, in order (tests look at what ran together).
+        self.text_calls: list[list[str]] = []
 
     def check(self, request: Request) -> None:
         check_text(request)
@@ -171,6 +176,25 @@ class LengthServable(_FakeBase):
             if bad:
                 raise E.ModelError(f"poison text in request(s) {bad}")
         return [{"length": np.array([len(t)], dtype=np.int64)} for t in texts]
+
+    def runs_stacked(self) -> bool:
+        return self.rows
+
+    def text_lengths(self, texts: Sequence[str]) -> list[int]:
+        return [len(t) for t in texts]
+
+    def infer_texts(self, texts: Sequence[str], request_ids: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        self._record_ids(list(request_ids))
+        with self._lock:
+            self.text_calls.append(list(texts))
+        if self.crash and any(self.crash in t for t in texts):
+            os._exit(CRASH_EXIT_CODE)
+        self._sleep()
+        if self.poison:
+            bad = sorted({i for i, t in zip(request_ids, texts, strict=True) if self.poison in t})
+            if bad:
+                raise E.ModelError(f"poison text in request(s) {bad}")
+        return {"length": np.array([[len(t)] for t in texts], dtype=np.int64).reshape(len(texts), 1)}
 
 
 def make_fake(kind: str, name: str | None = None, **kwargs: Any) -> Servable:

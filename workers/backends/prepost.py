@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -87,26 +88,19 @@ class TextEncoder:
             encs = self._tok.encode_batch([texts[i][:self.max_chars] for i in missing])
             for i, enc in zip(missing, encs, strict=True):
                 rows[i] = enc.ids
-        seqs = [r for r in rows if r is not None]
-        width = max((len(r) for r in seqs), default=0)
-        ids = np.full((len(seqs), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, r in enumerate(seqs):
-            ids[i, :len(r)] = r
-            mask[i, :len(r)] = 1
-        return ids, mask
+        return pad_rows([r for r in rows if r is not None], self._pad_id)
 
     def count_batch(self, texts: Sequence[str]) -> list[int]:
         """:meth:`count` of each text from one ``encode_batch`` call (the tokenizer's own
         thread pool, without the GIL); keeps the ids for the ``encode`` that follows."""
-        encs = self._tok.encode_batch([t[:self.max_chars] for t in texts])
+        rows = [enc.ids for enc in self._tok.encode_batch([t[:self.max_chars] for t in texts])]
         with self._lock:
-            for t, enc in zip(texts, encs, strict=True):
-                self._counted[t] = enc.ids
+            for t, ids in zip(texts, rows, strict=True):
+                self._counted[t] = ids
                 self._counted.move_to_end(t)
             while len(self._counted) > self._cache_size:
                 self._counted.popitem(last=False)
-        return [len(enc.ids) for enc in encs]
+        return [len(ids) for ids in rows]
 
     def count(self, text: str) -> int:
         """Tokens of ``text`` after truncation (special tokens included); keeps its ids
@@ -118,6 +112,18 @@ class TextEncoder:
             while len(self._counted) > self._cache_size:
                 self._counted.popitem(last=False)
         return len(ids)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Array, Array]:
+    """Token id rows as ``(input_ids, attention_mask)`` int64 ``[B, S]``, S = the longest
+    row, shorter rows padded with ``pad_id`` on the right (one vectorised fill, not a numpy
+    assignment per row)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max()) if len(rows) else 0
+    real = np.arange(width) < lengths[:, None]  # row-major: each row's real tokens come first
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    return ids, real.astype(np.int64)
 
 
 def text_encoder(manifest: Manifest, tokenizer_path: Path | None) -> TextEncoder:
@@ -255,6 +261,20 @@ def unpad(results: list[dict[str, Array]], mask: Array, per_token: Sequence[str]
                 out[name] = out[name][:int(n)]
 
 
+def concat_rows(chunks: Sequence[dict[str, Array]]) -> dict[str, Array]:
+    """The outputs of consecutive calls as one map (each output concatenated on axis 0).
+
+    Raises:
+        ModelError: the calls' outputs differ in names or row shapes.
+    """
+    if len(chunks) == 1:
+        return chunks[0]
+    try:
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    except (KeyError, ValueError) as e:
+        raise ModelError(f"the outputs of consecutive model calls do not stack: {e}") from e
+
+
 def text_inputs_of(manifest: Manifest) -> tuple[str, ...]:
     """Which token tensors a text model takes (from its signature)."""
     names = tuple(s.name for s in manifest.inputs) or ("input_ids", "attention_mask")
@@ -305,9 +325,34 @@ class ManifestServable(Servable):
         return run_tensor_batch(requests, self.manifest, self.inputs, self._run_tensors, self.outputs)
 
     def runs_stacked(self) -> bool:
-        """Batched tensor models whose inputs and outputs all carry the batch on axis 0."""
-        return (self._encoder is None and not self.accepts_text and self.manifest.batched
-                and all(s.batch_axis == 0 for s in (*self.inputs, *self.outputs)))
+        """Batched models whose outputs all carry the batch on axis 0: tensor models whose
+        inputs do too, and text models without per-token outputs (each text's output rows
+        then have one shape, whatever its token count)."""
+        if not self.manifest.batched or not all(s.batch_axis == 0 for s in self.outputs):
+            return False
+        if self.accepts_text:
+            return (self._encoder is not None and bool(self.outputs)
+                    and not any(s.shape[:1] == (-1,) for s in self.outputs))
+        return self._encoder is None and all(s.batch_axis == 0 for s in self.inputs)
+
+    def text_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Token counts of ``texts`` from one ``encode_batch`` (the ids are kept for the call)."""
+        if self._encoder is None:
+            return [len(t) for t in texts]
+        return self._encoder.count_batch(texts)
+
+    def infer_texts(self, texts: Sequence[str], request_ids: Sequence[str]) -> dict[str, Array]:
+        """Tokenise and run ``texts`` in calls of at most the manifest's ``max_batch``, each
+        padded to its longest text, post-processed. Raises ModelError if the backend fails."""
+        if self._encoder is None:
+            raise ModelError(f"{self.name}: not a text model")
+        step = self.manifest.max_batch or len(texts) or 1
+        chunks: list[dict[str, Array]] = []
+        for start in range(0, len(texts), step):
+            ids, mask = self._encoder.encode(texts[start:start + step])
+            chunks.append({k: postprocess(self.manifest.postprocess, np.asarray(v))
+                           for k, v in self._run(text_feed(ids, mask, self._text_inputs)).items()})
+        return concat_rows(chunks)
 
     def infer_stacked(self, inputs: Mapping[str, Array], request_ids: Sequence[str]) -> dict[str, Array]:
         """Run stacked samples in calls of at most the manifest's ``max_batch``, post-processed.
@@ -320,9 +365,7 @@ class ManifestServable(Servable):
             part = feed if step >= n else {k: v[start:start + step] for k, v in feed.items()}
             chunks.append({k: postprocess(self.manifest.postprocess, np.asarray(v))
                            for k, v in self._run_tensors(part).items()})
-        if len(chunks) == 1:
-            return chunks[0]
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        return concat_rows(chunks)
 
     def plan(self, requests: Sequence[Request]) -> list[list[int]]:
         """The model calls :meth:`infer` would make: ``max_batch`` chunks of text, or groups

@@ -25,7 +25,15 @@ from typing import Any
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys, partition_keys
 from headrace.client.protocol import STATUS_EXPIRED, Envelope, Request, decode_body_map, unpack_body
-from headrace.client.samples import declared_count, decode_sample_arrays, decode_samples, is_multi, slots_of
+from headrace.client.samples import (
+    all_valid_texts,
+    declared_count,
+    decode_sample_arrays,
+    decode_samples,
+    decode_texts,
+    is_multi,
+    slots_of,
+)
 from headrace.workers.backends.base import Servable, runs_stacked
 from headrace.workers.backends.validate import check_finite
 from headrace.workers.metrics import CANCELLED, NullMetrics, WorkerMetrics
@@ -179,11 +187,37 @@ class Admission:
                                             res.works if isinstance(res, Samples) else ())]
         if not works or not self.servable.accepts_text:
             return out  # tensor requests got their (cheap) hint in prepare
-        hints = iter(self.lengths([w.request for w in works]))
-        sized = {id(w): dataclasses.replace(w, length=next(hints)) for w in works}
+        sized = {id(w): new for w, new in zip(works, self._sized_texts(works), strict=True)}
         return [sized[id(res)] if isinstance(res, Work)
                 else Samples(res.group, [sized[id(w)] for w in res.works]) if isinstance(res, Samples) else res
                 for res in out]
+
+    def _sized_texts(self, works: list[Work]) -> list[Work]:
+        """``works`` (texts) with their length hints, from one call into the servable (one
+        ``encode_batch`` of every text of the read); a text block gets one per row."""
+        if not self.stacked:
+            return [dataclasses.replace(w, length=n) for w, n in zip(works, self.lengths([w.request for w in works]),
+                                                                       strict=True)]
+        texts: list[str] = []
+        for w in works:
+            texts.extend(w.texts if w.block else (w.request.text or "",))
+        try:
+            hints = [int(n) for n in self.servable.text_lengths(texts)]
+        except Exception:  # noqa: BLE001 - length is only a batching hint
+            hints = []
+        if len(hints) != len(texts):
+            hints = [0] * len(texts)
+        out: list[Work] = []
+        at = 0
+        for w in works:
+            if w.block:
+                rows = hints[at:at + w.count]
+                out.append(dataclasses.replace(w, length=max(rows), row_lengths=rows))
+                at += w.count
+            else:
+                out.append(dataclasses.replace(w, length=hints[at]))
+                at += 1
+        return out
 
     def prepare(self, entry: Entry, env: Envelope, at_ms: int) -> Admitted:
         """Decode and check the body; never raises."""
@@ -216,7 +250,13 @@ class Admission:
         runs stacked samples goes on as one block when its samples pass the checks (they
         share their shapes and dtypes: the first one is checked for all)."""
         s = self.settings
-        if "texts" in body or not self.stacked:
+        if "texts" in body and self.stacked:
+            texts = decode_texts(body, declared, s.max_samples_per_entry)
+            block = self._text_block(entry, env, texts, at_ms)
+            if block is not None:
+                return block
+            slots = decode_samples(env, body, declared, s.max_samples_per_entry, s.limits)
+        elif "texts" in body or not self.stacked:
             slots = decode_samples(env, body, declared, s.max_samples_per_entry, s.limits)
         else:
             arrays, finite = decode_sample_arrays(body, declared, s.max_samples_per_entry, s.limits)
@@ -262,6 +302,19 @@ class Admission:
         work = Work(entry, Request(env, inputs=arrays), at_ms, self.lengths([first])[0], group, 0, len(finite),
                     block=True)
         return Samples(group, [work])
+
+    def _text_block(self, entry: Entry, env: Envelope, texts: list[Any], at_ms: int) -> Samples | None:
+        """The texts of an entry as one block, or None when some text may be refused (not a
+        str, too long, or the first one fails the servable's check): then each goes alone.
+        Its length hints are set by :meth:`prepare_all` (one tokenisation per read)."""
+        if not all_valid_texts(texts, self.settings.limits):
+            return None
+        try:
+            self.servable.check(Request(env, text=texts[0]))
+        except Exception:  # noqa: BLE001 - the per-sample path reports it, slot by slot
+            return None
+        group = Group(entry, env, at_ms, len(texts))
+        return Samples(group, [Work(entry, Request(env), at_ms, 0, group, 0, len(texts), block=True, texts=texts)])
 
     def lengths(self, requests: Sequence[Request]) -> list[int]:
         """The servable's batching cost hints; zeros when they fail."""

@@ -185,7 +185,12 @@ class BatchRunner:
         ids: list[str] = []
         for w in works:
             ids.extend([w.request.envelope.request_id] * w.count)
-        outs = await self._in_thread(works, self.servable.infer_stacked, stack_rows(works), ids)
+        if self.servable.accepts_text:
+            texts, lengths = text_rows(works)
+            outs = await self._in_thread(works, infer_text_buckets, self.servable, texts, ids,
+                                         split_by_length(lengths))
+        else:
+            outs = await self._in_thread(works, self.servable.infer_stacked, stack_rows(works), ids)
         rows = len(ids)
         if not isinstance(outs, dict) or not all(isinstance(v, np.ndarray) and v.ndim and len(v) == rows
                                                  for v in outs.values()):
@@ -272,7 +277,10 @@ class BatchRunner:
 
 
 def row_signature(w: Work) -> tuple[Any, ...]:
-    """What rows must share to be stacked together: each input's name, row shape and dtype."""
+    """What rows must share to be stacked together: each input's name, row shape and dtype
+    (texts: nothing, the servable tokenises and pads them)."""
+    if w.texts or w.request.text is not None:
+        return ("texts",)
     return tuple(sorted((n, a.shape[1:] if w.block else a.shape, a.dtype.str) for n, a in w.request.inputs.items()))
 
 
@@ -284,6 +292,52 @@ def stack_rows(works: Sequence[Work]) -> dict[str, np.ndarray[Any, Any]]:
         return dict(works[0].request.inputs)
     return {n: np.concatenate([w.request.inputs[n] if w.block else w.request.inputs[n][None] for w in works])
             for n in names}
+
+
+def text_rows(works: Sequence[Work]) -> tuple[list[str], list[int]]:
+    """The texts of ``works`` in row order (a block's texts, a single sample's text) and the
+    length hint of each."""
+    texts: list[str] = []
+    lengths: list[int] = []
+    for w in works:
+        if w.block:
+            texts.extend(w.texts)
+            lengths.extend(w.row_lengths if len(w.row_lengths) == w.count else [w.length] * w.count)
+        else:
+            texts.append(w.request.text or "")
+            lengths.append(w.length)
+    return texts, lengths
+
+
+def infer_text_buckets(servable: Servable, texts: list[str], ids: list[str],
+                       buckets: list[list[int]]) -> dict[str, np.ndarray[Any, Any]]:
+    """``servable.infer_texts`` once per length bucket (row indices, see
+    :func:`~headrace.workers.engine.batcher.split_by_length`: texts of similar length are padded
+    together), the outputs put back in row order. Runs on the inference thread.
+
+    Raises:
+        ModelError: the servable failed, or its buckets' outputs do not fit together (row
+            counts, names, row shapes or dtypes differ).
+    """
+    if len(buckets) == 1 and len(buckets[0]) == len(texts):
+        return servable.infer_texts(texts, ids)
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for idx in buckets:
+        part = servable.infer_texts([texts[i] for i in idx], [ids[i] for i in idx])
+        if out and set(part) != set(out):
+            raise E.ModelError(f"outputs {sorted(part)} of one length bucket differ from {sorted(out)} of another")
+        for name, value in part.items():
+            v = np.asarray(value)
+            if v.ndim == 0 or len(v) != len(idx):
+                raise E.ModelError(f"output {name!r} has shape {list(v.shape)} for {len(idx)} texts; expected a row "
+                                   "per text")
+            if name not in out:
+                out[name] = np.empty((len(texts), *v.shape[1:]), dtype=v.dtype)
+            elif out[name].shape[1:] != v.shape[1:] or out[name].dtype != v.dtype:
+                raise E.ModelError(f"output {name!r} rows of {v.dtype}{list(v.shape[1:])} in one length bucket, "
+                                   f"{out[name].dtype}{list(out[name].shape[1:])} in another")
+            out[name][idx] = v
+    return out
 
 
 def isolation_parts(works: list[Work]) -> list[list[Work]]:

@@ -8,6 +8,7 @@ they are committed (:class:`Meta`) and the model calls that produced them (:clas
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from headrace.client.protocol import STATUS_OK, Request
@@ -23,7 +24,8 @@ class Work:
     servable's batching cost hint (computed once, at admission). A sample of a multi-sample
     entry names its ``group`` and its ``index`` there; a ``block`` is ``count`` consecutive
     samples of one from ``index`` on, its inputs stacked on a leading axis of ``count`` rows
-    (one array per input: no per-sample objects)."""
+    (one array per input: no per-sample objects); a text block carries its ``texts`` and
+    their length hints (``row_lengths``) instead, its request has neither inputs nor text."""
 
     entry: Entry
     request: Request
@@ -33,6 +35,8 @@ class Work:
     index: int = 0
     count: int = 1
     block: bool = False
+    texts: Sequence[str] = ()
+    row_lengths: Sequence[int] = ()
 
 
 def split_work(work: Work, k: int) -> tuple[Work, Work]:
@@ -40,11 +44,12 @@ def split_work(work: Work, k: int) -> tuple[Work, Work]:
     batcher's ``split``. Only blocks are ever cut (a single sample weighs 1)."""
     if not work.block or not 0 < k < work.count:
         raise ValueError(f"cannot cut {k} samples off a work of {work.count}")
-    req = work.request
+    req, texts, lengths = work.request, work.texts, work.row_lengths
     head = Request(req.envelope, inputs={n: a[:k] for n, a in req.inputs.items()})
     tail = Request(req.envelope, inputs={n: a[k:] for n, a in req.inputs.items()})
-    return (dataclasses.replace(work, request=head, count=k),
-            dataclasses.replace(work, request=tail, index=work.index + k, count=work.count - k))
+    return (dataclasses.replace(work, request=head, count=k, texts=texts[:k], row_lengths=lengths[:k]),
+            dataclasses.replace(work, request=tail, index=work.index + k, count=work.count - k, texts=texts[k:],
+                                row_lengths=lengths[k:]))
 
 
 @dataclass(frozen=True)
