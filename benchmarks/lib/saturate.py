@@ -35,7 +35,11 @@ def items(kind: str) -> Iterator[Any]:
     if kind == "text":
         from headrace.cluster.bench.targets import text_payloads
 
-        return itertools.cycle(text_payloads(512, seed=0).texts)
+        # A number on each text makes every one distinct, as live traffic mostly is: the
+        # worker's tokeniser cache (a text sent again is not tokenised again) must not turn
+        # the corpus' repeats into free tokenisation.
+        texts = text_payloads(512, seed=0).texts
+        return (f"{t} [{i}]" for i, t in enumerate(itertools.cycle(texts)))
     rng = np.random.default_rng(0)
     pool = [{"x": rng.standard_normal(4).astype(np.float32)} for _ in range(256)]
     return itertools.cycle(pool)

@@ -250,21 +250,28 @@ def test_ensure_minilm_reuses_identical_build(minilm_repo: ModelRepository) -> N
 
 def test_text_encoder_tokenises_each_text_once() -> None:
     """The ids kept by ``count`` (admission) build the same padded batch the tokenizer's
-    own batch padding gives, and ``encode`` tokenises only what was never counted."""
+    own batch padding gives, ``encode`` tokenises only what was never counted (or was
+    evicted), a text twice in a batch or counted again before its batch ran is tokenised
+    once, and the ids are gone once their batch was encoded."""
     from headrace.models.builtin.minilm import default_model_path
     from headrace.workers.backends.prepost import TextEncoder
 
     texts = ["short", "a somewhat longer sentence with more tokens in it", "", "short", "x " * 400]
     enc = TextEncoder(default_model_path(), 256, cache_size=3)
     ref_ids, ref_mask = encode_batch(load_tokenizer(), texts)
-    counts = [enc.count(t) for t in texts]  # cache of 3: the first texts are evicted again
-    assert counts == [int(m.sum()) for m in ref_mask] and max(counts) == 256
     calls: list[int] = []
     real = enc._tok.encode_batch
     enc._tok.encode_batch = lambda batch: calls.append(len(batch)) or real(batch)  # type: ignore[method-assign]
+    counts = [enc.count(t) for t in texts]  # cache of 3: the first texts are evicted again
+    assert counts == [int(m.sum()) for m in ref_mask] and max(counts) == 256
+    assert calls == [1, 1, 1, 1], "the second 'short' came from the cache"
+    calls.clear()
     ids, mask = enc.encode(texts)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(mask, ref_mask)
-    assert calls == [2]  # "a somewhat longer..." evicted + the second "short" (its ids were taken)
-    ids2, _ = enc.encode(texts[:2])  # nothing counted any more: tokenised here
+    assert calls == [1]  # only "a somewhat longer..." (evicted); both "short" from the kept ids
+    ids2, _ = enc.encode(texts[:2])  # their ids were taken by the batch above: tokenised again
     np.testing.assert_array_equal(ids2, encode_batch(load_tokenizer(), texts[:2])[0])
+    assert calls == [1, 2]
+    calls.clear()
+    assert enc.count_batch(["fresh", "fresh", "short"]) == [3, 3, 3] and calls == [2], "each new text once"

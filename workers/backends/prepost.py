@@ -53,10 +53,11 @@ class TextEncoder:
     (the tokens past ``max_length`` are truncated anyway; tokenising the rest would only
     cost time).
 
-    Each text is tokenised once: ``count`` (on the worker's event loop, when a request is
-    admitted) keeps the token ids it computed, and ``encode`` (in the inference thread)
-    takes them back instead of tokenising the batch again. Texts never counted (or
-    evicted from the bounded cache) are tokenised in ``encode``.
+    Each text is tokenised once: ``count_batch`` (off the event loop, when a read is
+    admitted) keeps the token ids it computed (at most ``cache_size`` texts), and ``encode``
+    (in the inference thread) takes them back instead of tokenising the batch again. A text
+    twice in one read, or counted again before its batch ran, is tokenised once; texts never
+    counted (or evicted) are tokenised in ``encode``.
     """
 
     def __init__(self, tokenizer_path: Path, max_length: int, cache_size: int = 8192,
@@ -71,7 +72,9 @@ class TextEncoder:
         pad = pad_id if pad_id is not None else self._tok.token_to_id("[PAD]")
         self._pad_id = 0 if pad is None else int(pad)
         # text -> ids counted but not yet encoded. Bounded: a request answered without
-        # running (expired, failed check) never comes to take its ids back.
+        # running (expired, failed check) never comes to take its ids back. Taken by the
+        # encode that uses them, so no text's tokens outlive its batch (a benchmark that
+        # repeats its texts still tokenises every request, as live traffic does).
         self._counted: OrderedDict[str, list[int]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -79,10 +82,9 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> tuple[Array, Array]:
         """``(input_ids, attention_mask)`` int64 ``[B, S]``, S = longest (<= max_length),
         padded with ``[PAD]`` exactly as the tokenizer's own batch padding does."""
-        rows: list[list[int] | None] = []
-        with self._lock:
-            for t in texts:
-                rows.append(self._counted.pop(t, None))
+        with self._lock:  # a text twice in the batch takes its kept ids once
+            kept = {t: ids for t in dict.fromkeys(texts) if (ids := self._counted.pop(t, None)) is not None}
+        rows: list[list[int] | None] = [kept.get(t) for t in texts]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
             encs = self._tok.encode_batch([texts[i][:self.max_chars] for i in missing])
@@ -91,9 +93,16 @@ class TextEncoder:
         return pad_rows([r for r in rows if r is not None], self._pad_id)
 
     def count_batch(self, texts: Sequence[str]) -> list[int]:
-        """:meth:`count` of each text from one ``encode_batch`` call (the tokenizer's own
-        thread pool, without the GIL); keeps the ids for the ``encode`` that follows."""
-        rows = [enc.ids for enc in self._tok.encode_batch([t[:self.max_chars] for t in texts])]
+        """Tokens of each text (after truncation, special tokens included), the texts not
+        cached yet tokenised by one ``encode_batch`` call (the tokenizer's own thread pool,
+        without the GIL), each distinct text once; keeps the ids for the ``encode`` that
+        follows."""
+        with self._lock:
+            known = [self._counted.get(t) for t in texts]
+        new = list(dict.fromkeys(t for t, ids in zip(texts, known, strict=True) if ids is None))
+        encs = self._tok.encode_batch([t[:self.max_chars] for t in new]) if new else []
+        fresh = dict(zip(new, (enc.ids for enc in encs), strict=True))
+        rows = [ids if ids is not None else fresh[t] for t, ids in zip(texts, known, strict=True)]
         with self._lock:
             for t, ids in zip(texts, rows, strict=True):
                 self._counted[t] = ids
@@ -105,13 +114,7 @@ class TextEncoder:
     def count(self, text: str) -> int:
         """Tokens of ``text`` after truncation (special tokens included); keeps its ids
         for the ``encode`` that follows."""
-        ids = self._tok.encode(text[:self.max_chars]).ids
-        with self._lock:
-            self._counted[text] = ids
-            self._counted.move_to_end(text)
-            while len(self._counted) > self._cache_size:
-                self._counted.popitem(last=False)
-        return len(ids)
+        return self.count_batch([text])[0]
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Array, Array]:
