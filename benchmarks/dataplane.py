@@ -229,11 +229,11 @@ def part_b(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -
     tok = tokenizer_limit(args.threads, args.max_batch, args.limit_s, seed=args.seed)
     limits = {"curve_at_max_batch": {**at_max, "load_average": loadavg()}, "curve_at_mean_batch": at_used,
               "tokenizer": {**tok, "load_average": loadavg()}}
-    smaller = min(at_max["measured_sps"], tok["encode_batch_sps"])
+    smaller = min(at_max["measured_sps"], tok["limit_sps"])
     systems = comparison_systems(redis, args, payloads)
     celery = systems.get("celery", {}).get("samples_per_s")
     return {"curve": curve.describe(), "headrace": hr, "limits": limits, "smaller_limit_sps": smaller,
-            "limited_by": "curve" if at_max["measured_sps"] <= tok["encode_batch_sps"] else "tokenizer",
+            "limited_by": "curve" if at_max["measured_sps"] <= tok["limit_sps"] else "tokenizer",
             "ratio_to_limit": hr["samples_per_s"] / smaller, "systems": systems,
             "ratio_to_celery": hr["samples_per_s"] / celery if celery else None}
 
@@ -243,7 +243,7 @@ def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b
     if b is None:  # (c) alone: measure what it is based on
         curve = LatencyCurve.load(args.curve, args.standin)
         limit = min(curve_limit(curve, args.max_batch, args.limit_s)["measured_sps"],
-                    tokenizer_limit(args.threads, args.max_batch, args.limit_s)["encode_batch_sps"])
+                    tokenizer_limit(args.threads, args.max_batch, args.limit_s)["limit_sps"])
         sustained = headrace_saturation(redis, args, standin=True)["samples_per_s"]
     else:
         limit, sustained = b["smaller_limit_sps"], b["headrace"]["samples_per_s"]

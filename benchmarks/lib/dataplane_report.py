@@ -67,6 +67,22 @@ def section_a(a: dict[str, Any], args: dict[str, Any]) -> Section:
                     "(one array in, one ArrayResults out per block), same entries and window."])
 
 
+def _tokenizer_rows(tok: dict[str, Any], smaller: float) -> list[list[str]]:
+    """The tokenizer's limit (the method workers call) and, for comparison, the others."""
+    method = tok.get("limit_method", "encode_batch")
+    rows = [[f"limit: tokenizer {method} (what workers call), {int(tok['threads'])} threads",
+             _n(tok.get("limit_sps", tok["encode_batch_sps"])), _pct(tok.get("limit_sps", tok["encode_batch_sps"]) / smaller),
+             "-", "-", f"{tok.get('limit_cpu_us', tok['encode_batch_cpu_us']):.1f} CPU us/sample",
+             str(tok["load_average"])]]
+    if method != "encode_batch":
+        rows.append(["(info) tokenizer encode_batch (with offsets)", _n(tok["encode_batch_sps"]),
+                     _pct(tok["encode_batch_sps"] / smaller), "-", "-",
+                     f"{tok['encode_batch_cpu_us']:.1f} CPU us/sample", ""])
+    rows.append(["(info) tokenizer encode, one text at a time", _n(tok["encode_one_sps"]),
+                 _pct(tok["encode_one_sps"] / smaller), "-", "-", f"{tok['encode_one_cpu_us']:.1f} CPU us/sample", ""])
+    return rows
+
+
 def section_b(b: dict[str, Any], args: dict[str, Any]) -> Section:
     lim, hr = b["limits"], b["headrace"]
     smaller = b["smaller_limit_sps"]
@@ -76,14 +92,7 @@ def section_b(b: dict[str, Any], args: dict[str, Any]) -> Section:
          _pct(cm["measured_sps"] / smaller), "-", "-", "-", str(cm["load_average"])],
         [f"limit: curve at batch {int(cu['batch'])} (headrace's mean batch)", _n(cu["measured_sps"]),
          _pct(cu["measured_sps"] / smaller), "-", "-", "-", ""],
-        [f"limit: tokenizer encode_batch, {int(tok['threads'])} threads", _n(tok["encode_batch_sps"]),
-         _pct(tok["encode_batch_sps"] / smaller), "-", "-", f"{tok['encode_batch_cpu_us']:.1f} CPU us/sample",
-         str(tok["load_average"])],
-        ["(info) tokenizer encode, one text at a time", _n(tok["encode_one_sps"]),
-         _pct(tok["encode_one_sps"] / smaller), "-", "-", f"{tok['encode_one_cpu_us']:.1f} CPU us/sample", ""],
-        *([["(info) tokenizer encode_batch_fast (no offsets)", _n(tok["encode_batch_fast_sps"]),
-             _pct(tok["encode_batch_fast_sps"] / smaller), "-", "-",
-             f"{tok['encode_batch_fast_cpu_us']:.1f} CPU us/sample", ""]] if "encode_batch_fast_sps" in tok else []),
+        *_tokenizer_rows(tok, smaller),
         [f"headrace standalone worker (SDK chunk_size {hr.get('chunk', 1)})", _n(hr["samples_per_s"]), _pct(b["ratio_to_limit"]),
          "-" if b["ratio_to_celery"] is None else f"{b['ratio_to_celery']:.1f}x", _n(hr.get("mean_batch")),
          _cpu(hr["cpu_us_per_sample"], ("load_generator", "worker", "redis")) + " CPU us/sample",

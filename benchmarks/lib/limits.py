@@ -1,10 +1,11 @@
 """The limits a served text model cannot beat on this host, measured in the run that uses them.
 
 * :func:`tokenizer_limit`: samples/s the MiniLM tokenizer reaches on the real texts with
-  the threads a worker may use: ``encode_batch`` on whole model batches (rayon-parallel,
-  ``RAYON_NUM_THREADS`` = ``threads``), and, for comparison, ``encode`` one text at a
-  time (what a worker does when it tokenises each request on admission) and
-  ``encode_batch_fast`` (no character offsets) where the library has it. It runs in a
+  the threads a worker may use: ``encode_batch_fast`` (no character offsets; what a
+  worker's ``TextEncoder`` calls, where the library has it, else ``encode_batch``) on whole
+  model batches (rayon-parallel, ``RAYON_NUM_THREADS`` = ``threads``) is the limit
+  (``limit_sps``), and, for comparison, ``encode_batch`` (with offsets) and ``encode`` one
+  text at a time. It runs in a
   child process because rayon sizes its pool once per process, from the environment.
 * the curve's own limit: :func:`benchmarks.lib.standin.curve_limit`.
 
@@ -62,8 +63,12 @@ def _measure_tokenizer(batch: int, seconds: float, pool: int, seed: int) -> dict
     s_sps, s_cpu = rate(single)
     out = {"encode_batch_sps": b_sps, "encode_batch_cpu_us": b_cpu, "encode_one_sps": s_sps,
            "encode_one_cpu_us": s_cpu}
+    out["limit_method"], out["limit_sps"], out["limit_cpu_us"] = "encode_batch", b_sps, b_cpu
     if hasattr(tok, "encode_batch_fast"):
         out["encode_batch_fast_sps"], out["encode_batch_fast_cpu_us"] = rate(fast)
+        # What a worker's TextEncoder calls where the library has it: the limit it faces.
+        out["limit_method"], out["limit_sps"] = "encode_batch_fast", out["encode_batch_fast_sps"]
+        out["limit_cpu_us"] = out["encode_batch_fast_cpu_us"]
     return out
 
 

@@ -260,8 +260,8 @@ def test_text_encoder_tokenises_each_text_once() -> None:
     enc = TextEncoder(default_model_path(), 256, cache_size=3)
     ref_ids, ref_mask = encode_batch(load_tokenizer(), texts)
     calls: list[int] = []
-    real = enc._tok.encode_batch
-    enc._tok.encode_batch = lambda batch: calls.append(len(batch)) or real(batch)  # type: ignore[method-assign]
+    real = enc._tokenise
+    enc._tokenise = lambda batch: calls.append(len(batch)) or real(batch)  # type: ignore[method-assign]
     counts = [enc.count(t) for t in texts]  # cache of 3: the first texts are evicted again
     assert counts == [int(m.sum()) for m in ref_mask] and max(counts) == 256
     assert calls == [1, 1, 1, 1], "the second 'short' came from the cache"
