@@ -11,7 +11,9 @@ assigns each sampled stack to a stage (read, decode, admission, tokenise, batch 
 model call, encode results, commit; on the client: submit, reply read).
 
 Prints a table of CPU us per sample by stage (each process' ``/proc`` CPU time split over
-the stages in proportion to py-spy's samples, see :func:`benchmarks.lib.stages.apportion`),
+the stages in proportion to py-spy's samples, see :func:`benchmarks.lib.stages.apportion`;
+the CPU of threads without a Python stack, e.g. the tokenizer's rayon pool, read per thread
+from ``/proc/<pid>/task``, is a row of its own), the Redis commands per entry,
 py-spy's active thread time per stage beside it, Redis' ``INFO CPU`` per sample, and writes JSON (and, with
 ``--speedscope DIR``, speedscope profiles to open at https://www.speedscope.app).
 Needs ``py-spy`` (``pip install py-spy``) and permission to read the processes (same user).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +44,7 @@ from rich.table import Table
 
 from benchmarks.lib import stages
 from benchmarks.lib.output import write_json
-from benchmarks.lib.systems import WorkerProcesses, process_cpu_s
+from benchmarks.lib.systems import WorkerProcesses, process_cpu_s, thread_cpu_s
 from headrace.client.keys import ModelKeys
 from headrace.cluster.bench.run import host_info
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
@@ -121,9 +124,11 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 Path(args.speedscope).mkdir(parents=True, exist_ok=True)
                 spies += [record(pid, Path(args.speedscope) / f"{who}.speedscope.json", args, "speedscope")
                           for who, pid in pids.items()]
+            python = {who: python_tids(pid) for who, pid in pids.items()}
             r.config_resetstat()  # commandstats of the window only (CPU time is not reset)
             n0, rc0 = entries_read(r, stream), redis_cpu_s(r)
             cpu0 = {who: process_cpu_s(pid) for who, pid in pids.items()}
+            threads0 = {who: thread_cpu_s(pid) for who, pid in pids.items()}
             t0 = time.perf_counter()
             for spy in spies:
                 _, err = spy.communicate(timeout=args.duration_s + 60)
@@ -133,6 +138,7 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             n1, rc1 = entries_read(r, stream), redis_cpu_s(r)
             commands = r.info("commandstats")
             cpu = {who: process_cpu_s(pid) - cpu0[who] for who, pid in pids.items()}
+            native = {who: native_cpu_s(threads0[who], thread_cpu_s(pid), python[who]) for who, pid in pids.items()}
             sat = json.loads(load.communicate(timeout=120)[0])
             r.close()
     served = (n1 - n0) * args.chunk  # the endless item stream fills every chunk
@@ -142,11 +148,27 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
               for who in pids}
     proc = {who: v * 1e6 / max(1, served) for who, v in cpu.items()}
     proc["redis"] = (rc1 - rc0) * 1e6 / max(1, served)
+    native_us = {who: v * 1e6 / max(1, served) for who, v in native.items()}
     return {"model": model, "simulation": not args.fake, "served": served, "window_s": wall, "chunk": args.chunk,
             "samples_per_s": served / wall, "mean_batch": sat.get("mean_batch"),
-            "cpu_us_per_sample": {who: stages.apportion(active[who], proc[who]) for who in pids},
+            "cpu_us_per_sample": {who: stages.apportion(active[who], proc[who], native_us[who]) for who in pids},
             "active_us_per_sample": active, "proc_cpu_us_per_sample": proc, "load_average": os.getloadavg(),
             "redis_calls_per_entry": calls_per_entry(commands, n1 - n0)}
+
+
+def python_tids(pid: int) -> set[int]:
+    """Native ids of the threads that run Python in ``pid`` (``py-spy dump``); the other
+    threads (a tokenizer's rayon pool, BLAS) never show in py-spy's samples."""
+    out = subprocess.run([py_spy(), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60).stdout
+    return {int(m) for m in re.findall(r"^Thread (?:0x)?(\d+)", out, flags=re.MULTILINE)}
+
+
+def native_cpu_s(before: dict[int, float], after: dict[int, float], python: set[int]) -> float:
+    """CPU seconds the threads without a Python stack used between two :func:`thread_cpu_s`
+    readings (0.0 when the Python threads are unknown: then nothing is set apart)."""
+    if not python:
+        return 0.0
+    return sum(cpu - before.get(tid, 0.0) for tid, cpu in after.items() if tid not in python)
 
 
 def calls_per_entry(commandstats: dict[str, Any], entries: int) -> dict[str, float]:
@@ -165,11 +187,13 @@ def render(res: dict[str, Any]) -> Table:
     t.add_column("stage")
     t.add_column("CPU us / sample", justify="right")
     t.add_column("active thread us / sample (py-spy)", justify="right")
-    for who, order in (("worker", (*stages.WORKER_STAGES, *stages.NOT_CPU)), ("client", (*stages.CLIENT_STAGES, stages.IDLE))):
+    for who, order in (("worker", (*stages.WORKER_STAGES, stages.NATIVE, *stages.NOT_CPU)),
+                       ("client", (*stages.CLIENT_STAGES, stages.NATIVE, stages.IDLE))):
         cpu, active = res["cpu_us_per_sample"][who], res["active_us_per_sample"][who]
         for stage in order:
-            if stage in active:
-                t.add_row(who, stage, f"{cpu[stage]:.1f}" if stage in cpu else "-", f"{active[stage]:.1f}")
+            if stage in active or stage in cpu:
+                t.add_row(who, stage, f"{cpu[stage]:.1f}" if stage in cpu else "-",
+                          f"{active[stage]:.1f}" if stage in active else "-")
         t.add_row(who, "[bold]total[/]", f"[bold]{cpu['total']:.1f}[/]", f"{active['total']:.1f}")
     t.add_row("redis", "INFO CPU", f"{res['proc_cpu_us_per_sample']['redis']:.1f}", "")
     return t

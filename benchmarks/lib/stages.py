@@ -37,6 +37,7 @@ CLIENT_STAGES = ("submit", "reply read", "map bookkeeping", "redis-py I/O (unatt
 DEVICE_WAIT = "device wait (simulated, not CPU)"
 IDLE = "idle wait (epoll, queues; not CPU)"
 NOT_CPU = (DEVICE_WAIT, IDLE)
+NATIVE = "native threads (no Python stack: tokenizer pool, BLAS)"
 # Leaf functions that block in the kernel: py-spy may still report such a thread as active.
 IDLE_LEAVES = frozenset({"EpollSelector.select", "PollSelector.select", "SelectSelector.select", "Condition.wait",
                          "Event.wait", "SimpleQueue.get", "Queue.get", "Thread.join", "Lock.acquire"})
@@ -227,12 +228,19 @@ def us_per_sample(counts: Mapping[str, int], rate_hz: float, samples: int) -> di
     return out
 
 
-def apportion(active_us: Mapping[str, float], cpu_us: float) -> dict[str, float]:
+def apportion(active_us: Mapping[str, float], cpu_us: float, native_us: float = 0.0) -> dict[str, float]:
     """Split ``cpu_us`` (the process' measured CPU per sample) over the stages of
     ``active_us`` (from :func:`us_per_sample`) in proportion to their active time; the
-    device wait and ``total`` are left out, and ``total`` becomes ``cpu_us``."""
+    device wait and ``total`` are left out, and ``total`` becomes ``cpu_us``.
+
+    ``native_us``: the part of ``cpu_us`` spent by threads without a Python stack (a
+    tokenizer's rayon pool, BLAS threads), which py-spy never samples: it is its own
+    :data:`NATIVE` stage instead of being spread over the Python stages."""
     stages = {k: v for k, v in active_us.items() if k not in (*NOT_CPU, "total")}
     whole = sum(stages.values())
-    out = {k: (v / whole * cpu_us if whole > 0 else 0.0) for k, v in stages.items()}
+    python_us = max(0.0, cpu_us - native_us)
+    out = {k: (v / whole * python_us if whole > 0 else 0.0) for k, v in stages.items()}
+    if native_us > 0:
+        out[NATIVE] = native_us
     out["total"] = cpu_us
     return out

@@ -51,16 +51,31 @@ def pin_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a process has used so far; 0.0 when it is
-    gone or ``/proc`` is not available (not Linux)."""
+def _stat_cpu_s(path: str) -> float:
+    """User + system CPU seconds of a ``/proc/.../stat`` file; 0.0 when it cannot be read."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        with open(path, encoding="ascii") as fh:
             # The command name (field 2) may hold spaces; the numbers follow the last ')'.
             fields = fh.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far; 0.0 when it is
+    gone or ``/proc`` is not available (not Linux)."""
+    return _stat_cpu_s(f"/proc/{pid}/stat")
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) each live thread of a process has used so far, by native
+    thread id; empty when the process is gone or ``/proc`` is not available."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    return {int(t): _stat_cpu_s(f"/proc/{pid}/task/{t}/stat") for t in tids if t.isdigit()}
 
 
 def descendants(root: int) -> list[int]:

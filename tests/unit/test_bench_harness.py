@@ -126,3 +126,26 @@ def test_dataplane_markdown_marks_phase_two_parts() -> None:
     assert "| 1 | 20 000 | 12 000 | 60 % | >= 60 % |" in md
     assert f"| 64 | 20 000 | {PHASE2} |" in md
     assert "GPU rows" in md and "not measured" in md
+
+
+def test_native_thread_cpu_is_its_own_stage_not_spread_over_python_stages() -> None:
+    """A tokenizer's rayon threads have no Python stack: py-spy never samples them, so
+    their CPU (read per thread from /proc) is set apart before the rest is apportioned."""
+    import os
+    import threading
+
+    from benchmarks.lib.systems import thread_cpu_s
+    from benchmarks.profile_worker import native_cpu_s
+
+    active = {"read": 1.0, "commit": 3.0, stages.IDLE: 5.0, "total": 4.0}
+    cpu = stages.apportion(active, 10.0, native_us=6.0)
+    assert cpu == {"read": 1.0, "commit": 3.0, stages.NATIVE: 6.0, "total": 10.0}
+    assert stages.NATIVE not in stages.apportion(active, 10.0)
+
+    before, after = {1: 1.0, 2: 5.0}, {1: 2.0, 2: 8.0, 3: 1.5}  # thread 3 started in the window
+    assert native_cpu_s(before, after, python={1}) == pytest.approx(4.5)
+    assert native_cpu_s(before, after, python=set()) == 0.0, "unknown Python threads: nothing set apart"
+
+    mine = thread_cpu_s(os.getpid())
+    assert threading.get_native_id() in mine and all(v >= 0.0 for v in mine.values())
+    assert thread_cpu_s(2**22 + 12345) == {}  # no such process
