@@ -153,7 +153,15 @@ def profile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "samples_per_s": served / wall, "mean_batch": sat.get("mean_batch"),
             "cpu_us_per_sample": {who: stages.apportion(active[who], proc[who], native_us[who]) for who in pids},
             "active_us_per_sample": active, "proc_cpu_us_per_sample": proc, "load_average": os.getloadavg(),
-            "redis_calls_per_entry": calls_per_entry(commands, n1 - n0)}
+            "redis_calls_per_entry": calls_per_entry(commands, n1 - n0),
+            "redis_us_per_entry": us_per_entry(commands, n1 - n0)}
+
+
+def us_per_entry(commandstats: dict[str, Any], entries: int) -> dict[str, float]:
+    """Redis' own microseconds per request entry by command over the window, largest first
+    (a script's or function's time includes the commands it runs, listed too)."""
+    us = {name.removeprefix("cmdstat_"): float(row["usec"]) / max(1, entries) for name, row in commandstats.items()}
+    return dict(sorted(us.items(), key=lambda kv: -kv[1]))
 
 
 def python_tids(pid: int) -> set[int]:
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy(f, raw_dir / f"profile_{res['model']}_{f.name}")
     Console().print(render(res))
     print("Redis calls per entry: " + ", ".join(f"{k} {v:.2f}" for k, v in res["redis_calls_per_entry"].items()))
+    print("Redis us per entry (scripts include their commands): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in list(res["redis_us_per_entry"].items())[:12]))
     doc = {"benchmark": "profile_worker", "started_at": started, "host": host_info(), "args": vars(args), **res}
     write_json(args.json, doc)
     print(f"JSON: {args.json}")
