@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--samples-per-entry", type=int, default=64,
                     help="(a): samples per multi-sample entry, bare ceiling and headrace")
     ap.add_argument("--array-block", type=int, default=1024,
-                    help="(a): samples per block of the SDK's array path (imap_arrays), sent in entries of "
-                         "--samples-per-entry")
+                    help="(a), (b): samples per block of the SDK's array path (imap_arrays), sent in entries of "
+                         "--samples-per-entry (a) / --b-chunk (b)")
     ap.add_argument("--b-chunk", type=int, default=32, help="(b)/(c): the SDK's chunk_size (1: single-sample)")
     ap.add_argument("--standin", default="cuda fp16", help="curve run of the stand-in")
     ap.add_argument("--curve", default=str(DEFAULT_CURVE_FILE), help="gpu_torch.py report holding the curve")
@@ -222,6 +222,7 @@ def comparison_systems(redis: EmbeddedRedis, args: argparse.Namespace, payloads:
 
 def part_b(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -> dict[str, Any]:
     hr = headrace_saturation(redis, args, standin=True, chunk=args.b_chunk)
+    arrays = headrace_saturation(redis, args, standin=True, chunk=args.b_chunk, block=args.array_block)
     curve = LatencyCurve.load(args.curve, args.standin)
     at_max = curve_limit(curve, args.max_batch, args.limit_s)
     used = max(1, round(hr["mean_batch"] or 1))
@@ -232,10 +233,13 @@ def part_b(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -
     smaller = min(at_max["measured_sps"], tok["limit_sps"])
     systems = comparison_systems(redis, args, payloads)
     celery = systems.get("celery", {}).get("samples_per_s")
-    return {"curve": curve.describe(), "headrace": hr, "limits": limits, "smaller_limit_sps": smaller,
+    return {"curve": curve.describe(), "headrace": hr, "headrace_arrays": arrays,
+            "ratio_arrays_to_limit": arrays["samples_per_s"] / smaller,
+            "limits": limits, "smaller_limit_sps": smaller,
             "limited_by": "curve" if at_max["measured_sps"] <= tok["limit_sps"] else "tokenizer",
             "ratio_to_limit": hr["samples_per_s"] / smaller, "systems": systems,
-            "ratio_to_celery": hr["samples_per_s"] / celery if celery else None}
+            "ratio_to_celery": hr["samples_per_s"] / celery if celery else None,
+            "ratio_arrays_to_celery": arrays["samples_per_s"] / celery if celery else None}
 
 
 def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b: dict[str, Any] | None

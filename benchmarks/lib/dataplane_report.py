@@ -98,6 +98,13 @@ def section_b(b: dict[str, Any], args: dict[str, Any]) -> Section:
          _cpu(hr["cpu_us_per_sample"], ("load_generator", "worker", "redis")) + " CPU us/sample",
          str(hr["load_average"])],
     ]
+    if "headrace_arrays" in b:
+        ha = b["headrace_arrays"]
+        rows.append([f"headrace, SDK array path (imap_arrays, blocks of {ha.get('block', '?')} texts, entries of "
+                     f"{ha.get('chunk', 1)})", _n(ha["samples_per_s"]), _pct(b["ratio_arrays_to_limit"]),
+                     "-" if not b.get("ratio_arrays_to_celery") else f"{b['ratio_arrays_to_celery']:.1f}x",
+                     "-", _cpu(ha["cpu_us_per_sample"], ("load_generator", "worker", "redis")) + " CPU us/sample",
+                     str(ha["load_average"])])
     labels = {"celery": "Ray Serve async inference (Celery), one task per request",
               "http": "Ray Serve HTTP + @serve.batch"}
     for name, s in b["systems"].items():

@@ -6,9 +6,10 @@
 ``AsyncClient.imap`` (the SDK's bulk path: pipelined submits, at most ``IN_FLIGHT``
 samples outstanding, in multi-sample entries of ``CHUNK`` samples, default 1) over an
 endless stream of inputs: ``KIND`` ``affine`` sends float32 ``x`` of shape (4,), ``text``
-cycles through real sentences (the held-out corpus). With ``--arrays BLOCK`` (``affine``
-only) it drives ``AsyncClient.imap_arrays`` instead: endless blocks of ``BLOCK`` samples,
-one array each, answered as arrays (the SDK's array path). After
+cycles through real sentences (the held-out corpus, each numbered so no two are equal).
+With ``--arrays BLOCK`` it drives ``AsyncClient.imap_arrays`` instead: endless blocks of
+``BLOCK`` samples (one array each, or a list of texts), answered as arrays (the SDK's array
+path). After
 ``WARMUP_S`` the answers arriving over ``DURATION_S`` are counted. The load generator runs
 in its own process (its own interpreter and GIL), as the bare ceiling's producer and
 reader do, so the benchmark driver's own work does not share its core time.
@@ -79,7 +80,7 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
     window = _Window(warmup_s, duration_s)
     async with AsyncClient(url, namespace=namespace, max_in_flight=in_flight, timeout_s=60.0) as client:
         if block:
-            return await _saturate_arrays(client, model, block, chunk, window, duration_s)
+            return await _saturate_arrays(client, model, kind, block, chunk, window, duration_s)
         stream: Any = client.imap(model, items(kind), progress=False, chunk_size=chunk)  # closable
         async with contextlib.aclosing(stream) as results:
             async for res in results:
@@ -98,13 +99,21 @@ async def saturate(url: str, namespace: str, model: str, kind: str, in_flight: i
             "load_generator_cpu_us_per_sample": window.cpu_s() * 1e6 / max(1, n)}
 
 
-async def _saturate_arrays(client: Any, model: str, block: int, chunk: int, window: _Window,
-                           duration_s: float) -> dict[str, Any]:
+def _blocks(kind: str, block: int) -> Iterator[Any]:
+    """Endless blocks of ``block`` samples: ``{"x": array}`` (affine) or lists of distinct texts."""
+    if kind == "text":
+        texts = items("text")
+        return (list(itertools.islice(texts, block)) for _ in itertools.count())
     rng = np.random.default_rng(0)
     pool = [rng.standard_normal((block, 4)).astype(np.float32) for _ in range(4)]
+    return ({"x": x} for x in itertools.cycle(pool))
+
+
+async def _saturate_arrays(client: Any, model: str, kind: str, block: int, chunk: int, window: _Window,
+                           duration_s: float) -> dict[str, Any]:
     ok = failed = total = 0
-    stream: Any = client.imap_arrays(model, ({"x": x} for x in itertools.cycle(pool)), progress=False,
-                                     chunk_size=chunk, raise_on_error=False)
+    stream: Any = client.imap_arrays(model, _blocks(kind, block), progress=False, chunk_size=chunk,
+                                     raise_on_error=False)
     async with contextlib.aclosing(stream) as results:
         async for res in results:
             total += len(res)
@@ -132,10 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("duration_s", type=float)
     ap.add_argument("chunk", type=int, nargs="?", default=1)
     ap.add_argument("--arrays", type=int, default=0, metavar="BLOCK",
-                    help="drive imap_arrays with blocks of BLOCK samples (affine only)")
+                    help="drive imap_arrays with blocks of BLOCK samples (arrays, or lists of texts)")
     a = ap.parse_args(argv)
-    if a.arrays and a.kind != "affine":
-        ap.error("--arrays needs KIND affine")
     out = asyncio.run(saturate(a.url, a.namespace, a.model, a.kind, a.in_flight, a.warmup_s, a.duration_s, a.chunk,
                                a.arrays))
     print(json.dumps(out))
