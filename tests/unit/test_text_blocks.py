@@ -6,13 +6,16 @@ is found by halving; answers are encoded from the stacked outputs."""
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from headrace.client import errors as E
 from headrace.client.protocol import Envelope, Request, decode_result, encode_request, now_ms
@@ -23,13 +26,14 @@ from headrace.workers.backends.fake import LengthServable
 from headrace.workers.backends.prepost import pad_rows
 from headrace.workers.engine.admission import Admission, Samples
 from headrace.workers.engine.inference import infer_text_buckets, row_signature, text_rows
+from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.pipeline.answers import Answers
 from headrace.workers.pipeline.entry import Entry
 from headrace.workers.pipeline.work import Work, split_work
 from headrace.workers.settings import WorkerSettings
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
-from tests.support.worker import serve_until
+from tests.support.worker import serve_until, wait_until
 
 LEN = "headrace:{length}:reply:t"
 
@@ -179,3 +183,47 @@ async def test_a_poison_text_in_a_block_is_found_by_halving_and_the_rest_answere
         [len(t) for i, t in enumerate(texts) if i != 29]
     assert got["q"].ok and all(s.ok for s in got["q"].samples)
     assert not store.dlq and len(store.pending_ids()) == 0
+
+
+# --- property: a texts entry is answered alike as a block and sample by sample ----------------
+
+ITEMS = st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30), st.integers(),
+                  st.binary(max_size=4), st.none(), st.floats(allow_nan=False), st.lists(st.text(max_size=3), max_size=2))
+
+
+@pytest.fixture(scope="module")
+def both_paths() -> Iterator[dict[bool, MemoryStore]]:
+    """One worker thread per path: texts as rows (blocks) and one request per text."""
+    stores: dict[bool, MemoryStore] = {}
+    threads = []
+    for rows in (False, True):
+        stores[rows] = MemoryStore()
+        settings_ = WorkerSettings(model="length", max_batch=16, max_wait_ms=1, block_ms=5, lease_s=30,
+                                   drain_timeout_s=5)
+        threads.append(WorkerThread(settings_, LengthServable(rows=rows), MemoryBroker(stores[rows], f"w{rows}")).start())
+    yield stores
+    for t in threads:
+        t.stop(drain=True, timeout_s=10)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(ITEMS, min_size=1, max_size=20))
+def test_a_texts_entry_is_answered_alike_as_a_block_and_sample_by_sample(both_paths: dict[bool, MemoryStore],
+                                                                         texts: list[Any]) -> None:
+    rid = f"p{uuid.uuid4().hex[:12]}"
+    got = {}
+    for rows, store in both_paths.items():
+        with store.lock:
+            store.add(texts_entry(rid, texts))
+        got[rows] = wait_until(lambda s=store: next((r for r in s.results(LEN) if r.request_id == rid), None))
+    one_by_one, block = got[False], got[True]
+    assert (block.status, block.code) == (one_by_one.status, one_by_one.code)
+    assert len(block.samples) == len(texts)
+    for text, a, b in zip(texts, one_by_one.samples, block.samples, strict=True):
+        assert (b.status, b.code) == (a.status, a.code)
+        if isinstance(text, str):
+            assert b.ok and int(b.outputs["length"][0]) == len(text)
+        else:
+            assert b.code == E.BAD_VALUE
+    assert not both_paths[True].dlq and not both_paths[True].pending_ids()
