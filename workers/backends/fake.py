@@ -58,9 +58,6 @@ class _FakeBase(Servable):
         self.invocations: Counter[str] = Counter()
         self.closed = False
 
-    def _record(self, requests: Sequence[Request]) -> None:
-        self._record_ids([r.request_id for r in requests])
-
     def _record_ids(self, ids: list[str]) -> None:
         with self._lock:
             self.batches.append(ids)
@@ -156,7 +153,7 @@ class LengthServable(_FakeBase):
         self.poison = poison
         self.crash = crash
         self.rows = rows
-        #: the texts of each infer_texts call, in order (tests look at what ran together).
+        #: the texts of each model call, in order (tests look at what ran together).
         self.text_calls: list[list[str]] = []
 
     def check(self, request: Request) -> None:
@@ -166,16 +163,8 @@ class LengthServable(_FakeBase):
         return len(request.text or "")
 
     def infer(self, requests: Sequence[Request]) -> list[dict[str, np.ndarray[Any, Any]]]:
-        self._record(requests)
-        texts = [r.text or "" for r in requests]
-        if self.crash and any(self.crash in t for t in texts):
-            os._exit(CRASH_EXIT_CODE)
-        self._sleep()
-        if self.poison:
-            bad = [r.request_id for r, t in zip(requests, texts, strict=True) if self.poison in t]
-            if bad:
-                raise E.ModelError(f"poison text in request(s) {bad}")
-        return [{"length": np.array([len(t)], dtype=np.int64)} for t in texts]
+        rows = self.infer_texts([r.text or "" for r in requests], [r.request_id for r in requests])["length"]
+        return [{"length": row} for row in rows]
 
     def runs_stacked(self) -> bool:
         return self.rows

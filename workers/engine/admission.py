@@ -250,13 +250,13 @@ class Admission:
         runs stacked samples goes on as one block when its samples pass the checks (they
         share their shapes and dtypes: the first one is checked for all)."""
         s = self.settings
-        if "texts" in body and self.stacked:
-            texts = decode_texts(body, declared, s.max_samples_per_entry)
-            block = self._text_block(entry, env, texts, at_ms)
-            if block is not None:
-                return block
+        if "texts" in body:
+            if self.stacked:
+                block = self._text_block(entry, env, decode_texts(body, declared, s.max_samples_per_entry), at_ms)
+                if block is not None:
+                    return block
             slots = decode_samples(env, body, declared, s.max_samples_per_entry, s.limits)
-        elif "texts" in body or not self.stacked:
+        elif not self.stacked:
             slots = decode_samples(env, body, declared, s.max_samples_per_entry, s.limits)
         else:
             arrays, finite = decode_sample_arrays(body, declared, s.max_samples_per_entry, s.limits)
