@@ -37,7 +37,7 @@ def test_classify_walks_from_the_leaf_to_the_first_named_frame() -> None:
     tokenise = _stack("StreamWorker._admit (workers/engine/worker.py:220)",
                       "Admission.length (workers/engine/admission.py:200)",
                       "StandInServable.length (benchmarks/lib/standin.py:240)",
-                      "TextEncoder.count (workers/backends/prepost.py:90)")
+                      "TextEncoder.count (workers/backends/tokens.py:90)")
     assert stages.classify(tokenise, stages.WORKER_RULES) == "tokenise"
 
 

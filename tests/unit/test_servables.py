@@ -254,7 +254,7 @@ def test_text_encoder_tokenises_each_text_once() -> None:
     evicted), a text twice in a batch or counted again before its batch ran is tokenised
     once, and the ids are gone once their batch was encoded."""
     from headrace.models.builtin.minilm import default_model_path
-    from headrace.workers.backends.prepost import TextEncoder
+    from headrace.workers.backends.tokens import TextEncoder
 
     texts = ["short", "a somewhat longer sentence with more tokens in it", "", "short", "x " * 400]
     enc = TextEncoder(default_model_path(), 256, cache_size=3)

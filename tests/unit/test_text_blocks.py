@@ -23,7 +23,7 @@ from headrace.client.samples import MultiRequest, all_valid_texts
 from headrace.client.wire import Limits
 from headrace.workers.backends.base import runs_stacked
 from headrace.workers.backends.fake import LengthServable
-from headrace.workers.backends.prepost import pad_rows
+from headrace.workers.backends.tokens import pad_rows
 from headrace.workers.engine.admission import Admission, Samples
 from headrace.workers.engine.inference import infer_text_buckets, row_signature, text_rows
 from headrace.workers.engine.thread import WorkerThread

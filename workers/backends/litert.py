@@ -24,7 +24,7 @@ import numpy as np
 from headrace.client import errors as E
 from headrace.client.protocol import Request
 from headrace.models.repository.store import Manifest
-from headrace.workers.backends import prepost
+from headrace.workers.backends import prepost, tokens
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class LiteRTServable(prepost.ManifestServable):
             if tokenizer_path is None:
                 raise E.ModelError(f"{manifest.name}/{manifest.version} takes text but no tokenizer file was given")
             # Truncated at the entry's max_length, which the frozen sequence length covers.
-            self._encoder = prepost.text_encoder(manifest, tokenizer_path)
-            self._text_inputs = prepost.text_inputs_of(manifest)
+            self._encoder = tokens.text_encoder(manifest, tokenizer_path)
+            self._text_inputs = tokens.text_inputs_of(manifest)
         self.inputs = prepost.specs(manifest.inputs)
         self.outputs = prepost.specs(manifest.outputs)
         self.reject_non_finite = reject_non_finite

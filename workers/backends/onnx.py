@@ -22,7 +22,7 @@ import numpy as np
 from headrace.client import errors as E
 from headrace.client.optional import WORKER, require
 from headrace.models.repository.store import Manifest
-from headrace.workers.backends import prepost, signature
+from headrace.workers.backends import prepost, signature, tokens
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class OnnxServable(prepost.ManifestServable):
         self.outputs = prepost.specs(manifest.outputs)
         self.reject_non_finite = reject_non_finite
         self._output_names = [s.name for s in self.outputs]
-        self._encoder: prepost.TextEncoder | None = None
+        self._encoder: tokens.TextEncoder | None = None
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -122,11 +122,11 @@ class OnnxServable(prepost.ManifestServable):
         if self.session is None:
             raise E.ModelError(f"cannot load {model_path} with onnxruntime: {last}") from last
         self.providers = list(self.session.get_providers())
-        self._text_inputs = prepost.text_inputs_of(manifest) if self.accepts_text else ()
+        self._text_inputs = tokens.text_inputs_of(manifest) if self.accepts_text else ()
         signature.check_graph(manifest, signature.ort_specs(self.session.get_inputs()),
                               signature.ort_specs(self.session.get_outputs()), model_path.name, self._text_inputs)
         if self.accepts_text:
-            self._encoder = prepost.text_encoder(manifest, tokenizer_path)
+            self._encoder = tokens.text_encoder(manifest, tokenizer_path)
         log.info("loaded %s/%s (onnx, %s) on %s", self.name, self.version, manifest.precision, self.providers)
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:

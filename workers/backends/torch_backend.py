@@ -25,7 +25,7 @@ from headrace.client import errors as E
 from headrace.client.optional import require
 from headrace.models.repository.store import Manifest
 from headrace.models.torch_factory import BUILTIN_ARCHS, FACTORY_PREFIX, Factory, build_module, resolve_factory
-from headrace.workers.backends import prepost
+from headrace.workers.backends import prepost, tokens
 
 if TYPE_CHECKING:
     import torch
@@ -103,12 +103,12 @@ class TorchServable(prepost.ManifestServable):
                 self.module = self.module.half()
             else:
                 log.warning("%s/%s is fp16 but runs on %s: serving it in fp32", self.name, self.version, self.device)
-        self._encoder: prepost.TextEncoder | None = None
+        self._encoder: tokens.TextEncoder | None = None
         if self.accepts_text:
             if tokenizer_path is None:
                 raise E.ModelError(f"{self.name}/{self.version}: text model without a tokenizer file")
-            self._text_inputs = prepost.text_inputs_of(manifest)
-            self._encoder = prepost.text_encoder(manifest, tokenizer_path)
+            self._text_inputs = tokens.text_inputs_of(manifest)
+            self._encoder = tokens.text_encoder(manifest, tokenizer_path)
         log.info("loaded %s/%s (torch, %s) on %s", self.name, self.version, manifest.precision, self.device)
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
