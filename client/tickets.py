@@ -9,6 +9,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -147,7 +148,12 @@ class Ticket:
     def add_done_callback(self, fn: Callable[[Ticket], None]) -> None:
         """Call ``fn(ticket)`` when the result arrives or the ticket is cancelled (in the
         thread that completes it)."""
-        self._future.add_done_callback(lambda _f: fn(self))
+        # Through a weak reference: a closure over the ticket, kept by its own future, would
+        # make every ticket with a callback a reference cycle that only the cyclic garbage
+        # collector frees, and its full collections stall the event loop of a busy producer.
+        # The ticket is alive whenever its future completes: completing it is a call on it.
+        ref = weakref.ref(self)
+        self._future.add_done_callback(lambda _f: _call_back(fn, ref))
 
     def _async_waiter(self) -> asyncio.Future[Result | None]:
         """A future of the running loop that completes with the result (at once when the
@@ -192,6 +198,12 @@ class Ticket:
         if waiters:
             _wake(waiters, outcome)
         return True
+
+
+def _call_back(fn: Callable[[Ticket], None], ref: weakref.ref[Ticket]) -> None:
+    ticket = ref()
+    if ticket is not None:
+        fn(ticket)
 
 
 def _expire(waiter: asyncio.Future[Result | None]) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -122,6 +124,41 @@ def test_book_tracks_streams_and_drops_unknown_or_duplicate_results() -> None:
     assert [t.request_id for t in book.outstanding()] == ["b"]
     book.discard(b)
     assert len(book) == 0
+
+
+def test_a_ticket_with_a_done_callback_is_freed_without_the_cyclic_collector() -> None:
+    # A closure over the ticket held by its own future made every such ticket a reference
+    # cycle; a busy producer then paid for it in full collections that stall its loop.
+    seen: list[str] = []
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        book = TicketBook()
+        t = _ticket("cb")
+        book.add(t)
+        t.add_done_callback(lambda ticket: seen.append(ticket.request_id))
+        book.deliver(REPLY, [(b"1-0", _ok("cb", 2.0))])
+        assert seen == ["cb"] and float(t.result(0).outputs["y"][0]) == 2.0
+        ref = weakref.ref(t)
+        del t, book
+        assert ref() is None  # freed by reference counting alone: no cycle left behind
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_a_callback_fires_for_a_ticket_the_caller_dropped() -> None:
+    # The book holds the ticket until its answer arrives, so the weak reference the
+    # callback goes through is alive when the future completes.
+    book = TicketBook()
+    seen: list[str] = []
+    t = _ticket("gone")
+    book.add(t)
+    t.add_done_callback(lambda ticket: seen.append(ticket.request_id))
+    del t
+    book.deliver(REPLY, [(b"1-0", _ok("gone"))])
+    assert seen == ["gone"]
 
 
 def test_undecodable_result_resolves_its_ticket_with_the_code() -> None:
