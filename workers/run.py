@@ -10,6 +10,7 @@ from typing import Any
 
 from headrace.workers.backends.base import Servable
 from headrace.workers.broker.base import Broker
+from headrace.workers.engine.heap import freeze_startup_heap
 from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.metrics import NullMetrics, PrometheusMetrics, WorkerMetrics, start_metrics_server
 from headrace.workers.settings import WorkerSettings
@@ -75,6 +76,8 @@ def run_standalone(settings: WorkerSettings, servable: Servable | None = None, *
 
         servable = load_servable(settings)
     assert servable is not None
+    if settings.gc_freeze:
+        freeze_startup_heap()
     server: Any = None
     try:
         if metrics is None:

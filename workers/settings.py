@@ -167,6 +167,9 @@ class WorkerSettings(Settings):
                                          "XADD (docs/security.md).")
     relay_batch: int = setting(256, "Most inbox requests one relay step moves into the stream (a step also stops "
                                     "after 1 MiB of requests).", unit="requests")
+    gc_freeze: bool = setting(True, "After loading the model, move the objects alive into the garbage collector's "
+                                    "permanent generation (gc.freeze), so full collections during serving do not "
+                                    "walk the model's and libraries' objects and stall the event loop.")
     servable: str = setting("", "package.module:Class of an operator-written servable (a CustomServable subclass, "
                                 "docs/models.md) to serve the model with instead of the manifest's backend. "
                                 "Operator configuration only: a manifest never names code.")

@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_standalone(settings, servable)
             return 0
         from benchmarks.lib.probe import ProbeBroker, Probes, ProbeServable
+        from headrace.workers.engine.heap import freeze_startup_heap
+
+        if settings.gc_freeze:  # as run_standalone does
+            freeze_startup_heap()
 
         probes = Probes()
         probed = ProbeServable(servable, probes)

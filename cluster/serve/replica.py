@@ -38,6 +38,7 @@ from headrace.cluster.serve.args import ModelAppArgs
 from headrace.cluster.serve.autoscale import LAG_METRIC, PENDING_METRIC
 from headrace.cluster.serve.metrics import RayWorkerMetrics
 from headrace.workers.backends.base import Servable
+from headrace.workers.engine.heap import freeze_startup_heap
 from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.settings import live_fields
 
@@ -124,6 +125,8 @@ class StreamWorkerReplica:
         started = time.monotonic()
         self.servable, self.tp = load_replica_servable(self.args, self.settings,
                                                        name=f"headrace-tp-{self.app_name}-{self.replica_id}")
+        if self.settings.gc_freeze:
+            freeze_startup_heap()  # a replica owns its process, as a standalone worker does
         try:
             self.thread = WorkerThread(self.settings, self.servable, metrics=self.metrics).start(timeout_s=60.0)
         except BrokerError:
