@@ -4,18 +4,24 @@
   standalone worker, the SDK's ``AsyncClient.imap`` in a process of its own) against the
   bare Redis ceiling at the same samples per entry (:mod:`benchmarks.lib.ceiling`:
   pipelined ``XADD`` + ``XREADGROUP`` + ``XACK`` with headrace's payloads, producer /
-  consumer / reader processes). The bare ceiling is also measured with ``--samples-per-entry``
-  samples per entry; headrace's multi-sample entries come with issue 14 phase 2 and show
-  as *not yet available*.
+  consumer / reader processes), with single-sample entries and with ``--samples-per-entry``
+  samples per entry (``imap`` and the array path ``imap_arrays``).
 * **(b) accelerator stand-in** (a SIMULATION, :mod:`benchmarks.lib.standin`): samples/s
   through headrace against the smaller of two limits measured in this run: the curve's own
   limit (the stand-in's device back to back at ``--max-batch``) and the tokenizer's
   (``encode_batch`` on the real texts with ``--threads`` threads). The same stand-in behind
   Ray Serve's Celery async path and ``@serve.batch`` HTTP (``--systems``).
-* **(c) queue overhead at 50 % load**: Poisson arrivals at half of (the smaller limit, or
-  headrace's (b) throughput when that is lower) through a probed stand-in worker; the
-  queue's part of each latency (send -> worker read + commit start -> client decoded) against
-  the floor, a bare two-hop Redis Streams round trip at the same rate measured meanwhile.
+* **(c) queue overhead at 50 % load**: single-sample Poisson arrivals (one ``submit`` per
+  arrival, as latency-bound callers send them) through a probed stand-in worker, at half of
+  the least of the smaller limit, headrace's (b) throughput and the *single-request
+  capacity*: what the same traffic carries at most, measured in this run by a closed loop of
+  ``--c-concurrency`` callers each sending one single-sample request at a time. (b) is
+  measured with multi-sample entries through ``imap``, a cheaper path per sample; half of it
+  can be more than single requests carry at all, and an overloaded queue measures its own
+  backlog, not its overhead. The queue's part of each latency (send -> worker read + commit
+  start -> client decoded) is set against the floor, a bare two-hop Redis Streams round trip
+  at the same rate measured meanwhile (its processes share the cores with the in-process
+  reference's run).
 
 Prints tables and a markdown block for BENCHMARKS.md, writes JSON. Asserts nothing about
 speed. Every figure is noted with the machine's load average at the time.
@@ -38,7 +44,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 
@@ -82,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup-s", type=float, default=2.0)
     ap.add_argument("--duration-s", type=float, default=8.0)
     ap.add_argument("--limit-s", type=float, default=3.0, help="seconds per limit measurement")
-    ap.add_argument("--load", type=float, default=0.5, help="(c): fraction of the limit offered")
+    ap.add_argument("--load", type=float, default=0.5, help="(c): fraction of the least capacity offered")
+    ap.add_argument("--c-concurrency", type=int, default=512,
+                    help="(c): callers of the closed loop that measures the single-request capacity")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="runs/dataplane.json")
     ap.add_argument("--markdown", default="", help="also write the markdown block here")
@@ -242,6 +250,36 @@ def part_b(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -
             "ratio_arrays_to_celery": arrays["samples_per_s"] / celery if celery else None}
 
 
+async def _single_requests(client: AsyncClient, payloads: Payloads, args: argparse.Namespace,
+                           rate: float = 0.0) -> Any:
+    """Single-sample requests of (c), one ``submit`` each: Poisson at ``rate`` (> 0), else a
+    closed loop of ``args.c_concurrency`` callers."""
+    target = HeadraceTarget(client, "minilm-standin", payloads)
+    limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, 60.0)
+    if rate > 0:
+        return await open_loop(target, rate, limits, seed=args.seed)
+    return await closed_run(target, args.c_concurrency, args)
+
+
+def standin_workers(redis: EmbeddedRedis, args: argparse.Namespace, ns: str, probe_file: str = "") -> WorkerProcesses:
+    extra = ["--standin", args.standin, "--curve", args.curve, *(["--probe-out", probe_file] if probe_file else [])]
+    return WorkerProcesses(redis.url, ns, "minilm-standin", module="benchmarks.lib.bench_worker", extra_args=extra,
+                           threads=args.threads, settings={"max_batch": args.max_batch,
+                                                           "max_wait_ms": args.max_wait_ms})
+
+
+def request_capacity(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -> dict[str, Any]:
+    """The most single-sample requests/s the stand-in worker answers when each is its own
+    ``submit`` (the traffic of (c)): a closed loop of ``--c-concurrency`` callers."""
+    ns = f"dp-{uuid.uuid4().hex[:6]}"
+    with standin_workers(redis, args, ns):
+        async def closed() -> dict[str, Any]:
+            async with AsyncClient(redis.url, namespace=ns, timeout_s=60.0) as client:
+                return cast("dict[str, Any]", await _single_requests(client, payloads, args))
+
+        return asyncio.run(closed())
+
+
 def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b: dict[str, Any] | None
            ) -> dict[str, Any]:
     if b is None:  # (c) alone: measure what it is based on
@@ -251,8 +289,11 @@ def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b
         sustained = headrace_saturation(redis, args, standin=True)["samples_per_s"]
     else:
         limit, sustained = b["smaller_limit_sps"], b["headrace"]["samples_per_s"]
-    base = min(limit, sustained)
-    rate = args.load * base
+    capacity = request_capacity(redis, args, payloads)
+    bases = {"smaller limit": limit, "headrace (b) throughput": sustained,
+             "single-request capacity": capacity["samples_per_s"]}
+    basis = min(bases, key=lambda k: bases[k])
+    rate = args.load * bases[basis]
     limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, 60.0)
     floor_box: list[dict[str, Any]] = []
     floor = threading.Thread(target=lambda: floor_box.append(
@@ -269,14 +310,10 @@ def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b
     with tempfile.TemporaryDirectory(prefix="headrace-dp-") as tmp:
         probe_file = str(Path(tmp) / "probes.jsonl")
         ns = f"dp-{uuid.uuid4().hex[:6]}"
-        with WorkerProcesses(redis.url, ns, "minilm-standin", module="benchmarks.lib.bench_worker",
-                             extra_args=["--standin", args.standin, "--curve", args.curve, "--probe-out", probe_file],
-                             threads=args.threads, settings={"max_batch": args.max_batch,
-                                                             "max_wait_ms": args.max_wait_ms}):
+        with standin_workers(redis, args, ns, probe_file):
             async def probed() -> Any:
                 async with AsyncClient(redis.url, namespace=ns, timeout_s=60.0) as client:
-                    return await open_loop(HeadraceTarget(client, "minilm-standin", payloads), rate, limits,
-                                           seed=args.seed)
+                    return await _single_requests(client, payloads, args, rate)
 
             rr = asyncio.run(probed())
         probes = load_probes(probe_file)
@@ -284,7 +321,7 @@ def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b
                        offered_rps=rate, extra=rr.generator_stats())
     refp = summarize(ref.samples, label="in-process", mode="open", start_s=ref.start_s, end_s=ref.end_s,
                      offered_rps=rate)
-    return {"rate_sps": rate, "rate_basis": "smaller limit" if limit <= sustained else "headrace (b) throughput",
+    return {"rate_sps": rate, "rate_basis": basis, "bases_sps": bases, "capacity": capacity,
             "queue_split": queue_split(rr, probes), "floor": floor_box[0] if floor_box else None,
             "e2e": opened.to_json(), "reference": refp.to_json(), "load_average": loadavg()}
 

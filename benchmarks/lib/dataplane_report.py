@@ -131,16 +131,26 @@ def section_c(c: dict[str, Any]) -> Section:
         ok50 = qq["p50"] <= floor["p50"] + 0.5
         ok99 = qq["p99"] <= 1.5 * floor["p99"]
         verdict = f"p50 {'met' if ok50 else 'missed'}, p99 {'met' if ok99 else 'missed'}"
-    rows = [[f"{_n(c['rate_sps'])} ({c['rate_basis']})", f"{_ms(qq, 'p50')} / {_ms(qq, 'p99')}",
+    e2e = c["e2e"]
+    served = e2e.get("throughput_rps") or 0.0
+    errors = ", ".join(f"{k} {v}" for k, v in (e2e.get("errors") or {}).items()) or "none"
+    rows = [[f"{_n(c['rate_sps'])} ({c['rate_basis']})", f"{_n(served)} ({served / c['rate_sps']:.0%}); errors: {errors}",
+             f"{_ms(qq, 'p50')} / {_ms(qq, 'p99')}",
              f"{_ms(floor, 'p50')} / {_ms(floor, 'p99')}", verdict,
              f"{_ms(q.get('wire_in'), 'p50')} / {_ms(q.get('deliver'), 'p50')}",
-             f"{_ms(c['e2e']['e2e'], 'p50')} / {_ms(c['e2e']['e2e'], 'p99')}",
+             f"{_ms(e2e['e2e'], 'p50')} / {_ms(e2e['e2e'], 'p99')}",
              f"{_ms(c['reference']['e2e'], 'p50')} / {_ms(c['reference']['e2e'], 'p99')}", str(c["load_average"])]]
+    bases = c.get("bases_sps") or {}
+    notes = [f"{q.get('joined', 0)} requests joined with the worker's probes."]
+    if bases:
+        notes.append("half of the least of: " + "; ".join(f"{k} {_n(v)}/s" for k, v in bases.items())
+                     + " (single-request capacity: a closed loop of single-sample submits, the traffic offered here).")
+    if served < 0.95 * c["rate_sps"]:
+        notes.append("OVERLOADED: fewer answers than arrivals; the queue overhead above is a growing backlog.")
     return Section("(c) SIMULATION: queue overhead at half load vs the floor (stand-in worker, Poisson arrivals)",
-                   ["offered samples/s", "queue overhead p50 / p99 ms", "floor p50 / p99 ms",
+                   ["offered samples/s", "answered samples/s", "queue overhead p50 / p99 ms", "floor p50 / p99 ms",
                     "target p50 <= floor + 0.5 ms, p99 <= 1.5 x floor", "wire in / deliver p50 ms",
-                    "headrace e2e p50 / p99 ms", "in-process reference p50 / p99 ms", "load avg"], rows,
-                   [f"{q.get('joined', 0)} requests joined with the worker's probes."])
+                    "headrace e2e p50 / p99 ms", "in-process reference p50 / p99 ms", "load avg"], rows, notes)
 
 
 def sections(doc: dict[str, Any]) -> list[Section]:

@@ -149,3 +149,30 @@ def test_native_thread_cpu_is_its_own_stage_not_spread_over_python_stages() -> N
     mine = thread_cpu_s(os.getpid())
     assert threading.get_native_id() in mine and all(v >= 0.0 for v in mine.values())
     assert thread_cpu_s(2**22 + 12345) == {}  # no such process
+
+
+def _c_result(answered: float) -> dict[str, object]:
+    lat = {"p50": 1.0, "p99": 3.0}
+    return {"rate_sps": 1000.0, "rate_basis": "single-request capacity",
+            "bases_sps": {"smaller limit": 18000.0, "headrace (b) throughput": 9000.0,
+                          "single-request capacity": 2000.0},
+            "queue_split": {"joined": 10, "queue": lat, "wire_in": lat, "deliver": lat},
+            "floor": {"round_trip_ms": {"p50": 0.8, "p99": 4.0}},
+            "e2e": {"throughput_rps": answered, "errors": {"shed": 3} if answered < 900 else {}, "e2e": lat},
+            "reference": {"e2e": lat}, "load_average": 1.0}
+
+
+def test_dataplane_c_names_its_basis_and_flags_an_overloaded_run() -> None:
+    """(c)'s half load is half of the least capacity, the single-request one included; a run
+    that answers fewer than it was offered is marked overloaded, not read as overhead."""
+    from benchmarks.lib.dataplane_report import section_c
+
+    ok = section_c(_c_result(1000.0))
+    assert ok.rows[0][0] == "1 000 (single-request capacity)"
+    assert ok.rows[0][1].startswith("1 000 (100%)")
+    assert ok.rows[0][4] == "p50 met, p99 met"
+    assert any("single-request capacity 2 000/s" in n for n in ok.notes)
+    assert not any("OVERLOADED" in n for n in ok.notes)
+    over = section_c(_c_result(600.0))
+    assert "shed 3" in over.rows[0][1]
+    assert any("OVERLOADED" in n for n in over.notes)
