@@ -145,6 +145,12 @@ def section_c(c: dict[str, Any]) -> Section:
     if bases:
         notes.append("half of the least of: " + "; ".join(f"{k} {_n(v)}/s" for k, v in bases.items())
                      + " (single-request capacity: a closed loop of single-sample submits, the traffic offered here).")
+    gen = e2e.get("extra") or {}
+    if "late_p99_ms" in gen:
+        notes.append(f"load generator: late p50 / p99 {gen['late_p50_ms']:.2f} / {gen['late_p99_ms']:.2f} ms against "
+                     f"its schedule; its own garbage collections (heap frozen at the start): "
+                     f"{gen.get('gc_collections', '?')} ({gen.get('gc_full', '?')} full), longest "
+                     f"{gen.get('gc_max_ms', 0.0):.1f} ms, {gen.get('gc_total_ms', 0.0):.0f} ms in all.")
     if served < 0.95 * c["rate_sps"]:
         notes.append("OVERLOADED: fewer answers than arrivals; the queue overhead above is a growing backlog.")
     return Section("(c) SIMULATION: queue overhead at half load vs the floor (stand-in worker, Poisson arrivals)",

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from headrace.client.errors import ConfigError
+from headrace.cluster.bench.gcwatch import GcWatch
 from headrace.cluster.bench.stats import STATUS_SEND_ERROR, STATUS_TIMEOUT, Sample, percentile
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,15 @@ class RunResult:
     lateness_ms: list[float] = field(default_factory=list)
     shed: int = 0
     origin: float = 0.0
+    gc: dict[str, Any] = field(default_factory=dict)
 
     def generator_stats(self) -> dict[str, Any]:
-        """How well the generator kept its schedule (open loop)."""
+        """How well the generator kept its schedule (open loop) and its own garbage
+        collections during the run (:class:`~headrace.cluster.bench.gcwatch.GcWatch`)."""
         if not self.lateness_ms:
-            return {"shed": self.shed}
+            return {"shed": self.shed, **self.gc}
         return {"late_p50_ms": percentile(self.lateness_ms, 50), "late_p99_ms": percentile(self.lateness_ms, 99),
-                "shed": self.shed}
+                "shed": self.shed, **self.gc}
 
 
 def poisson_schedule(rate_per_s: float, duration_s: float, *, seed: int = 0,
@@ -175,8 +178,7 @@ async def closed_loop(target: Target, concurrency: int, limits: RunLimits,
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     samples: list[Sample] = []
     next_index = 0
-    t0 = time.perf_counter()
-    stop_at = t0 + limits.total_s
+    t0 = stop_at = 0.0
 
     async def user() -> None:
         nonlocal next_index
@@ -189,8 +191,11 @@ async def closed_loop(target: Target, concurrency: int, limits: RunLimits,
             if progress is not None:
                 progress(1)
 
-    await asyncio.gather(*(user() for _ in range(concurrency)))
-    return RunResult(samples, limits.warmup_s, limits.total_s, origin=t0)
+    with GcWatch() as watch:  # entered before t0: its one collection is not the run's time
+        t0 = time.perf_counter()
+        stop_at = t0 + limits.total_s
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+    return RunResult(samples, limits.warmup_s, limits.total_s, origin=t0, gc=watch.stats())
 
 
 async def open_loop(target: Target, rate_per_s: float, limits: RunLimits, *, seed: int = 0,
@@ -209,7 +214,7 @@ async def open_loop(target: Target, rate_per_s: float, limits: RunLimits, *, see
     lateness: list[float] = []
     in_flight: set[asyncio.Task[None]] = set()
     shed = 0
-    t0 = time.perf_counter()
+    t0 = 0.0
 
     async def one(i: int, sent: float) -> None:
         out = await _call(target, i, limits.timeout_s)
@@ -217,22 +222,24 @@ async def open_loop(target: Target, rate_per_s: float, limits: RunLimits, *, see
         if progress is not None:
             progress(1)
 
-    for i, at in enumerate(schedule):
-        delay = t0 + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        sent = time.perf_counter()
-        lateness.append(max(0.0, (sent - t0 - at) * 1000.0))
-        if len(in_flight) >= max_in_flight:
-            shed += 1
-            samples.append(Sample(sent - t0, None, SHED))
-            continue
-        task = asyncio.get_running_loop().create_task(one(i, sent))
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-    if in_flight:
-        await asyncio.gather(*list(in_flight))
-    return RunResult(samples, limits.warmup_s, limits.total_s, lateness, shed, t0)
+    with GcWatch() as watch:  # entered before t0: its one collection is not the run's time
+        t0 = time.perf_counter()
+        for i, at in enumerate(schedule):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent = time.perf_counter()
+            lateness.append(max(0.0, (sent - t0 - at) * 1000.0))
+            if len(in_flight) >= max_in_flight:
+                shed += 1
+                samples.append(Sample(sent - t0, None, SHED))
+                continue
+            task = asyncio.get_running_loop().create_task(one(i, sent))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.gather(*list(in_flight))
+    return RunResult(samples, limits.warmup_s, limits.total_s, lateness, shed, t0, gc=watch.stats())
 
 
 class Ticker:

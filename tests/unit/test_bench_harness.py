@@ -158,7 +158,9 @@ def _c_result(answered: float) -> dict[str, object]:
                           "single-request capacity": 2000.0},
             "queue_split": {"joined": 10, "queue": lat, "wire_in": lat, "deliver": lat},
             "floor": {"round_trip_ms": {"p50": 0.8, "p99": 4.0}},
-            "e2e": {"throughput_rps": answered, "errors": {"shed": 3} if answered < 900 else {}, "e2e": lat},
+            "e2e": {"throughput_rps": answered, "errors": {"shed": 3} if answered < 900 else {}, "e2e": lat,
+                    "extra": {"late_p50_ms": 0.3, "late_p99_ms": 2.5, "shed": 0, "gc_collections": 40,
+                              "gc_full": 1, "gc_total_ms": 12.0, "gc_max_ms": 4.25}},
             "reference": {"e2e": lat}, "load_average": 1.0}
 
 
@@ -173,6 +175,7 @@ def test_dataplane_c_names_its_basis_and_flags_an_overloaded_run() -> None:
     assert ok.rows[0][4] == "p50 met, p99 met"
     assert any("single-request capacity 2 000/s" in n for n in ok.notes)
     assert not any("OVERLOADED" in n for n in ok.notes)
+    assert any("late p50 / p99 0.30 / 2.50 ms" in n and "40 (1 full), longest 4.2 ms" in n for n in ok.notes)
     over = section_c(_c_result(600.0))
     assert "shed 3" in over.rows[0][1]
     assert any("OVERLOADED" in n for n in over.notes)

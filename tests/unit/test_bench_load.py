@@ -4,6 +4,7 @@ the queue-less reference target, settings validation and registry parsing."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import time
 
@@ -174,3 +175,44 @@ def test_split_overhead() -> None:
     assert parts["deliver"] == pytest.approx(2.5)
     assert parts["queue"] == pytest.approx(4.5)
     assert split_overhead(10.0, 10.1, {"read": 10.0}) is None
+
+
+class CyclicTarget(SleepTarget):
+    """Leaves a reference cycle behind per request, so the cyclic collector has work."""
+
+    async def call(self, index: int, timeout_s: float) -> Outcome:
+        a: list[object] = []
+        a.append(a)
+        return await super().call(index, timeout_s)
+
+
+@pytest.mark.timeout(10)
+def test_runs_freeze_the_generators_heap_and_count_its_collections() -> None:
+    """The generator's own collections are reported with the run, and the heap it had
+    before (frozen while it runs, so not walked) is thawed afterwards."""
+    assert gc.get_freeze_count() == 0
+    limits = RunLimits(duration_s=0.3, warmup_s=0.0, max_requests=3_000, timeout_s=1.0)
+    frozen_during: list[int] = []
+
+    class Watching(CyclicTarget):
+        async def call(self, index: int, timeout_s: float) -> Outcome:
+            frozen_during.append(gc.get_freeze_count())
+            return await super().call(index, timeout_s)
+
+    rr = asyncio.run(open_loop(Watching(delay_s=0.0), 2000.0, limits, seed=1))
+    stats = rr.generator_stats()
+    assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    assert stats["gc_collections"] >= 1 and stats["gc_max_ms"] >= 0.0
+    assert stats["gc_total_ms"] >= stats["gc_max_ms"] and "late_p99_ms" in stats
+    closed = asyncio.run(closed_loop(CyclicTarget(delay_s=0.0), 4, RunLimits(0.2, 0.0, 2_000, 1.0)))
+    assert closed.generator_stats()["gc_collections"] >= 1 and gc.get_freeze_count() == 0
+
+
+def test_a_run_keeps_a_freeze_the_process_made_itself() -> None:
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        asyncio.run(closed_loop(SleepTarget(delay_s=0.0), 2, RunLimits(0.05, 0.0, 50, 1.0)))
+        assert gc.get_freeze_count() >= before > 0
+    finally:
+        gc.unfreeze()
