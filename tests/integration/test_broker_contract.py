@@ -524,6 +524,26 @@ async def test_waiting_for_the_inbox_leaves_the_element_for_any_relay(h: Any) ->
 
 
 @pytest.mark.timeout(20)
+async def test_wait_and_relay_moves_what_arrives_during_the_wait(h: Any) -> None:
+    a = h.broker("a")
+    await a.ensure_group()
+    assert await a.wait_and_relay(10, 20) == RelayStep(0, 0, 0), "a wait that times out moves nothing"
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        h.push(packed(req("w1")))
+        h.push(packed(req("w2")))
+
+    task = asyncio.ensure_future(later())
+    step = await a.wait_and_relay(10, 2000)
+    await task
+    assert step.added >= 1 and step.dead_lettered == 0
+    rest = await a.relay(10)  # whatever arrived after the step's relay, the next one takes
+    assert step.added + rest.added == 2 and rest.left == 0 and h.inbox() == 0
+    assert [e.fields[b"id"] for e in await a.read(10, 10)] == [b"w1", b"w2"]
+
+
+@pytest.mark.timeout(20)
 async def test_a_relay_that_cannot_add_puts_everything_back_in_order(h: Any) -> None:
     b = h.broker()
     await b.ensure_group()

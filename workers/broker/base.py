@@ -112,6 +112,18 @@ class Broker(abc.ABC):
         """Wait up to ``block_ms`` until the inbox holds an element, without taking it;
         True when it does."""
 
+    async def wait_and_relay(self, count: int, block_ms: int) -> RelayStep:
+        """:meth:`wait_inbox`, then (when it found an element) one :meth:`relay` step: what
+        a relay does when the inbox was empty. A broker that can run the two in one round
+        trip overrides it; the step is the same.
+
+        Raises:
+            BrokerError: the queue is unreachable or refused the relay (as :meth:`relay`).
+        """
+        if not await self.wait_inbox(block_ms):
+            return RelayStep(0, 0, 0)
+        return await self.relay(count)
+
     @abc.abstractmethod
     async def publish_samples_per_entry(self, value: float) -> None:
         """Publish how many samples the entries of this model carry lately (a moving

@@ -334,9 +334,12 @@ class RedisBroker(Broker):
         res = await self._call("commit", go)
         return [int(x) for x in res[0]] if ops else []
 
-    async def relay(self, count: int) -> RelayStep:
+    def _relay_args(self, count: int) -> tuple[list[Any], list[Any]]:
         keys = [self.keys.requests, self.keys.limits, self.keys.inbox, self.keys.dlq]
-        args = [max(1, int(count)), *DLQ_SCRIPT_NAMES, DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, now_ms()]
+        return keys, [max(1, int(count)), *DLQ_SCRIPT_NAMES, DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, now_ms()]
+
+    async def relay(self, count: int) -> RelayStep:
+        keys, args = self._relay_args(count)
 
         async def go() -> Any:
             return await self.client.execute_command("FCALL", RELAY_FUNCTION, len(keys), *keys, *args)
@@ -356,6 +359,28 @@ class RedisBroker(Broker):
                                                      max(0.001, block_ms / 1000.0))
 
         return await self._call("BLMOVE", go) is not None
+
+    async def wait_and_relay(self, count: int, block_ms: int) -> RelayStep:
+        if self.settings.redis_cluster:
+            return await super().wait_and_relay(count, block_ms)
+        keys, args = self._relay_args(count)
+        inbox = self.keys.inbox
+
+        async def go() -> Any:
+            # One round trip: Redis runs a client's pipelined commands in order and holds
+            # the FCALL until the BLMOVE before it unblocks, so the relay starts as soon as
+            # an element arrives instead of after a reply and another request (one hop less
+            # on every request's way in at moderate load). The wait still takes nothing: if
+            # this worker dies after sending, the function runs anyway or not at all, and
+            # the element is moved atomically by one relay or stays in the inbox. When the
+            # wait times out the function finds the inbox empty and moves nothing.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.execute_command("BLMOVE", inbox, inbox, "LEFT", "RIGHT", max(0.001, block_ms / 1000.0))
+            pipe.execute_command("FCALL", RELAY_FUNCTION, len(keys), *keys, *args)
+            return (await pipe.execute())[1]
+
+        added, dead, left = await self._call("inbox wait and relay", go)
+        return RelayStep(int(added), int(dead), int(left))
 
     async def trim(self) -> int:
         async def go() -> Any:
