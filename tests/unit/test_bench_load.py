@@ -7,6 +7,7 @@ import asyncio
 import gc
 import statistics
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -186,8 +187,17 @@ class CyclicTarget(SleepTarget):
         return await super().call(index, timeout_s)
 
 
+@pytest.fixture
+def thawed() -> Iterator[None]:
+    """A heap nobody froze: a worker run in this process earlier (``run_standalone``
+    freezes its startup heap) may have left it frozen."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.mark.timeout(10)
-def test_runs_freeze_the_generators_heap_and_count_its_collections() -> None:
+def test_runs_freeze_the_generators_heap_and_count_its_collections(thawed: None) -> None:
     """The generator's own collections are reported with the run, and the heap it had
     before (frozen while it runs, so not walked) is thawed afterwards."""
     assert gc.get_freeze_count() == 0
@@ -208,11 +218,8 @@ def test_runs_freeze_the_generators_heap_and_count_its_collections() -> None:
     assert closed.generator_stats()["gc_collections"] >= 1 and gc.get_freeze_count() == 0
 
 
-def test_a_run_keeps_a_freeze_the_process_made_itself() -> None:
+def test_a_run_keeps_a_freeze_the_process_made_itself(thawed: None) -> None:
     gc.freeze()
-    try:
-        before = gc.get_freeze_count()
-        asyncio.run(closed_loop(SleepTarget(delay_s=0.0), 2, RunLimits(0.05, 0.0, 50, 1.0)))
-        assert gc.get_freeze_count() >= before > 0
-    finally:
-        gc.unfreeze()
+    before = gc.get_freeze_count()
+    asyncio.run(closed_loop(SleepTarget(delay_s=0.0), 2, RunLimits(0.05, 0.0, 50, 1.0)))
+    assert gc.get_freeze_count() >= before > 0
