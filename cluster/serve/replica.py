@@ -126,7 +126,10 @@ class StreamWorkerReplica:
         self.servable, self.tp = load_replica_servable(self.args, self.settings,
                                                        name=f"headrace-tp-{self.app_name}-{self.replica_id}")
         if self.settings.gc_freeze:
-            freeze_startup_heap()  # a replica owns its process, as a standalone worker does
+            # A replica owns its process, as a standalone worker does. Ray Serve freezes too, at
+            # the end of __init__ (RAY_SERVE_FREEZE_GC_ON_STARTUP), but the worker thread below
+            # is already serving by then.
+            freeze_startup_heap()
         try:
             self.thread = WorkerThread(self.settings, self.servable, metrics=self.metrics).start(timeout_s=60.0)
         except BrokerError:
