@@ -206,12 +206,13 @@ def test_runs_freeze_the_generators_heap_and_count_its_collections(thawed: None)
 
     class Watching(CyclicTarget):
         async def call(self, index: int, timeout_s: float) -> Outcome:
-            frozen_during.append(gc.get_freeze_count())
+            if index == 0:  # once: gc.get_freeze_count() walks the whole frozen heap
+                frozen_during.append(gc.get_freeze_count())
             return await super().call(index, timeout_s)
 
     rr = asyncio.run(open_loop(Watching(delay_s=0.0), 2000.0, limits, seed=1))
     stats = rr.generator_stats()
-    assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    assert frozen_during[0] > 0 and gc.get_freeze_count() == 0
     assert stats["gc_collections"] >= 1 and stats["gc_max_ms"] >= 0.0
     assert stats["gc_total_ms"] >= stats["gc_max_ms"] and "late_p99_ms" in stats
     closed = asyncio.run(closed_loop(CyclicTarget(delay_s=0.0), 4, RunLimits(0.2, 0.0, 2_000, 1.0)))
