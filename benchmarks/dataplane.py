@@ -44,7 +44,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from rich.console import Console
 
@@ -101,6 +101,18 @@ def loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def bench_workers(redis: EmbeddedRedis, args: argparse.Namespace, ns: str, *, standin: bool = True,
+                  probe_file: str = "") -> WorkerProcesses:
+    """The bench worker serving the stand-in (``minilm-standin``) or the ``affine`` fake at
+    ``--max-batch`` / ``--max-wait-ms``; ``probe_file``: note its probes there."""
+    model, fake = ("minilm-standin", "") if standin else ("affine", "affine")
+    extra = ["--standin", args.standin, "--curve", args.curve] if standin else []
+    extra += ["--probe-out", probe_file] if probe_file else []
+    return WorkerProcesses(redis.url, ns, model, fake=fake, module="benchmarks.lib.bench_worker", extra_args=extra,
+                           threads=args.threads, settings={"max_batch": args.max_batch,
+                                                           "max_wait_ms": args.max_wait_ms})
+
+
 def headrace_saturation(redis: EmbeddedRedis, args: argparse.Namespace, *, standin: bool,
                         chunk: int = 1, in_flight: int = 0, block: int = 0) -> dict[str, Any]:
     """One worker (stand-in or ``affine`` fake) saturated by ``benchmarks.lib.saturate``
@@ -108,10 +120,7 @@ def headrace_saturation(redis: EmbeddedRedis, args: argparse.Namespace, *, stand
     drives the SDK's array path with blocks of that many samples."""
     ns = f"dp-{uuid.uuid4().hex[:6]}"
     model, kind = ("minilm-standin", "text") if standin else ("affine", "affine")
-    extra = ["--standin", args.standin, "--curve", args.curve] if standin else []
-    with WorkerProcesses(redis.url, ns, model, fake="" if standin else "affine", module="benchmarks.lib.bench_worker",
-                         extra_args=extra, threads=args.threads,
-                         settings={"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}) as workers:
+    with bench_workers(redis, args, ns, standin=standin) as workers:
         w0, r0 = sum(process_cpu_s(p) for p in workers.pids), process_cpu_s(redis.proc.pid if redis.proc else 0)
         out = subprocess.run([sys.executable, "-m", "benchmarks.lib.saturate", redis.url, ns, model, kind,
                               str(in_flight or args.in_flight), str(args.warmup_s), str(args.duration_s),
@@ -198,8 +207,14 @@ async def http_run(port: int, args: argparse.Namespace, payloads: Payloads) -> d
         await asyncio.to_thread(serve.delete, name)
 
 
+def run_limits(args: argparse.Namespace) -> RunLimits:
+    """The bounds of every measured run: the windows of the command line, no request cap,
+    60 s for the answers still out."""
+    return RunLimits(args.duration_s, args.warmup_s, 10_000_000, 60.0)
+
+
 async def closed_run(target: Any, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
-    rr = await closed_loop(target, concurrency, RunLimits(args.duration_s, args.warmup_s, 10_000_000, 60.0))
+    rr = await closed_loop(target, concurrency, run_limits(args))
     p = summarize(rr.samples, label=target.name, mode="closed", start_s=rr.start_s, end_s=rr.end_s,
                   concurrency=concurrency)
     return {"samples_per_s": p.throughput_rps, "errors": p.errors, "concurrency": concurrency,
@@ -250,32 +265,14 @@ def part_b(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -
             "ratio_arrays_to_celery": arrays["samples_per_s"] / celery if celery else None}
 
 
-async def _single_requests(client: AsyncClient, payloads: Payloads, args: argparse.Namespace,
-                           rate: float = 0.0) -> Any:
-    """Single-sample requests of (c), one ``submit`` each: Poisson at ``rate`` (> 0), else a
-    closed loop of ``args.c_concurrency`` callers."""
-    target = HeadraceTarget(client, "minilm-standin", payloads)
-    limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, 60.0)
-    if rate > 0:
-        return await open_loop(target, rate, limits, seed=args.seed)
-    return await closed_run(target, args.c_concurrency, args)
-
-
-def standin_workers(redis: EmbeddedRedis, args: argparse.Namespace, ns: str, probe_file: str = "") -> WorkerProcesses:
-    extra = ["--standin", args.standin, "--curve", args.curve, *(["--probe-out", probe_file] if probe_file else [])]
-    return WorkerProcesses(redis.url, ns, "minilm-standin", module="benchmarks.lib.bench_worker", extra_args=extra,
-                           threads=args.threads, settings={"max_batch": args.max_batch,
-                                                           "max_wait_ms": args.max_wait_ms})
-
-
 def request_capacity(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads) -> dict[str, Any]:
     """The most single-sample requests/s the stand-in worker answers when each is its own
     ``submit`` (the traffic of (c)): a closed loop of ``--c-concurrency`` callers."""
     ns = f"dp-{uuid.uuid4().hex[:6]}"
-    with standin_workers(redis, args, ns):
+    with bench_workers(redis, args, ns):
         async def closed() -> dict[str, Any]:
             async with AsyncClient(redis.url, namespace=ns, timeout_s=60.0) as client:
-                return cast("dict[str, Any]", await _single_requests(client, payloads, args))
+                return await closed_run(HeadraceTarget(client, "minilm-standin", payloads), args.c_concurrency, args)
 
         return asyncio.run(closed())
 
@@ -294,7 +291,7 @@ def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b
              "single-request capacity": capacity["samples_per_s"]}
     basis = min(bases, key=lambda k: bases[k])
     rate = args.load * bases[basis]
-    limits = RunLimits(args.duration_s, args.warmup_s, 10_000_000, 60.0)
+    limits = run_limits(args)
     floor_box: list[dict[str, Any]] = []
     floor = threading.Thread(target=lambda: floor_box.append(
         stream_round_trip_floor(redis.url, rate, args.duration_s, args.warmup_s, args.seed)), daemon=True)
@@ -310,10 +307,11 @@ def part_c(redis: EmbeddedRedis, args: argparse.Namespace, payloads: Payloads, b
     with tempfile.TemporaryDirectory(prefix="headrace-dp-") as tmp:
         probe_file = str(Path(tmp) / "probes.jsonl")
         ns = f"dp-{uuid.uuid4().hex[:6]}"
-        with standin_workers(redis, args, ns, probe_file):
+        with bench_workers(redis, args, ns, probe_file=probe_file):
             async def probed() -> Any:
                 async with AsyncClient(redis.url, namespace=ns, timeout_s=60.0) as client:
-                    return await _single_requests(client, payloads, args, rate)
+                    return await open_loop(HeadraceTarget(client, "minilm-standin", payloads), rate, limits,
+                                           seed=args.seed)
 
             rr = asyncio.run(probed())
         probes = load_probes(probe_file)
