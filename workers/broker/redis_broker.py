@@ -334,37 +334,39 @@ class RedisBroker(Broker):
         res = await self._call("commit", go)
         return [int(x) for x in res[0]] if ops else []
 
-    def _relay_args(self, count: int) -> tuple[list[Any], list[Any]]:
+    def _relay_command(self, count: int) -> list[Any]:
         keys = [self.keys.requests, self.keys.limits, self.keys.inbox, self.keys.dlq]
-        return keys, [max(1, int(count)), *DLQ_SCRIPT_NAMES, DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, now_ms()]
+        return ["FCALL", RELAY_FUNCTION, len(keys), *keys,
+                max(1, int(count)), *DLQ_SCRIPT_NAMES, DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, now_ms()]
+
+    def _wait_command(self, block_ms: int) -> list[Any]:
+        # BLMOVE of the inbox onto itself: it blocks until an element is there and rotates
+        # it instead of taking it, so a worker that dies before its relay call leaves the
+        # element for the others; the relay function then moves it atomically. The element
+        # itself is dropped unread (the relay bounds it before anyone decodes it).
+        return ["BLMOVE", self.keys.inbox, self.keys.inbox, "LEFT", "RIGHT", max(0.001, block_ms / 1000.0)]
 
     async def relay(self, count: int) -> RelayStep:
-        keys, args = self._relay_args(count)
+        command = self._relay_command(count)
 
         async def go() -> Any:
-            return await self.client.execute_command("FCALL", RELAY_FUNCTION, len(keys), *keys, *args)
+            return await self.client.execute_command(*command)
 
         added, dead, left = await self._call("inbox relay", go)
         return RelayStep(int(added), int(dead), int(left))
 
     async def wait_inbox(self, block_ms: int) -> bool:
-        # BLMOVE of the inbox onto itself: it blocks until an element is there and rotates
-        # it instead of taking it, so a worker that dies before its relay call leaves the
-        # element for the others; the relay function then moves it atomically. The element
-        # itself is dropped here unread (the relay bounds it before anyone decodes it).
-        inbox = self.keys.inbox
+        command = self._wait_command(block_ms)
 
         async def go() -> Any:
-            return await self.client.execute_command("BLMOVE", inbox, inbox, "LEFT", "RIGHT",
-                                                     max(0.001, block_ms / 1000.0))
+            return await self.client.execute_command(*command)
 
         return await self._call("BLMOVE", go) is not None
 
     async def wait_and_relay(self, count: int, block_ms: int) -> RelayStep:
         if self.settings.redis_cluster:
             return await super().wait_and_relay(count, block_ms)
-        keys, args = self._relay_args(count)
-        inbox = self.keys.inbox
+        wait, relay = self._wait_command(block_ms), self._relay_command(count)
 
         async def go() -> Any:
             # One round trip: Redis runs a client's pipelined commands in order and holds
@@ -373,10 +375,12 @@ class RedisBroker(Broker):
             # on every request's way in at moderate load). The wait still takes nothing: if
             # this worker dies after sending, the function runs anyway or not at all, and
             # the element is moved atomically by one relay or stays in the inbox. When the
-            # wait times out the function finds the inbox empty and moves nothing.
+            # wait times out the function finds the inbox empty and moves nothing. The time
+            # the function stamps on dead letters is when the wait began (at most block_ms
+            # early): it is sent with the call, before the wake-up.
             pipe = self.client.pipeline(transaction=False)
-            pipe.execute_command("BLMOVE", inbox, inbox, "LEFT", "RIGHT", max(0.001, block_ms / 1000.0))
-            pipe.execute_command("FCALL", RELAY_FUNCTION, len(keys), *keys, *args)
+            pipe.execute_command(*wait)
+            pipe.execute_command(*relay)
             return (await pipe.execute())[1]
 
         added, dead, left = await self._call("inbox wait and relay", go)
