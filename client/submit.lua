@@ -49,7 +49,7 @@
 -- any worker started are still delivered; a producer that could create groups could also
 -- create one that pins trimming forever.
 
-local LIBRARY_VERSION = 3
+local LIBRARY_VERSION = 4
 local DEFAULT_MAX_PAYLOAD_BYTES = 4194304
 local MAX_FIELDS = 16        -- field names per entry, unknown optional ones included
 local MAX_NAME_BYTES = 64    -- bytes of one field name
@@ -233,7 +233,10 @@ end
 -- ARGV[1]    most inbox elements to move (the oldest first; one call also stops after 1 MiB)
 -- ARGV[2..8] the dead-letter field names (headrace.workers.pipeline.ops: dlq_reason, dlq_code,
 --            dlq_entry_id, dlq_deliveries, dlq_ts_ms, dlq_entry_bytes, dlq_entry_fields)
--- ARGV[9]    now (Unix ms), the dead letters' time
+-- ARGV[9]    now (Unix ms), the dead letters' time; empty: the server's clock (TIME) when an
+--            element is dead-lettered. A caller that pipelines the call behind its wait for
+--            the inbox sends it empty: a time taken before the wake-up would be up to the
+--            wait's timeout early.
 --
 -- Returns {added, dead_lettered, left in the inbox}.
 --
@@ -256,6 +259,10 @@ local RELAY_MAX_COUNT = 1000
 local RELAY_MAX_BYTES = 1048576  -- most inbox bytes one call moves (after the element that crosses it)
 
 local function relay_dead_letter(dlq, names, now, raw, code, reason, route)
+  if now == '' then
+    local t = redis.call('TIME')
+    now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  end
   local entry = {}
   if route ~= nil then
     for _, name in ipairs({'v', 'id', 'reply_to', 'model'}) do

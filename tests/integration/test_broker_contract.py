@@ -15,6 +15,7 @@ import redis
 
 from headrace.client import errors as E
 from headrace.client.keys import ModelKeys, partition_keys
+from headrace.client.protocol import now_ms
 from headrace.workers.broker.base import Broker, CommitRejected, RelayStep
 from headrace.workers.broker.partitioned import PartitionedBroker, unwrap, wrap
 from headrace.workers.broker.redis_broker import RedisBroker
@@ -541,6 +542,27 @@ async def test_wait_and_relay_moves_what_arrives_during_the_wait(h: Any) -> None
     rest = await a.relay(10)  # whatever arrived after the step's relay, the next one takes
     assert step.added + rest.added == 2 and rest.left == 0 and h.inbox() == 0
     assert [e.fields[b"id"] for e in await a.read(10, 10)] == [b"w1", b"w2"]
+
+
+@pytest.mark.timeout(20)
+async def test_a_dead_letter_from_wait_and_relay_carries_the_time_it_was_relayed(h: Any) -> None:
+    """The pipelined wait and relay is sent before the element arrives: its dead letters
+    must still carry the time they were made, not the time the wait began."""
+    a = h.broker("a")
+    await a.ensure_group()
+    pushed: list[int] = []
+
+    async def later() -> None:
+        await asyncio.sleep(0.4)
+        pushed.append(now_ms())
+        h.push(b"\xc1 not msgpack")
+
+    task = asyncio.ensure_future(later())
+    step = await a.wait_and_relay(10, 3000)
+    await task
+    assert step.dead_lettered == 1
+    stamped = int(h.dlq()[0][b"dlq_ts_ms"])
+    assert pushed[0] - 50 <= stamped <= now_ms() + 50, (stamped, pushed)
 
 
 @pytest.mark.timeout(20)

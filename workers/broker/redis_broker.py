@@ -334,10 +334,12 @@ class RedisBroker(Broker):
         res = await self._call("commit", go)
         return [int(x) for x in res[0]] if ops else []
 
-    def _relay_command(self, count: int) -> list[Any]:
+    def _relay_command(self, count: int, *, server_time: bool = False) -> list[Any]:
+        # server_time: the function stamps dead letters with Redis' clock when it runs,
+        # for a call queued behind a wait (a time taken now would be up to the wait early).
         keys = [self.keys.requests, self.keys.limits, self.keys.inbox, self.keys.dlq]
-        return ["FCALL", RELAY_FUNCTION, len(keys), *keys,
-                max(1, int(count)), *DLQ_SCRIPT_NAMES, DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, now_ms()]
+        return ["FCALL", RELAY_FUNCTION, len(keys), *keys, max(1, int(count)), *DLQ_SCRIPT_NAMES,
+                DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, "" if server_time else now_ms()]
 
     def _wait_command(self, block_ms: int) -> list[Any]:
         # BLMOVE of the inbox onto itself: it blocks until an element is there and rotates
@@ -366,7 +368,7 @@ class RedisBroker(Broker):
     async def wait_and_relay(self, count: int, block_ms: int) -> RelayStep:
         if self.settings.redis_cluster:
             return await super().wait_and_relay(count, block_ms)
-        wait, relay = self._wait_command(block_ms), self._relay_command(count)
+        wait, relay = self._wait_command(block_ms), self._relay_command(count, server_time=True)
 
         async def go() -> Any:
             # One round trip: Redis runs a client's pipelined commands in order and holds
@@ -375,9 +377,8 @@ class RedisBroker(Broker):
             # on every request's way in at moderate load). The wait still takes nothing: if
             # this worker dies after sending, the function runs anyway or not at all, and
             # the element is moved atomically by one relay or stays in the inbox. When the
-            # wait times out the function finds the inbox empty and moves nothing. The time
-            # the function stamps on dead letters is when the wait began (at most block_ms
-            # early): it is sent with the call, before the wake-up.
+            # wait times out the function finds the inbox empty and moves nothing. Dead
+            # letters get the server's time when the function runs, not when this was sent.
             pipe = self.client.pipeline(transaction=False)
             pipe.execute_command(*wait)
             pipe.execute_command(*relay)

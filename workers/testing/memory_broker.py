@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from headrace.client import errors as E
-from headrace.client.protocol import Request, Result, decode_result, encode_request
+from headrace.client.protocol import Request, Result, decode_result, encode_request, now_ms
 from headrace.workers.broker.backlog import Backlog
 from headrace.workers.broker.base import Broker, CommitRejected
 from headrace.workers.broker.inbox import RelayStep, check_element
@@ -334,7 +334,9 @@ class MemoryBroker(Broker):
                     added += 1
                 elif refused is not None:
                     s._add_dlq("inbox", {b"dlq_reason": refused[1].encode(), b"dlq_code": refused[0].encode(),
-                                            b"dlq_entry_id": b"inbox", b"dlq_entry_bytes": str(len(raw)).encode()})
+                                            b"dlq_entry_id": b"inbox", b"dlq_deliveries": b"0",
+                                            b"dlq_ts_ms": str(now_ms()).encode(),
+                                            b"dlq_entry_bytes": str(len(raw)).encode()})
             return RelayStep(added, len(taken) - added, len(s.inbox))
 
     async def wait_inbox(self, block_ms: int) -> bool:
