@@ -34,6 +34,7 @@ from headrace.client.effects import (
     adrive,
     aiterate,
 )
+from headrace.client.packing import c_packed
 from headrace.client.pipeline import AutoPipeline, Command
 from headrace.client.registry import aread_model
 from headrace.client.sharding import async_client
@@ -66,9 +67,9 @@ class AsyncIO:
         self.redis: aioredis.Redis = async_client(
             url, True, max_connections=64, retry=AsyncRedisRetry(connection_backoff(s), s.connect_retries),
             **connection_options(s)) if s.redis_cluster else aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
+            c_packed(aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=64, timeout=s.timeout_s,
-                retry=AsyncRedisRetry(connection_backoff(s), s.connect_retries), **connection_options(s)))
+                retry=AsyncRedisRetry(connection_backoff(s), s.connect_retries), **connection_options(s))))
         # One dedicated connection for the reader (see SyncIO: CLIENT UNBLOCK needs its id).
         self.reader_redis: aioredis.Redis = async_client(
             url, s.redis_cluster, single_connection_client=True, retry=AsyncRedisRetry(NoBackoff(), 0),
