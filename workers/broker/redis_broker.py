@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from headrace.client import errors as E
-from headrace.client.functions import RELAY_FUNCTION
-from headrace.client.keys import ModelKeys, registry_key
+from headrace.client.keys import registry_key
 from headrace.client.protocol import now_ms
-from headrace.client.sharding import aensure_library_everywhere, async_client
-from headrace.workers.broker import scripts
 from headrace.workers.broker.backlog import Backlog, group_backlog, last_entry_id, stale_lag
-from headrace.workers.broker.base import Broker, CommitRejected
-from headrace.workers.broker.inbox import RelayStep
+from headrace.workers.broker.base import CommitRejected
+from headrace.workers.broker.redis_inbox import RedisInbox
 from headrace.workers.broker.replies import (
     flat_fields,
     is_transient,
     marker_ms,
-    raised_inside_redis_py,
     script_entry,
     sized,
     stream_entries,
@@ -37,24 +33,23 @@ from headrace.workers.pipeline.entry import (
     ROUTING_FIELDS,
     Entry,
 )
-from headrace.workers.pipeline.ops import DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, DLQ_SCRIPT_NAMES, Ack, Op, Reply
+from headrace.workers.pipeline.ops import DLQ_SCRIPT_NAMES, Ack, Op, Reply
 from headrace.workers.pipeline.stats import BatchStats
-from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 STATS_MAXLEN = 2000
 REFRESH_CHUNK = 1000  # ids per refresh script call (Lua unpack() stack limit is ~8000)
 CLAIM_PAGES = 64  # most CLAIM script calls per claim_abandoned (pages of the pending list)
 
 
-class RedisBroker(Broker):
-    """:class:`Broker` on Redis Streams through ``redis.asyncio``.
+class RedisBroker(RedisInbox):
+    """:class:`~headrace.workers.broker.base.Broker` on Redis Streams through ``redis.asyncio``.
 
-    The client is created lazily inside the running event loop (a ``redis.asyncio``
-    connection belongs to the loop that opened it). Connection problems surface as
-    :class:`~headrace.client.errors.BrokerError`; the caller retries with backoff.
+    Connection, setup and error handling come from
+    :class:`~headrace.workers.broker.redis_conn.RedisConnection`, the inbox relay from
+    :class:`~headrace.workers.broker.redis_inbox.RedisInbox`; this class reads, leases,
+    commits and reports.
 
     Args:
         settings: stream, group and consumer names, TTLs.
@@ -63,105 +58,9 @@ class RedisBroker(Broker):
             unpartitioned keys.
     """
 
-    def __init__(self, settings: WorkerSettings, client: Any = None, keys: ModelKeys | None = None) -> None:
-        self.settings = settings
-        self.keys = keys if keys is not None else ModelKeys(settings.namespace, settings.model, settings.group)
-        self.consumer = settings.effective_consumer
-        self.max_entry_bytes = settings.max_entry_bytes
-        self.default_budget_bytes = settings.memory_budget_bytes
-        self._client = client
-        self._owns_client = client is None
-        self._scripts: dict[str, Any] = {}
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            # The socket timeout must outlast a blocking XREADGROUP, or a healthy idle read
-            # would be reported as a dead connection.
-            self._client = async_client(
-                self.settings.effective_redis_url, self.settings.redis_cluster, decode_responses=False,
-                socket_connect_timeout=2.0, socket_timeout=self.settings.block_ms / 1000.0 + 10.0,
-                health_check_interval=30)
-        return self._client
-
-    def _script(self, name: str) -> Any:
-        s = self._scripts.get(name)
-        if s is None:
-            s = self._scripts[name] = self.client.register_script(scripts.source(name))
-        return s
-
-    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation, turning connection failures into BrokerError and
-        recreating the group once when Redis lost it (restart without persistence)."""
-        import redis
-
-        for attempt in (0, 1):
-            try:
-                return await fn()
-            except redis.ResponseError as e:
-                if "NOGROUP" in str(e) and attempt == 0:
-                    log.warning("%s: consumer group missing (Redis restarted?), recreating", what)
-                    await self.ensure_group()
-                    continue
-                raise E.BrokerError(f"{what} failed: {e}") from e
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-                raise E.BrokerError(f"{what}: Redis unreachable: {e}") from e
-            except (AttributeError, TypeError) as e:
-                if not raised_inside_redis_py(e):
-                    raise
-                # redis-py's asyncio cluster client tears a node's connections down when the
-                # node fails, also under a command another task is writing on one of them
-                # (redis/redis-py#3546, #3835): that is the node being unreachable, not a bug
-                # here, and must back off like any outage instead of killing the task.
-                raise E.BrokerError(f"{what}: Redis connection torn down mid-command: {e!r}") from e
-        raise AssertionError("unreachable")
-
     def _sizing_args(self, budget_bytes: int | None) -> list[Any]:
         budget = self.default_budget_bytes if budget_bytes is None else budget_bytes
         return [max(1, int(budget)), self.max_entry_bytes, ROUTING_FIELD_MAX_BYTES, *ROUTING_FIELDS]
-
-    async def ensure_group(self) -> None:
-        import redis
-
-        await self.ensure_functions()
-        try:
-            await self.client.xgroup_create(self.keys.requests, self.settings.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.settings.group, self.keys.requests)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise E.BrokerError(f"XGROUP CREATE {self.keys.requests} failed: {e}") from e
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-            raise E.BrokerError(f"XGROUP CREATE: Redis unreachable: {e}") from e
-
-    async def ensure_functions(self) -> None:
-        """Load the producers' submit function (``client/submit.lua``) unless it is current,
-        and publish this worker's ``max_payload_bytes`` in the model's limits hash, which the
-        function applies to the whole entry (every field) before adding it.
-
-        A worker user without those rights only logs a warning: the worker serves anyway, and
-        an operator loads the library (``headrace functions load``).
-
-        Raises:
-            BrokerError: Redis is unreachable or failed otherwise.
-        """
-        import redis
-
-        try:
-            await aensure_library_everywhere(self.client)
-        except E.BrokerError as e:
-            if not isinstance(e.__cause__, redis.exceptions.NoPermissionError):
-                raise
-            log.warning("this worker's Redis user may not load the submit function (%s); see docs/security.md "
-                        "for the worker ACL, or have an operator run `headrace functions load`", e)
-        limits = {"max_payload_bytes": str(self.settings.max_payload_bytes), "submit_mode": self.settings.submit_mode}
-        try:
-            await self.client.hset(self.keys.limits, mapping=limits)
-        except redis.exceptions.NoPermissionError as e:
-            log.warning("this worker's Redis user may not publish its limits (%s); see docs/security.md", e)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-            raise E.BrokerError(f"HSET {self.keys.limits}: Redis unreachable: {e}") from e
-        except redis.RedisError as e:
-            raise E.BrokerError(f"HSET {self.keys.limits} failed: {e}") from e
 
     async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
         # What is there already, sized to the budget by the READ script; only when nothing
@@ -334,59 +233,6 @@ class RedisBroker(Broker):
         res = await self._call("commit", go)
         return [int(x) for x in res[0]] if ops else []
 
-    def _relay_command(self, count: int, *, server_time: bool = False) -> list[Any]:
-        # server_time: the function stamps dead letters with Redis' clock when it runs,
-        # for a call queued behind a wait (a time taken now would be up to the wait early).
-        keys = [self.keys.requests, self.keys.limits, self.keys.inbox, self.keys.dlq]
-        return ["FCALL", RELAY_FUNCTION, len(keys), *keys, max(1, int(count)), *DLQ_SCRIPT_NAMES,
-                DLQ_ENTRY_BYTES, DLQ_ENTRY_FIELDS, "" if server_time else now_ms()]
-
-    def _wait_command(self, block_ms: int) -> list[Any]:
-        # BLMOVE of the inbox onto itself: it blocks until an element is there and rotates
-        # it instead of taking it, so a worker that dies before its relay call leaves the
-        # element for the others; the relay function then moves it atomically. The element
-        # itself is dropped unread (the relay bounds it before anyone decodes it).
-        return ["BLMOVE", self.keys.inbox, self.keys.inbox, "LEFT", "RIGHT", max(0.001, block_ms / 1000.0)]
-
-    async def relay(self, count: int) -> RelayStep:
-        command = self._relay_command(count)
-
-        async def go() -> Any:
-            return await self.client.execute_command(*command)
-
-        added, dead, left = await self._call("inbox relay", go)
-        return RelayStep(int(added), int(dead), int(left))
-
-    async def wait_inbox(self, block_ms: int) -> bool:
-        command = self._wait_command(block_ms)
-
-        async def go() -> Any:
-            return await self.client.execute_command(*command)
-
-        return await self._call("BLMOVE", go) is not None
-
-    async def wait_and_relay(self, count: int, block_ms: int) -> RelayStep:
-        if self.settings.redis_cluster:
-            return await super().wait_and_relay(count, block_ms)
-        wait, relay = self._wait_command(block_ms), self._relay_command(count, server_time=True)
-
-        async def go() -> Any:
-            # One round trip: Redis runs a client's pipelined commands in order and holds
-            # the FCALL until the BLMOVE before it unblocks, so the relay starts as soon as
-            # an element arrives instead of after a reply and another request (one hop less
-            # on every request's way in at moderate load). The wait still takes nothing: if
-            # this worker dies after sending, the function runs anyway or not at all, and
-            # the element is moved atomically by one relay or stays in the inbox. When the
-            # wait times out the function finds the inbox empty and moves nothing. Dead
-            # letters get the server's time when the function runs, not when this was sent.
-            pipe = self.client.pipeline(transaction=False)
-            pipe.execute_command(*wait)
-            pipe.execute_command(*relay)
-            return (await pipe.execute())[1]
-
-        added, dead, left = await self._call("inbox wait and relay", go)
-        return RelayStep(int(added), int(dead), int(left))
-
     async def trim(self) -> int:
         async def go() -> Any:
             return await self._script("TRIM")(keys=[self.keys.requests], args=[])
@@ -450,17 +296,3 @@ class RedisBroker(Broker):
 
         return [text(x) for x in await self._call("consumer cleanup", go)]
 
-    async def ping(self) -> None:
-        async def go() -> Any:
-            return await self.client.ping()
-
-        await self._call("PING", go)
-
-    async def close(self) -> None:
-        if self._client is not None and self._owns_client:
-            try:
-                await self._client.aclose()
-            except Exception as e:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-                log.debug("closing redis client: %s", e)
-            self._client = None
-            self._scripts.clear()
