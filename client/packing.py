@@ -8,7 +8,8 @@ was ~13 % of the SDK's CPU (py-spy, ``benchmarks/profile_worker.py``): ~23 us ag
 per submit packed in C.
 
 :func:`c_packed` swaps a connection pool's connection class for a subclass that packs in C
-and is otherwise the same class (plain TCP, TLS or Unix socket). The bytes on the wire are
+and is otherwise the same class (plain TCP, TLS or Unix socket); :func:`c_packed_cluster`
+does the same for the nodes of a Redis Cluster client. The bytes on the wire are
 the same: the first argument is split on spaces as redis-py does (``"XINFO GROUPS"``),
 ``bytearray`` and ``memoryview`` arguments are copied to ``bytes`` (hiredis takes neither),
 and an argument neither redis-py nor hiredis can send (``bool``, ``None``, other objects)
@@ -101,3 +102,19 @@ def c_packed(pool: ConnectionPool) -> ConnectionPool:
     """
     pool.connection_class = _C_PACKED.get(pool.connection_class, pool.connection_class)
     return pool
+
+
+def c_packed_cluster(client: Any) -> Any:
+    """A ``redis.asyncio.cluster.RedisCluster`` whose node connections pack commands in C,
+    the nodes it knows and those it discovers later (their connection class comes from the
+    client's ``connection_kwargs``). Call it before the client's first command; a client
+    that does not have those attributes (another redis-py) is returned as it is.
+    """
+    kwargs = getattr(client, "connection_kwargs", None)
+    if isinstance(kwargs, dict) and kwargs.get("connection_class") in _C_PACKED:
+        kwargs["connection_class"] = _C_PACKED[kwargs["connection_class"]]
+    nodes = getattr(getattr(client, "nodes_manager", None), "startup_nodes", None)
+    for node in (nodes.values() if isinstance(nodes, dict) else ()):
+        if getattr(node, "connection_class", None) in _C_PACKED:
+            node.connection_class = _C_PACKED[node.connection_class]
+    return client

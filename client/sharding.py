@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster, key_slot
 
 from headrace.client.functions import Outcome, aensure_library, ensure_library
-from headrace.client.packing import c_packed
+from headrace.client.packing import c_packed, c_packed_cluster
 
 V = TypeVar("V")
 
@@ -81,11 +81,11 @@ def sync_client(url: str, cluster: bool, **options: Any) -> Any:
 
 
 def async_client(url: str, cluster: bool, **options: Any) -> Any:
-    """:func:`sync_client` for ``redis.asyncio`` (connects lazily, on first use); a single
-    Redis' connections pack commands in C (:mod:`headrace.client.packing`)."""
+    """:func:`sync_client` for ``redis.asyncio`` (connects lazily, on first use); its
+    connections pack commands in C (:mod:`headrace.client.packing`)."""
     if cluster:
         options.pop("single_connection_client", None)
-        return _route_fcall_locally(AsyncRedisCluster.from_url(url, **options))
+        return _route_fcall_locally(c_packed_cluster(AsyncRedisCluster.from_url(url, **options)))
     client = aioredis.Redis.from_url(url, **options)
     c_packed(client.connection_pool)
     return client

@@ -13,6 +13,7 @@ from headrace.client.packing import (
     CPackedSSLConnection,
     CPackedUnixConnection,
     c_packed,
+    c_packed_cluster,
 )
 from headrace.client.sharding import async_client
 
@@ -75,3 +76,12 @@ def test_a_configured_connection_class_is_left_alone() -> None:
 
     pool = BlockingConnectionPool(connection_class=Mine)
     assert c_packed(pool).connection_class is Mine
+
+
+@pytest.mark.parametrize(("url", "fast"), [("redis://127.0.0.1:7000", CPackedConnection),
+                                           ("rediss://127.0.0.1:7000", CPackedSSLConnection)])
+def test_a_cluster_clients_nodes_pack_in_c_known_and_discovered(url: str, fast: type) -> None:
+    client = async_client(url, True)  # connects lazily: nothing listens there
+    assert client.connection_kwargs["connection_class"] is fast, "the class of the nodes it discovers"
+    assert all(n.connection_class is fast for n in client.nodes_manager.startup_nodes.values())
+    assert c_packed_cluster(object()) is not None, "a client without those attributes is left as it is"
