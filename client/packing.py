@@ -3,9 +3,9 @@
 redis-py's sync connections pack commands with ``hiredis.pack_command`` when hiredis is
 installed; its asyncio connections always pack them in Python, one ``Encoder.encode`` and a
 few ``bytes.join`` per argument. On the SDK's and the worker's hot paths (an ``FCALL
-headrace_submit`` of ~18 arguments per request, a commit script of several per entry) that
-was ~13 % of the SDK's CPU (py-spy, ``benchmarks/profile_worker.py``): ~23 us against ~4 us
-per submit packed in C.
+headrace_submit`` of 22 arguments per request, a commit script of several per entry) that
+was 13-14 % of their CPU (py-spy, ``benchmarks/profile_worker.py``); packing in C takes 3-4x
+less (``benchmarks/pack_cost.py``, BENCHMARKS.md "Phase 7").
 
 :func:`c_packed` swaps a connection pool's connection class for a subclass that packs in C
 and is otherwise the same class (plain TCP, TLS or Unix socket); :func:`c_packed_cluster`
