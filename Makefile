@@ -1,7 +1,8 @@
 # The two commands of the quick start: `make demo` (everything end to end) and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# --durations: CI logs name the slowest tests, the first place to look when the suite grows.
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: setup demo test test-unit test-integration lint bench clean
 
