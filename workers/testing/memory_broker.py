@@ -26,6 +26,7 @@ from headrace.workers.broker.base import Broker, CommitRejected
 from headrace.workers.broker.inbox import RelayStep, check_element
 from headrace.workers.pipeline.entry import Entry, fields_bytes, truncated_entry
 from headrace.workers.pipeline.ops import (
+    DLQ_ENTRY_BYTES,
     DLQ_SCRIPT_NAMES,
     DUPLICATE,
     UNWRITABLE,
@@ -333,10 +334,10 @@ class MemoryBroker(Broker):
                     s.add(dict(zip(flat[0::2], flat[1::2], strict=True)))
                     added += 1
                 elif refused is not None:
-                    s._add_dlq("inbox", {b"dlq_reason": refused[1].encode(), b"dlq_code": refused[0].encode(),
-                                            b"dlq_entry_id": b"inbox", b"dlq_deliveries": b"0",
-                                            b"dlq_ts_ms": str(now_ms()).encode(),
-                                            b"dlq_entry_bytes": str(len(raw)).encode()})
+                    reason, code, entry, deliveries, ts = DLQ_SCRIPT_NAMES
+                    s._add_dlq("inbox", {reason: refused[1].encode(), code: refused[0].encode(), entry: b"inbox",
+                                         deliveries: b"0", ts: str(now_ms()).encode(),
+                                         DLQ_ENTRY_BYTES: str(len(raw)).encode()})
             return RelayStep(added, len(taken) - added, len(s.inbox))
 
     async def wait_inbox(self, block_ms: int) -> bool:
