@@ -327,33 +327,10 @@ def load_minilm(path: str | Path | None = None, *, layers: Sequence[int] | None 
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ModelError(f"cannot read {weights}: {e}") from e
 
-    ours_cfg = folder / "minilm_config.json"
     if "embeddings.word.weight" in tensors:  # saved by save_minilm
-        if layers is not None:
-            raise ModelError("layers= selects teacher layers from HuggingFace weights; "
-                             "this file is already a MiniLM state dict")
-        stored = json.loads(ours_cfg.read_text()) if ours_cfg.is_file() else {}
-        cfg = MiniLMConfig.from_dict({**stored, **(config or {})})
-        state = tensors
+        cfg, state = _our_state(tensors, folder, layers, config)
     else:
-        hf_cfg_path = folder / "config.json"
-        try:
-            base = MiniLMConfig.from_dict(json.loads(hf_cfg_path.read_text()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"cannot read HuggingFace config {hf_cfg_path}: {e}") from e
-        keep = list(range(base.num_layers)) if layers is None else [int(i) for i in layers]
-        if not keep or any(i < 0 or i >= base.num_layers for i in keep):
-            raise ModelError(f"layers={keep} must be a non-empty subset of 0..{base.num_layers - 1}")
-        n = len(keep)
-        cfg = MiniLMConfig.from_dict({**base.to_dict(), "num_heads": [base.num_heads[i] for i in keep],
-                                      "intermediate_sizes": [base.intermediate_sizes[i] for i in keep],
-                                      "source_layers": keep, **(config or {})})
-        if cfg.num_layers != n:
-            raise ModelError(f"config has {cfg.num_layers} layers but layers= selects {n}")
-        try:
-            state = hf_to_state_dict(tensors, keep)
-        except KeyError as e:
-            raise ModelError(f"{weights} is not a BERT checkpoint: missing {e}") from e
+        cfg, state = _huggingface_state(tensors, weights, layers, config)
 
     model = MiniLM(cfg)
     try:
@@ -363,6 +340,48 @@ def load_minilm(path: str | Path | None = None, *, layers: Sequence[int] | None 
     model.to(dtype).eval()
     log.debug("loaded MiniLM from %s: %d layers, %d params", weights, cfg.num_layers, model.num_parameters())
     return model
+
+
+def _our_state(tensors: dict[str, torch.Tensor], folder: Path, layers: Sequence[int] | None,
+               config: Mapping[str, Any] | None) -> tuple[MiniLMConfig, dict[str, torch.Tensor]]:
+    """The architecture and state dict of a file saved by :func:`save_minilm`.
+
+    Raises:
+        ModelError: ``layers`` was given (it selects from HuggingFace weights only).
+    """
+    if layers is not None:
+        raise ModelError("layers= selects teacher layers from HuggingFace weights; "
+                         "this file is already a MiniLM state dict")
+    ours_cfg = folder / "minilm_config.json"
+    stored = json.loads(ours_cfg.read_text()) if ours_cfg.is_file() else {}
+    return MiniLMConfig.from_dict({**stored, **(config or {})}), tensors
+
+
+def _huggingface_state(tensors: dict[str, torch.Tensor], weights: Path, layers: Sequence[int] | None,
+                       config: Mapping[str, Any] | None) -> tuple[MiniLMConfig, dict[str, torch.Tensor]]:
+    """The architecture and state dict of HuggingFace BERT weights, keeping ``layers``.
+
+    Raises:
+        ModelError: unreadable ``config.json``, ``layers`` out of range, or not a BERT checkpoint.
+    """
+    hf_cfg_path = weights.parent / "config.json"
+    try:
+        base = MiniLMConfig.from_dict(json.loads(hf_cfg_path.read_text()))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot read HuggingFace config {hf_cfg_path}: {e}") from e
+    keep = list(range(base.num_layers)) if layers is None else [int(i) for i in layers]
+    if not keep or any(i < 0 or i >= base.num_layers for i in keep):
+        raise ModelError(f"layers={keep} must be a non-empty subset of 0..{base.num_layers - 1}")
+    n = len(keep)
+    cfg = MiniLMConfig.from_dict({**base.to_dict(), "num_heads": [base.num_heads[i] for i in keep],
+                                  "intermediate_sizes": [base.intermediate_sizes[i] for i in keep],
+                                  "source_layers": keep, **(config or {})})
+    if cfg.num_layers != n:
+        raise ModelError(f"config has {cfg.num_layers} layers but layers= selects {n}")
+    try:
+        return cfg, hf_to_state_dict(tensors, keep)
+    except KeyError as e:
+        raise ModelError(f"{weights} is not a BERT checkpoint: missing {e}") from e
 
 
 def save_minilm(model: MiniLM, folder: str | Path) -> list[Path]:
