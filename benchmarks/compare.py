@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -43,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from benchmarks.compare_report import LABELS, parse_loads, plots, render, replot
 from benchmarks.lib.models import ensure_benchmark_models
 from benchmarks.lib.output import write_json
 from benchmarks.lib.systems import (
@@ -57,9 +56,8 @@ from benchmarks.lib.systems import (
 )
 from headrace.client.aio import AsyncClient
 from headrace.cluster.bench.load import RunLimits, Ticker, closed_loop, open_loop
-from headrace.cluster.bench.plot import plot_latency_vs_load, plot_throughput_bars
 from headrace.cluster.bench.run import host_info
-from headrace.cluster.bench.stats import LoadPoint, latency_pair, open_level_cells, summarize
+from headrace.cluster.bench.stats import LoadPoint, summarize
 from headrace.cluster.bench.targets import HeadraceTarget, InProcessTarget, Payloads, raw_throughput, text_payloads
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_port
 from headrace.workers.backends import load_servable
@@ -67,9 +65,6 @@ from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger("compare")
 ALL_SYSTEMS = ("standalone", "ray1", "ray2", "celery", "http")
-LABELS = {"raw": "raw limit (in-process)", "standalone": "headrace standalone", "ray1": "headrace on Ray, 1 replica",
-          "ray2": "headrace on Ray, 2 replicas", "celery": "Ray async inference (Celery)",
-          "http": "Ray Serve HTTP @serve.batch"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -251,10 +246,6 @@ def timed_raw(servable: Any, payloads: Payloads, batch: int, seconds: float) -> 
     return r
 
 
-def parse_loads(raw: str) -> list[float]:
-    return [float(x) for x in raw.split(",") if x.strip()]
-
-
 def compare_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payloads, args: argparse.Namespace,
                   http_port: int, systems: list[str]) -> dict[str, Any]:
     env = Env(args, redis, manifest, payloads, http_port)
@@ -291,78 +282,6 @@ def compare_model(kind: str, manifest: Any, redis: EmbeddedRedis, payloads: Payl
     finally:
         servable.close()
     return out
-
-
-# --- reporting -------------------------------------------------------------------------------
-
-
-def render(res: dict[str, Any], args: argparse.Namespace) -> Table:
-    loads = [f"{f:.0%}" for f in parse_loads(args.loads)]
-    t = Table(title=f"{res['model']} ({res['precision']}): raw limit {res['limit_rps']:.1f}/s at batch {args.batch} "
-                    f"(after the run: {res['raw_after']['rps']:.1f}/s), {args.threads} model threads per system")
-    t.add_column("system")
-    t.add_column(f"throughput/s (c={args.concurrency or 3 * args.batch})", justify="right")
-    t.add_column("of limit", justify="right")
-    t.add_column("CPU us/req (system + load gen)", justify="right")
-    t.add_column("closed p50/p99 ms", justify="right")
-    for lv in loads:
-        t.add_column(f"p50/p99 ms @{lv}", justify="right")
-    t.add_column("errors", justify="right")
-    for name, s in res["systems"].items():
-        if "failed" in s:
-            t.add_row(LABELS[name], "failed", "", "", s["failed"][:60], *([""] * len(loads)), "")
-            continue
-        c = s["closed"]
-        thr = res["limit_rps"] if c is None else c["throughput_rps"]
-        cpu = None if c is None else c["extra"].get("cpu_us_per_request")
-        cells = [f"{thr:.1f}", f"{100 * thr / res['limit_rps']:.1f}%",
-                 f"{res['raw'][str(args.batch)]['cpu_us_per_request']:.0f}" if c is None
-                 else (f"{cpu['system']:.0f} + {cpu['load_generator']:.0f}" if cpu else "-"),
-                 "-" if c is None else latency_pair(c, "/")]
-        open_cells, open_errs = open_level_cells(s, loads, "/")
-        errs = (0 if c is None else sum(c["errors"].values())) + open_errs
-        t.add_row(LABELS[name], *cells, *open_cells, str(errs))
-    return t
-
-
-def plots(res: dict[str, Any], kind: str, args: argparse.Namespace) -> list[str]:
-    series: dict[str, list[LoadPoint]] = {}
-    bars: dict[str, float] = {}
-    for name, s in res["systems"].items():
-        if "failed" in s:
-            continue
-        pts = [_from_json(o) for o in s["open"].values() if o and not o.get("overloaded")]
-        if s["closed"] is not None:
-            pts.append(_from_json(s["closed"]))
-            bars[LABELS[name]] = s["closed"]["throughput_rps"]
-        series[LABELS[name]] = pts
-    bars = {LABELS["raw"]: res["limit_rps"], **bars}
-    d = Path(args.plot_dir)
-    a = plot_latency_vs_load(series, d / f"bench_compare_latency_{kind}.png", limit_rps=res["limit_rps"],
-                             title=f"{res['model']}: end-to-end latency vs offered load")
-    b = plot_throughput_bars(bars, d / f"bench_compare_throughput_{kind}.png", limit_rps=res["limit_rps"],
-                             title=f"{res['model']}: saturation throughput (batch {args.batch})")
-    return [str(a), str(b)]
-
-
-def _from_json(d: dict[str, Any]) -> LoadPoint:
-    from headrace.cluster.bench.stats import LatencySummary
-
-    return LoadPoint(label=d["label"], mode=d["mode"], window_s=d["window_s"], sent=d["sent"],
-                     completed=d["completed"], ok=d["ok"], errors=d["errors"], throughput_rps=d["throughput_rps"],
-                     achieved_rps=d["achieved_rps"], e2e=LatencySummary(**d["e2e"]),
-                     queue=LatencySummary(**d["queue"]), infer=LatencySummary(**d["infer"]),
-                     delivery=LatencySummary(**d["delivery"]), offered_rps=d.get("offered_rps"),
-                     concurrency=d.get("concurrency"))
-
-
-def replot(path: str, plot_dir: str) -> None:
-    doc = json.loads(Path(path).read_text())
-    args = argparse.Namespace(**{**doc["args"], "plot_dir": plot_dir})
-    console = Console()
-    for kind, res in doc["results"].items():
-        console.print(render(res, args))
-        console.print(", ".join(plots(res, kind, args)))
 
 
 def main() -> None:

@@ -51,6 +51,29 @@ def measure(servable: Servable, texts: list[str], batch: int, seconds: float) ->
     return {"per_s": done / total, "p50_ms": statistics.median(lat) * 1000, "batches": len(lat)}
 
 
+def plot(results: dict[tuple[str, int], dict[str, float]], labels: list[str], batches: list[int], threads: int,
+         path: str) -> None:
+    """A PNG bar chart of sentences/s per backend and batch size at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for k, label in enumerate(labels):
+        xs = [i + (k - 0.5) * width for i in range(len(batches))]
+        ax.bar(xs, [results[(label, b)]["per_s"] for b in batches], width, label=label)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("sentences / s")
+    ax.set_title(f"MiniLM fp32, CPU, {threads} threads")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", default="model_repo", help="model repository (built if needed)")
@@ -100,24 +123,7 @@ def main() -> None:
                 f"b{b}": round(results[(label, b)]["per_s"], 1) for b in batches},
                 "throughput_setup": f"CPU, {args.threads} threads, sentences/s via the servable"})
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        width = 0.38
-        for k, label in enumerate(servables):
-            xs = [i + (k - 0.5) * width for i in range(len(batches))]
-            ax.bar(xs, [results[(label, b)]["per_s"] for b in batches], width, label=label)
-        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
-        ax.set_ylabel("sentences / s")
-        ax.set_title(f"MiniLM fp32, CPU, {args.threads} threads")
-        ax.legend()
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+        plot(results, list(servables), batches, args.threads, args.plot)
 
 
 if __name__ == "__main__":

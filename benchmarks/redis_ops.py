@@ -72,10 +72,15 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[int, float]]:
     return out
 
 
-def main() -> None:
-    args = parse_args()
-    console = Console()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+def run_load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, float], dict[str, float],
+                                                 list[dict[str, Any]]]:
+    """Workers and ``headrace bench`` load generators on a private Redis: the Redis snapshots
+    and the workers' and clients' CPU seconds at both ends of the window, and the generators'
+    reports.
+
+    Raises:
+        SystemExit: a load generator failed.
+    """
     ns = f"ops-{uuid.uuid4().hex[:6]}"
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="headrace-ops-") as tmp:
         r = redis.Redis.from_url(server.url)
@@ -101,6 +106,14 @@ def main() -> None:
                     raise SystemExit(f"a load generator failed: {err.decode(errors='replace')[-2000:]}")
         reports = [json.loads(Path(o).read_text()) for o in outs]
         r.close()
+    return a, b, cpu_a, cpu_b, reports
+
+
+def main() -> None:
+    args = parse_args()
+    console = Console()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    a, b, cpu_a, cpu_b, reports = run_load(args)
     rps = sum(rep["points"][0]["throughput_rps"] for rep in reports)
     mean_batch = [rep["points"][0]["mean_batch"] for rep in reports]
     secs = b["t"] - a["t"]
