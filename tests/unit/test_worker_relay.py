@@ -15,7 +15,7 @@ from headrace.workers.backends.fake import AffineServable
 from headrace.workers.broker.inbox import RelayStep
 from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.testing.memory_broker import MemoryBroker, MemoryStore
-from tests.unit.test_worker_memory import affine_fields, by_id, running, settings, wait_for
+from tests.support.memory_worker import affine_fields, by_id, running, settings, wait_for
 
 
 def packed(fields: dict[bytes, bytes]) -> bytes:
