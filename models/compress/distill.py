@@ -12,12 +12,12 @@ and every ``checkpoint_every`` steps the student (safetensors via
 :func:`~headrace.models.builtin.minilm.save_minilm`), the optimizer moments (safetensors) and a JSON
 state are written to ``<run_dir>/checkpoint-<step>/``; ``latest.json`` names the newest
 complete one. Calling :func:`distill` again on the same ``run_dir`` continues from there and
-ends in the same weights as an uninterrupted run. Nothing is pickled.
+ends in the same weights as an uninterrupted run. Nothing is pickled. The cached teacher
+targets and the batch order live in :mod:`headrace.models.compress.distill_data`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -41,10 +41,20 @@ from headrace.models.compress.checkpoints import (  # noqa: F401 - re-exported
     latest_checkpoint,
     load_student,
 )
+from headrace.models.compress.distill_data import (  # noqa: F401 - re-exported
+    BUCKET_BATCHES,
+    TEACHER_FILE,
+    batches_per_epoch,
+    cached_teacher_embeddings,
+    encode_texts,
+    epoch_batches,
+    sentences_fingerprint,
+    teacher_embeddings,
+    token_lengths,
+)
 
 log = logging.getLogger(__name__)
 
-TEACHER_FILE = "teacher_embeddings.safetensors"
 # Teacher layers the student starts from. Measured on 128 held-out corpus sentences before
 # any training (mean cosine to the teacher): 3 layers [0, 2, 4] 0.37, [1, 3, 5] 0.51,
 # [0, 3, 5] 0.67; 4 layers [0, 1, 3, 5] 0.76, [0, 2, 4, 5] 0.85. Keeping the last layer
@@ -149,69 +159,7 @@ def init_student(layers: Sequence[int] = DEFAULT_STUDENT_LAYERS, model_path: str
     return student
 
 
-# --- teacher targets ------------------------------------------------------------------------
-
-
-def _fingerprint(sentences: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for s in sentences:
-        h.update(s.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from headrace.models.tokenizer import encode_batch
-
-    ids, mask = encode_batch(tokenizer, texts)
-    ids, mask = ids[:, :max_length], mask[:, :max_length]
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-@torch.inference_mode()
-def teacher_embeddings(teacher: torch.nn.Module, tokenizer: Any, sentences: Sequence[str], *,
-                       max_length: int = 128, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """The teacher's embeddings [n, dim] of ``sentences``, in order. Batches are formed from
-    length-sorted sentences so little time goes into padding."""
-    from tqdm.auto import tqdm
-
-    teacher.eval()
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    out: list[torch.Tensor] = [torch.empty(0)] * len(sentences)
-    for start in tqdm(range(0, len(order), batch_size), desc="teacher embeddings", unit="batch",
-                      disable=not progress):
-        idx = order[start:start + batch_size]
-        emb = teacher(*_encode(tokenizer, [sentences[i] for i in idx], max_length))
-        for row, i in enumerate(idx):
-            out[i] = emb[row]
-    return torch.stack(out)
-
-
-def cached_teacher_embeddings(run_dir: Path, teacher: torch.nn.Module, tokenizer: Any, sentences: Sequence[str],
-                              *, max_length: int, progress: bool = True) -> torch.Tensor:
-    """:func:`teacher_embeddings`, cached in ``run_dir`` as safetensors keyed by a hash of
-    the sentences and ``max_length`` (a resumed run does not recompute them)."""
-    from safetensors.torch import load_file, save_file
-
-    key = f"{_fingerprint(sentences)}-{max_length}"
-    path = run_dir / TEACHER_FILE
-    if path.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("key") == key:
-                return load_file(str(path))["embeddings"]
-        except Exception as e:  # noqa: BLE001 - a damaged cache is simply recomputed
-            log.warning("teacher cache %s unreadable (%s); recomputing", path, e)
-    emb = teacher_embeddings(teacher, tokenizer, sentences, max_length=max_length, progress=progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": emb.contiguous()}, str(path), metadata={"key": key})
-    return emb
-
-
-# --- schedule, data order, loss ---------------------------------------------------------------
+# --- schedule, loss ---------------------------------------------------------------------------
 
 
 def lr_at(step: int, config: DistillConfig) -> float:
@@ -221,40 +169,6 @@ def lr_at(step: int, config: DistillConfig) -> float:
     span = max(1, config.steps - config.warmup_steps)
     frac = min(1.0, (step - config.warmup_steps) / span)
     return config.lr * (1.0 - 0.9 * frac)
-
-
-def token_lengths(tokenizer: Any, sentences: Sequence[str], max_length: int) -> np.ndarray[Any, Any]:
-    """Tokens of each sentence (special tokens included), capped at ``max_length``."""
-    encs = tokenizer.encode_batch(list(sentences))
-    return np.minimum(np.asarray([int(sum(e.attention_mask)) for e in encs], dtype=np.int64), max_length)
-
-
-BUCKET_BATCHES = 50  # batches per length-sorted chunk
-
-
-def epoch_batches(epoch: int, lengths: np.ndarray[Any, Any], config: DistillConfig) -> list[np.ndarray[Any, Any]]:
-    """The batches of one epoch, a pure function of ``(seed, epoch)`` and the lengths.
-
-    Sentences are shuffled, cut into chunks of ``BUCKET_BATCHES`` batches, sorted by length
-    inside each chunk (so a batch pads to about its members' own length -- corpus sentences
-    are 18 tokens at the median but 60 at the 99th percentile), then the batches are shuffled.
-    """
-    rng = np.random.default_rng([config.seed, epoch])
-    perm = rng.permutation(len(lengths))
-    bs = config.batch_size
-    chunk = bs * BUCKET_BATCHES
-    batches: list[np.ndarray[Any, Any]] = []
-    for c in range(0, len(perm), chunk):
-        part = perm[c:c + chunk]
-        part = part[np.argsort(lengths[part], kind="stable")]
-        batches.extend(part[i:i + bs] for i in range(0, len(part), bs))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def batches_per_epoch(n: int, config: DistillConfig) -> int:
-    chunk = config.batch_size * BUCKET_BATCHES
-    full, rest = divmod(n, chunk)
-    return full * BUCKET_BATCHES + math.ceil(rest / config.batch_size)
 
 
 def distill_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, config: DistillConfig) -> torch.Tensor:
@@ -358,7 +272,7 @@ def _step(run: DistillRun, student: Any, opt: torch.optim.Optimizer, params: lis
         ModelError: the loss is not finite.
     """
     cfg = run.cfg
-    ids, mask = _encode(run.tokenizer, [run.sentences[i] for i in idx], cfg.max_length)
+    ids, mask = encode_texts(run.tokenizer, [run.sentences[i] for i in idx], cfg.max_length)
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     loss = distill_loss(student(ids, mask), targets[torch.from_numpy(idx)], cfg)
@@ -427,7 +341,7 @@ def distill(student: Any, run: DistillRun) -> tuple[Any, DistillResult]:
     if len(run.sentences) < 2:
         raise ConfigError("distillation needs at least 2 training sentences")
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
-    identity = {"data": _fingerprint(run.sentences), "n": len(run.sentences), "config": cfg.to_dict(),
+    identity = {"data": sentences_fingerprint(run.sentences), "n": len(run.sentences), "config": cfg.to_dict(),
                 "student_config": student.current_config().to_dict()}
     targets = _targets(run)
     torch.manual_seed(cfg.seed)
