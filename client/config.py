@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import numbers
 import os
-import typing
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal, TypeVar
 
 from headrace.client.errors import ConfigError
+from headrace.client.setting_types import coerce, parse_env_value, type_hints, type_name
 
 ENV_PREFIX = "HEADRACE_"
 DEFAULT_NAMESPACE = "headrace"
@@ -38,45 +37,8 @@ def resolve_redis_url(url: str | None, env: Mapping[str, str] | None = None) -> 
     env = os.environ if env is None else env
     return url or env.get(ENV_PREFIX + "REDIS_URL") or DEFAULT_REDIS_URL
 
+
 S = TypeVar("S", bound="Settings")
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _parse(raw: str, typ: Any, env_name: str) -> Any:
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and type(None) in args):
-        inner = [a for a in args if a is not type(None)]
-        if raw.strip().lower() in {"", "none", "null"}:
-            return None
-        return _parse(raw, inner[0], env_name)
-    try:
-        if typ is bool:
-            low = raw.strip().lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError(raw)
-        if typ is int:
-            return int(raw)
-        if typ is float:
-            return float(raw)
-        if typ is str:
-            return raw
-        if origin in (tuple, list):
-            items = [x.strip() for x in raw.split(",") if x.strip()]
-            conv = args[0] if args else str
-            return tuple(_parse(x, conv, env_name) for x in items)
-    except ValueError as e:
-        raise ConfigError(
-            f"{env_name}={raw!r} is not a valid {getattr(typ, '__name__', typ)}; "
-            f"set it to a {getattr(typ, '__name__', typ)} or unset it"
-        ) from e
-    return raw
-
 
 # The fields whose value the settings being constructed took from the environment (name ->
 # variable), handed from from_env()/replace() to __post_init__, which records them on the
@@ -94,79 +56,6 @@ def _env_fields(fields: Mapping[str, str]) -> Iterator[None]:
         yield
     finally:
         _FROM_ENV.reset(token)
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    """``typing.get_type_hints(cls)``, computed once per class."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
-
-
-def _type_name(typ: Any) -> str:
-    origin = typing.get_origin(typ)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(typ))
-    if origin is not None:
-        return str(typ).replace("typing.", "")
-    return getattr(typ, "__name__", str(typ))
-
-
-def _coerce_union(value: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
-    if value is None:
-        return type(None) in args, value
-    for inner in (a for a in args if a is not type(None)):
-        ok, out = _coerce(value, inner)
-        if ok:
-            return True, out
-    return False, value
-
-
-def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
-    if not isinstance(value, (tuple, list)):
-        return False, value
-    inner = args[0] if args else Any
-    out = []
-    for item in value:
-        ok, conv = _coerce(item, inner)
-        if not ok:
-            return False, value
-        out.append(conv)
-    return True, tuple(out)
-
-
-def _coerce_scalar(value: Any, typ: Any) -> tuple[bool, Any]:
-    if typ is bool:
-        return isinstance(value, bool), value
-    if typ is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool), value
-    if typ is float:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if isinstance(typ, type):
-        return isinstance(value, typ), value
-    return True, value
-
-
-def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
-    """``(ok, value)``: whether ``value`` is of the documented type ``typ``, and the value
-    to store (an int for a float field becomes a float, a list for a tuple field a tuple)."""
-    if typ is Any:
-        return True, value
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and type(None) in args and len(args) > 1):
-        return _coerce_union(value, args)
-    if origin is Literal:
-        return value in args, value
-    if origin is tuple:
-        return _coerce_tuple(value, args)
-    if origin in (dict, Mapping) or typ in (dict, Mapping):
-        return isinstance(value, Mapping), value
-    return _coerce_scalar(value, typ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,15 +87,15 @@ class Settings:
         return frozenset(f.name for f in dataclasses.fields(cls))
 
     def _check_types(self) -> None:
-        hints = _hints(type(self))
+        hints = type_hints(type(self))
         for f in dataclasses.fields(self):
             if not f.init:
                 continue
             typ = hints.get(f.name, Any)
             value = getattr(self, f.name)
-            ok, converted = _coerce(value, typ)
+            ok, converted = coerce(value, typ)
             if not ok:
-                reason = f"must be {_type_name(typ)}, got {type(value).__name__} {value!r}"
+                reason = f"must be {type_name(typ)}, got {type(value).__name__} {value!r}"
                 raise ConfigError(f"{f.name}: {reason}", field=f.name, reason=reason)
             if converted is not value:
                 object.__setattr__(self, f.name, converted)
@@ -263,7 +152,7 @@ class Settings:
             ConfigError: a variable does not parse, or a value fails validation.
         """
         env = os.environ if env is None else env
-        hints = _hints(cls)
+        hints = type_hints(cls)
         kwargs: dict[str, Any] = {}
         from_env: dict[str, str] = {}
         for f in dataclasses.fields(cls):
@@ -271,7 +160,7 @@ class Settings:
                 continue
             name = cls.env_prefix + f.name.upper()
             if name in env:
-                kwargs[f.name] = _parse(env[name], hints[f.name], name)
+                kwargs[f.name] = parse_env_value(env[name], hints[f.name], name)
                 from_env[f.name] = name
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
