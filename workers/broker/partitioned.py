@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SEP = "/"
+# An inbox wait that ends this close to its caller's deadline has used up the time asked for;
+# waiting again would only add a round trip for a millisecond.
+_WAIT_SLACK_S = 0.002
 
 
 def wrap(partition: int, entry_id: str) -> str:
@@ -278,12 +282,31 @@ class PartitionedBroker(Broker):
     async def wait_inbox(self, block_ms: int) -> bool:
         """Wait on every partition's inbox at once (one blocking wait each: their keys are
         in different slots). Waits still running when the first one returns keep running
-        and are reused by the next call, so no connection is torn down by a cancel."""
-        for p, part in enumerate(self.parts):
-            if p not in self._inbox_waits:
-                self._inbox_waits[p] = asyncio.ensure_future(part.wait_inbox(block_ms))
-        await asyncio.wait(list(self._inbox_waits.values()), timeout=block_ms / 1000.0 + 0.5,
-                           return_when=asyncio.FIRST_COMPLETED)
+        and are reused by the next call, so no connection is torn down by a cancel.
+
+        A reused wait may have been asked for a shorter time than this call: its "nothing
+        came" ends only that partition's wait, which is started again for the rest of
+        ``block_ms``; only an empty wait that reaches this call's own deadline answers False.
+        """
+        deadline = time.monotonic() + block_ms / 1000.0
+        while True:
+            left_ms = max(1, int((deadline - time.monotonic()) * 1000.0))
+            for p, part in enumerate(self.parts):
+                if p not in self._inbox_waits:
+                    self._inbox_waits[p] = asyncio.ensure_future(part.wait_inbox(left_ms))
+            await asyncio.wait(list(self._inbox_waits.values()), timeout=left_ms / 1000.0 + 0.5,
+                               return_when=asyncio.FIRST_COMPLETED)
+            found, error = self._inbox_waits_done()
+            if found:
+                return True
+            if error is not None:
+                raise error
+            if deadline - time.monotonic() < _WAIT_SLACK_S:
+                return False
+
+    def _inbox_waits_done(self) -> tuple[bool, E.BrokerError | None]:
+        """Collect the finished inbox waits: whether one found an element, and the broker
+        error of one that failed (any other exception is raised)."""
         found, error = False, None
         for p, task in list(self._inbox_waits.items()):
             if not task.done():
@@ -296,9 +319,7 @@ class PartitionedBroker(Broker):
                 error = exc
             else:
                 raise exc
-        if not found and error is not None:
-            raise error
-        return found
+        return found, error
 
     async def publish_samples_per_entry(self, value: float) -> None:
         """Published on every partition: each partition's submit function reads its own
