@@ -26,19 +26,19 @@ from headrace.client.core import ClientCore
 from headrace.client.effects import Flow
 from headrace.client.failures import broker_error
 from headrace.client.health import ModelDescription, ModelStatus
-from headrace.client.keys import ModelKeys
 from headrace.client.pipeline import AutoPipeline
 from headrace.client.progress import ProgressOption, make_progress
 from headrace.client.protocol import Result
 from headrace.client.retry import Retry
 from headrace.client.submit import resolve_settings
 from headrace.client.tickets import Ticket
+from headrace.client.views import CoreViews
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class AsyncClient:
+class AsyncClient(CoreViews):
     """asyncio twin of :class:`~headrace.client.Client`; the methods are coroutines.
 
     Args and raised errors as :class:`~headrace.client.Client`. Use it from one event loop
@@ -82,33 +82,12 @@ class AsyncClient:
             raise broker_error(e, "PING of Redis") from e
 
     @property
-    def retry(self) -> Retry:
-        """The default retry policy of this client's calls."""
-        return self._core.retry
-
-    @property
-    def reconnects(self) -> int:
-        """How often the reply reader lost Redis and reconnected."""
-        return self._core.reconnects
-
-    @property
-    def _reader_conn_id(self) -> int | None:
-        return self._core.reader_conn_id
-
-    @property
     def _redis(self) -> aioredis.Redis:
         return self._io.redis
 
     @property
     def _pipeline(self) -> AutoPipeline:
         return self._io.pipeline
-
-    def model_keys(self, model: str) -> ModelKeys:
-        """Key names of ``model`` in this client's namespace."""
-        return self._core.model_keys(model)
-
-    def reply_stream(self, model: str) -> str:
-        return self._core.reply_stream(model)
 
     async def model_status(self, model: str) -> ModelStatus:
         """See :meth:`Client.model_status`. Raises: ConfigError, BrokerError."""

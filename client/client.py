@@ -28,19 +28,19 @@ from headrace.client.core import ClientCore
 from headrace.client.effects import Flow
 from headrace.client.failures import broker_error
 from headrace.client.health import ModelDescription, ModelStatus
-from headrace.client.keys import ModelKeys
 from headrace.client.progress import ProgressOption, make_progress
 from headrace.client.protocol import Result
 from headrace.client.retry import Retry
 from headrace.client.submit import resolve_settings
 from headrace.client.sync_io import SyncIO
 from headrace.client.tickets import Ticket
+from headrace.client.views import CoreViews
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Client:
+class Client(CoreViews):
     """Submit inference requests and collect their results (thread-safe).
 
     Args:
@@ -91,34 +91,8 @@ class Client:
             raise broker_error(e, f"PING of Redis at {self._io.safe_url()}") from e
 
     @property
-    def retry(self) -> Retry:
-        """The default retry policy of this client's calls."""
-        return self._core.retry
-
-    @property
-    def reconnects(self) -> int:
-        """How often the reply reader lost Redis and reconnected."""
-        return self._core.reconnects
-
-    @property
-    def _reader_conn_id(self) -> int | None:
-        return self._core.reader_conn_id
-
-    @property
     def _redis(self) -> redis.Redis:
         return self._io.redis
-
-    def model_keys(self, model: str) -> ModelKeys:
-        """Key names of ``model`` in this client's namespace.
-
-        Raises:
-            ConfigError: an invalid model name.
-        """
-        return self._core.model_keys(model)
-
-    def reply_stream(self, model: str) -> str:
-        """The reply stream this client reads for ``model``."""
-        return self._core.reply_stream(model)
 
     # --- health ----------------------------------------------------------------------------
 
