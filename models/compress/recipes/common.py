@@ -1,14 +1,15 @@
-"""What the built-in recipes (minilm, digits) share: the artifacts they measure."""
+"""What the built-in recipes (minilm, digits) share: running their requested steps, and
+the artifacts they measure."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from headrace.models.compress.pipeline import CompressResult
+from headrace.models.compress.pipeline import CompressOptions, CompressResult
 
 
 @dataclass
@@ -40,3 +41,23 @@ def _artifacts(entries: Sequence[_Entry], res: CompressResult) -> list[Any]:
     return arts
 
 
+class RecipeRun(Protocol):
+    """One recipe's run: its steps are its methods, ``bench`` its side-by-side report."""
+
+    res: CompressResult
+
+    def bench(self) -> None: ...
+
+
+RunT = TypeVar("RunT", bound=RecipeRun)
+
+
+def run_steps(run: RunT, steps: Mapping[str, Callable[[RunT], None]], opts: CompressOptions) -> CompressResult:
+    """Every requested step that ``steps`` names, in pipeline order (``opts.ordered_steps()``;
+    "export", the base build, is none of them), then the report when ``opts.bench``."""
+    for name in opts.ordered_steps():
+        if name in steps:
+            steps[name](run)
+    if opts.bench:
+        run.bench()
+    return run.res

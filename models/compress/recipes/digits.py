@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.models.compress.pipeline import CompressOptions, CompressResult
-from headrace.models.compress.recipes.common import _artifacts, _Entry
+from headrace.models.compress.recipes.common import _artifacts, _Entry, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,4 @@ STEPS: dict[str, Callable[[_DigitsRun], None]] = {
 
 def run_digits(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
     """Every requested digits step (:data:`STEPS`), then the side-by-side report."""
-    run = _DigitsRun(opts, repo, tmp)
-    for name in opts.ordered_steps():
-        if name in STEPS:
-            STEPS[name](run)
-    if opts.bench:
-        run.bench()
-    return run.res
+    return run_steps(_DigitsRun(opts, repo, tmp), STEPS, opts)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from headrace.models.compress.pipeline import CompressOptions, CompressResult
-from headrace.models.compress.recipes.common import _artifacts, _Entry
+from headrace.models.compress.recipes.common import _artifacts, _Entry, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -311,13 +311,7 @@ STEPS: dict[str, Callable[[_MiniLMRun], None]] = {
 
 def run_minilm(opts: CompressOptions, repo: Any, tmp: Path) -> CompressResult:
     """Every requested MiniLM step (:data:`STEPS`), then the side-by-side report."""
-    run = _MiniLMRun(opts, repo, tmp)
-    for name in opts.ordered_steps():
-        if name in STEPS:
-            STEPS[name](run)
-    if opts.bench:
-        run.bench()
-    return run.res
+    return run_steps(_MiniLMRun(opts, repo, tmp), STEPS, opts)
 
 
 def _tensorrt_steps(opts: CompressOptions, repo: Any, tmp: Path, plain: Path, tok: Any, corpus: Any, teacher: Any,
