@@ -14,7 +14,7 @@ from tests.support.broker_harness import open_harness
 @pytest.fixture(params=["memory", "redis", "partitioned"])
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """A broker contract harness (tests/support/broker_harness.py), once per kind."""
-    harness = open_harness(request.param, None if request.param == "memory" else request.getfixturevalue("redis_url"))
+    harness = open_harness(request.param, request.getfixturevalue)
     yield harness
     await harness.close()
 

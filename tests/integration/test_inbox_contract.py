@@ -1,11 +1,13 @@
 """The broker contract for the inbox (strict submit mode): relaying it into the request
 stream, waiting for it, dead-lettering what breaks the entry bounds, putting back what
-cannot be added; against the in-memory broker, Redis and a partitioned model (the
-harnesses in tests/support/broker_harness.py)."""
+cannot be added; against the in-memory broker, Redis, a partitioned model and a Redis
+Cluster, where the pipelined wait and relay goes through the cluster client (the harnesses
+in tests/support/broker_harness.py)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -14,7 +16,15 @@ import pytest
 from headrace.client import errors as E
 from headrace.client.protocol import now_ms
 from headrace.workers.broker.base import RelayStep
-from tests.support.broker_harness import PAYLOAD, packed, req
+from tests.support.broker_harness import PAYLOAD, open_harness, packed, req
+
+
+@pytest.fixture(params=["memory", "redis", "partitioned", "cluster"])
+async def h(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """The broker contract harness of tests/integration/conftest.py, and a Redis Cluster's."""
+    harness = open_harness(request.param, request.getfixturevalue)
+    yield harness
+    await harness.close()
 
 
 @pytest.mark.timeout(20)

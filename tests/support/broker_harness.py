@@ -1,14 +1,17 @@
 """Harnesses of the broker contract (tests/integration/test_broker_contract.py and
 test_inbox_contract.py): the same scenarios run against the in-memory broker (the unit
-tests' fake), the Redis broker, and a model split into partitions, each wrapped so a
-scenario can set up and inspect the queue the same way."""
+tests' fake), the Redis broker, a model split into partitions, and (the inbox contract)
+the Redis broker on a Redis Cluster, each wrapped so a scenario can set up and inspect the
+queue the same way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import redis
+import redis.cluster
 
 from headrace.client.keys import ModelKeys, partition_keys
 from headrace.workers.broker.base import Broker
@@ -213,9 +216,28 @@ def packed(fields: dict[bytes, bytes]) -> bytes:
 
 
 
-def open_harness(kind: str, redis_url: str | None) -> Any:
-    """The harness of ``kind`` (memory, redis, partitioned); Redis ones use ``redis_url``."""
+class ClusterHarness(RedisHarness):
+    """The Redis broker on a real 3-master Redis Cluster (every key of the model is in one
+    slot, so one node serves them all): commands and pipelines go through redis-py's
+    cluster client and its routing."""
+
+    name = "cluster"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.r = redis.cluster.RedisCluster.from_url(url)
+        self.brokers = []
+
+    def settings(self, consumer: str, url: str | None = None) -> WorkerSettings:
+        return super().settings(consumer, url).replace(redis_cluster=True)
+
+
+def open_harness(kind: str, fixture: Callable[[str], Any]) -> Any:
+    """The harness of ``kind`` (memory, redis, partitioned, cluster). Redis ones get their
+    server from the pytest fixture ``fixture(name)`` returns (``request.getfixturevalue``):
+    ``redis_url``, or ``redis_cluster_url`` for the cluster."""
     if kind == "memory":
         return MemoryHarness()
-    assert redis_url is not None
-    return (RedisHarness if kind == "redis" else PartitionedHarness)(redis_url)
+    if kind == "cluster":
+        return ClusterHarness(fixture("redis_cluster_url"))
+    return (RedisHarness if kind == "redis" else PartitionedHarness)(fixture("redis_url"))

@@ -51,8 +51,6 @@ class RedisInbox(RedisConnection):
         return await self._call("BLMOVE", go) is not None
 
     async def wait_and_relay(self, count: int, block_ms: int) -> RelayStep:
-        if self.settings.redis_cluster:
-            return await super().wait_and_relay(count, block_ms)
         wait, relay = self._wait_command(block_ms), self._relay_command(count, server_time=True)
 
         async def go() -> Any:
@@ -64,6 +62,10 @@ class RedisInbox(RedisConnection):
             # the element is moved atomically by one relay or stays in the inbox. When the
             # wait times out the function finds the inbox empty and moves nothing. Dead
             # letters get the server's time when the function runs, not when this was sent.
+            # On a Redis Cluster both commands name keys of the model's one slot, so the
+            # cluster pipeline sends them to one node together; a pipeline it re-sends
+            # after a redirect or a lost connection repeats only a rotation and a relay
+            # step, both harmless to run twice.
             pipe = self.client.pipeline(transaction=False)
             pipe.execute_command(*wait)
             pipe.execute_command(*relay)
