@@ -41,15 +41,12 @@ from headrace.models.compress.checkpoints import (  # noqa: F401 - re-exported
     latest_checkpoint,
     load_student,
 )
-from headrace.models.compress.distill_data import (  # noqa: F401 - re-exported
-    BUCKET_BATCHES,
-    TEACHER_FILE,
+from headrace.models.compress.distill_data import (
     batches_per_epoch,
     cached_teacher_embeddings,
     encode_texts,
     epoch_batches,
     sentences_fingerprint,
-    teacher_embeddings,
     token_lengths,
 )
 

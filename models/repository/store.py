@@ -34,18 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import ModelNotFoundError, RepositoryError
-from headrace.models.repository.integrity import (  # noqa: F401 - re-exported
-    check_external_data,
-    check_folder,
-    external_data_files,
-    external_locations,
-)
-from headrace.models.repository.manifest import (  # noqa: F401 - re-exported
+from headrace.models.repository.integrity import external_data_files
+from headrace.models.repository.manifest import (
     CHUNK_BYTES,
     DEFAULT_MODEL_FILE,
     FORMATS,
     MANIFEST_FILE,
-    NAME_RE,
     POSTPROCESS,
     PREPROCESS,
     SCHEMA_VERSION,

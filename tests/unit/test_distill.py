@@ -15,6 +15,7 @@ from headrace.client.errors import ConfigError
 from headrace.models.builtin.corpus import load_corpus, sample
 from headrace.models.builtin.minilm import MiniLM, MiniLMConfig
 from headrace.models.compress import distill as D
+from headrace.models.compress import distill_data as DD
 from headrace.models.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -55,10 +56,10 @@ def cfg(**kw: object) -> D.DistillConfig:
 def test_tiny_distillation_lowers_the_loss(tmp_path: Path, tok, sentences: list[str]) -> None:  # type: ignore[no-untyped-def]
     teacher = tiny_teacher()
     student = one_layer_student(teacher)
-    targets = D.teacher_embeddings(teacher, tok, sentences, max_length=32, progress=False)
+    targets = DD.teacher_embeddings(teacher, tok, sentences, max_length=32, progress=False)
 
     def mean_cos(model: MiniLM) -> float:
-        got = D.teacher_embeddings(model, tok, sentences, max_length=32, progress=False)
+        got = DD.teacher_embeddings(model, tok, sentences, max_length=32, progress=False)
         return float(torch.nn.functional.cosine_similarity(got, targets).mean())
 
     before = mean_cos(student)
@@ -117,11 +118,11 @@ def test_resume_refuses_other_settings(tmp_path: Path, tok, sentences: list[str]
 def test_batch_plan_is_a_deterministic_bucketed_partition() -> None:
     lengths = np.random.default_rng(0).integers(5, 60, size=1000)
     c = D.DistillConfig(batch_size=16, seed=7)
-    e0 = D.epoch_batches(0, lengths, c)
-    assert [b.tolist() for b in e0] == [b.tolist() for b in D.epoch_batches(0, lengths, c)]
+    e0 = DD.epoch_batches(0, lengths, c)
+    assert [b.tolist() for b in e0] == [b.tolist() for b in DD.epoch_batches(0, lengths, c)]
     assert sorted(np.concatenate(e0).tolist()) == list(range(1000))
-    assert len(e0) == D.batches_per_epoch(1000, c)
-    assert [b.tolist() for b in e0] != [b.tolist() for b in D.epoch_batches(1, lengths, c)]
+    assert len(e0) == DD.batches_per_epoch(1000, c)
+    assert [b.tolist() for b in e0] != [b.tolist() for b in DD.epoch_batches(1, lengths, c)]
     # Bucketing: a batch's lengths are close together, far more than in a random batch.
     spread = np.mean([lengths[b].max() - lengths[b].min() for b in e0 if len(b) == 16])
     assert spread < 10

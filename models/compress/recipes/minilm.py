@@ -144,11 +144,11 @@ class _MiniLMRun:
                                          "scan_mean_cosine": mp.score, "scan_sentences": self.opts.scan}}
 
     def teacher_targets(self) -> Any:
-        from headrace.models.compress import distill as D
+        from headrace.models.compress.distill_data import cached_teacher_embeddings
 
         if self.targets is None:
-            self.targets = D.cached_teacher_embeddings(self.opts.work_dir, self.teacher, self.tok, self.corpus.train,
-                                                       max_length=128, progress=self.opts.progress)
+            self.targets = cached_teacher_embeddings(self.opts.work_dir, self.teacher, self.tok, self.corpus.train,
+                                                     max_length=128, progress=self.opts.progress)
         return self.targets
 
     def plain_export(self) -> Path:
