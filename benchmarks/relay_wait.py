@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +31,7 @@ import redis.cluster
 from rich.console import Console
 from rich.table import Table
 
+from headrace.cluster.bench.stats import percentile
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.broker.base import Broker, RelayStep
 from headrace.workers.broker.redis_broker import RedisBroker
@@ -79,11 +79,6 @@ async def measure(url: str, cluster: bool, args: argparse.Namespace) -> dict[str
     return res
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 def main() -> None:
     args = parse_args()
     table = Table(title=f"inbox -> stream: push sent to relay step returned, ms ({args.rounds} x {args.trials} "
@@ -95,10 +90,8 @@ def main() -> None:
     with RedisClusterProcs(3) as rc:
         results["cluster (3 masters)"] = asyncio.run(measure(rc.url, True, args))
     for where, res in results.items():
-        two, one = res["two calls"], res["one pipeline"]
-        table.add_row(where, f"{statistics.median(two):.3f} / {pct(two, 0.9):.3f}",
-                      f"{statistics.median(one):.3f} / {pct(one, 0.9):.3f}",
-                      f"{statistics.median(two) - statistics.median(one):.3f}")
+        (two50, two90), (one50, one90) = ((percentile(res[w], 50), percentile(res[w], 90)) for w in WAYS)
+        table.add_row(where, f"{two50:.3f} / {two90:.3f}", f"{one50:.3f} / {one90:.3f}", f"{two50 - one50:.3f}")
     Console().print(table)
 
 

@@ -7,7 +7,6 @@ in tests/support/broker_harness.py)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -16,15 +15,10 @@ import pytest
 from headrace.client import errors as E
 from headrace.client.protocol import now_ms
 from headrace.workers.broker.base import RelayStep
-from tests.support.broker_harness import PAYLOAD, open_harness, packed, req
+from tests.support.broker_harness import PAYLOAD, packed, req
 
-
-@pytest.fixture(params=["memory", "redis", "partitioned", "cluster"])
-async def h(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """The broker contract harness of tests/integration/conftest.py, and a Redis Cluster's."""
-    harness = open_harness(request.param, request.getfixturevalue)
-    yield harness
-    await harness.close()
+# The harness fixture of tests/integration/conftest.py, with a Redis Cluster's added.
+pytestmark = pytest.mark.parametrize("h", ["memory", "redis", "partitioned", "cluster"], indirect=True)
 
 
 @pytest.mark.timeout(20)
