@@ -215,7 +215,6 @@ def packed(fields: dict[bytes, bytes]) -> bytes:
     return msgpack.packb([x for kv in fields.items() for x in kv], use_bin_type=False)
 
 
-
 class ClusterHarness(RedisHarness):
     """The Redis broker on a real 3-master Redis Cluster (every key of the model is in one
     slot, so one node serves them all): commands and pipelines go through redis-py's
