@@ -46,7 +46,10 @@ def test_a_master_crash_does_not_stop_a_partitioned_worker(tmp_path: Path) -> No
                             "--block-ms", "100", "--lease-s", "2")
         try:
             rc = RedisCluster.from_url(cluster.url)
-            poll_until(lambda: rc.hget(registry_key("headrace"), "affine") or not worker.alive, 60, 0.1)
+            try:
+                poll_until(lambda: rc.hget(registry_key("headrace"), "affine") or not worker.alive, 60, 0.1)
+            except AssertionError:
+                raise AssertionError(f"the worker never registered; its log:\n{worker.log()[-3000:]}") from None
             rc.close()
             _answered_once(cluster.url, "before", 60)
             cluster.nodes[1].restart(crash=True, down_s=3.0)  # its partition's slot is down meanwhile

@@ -3,12 +3,15 @@ CPU accounting built on it (benchmarks/lib/shard_cpu.py)."""
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import pytest
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import RedisCluster, key_slot
 
 from benchmarks.lib.shard_cpu import ShardCpu, implied_ceiling
-from headrace.client.keys import ModelKeys
+from headrace.client.keys import ModelKeys, partition_keys
 from tests.support.redis_cluster import SLOTS, RedisClusterProcs, slot_ranges
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,3 +91,49 @@ def test_teardown_stops_every_node() -> None:
         with pytest.raises(redis.ConnectionError):
             redis.Redis.from_url(u, socket_connect_timeout=0.5).ping()
     cluster.stop()  # idempotent
+
+
+def _keys_moved_round_the_masters() -> list[str]:
+    """Partition keys whose slots start on masters 1, 2, 0: placing them on 0, 1, 2 moves
+    every slot, round a cycle, so at least one move goes from a greater config epoch to a
+    smaller one, the move the race crosses."""
+    ranges = slot_ranges(3)
+    for n in itertools.count():
+        keys = [k.requests for k in partition_keys("hr", f"m{n}", 3)]
+        homes = [next(i for i, (lo, hi) in enumerate(ranges) if lo <= key_slot(k.encode()) <= hi) for k in keys]
+        if homes == [1, 2, 0]:
+            return keys
+    raise AssertionError("unreachable")
+
+
+def test_placed_slots_stay_with_their_new_owners_however_slow_the_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving a slot by a bare SETSLOT NODE on each node in turn let the old owner's gossip,
+    sent while the others were being told, cross the nodes' maps for good (seen in CI: a
+    partitioned worker never got its consumer group made). A pause after every SETSLOT,
+    wider than a gossip round, opens that window every time; place must still leave every
+    node agreeing and every partition writable."""
+    real = redis.Redis.execute_command
+
+    def slow(self: redis.Redis, *args: object, **kwargs: object) -> object:
+        out = real(self, *args, **kwargs)
+        if args and args[0] == "CLUSTER SETSLOT":
+            time.sleep(0.3)
+        return out
+
+    with RedisClusterProcs(3, node_timeout_ms=1000) as cluster:
+        keys = _keys_moved_round_the_masters()
+        monkeypatch.setattr(redis.Redis, "execute_command", slow)
+        owners = cluster.place(keys, timeout_s=10)
+        monkeypatch.undo()
+        time.sleep(1.0)  # a few gossip rounds: a crossed map would show by now
+        ids = [cluster.slot_owners(i, [key_slot(k.encode()) for k in keys]) for i in range(3)]
+        assert ids[0] == ids[1] == ids[2], ids
+        assert sorted(owners) == [0, 1, 2]
+        assert len(set(ids[0].values())) == 3, "one partition per master"
+        rc = RedisCluster.from_url(cluster.url)
+        try:
+            for key in keys:
+                assert rc.xadd(key, {b"n": b"1"})
+                assert rc.xlen(key) == 1
+        finally:
+            rc.close()
