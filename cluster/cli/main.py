@@ -20,6 +20,7 @@ from headrace.cluster.cli.demo import demo
 from headrace.cluster.cli.dlq import dlq
 from headrace.cluster.cli.functions import functions
 from headrace.cluster.cli.models import models
+from headrace.cluster.cli.partitions import partitions
 from headrace.cluster.cli.redis_server import redis_cmd
 from headrace.cluster.cli.status import status
 from headrace.cluster.cli.submit import submit
@@ -44,7 +45,7 @@ def main(ctx: click.Context, redis_url: str | None, namespace: str | None, repo:
     ctx.obj = CliConfig(redis_url=redis_url, namespace=namespace, repo=repo)
 
 
-for _command in (worker, redis_cmd, submit, status, dlq, functions, models, compress, demo, bench,
+for _command in (worker, redis_cmd, submit, status, dlq, functions, models, partitions, compress, demo, bench,
                  up_cmd, down_cmd, scale_cmd, deploy_cmd):
     main.add_command(_command)
 

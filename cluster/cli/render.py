@@ -155,3 +155,19 @@ def dlq_table(letters: Iterable[Any], model: str) -> Table:
     if table.row_count == 0:
         table.caption = "(empty)"
     return table
+
+
+def placement_table(moves: Sequence[Any], addresses: Sequence[str], model: str, done: bool) -> Table:
+    """A partitioned model's partitions (``placement.Move`` records) on the cluster's
+    masters: each one's slot, where it was, where it goes, and per master how many."""
+    table = Table(title=f"partitions of {model} on {len(addresses)} masters")
+    for col in ("partition", "slot", "master now", "placed on", ""):
+        table.add_column(col)
+    for mv in moves:
+        verb = ("moved" if done else "moves") if mv.moves else "stays"
+        table.add_row(str(mv.partition), str(mv.slot), addresses[mv.src], addresses[mv.dst], verb)
+    before = [sum(1 for mv in moves if mv.src == i) for i in range(len(addresses))]
+    after = [sum(1 for mv in moves if mv.dst == i) for i in range(len(addresses))]
+    table.caption = (f"per master, before: {' / '.join(map(str, before))}; "
+                     f"{'now' if done else 'after place'}: {' / '.join(map(str, after))}")
+    return table

@@ -18,12 +18,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import redis
 
 from headrace.client.errors import BrokerError
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_ports
+from headrace.cluster.ops.placement import Masters, place_keys
 
 SLOTS = 16384
 
@@ -128,67 +128,31 @@ class RedisClusterProcs:
             time.sleep(0.1)
 
     def place(self, keys: Sequence[str], timeout_s: float = 30.0) -> list[int]:
-        """Give the slot of ``keys[i]`` to master ``i % masters``, what an operator does once
-        for a partitioned model's empty slots (its partition tags may hash to slots of one
-        master), and return once every node agrees. Returns the master index of each key.
-        The slots must hold no keys (flush first).
-
-        Each slot moves the way ``redis-cli --cluster reshard`` moves one (the order of the
-        ``CLUSTER SETSLOT`` docs): ``IMPORTING`` on the new owner, ``MIGRATING`` on the old
-        one, then ``NODE`` on the new owner first, the old one next, the rest last. The race
-        prevented: a bare ``SETSLOT NODE`` on each node in turn leaves a window in which the
-        old owner's gossip, still claiming the slot with a greater config epoch, takes the
-        slot back from nodes already told (the new owner included); once the old owner is
-        told too, nobody claims it and the nodes' maps stay crossed for good, every command on
-        the slot bouncing between two MOVED replies. An importing node ignores gossip for the
-        slot, and ``NODE`` on it bumps its epoch above every other, so its claim wins.
+        """Give the slot of ``keys[i]`` to master ``i % masters`` and return once every node
+        agrees (:func:`headrace.cluster.ops.placement.place_keys`, what ``headrace partitions
+        place`` does for a model). Returns the master index of each key. The slots must hold
+        no keys (flush first).
 
         Raises:
-            redis.RedisError: a node refused (e.g. the slot holds keys).
+            ConfigError: a slot that must move holds keys.
             BrokerError: the nodes did not agree on the new owners within ``timeout_s``.
         """
-        from redis.cluster import key_slot
-
-        ids = [self._command(i, "CLUSTER MYID").decode() for i in range(self.masters)]
-        owners = [i % self.masters for i in range(len(keys))]
-        wanted = {key_slot(key.encode()): owner for key, owner in zip(keys, owners, strict=True)}
-        for slot, owner in wanted.items():
-            self._move_slot(slot, owner, ids)
-        self._wait_owners({slot: ids[owner] for slot, owner in wanted.items()}, timeout_s)
-        return owners
-
-    def _move_slot(self, slot: int, dst: int, ids: list[str]) -> None:
-        src = ids.index(self.slot_owners(0, [slot])[slot])
-        if src == dst:
-            return
-        self._command(dst, "CLUSTER SETSLOT", slot, "IMPORTING", ids[src])
-        self._command(src, "CLUSTER SETSLOT", slot, "MIGRATING", ids[dst])
-        for i in [dst, src, *[i for i in range(self.masters) if i not in (dst, src)]]:
-            self._command(i, "CLUSTER SETSLOT", slot, "NODE", ids[dst])
+        clients = [redis.Redis.from_url(n.url, socket_connect_timeout=1.0) for n in self.nodes]
+        try:
+            masters = Masters(clients)
+            dests = [masters.nodes.index(clients[i % self.masters]) for i in range(len(keys))]
+            moves = place_keys(masters, keys, dests, timeout_s=timeout_s)
+            return [clients.index(masters.nodes[mv.dst]) for mv in moves]
+        finally:
+            for c in clients:
+                c.close()
 
     def slot_owners(self, node: int, slots: Sequence[int]) -> dict[int, str]:
         """The id of the master that node ``node`` maps each of ``slots`` to (``CLUSTER
         SLOTS``); a slot it sees unassigned is left out."""
-        found: dict[int, str] = {}
-        for lo, hi, master, *_ in self._command(node, "CLUSTER SLOTS"):
-            found.update({s: master[2].decode() for s in slots if lo <= s <= hi})
-        return found
-
-    def _wait_owners(self, wanted: dict[int, str], timeout_s: float) -> None:
-        give_up = time.monotonic() + timeout_s
-        while True:
-            views = [self.slot_owners(i, list(wanted)) for i in range(self.masters)]
-            if all(v == wanted for v in views):
-                return
-            if time.monotonic() > give_up:
-                raise BrokerError(f"the nodes of the Redis Cluster did not agree on slot owners {wanted} within "
-                                  f"{timeout_s:.0f}s: {views}")
-            time.sleep(0.05)
-
-    def _command(self, node: int, *args: object) -> Any:
         r = redis.Redis.from_url(self.nodes[node].url, socket_connect_timeout=1.0)
         try:
-            return r.execute_command(*args)
+            return Masters([r]).owners(0, slots)
         finally:
             r.close()
 
