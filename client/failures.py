@@ -13,9 +13,20 @@ def broker_error(err: BaseException, what: str, request_id: str | None = None) -
     (ACL permission, wrong key type) or refused the credentials: trying again cannot help."""
     retryable = isinstance(err, (redis.ConnectionError, redis.TimeoutError, OSError)) and not isinstance(
         err, redis.AuthenticationError)
-    out = E.BrokerError(f"{what} failed: {err}", request_id=request_id, retryable=retryable)
+    out = E.BrokerError(f"{what} failed: {describe(err)}", request_id=request_id, retryable=retryable)
     out.__cause__ = err
     return out
+
+
+def describe(err: BaseException) -> str:
+    """redis-py's message for ``err``, with what it means where the bare message does not say:
+    a cluster client that ran out of redirects (``ClusterError: TTL exhausted.``)."""
+    if isinstance(err, redis.exceptions.ClusterError) and "TTL exhausted" in str(err):
+        return ("the Redis Cluster redirected the command over and over (MOVED/ASK/TRYAGAIN until redis-py gave up): "
+                "its masters disagree on which of them owns the key's slot, or a slot migration is stuck; check "
+                "with `redis-cli --cluster check <node>`, `headrace partitions show <model>` shows a partitioned "
+                "model's slots and `headrace partitions place` repairs them")
+    return str(err)
 
 
 def permission_denied(err: BaseException) -> bool:

@@ -165,7 +165,8 @@ def placement_table(moves: Sequence[Any], addresses: Sequence[str], model: str, 
         table.add_column(col)
     for mv in moves:
         verb = ("moved" if done else "moves") if mv.moves else "stays"
-        table.add_row(str(mv.partition), str(mv.slot), addresses[mv.src], addresses[mv.dst], verb)
+        now = addresses[mv.src] if mv.agreed else "[red]masters disagree[/red]"
+        table.add_row(str(mv.partition), str(mv.slot), now, addresses[mv.dst], verb if mv.agreed else f"{verb} (repair)")
     before = [sum(1 for mv in moves if mv.src == i) for i in range(len(addresses))]
     after = [sum(1 for mv in moves if mv.dst == i) for i in range(len(addresses))]
     table.caption = (f"per master, before: {' / '.join(map(str, before))}; "

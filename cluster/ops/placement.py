@@ -19,7 +19,9 @@ on it bumps its config epoch above every other, so its claim wins everywhere.
 :func:`place_partitions` then waits until every master names the new owners.
 
 Only empty slots move (moving keys is ``redis-cli --cluster reshard``'s job); a slot that
-holds keys is refused before anything changes.
+holds keys is refused before anything changes. A slot whose masters disagree on its owner
+(maps crossed by bare ``SETSLOT NODE`` calls, see above) is moved to its planned master the
+same way, which repairs it.
 """
 
 from __future__ import annotations
@@ -38,16 +40,19 @@ from headrace.client.keys import partition_keys
 @dataclass(frozen=True)
 class Move:
     """Partition ``partition``'s slot ``slot``, held by master ``src``, goes to ``dst``
-    (indexes into the masters list; ``src == dst``: it stays)."""
+    (indexes into the masters list; ``src == dst``: it stays). ``agreed`` is False when the
+    masters' maps disagree on the slot's owner (``src`` is then the first master's view);
+    such a slot is always moved, which repairs it."""
 
     partition: int
     slot: int
     src: int
     dst: int
+    agreed: bool = True
 
     @property
     def moves(self) -> bool:
-        return self.src != self.dst
+        return self.src != self.dst or not self.agreed
 
 
 class Masters:
@@ -90,12 +95,28 @@ class Masters:
     def keys_in(self, node: int, slot: int) -> int:
         return int(self._on(node, "CLUSTER COUNTKEYSINSLOT", slot))
 
-    def move_empty_slot(self, slot: int, src: int, dst: int) -> None:
-        """Give ``slot`` (empty, held by master ``src``) to master ``dst`` in the reshard
-        order (module docstring)."""
-        self._on(dst, "CLUSTER SETSLOT", slot, "IMPORTING", self.ids[src])
-        self._on(src, "CLUSTER SETSLOT", slot, "MIGRATING", self.ids[dst])
-        for i in [dst, src, *[i for i in range(len(self.nodes)) if i not in (dst, src)]]:
+    def move_empty_slot(self, slot: int, dst: int) -> None:
+        """Give ``slot`` (empty but on ``dst``) to master ``dst`` in the reshard order (module
+        docstring), whoever holds it now, also when the masters' maps disagree on that.
+
+        Raises:
+            ConfigError: ``dst`` sees the slot unassigned.
+        """
+        n = len(self.nodes)
+        claims = [i for i in range(n) if i != dst and self.owners(i, [slot]).get(slot) == self.ids[i]]
+        seen = self.owners(dst, [slot]).get(slot)
+        if seen is None:
+            raise ConfigError(f"master {dst} sees slot {slot} unassigned; assign it first (CLUSTER ADDSLOTS)")
+        if seen != self.ids[dst]:
+            self._on(dst, "CLUSTER SETSLOT", slot, "IMPORTING", seen)
+        for i in claims:
+            self._on(i, "CLUSTER SETSLOT", slot, "MIGRATING", self.ids[dst])
+        self._on(dst, "CLUSTER SETSLOT", slot, "NODE", self.ids[dst])
+        if seen == self.ids[dst]:
+            # dst already maps the slot to itself, so no import bumped its epoch: others
+            # mapping it elsewhere would ignore its claim unless its epoch is the greatest.
+            self._on(dst, "CLUSTER BUMPEPOCH")
+        for i in [*claims, *[i for i in range(n) if i != dst and i not in claims]]:
             self._on(i, "CLUSTER SETSLOT", slot, "NODE", self.ids[dst])
 
     def wait_agreed(self, wanted: dict[int, int], timeout_s: float) -> None:
@@ -166,13 +187,13 @@ def plan(masters: Masters, keys: Sequence[str], dests: Sequence[int] | None = No
         ConfigError: a slot that would move holds keys, or no master holds it.
     """
     slots = [key_slot(k.encode()) for k in keys]
-    now = masters.owners(0, slots)
+    views = [masters.owners(i, slots) for i in range(len(masters.nodes))]
     for p, slot in enumerate(slots):
-        if slot not in now:
+        if slot not in views[0]:
             raise ConfigError(f"slot {slot} of partition {p} is not assigned to any master; assign every slot first "
                               "(CLUSTER ADDSLOTSRANGE) and check `redis-cli --cluster check`")
     firsts = {slot: p for p, slot in reversed(list(enumerate(slots)))}
-    where = [masters.ids.index(now[slot]) for slot in slots]
+    where = [masters.ids.index(views[0][slot]) for slot in slots]
     unique = sorted(firsts.values())  # the partition that first names each slot
     if dests is None:
         goes = dict(zip(unique, balanced([where[p] for p in unique], len(masters.nodes)), strict=True))
@@ -180,12 +201,15 @@ def plan(masters: Masters, keys: Sequence[str], dests: Sequence[int] | None = No
         if len(dests) != len(keys) or not all(0 <= d < len(masters.nodes) for d in dests):
             raise ConfigError(f"need one master index in 0..{len(masters.nodes) - 1} per key, got {list(dests)}")
         goes = {p: dests[p] for p in unique}
-    moves = [Move(p, slot, where[p], goes[firsts[slot]]) for p, slot in enumerate(slots)]
+    moves = [Move(p, slot, where[p], goes[firsts[slot]], all(v.get(slot) == views[0][slot] for v in views))
+             for p, slot in enumerate(slots)]
     for mv in moves:
-        if mv.moves and firsts[mv.slot] == mv.partition and (held := masters.keys_in(mv.src, mv.slot)):
-            raise ConfigError(f"slot {mv.slot} of partition {mv.partition} holds {held} keys on master {mv.src}: only "
-                              "empty slots are placed here; drain the model first, or move the slot with its keys by "
-                              "`redis-cli --cluster reshard`")
+        if mv.moves and firsts[mv.slot] == mv.partition:
+            held = {i: k for i in range(len(masters.nodes)) if i != mv.dst and (k := masters.keys_in(i, mv.slot))}
+            if held:
+                raise ConfigError(f"slot {mv.slot} of partition {mv.partition} holds keys on master(s) {held} (master: "
+                                  "keys): only empty slots are placed here; drain the model first, or move the slot "
+                                  "with its keys by `redis-cli --cluster reshard`")
     return moves
 
 
@@ -206,7 +230,7 @@ def place_keys(masters: Masters, keys: Sequence[str], dests: Sequence[int] | Non
     done: set[int] = set()
     for move in moves:
         if move.moves and move.slot not in done:
-            masters.move_empty_slot(move.slot, move.src, move.dst)
+            masters.move_empty_slot(move.slot, move.dst)
             done.add(move.slot)
     masters.wait_agreed({mv.slot: mv.dst for mv in moves}, timeout_s)
     return moves

@@ -112,7 +112,7 @@ def test_a_slot_holding_keys_is_refused_before_anything_moves(cluster: RedisClus
 
     res = _cli(cluster.url, "place", model, "--partitions", str(P))
     assert res.exit_code == 1, res.output
-    assert f"partition {moving[-1]} holds 1 keys" in res.output and "redis-cli --cluster reshard" in res.output
+    assert f"partition {moving[-1]} holds keys" in res.output and "redis-cli --cluster reshard" in res.output
     assert _views(cluster, slots) == before, "nothing moved, the earlier partitions included"
     assert _open_slot_states(cluster) == []
 

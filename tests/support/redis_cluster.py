@@ -156,6 +156,56 @@ class RedisClusterProcs:
         finally:
             r.close()
 
+    def epochs(self) -> list[int]:
+        """Each master's config epoch, as the first node sees them."""
+        r = redis.Redis.from_url(self.url)
+        try:
+            nodes = {info["node_id"]: int(info["epoch"]) for info in r.cluster("nodes").values()}
+        finally:
+            r.close()
+        return [nodes[self._my_id(i)] for i in range(self.masters)]
+
+    def cross(self, slot: int, timeout_s: float = 10.0) -> None:
+        """Cross the nodes' maps on ``slot`` (empty, held by the master of the greatest config
+        epoch) for good, the way hand-typed bare ``CLUSTER SETSLOT <slot> NODE <id>`` calls
+        do (``placement``'s module docstring): the lowest-epoch master is told first, the
+        owner's gossip takes the slot back from it, then the others are told. Afterwards
+        the lowest-epoch master maps the slot to the old owner, the rest to the
+        lowest-epoch master, and nobody claims it.
+
+        Raises:
+            AssertionError: the slot's owner is not the greatest-epoch master, or the maps
+                did not end up crossed.
+        """
+        epochs = self.epochs()
+        high, low = epochs.index(max(epochs)), epochs.index(min(epochs))
+        ids = [self._my_id(i) for i in range(self.masters)]
+        assert self.slot_owners(0, [slot]) == {slot: ids[high]}, "cross a slot of the greatest-epoch master"
+        self._setslot(low, slot, ids[low])
+        give_up = time.monotonic() + timeout_s
+        while self.slot_owners(low, [slot]) != {slot: ids[high]}:  # the owner's gossip took it back
+            assert time.monotonic() < give_up, "the old owner's gossip never took the slot back"
+            time.sleep(0.05)
+        for i in [i for i in range(self.masters) if i not in (low, high)] + [high]:
+            self._setslot(i, slot, ids[low])
+        time.sleep(1.0)  # gossip rounds: nobody claims the slot, so nothing uncrosses it
+        views = [self.slot_owners(i, [slot]) for i in range(self.masters)]
+        assert views[low] == {slot: ids[high]} and views[high] == {slot: ids[low]}, views
+
+    def _my_id(self, node: int) -> str:
+        r = redis.Redis.from_url(self.nodes[node].url)
+        try:
+            return str(r.execute_command("CLUSTER MYID").decode())
+        finally:
+            r.close()
+
+    def _setslot(self, node: int, slot: int, owner_id: str) -> None:
+        r = redis.Redis.from_url(self.nodes[node].url)
+        try:
+            r.execute_command("CLUSTER SETSLOT", slot, "NODE", owner_id)
+        finally:
+            r.close()
+
     def flush(self) -> None:
         """``FLUSHALL`` on every master."""
         for n in self.nodes:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from headrace.client import errors as E
+from headrace.client.failures import describe
 from headrace.client.keys import ModelKeys
 from headrace.client.sharding import aensure_library_everywhere, async_client
 from headrace.workers.broker import scripts
@@ -81,6 +82,11 @@ class RedisConnection(Broker):
                 raise E.BrokerError(f"{what} failed: {e}") from e
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 raise E.BrokerError(f"{what}: Redis unreachable: {e}") from e
+            except (redis.exceptions.ClusterError, redis.exceptions.RedisClusterException) as e:
+                # A cluster whose masters disagree on a slot's owner (redirects until redis-py
+                # gives up) or that covers no node for it: the loops back off and retry, as
+                # for an outage, instead of the task dying.
+                raise E.BrokerError(f"{what} failed: {describe(e)}") from e
             except (AttributeError, TypeError) as e:
                 if not raised_inside_redis_py(e):
                     raise
@@ -103,6 +109,8 @@ class RedisConnection(Broker):
                 raise E.BrokerError(f"XGROUP CREATE {self.keys.requests} failed: {e}") from e
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             raise E.BrokerError(f"XGROUP CREATE: Redis unreachable: {e}") from e
+        except (redis.exceptions.ClusterError, redis.exceptions.RedisClusterException) as e:
+            raise E.BrokerError(f"XGROUP CREATE {self.keys.requests} failed: {describe(e)}") from e
 
     async def ensure_functions(self) -> None:
         """Load the producers' submit function (``client/submit.lua``) unless it is current,
@@ -132,7 +140,7 @@ class RedisConnection(Broker):
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             raise E.BrokerError(f"HSET {self.keys.limits}: Redis unreachable: {e}") from e
         except redis.RedisError as e:
-            raise E.BrokerError(f"HSET {self.keys.limits} failed: {e}") from e
+            raise E.BrokerError(f"HSET {self.keys.limits} failed: {describe(e)}") from e
 
     async def ping(self) -> None:
         async def go() -> Any:

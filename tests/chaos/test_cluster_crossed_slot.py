@@ -1,0 +1,67 @@
+"""A Redis Cluster whose masters disagree on a partition's slot (maps crossed, as hand-typed
+bare ``CLUSTER SETSLOT ... NODE`` calls can leave them): a partitioned worker neither dies
+nor hides why it cannot start; ``headrace partitions place`` repairs the slot, and the
+worker then registers and answers by itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from redis.cluster import RedisCluster, key_slot
+
+from headrace.client import Client
+from headrace.client.keys import partition_keys, registry_key
+from headrace.cluster.cli.main import main
+from tests.support.polling import poll_until
+from tests.support.procs import WorkerProc
+from tests.support.redis_cluster import RedisClusterProcs
+
+P = 3
+
+
+@pytest.mark.timeout(180)
+def test_crossed_slot_maps_are_reported_then_repaired_and_the_worker_starts(tmp_path: Path) -> None:
+    with RedisClusterProcs(3, node_timeout_ms=1000) as cluster:
+        keys = [k.requests for k in partition_keys("headrace", "affine", P)]
+        owners = cluster.place(keys)
+        epochs = cluster.epochs()
+        crossed = key_slot(keys[owners.index(epochs.index(max(epochs)))].encode())
+        cluster.cross(crossed)
+
+        worker = WorkerProc(cluster.url, tmp_path / "worker.log", "--partitions", str(P), "--redis-cluster",
+                            "--block-ms", "100")
+        try:
+            poll_until(lambda: "masters disagree" in worker.log() or not worker.alive, 60, 0.2,
+                       "the worker's log names the crossed maps")
+            assert worker.alive, worker.log()[-3000:]
+            rc = RedisCluster.from_url(cluster.url)
+            try:
+                assert rc.hget(registry_key("headrace"), "affine") is None, "not serving a partition it cannot reach"
+            finally:
+                rc.close()
+
+            shown = CliRunner().invoke(main, ["--redis-url", cluster.url, "partitions", "show", "affine",
+                                              "--partitions", str(P)], env={"COLUMNS": "200"})
+            assert shown.exit_code == 0 and "masters disagree" in shown.output, shown.output
+            res = CliRunner().invoke(main, ["--redis-url", cluster.url, "partitions", "place", "affine",
+                                            "--partitions", str(P)], env={"COLUMNS": "200"})
+            assert res.exit_code == 0 and "moved (repair)" in res.output, res.output
+            views = [cluster.slot_owners(i, [crossed]) for i in range(3)]
+            assert views[0] == views[1] == views[2], views
+
+            rc = RedisCluster.from_url(cluster.url)
+            try:
+                poll_until(lambda: rc.hget(registry_key("headrace"), "affine") or not worker.alive, 60, 0.1,
+                           "the worker registers once the slot is repaired")
+            finally:
+                rc.close()
+            with Client(cluster.url, redis_cluster=True, partitions=P, timeout_s=60) as client:
+                results = list(client.map("affine", [{"x": np.full(4, i, np.float32)} for i in range(30)],
+                                          chunk_size=1))
+            assert [float(r.outputs["y"][0]) for r in results] == [2.0 * i + 1 for i in range(30)]
+            assert worker.alive, worker.log()[-3000:]
+        finally:
+            worker.kill()
