@@ -96,8 +96,9 @@ class Masters:
         return int(self._on(node, "CLUSTER COUNTKEYSINSLOT", slot))
 
     def move_empty_slot(self, slot: int, dst: int) -> None:
-        """Give ``slot`` (empty but on ``dst``) to master ``dst`` in the reshard order (module
-        docstring), whoever holds it now, also when the masters' maps disagree on that.
+        """Give ``slot`` (holding no keys outside ``dst``) to master ``dst`` in the reshard
+        order (module docstring), whoever holds it now, also when the masters' maps disagree
+        on that.
 
         Raises:
             ConfigError: ``dst`` sees the slot unassigned.
