@@ -3,7 +3,7 @@
 One broker instance serves one consumer of one model's request stream. The worker loop
 only talks to a broker; :class:`~headrace.workers.broker.redis_broker.RedisBroker`
 implements it on Redis Streams and :class:`~headrace.workers.testing.memory_broker.MemoryBroker`
-in memory, and ``tests/unit/test_broker_contract.py`` runs the same scenarios against both.
+in memory, and ``tests/integration/test_broker_contract.py`` runs the same scenarios against both.
 Every method raises :class:`~headrace.client.errors.BrokerError` when the queue cannot be
 reached (so the loop can back off and retry); a commit the queue refuses for its content
 raises :class:`CommitRejected`.
