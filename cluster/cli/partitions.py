@@ -37,9 +37,10 @@ def partitions_place_cmd(cfg: CliConfig, model: str, partitions: int | None, dry
     """Spread MODEL's partitions evenly over the masters, before it takes traffic.
 
     Every master ends with P // masters partitions or one more, moving as few as that
-    takes, and the command returns once every master agrees. Only empty slots move (a slot holding keys is refused before anything changes: drain
-    the model, or use `redis-cli --cluster reshard`). Safe to run again: a partition already
-    in place stays.
+    takes, and the command returns once every master agrees. A slot the masters disagree
+    on is repaired. Only empty slots move (a slot holding keys is refused before anything
+    changes: drain the model, or use `redis-cli --cluster reshard`). Safe to run again: a
+    partition already in place stays.
     """
     _run(cfg, model, partitions, dry_run=dry_run, timeout_s=timeout_s)
 
@@ -66,12 +67,13 @@ def _cluster_client(url: str) -> Any:
     import redis
     from redis.cluster import RedisCluster
 
+    from headrace.client.config import redact_url
     from headrace.client.errors import BrokerError, ConfigError
 
     try:
         return RedisCluster.from_url(url)
     except redis.exceptions.RedisClusterException as e:
-        raise ConfigError(f"{url} is not a node of a Redis Cluster ({e}); partitions are placed on a cluster only: "
-                          "point HEADRACE_REDIS_URL (or --redis-url) at any of its nodes") from e
+        raise ConfigError(f"{redact_url(url)} is not a node of a Redis Cluster ({e}); partitions are placed on a "
+                          "cluster only: point HEADRACE_REDIS_URL (or --redis-url) at any of its nodes") from e
     except redis.RedisError as e:
-        raise BrokerError(f"cannot reach the Redis Cluster at {url}: {e}") from e
+        raise BrokerError(f"cannot reach the Redis Cluster at {redact_url(url)}: {e}") from e
