@@ -73,7 +73,8 @@ def _cluster_client(url: str) -> Any:
     try:
         return RedisCluster.from_url(url)
     except redis.exceptions.RedisClusterException as e:
-        raise ConfigError(f"{redact_url(url)} is not a node of a Redis Cluster ({e}); partitions are placed on a "
-                          "cluster only: point HEADRACE_REDIS_URL (or --redis-url) at any of its nodes") from e
+        raise ConfigError(f"no Redis Cluster reached at {redact_url(url)} ({e}); partitions are placed on a cluster "
+                          "only: point HEADRACE_REDIS_URL (or --redis-url) at any of its nodes, with credentials it "
+                          "accepts") from e
     except redis.RedisError as e:
         raise BrokerError(f"cannot reach the Redis Cluster at {redact_url(url)}: {e}") from e
