@@ -53,14 +53,18 @@ class RedisClusterProcs:
         node_timeout_ms: ``cluster-node-timeout``.
         appendonly: persist every node's data (AOF), so a node restarted on its data folder
             comes back with its streams (its cluster config, ``nodes.conf``, always persists).
+        full_coverage: ``cluster-require-full-coverage``; False lets the other masters
+            serve their slots while one is down.
 
     Raises:
         BrokerError: from :meth:`start` when a node does not come up or the cluster does
             not reach ``cluster_state:ok`` within ``timeout_s``.
     """
 
-    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 5000, appendonly: bool = False) -> None:
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 5000, appendonly: bool = False,
+                 full_coverage: bool = True) -> None:
         self.masters = masters
+        self.full_coverage = full_coverage
         self.node_timeout_ms = node_timeout_ms
         self.appendonly = appendonly
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -86,7 +90,8 @@ class RedisClusterProcs:
                 d.mkdir()
                 node = EmbeddedRedis(port, data_dir=d, appendonly=self.appendonly, extra_args=[
                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-port", str(bus)])
+                    "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-port", str(bus),
+                    "--cluster-require-full-coverage", "yes" if self.full_coverage else "no"])
                 self.nodes.append(node.start())
             self._form(timeout_s)
         except BaseException:

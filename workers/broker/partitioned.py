@@ -34,6 +34,8 @@ from headrace.client import errors as E
 from headrace.client.keys import partition_keys, partition_of
 from headrace.workers.broker.backlog import Backlog
 from headrace.workers.broker.base import Broker, RelayStep
+from headrace.workers.broker.partition_health import PartitionHealth
+from headrace.workers.broker.partition_ids import by_partition, rewrap, unwrap, wrap
 from headrace.workers.pipeline.entry import Entry
 from headrace.workers.pipeline.ops import Op
 from headrace.workers.pipeline.stats import BatchStats
@@ -42,33 +44,9 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SEP = "/"
 # An inbox wait that ends this close to its caller's deadline has used up the time asked for;
 # waiting again would only add a round trip for a millisecond.
 _WAIT_SLACK_S = 0.002
-
-
-def wrap(partition: int, entry_id: str) -> str:
-    """The id a partitioned entry has in the worker: ``<partition>/<stream id>``."""
-    return f"{partition}{SEP}{entry_id}"
-
-
-def unwrap(entry_id: str) -> tuple[int, str]:
-    """``(partition, stream id)`` of a wrapped id; an id without a partition is partition 0's."""
-    head, sep, rest = entry_id.partition(SEP)
-    return (int(head), rest) if sep and head.isdigit() else (0, entry_id)
-
-
-def _rewrap(partition: int, entry: Entry) -> Entry:
-    return dataclasses.replace(entry, entry_id=wrap(partition, entry.entry_id))
-
-
-def _group(ids: Sequence[str]) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for i in ids:
-        p, sid = unwrap(i)
-        out.setdefault(p, []).append(sid)
-    return out
 
 
 class PartitionedBroker(Broker):
@@ -92,6 +70,7 @@ class PartitionedBroker(Broker):
         self.max_entry_bytes = parts[0].max_entry_bytes
         self.default_budget_bytes = parts[0].default_budget_bytes
         self.release_idle_ms = release_idle_ms
+        self._health = PartitionHealth()
         self._route = route
         self._next = 0  # the partition the next read starts from
         self._waits: dict[int, asyncio.Task[list[Entry]]] = {}
@@ -129,10 +108,27 @@ class PartitionedBroker(Broker):
 
     async def _visit(self, fetch: Callable[[Broker, int, int], Any], count: int, budget: int) -> list[Entry]:
         """Ask each partition in turn (``fetch(part, count_left, budget_left)``) until
-        ``count`` entries or the budget are reached; an oversize entry ends the round."""
+        ``count`` entries or the budget are reached; an oversize entry ends the round.
+
+        A partition that fails (its master down) is skipped: what the others delivered is
+        returned, since it is pending on this consumer already and dropping it would have it
+        redelivered after the lease, again and again, until dead-lettered as if it were
+        poison. For a while it is then left out of these rounds
+        (:mod:`~headrace.workers.broker.partition_health`). Raises a BrokerError only when
+        every partition asked failed."""
         out: list[Entry] = []
-        for p in self._order():
-            got = [_rewrap(p, e) for e in await fetch(self.parts[p], count - len(out), budget)]
+        error: E.BrokerError | None = None
+        asked = failed = 0
+        for p in self._health.to_ask(self._order()):
+            asked += 1
+            try:
+                fetched = await fetch(self.parts[p], count - len(out), budget)
+            except E.BrokerError as e:
+                error, failed = e, failed + 1
+                self._health.failed(p)
+                continue
+            self._health.answered(p)
+            got = [rewrap(p, e) for e in fetched]
             if out and any(e.truncated for e in got):
                 self._ready[:0] = got  # an oversize entry comes alone: the next read hands it out
                 break
@@ -140,6 +136,10 @@ class PartitionedBroker(Broker):
             budget -= sum(0 if e.truncated else e.size_bytes for e in got)
             if len(out) >= count or budget <= 0 or any(e.truncated for e in got):
                 break
+        if error is not None and failed == asked:
+            raise error
+        if error is not None:
+            self._health.warn(error)
         return out
 
     async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
@@ -162,21 +162,33 @@ class PartitionedBroker(Broker):
         return await self._visit(fetch, count, budget)
 
     async def _wait(self, block_ms: int, budget: int) -> list[Entry]:
-        """Wait up to ``block_ms`` for an entry on any partition (see module doc)."""
+        """Wait up to ``block_ms`` for an entry on any partition (see module doc).
+
+        A partition whose wait fails (its master down) does not end the wait of the others:
+        entries arriving on them meanwhile are taken at once, instead of after the read
+        loop's backoff. Raises the BrokerError only when every partition failed."""
         for p, part in enumerate(self.parts):
             if p not in self._waits:
                 self._waits[p] = asyncio.ensure_future(part.read(1, block_ms, budget))
-        await asyncio.wait(list(self._waits.values()), timeout=block_ms / 1000.0 + 0.5,
-                           return_when=asyncio.FIRST_COMPLETED)
-        error = self._harvest()
-        ready = self._take_ready(1, budget)
-        if not ready and error is not None:
-            raise error
+        give_up = time.monotonic() + block_ms / 1000.0 + 0.5
+        failed: dict[int, E.BrokerError] = {}
+        while True:
+            await asyncio.wait(list(self._waits.values()), timeout=max(0.0, give_up - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            failed.update(self._harvest())
+            ready = self._take_ready(1, budget)
+            if ready or not failed or not self._waits or time.monotonic() >= give_up:
+                break
+        if not ready and failed:
+            error = next(iter(failed.values()))
+            if len(failed) == len(self.parts):
+                raise error
+            self._health.warn(error)
         return ready
 
-    def _harvest(self) -> E.BrokerError | None:
-        """Move what finished waits brought into ``_ready``; the last error they met."""
-        error: E.BrokerError | None = None
+    def _harvest(self) -> dict[int, E.BrokerError]:
+        """Move what finished waits brought into ``_ready``; the errors they met, by partition."""
+        failed: dict[int, E.BrokerError] = {}
         for p, task in list(self._waits.items()):
             if not task.done():
                 continue
@@ -185,12 +197,12 @@ class PartitionedBroker(Broker):
                 continue
             exc = task.exception()
             if exc is None:
-                self._ready += [_rewrap(p, e) for e in task.result()]
-            elif isinstance(exc, E.BrokerError):
-                error = exc
-            else:
-                error = E.BrokerError(f"reading partition {p} failed: {exc!r}")
-        return error
+                self._ready += [rewrap(p, e) for e in task.result()]
+                self._health.answered(p)
+                continue
+            failed[p] = exc if isinstance(exc, E.BrokerError) else E.BrokerError(f"reading partition {p} failed: {exc!r}")
+            self._health.failed(p)
+        return failed
 
     async def claim_abandoned(self, min_idle_ms: int, count: int, budget_bytes: int | None = None) -> list[Entry]:
         budget = self.default_budget_bytes if budget_bytes is None else int(budget_bytes)
@@ -204,7 +216,7 @@ class PartitionedBroker(Broker):
 
     async def refresh_lease(self, entry_ids: Sequence[str]) -> list[str]:
         owned: list[str] = []
-        for p, ids in _group(entry_ids).items():
+        for p, ids in by_partition(entry_ids).items():
             owned += [wrap(p, i) for i in await self.parts[p].refresh_lease(ids)]
         return owned
 
