@@ -77,8 +77,30 @@ async def test_an_element_on_any_partition_ends_the_wait() -> None:
 
 
 @pytest.mark.timeout(10)
-async def test_an_unreachable_partition_is_reported_when_no_other_has_an_element() -> None:
-    broker = PartitionedBroker([DownWait(MemoryStore(), "w"), MemoryBroker(MemoryStore(), "w")])
+async def test_an_unreachable_partition_does_not_cut_the_wait_of_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    """Its master down, one partition's wait fails at once; the others wait their time
+    (an error there made the relay loop back off, up to 2 s, while the healthy partitions'
+    inboxes filled). The outage is logged; it is raised only when every partition failed."""
+    healthy = MemoryStore()
+    broker = PartitionedBroker([DownWait(MemoryStore(), "w"), MemoryBroker(healthy, "w")])
+    t0 = time.monotonic()
+    assert await broker.wait_inbox(200) is False
+    assert time.monotonic() - t0 >= 0.18, "the healthy partition waited its block_ms"
+    assert "partition unreachable" in caplog.text
+
+    async def push_later() -> None:
+        await asyncio.sleep(0.2)
+        healthy.push(b"element")
+
+    pusher = asyncio.ensure_future(push_later())
+    assert await broker.wait_inbox(3000) is True, "an element on the healthy partition still wakes it"
+    await pusher
+    await broker.close()
+
+
+@pytest.mark.timeout(10)
+async def test_every_partition_unreachable_is_raised() -> None:
+    broker = PartitionedBroker([DownWait(MemoryStore(), "w"), DownWait(MemoryStore(), "w")])
     with pytest.raises(E.BrokerError, match="unreachable"):
         await broker.wait_inbox(200)
     await broker.close()

@@ -111,3 +111,20 @@ async def test_a_failed_partition_is_asked_again_after_a_while(monkeypatch: pyte
     stores[0].add(_request("d"))
     assert sorted(e.entry_id[0] for e in await broker.read_ready(10)) == ["0", "1"], "asked again"
     await broker.close()
+
+
+async def test_the_relay_moves_the_healthy_inboxes_and_fails_only_when_all_fail() -> None:
+    """Strict mode's relay step with one partition down: the others' inbox elements still
+    move (before, its error made the relay loop back off while they waited)."""
+    broker, stores = await _broker(ManualClock())
+    for store in stores:
+        store.push(b"element")
+    stores[0].fail_ops = 10**6
+    step = await broker.relay(10)
+    assert step.moved == 2 and step.left == 0
+    assert [len(s.inbox) for s in stores] == [1, 0, 0]
+    for store in stores:
+        store.fail_ops = 10**6
+    with pytest.raises(E.BrokerError):
+        await broker.relay(10)
+    await broker.close()

@@ -18,7 +18,11 @@ its own Redis Cluster slot, and a cluster refuses one command over several slots
   (``crc32(request_id) % P``, where producers put it); the commit script checks the marker
   again atomically in the entry's own partition, so a request a foreign producer put
   elsewhere is still answered at most once;
-* the **registry** heartbeat is the model's (one per worker), backlog and trims add up.
+* the **registry** heartbeat is the model's (one per worker), backlog and trims add up;
+* a partition whose **master is down** (a cluster with ``cluster-require-full-coverage no``)
+  is skipped: reads, claims and the inbox (strict mode, :mod:`.partitioned_inbox`) hand
+  over what the others bring and raise only when every partition failed
+  (:mod:`.partition_health`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from headrace.workers.broker.backlog import Backlog
 from headrace.workers.broker.base import Broker, RelayStep
 from headrace.workers.broker.partition_health import PartitionHealth
 from headrace.workers.broker.partition_ids import by_partition, rewrap, unwrap, wrap
+from headrace.workers.broker.partitioned_inbox import PartitionedInbox
 from headrace.workers.pipeline.entry import Entry
 from headrace.workers.pipeline.ops import Op
 from headrace.workers.pipeline.stats import BatchStats
@@ -44,9 +49,6 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# An inbox wait that ends this close to its caller's deadline has used up the time asked for;
-# waiting again would only add a round trip for a millisecond.
-_WAIT_SLACK_S = 0.002
 
 
 class PartitionedBroker(Broker):
@@ -75,7 +77,7 @@ class PartitionedBroker(Broker):
         self._next = 0  # the partition the next read starts from
         self._waits: dict[int, asyncio.Task[list[Entry]]] = {}
         self._ready: list[Entry] = []  # brought in by waits, not yet handed out (wrapped ids)
-        self._inbox_waits: dict[int, asyncio.Task[bool]] = {}
+        self._inbox = PartitionedInbox(self.parts, self._health)
 
     @property
     def partitions(self) -> int:
@@ -283,55 +285,10 @@ class PartitionedBroker(Broker):
     # --- the model as a whole ----------------------------------------------------------------
 
     async def relay(self, count: int) -> RelayStep:
-        """One ``headrace_relay`` step of up to ``count`` elements per partition (each inbox
-        is in its partition's slot); the step's figures add up over the partitions."""
-        added = dead = left = 0
-        for part in self.parts:
-            step = await part.relay(count)
-            added, dead, left = added + step.added, dead + step.dead_lettered, left + step.left
-        return RelayStep(added, dead, left)
+        return await self._inbox.relay(count)
 
     async def wait_inbox(self, block_ms: int) -> bool:
-        """Wait on every partition's inbox at once (one blocking wait each: their keys are
-        in different slots). Waits still running when the first one returns keep running
-        and are reused by the next call, so no connection is torn down by a cancel.
-
-        A reused wait may have been asked for a shorter time than this call: its "nothing
-        came" ends only that partition's wait, which is started again for the rest of
-        ``block_ms``; only an empty wait that reaches this call's own deadline answers False.
-        """
-        deadline = time.monotonic() + block_ms / 1000.0
-        while True:
-            left_ms = max(1, int((deadline - time.monotonic()) * 1000.0))
-            for p, part in enumerate(self.parts):
-                if p not in self._inbox_waits:
-                    self._inbox_waits[p] = asyncio.ensure_future(part.wait_inbox(left_ms))
-            await asyncio.wait(list(self._inbox_waits.values()), timeout=left_ms / 1000.0 + 0.5,
-                               return_when=asyncio.FIRST_COMPLETED)
-            found, error = self._inbox_waits_done()
-            if found:
-                return True
-            if error is not None:
-                raise error
-            if deadline - time.monotonic() < _WAIT_SLACK_S:
-                return False
-
-    def _inbox_waits_done(self) -> tuple[bool, E.BrokerError | None]:
-        """Collect the finished inbox waits: whether one found an element, and the broker
-        error of one that failed (any other exception is raised)."""
-        found, error = False, None
-        for p, task in list(self._inbox_waits.items()):
-            if not task.done():
-                continue
-            del self._inbox_waits[p]
-            exc = task.exception()
-            if exc is None:
-                found = found or bool(task.result())
-            elif isinstance(exc, E.BrokerError):
-                error = exc
-            else:
-                raise exc
-        return found, error
+        return await self._inbox.wait_inbox(block_ms)
 
     async def publish_samples_per_entry(self, value: float) -> None:
         """Published on every partition: each partition's submit function reads its own
@@ -374,11 +331,7 @@ class PartitionedBroker(Broker):
                 task.cancel()
         self._harvest()
         self._waits.clear()
-        inbox_waits = list(self._inbox_waits.values())
-        self._inbox_waits.clear()
-        for wait in inbox_waits:
-            wait.cancel()  # a wait only rotates the inbox: nothing to hand back
-        await asyncio.gather(*inbox_waits, return_exceptions=True)
+        await self._inbox.close()
         unread, self._ready = self._ready, []
         if unread:
             try:
