@@ -11,6 +11,11 @@ that ends an idle stretch waits at most one slice per slot.
 
 Reading is side-effect free (``XREAD``, no group), so nothing is lost when a read is cut
 short: the cursors say where the next one starts.
+
+One shard down (with ``cluster-require-full-coverage no`` the others keep serving) fails
+the pipelined read. The reader then reads slot by slot, keeps what the reachable slots
+hold and blocks only on those, so the replies of the other partitions keep coming while a
+request of this client waits on the dead one. It raises only when no slot answered.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import redis
+
 from headrace.client.sharding import by_slot
 
 MAX_SLICE_MS = 50
+#: what a cluster client raises for a node it cannot reach or a slot it cannot route.
+UNREACHABLE = (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 class SlotReader:
@@ -48,11 +57,38 @@ class SlotReader:
         pipe = r.pipeline(transaction=False)
         for g in groups:
             pipe.xread(g, count=count)
-        out = self._found(pipe.execute())
+        try:
+            out = self._found(pipe.execute())
+        except UNREACHABLE:
+            out, groups = self._each(r, groups, count)
         if out:
             return out
         group, wait = self._next_wait(groups, block_ms)
         return list(r.xread(group, count=count, block=wait) or [])
+
+    def _each(self, r: Any, groups: list[dict[str, Any]], count: int) -> tuple[list[Any], list[dict[str, Any]]]:
+        """One non-blocking ``XREAD`` per slot: the entries found and the slots that answered.
+
+        Raises:
+            redis.RedisError: no slot answered (the last error).
+        """
+        replies, answered = [], []
+        error: BaseException | None = None
+        for g in groups:
+            try:
+                replies.append(r.xread(g, count=count))
+                answered.append(g)
+            except UNREACHABLE as e:
+                error = e
+        return self._settle(replies, answered, error)
+
+    def _settle(self, replies: list[Any], answered: list[dict[str, Any]],
+                error: BaseException | None) -> tuple[list[Any], list[dict[str, Any]]]:
+        """What the slot-by-slot reads found, and the slots that answered; raises the last
+        error when none did."""
+        if not answered and error is not None:
+            raise error
+        return self._found(replies), answered
 
     def _found(self, replies: list[Any]) -> list[Any]:
         """The entries of the non-blocking reads, one ``XREAD`` reply per slot; a read that
@@ -83,8 +119,23 @@ class AsyncSlotReader(SlotReader):
         pipe = r.pipeline(transaction=False)
         for g in groups:
             pipe.xread(g, count=count)
-        out = self._found(await pipe.execute())
+        try:
+            out = self._found(await pipe.execute())
+        except UNREACHABLE:
+            out, groups = await self._aeach(r, groups, count)
         if out:
             return out
         group, wait = self._next_wait(groups, block_ms)
         return list(await r.xread(group, count=count, block=wait) or [])
+
+    async def _aeach(self, r: Any, groups: list[dict[str, Any]], count: int) -> tuple[list[Any], list[dict[str, Any]]]:
+        """See :meth:`SlotReader._each`."""
+        replies, answered = [], []
+        error: BaseException | None = None
+        for g in groups:
+            try:
+                replies.append(await r.xread(g, count=count))
+                answered.append(g)
+            except UNREACHABLE as e:
+                error = e
+        return self._settle(replies, answered, error)

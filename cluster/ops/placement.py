@@ -36,6 +36,9 @@ from redis.cluster import key_slot
 from headrace.client.errors import BrokerError, ConfigError
 from headrace.client.keys import partition_keys
 
+#: seconds one round of moves waits for every master to agree before it repairs and retries.
+ROUND_S = 5.0
+
 
 @dataclass(frozen=True)
 class Move:
@@ -217,8 +220,9 @@ def plan(masters: Masters, keys: Sequence[str], dests: Sequence[int] | None = No
 def place_keys(masters: Masters, keys: Sequence[str], dests: Sequence[int] | None = None, *, dry_run: bool = False,
                timeout_s: float = 30.0) -> list[Move]:
     """Give the slot of each of ``keys`` to its master (:func:`plan`) and wait until every
-    master agrees; nothing changes when a slot that must move holds keys. Returns the plan
-    (with ``dry_run``, only the plan).
+    master agrees, moving a slot still disagreed on again after each :data:`ROUND_S`;
+    nothing changes when a slot that must move holds keys. Returns the plan (with
+    ``dry_run``, only the plan).
 
     Raises:
         ConfigError: a slot that must move holds keys, or is unassigned (nothing changed).
@@ -228,13 +232,23 @@ def place_keys(masters: Masters, keys: Sequence[str], dests: Sequence[int] | Non
     moves = plan(masters, keys, dests)
     if dry_run:
         return moves
-    done: set[int] = set()
-    for move in moves:
-        if move.moves and move.slot not in done:
-            masters.move_empty_slot(move.slot, move.dst)
-            done.add(move.slot)
-    masters.wait_agreed({mv.slot: mv.dst for mv in moves}, timeout_s)
-    return moves
+    give_up = time.monotonic() + timeout_s
+    todo = moves
+    while True:
+        done: set[int] = set()
+        for move in todo:
+            if move.moves and move.slot not in done:
+                masters.move_empty_slot(move.slot, move.dst)
+                done.add(move.slot)
+        try:
+            masters.wait_agreed({mv.slot: mv.dst for mv in moves}, min(ROUND_S, max(0.0, give_up - time.monotonic())))
+            return moves
+        except BrokerError:
+            if time.monotonic() >= give_up:
+                raise
+        # A slot that gossip still crossed (e.g. a node's epoch changed meanwhile): the next
+        # round sees the masters disagree on it and moves it again.
+        todo = plan(masters, keys, [mv.dst for mv in moves])
 
 
 def place_partitions(masters: Masters, namespace: str, model: str, partitions: int, *, dry_run: bool = False,

@@ -100,9 +100,13 @@ class RedisClusterProcs:
         return self
 
     def _form(self, timeout_s: float) -> None:
-        for node, (lo, hi) in zip(self.nodes, slot_ranges(self.masters), strict=True):
+        for i, (node, (lo, hi)) in enumerate(zip(self.nodes, slot_ranges(self.masters), strict=True)):
             r = redis.Redis.from_url(node.url)
             try:
+                # Distinct config epochs from the start, as `redis-cli --cluster create` sets
+                # them: left at 0 each, the nodes resolve the collision by gossip after the
+                # cluster reports ok, and an epoch bumped then can cross a slot being placed.
+                r.execute_command("CLUSTER SET-CONFIG-EPOCH", i + 1)
                 r.execute_command("CLUSTER ADDSLOTSRANGE", lo, hi)
             finally:
                 r.close()
