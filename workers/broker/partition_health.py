@@ -56,6 +56,14 @@ class PartitionHealth:
         now = time.monotonic()
         return [p for p in order if self._retry_at.get(p, 0.0) <= now] or order
 
+    def settle(self, asked: int, errors: list[E.BrokerError]) -> None:
+        """End a round over ``asked`` partitions that met ``errors``: raise the last one when
+        every partition asked failed, else log it (:meth:`warn`)."""
+        if errors and len(errors) >= asked:
+            raise errors[-1]
+        if errors:
+            self.warn(errors[-1])
+
     def warn(self, error: E.BrokerError) -> None:
         """Log that a partition failed while the others served, once per :data:`WARN_EVERY_S`
         (reads repeat all the time)."""

@@ -119,14 +119,14 @@ class PartitionedBroker(Broker):
         (:mod:`~headrace.workers.broker.partition_health`). Raises a BrokerError only when
         every partition asked failed."""
         out: list[Entry] = []
-        error: E.BrokerError | None = None
-        asked = failed = 0
+        errors: list[E.BrokerError] = []
+        asked = 0
         for p in self._health.to_ask(self._order()):
             asked += 1
             try:
                 fetched = await fetch(self.parts[p], count - len(out), budget)
             except E.BrokerError as e:
-                error, failed = e, failed + 1
+                errors.append(e)
                 self._health.failed(p)
                 continue
             self._health.answered(p)
@@ -138,10 +138,7 @@ class PartitionedBroker(Broker):
             budget -= sum(0 if e.truncated else e.size_bytes for e in got)
             if len(out) >= count or budget <= 0 or any(e.truncated for e in got):
                 break
-        if error is not None and failed == asked:
-            raise error
-        if error is not None:
-            self._health.warn(error)
+        self._health.settle(asked, errors)
         return out
 
     async def read(self, count: int, block_ms: int, budget_bytes: int | None = None) -> list[Entry]:
@@ -181,11 +178,8 @@ class PartitionedBroker(Broker):
             ready = self._take_ready(1, budget)
             if ready or not failed or not self._waits or time.monotonic() >= give_up:
                 break
-        if not ready and failed:
-            error = next(iter(failed.values()))
-            if len(failed) == len(self.parts):
-                raise error
-            self._health.warn(error)
+        if not ready:
+            self._health.settle(len(self.parts), list(failed.values()))
         return ready
 
     def _harvest(self) -> dict[int, E.BrokerError]:

@@ -56,10 +56,7 @@ class PartitionedInbox:
                 continue
             self.health.answered(p)
             added, dead, left = added + step.added, dead + step.dead_lettered, left + step.left
-        if failed and len(failed) == len(asked):
-            raise failed[-1]
-        if failed:
-            self.health.warn(failed[-1])
+        self.health.settle(len(asked), failed)
         return RelayStep(added, dead, left)
 
     async def wait_inbox(self, block_ms: int) -> bool:
