@@ -5,7 +5,9 @@ A deployment names a Redis Cluster node in its Redis URL and sets ``redis_cluste
 connect with redis-py's cluster client, which routes every command, script and function
 call by its keys' slot. Keyless commands are the exception: the submit function library
 must be loaded on *every* primary (``FCALL`` runs on the primary of the stream's slot), so
-:func:`ensure_library_everywhere` walks the primaries one by one.
+:func:`ensure_library_everywhere` walks the primaries one by one; a worker needs it only on
+the primary of its own keys' slot (:func:`aensure_library_for`), so one master down does
+not stop the workers of the others' slots from starting.
 
 A Redis Cluster refuses a command over keys of several slots (``CROSSSLOT``), so readers of
 several partitions' streams read them slot by slot (:func:`by_slot`).
@@ -21,6 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster, key_slot
 
+from headrace.client.errors import BrokerError
 from headrace.client.functions import Outcome, aensure_library, ensure_library
 from headrace.client.packing import c_packed, c_packed_cluster
 
@@ -136,3 +139,21 @@ def by_slot(items: Mapping[str, V] | Iterable[tuple[str, V]]) -> list[dict[str, 
     for key, value in pairs:
         groups.setdefault(key_slot(key.encode()), {})[key] = value
     return list(groups.values())
+
+
+async def aensure_library_for(r: Any, key: str, *, force: bool = False) -> Outcome:
+    """:func:`~headrace.client.functions.aensure_library` where ``key``'s ``FCALL`` runs: on
+    Redis, or on the primary of ``key``'s slot of a Redis Cluster (``r`` is asyncio).
+
+    Raises:
+        BrokerError: that node refused or is unreachable (another node's state is not asked).
+    """
+    if not is_cluster(r):
+        return await aensure_library(r, force=force)
+    try:
+        if not r.get_primaries():
+            await r.initialize()
+        node = r.get_node_from_key(key)
+    except redis.RedisError as e:
+        raise BrokerError(f"loading the headrace function library failed: no node for {key!r}: {e}") from e
+    return await aensure_library(_AOnNode(r, node), force=force)

@@ -128,3 +128,39 @@ async def test_the_relay_moves_the_healthy_inboxes_and_fails_only_when_all_fail(
     with pytest.raises(E.BrokerError):
         await broker.relay(10)
     await broker.close()
+
+
+async def test_a_worker_starts_with_a_partition_down_and_serves_the_others() -> None:
+    """Creating the groups with one master down leaves that partition out instead of failing
+    the whole start (before, the worker waited for every partition and served none)."""
+    stores = [MemoryStore(clock=ManualClock()) for _ in range(3)]
+    stores[1].fail_ops = 10**6
+    broker = PartitionedBroker([MemoryBroker(s, "w") for s in stores])
+    await broker.ensure_group()
+    assert [s.group_exists for s in stores] == [True, False, True]
+    stores[2].add(_request("a"))
+    assert [e.entry_id[0] for e in await broker.read_ready(10)] == ["2"]
+    await broker.close()
+
+
+async def test_a_start_with_every_partition_down_fails_as_before() -> None:
+    stores = [MemoryStore(clock=ManualClock()) for _ in range(2)]
+    for store in stores:
+        store.fail_ops = 10**6
+    broker = PartitionedBroker([MemoryBroker(s, "w") for s in stores])
+    with pytest.raises(E.BrokerError, match="outage"):
+        await broker.ensure_group()
+    await broker.close()
+
+
+async def test_a_failed_inbox_wait_leaves_its_partition_out_of_the_next_relay_step() -> None:
+    """The inbox wait tells the shared health what failed, as reads do: the relay step right
+    after it does not spend a call (seconds of redis-py's retries on a real cluster) on it."""
+    broker, stores = await _broker(ManualClock())
+    stores[0].fail_ops = 10**6
+    assert await broker.wait_inbox(50) is False
+    asked = stores[0].fail_ops
+    stores[1].push(b"element")
+    assert (await broker.relay(10)).moved == 1
+    assert stores[0].fail_ops == asked, "the failed partition was asked again at once"
+    await broker.close()

@@ -38,7 +38,7 @@ from headrace.client import errors as E
 from headrace.client.keys import partition_keys, partition_of
 from headrace.workers.broker.backlog import Backlog
 from headrace.workers.broker.base import Broker, RelayStep
-from headrace.workers.broker.partition_health import PartitionHealth
+from headrace.workers.broker.partition_health import PartitionHealth, unreachable
 from headrace.workers.broker.partition_ids import by_partition, rewrap, unwrap, wrap
 from headrace.workers.broker.partitioned_inbox import PartitionedInbox
 from headrace.workers.pipeline.entry import Entry
@@ -91,8 +91,28 @@ class PartitionedBroker(Broker):
         return self._route(request_id) if self._route is not None else partition_of(request_id, len(self.parts))
 
     async def ensure_group(self) -> None:
-        for part in self.parts:
-            await part.ensure_group()
+        """Create every partition's group (and its submit function and limits).
+
+        A partition that cannot be reached now (its master down) is left out, so the worker
+        serves the others from the start; its first read once the master is back meets
+        ``NOGROUP`` and creates the group then (``RedisConnection._call``).
+
+        Raises:
+            BrokerError: every partition failed (the last one's error), or Redis refused
+                one (at once).
+        """
+        failed: list[E.BrokerError] = []
+        for p, part in enumerate(self.parts):
+            try:
+                await part.ensure_group()
+            except E.BrokerError as e:
+                if not unreachable(e):
+                    raise
+                failed.append(e)
+                self._health.failed(p)
+                continue
+            self._health.answered(p)
+        self._health.settle(len(self.parts), failed)
 
     # --- reading -------------------------------------------------------------------------
 

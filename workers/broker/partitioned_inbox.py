@@ -95,7 +95,8 @@ class PartitionedInbox:
 
     def _done(self) -> tuple[bool, dict[int, E.BrokerError]]:
         """Collect the finished inbox waits: whether one found an element, and the broker
-        errors of those that failed, by partition (any other exception is raised)."""
+        errors of those that failed, by partition (any other exception is raised); each
+        outcome is told to the shared :class:`PartitionHealth`."""
         found, failed = False, {}
         for p, task in list(self._waits.items()):
             if not task.done():
@@ -104,8 +105,11 @@ class PartitionedInbox:
             exc = task.exception()
             if exc is None:
                 found = found or bool(task.result())
+                self.health.answered(p)
             elif isinstance(exc, E.BrokerError):
                 failed[p] = exc
+                if unreachable(exc):  # the relay step and reads leave it out for a while too
+                    self.health.failed(p)
             else:
                 raise exc
         return found, failed

@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 
 from headrace.client import errors as E
 from headrace.client.failures import describe
+from headrace.client.functions import function_missing
 from headrace.client.keys import ModelKeys
-from headrace.client.sharding import aensure_library_everywhere, async_client
+from headrace.client.sharding import aensure_library_for, async_client
 from headrace.workers.broker import scripts
 from headrace.workers.broker.base import Broker
 from headrace.workers.broker.replies import raised_inside_redis_py
@@ -68,7 +69,8 @@ class RedisConnection(Broker):
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation, turning connection failures into BrokerError and
-        recreating the group once when Redis lost it (restart without persistence)."""
+        recreating the group, or loading the function library, once when Redis lost it
+        (a restart without persistence)."""
         import redis
 
         for attempt in (0, 1):
@@ -78,6 +80,11 @@ class RedisConnection(Broker):
                 if "NOGROUP" in str(e) and attempt == 0:
                     log.warning("%s: consumer group missing (Redis restarted?), recreating", what)
                     await self.ensure_group()
+                    continue
+                if function_missing(e) and attempt == 0:
+                    # the relay's FCALL on a Redis (or a cluster master) that came back empty
+                    log.warning("%s: headrace function library missing (Redis restarted?), loading it", what)
+                    await self.ensure_functions()
                     continue
                 raise E.BrokerError(f"{what} failed: {e}") from e
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
@@ -126,7 +133,7 @@ class RedisConnection(Broker):
         import redis
 
         try:
-            await aensure_library_everywhere(self.client)
+            await aensure_library_for(self.client, self.keys.requests)
         except E.BrokerError as e:
             if not isinstance(e.__cause__, redis.exceptions.NoPermissionError):
                 raise
