@@ -18,6 +18,16 @@ def broker_error(err: BaseException, what: str, request_id: str | None = None) -
     return out
 
 
+def unreachable(err: E.BrokerError) -> bool:
+    """Whether ``err`` says a Redis (or one Cluster master) could not be reached or could not
+    serve now (master down, cluster down, loading), as opposed to Redis refusing the
+    command itself (a key of another type, a script error, an ACL): a call to another
+    node, or the same call later, may succeed."""
+    cause = err.__cause__
+    transient = (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError, redis.exceptions.BusyLoadingError)
+    return not isinstance(cause, redis.ResponseError) or isinstance(cause, transient)
+
+
 def describe(err: BaseException) -> str:
     """redis-py's message for ``err``, with what it means where the bare message does not say:
     a cluster client that ran out of redirects (``ClusterError: TTL exhausted.``)."""

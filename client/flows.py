@@ -36,7 +36,7 @@ from headrace.client.effects import (
     WakeReader,
     XRead,
 )
-from headrace.client.failures import permission_denied
+from headrace.client.failures import permission_denied, unreachable
 from headrace.client.progress import Progress
 from headrace.client.protocol import Result
 from headrace.client.retry import Attempts, Retry
@@ -59,6 +59,13 @@ def gate(core: ClientCore, model: str) -> Flow[None]:
             record, now_ms = yield ReadModel(model, cached_ok=True)
         except E.BrokerError as e:
             if not permission_denied(e):
+                if unreachable(e) and core.registry.known(model):
+                    # On a Redis Cluster the registry key lives on one master, the model's
+                    # streams on others: that master down must not stop submits to the
+                    # others. A model this client saw registered is sent on that read; the
+                    # submit itself fails if its own master is down too.
+                    core.registry.warn_stale(model, e)
+                    return
                 raise
             # The Redis user may not read the registry (an ACL without HGET on <ns>:models):
             # the checks cannot be made, which must not stop the submits.

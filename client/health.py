@@ -5,6 +5,7 @@ the registry (:mod:`headrace.client.registry`) and hand the record in.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import threading
 import time
@@ -14,6 +15,11 @@ from typing import Any
 
 from headrace.client import errors as E
 from headrace.client.registry import ALIVE_MS, ModelRecord, WorkerRecord
+
+log = logging.getLogger(__name__)
+
+#: seconds between two warnings that a model's submits go without a registry read.
+STALE_WARN_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,7 @@ class RegistryCache:
         # Models this client saw registered: after Redis lost its data the registry is empty
         # until the workers' next heartbeat, and those models must not turn "unknown" meanwhile.
         self._known: set[str] = set()
+        self._stale_warned: dict[str, float] = {}
 
     def fresh(self, model: str) -> bool:
         """True when a read of ``model`` is recent enough to decide without Redis. A read
@@ -202,6 +209,22 @@ class RegistryCache:
             self._cache[model] = _Cached(record, server_ms, now, live_until, p50, parts)
             if record is not None:
                 self._known.add(model)
+
+    def known(self, model: str) -> bool:
+        """Whether a read by this client found ``model`` registered."""
+        with self._lock:
+            return model in self._known
+
+    def warn_stale(self, model: str, error: E.BrokerError) -> None:
+        """Log, once per :data:`STALE_WARN_EVERY_S` and model, that ``model``'s submits go
+        on an earlier read because the registry's Redis cannot be reached (``error``)."""
+        now = self._clock()
+        with self._lock:
+            if now - self._stale_warned.get(model, -STALE_WARN_EVERY_S) < STALE_WARN_EVERY_S:
+                return
+            self._stale_warned[model] = now
+        log.warning("cannot read the model registry (%s); submitting to model %r, which this client saw "
+                    "registered, without the require_registered/fail_fast checks", error, model)
 
     def cached(self, model: str) -> tuple[ModelRecord | None, int] | None:
         """``(record, server ms advanced by the read's age)`` of a fresh read, else None."""

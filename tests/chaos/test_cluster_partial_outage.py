@@ -153,3 +153,35 @@ def _submit_once(client: Client, rid: str) -> object:
         return client.result(client.submit("affine", _x(rid), request_id=rid), timeout_s=20)
     except E.HeadraceError:
         return None
+
+
+@pytest.mark.timeout(180)
+def test_submits_go_on_while_the_registrys_master_is_down(tmp_path: Path) -> None:
+    """The registry key lives on one master. With it down, a client that saw the model
+    registered keeps submitting to the partitions of the other masters, with its
+    ``require_registered`` check on (before, every submit failed on the registry read)."""
+    with RedisClusterProcs(3, node_timeout_ms=1000, full_coverage=False) as cluster:
+        owners = cluster.place([k.requests for k in partition_keys("headrace", "affine", P)])
+        rc = RedisCluster.from_url(cluster.url)
+        ports = [n.port for n in cluster.nodes]
+        victim = ports.index(rc.get_node_from_key(registry_key("headrace")).port)
+        assert victim != 0, "the clients' startup node stays up"
+        healthy = [p for p in range(P) if owners[p] != victim]
+        worker = WorkerProc(cluster.url, tmp_path / "worker.log", *WORKER_ARGS)
+        try:
+            poll_until(lambda: rc.hget(registry_key("headrace"), "affine") or not worker.alive, 60, 0.1)
+            ids = _ids_on(healthy, 6)
+            with Client(cluster.url, redis_cluster=True, partitions=P, timeout_s=60, registry_cache_s=0) as client:
+                first = client.result(client.submit("affine", _x(ids[0]), request_id=ids[0]), timeout_s=30)
+                with _outage(cluster, victim, DOWN_S) as outage:
+                    time.sleep(2.5)  # the masters mark it failed after node_timeout
+                    answers = {rid: client.result(client.submit("affine", _x(rid), request_id=rid), timeout_s=30)
+                               for rid in ids[1:]}
+                    assert outage.is_alive(), "submitted while the registry's master was down"
+            answers[ids[0]] = first
+            assert {rid: float(r.outputs["y"][0]) for rid, r in answers.items() if r.ok} == {
+                rid: 2.0 * float(rid[1:]) + 1 for rid in ids}, worker.log()[-3000:]
+            assert worker.alive, worker.log()[-3000:]
+        finally:
+            worker.kill()
+            rc.close()

@@ -309,3 +309,29 @@ def test_the_reader_survives_outages_and_keeps_its_deletes() -> None:
     drive(flows.read_loop(c), perform)
     assert t.result(0).ok and c.reconnects == 1 and c.reader_conn_id == 7
     assert calls[:4] == ["ReaderId", "XRead", "Resolve", "Delete"]
+
+
+def test_an_unreachable_registry_does_not_stop_submits_to_a_model_seen_registered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On a Redis Cluster the registry key lives on one master: with it down, a model this
+    client saw registered is still submitted to (its streams may be on masters that are up);
+    a model never seen, or a refusal by Redis, still fails the submit."""
+    c = core(registry_cache_s=0.0)
+    shell = Shell(c)
+    drive(flows.submit(c, ticket(c, "seen"), FAST.start()), shell)
+    down = E.BrokerError("HGET headrace:models failed: Connection refused")
+    down.__cause__ = redis.exceptions.ConnectionError("Connection refused")
+    shell.record = down  # type: ignore[assignment]
+    for i in range(3):
+        drive(flows.submit(c, ticket(c, f"d{i}"), FAST.start()), shell)
+    assert shell.ids() == ["seen", "d0", "d1", "d2"] and shell.reads == 4
+    assert caplog.text.count("cannot read the model registry") == 1, "warned once, not per submit"
+
+    fresh = core()
+    with pytest.raises(E.BrokerError, match="Connection refused"):
+        drive(flows.submit(fresh, ticket(fresh), FAST.start()), Shell(fresh, record=down))  # type: ignore[arg-type]
+    refused = E.BrokerError("HGET failed: WRONGTYPE")
+    refused.__cause__ = redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+    shell.record = refused  # type: ignore[assignment]
+    with pytest.raises(E.BrokerError, match="WRONGTYPE"):
+        drive(flows.submit(c, ticket(c, "w"), FAST.start()), shell)

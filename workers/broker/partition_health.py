@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
-
 from headrace.client import errors as E
 
 log = logging.getLogger(__name__)
@@ -25,16 +23,6 @@ log = logging.getLogger(__name__)
 DOWN_RETRY_S = 1.0
 #: seconds between two warnings that a partition failed while others served.
 WARN_EVERY_S = 10.0
-
-
-def unreachable(err: E.BrokerError) -> bool:
-    """Whether ``err`` says a partition's Redis could not be reached or could not serve now
-    (master down, cluster down, loading), as opposed to Redis refusing the command itself
-    (a key of another type, a script error): that one the other partitions' calls would
-    not meet, and it is raised, not skipped."""
-    cause = err.__cause__
-    transient = (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError, redis.exceptions.BusyLoadingError)
-    return not isinstance(cause, redis.ResponseError) or isinstance(cause, transient)
 
 
 class PartitionHealth:

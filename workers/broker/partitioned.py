@@ -35,10 +35,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from headrace.client import errors as E
+from headrace.client.failures import unreachable
 from headrace.client.keys import partition_keys, partition_of
 from headrace.workers.broker.backlog import Backlog
 from headrace.workers.broker.base import Broker, RelayStep
-from headrace.workers.broker.partition_health import PartitionHealth, unreachable
+from headrace.workers.broker.partition_health import PartitionHealth
 from headrace.workers.broker.partition_ids import by_partition, rewrap, unwrap, wrap
 from headrace.workers.broker.partitioned_inbox import PartitionedInbox
 from headrace.workers.pipeline.entry import Entry

@@ -14,8 +14,9 @@ import time
 from collections.abc import Sequence
 
 from headrace.client import errors as E
+from headrace.client.failures import unreachable
 from headrace.workers.broker.base import Broker, RelayStep
-from headrace.workers.broker.partition_health import PartitionHealth, unreachable
+from headrace.workers.broker.partition_health import PartitionHealth
 
 # An inbox wait that ends this close to its caller's deadline has used up the time asked for;
 # waiting again would only add a round trip for a millisecond.
