@@ -95,6 +95,25 @@ async def test_cancel_markers_are_read_per_request_id(h: Any) -> None:
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("h", ["memory", "redis", "partitioned", "cluster"], indirect=True)
+async def test_prechecks_ask_both_markers_of_each_request_id(h: Any) -> None:
+    """What admission asks before running newly read entries (one round trip on Redis):
+    the same answers as ``answered`` and ``cancel_marks``, in the order asked. On a Redis
+    Cluster too, where redis-py's pipeline refuses its ``mget`` method (a refused pre-check
+    is only logged, so nothing else would show it)."""
+    b = h.broker()
+    await b.ensure_group()
+    e1 = h.add(req("done"))
+    await b.read(10, 10)
+    assert await b.commit([Reply(e1, "done", REPLY, result_fields("done"))]) == [WRITTEN]
+    h.cancel("gone", 1_700_000_000_123)
+    ids = ["new", "done", "gone", "other"]
+    assert await b.prechecks(ids) == ([False, True, False, False], [0, 0, 1_700_000_000_123, 0])
+    assert await b.prechecks(ids) == (await b.answered(ids), await b.cancel_marks(ids))
+    assert await b.prechecks([]) == ([], [])
+
+
+@pytest.mark.timeout(20)
 async def test_a_reply_to_a_key_of_another_type_is_unwritable_and_dead_lettered(h: Any) -> None:
     b = h.broker()
     await b.ensure_group()
@@ -227,7 +246,7 @@ async def test_consumers_are_deleted_only_when_they_own_nothing(h: Any) -> None:
 async def test_every_call_raises_broker_error_when_the_queue_is_unreachable(h: Any) -> None:
     b = h.unreachable()
     calls = [b.ensure_group(), b.read(1, 10), b.claim_abandoned(1, 1), b.refresh_lease(["1-0"]), b.release([Entry("1-0", {})], 1),
-             b.answered(["x"]), b.cancel_marks(["x"]), b.commit([Ack("1-0")]), b.trim(), b.backlog(), b.heartbeat({"version": "1"}),
+             b.answered(["x"]), b.cancel_marks(["x"]), b.prechecks(["x"]), b.commit([Ack("1-0")]), b.trim(), b.backlog(), b.heartbeat({"version": "1"}),
              b.unregister(), b.delete_idle_consumers(0), b.ping(), b.relay(1), b.wait_inbox(10),
              b.publish_samples_per_entry(2.0)]
     for call in calls:

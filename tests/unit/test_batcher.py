@@ -142,6 +142,57 @@ def test_wait_for_room_blocks_until_a_batch_is_taken() -> None:
     assert asyncio.run(go())
 
 
+def test_handed_over_waits_for_an_idle_taker_to_take_the_ready_batch() -> None:
+    """The reader lets a waiting model loop take a ready batch before it reads again (on an
+    idle worker, sending the next read first delayed every request's model call)."""
+    async def go() -> list[str]:
+        events: list[str] = []
+        b: Batcher[int] = Batcher(max_batch=4, max_wait_ms=0)
+
+        async def taker() -> None:
+            batch = await b.next_batch()
+            events.append(f"took {batch}")
+
+        task = asyncio.ensure_future(taker())
+        await asyncio.sleep(0)  # the taker waits
+        b.put(1)
+        await asyncio.wait_for(b.handed_over(), 1.0)
+        events.append("read again")
+        await task
+        return events
+
+    assert asyncio.run(go()) == ["took [1]", "read again"]
+
+
+def test_handed_over_does_not_wait_without_an_idle_taker_or_a_ready_batch() -> None:
+    async def go() -> None:
+        busy: Batcher[int] = Batcher(max_batch=4, max_wait_ms=0)
+        busy.put(1)  # the model loop is busy elsewhere: read ahead
+        await asyncio.wait_for(busy.handed_over(), 0.1)
+        partial: Batcher[int] = Batcher(max_batch=4, max_wait_ms=50)
+        waiter = asyncio.ensure_future(partial.next_batch())
+        await asyncio.sleep(0)
+        partial.put(1)  # not ready for 50 ms: more may be read meanwhile
+        await asyncio.wait_for(partial.handed_over(), 0.01)
+        assert await asyncio.wait_for(waiter, 1.0) == [1]
+
+    asyncio.run(go())
+
+
+def test_handed_over_is_not_left_waiting_by_a_cancelled_taker() -> None:
+    async def go() -> None:
+        b: Batcher[int] = Batcher(max_batch=4, max_wait_ms=0)
+        taker = asyncio.ensure_future(b.next_batch())
+        await asyncio.sleep(0)
+        assert b._takers == 1
+        taker.cancel()  # cancelled before it ran again: the put's wake-up never reaches it
+        b.put(1)
+        await asyncio.wait_for(b.handed_over(), 1.0)
+        assert len(b) == 1
+
+    asyncio.run(go())
+
+
 def test_configure_validates_eagerly_and_applies() -> None:
     b: Batcher[int] = Batcher(max_batch=8, preferred_batch=4, max_wait_ms=5, clock=ManualClock())
     with pytest.raises(ConfigError, match="preferred_batch"):

@@ -12,6 +12,7 @@ raises :class:`CommitRejected`.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,6 +89,16 @@ class Broker(abc.ABC):
         (its cancel marker, ``ModelKeys.cancel``), 0 when none. A broker without cancel
         markers runs everything."""
         return [0] * len(request_ids)
+
+    async def prechecks(self, request_ids: Sequence[str]) -> tuple[list[bool], list[int]]:
+        """``(answered(ids), cancel_marks(ids))``, what admission asks before it runs newly
+        read entries. A broker that can ask both in one round trip overrides this.
+
+        Raises:
+            BrokerError: either could not be asked.
+        """
+        done, marks = await asyncio.gather(self.answered(request_ids), self.cancel_marks(request_ids))
+        return done, marks
 
     @abc.abstractmethod
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:

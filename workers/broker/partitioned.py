@@ -269,6 +269,19 @@ class PartitionedBroker(Broker):
 
         return await self._by_request(request_ids, ask)
 
+    async def prechecks(self, request_ids: Sequence[str]) -> tuple[list[bool], list[int]]:
+        groups: dict[int, list[int]] = {}
+        for i, rid in enumerate(request_ids):
+            groups.setdefault(self._of(rid), []).append(i)
+        done: list[bool] = [False] * len(request_ids)
+        marks: list[int] = [0] * len(request_ids)
+        asked = await asyncio.gather(*(self.parts[p].prechecks([request_ids[i] for i in idx])
+                                       for p, idx in groups.items()))
+        for idx, (d, m) in zip(groups.values(), asked, strict=True):
+            for k, i in enumerate(idx):
+                done[i], marks[i] = d[k], m[k]
+        return done, marks
+
     async def commit(self, ops: Sequence[Op], stats: Sequence[BatchStats] = ()) -> list[int]:
         """Each partition's ops in one commit of its own (atomic per partition, in
         parallel); the stats lines go to partition 0's stats stream.

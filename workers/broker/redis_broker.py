@@ -157,6 +157,27 @@ class RedisBroker(RedisInbox):
 
         return [bool(x) for x in await self._call("dedupe pre-check", each)]
 
+    async def prechecks(self, request_ids: Sequence[str]) -> tuple[list[bool], list[int]]:
+        if not request_ids:
+            return [], []
+        done_keys = [self.keys.done(rid) for rid in request_ids]
+        cancel_keys = [self.keys.cancel(rid) for rid in request_ids]
+
+        async def both() -> Any:
+            # One round trip for both markers (on a Redis Cluster every key is in the
+            # model's slot, so the cluster pipeline sends both to one node): on an idle
+            # worker this check sits between every request's read and its model call.
+            # (plain commands: redis-py's cluster pipeline refuses its mget method but routes
+            # a multi-key command of one slot like any other)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.execute_command("EXISTS", *done_keys)
+            pipe.execute_command("MGET", *cancel_keys)
+            return await pipe.execute()
+
+        count, marks = await self._call("dedupe and cancel pre-check", both)
+        done = await self.answered(request_ids) if int(count) else [False] * len(request_ids)
+        return done, [marker_ms(v) for v in marks]
+
     async def cancel_marks(self, request_ids: Sequence[str]) -> list[int]:
         if not request_ids:
             return []

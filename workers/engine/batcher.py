@@ -123,6 +123,7 @@ class Batcher(Generic[T]):
         self.preferred_batch = 1
         self._preferred_raw = 0
         self.max_wait_ms = 0.0
+        self._takers = 0  # next_batch callers waiting
         self.configure(max_batch=max_batch, preferred_batch=preferred_batch, max_wait_ms=max_wait_ms)
 
     def configure(self, max_batch: int | None = None, preferred_batch: int | None = None,
@@ -255,7 +256,21 @@ class Batcher(Generic[T]):
                 return None
             # asyncio.wait, not wait_for: it never loses a cancellation (CPython gh-86296)
             # and never cancels the shared future.
-            await asyncio.wait({changed}, timeout=self.time_to_ready())
+            self._takers += 1
+            try:
+                await asyncio.wait({changed}, timeout=self.time_to_ready())
+            except asyncio.CancelledError:
+                self._takers -= 1
+                self._wake()  # a handed_over caller counting on this taker looks again
+                raise
+            self._takers -= 1
+
+    async def handed_over(self) -> None:
+        """Wait until a ready batch is taken by a :meth:`next_batch` caller already waiting
+        for one; return at once when none waits (the model is busy: the caller reads ahead)
+        or no batch is ready."""
+        while self._takers and self.time_to_ready() == 0:
+            await asyncio.wait({self._change()})
 
     async def wait_for_room(self, limit: int, until: Callable[[], bool] | None = None) -> None:
         """Wait until fewer than ``limit`` samples are queued (reader back-pressure), the

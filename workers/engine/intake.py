@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -63,6 +62,10 @@ class Intake:
                 backoff.ok()
                 if entries:
                     await self.admit(entries)
+                    # A batch just made ready starts (its model call goes to the inference
+                    # thread) before this loop spends its Python on sending the next read: on
+                    # an idle worker that read would otherwise sit in front of every request.
+                    await s.batcher.handed_over()
             except E.BrokerError as e:
                 await backoff.wait(e)
 
@@ -132,23 +135,17 @@ class Intake:
             self.shared.in_flight.pop(entry.entry_id)
 
     async def _prechecks(self, request_ids: list[str]) -> tuple[list[bool], list[int]]:
-        """Dedupe markers and cancel markers of ``request_ids``, side by side (one round trip
-        of latency)."""
+        """Dedupe markers and cancel markers of ``request_ids`` (one round trip where the
+        broker can)."""
         if not request_ids:
             return [], []
-        broker = self.shared.broker
-        done, cancel_ms = await asyncio.gather(broker.answered(request_ids), broker.cancel_marks(request_ids),
-                                               return_exceptions=True)
-        for err in (done, cancel_ms):
-            if isinstance(err, BaseException) and not isinstance(err, E.BrokerError):
-                raise err
-        if isinstance(done, BaseException) or isinstance(cancel_ms, BaseException):
-            err = done if isinstance(done, BaseException) else cancel_ms
+        try:
+            return await self.shared.broker.prechecks(request_ids)
+        except E.BrokerError as err:
             # The commit script dedupes anyway; the pre-check only saves running them, and
             # a missed cancel only means running a request for nobody.
             log.debug("dedupe/cancel pre-check skipped: %s", err)
             return [False] * len(request_ids), [0] * len(request_ids)
-        return done, cancel_ms
 
     async def _prepare(self, items: list[tuple[Entry, Envelope]], at: int) -> list[Admitted]:
         body_bytes = sum(len(entry.fields.get(b"body") or b"") for entry, _ in items)
