@@ -179,3 +179,24 @@ def test_dataplane_c_names_its_basis_and_flags_an_overloaded_run() -> None:
     over = section_c(_c_result(600.0))
     assert "shed 3" in over.rows[0][1]
     assert any("OVERLOADED" in n for n in over.notes)
+
+
+def test_the_stage_tracer_wraps_methods_the_worker_has() -> None:
+    """``benchmarks.lib.stage_trace`` wraps worker methods by name: a rename must fail here,
+    not leave the idle-path benchmark without its stages."""
+    from headrace.workers.broker.redis_broker import RedisBroker
+    from headrace.workers.engine.batcher import Batcher
+    from headrace.workers.engine.inference import BatchRunner
+    from headrace.workers.engine.intake import Intake
+
+    for cls, name in ((RedisBroker, "read"), (RedisBroker, "commit"), (Intake, "_prechecks"), (Batcher, "put"),
+                      (Batcher, "next_batch"), (BatchRunner, "_in_thread")):
+        assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name}"
+
+
+def test_idle_path_takes_the_first_note_of_each_edge_inside_a_request() -> None:
+    from benchmarks.idle_path import _edges
+
+    notes = [["read", "<", 0.5], ["read", "<", 1.2], ["commit", ">", 1.4], ["commit", ">", 1.6], ["read", "<", 3.0]]
+    got = _edges(notes, 1.0, 1.1, 2.0)
+    assert got == {"sent": 1.0, "submitted": 1.1, "received": 2.0, "read<": 1.2, "commit>": 1.4}
