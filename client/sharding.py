@@ -122,15 +122,6 @@ def ensure_library_everywhere(r: Any, *, force: bool = False) -> list[Outcome]:
     return [ensure_library(_OnNode(r, node), force=force) for node in r.get_primaries()]
 
 
-async def aensure_library_everywhere(r: Any, *, force: bool = False) -> list[Outcome]:
-    """:func:`ensure_library_everywhere` for ``redis.asyncio`` clients."""
-    if not is_cluster(r):
-        return [await aensure_library(r, force=force)]
-    if not r.get_primaries():
-        await r.initialize()  # the asyncio cluster client learns the slot map lazily
-    return [await aensure_library(_AOnNode(r, node), force=force) for node in r.get_primaries()]
-
-
 def by_slot(items: Mapping[str, V] | Iterable[tuple[str, V]]) -> list[dict[str, V]]:
     """``key -> value`` pairs grouped by the keys' cluster slot (first-seen order): the
     groups a Redis Cluster accepts in one multi-key command."""
