@@ -217,6 +217,29 @@ async def test_wrong_output_count_is_treated_as_a_model_failure() -> None:
 
 
 @pytest.mark.timeout(20)
+async def test_a_model_raising_stop_iteration_fails_that_request_and_the_worker_answers_the_next() -> None:
+    class Exhausted(AffineServable):
+        def infer(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
+            if any(r.envelope.request_id == "bad" for r in requests):
+                next(iter(()))  # a servable's stray next() on an empty iterator
+            return super().infer(requests)
+
+    store = MemoryStore()
+    # no model-call timeout: before, the call's StopIteration never reached the worker and it waited forever
+    w = StreamWorker(settings(lease_s=0.1, max_deliveries=1, infer_timeout_s=0), Exhausted(),
+                     MemoryBroker(store, "w1"))
+    async with running(w):
+        store.add(affine_fields("bad"))
+        await wait_for(lambda: len(store.dlq) == 1)
+        store.add(affine_fields("good", 3.0))
+        await wait_for(lambda: "good" in by_id(store))
+        assert w.healthy()
+    res = {r.request_id: r for r in store.results(REPLY)}
+    assert res["bad"].code == E.MAX_DELIVERIES and "StopIteration" in res["bad"].message
+    assert res["good"].ok and float(res["good"].outputs["y"][0]) == 7.0
+
+
+@pytest.mark.timeout(20)
 async def test_text_model_batches_by_length_and_answers_each() -> None:
     store = MemoryStore()
     sv = LengthServable()

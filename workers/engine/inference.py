@@ -160,7 +160,7 @@ class BatchRunner:
             ModelTimeoutError: still running after ``infer_timeout_s``.
         """
         self.running = list(works)
-        call = asyncio.wrap_future(self.thread.submit(fn, *args))
+        call = self.thread.start(fn, *args)
         limit_s = self.settings.infer_timeout_s
         try:
             return await asyncio.wait_for(call, limit_s) if limit_s > 0 else await call
