@@ -8,6 +8,7 @@ even through a servable that forgot to check.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,20 @@ def _shape_matches(actual: tuple[int, ...], spec: tuple[int, ...]) -> bool:
     return len(actual) == len(spec) and all(s == -1 or a == s for a, s in zip(actual, spec, strict=True))
 
 
+# Up to this many values, Python's math.isfinite over a list is faster than numpy's
+# isfinite + all (0.9 against 3.1 us for 4 float32 values on the 2-core VM): the per-call cost of
+# two ufuncs outweighs the work for the single samples most requests carry
+# (benchmarks/finite_check.py).
+SMALL_FINITE_CHECK = 32
+
+
+def all_finite(arr: np.ndarray[Any, Any]) -> bool:
+    """Whether a float array holds no NaN and no +-Inf."""
+    if arr.size <= SMALL_FINITE_CHECK:
+        return all(map(math.isfinite, arr.ravel().tolist()))
+    return bool(np.isfinite(arr).all())
+
+
 def check_finite(request: Request) -> None:
     """Reject float inputs that hold NaN or +-Inf.
 
@@ -30,7 +45,7 @@ def check_finite(request: Request) -> None:
         InvalidTensorError: code ``bad_value``, naming the input.
     """
     for name, arr in request.inputs.items():
-        if arr.dtype.kind == "f" and arr.size and not bool(np.isfinite(arr).all()):
+        if arr.dtype.kind == "f" and arr.size and not all_finite(arr):
             raise E.InvalidTensorError(
                 f"input {name!r} of request {request.request_id} holds NaN or Inf; send finite values",
                 code=E.BAD_VALUE)
