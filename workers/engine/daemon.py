@@ -36,7 +36,7 @@ class DaemonExecutor:
     call stuck in native code would keep a worker process from ever exiting. And a call
     resolves an ``asyncio.Future`` directly (one ``call_soon_threadsafe``) rather than a
     ``concurrent.futures.Future`` chained to one (``asyncio.wrap_future``): on the 2-core VM
-    that chain cost ~50 us of CPU per call on top of the ~120 us the thread hop itself costs
+    that chain cost ~40 us of CPU per call on top of the ~125 us the thread hop itself costs
     (``benchmarks/thread_hop.py``), and the worker makes one hop per model call.
     """
 
