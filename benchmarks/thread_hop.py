@@ -51,16 +51,12 @@ class ChainedExecutor:
         self._jobs.put(None)
 
 
-def _cpu_s() -> float:
-    return time.process_time()
-
-
 async def _time(call: Callable[[], Awaitable[Any]], n: int) -> tuple[float, float]:
     """(wall us, CPU us) per call over ``n`` sequential calls."""
-    c0, t0 = _cpu_s(), time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         await call()
-    return (time.perf_counter() - t0) / n * 1e6, (_cpu_s() - c0) / n * 1e6
+    return (time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6
 
 
 def _pingpong(n: int) -> tuple[float, float]:
@@ -74,11 +70,11 @@ def _pingpong(n: int) -> tuple[float, float]:
 
     t = threading.Thread(target=echo, daemon=True)
     t.start()
-    c0, t0 = _cpu_s(), time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for i in range(n):
         there.put(i)
         back.get()
-    out = (time.perf_counter() - t0) / n * 1e6, (_cpu_s() - c0) / n * 1e6
+    out = (time.perf_counter() - t0) / n * 1e6, (time.process_time() - c0) / n * 1e6
     there.put(None)
     t.join()
     return out

@@ -17,21 +17,15 @@ from redis.cluster import RedisCluster, key_slot
 
 from headrace.client import Client
 from headrace.client.errors import HeadraceError
-from headrace.client.keys import partition_keys, partition_of, registry_key
+from headrace.client.keys import partition_keys, registry_key
 from headrace.cluster.cli.main import main
 from tests.support.polling import poll_until
 from tests.support.procs import WorkerProc
-from tests.support.redis_cluster import RedisClusterProcs
+from tests.support.redis_cluster import RedisClusterProcs, affine_x, ids_on
 
 P = 3
 
 
-def _x(rid: str) -> dict[str, np.ndarray]:
-    return {"x": np.full(4, float(rid[1:]), np.float32)}
-
-
-def _ids_on(partitions: list[int], n: int) -> list[str]:
-    return [f"r{i}" for i in range(5000) if partition_of(f"r{i}", P) in partitions][:n]
 
 
 @pytest.mark.timeout(180)
@@ -40,10 +34,9 @@ def test_crossed_slot_maps_are_reported_then_repaired_and_the_worker_starts(tmp_
         keys = [k.requests for k in partition_keys("headrace", "affine", P)]
         owners = cluster.place(keys)
         epochs = cluster.epochs()
-        crossed = key_slot(keys[owners.index(epochs.index(max(epochs)))].encode())
-        cluster.cross(crossed)
-
         bad = owners.index(epochs.index(max(epochs)))
+        crossed = key_slot(keys[bad].encode())
+        cluster.cross(crossed)
         good = [p for p in range(P) if key_slot(keys[p].encode()) != crossed]
         assert good, owners
 
@@ -59,11 +52,12 @@ def test_crossed_slot_maps_are_reported_then_repaired_and_the_worker_starts(tmp_
                            "the worker registers and serves the agreed partitions")
             finally:
                 rc.close()
+            late = ids_on([bad], 4, P)
             with Client(cluster.url, redis_cluster=True, partitions=P, timeout_s=60) as client:
-                served = {rid: client.result(client.submit("affine", _x(rid), request_id=rid), timeout_s=30)
-                          for rid in _ids_on(good, 6)}
+                served = {rid: client.result(client.submit("affine", affine_x(rid), request_id=rid), timeout_s=30)
+                          for rid in ids_on(good, 6, P)}
                 with pytest.raises(HeadraceError, match="masters disagree"):
-                    client.submit("affine", _x("r0"), request_id=_ids_on([bad], 1)[0])
+                    client.submit("affine", affine_x(late[0]), request_id=late[0])
             assert {rid: float(r.outputs["y"][0]) for rid, r in served.items()} == {
                 rid: 2.0 * float(rid[1:]) + 1 for rid in served}
 
@@ -80,8 +74,7 @@ def test_crossed_slot_maps_are_reported_then_repaired_and_the_worker_starts(tmp_
                 results = list(client.map("affine", [{"x": np.full(4, i, np.float32)} for i in range(30)],
                                           chunk_size=1))
                 assert [float(r.outputs["y"][0]) for r in results] == [2.0 * i + 1 for i in range(30)]
-                late = _ids_on([bad], 4)
-                answered = {rid: client.result(client.submit("affine", _x(rid), request_id=rid), timeout_s=30)
+                answered = {rid: client.result(client.submit("affine", affine_x(rid), request_id=rid), timeout_s=30)
                             for rid in late}
             assert {rid: float(r.outputs["y"][0]) for rid, r in answered.items()} == {
                 rid: 2.0 * float(rid[1:]) + 1 for rid in late}

@@ -18,23 +18,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from redis.cluster import RedisCluster
 
 from headrace.client import Client
-from headrace.client.keys import partition_keys, partition_of, registry_key
+from headrace.client.keys import partition_keys, registry_key
 from tests.support.polling import poll_until
 from tests.support.procs import WorkerProc
-from tests.support.redis_cluster import RedisClusterProcs
+from tests.support.redis_cluster import RedisClusterProcs, affine_x, ids_on
 
 P = 3
 DOWN_S = 12.0
 WORKER_ARGS = ("--partitions", str(P), "--redis-cluster", "--block-ms", "100", "--lease-s", "2", "--max-deliveries", "3")
 
-
-def _x(rid: str) -> dict[str, np.ndarray]:
-    return {"x": np.full(4, float(rid[1:]), np.float32)}
 
 
 @contextmanager
@@ -55,9 +51,6 @@ def _victim(cluster: RedisClusterProcs, rc: RedisCluster) -> int:
     return next(i for i in (1, 2) if ports[i] != rc.get_node_from_key(registry_key("headrace")).port)
 
 
-def _ids_on(partitions: list[int], n: int) -> list[str]:
-    return [f"r{i}" for i in range(5000) if partition_of(f"r{i}", P) in partitions][:n]
-
 
 def _dead_lettered(rc: RedisCluster, partitions: list[int]) -> int:
     keys = partition_keys("headrace", "affine", P)
@@ -76,13 +69,13 @@ def test_a_master_down_costs_nothing_on_the_partitions_of_the_others(tmp_path: P
             poll_until(lambda: rc.hget(registry_key("headrace"), "affine") or not worker.alive, 60, 0.1)
             with _outage(cluster, victim, DOWN_S) as outage:
                 time.sleep(2.0)  # the masters mark it failed after node_timeout
-                ids = _ids_on(healthy, 24)
+                ids = ids_on(healthy, 24, P)
                 with Client(cluster.url, redis_cluster=True, partitions=P, timeout_s=60) as client:
                     t0 = time.monotonic()
                     answers, waits = {}, []
                     for rid in ids[:8]:  # one at a time: each waits for the worker while the master is down
                         t = time.monotonic()
-                        answers[rid] = client.result(client.submit("affine", _x(rid), request_id=rid), timeout_s=60)
+                        answers[rid] = client.result(client.submit("affine", affine_x(rid), request_id=rid), timeout_s=60)
                         waits.append(time.monotonic() - t)
                     # Before, a failed partition's error made the relay and read loops back off
                     # (up to 2 s) while the healthy partitions' requests waited: 1.5-2 s each,
@@ -90,7 +83,7 @@ def test_a_master_down_costs_nothing_on_the_partitions_of_the_others(tmp_path: P
                     assert sorted(waits)[len(waits) // 2] < 1.0, waits
                     assert outage.is_alive(), "measured while the master was down"
                     for burst in (ids[8:16], ids[16:]):  # a backlog: reads take several partitions' entries at once
-                        tickets = {rid: client.submit("affine", _x(rid), request_id=rid) for rid in burst}
+                        tickets = {rid: client.submit("affine", affine_x(rid), request_id=rid) for rid in burst}
                         answers.update({rid: client.result(t, timeout_s=60) for rid, t in tickets.items()})
                     during = time.monotonic() - t0
             assert all(r.ok for r in answers.values()), [(r.code, r.message) for r in answers.values() if not r.ok]
@@ -122,15 +115,15 @@ def test_a_worker_started_while_a_master_is_down_serves_the_others_and_joins_it_
                 w = worker
                 poll_until(lambda: rc.hget(registry_key("headrace"), "affine") or not w.alive, 30, 0.1)
                 assert worker.alive, worker.log()[-3000:]
-                ids = _ids_on(healthy, 8)
+                ids = ids_on(healthy, 8, P)
                 with Client(cluster.url, redis_cluster=True, partitions=P, timeout_s=60) as client:
-                    tickets = {rid: client.submit("affine", _x(rid), request_id=rid) for rid in ids}
+                    tickets = {rid: client.submit("affine", affine_x(rid), request_id=rid) for rid in ids}
                     during = {rid: client.result(t, timeout_s=30) for rid, t in tickets.items()}
                     assert outage.is_alive(), "answered while the master was down"
             assert all(r.ok for r in during.values()), [(r.code, r.message) for r in during.values() if not r.ok]
             # back, with nothing (no persistence): the worker makes the partition's group and
             # loads the submit function there, and serves it like the others
-            late = _ids_on(down, 4)
+            late = ids_on(down, 4, P)
             with Client(cluster.url, redis_cluster=True, partitions=P, timeout_s=60) as client:
                 after = {}
                 for rid in late:
@@ -150,7 +143,7 @@ def _submit_once(client: Client, rid: str) -> object:
     from headrace.client import errors as E
 
     try:
-        return client.result(client.submit("affine", _x(rid), request_id=rid), timeout_s=20)
+        return client.result(client.submit("affine", affine_x(rid), request_id=rid), timeout_s=20)
     except E.HeadraceError:
         return None
 
@@ -170,12 +163,12 @@ def test_submits_go_on_while_the_registrys_master_is_down(tmp_path: Path) -> Non
         worker = WorkerProc(cluster.url, tmp_path / "worker.log", *WORKER_ARGS)
         try:
             poll_until(lambda: rc.hget(registry_key("headrace"), "affine") or not worker.alive, 60, 0.1)
-            ids = _ids_on(healthy, 6)
+            ids = ids_on(healthy, 6, P)
             with Client(cluster.url, redis_cluster=True, partitions=P, timeout_s=60, registry_cache_s=0) as client:
-                first = client.result(client.submit("affine", _x(ids[0]), request_id=ids[0]), timeout_s=30)
+                first = client.result(client.submit("affine", affine_x(ids[0]), request_id=ids[0]), timeout_s=30)
                 with _outage(cluster, victim, DOWN_S) as outage:
                     time.sleep(2.5)  # the masters mark it failed after node_timeout
-                    answers = {rid: client.result(client.submit("affine", _x(rid), request_id=rid), timeout_s=30)
+                    answers = {rid: client.result(client.submit("affine", affine_x(rid), request_id=rid), timeout_s=30)
                                for rid in ids[1:]}
                     assert outage.is_alive(), "submitted while the registry's master was down"
             answers[ids[0]] = first

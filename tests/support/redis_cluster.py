@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
 import redis
 
 from headrace.client.errors import BrokerError
+from headrace.client.keys import partition_of
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis, free_ports
 from headrace.cluster.ops.placement import Masters, place_keys
 
@@ -238,3 +240,15 @@ class RedisClusterProcs:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def ids_on(partitions: Sequence[int], n: int, total: int) -> list[str]:
+    """``n`` request ids (``r<k>``) that a model of ``total`` partitions routes to one of
+    ``partitions``, so a test can aim requests at a chosen master."""
+    return [f"r{i}" for i in range(5000) if partition_of(f"r{i}", total) in partitions][:n]
+
+
+def affine_x(rid: str) -> dict[str, np.ndarray]:
+    """The ``affine`` fake's input for an id of :func:`ids_on`: ``r<k>`` carries ``k``, so
+    its answer is ``2k + 1``."""
+    return {"x": np.full(4, float(rid[1:]), np.float32)}
