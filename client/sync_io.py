@@ -121,15 +121,15 @@ class SyncIO:
             return [e] * len(effect.commands)
 
     def _wait(self, effect: Wait) -> bool:
-        done, _ = concurrent.futures.wait([effect.ticket._future], timeout=effect.timeout_s)
+        done, _ = concurrent.futures.wait([effect.ticket._thread_future()], timeout=effect.timeout_s)
         return bool(done)
 
     def _wait_all(self, effect: WaitAll) -> int:
-        _, not_done = concurrent.futures.wait([t._future for t in effect.tickets], timeout=effect.timeout_s)
+        _, not_done = concurrent.futures.wait([t._thread_future() for t in effect.tickets], timeout=effect.timeout_s)
         return len(not_done)
 
     def _wait_any(self, effect: WaitAny) -> list[Any]:
-        by_future = {t._future: t for t in effect.tickets}
+        by_future = {t._thread_future(): t for t in effect.tickets}
         done, _ = concurrent.futures.wait(by_future, timeout=effect.timeout_s,
                                           return_when=concurrent.futures.FIRST_COMPLETED)
         return [by_future[f] for f in done]

@@ -58,7 +58,15 @@ class Ticket:
         self.submissions = 0
         self.default_timeout_s = default_timeout_s
         self._canceller = canceller
-        self._future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        # The outcome (a Result or the exception that ended the ticket), _PENDING until then;
+        # set once, under _lock, by _complete.
+        self._state: Outcome | object = _PENDING
+        self._lock = threading.Lock()
+        # A concurrent.futures.Future for threads that block on the outcome (result(), the
+        # sync Client's waits, add_done_callback), made by the first of them (_thread_future).
+        # Made up front it cost ~9 us of the SDK's CPU per request (its threading.Condition),
+        # which asyncio callers and the bulk paths never use.
+        self._future: concurrent.futures.Future[Result] | None = None
         # asyncio futures of coroutines waiting for the result (see _async_waiter): resolved
         # directly when the result is delivered on their own loop, which is the AsyncClient
         # case, instead of through a thread-safe hop per ticket (asyncio.wrap_future).
@@ -70,11 +78,11 @@ class Ticket:
 
     def done(self) -> bool:
         """True once the result arrived, or the ticket was cancelled or forgotten."""
-        return self._future.done()
+        return self._state is not _PENDING
 
     def cancelled(self) -> bool:
         """True when the ticket was cancelled or forgotten before its result arrived."""
-        return self._future.done() and isinstance(self._future.exception(timeout=0), E.RequestCancelled)
+        return isinstance(self._state, E.RequestCancelled)
 
     def cancel(self) -> bool:
         """Give up on the request: waiters get :class:`RequestCancelled`, the client stops
@@ -107,9 +115,11 @@ class Ticket:
             ResultTimeout: no result within ``timeout_s`` (the ticket stays collectable).
             RequestCancelled: the ticket was cancelled or forgotten.
         """
+        if self._state is not _PENDING:
+            return self._done_outcome()
         wait = self.default_timeout_s if timeout_s is None else timeout_s
         try:
-            return self._future.result(timeout=wait)
+            return self._thread_future().result(timeout=wait)
         except concurrent.futures.TimeoutError as e:
             raise self._timeout(wait) from e
 
@@ -125,8 +135,8 @@ class Ticket:
             ResultTimeout: no result within ``timeout_s``.
             RequestCancelled: the ticket was cancelled or forgotten.
         """
-        if self._future.done():
-            return self._future.result()
+        if self._state is not _PENDING:
+            return self._done_outcome()
         wait = self.default_timeout_s if timeout_s is None else timeout_s
         waiter = self._async_waiter()
         # The timer completes the waiter with None ("no result yet"); the waiter is private to
@@ -153,7 +163,29 @@ class Ticket:
         # collector frees, and its full collections stall the event loop of a busy producer.
         # The ticket is alive whenever its future completes: completing it is a call on it.
         ref = weakref.ref(self)
-        self._future.add_done_callback(lambda _f: _call_back(fn, ref))
+        self._thread_future().add_done_callback(lambda _f: _call_back(fn, ref))
+
+    def _thread_future(self) -> concurrent.futures.Future[Result]:
+        """The ticket's ``concurrent.futures.Future`` for threads to block on (made on first
+        use; done at once when the ticket already is)."""
+        with self._lock:
+            if self._future is None:
+                fut: concurrent.futures.Future[Result] = concurrent.futures.Future()
+                if self._state is not _PENDING:
+                    _set_future(fut, self._state)
+                self._future = fut
+            return self._future
+
+    def _done_outcome(self) -> Result:
+        """The result of a done ticket.
+
+        Raises:
+            the exception that ended it (e.g. :class:`RequestCancelled`).
+        """
+        state = self._state
+        if isinstance(state, BaseException):
+            raise state
+        return state  # type: ignore[return-value]
 
     def _async_waiter(self) -> asyncio.Future[Result | None]:
         """A future of the running loop that completes with the result (at once when the
@@ -161,18 +193,16 @@ class Ticket:
         None on a timeout, leaves the ticket alone. Pass it to :meth:`_forget` when giving up.
         """
         waiter: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        # The result may have been set by another thread (the sync Client's reader) between
-        # the caller's check and the append above; _complete sets the result before it
-        # takes the waiter list, so checking again here closes that gap.
-        if self._future.done():
-            self._forget(waiter)
-            _settle_waiter(waiter, self._outcome())
+        # Under the lock _complete takes the waiter list with: the result may be set by
+        # another thread (the sync Client's reader) at any moment, and a waiter appended
+        # after that list was taken would never wake.
+        with self._lock:
+            state = self._state
+            if state is _PENDING:
+                self._waiters.append(waiter)
+                return waiter
+        _settle_waiter(waiter, state)  # type: ignore[arg-type]
         return waiter
-
-    def _outcome(self) -> Outcome:
-        exc = self._future.exception(timeout=0)
-        return exc if exc is not None else self._future.result(timeout=0)
 
     def _forget(self, waiter: asyncio.Future[Result | None]) -> None:
         try:
@@ -187,17 +217,29 @@ class Ticket:
         return self._complete(exc)
 
     def _complete(self, outcome: Outcome) -> bool:
-        try:
-            if isinstance(outcome, BaseException):
-                self._future.set_exception(outcome)
-            else:
-                self._future.set_result(outcome)
-        except concurrent.futures.InvalidStateError:
-            return False
-        waiters, self._waiters = self._waiters, []
+        with self._lock:
+            if self._state is not _PENDING:
+                return False
+            self._state = outcome
+            fut = self._future
+            waiters, self._waiters = self._waiters, []
+        # Outside the lock: a done callback may call back into the ticket. Only this call
+        # sets a future made before the outcome, so it cannot be set twice.
+        if fut is not None:
+            _set_future(fut, outcome)
         if waiters:
             _wake(waiters, outcome)
         return True
+
+
+_PENDING = object()
+
+
+def _set_future(fut: concurrent.futures.Future[Result], outcome: Outcome | object) -> None:
+    if isinstance(outcome, BaseException):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)  # type: ignore[arg-type]
 
 
 def _call_back(fn: Callable[[Ticket], None], ref: weakref.ref[Ticket]) -> None:
@@ -338,4 +380,4 @@ def ordered_results(tickets: Iterable[Ticket]) -> list[Result]:
     Raises:
         RequestCancelled: one of them was cancelled.
     """
-    return [t._future.result(timeout=0) for t in tickets]
+    return [t._done_outcome() for t in tickets]

@@ -256,3 +256,68 @@ def test_redis_urls_pass_straight_through_to_redis_py() -> None:
     a = AsyncClient("redis://bob:pw@h:1/0", namespace="ns")
     kw = a._redis.connection_pool.connection_kwargs
     assert (kw["username"], kw["password"]) == ("bob", "pw") and a.reply_stream("m").startswith("ns:{m}:reply:")
+
+
+def test_a_ticket_awaited_only_from_asyncio_makes_no_thread_future() -> None:
+    # The thread future (a threading.Condition inside) cost the SDK ~9 us of CPU per
+    # request; the asyncio paths never block a thread, so they must never make one.
+    async def scenario() -> Ticket:
+        book = TicketBook()
+        t = _ticket("a1")
+        book.add(t)
+        asyncio.get_running_loop().call_later(0.01, book.deliver, REPLY, [(b"1-0", _ok("a1", 4.0))])
+        assert float((await t).outputs["y"][0]) == 4.0
+        return t
+
+    t = asyncio.run(scenario())
+    assert t._future is None and t.done() and not t.cancelled()
+
+
+def test_thread_waits_made_before_and_after_the_outcome_both_see_it() -> None:
+    book = TicketBook()
+    early, late, cancelled = _ticket("e"), _ticket("l"), _ticket("c")
+    book.add_all([early, late, cancelled])
+    seen: list[str] = []
+    early.add_done_callback(lambda t: seen.append("early:" + t.request_id))
+    got: list[float] = []
+    blocked = threading.Thread(target=lambda: got.append(float(early.result(5).outputs["y"][0])))
+    blocked.start()
+    book.deliver(REPLY, [(b"1-0", _ok("e", 6.0)), (b"2-0", _ok("l", 8.0))])
+    blocked.join(5)
+    assert got == [6.0] and seen == ["early:e"]
+    # Made after the outcome: done at once, callbacks fire in the caller's thread.
+    late.add_done_callback(lambda t: seen.append("late:" + t.request_id))
+    assert seen == ["early:e", "late:l"] and late._thread_future().done()
+    assert float(late.result(0).outputs["y"][0]) == 8.0
+    assert cancelled.cancel() and cancelled.cancelled() and not cancelled.cancel()
+    with pytest.raises(E.RequestCancelled):
+        cancelled.result(0)
+    with pytest.raises(E.RequestCancelled):
+        cancelled._thread_future().result(0)
+    assert book.deliver(REPLY, [(b"3-0", _ok("c"))]) == ["3-0"] and cancelled.cancelled()
+
+
+def test_async_waiters_made_while_another_thread_resolves_all_wake() -> None:
+    # A waiter added just as the sync Client's reader thread completes the ticket must wake
+    # either way; with the waiter list taken in between it would wait until its timeout.
+    n = 2000
+
+    async def scenario() -> int:
+        book = TicketBook()
+        tickets = [_ticket(f"race-{i}") for i in range(n)]
+        book.add_all(tickets)
+        start = threading.Event()
+
+        def reader() -> None:
+            start.wait(5)
+            for i in range(0, n, 50):
+                book.deliver(REPLY, [(f"{j + 1}-0".encode(), _ok(f"race-{j}", float(j))) for j in range(i, i + 50)])
+
+        th = threading.Thread(target=reader)
+        th.start()
+        start.set()
+        results = await asyncio.gather(*(t.wait(10) for t in tickets))
+        th.join(5)
+        return sum(1 for i, r in enumerate(results) if float(r.outputs["y"][0]) == float(i))
+
+    assert asyncio.run(scenario()) == n
