@@ -29,6 +29,16 @@ local group, ttl, reply_ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local n_reason, n_code, n_entry, n_deliveries, n_ts = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local a, k = 10, 3
 local out = {}
+-- Acked and expiry-refreshed once per script rather than once per op: one XACK of every id
+-- (in slices, as unpack() spreads at most ~8000 values) and one PEXPIRE per reply stream
+-- written. Inside the script nothing interleaves, so the end of it is the same moment.
+local acks, touched = {}, {}
+local function finish()
+  for i = 1, #acks, 4000 do
+    redis.call('XACK', stream, group, unpack(acks, i, math.min(i + 3999, #acks)))
+  end
+  for rkey in pairs(touched) do redis.call('PEXPIRE', rkey, reply_ttl) end
+end
 local function take_fields()
   local n = tonumber(ARGV[a]); a = a + 1
   local f = {}
@@ -44,7 +54,7 @@ end
 local function reply(rkey, fields)
   local r = redis.pcall('XADD', rkey, '*', unpack(fields))
   if type(r) == 'table' and r.err then return r.err end
-  redis.call('PEXPIRE', rkey, reply_ttl)
+  touched[rkey] = true
   return nil
 end
 while a <= #ARGV do
@@ -90,8 +100,10 @@ while a <= #ARGV do
       out[#out + 1] = 1
     end
   else
+    finish()  -- the ops before it are done: acked like every other
     return redis.error_reply('headrace commit: unknown op ' .. tostring(op))
   end
-  redis.call('XACK', stream, group, id)
+  acks[#acks + 1] = id
 end
+finish()
 return out
