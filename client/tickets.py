@@ -236,10 +236,13 @@ _PENDING = object()
 
 
 def _set_future(fut: concurrent.futures.Future[Result], outcome: Outcome | object) -> None:
-    if isinstance(outcome, BaseException):
-        fut.set_exception(outcome)
-    else:
-        fut.set_result(outcome)  # type: ignore[arg-type]
+    try:
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)  # type: ignore[arg-type]
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by whoever held it: the ticket's own outcome is set either way
 
 
 def _call_back(fn: Callable[[Ticket], None], ref: weakref.ref[Ticket]) -> None:
