@@ -256,7 +256,7 @@ class InProcessTarget:
                 works = [batch[i] for i in bucket]
                 t0 = time.perf_counter()
                 try:
-                    await loop.run_in_executor(self._executor, self.servable.infer, [w.request for w in works])
+                    await loop.run_in_executor(self._executor, _infer, self.servable, [w.request for w in works])
                     status, code = STATUS_OK, ""
                 except Exception as e:  # noqa: BLE001 - a failed batch answers its requests, the loop goes on
                     log.warning("in-process reference batch of %d failed: %s", len(works), e)
@@ -265,6 +265,16 @@ class InProcessTarget:
                 for w in works:
                     if not w.future.done():
                         w.future.set_result(Outcome(status, code, 0.0, (t1 - t0) * 1000.0, len(works), t1))
+
+
+def _infer(servable: Servable, requests: list[Request]) -> Any:
+    """``servable.infer(requests)`` with a stray ``StopIteration`` turned into a
+    ``RuntimeError``: an asyncio future refuses that exception, so the call awaiting it
+    through ``run_in_executor`` would wait forever instead of failing its batch."""
+    try:
+        return servable.infer(requests)
+    except StopIteration as e:
+        raise RuntimeError(f"the call raised StopIteration: {e!r}") from e
 
 
 def raw_throughput(servable: Servable, payloads: Payloads, batch: int, seconds: float, *,

@@ -8,11 +8,13 @@ import gc
 import statistics
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from benchmarks.lib.probe import split_overhead
+from headrace.client import errors as E
 from headrace.client.errors import ConfigError
 from headrace.cluster.bench.load import Outcome, RunLimits, closed_loop, open_loop, poisson_schedule
 from headrace.cluster.bench.run import BenchSettings
@@ -122,6 +124,37 @@ def test_in_process_reference_batches_and_answers() -> None:
     assert max(len(b) for b in servable.batches) == 8  # batched, capped at max_batch
     assert all(o.infer_ms is not None and o.infer_ms >= 5.0 for o in outs)
     assert {o.batch_size for o in outs} <= {len(b) for b in servable.batches}
+
+
+class _StrayNext(AffineServable):
+    """Raises StopIteration (a stray ``next()``) on its second call."""
+
+    def infer(self, requests: Any) -> Any:
+        if len(self.batches) == 1:
+            self.batches.append(list(requests))
+            next(iter(()))
+        return super().infer(requests)
+
+
+@pytest.mark.timeout(20)
+def test_in_process_reference_fails_a_batch_that_raises_stop_iteration_and_goes_on() -> None:
+    # An asyncio future refuses StopIteration: through run_in_executor the batch's callers
+    # waited until their own timeout, and the serving loop never took the next batch.
+    servable = _StrayNext()
+    payloads = tensor_payloads([{"name": "x", "dtype": "float32", "shape": [4]}], n=12, seed=3)
+
+    async def go() -> list[Outcome]:
+        async with InProcessTarget(servable, payloads, max_batch=4, max_wait_ms=1.0) as target:
+            outs = []
+            for start in range(0, 12, 4):
+                outs += await asyncio.gather(*(target.call(i, 10.0) for i in range(start, start + 4)))
+            return outs
+
+    t0 = time.perf_counter()
+    outs = asyncio.run(go())
+    assert time.perf_counter() - t0 < 5.0, "nobody waited for a timeout"
+    assert [o.status for o in outs] == ["ok"] * 4 + ["error"] * 4 + ["ok"] * 4
+    assert {o.code for o in outs[4:8]} == {E.MODEL_ERROR}
 
 
 def test_raw_throughput_runs_whole_batches() -> None:
