@@ -14,7 +14,7 @@ Signature syntax (``--input`` / ``--output``)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,23 @@ def merge_overrides(kind: str, detected: Sequence[IOSpec], overrides: Mapping[st
     by_name.update(overrides)
     ordered = [n for n in names if n in by_name] + [n for n in by_name if n not in names]
     return tuple(by_name[n] for n in ordered)
+
+
+def whole_batch_outputs(outputs: Sequence[IOSpec], batched_sources: Callable[[str], Sequence[str]]) -> list[str]:
+    """Notes for the outputs of a batched model that have no batch axis yet are computed
+    from batched inputs (``batched_sources(name)``: those inputs, empty when none): a value
+    of the whole model call, such as a sum over the batch. Each request would be given one
+    made from its call-mates' inputs too, so a model with any is served one request per
+    call (``max_batch`` 1). Empty: none (an output from shared inputs only goes whole to
+    every request of its call)."""
+    notes = []
+    for s in outputs:
+        sources = [] if s.batched else list(batched_sources(s.name))
+        if sources:
+            notes.append(f"output {s.name!r} has no batch axis but is computed from the batched input(s) "
+                         f"{sources}: a value of the whole call, so each request runs as its own model call "
+                         f"(max_batch 1)")
+    return notes
 
 
 def spec_from_array(name: str, a: Array, batch_axis: int = 0) -> IOSpec:

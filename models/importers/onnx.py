@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from headrace.client.errors import ModelError
-from headrace.models.importers.common import Imported, ImportOptions, merge_overrides
+from headrace.models.importers.common import Imported, ImportOptions, merge_overrides, whole_batch_outputs
+from headrace.models.importers.onnx_deps import inputs_feeding
 from headrace.models.repository.manifest import NO_BATCH, IOSpec, check_relpath
 
 Dim = int | str | None
@@ -53,9 +54,10 @@ def _tensor(v: Any) -> GraphTensor:
     return v.name, _np_dtype(tt.elem_type), tuple(dims)
 
 
-def read_graph(path: Path) -> tuple[list[GraphTensor], list[GraphTensor], list[str]]:
-    """``(inputs, outputs, external data files)`` of an ONNX file, weights not loaded.
-    A non-tensor value (a sequence or map, e.g. skl2onnx's ZipMap) has dtype ``""``.
+def read_graph(path: Path) -> tuple[list[GraphTensor], list[GraphTensor], list[str], dict[str, set[str]]]:
+    """``(inputs, outputs, external data files, the inputs each output is computed from)``
+    of an ONNX file, weights not loaded. A non-tensor value (a sequence or map, e.g.
+    skl2onnx's ZipMap) has dtype ``""``.
 
     Raises:
         ModelError: not a readable ONNX model.
@@ -69,7 +71,7 @@ def read_graph(path: Path) -> tuple[list[GraphTensor], list[GraphTensor], list[s
     inits = {i.name for i in model.graph.initializer}
     inputs = [_tensor(v) for v in model.graph.input if v.name not in inits]
     outputs = [_tensor(v) for v in model.graph.output]
-    return inputs, outputs, external_files(model)
+    return inputs, outputs, external_files(model), inputs_feeding(model.graph, [v.name for v in model.graph.output])
 
 
 def external_files(model: Any) -> list[str]:
@@ -167,7 +169,7 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
         ModelError: unreadable graph, a missing external-data file, a dtype headrace cannot
             carry, or a batch axis the graph does not tell (names the ``--input`` to give).
     """
-    inputs, outputs, ext = read_graph(path)
+    inputs, outputs, ext, feeding = read_graph(path)
     _check_types(inputs, "input", path)
     notes = [f"output {n!r} is not a tensor (a sequence or map, e.g. skl2onnx's ZipMap): not served; "
              f"convert without it (skl2onnx: options={{'zipmap': False}})" for n, dtype, _ in outputs if not dtype]
@@ -209,6 +211,10 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
             notes.append(f"input {s.name!r} has no batch axis: requests with equal {s.name!r} share a call")
         elif s.batch_axis > 0:
             notes.append(f"input {s.name!r} carries the batch on axis {s.batch_axis}")
+    batched_inputs = {s.name for s in in_specs if s.batched}
+    whole = whole_batch_outputs(out_specs, lambda name: sorted(feeding.get(name, set()) & batched_inputs)) \
+        if batched else []
+    notes += whole
     return Imported(files=files, format="onnx", model_file="model.onnx", inputs=in_specs, outputs=out_specs,
-                    batch_dim=0 if batched else NO_BATCH, max_batch=opts.max_batch if batched else 1,
-                    source=path.name, notes=notes)
+                    batch_dim=0 if batched else NO_BATCH,
+                    max_batch=1 if whole or not batched else opts.max_batch, source=path.name, notes=notes)

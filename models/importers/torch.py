@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from headrace.client.errors import ModelError
-from headrace.models.importers.common import Imported, ImportOptions, merge_overrides, spec_from_array, synth_example
+from headrace.models.importers.common import (
+    Imported,
+    ImportOptions,
+    merge_overrides,
+    spec_from_array,
+    synth_example,
+    whole_batch_outputs,
+)
 from headrace.models.repository.manifest import NO_BATCH, IOSpec
 
 Array = np.ndarray[Any, Any]
@@ -104,13 +111,38 @@ def _signature(module: Any, names: list[str], declared: dict[str, IOSpec],
     outs = _run(module, names, example)
     dynamic = {int(example[s.name].shape[i + (1 if s.batched and i >= s.batch_axis else 0)])
                for s in inputs for i, d in enumerate(s.shape) if d == -1}
+    axes = _output_axes(module, names, inputs, example, outs) if batched else {}
     detected = []
     for name, arr in outs:
-        spec = spec_from_array(name, arr, 0 if batched else NO_BATCH)
+        spec = spec_from_array(name, arr, axes.get(name, NO_BATCH))
         detected.append(IOSpec(name, spec.dtype, tuple(-1 if d in dynamic else d for d in spec.shape),
                                spec.batch_axis))
     outputs = _rename_outputs(detected, opts.outputs)
     return inputs, outputs, example
+
+
+def _output_axes(module: Any, names: list[str], inputs: tuple[IOSpec, ...], example: dict[str, Array],
+                 outs: list[tuple[str, Array]]) -> dict[str, int]:
+    """Each output's batch axis: the axis that holds the example's batch size and grows by
+    one when the program runs again on the example plus one more row (``NO_BATCH`` for an
+    output with none, e.g. a sum over the batch). Two sizes, so a fixed dim that happens to
+    equal the batch size is not taken for it.
+
+    Raises:
+        ModelError: the program fails on the grown example.
+    """
+    batched = [s for s in inputs if s.batched]
+    n = int(example[batched[0].name].shape[batched[0].batch_axis])
+    grown = {k: (np.concatenate([v, np.take(v, [0], axis=s.batch_axis)], axis=s.batch_axis)
+                 if (s := next((i for i in batched if i.name == k), None)) is not None else v)
+             for k, v in example.items()}
+    again = dict(_run(module, names, grown))
+    axes: dict[str, int] = {}
+    for name, arr in outs:
+        other = again.get(name)
+        axes[name] = next((i for i in range(arr.ndim) if other is not None and other.ndim == arr.ndim
+                           and arr.shape[i] == n and other.shape[i] == n + 1), NO_BATCH)
+    return axes
 
 
 def _rename_outputs(detected: list[IOSpec], overrides: Any) -> tuple[IOSpec, ...]:
@@ -137,8 +169,13 @@ def import_torch(path: Path, kind: str, opts: ImportOptions, work_dir: Path) -> 
         return _as_onnx(module, path, inputs, outputs, example, opts, work_dir)
     model_file = "model.pt" if kind == "torchscript" else "model.pt2"
     notes = [] if batched else ["no batch axis: served unbatched (one request = one model call)"]
+    # A program's data flow is not read here: an output without a batch axis is taken to be
+    # made from the batched inputs (the graph of an ONNX export tells, see import_onnx).
+    sources = sorted(s.name for s in inputs if s.batched)
+    whole = whole_batch_outputs(outputs, lambda _name: sources) if batched else []
+    notes += whole
     return Imported(files={model_file: path}, format=kind, model_file=model_file, inputs=inputs, outputs=outputs,
-                    batch_dim=0 if batched else NO_BATCH, max_batch=opts.max_batch if batched else 1,
+                    batch_dim=0 if batched else NO_BATCH, max_batch=1 if whole or not batched else opts.max_batch,
                     example=example, source=path.name, notes=notes)
 
 

@@ -189,3 +189,28 @@ def test_skl2onnx_zipmap_output_is_left_out_with_a_note(tmp_path: Path) -> None:
     proc = models_add(tmp_path / "repo", "tree", path)
     assert "output_probability" in proc.stdout and "zipmap" in proc.stdout
     assert [s.name for s in latest(tmp_path / "repo", "tree").outputs] == ["output_label"]
+
+
+def test_an_output_summed_over_the_batch_answers_each_request_with_its_own_value(redis_url: str,
+                                                                                  tmp_path: Path) -> None:
+    # Served batched, each request of a call would get the sum over its call-mates' inputs
+    # too: wrong, and a leak of other producers' data. The importer reads that from the graph.
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    graph = h.make_graph([h.make_node("ReduceSum", ["x"], ["s"], keepdims=0)], "sum",
+                         [h.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+                         [h.make_tensor_value_info("s", T.FLOAT, [])])
+    path = tmp_path / "sum.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 11)]), str(path))
+    repo = tmp_path / "repo"
+    proc = models_add(repo, "total", path)
+    assert "max 1 per call" in proc.stdout and "no batch axis but is computed from the batched" in proc.stdout
+    rows = [np.full(4, i, np.float32) for i in range(1, 13)]
+    with serving(redis_url, repo, "total", tmp_path / "worker.log", "--max-batch", "16"):
+        results = sdk_infer(redis_url, "total", [{"x": r} for r in rows])
+        raw = raw_infer(redis_url, "total", [{"x": r} for r in rows[:4]])
+    assert [float(r.outputs["s"]) for r in results] == [4.0 * i for i in range(1, 13)]
+    assert max_batch_seen(results) == 1
+    assert [float(np.asarray(r["outputs"]["s"])) for r in raw] == [4.0, 8.0, 12.0, 16.0]
