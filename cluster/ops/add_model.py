@@ -118,9 +118,12 @@ def _publish(repo: ModelRepository, name: str, imp: Imported, *, description: st
                     recipe=imp.recipe, extra=imp.extra, description=description, version=version)
 
 
-def check_staged(repo: ModelRepository, manifest: Manifest, servable_ref: str = "") -> tuple[list[dict[str, Array]],
-                                                                                              dict[str, Any]]:
-    """Load ``manifest``'s version with the servable a worker would use and run its example.
+def check_staged(repo: ModelRepository, manifest: Manifest, servable_ref: str = ""
+                 ) -> tuple[list[dict[str, Array]], dict[str, Any], list[str]]:
+    """Load ``manifest``'s version with the servable a worker would use and run its example;
+    for a batched tensor model that may batch, also each example request alone. Returns the
+    outputs, the servable's ``describe()``, and the outputs whose values changed with the
+    other requests of the call (:mod:`headrace.workers.backends.call_mates`).
 
     Raises:
         ModelError / RepositoryError / ConfigError: the model does not load, its manifest does
@@ -145,7 +148,12 @@ def check_staged(repo: ModelRepository, manifest: Manifest, servable_ref: str = 
             signature.check_results(manifest, servable.outputs, outputs)
         else:
             outputs = signature.smoke_run(servable, manifest, example)
-        return outputs, servable.describe()
+        moved: list[str] = []
+        if manifest.batched and manifest.max_batch != 1 and not manifest.accepts_text:
+            from headrace.workers.backends.call_mates import outputs_moved_by_call_mates
+
+            moved = outputs_moved_by_call_mates(servable, signature.example_requests(manifest, example), outputs)
+        return outputs, servable.describe(), moved
     finally:
         servable.close()
 
@@ -179,9 +187,14 @@ def add_model(repo_root: str | Path, name: str, source: str | Path, opts: Import
         say(f"checking {name} through the {'operator servable ' + servable if servable else staged.backend} "
             f"servable ...")
         try:
-            outputs, described = check_staged(stage, staged, servable)
+            outputs, described, moved = check_staged(stage, staged, servable)
         except E.HeadraceError as e:
             raise type(e)(f"{name} was not added: {e.message}", code=e.code) from e
+        if moved:
+            imp.max_batch = 1
+            staged = replace(staged, max_batch=1)
+            imp.notes.append(f"output(s) {moved} of a request change with the other requests of its model call "
+                             f"(the model computes across the batch): served one request per call (max_batch 1)")
         if dry_run:
             return AddResult(replace(staged, version="0"), outputs, imp.notes, False, described)
         m = _publish(ModelRepository(repo_root), name, imp, description=description, version=version)

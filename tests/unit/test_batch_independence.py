@@ -1,8 +1,9 @@
-"""Outputs without a batch axis in a batched model. One made from batched inputs (a sum over
-the batch) is a value of the whole model call: split "whole to every request", it would give
-each request a value made from its call-mates' inputs. The importers must serve such a model
-one request per call, and still batch a model whose unbatched outputs come from shared inputs
-only. The ONNX graph tells the two apart; a torch program is taken to mix them."""
+"""Batch independence: a request's answer must not depend on the other requests of its model
+call. An output without a batch axis made from batched inputs (a sum over the batch) is a value
+of the whole call; the importers read that from the ONNX graph (a torch program is taken to
+mix) and serve such a model one request per call, while outputs of shared inputs only still
+go whole to every request. A model mixing rows behind a batch axis (a softmax over the batch)
+is caught by ``models add`` running its example alone and together."""
 
 from __future__ import annotations
 
@@ -96,3 +97,71 @@ def test_torch_outputs_get_the_axis_that_follows_the_batch(tmp_path: Path, body:
     assert {s.name: s.batch_axis for s in imp.outputs} == axes
     assert imp.max_batch == max_batch
     assert imp.example is not None and np.asarray(imp.example["x"]).shape == (2, 4)
+
+
+def _x(n: int = 8) -> list[Any]:
+    return [h.make_tensor_value_info("x", T.FLOAT, ["N", n])]
+
+
+def _y(n: int = 8) -> list[Any]:
+    return [h.make_tensor_value_info("y", T.FLOAT, ["N", n])]
+
+
+@pytest.mark.parametrize(("nodes", "opset"), [
+    ([h.make_node("Softmax", ["x"], ["y"], axis=0)], 17),
+    ([h.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1), h.make_node("Sub", ["x", "m"], ["y"])], 13),
+])
+def test_models_add_serves_a_model_mixing_the_rows_of_a_call_one_request_per_call(tmp_path: Path, nodes: list[Any],
+                                                                                 opset: int) -> None:
+    # Both keep the batch axis on their output, so the graph check cannot see it: the
+    # example run alone and together can.
+    from headrace.cluster.ops.add_model import add_model
+
+    path = _save(tmp_path / "mix.onnx", nodes, _x(), _y(), opset=opset)
+    res = add_model(tmp_path / "repo", "mix", path, ImportOptions())
+    assert res.manifest.max_batch == 1 and res.published
+    assert any("['y'] of a request change with the other requests" in n for n in res.notes)
+
+
+def test_models_add_keeps_batching_a_row_wise_model_also_when_dynamically_quantized(tmp_path: Path) -> None:
+    # Dynamic INT8 quantisation scales activations over the whole call: small differences
+    # between a row alone and in a call, which must not be taken for mixing.
+    from onnx import numpy_helper as nh
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from headrace.cluster.ops.add_model import add_model
+
+    rng = np.random.default_rng(0)
+    w1 = nh.from_array(rng.standard_normal((8, 64)).astype(np.float32), "W1")
+    w2 = nh.from_array(rng.standard_normal((64, 8)).astype(np.float32), "W2")
+    graph = h.make_graph([h.make_node("MatMul", ["x", "W1"], ["a"]), h.make_node("Relu", ["a"], ["r"]),
+                          h.make_node("MatMul", ["r", "W2"], ["y"])], "mlp", _x(), _y(), initializer=[w1, w2])
+    fp32 = tmp_path / "mlp.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(fp32))
+    int8 = tmp_path / "mlp_int8.onnx"
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    example = {"x": (rng.standard_normal((16, 8)) * rng.uniform(0.1, 10.0, (16, 1))).astype(np.float32)}
+    for name, path in (("mlp", fp32), ("mlp8", int8)):
+        res = add_model(tmp_path / "repo", name, path, ImportOptions(example=example, max_batch=32))
+        assert res.manifest.max_batch == 32, res.notes
+        assert not any("change with the other requests" in n for n in res.notes)
+
+
+def test_call_mates_check_needs_distinct_requests_and_judges_float_outputs_only() -> None:
+    from headrace.client.protocol import Envelope, Request
+    from headrace.workers.backends.call_mates import outputs_moved_by_call_mates
+
+    class Mixing:
+        def infer(self, requests: Any) -> list[dict[str, Any]]:
+            xs = np.stack([r.inputs["x"] for r in requests])
+            return [{"y": x - xs.mean(0), "label": np.int64(np.argmax(x - xs.mean(0)))} for x in xs]
+
+    def reqs(*rows: list[float]) -> list[Request]:
+        return [Request(Envelope(f"r{i}", "t"), inputs={"x": np.asarray(r, np.float32)}) for i, r in enumerate(rows)]
+
+    mixing: Any = Mixing()
+    distinct = reqs([1.0, 2.0], [5.0, -3.0])
+    assert outputs_moved_by_call_mates(mixing, distinct, mixing.infer(distinct)) == ["y"]
+    same = reqs([1.0, 2.0], [1.0, 2.0])
+    assert outputs_moved_by_call_mates(mixing, same, mixing.infer(same)) == []
+    assert outputs_moved_by_call_mates(mixing, distinct[:1], mixing.infer(distinct[:1])) == []
