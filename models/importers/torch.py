@@ -128,20 +128,26 @@ def _output_axes(module: Any, names: list[str], inputs: tuple[IOSpec, ...], exam
     output with none, e.g. a sum over the batch). Two sizes, so a fixed dim that happens to
     equal the batch size is not taken for it.
 
-    Raises:
-        ModelError: the program fails on the grown example.
+    A program that refuses the extra row (exported with a bounded batch dim) is judged by
+    the example alone: the first axis holding its batch size.
     """
     batched = [s for s in inputs if s.batched]
     n = int(example[batched[0].name].shape[batched[0].batch_axis])
     grown = {k: (np.concatenate([v, np.take(v, [0], axis=s.batch_axis)], axis=s.batch_axis)
                  if (s := next((i for i in batched if i.name == k), None)) is not None else v)
              for k, v in example.items()}
-    again = dict(_run(module, names, grown))
+    try:
+        again = dict(_run(module, names, grown))
+    except ModelError:
+        again = {}
     axes: dict[str, int] = {}
     for name, arr in outs:
         other = again.get(name)
-        axes[name] = next((i for i in range(arr.ndim) if other is not None and other.ndim == arr.ndim
-                           and arr.shape[i] == n and other.shape[i] == n + 1), NO_BATCH)
+        if other is None or other.ndim != arr.ndim:
+            axes[name] = next((i for i in range(arr.ndim) if arr.shape[i] == n), NO_BATCH)
+        else:
+            axes[name] = next((i for i in range(arr.ndim) if arr.shape[i] == n and other.shape[i] == n + 1),
+                              NO_BATCH)
     return axes
 
 

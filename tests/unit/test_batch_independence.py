@@ -75,6 +75,8 @@ def test_an_onnx_output_of_shared_inputs_only_keeps_the_model_batched(tmp_path: 
     ("return x.t()", {"output0": 1}, 0),
     ("return {'y': x * 2, 'total': x.sum()}", {"y": 0, "total": NO_BATCH}, 1),
     ("return x * 2", {"output0": 0}, 0),
+    # a program refusing one more row is judged by the example's own batch size
+    ("if x.shape[0] > 2:\n            raise RuntimeError('at most 2')\n        return x * 2", {"output0": 0}, 0),
 ])
 def test_torch_outputs_get_the_axis_that_follows_the_batch(tmp_path: Path, body: str, axes: dict[str, int],
                                                            max_batch: int) -> None:
