@@ -151,7 +151,7 @@ def test_models_add_keeps_batching_a_row_wise_model_also_when_dynamically_quanti
 
 def test_call_mates_check_needs_distinct_requests_and_judges_float_outputs_only() -> None:
     from headrace.client.protocol import Envelope, Request
-    from headrace.workers.backends.call_mates import outputs_moved_by_call_mates
+    from headrace.workers.backends.call_mates import MAX_ALONE, outputs_moved_by_call_mates
 
     class Mixing:
         def infer(self, requests: Any) -> list[dict[str, Any]]:
@@ -167,3 +167,15 @@ def test_call_mates_check_needs_distinct_requests_and_judges_float_outputs_only(
     same = reqs([1.0, 2.0], [1.0, 2.0])
     assert outputs_moved_by_call_mates(mixing, same, mixing.infer(same)) == []
     assert outputs_moved_by_call_mates(mixing, distinct[:1], mixing.infer(distinct[:1])) == []
+
+    class Counting(Mixing):
+        calls: list[int] = []
+
+        def infer(self, requests: Any) -> list[dict[str, Any]]:
+            self.calls.append(len(requests))
+            return super().infer(requests)
+
+    counting: Any = Counting()
+    many = reqs(*[[float(i), -2.0 * i] for i in range(40)])
+    assert outputs_moved_by_call_mates(counting, many, counting.infer(many)) == ["y"]
+    assert counting.calls == [40] + [1] * MAX_ALONE  # a long example: only its first requests run alone
