@@ -32,7 +32,9 @@ def test_freeze_takes_the_live_heap_out_of_the_collectors_walks(unfreeze: None) 
     kept = _Node()
     assert any(o is kept for o in gc.get_objects())
     frozen = freeze_startup_heap()
-    assert frozen == gc.get_freeze_count() > 0
+    # Reference counting frees frozen objects that die (a thread of an earlier test ending
+    # drops its last objects at any moment), so the count may only have fallen since.
+    assert 0 < gc.get_freeze_count() <= frozen
     assert not any(o is kept for o in gc.get_objects())  # full collections no longer walk it
     later = _Node()
     assert any(o is later for o in gc.get_objects())  # objects made after the freeze are collected as before
