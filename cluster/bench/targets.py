@@ -268,13 +268,15 @@ class InProcessTarget:
 
 
 def _infer(servable: Servable, requests: list[Request]) -> Any:
-    """``servable.infer(requests)`` with a stray ``StopIteration`` turned into a
-    ``RuntimeError``: an asyncio future refuses that exception, so the call awaiting it
-    through ``run_in_executor`` would wait forever instead of failing its batch."""
+    """``servable.infer(requests)``, failing with an exception the awaiting future accepts
+    (:func:`~headrace.workers.engine.daemon.future_safe`): through ``run_in_executor`` a
+    stray ``StopIteration`` would leave the batch's callers waiting forever."""
+    from headrace.workers.engine.daemon import future_safe
+
     try:
         return servable.infer(requests)
     except StopIteration as e:
-        raise RuntimeError(f"the call raised StopIteration: {e!r}") from e
+        raise future_safe(e) from e
 
 
 def raw_throughput(servable: Servable, payloads: Payloads, batch: int, seconds: float, *,

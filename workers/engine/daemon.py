@@ -13,6 +13,15 @@ T = TypeVar("T")
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
 
 
+def future_safe(err: BaseException) -> BaseException:
+    """``err`` as an exception an asyncio future accepts: a future refuses ``StopIteration``
+    (a ``TypeError`` where it is set, and whoever awaits it waits forever), so a servable's
+    stray ``next()`` becomes a ``RuntimeError`` that fails its call like any error."""
+    if isinstance(err, StopIteration):
+        return RuntimeError(f"the call raised StopIteration: {err!r}")
+    return err
+
+
 def _settle(fut: asyncio.Future[Any], result: Any, err: BaseException | None) -> None:
     """On the loop: hand the call's outcome to its future, unless the caller gave up on it
     (cancelled, or timed out through ``asyncio.wait_for``)."""
@@ -20,12 +29,8 @@ def _settle(fut: asyncio.Future[Any], result: Any, err: BaseException | None) ->
         return
     if err is None:
         fut.set_result(result)
-    elif isinstance(err, StopIteration):
-        # a future refuses StopIteration (TypeError in this callback, and the caller would
-        # wait forever); a servable's stray next() must fail its call like any error
-        fut.set_exception(RuntimeError(f"the call raised StopIteration: {err!r}"))
     else:
-        fut.set_exception(err)
+        fut.set_exception(future_safe(err))
 
 
 class DaemonExecutor:
