@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from benchmarks.lib.trees import add_tree_args, paired, tree_env
 from headrace.client import AsyncClient
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
@@ -33,8 +33,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     worker = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--a", type=Path, required=True, help="source tree A (before)")
-    ap.add_argument("--b", type=Path, required=True, help="source tree B (after)")
+    add_tree_args(ap)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--requests", type=int, default=300, help="requests per tree and round")
     return ap.parse_args(own), worker
@@ -58,8 +57,7 @@ def one_round(tree: Path, n: int, worker_flags: list[str]) -> list[float]:
     """End-to-end ms of ``n`` sequential requests through a worker run from ``tree``."""
     tree = tree.resolve()
     with EmbeddedRedis() as server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_")}
-        env["PYTHONPATH"] = f"{tree}/src:{tree}"
+        env = tree_env(tree)
         worker = subprocess.Popen([sys.executable, "-m", "headrace.workers", "--fake", "affine", "--redis-url",
                                    server.url, "--log-level", "WARNING", *worker_flags], cwd=tree, env=env)
         try:
@@ -84,11 +82,11 @@ def main() -> int:
             p50, p90 = statistics.median(lat), lat[int(0.9 * (len(lat) - 1))]
             p50s[name].append(p50)
             print(f"round {k} {name} p50 {p50:.3f} p90 {p90:.3f} ms", flush=True)
-    diffs = [a - b for a, b in zip(p50s["A"], p50s["B"], strict=True)]
+    median, mean, b_faster = paired(p50s["A"], p50s["B"])
     print(f"A p50s (ms): {' '.join(f'{v:.2f}' for v in p50s['A'])}")
     print(f"B p50s (ms): {' '.join(f'{v:.2f}' for v in p50s['B'])}")
-    print(f"paired A - B: median {statistics.median(diffs):.3f} ms, mean {statistics.mean(diffs):.3f} ms, "
-          f"B faster in {sum(d > 0 for d in diffs)} of {len(diffs)} rounds; "
+    print(f"paired A - B: median {median:.3f} ms, mean {mean:.3f} ms, "
+          f"B faster in {b_faster} of {args.rounds} rounds; "
           f"median p50 A {statistics.median(p50s['A']):.3f} / B {statistics.median(p50s['B']):.3f} ms")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.lib.systems import WorkerProcesses
+from benchmarks.lib.trees import add_tree_args, paired, tree_env
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--a", type=Path, required=True, help="source tree A (before)")
-    ap.add_argument("--b", type=Path, required=True, help="source tree B (after)")
+    add_tree_args(ap)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--chunk", type=int, default=1, help="samples per entry")
     ap.add_argument("--in-flight", type=int, default=1024, help="samples outstanding")
@@ -47,8 +46,7 @@ def one_round(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     with EmbeddedRedis() as server, WorkerProcesses(server.url, ns, "affine", fake="affine",
                                                     module="benchmarks.lib.bench_worker", threads=2,
                                                     settings={"max_batch": 256, "max_wait_ms": 2}):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_")}
-        env["PYTHONPATH"] = f"{tree}/src:{tree}"
+        env = tree_env(tree)
         out = subprocess.run([sys.executable, "-m", "benchmarks.lib.saturate", server.url, ns, "affine", "affine",
                               str(args.in_flight), str(args.warmup_s), str(args.duration_s), str(args.chunk)],
                              cwd=tree, env=env, capture_output=True, text=True, check=True,
@@ -69,10 +67,9 @@ def main() -> int:
     for key, unit in (("samples_per_s", "samples/s"), ("cpu_us", "CPU us/sample")):
         a = [r[key] for r in rows["A"]]
         b = [r[key] for r in rows["B"]]
-        diffs = [y - x for x, y in zip(a, b, strict=True)]
+        median, mean, b_higher = paired(b, a)
         print(f"{unit}: median A {statistics.median(a):.1f} / B {statistics.median(b):.1f}; paired B - A median "
-              f"{statistics.median(diffs):.1f} (mean {statistics.mean(diffs):.1f}); B higher in "
-              f"{sum(d > 0 for d in diffs)} of {len(diffs)} rounds")
+              f"{median:.1f} (mean {mean:.1f}); B higher in {b_higher} of {len(a)} rounds")
     return 0
 
 

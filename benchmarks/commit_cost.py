@@ -21,13 +21,13 @@ import argparse
 import asyncio
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
 import redis
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.lib.trees import add_tree_args
 from headrace.client.keys import ModelKeys
 from headrace.cluster.ops.embedded_redis import EmbeddedRedis
 from headrace.workers.broker.redis_broker import RedisBroker
@@ -39,8 +39,7 @@ KEYS = ModelKeys("headrace", "affine")
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--a", type=Path, required=True, help="source tree A (before)")
-    ap.add_argument("--b", type=Path, required=True, help="source tree B (after)")
+    add_tree_args(ap)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--batch", type=int, default=256, help="entries per commit")
     ap.add_argument("--commits", type=int, default=20, help="commits per tree and round")
