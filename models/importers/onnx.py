@@ -87,10 +87,8 @@ def external_files(model: Any) -> list[str]:
     return found
 
 
-def refine_with_runtime(path: Path, tensors: list[GraphTensor], outputs: bool) -> list[GraphTensor]:
-    """Dims onnxruntime knows as fixed where the file declares a name or nothing (its graph
-    optimisations infer them): the worker's check compares with the runtime's view, so the
-    manifest must too.
+def open_session(path: Path) -> Any:
+    """A CPU onnxruntime session of ``path`` (one intra-op thread: the importer's runs are small).
 
     Raises:
         ModelError: onnxruntime cannot load the model.
@@ -100,9 +98,16 @@ def refine_with_runtime(path: Path, tensors: list[GraphTensor], outputs: bool) -
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        opts.intra_op_num_threads = 1
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException
         raise ModelError(f"onnxruntime cannot load {path.name}: {e}") from e
+
+
+def refine_with_runtime(sess: Any, tensors: list[GraphTensor], outputs: bool) -> list[GraphTensor]:
+    """Dims onnxruntime (session ``sess``) knows as fixed where the file declares a name or
+    nothing (its graph optimisations infer them): the worker's check compares with the
+    runtime's view, so the manifest must too."""
     runtime = {n.name: list(n.shape or []) for n in (sess.get_outputs() if outputs else sess.get_inputs())}
     out: list[GraphTensor] = []
     for name, dtype, dims in tensors:
@@ -184,7 +189,8 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
         if not src.is_file():
             raise ModelError(f"{path.name} keeps weights in {rel!r}, which is not beside it ({src})")
         files[rel] = src
-    outputs = refine_with_runtime(path, outputs, outputs=True)
+    sess = open_session(path)
+    outputs = refine_with_runtime(sess, outputs, outputs=True)
     axes, unclear = batch_axes(inputs, outputs)
     unclear = [n for n in unclear if n not in opts.inputs]
     if unclear:
@@ -211,6 +217,8 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
             notes.append(f"input {s.name!r} has no batch axis: requests with equal {s.name!r} share a call")
         elif s.batch_axis > 0:
             notes.append(f"input {s.name!r} carries the batch on axis {s.batch_axis}")
+    if batched:
+        out_specs = _unfollowed_to_whole(sess, in_specs, out_specs, outputs, opts, notes)
     batched_inputs = {s.name for s in in_specs if s.batched}
     whole = whole_batch_outputs(out_specs, lambda name: sorted(feeding.get(name, set()) & batched_inputs)) \
         if batched else []
@@ -218,3 +226,63 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
     return Imported(files=files, format="onnx", model_file="model.onnx", inputs=in_specs, outputs=out_specs,
                     batch_dim=0 if batched else NO_BATCH,
                     max_batch=1 if whole or not batched else opts.max_batch, source=path.name, notes=notes)
+
+
+def _unfollowed_to_whole(sess: Any, in_specs: tuple[IOSpec, ...], out_specs: tuple[IOSpec, ...],
+                         graph_outputs: list[GraphTensor], opts: ImportOptions, notes: list[str]
+                         ) -> tuple[IOSpec, ...]:
+    """``out_specs`` with the outputs whose batch axis, as read from the graph, does not follow
+    the batch when the model runs taken as whole-call values (``NO_BATCH``), a note for each.
+
+    An unnamed or differently named leading dim is taken for the batch by :func:`batch_axes`,
+    but it may count something else: ``NonZero`` or ``NonMaxSuppression`` indices over the
+    whole call (``[K, 3]``). Served as batched, every call would fail on splitting them. The
+    model runs on the example (``--example``, else made from the signature) at ``n`` and
+    ``n + 1`` rows; an axis that does not hold ``n`` and then ``n + 1`` does not carry the
+    batch. A model that fails on these inputs is left as the graph says (the check after the
+    import runs the example again and reports the failure). Outputs given by ``--output`` are
+    taken as given."""
+    from headrace.models.importers.common import synth_example
+
+    judged = [s for s in out_specs if s.batched and s.name not in opts.outputs]
+    if not judged:
+        return out_specs
+    example = dict(opts.example) if opts.example is not None else synth_example(in_specs, True)
+    shapes = _output_shapes(sess, in_specs, [s.name for s in judged], example)
+    graph = {t[0]: t for t in graph_outputs}
+    specs = {s.name: s for s in out_specs}
+    for s in judged:
+        seen = {rows: got[s.name][s.batch_axis] if len(got[s.name]) > s.batch_axis else None
+                for rows, got in shapes.items()}
+        if s.name not in graph or all(got == rows for rows, got in seen.items()):
+            continue
+        specs[s.name] = to_spec(graph[s.name], NO_BATCH, True)
+        calls = ", ".join(f"{rows} requests gave {got}" for rows, got in seen.items())
+        notes.append(f"output {s.name!r}: its axis {s.batch_axis} does not follow the batch ({calls}): "
+                     f"sent whole to each request")
+    return tuple(specs.values())
+
+
+def _output_shapes(sess: Any, in_specs: tuple[IOSpec, ...], names: list[str], example: dict[str, Any]
+                   ) -> dict[int, dict[str, tuple[int, ...]]]:
+    """The shapes of outputs ``names`` for a call of the example's ``n`` rows and one of
+    ``n + 1`` (its first row again), by row count. Empty when the example does not fit or the
+    model fails on it; only ``n`` when the second call fails (a graph with a bounded batch)."""
+    import numpy as np
+
+    batched = [s for s in in_specs if s.batched]
+    try:
+        first = {s.name: np.asarray(example[s.name]) for s in in_specs}
+        n = int(first[batched[0].name].shape[batched[0].batch_axis])
+        grown = {s.name: np.concatenate([a, np.take(a, [0], axis=s.batch_axis)], axis=s.batch_axis)
+                 if s.batched else a for s, a in ((s, first[s.name]) for s in in_specs)}
+    except (KeyError, IndexError, ValueError):
+        return {}
+    out: dict[int, dict[str, tuple[int, ...]]] = {}
+    for rows, feed in ((n, first), (n + 1, grown)):
+        try:
+            arrays = sess.run(names, feed)
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidArgument kinds
+            break
+        out[rows] = {k: tuple(np.shape(a)) for k, a in zip(names, arrays, strict=True)}
+    return out

@@ -214,3 +214,37 @@ def test_an_output_summed_over_the_batch_answers_each_request_with_its_own_value
     assert [float(r.outputs["s"]) for r in results] == [4.0 * i for i in range(1, 13)]
     assert max_batch_seen(results) == 1
     assert [float(np.asarray(r["outputs"]["s"])) for r in raw] == [4.0, 8.0, 12.0, 16.0]
+
+
+def test_indices_counted_over_the_call_answer_each_request_with_its_own(redis_url: str, tmp_path: Path) -> None:
+    # NonZero's [K, 2] has a dynamic leading dim the graph cannot tell from the batch; served
+    # batched, every call would fail on splitting K rows into n requests. The importer runs
+    # the model at two batch sizes, sees K does not follow, and serves it one request per call.
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    graph = h.make_graph(
+        [h.make_node("Greater", ["x", "zero"], ["g"]), h.make_node("NonZero", ["g"], ["idx"]),
+         h.make_node("Transpose", ["idx"], ["where"])], "nonzero",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 4])], [h.make_tensor_value_info("where", T.INT64, ["K", 2])],
+        initializer=[nh.from_array(np.zeros((), np.float32), "zero")])
+    path = tmp_path / "nonzero.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    repo = tmp_path / "repo"
+    proc = models_add(repo, "where", path)
+    assert "max 1 per call" in proc.stdout and "does not follow the batch" in proc.stdout
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(4).astype(np.float32) for _ in range(10)]
+    with serving(redis_url, repo, "where", tmp_path / "worker.log", "--max-batch", "16"):
+        results = sdk_infer(redis_url, "where", [{"x": r} for r in rows])
+        raw = raw_infer(redis_url, "where", [{"x": r} for r in rows[:3]])
+    # alone, row r is the model's batch of one: its indices are (0, column) for each positive value
+    expected = [np.stack([np.zeros(int((r > 0).sum()), np.int64), np.flatnonzero(r > 0)], axis=1) for r in rows]
+    assert all(r.status == "ok" for r in results)
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got.outputs["where"]).reshape(-1, 2), want)
+    for got, want in zip(raw, expected[:3], strict=True):
+        np.testing.assert_array_equal(np.asarray(got["outputs"]["where"]).reshape(-1, 2), want)
+    assert max_batch_seen(results) == 1

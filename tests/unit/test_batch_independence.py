@@ -12,18 +12,21 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from headrace.models.importers.common import ImportOptions
+from headrace.models.importers.common import ImportOptions, parse_io
 from headrace.models.importers.onnx import import_onnx
 from headrace.models.importers.onnx_deps import inputs_feeding
 from headrace.models.repository.manifest import NO_BATCH
 
 
-def _save(path: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], opset: int = 17) -> Path:
-    model = h.make_model(h.make_graph(nodes, path.stem, inputs, outputs), opset_imports=[h.make_opsetid("", opset)])
+def _save(path: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], opset: int = 17,
+          inits: list[Any] | None = None) -> Path:
+    graph = h.make_graph(nodes, path.stem, inputs, outputs, initializer=inits or [])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -67,6 +70,52 @@ def test_an_onnx_output_of_shared_inputs_only_keeps_the_model_batched(tmp_path: 
     assert imp.batch_dim == 0 and imp.max_batch == 64
     assert {s.name: s.batch_axis for s in imp.outputs} == {"y": 0, "twice": NO_BATCH}
     assert not any("no batch axis but" in n for n in imp.notes)
+
+
+def _nonzero(path: Path, out_dims: list[Any]) -> Path:
+    return _save(path, [h.make_node("Greater", ["x", "zero"], ["g"]), h.make_node("NonZero", ["g"], ["idx"]),
+                        h.make_node("Transpose", ["idx"], ["where"]), h.make_node("Relu", ["x"], ["y"])],
+                 [h.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+                 [h.make_tensor_value_info("where", T.INT64, out_dims),
+                  h.make_tensor_value_info("y", T.FLOAT, [None, 4])],
+                 inits=[onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+
+
+@pytest.mark.parametrize("out_dims", [["K", 2], [None, 2]])
+def test_an_onnx_output_whose_leading_dim_does_not_follow_the_batch_goes_whole_to_one_request(
+        tmp_path: Path, out_dims: list[Any]) -> None:
+    # NonZero counts the positive values of the whole call: named 'K' or left unnamed, the
+    # graph alone would take its axis 0 for the batch; 'y' (unnamed too) does follow it.
+    imp = import_onnx(_nonzero(tmp_path / "nz.onnx", out_dims), ImportOptions(max_batch=64))
+    assert {s.name: (s.shape, s.batch_axis) for s in imp.outputs} == {"where": ((-1, 2), NO_BATCH), "y": ((4,), 0)}
+    assert imp.max_batch == 1
+    assert any(n.startswith("output 'where': its axis 0 does not follow the batch") for n in imp.notes)
+    assert not any("'y'" in n for n in imp.notes)
+
+
+def test_the_batch_probe_uses_the_given_example_and_keeps_outputs_given_by_flag(tmp_path: Path) -> None:
+    path = _nonzero(tmp_path / "nz.onnx", ["K", 2])
+    # every value positive: 4 indices per row, so K = 4n never equals n
+    imp = import_onnx(path, ImportOptions(max_batch=8, example={"x": np.ones((3, 4), np.float32)}))
+    assert next(s for s in imp.outputs if s.name == "where").batch_axis == NO_BATCH
+    assert any("(3 requests gave 12, 4 requests gave 16)" in n for n in imp.notes)
+    given = parse_io("where:int64:-1,2")
+    imp = import_onnx(path, ImportOptions(outputs={"where": given}, max_batch=8))
+    assert next(s for s in imp.outputs if s.name == "where") == given and imp.max_batch == 8
+
+
+def test_a_model_failing_on_the_probe_is_left_as_the_graph_says(tmp_path: Path) -> None:
+    # ids + 5 always miss the one-row table, so the run fails; the import keeps the graph's
+    # reading (the check after it reports the failure) instead of judging 'where'.
+    path = _save(tmp_path / "gather.onnx",
+                 [h.make_node("Add", ["ids", "five"], ["far"]), h.make_node("Gather", ["table", "far"], ["out"]),
+                  h.make_node("NonZero", ["out"], ["idx"]), h.make_node("Transpose", ["idx"], ["where"])],
+                 [h.make_tensor_value_info("ids", T.INT64, ["N"])],
+                 [h.make_tensor_value_info("where", T.INT64, [None, 2])],
+                 inits=[onnx.numpy_helper.from_array(np.ones((1, 3), np.float32), "table"),
+                        onnx.numpy_helper.from_array(np.array(5, np.int64), "five")])
+    imp = import_onnx(path, ImportOptions(max_batch=8))
+    assert [(s.name, s.batch_axis) for s in imp.outputs] == [("where", 0)] and imp.max_batch == 8
 
 
 @pytest.mark.parametrize(("body", "axes", "max_batch"), [
