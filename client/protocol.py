@@ -55,7 +55,9 @@ from headrace.client.wire import (
     STATUS_OK,
     STATUS_REJECTED,
     STATUSES,
+    STRING,
     SUPPORTED_VERSIONS,
+    WIRE_DTYPES,
     Limits,
     Status,
     decode_tensor,
@@ -63,6 +65,7 @@ from headrace.client.wire import (
     field_bytes,
     field_text,
     now_ms,
+    numpy_dtype,
     quote,
     unpack_msgpack,
 )
@@ -71,10 +74,10 @@ from headrace.client.wire import (
 # for producers and workers (messages here, the vocabulary in ``wire``, results in ``results``).
 __all__ = [
     "DEFAULT_LIMITS", "DTYPES", "MAX_DIMS", "PROTOCOL_VERSION", "RESULT_LIMITS", "STATUSES", "STATUS_ERROR",
-    "STATUS_EXPIRED", "STATUS_OK", "STATUS_REJECTED", "SUPPORTED_VERSIONS", "Envelope", "Limits", "Request",
+    "STATUS_EXPIRED", "STATUS_OK", "STATUS_REJECTED", "STRING", "SUPPORTED_VERSIONS", "WIRE_DTYPES", "Envelope", "Limits", "Request",
     "Result", "Status", "Timings", "check_reply_to", "check_request_id", "decode_body", "decode_body_map",
     "decode_envelope", "decode_request", "decode_result", "decode_tensor", "encode_request", "encode_result",
-    "encode_tensor", "error_result", "now_ms", "samples_from_wire", "samples_to_wire", "unpack_body",
+    "encode_tensor", "error_result", "now_ms", "numpy_dtype", "samples_from_wire", "samples_to_wire", "unpack_body",
 ]
 
 

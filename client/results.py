@@ -31,6 +31,7 @@ from headrace.client.wire import (
     field_bytes,
     field_text,
     quote,
+    take_row,
     unpack_msgpack,
 )
 
@@ -126,10 +127,26 @@ def error_result(request_id: str, code: str, message: str, status: Status = STAT
     return Result(request_id=request_id, status=status, code=code, message=message[:1000], **kw)
 
 
+def encode_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Named output arrays as wire tensors.
+
+    Raises:
+        InvalidTensorError: naming the output whose dtype is not a wire dtype, or whose
+            string tensor holds something that is not a str.
+    """
+    out: dict[str, Any] = {}
+    for name, value in outputs.items():
+        try:
+            out[name] = encode_tensor(value)
+        except E.InvalidTensorError as err:
+            raise E.InvalidTensorError(f"output {name!r}: {err.message}", code=err.code) from err
+    return out
+
+
 def encode_result(res: Result) -> dict[bytes, bytes]:
     """Encode a result as reply-stream entry fields."""
     body: dict[str, Any] = {
-        "outputs": {k: encode_tensor(v) for k, v in res.outputs.items()},
+        "outputs": encode_outputs(res.outputs),
         "timings": res.timings.to_wire(),
         "model": res.model,
         "version": res.version,
@@ -160,7 +177,7 @@ def encode_stacked_result(request_id: str, outputs: Mapping[str, np.ndarray[Any,
         "outputs": {}, "timings": timings.to_wire(), "model": model, "version": version,
         # the slot every sample gets (msgpack writes one map per sample)
         "samples": [{"status": STATUS_OK}] * count,
-        "stacked": {k: encode_tensor(v) for k, v in outputs.items()},
+        "stacked": encode_outputs(outputs),
     }
     return _result_fields(request_id, STATUS_OK, "", "", body)
 
@@ -179,7 +196,7 @@ def _result_fields(request_id: str, status: str, code: str, message: str, body: 
 # A client trusts its workers' results far more than a worker trusts requests: these bounds
 # only stop a corrupt entry from allocating without limit. One shared instance, because the
 # reply reader decodes every result with it.
-RESULT_LIMITS: Final = Limits(max_payload_bytes=1 << 30, max_elements=1 << 30)
+RESULT_LIMITS: Final = Limits(max_payload_bytes=1 << 30, max_elements=1 << 30, max_text_chars=1 << 30)
 
 
 def decode_result(fields: Mapping[bytes, bytes], limits: Limits = DEFAULT_LIMITS) -> Result:
@@ -242,10 +259,11 @@ def samples_to_wire(samples: Sequence[Result]) -> tuple[list[dict[str, Any]], di
         return [_slot_to_wire(s, with_outputs=True) for s in samples], None
     stacked: dict[str, Any] = {}
     for name, shape, dtype in next(iter(sig)):
-        arr = np.zeros((len(samples), *shape), dtype=dtype)
+        # rows of failed samples: zeros, or empty strings for a string output
+        arr = np.full((len(samples), *shape), "" if np.dtype(dtype).kind in "UO" else 0, dtype=dtype)
         for i, s in enumerate(samples):
             if s.status == STATUS_OK and s.outputs:
-                arr[i] = s.outputs[name]
+                arr[i, ...] = s.outputs[name]  # "...": a 0-d string row assigns its str, not itself
         stacked[name] = encode_tensor(arr)
     return [_slot_to_wire(s, with_outputs=False) for s in samples], stacked
 
@@ -253,7 +271,7 @@ def samples_to_wire(samples: Sequence[Result]) -> tuple[list[dict[str, Any]], di
 def _slot_to_wire(res: Result, with_outputs: bool) -> dict[str, Any]:
     slot: dict[str, Any] = {"status": res.status}
     if with_outputs and res.outputs:
-        slot["outputs"] = {k: encode_tensor(v) for k, v in res.outputs.items()}
+        slot["outputs"] = encode_outputs(res.outputs)
     if res.code:
         slot["code"], slot["message"] = res.code, res.message
     return slot
@@ -291,7 +309,7 @@ def samples_from_wire(request_id: str, body: Mapping[str, Any], timings: Timings
             raise E.DecodeError("result sample outputs must be a map of name -> tensor")
         mine = {str(k): decode_tensor(v, limits, name=str(k)) for k, v in outs.items()}
         if slot["status"] == STATUS_OK and not mine:
-            mine = {k: a[i] for k, a in stacked.items()}
+            mine = {k: take_row(a, i) for k, a in stacked.items()}
         out.append(_slot_result(request_id, slot, mine, timings, model, version))
     return tuple(out)
 
@@ -355,7 +373,7 @@ class SampleResults(Sequence[Result]):
         return (self._result(i) for i in range(len(self._slots)))
 
     def _result(self, i: int) -> Result:
-        outs = {k: a[i] for k, a in self._stacked.items()} if self._statuses[i] == STATUS_OK else {}
+        outs = {k: take_row(a, i) for k, a in self._stacked.items()} if self._statuses[i] == STATUS_OK else {}
         return _slot_result(self._request_id, self._slots[i], outs, self._timings, self._model, self._version)
 
     def __eq__(self, other: object) -> bool:

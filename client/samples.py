@@ -35,6 +35,7 @@ from headrace.client.protocol import (
     encode_request,
     encode_tensor,
 )
+from headrace.client.wire import take_row
 
 #: the entry field holding the sample count of a multi-sample entry.
 SAMPLES_FIELD: Final = b"n"
@@ -203,7 +204,9 @@ def slots_of(envelope: Envelope, arrays: Mapping[str, np.ndarray[Any, Any]],
              finite: np.ndarray[Any, Any]) -> list[SampleSlot]:
     """One slot per sample of decoded sample arrays (row views: the samples share the
     entry's one buffer per input, no copies)."""
-    names, rows = list(arrays), [list(a) for a in arrays.values()]
+    names = list(arrays)
+    # list() of a 1-d string tensor would give bare str: take_row keeps each a 0-d array
+    rows = [[take_row(a, i) for i in range(len(a))] if a.dtype.kind == "O" else list(a) for a in arrays.values()]
     return [SampleSlot(Request(envelope, inputs=dict(zip(names, vals, strict=True))), finite=ok)
             for vals, ok in zip(zip(*rows, strict=True), finite.tolist(), strict=True)]
 

@@ -12,7 +12,7 @@ import math
 import re
 import reprlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -40,6 +40,13 @@ DTYPES: Final[dict[str, np.dtype[Any]]] = {
         "int64", "uint64", "float16", "float32", "float64",
     )
 }
+# Strings: ``data`` is a msgpack array of UTF-8 str, one per element in C order (KServe's
+# BYTES, Triton's TYPE_STRING); decoded into numpy object arrays, as onnxruntime takes and
+# returns string tensors. Numeric dtypes stay in DTYPES (raw buffers) so no buffer path ever
+# meets an object array.
+STRING: Final = "string"
+WIRE_DTYPES: Final[frozenset[str]] = frozenset(DTYPES) | {STRING}
+_OBJECT: Final = np.dtype(object)
 # dtype -> wire name, for the wire dtypes in every byte order: numpy computes ``dtype.name``
 # in Python on each access (~3 us), which every tensor encode and check would pay.
 _WIRE_NAMES: Final[dict[np.dtype[Any], str]] = {
@@ -48,9 +55,51 @@ _WIRE_NAMES: Final[dict[np.dtype[Any], str]] = {
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
-    """``dtype.name`` (e.g. ``"float32"``), looked up for wire dtypes instead of computed."""
+    """``dtype.name`` (e.g. ``"float32"``), looked up for wire dtypes instead of computed;
+    :data:`STRING` for numpy's str and object dtypes (an object array's elements are checked
+    when it is encoded)."""
     name = _WIRE_NAMES.get(dtype)
-    return name if name is not None else dtype.name
+    if name is not None:
+        return name
+    return STRING if dtype.kind in "UO" else dtype.name
+
+
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype of wire dtype ``name`` (object for :data:`STRING`; other names as
+    numpy reads them).
+
+    Raises:
+        TypeError: a name numpy does not know.
+    """
+    return _OBJECT if name == STRING else np.dtype(name)
+
+
+def take_row(a: np.ndarray[Any, Any], i: int) -> np.ndarray[Any, Any]:
+    """Row ``i`` of ``a`` (a view). A string tensor's single element stays a 0-d object array
+    rather than becoming a bare str, so every output is an array; numeric rows are what
+    ``a[i]`` gives (a numpy scalar for 1-d)."""
+    row = a[i]
+    if a.dtype.kind == "O" and a.ndim == 1:
+        out = np.empty((), dtype=object)
+        out[()] = row
+        return out
+    return row  # type: ignore[no-any-return]
+
+
+def string_array(value: Any) -> np.ndarray[Any, Any]:
+    """``value`` as an object array of str (what string tensors are everywhere in headrace).
+
+    Raises:
+        InvalidTensorError: an element is not a str (``bad_dtype``).
+    """
+    a = np.asarray(value)
+    if a.dtype.kind == "U":
+        return a.astype(object)
+    a = np.asarray(value, dtype=object)
+    if not all(isinstance(v, str) for v in a.flat):
+        bad = next(v for v in a.flat if not isinstance(v, str))
+        raise E.InvalidTensorError(f"a string tensor holds a {type(bad).__name__}, not str", code=E.BAD_DTYPE)
+    return a
 
 
 MAX_DIMS: Final = 8
@@ -104,8 +153,11 @@ def encode_tensor(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     """
     a = np.asarray(arr)
     name = dtype_name(a.dtype)
+    if name == STRING:
+        a = string_array(a)
+        return {"dtype": STRING, "shape": list(a.shape), "data": a.ravel().tolist()}
     if name not in DTYPES:
-        raise E.InvalidTensorError(f"dtype {name!r} is not a wire dtype; use one of {sorted(DTYPES)}",
+        raise E.InvalidTensorError(f"dtype {name!r} is not a wire dtype; use one of {sorted(WIRE_DTYPES)}",
                                    code=E.BAD_DTYPE)
     # asarray(order="C"), not ascontiguousarray: the latter turns 0-d scalars into shape (1,).
     a = np.asarray(a, dtype=DTYPES[name], order="C")
@@ -127,13 +179,15 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
         if key not in obj:
             raise E.MissingFieldError(f"{name}: tensor field {key!r} is missing")
     wire_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(wire_name, str) or wire_name not in DTYPES:
-        raise E.InvalidTensorError(f"{name}: dtype {quote(wire_name)} is not one of {sorted(DTYPES)}",
+    if not isinstance(wire_name, str) or wire_name not in WIRE_DTYPES:
+        raise E.InvalidTensorError(f"{name}: dtype {quote(wire_name)} is not one of {sorted(WIRE_DTYPES)}",
                                    code=E.BAD_DTYPE)
     if (not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise E.InvalidTensorError(f"{name}: shape must be a list of at most {MAX_DIMS} "
                                    f"non-negative integers, got {quote(shape)}", code=E.BAD_SHAPE)
+    if wire_name == STRING:
+        return _decode_strings(name, shape, data, limits)
     if not isinstance(data, (bytes, bytearray)):
         raise E.DecodeError(f"{name}: tensor data must be msgpack bin (raw bytes)")
     # math.prod on Python ints cannot overflow; compare before trusting any allocation.
@@ -152,6 +206,23 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
             code=E.BAD_SHAPE)
     arr = np.frombuffer(bytes(data), dtype=dt).reshape(shape)
     return arr.astype(dt.newbyteorder("="), copy=False)
+
+
+def _decode_strings(name: str, shape: Sequence[int], data: Any, limits: Limits) -> np.ndarray[Any, Any]:
+    n = math.prod(shape)
+    if n > limits.max_elements or math.prod(d or 1 for d in shape) > limits.max_elements:
+        raise E.PayloadTooLargeError(f"{name}: shape {quote(shape)} holds more than {limits.max_elements} strings")
+    if not isinstance(data, (list, tuple)) or not all(isinstance(v, str) for v in data):
+        raise E.DecodeError(f"{name}: string tensor data must be a msgpack array of str")
+    if len(data) != n:
+        raise E.InvalidTensorError(f"{name}: shape {list(shape)} needs {n} strings, got {len(data)}",
+                                   code=E.BAD_SHAPE)
+    longest = max(map(len, data), default=0)
+    if longest > limits.max_text_chars:
+        raise E.PayloadTooLargeError(f"{name}: a string of {longest} chars exceeds {limits.max_text_chars}")
+    arr = np.empty(n, dtype=object)
+    arr[:] = data
+    return arr.reshape(shape)
 
 
 # --- entry fields ------------------------------------------------------------------------

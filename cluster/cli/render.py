@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from headrace.client import errors as E
-from headrace.client.protocol import Result
+from headrace.client.protocol import Result, numpy_dtype
+from headrace.client.wire import dtype_name
 
 
 def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
@@ -24,7 +25,7 @@ def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
     * ``.npy``: one array, named NAME or the file's stem (``x.npy`` -> ``x``);
     * ``.npz``: every array in it under its own name;
     * ``.json``: a map ``{name: [numbers...]}`` (float32) or
-      ``{name: {"dtype": "int64", "data": [...], "shape": [...]}}``.
+      ``{name: {"dtype": "int64", "data": [...], "shape": [...]}}`` (``"string"``: a list of strings).
 
     Raises:
         ProtocolError: unreadable file, unknown suffix or malformed JSON (``bad_value``).
@@ -47,7 +48,7 @@ def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
                 out.update(_json_inputs(json.loads(path.read_text(encoding="utf-8")), path))
             else:
                 raise E.ProtocolError(f"{path}: use a .npy, .npz or .json file", code=E.BAD_VALUE)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:  # TypeError: a dtype numpy does not know
             raise E.ProtocolError(f"cannot read input {path}: {e}", code=E.BAD_VALUE) from e
     return out
 
@@ -58,7 +59,7 @@ def _json_inputs(doc: Any, path: Path) -> dict[str, np.ndarray[Any, Any]]:
     out: dict[str, np.ndarray[Any, Any]] = {}
     for name, value in doc.items():
         if isinstance(value, dict):
-            arr = np.asarray(value.get("data"), dtype=value.get("dtype", "float32"))
+            arr = np.asarray(value.get("data"), dtype=numpy_dtype(str(value.get("dtype", "float32"))))
             if "shape" in value:
                 arr = arr.reshape(value["shape"])
         else:
@@ -82,7 +83,7 @@ def result_table(result: Result) -> Table:
         table.add_column(col)
     for name, arr in result.outputs.items():
         norm = float(np.linalg.norm(arr.astype(np.float64))) if arr.dtype.kind in "fiu" else float("nan")
-        table.add_row(name, str(arr.dtype), str(list(arr.shape)), _preview(arr), f"{norm:.4g}")
+        table.add_row(name, dtype_name(arr.dtype), str(list(arr.shape)), escape(_preview(arr)), f"{norm:.4g}")
     t = result.timings
     table.caption = (f"model {result.model or '?'} v{result.version or '?'} · queue {t.queue_ms:.2f} ms · "
                      f"infer {t.infer_ms:.2f} ms · batch {t.batch_size} · worker {t.worker or '?'}")
@@ -93,7 +94,7 @@ def result_json(result: Result) -> dict[str, Any]:
     """A JSON-able dict of one result (outputs as nested lists)."""
     return {"request_id": result.request_id, "status": result.status, "code": result.code,
             "message": result.message, "model": result.model, "version": result.version,
-            "outputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()}
+            "outputs": {k: {"dtype": dtype_name(v.dtype), "shape": list(v.shape), "data": v.tolist()}
                         for k, v in result.outputs.items()},
             "timings": result.timings.to_wire()}
 

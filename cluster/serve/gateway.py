@@ -38,6 +38,7 @@ from headrace.client.keys import registry_key
 from headrace.client.protocol import STATUS_EXPIRED, Result
 from headrace.client.submit import new_request_id
 from headrace.client.tickets import Ticket
+from headrace.client.wire import dtype_name
 from headrace.cluster.serve.args import IngressArgs
 from headrace.cluster.serve.auth import ApiKeys, Caller
 from headrace.cluster.serve.http_body import InferCall, check_content_type, parse_body
@@ -348,7 +349,7 @@ class Gateway:
         if not res.ok:
             code = E.DEADLINE_EXCEEDED if res.status == STATUS_EXPIRED else (res.code or E.INTERNAL_ERROR)
             return error_answer(code, res.message or res.status, rid)
-        outputs = {k: {"dtype": v.dtype.name, "shape": list(v.shape), "data": v.reshape(-1).tolist()}
+        outputs = {k: {"dtype": dtype_name(v.dtype), "shape": list(v.shape), "data": v.reshape(-1).tolist()}
                    for k, v in res.outputs.items()}
         return Answer(200, {"id": rid, "model": res.model or model, "version": res.version, "outputs": outputs,
                             "timings": res.timings.to_wire()}, {"x-request-id": rid})

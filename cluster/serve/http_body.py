@@ -23,7 +23,7 @@ from typing import Any, Final
 import numpy as np
 
 from headrace.client import errors as E
-from headrace.client.protocol import DEFAULT_LIMITS, DTYPES, MAX_DIMS, Limits
+from headrace.client.protocol import DEFAULT_LIMITS, MAX_DIMS, STRING, WIRE_DTYPES, Limits
 
 JSON_TYPES: Final = ("application/json",)
 BODY_KEYS: Final = frozenset({"text", "inputs", "timeout_s"})
@@ -142,8 +142,8 @@ def _tensor(name: str, value: Any, limits: Limits) -> np.ndarray[Any, Any]:
         if key not in value:
             raise E.MissingFieldError(f"input {name!r}: tensor key {key!r} is missing")
     dtype = value.get("dtype", "float32")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise E.InvalidTensorError(f"input {name!r}: dtype {str(dtype)[:20]!r} is not one of {sorted(DTYPES)}",
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise E.InvalidTensorError(f"input {name!r}: dtype {str(dtype)[:20]!r} is not one of {sorted(WIRE_DTYPES)}",
                                    code=E.BAD_DTYPE)
     shape = _shape(name, value["shape"], limits)
     data = value["data"]
@@ -152,7 +152,21 @@ def _tensor(name: str, value: Any, limits: Limits) -> np.ndarray[Any, Any]:
     if len(data) != math.prod(shape):
         raise E.InvalidTensorError(f"input {name!r}: {len(data)} values do not fill shape {shape}",
                                    code=E.BAD_SHAPE)
+    if dtype == STRING:
+        return _strings(name, data, limits).reshape(shape)
     return _values(name, data, dtype).reshape(shape)
+
+
+def _strings(name: str, data: list[Any], limits: Limits) -> np.ndarray[Any, Any]:
+    """Flat JSON strings as a 1-d object array (a string tensor), each within ``max_text_chars``."""
+    if not all(isinstance(v, str) for v in data):
+        raise E.ProtocolError(f"input {name!r}: values of a string tensor must be JSON strings", code=E.BAD_VALUE)
+    longest = max(map(len, data), default=0)
+    if longest > limits.max_text_chars:
+        raise E.PayloadTooLargeError(f"input {name!r}: a string of {longest} chars exceeds {limits.max_text_chars}")
+    arr = np.empty(len(data), dtype=object)
+    arr[:] = data
+    return arr
 
 
 def _shape(name: str, shape: Any, limits: Limits) -> list[int]:

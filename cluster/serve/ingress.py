@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from headrace.client.optional import require
-from headrace.client.protocol import DTYPES
+from headrace.client.protocol import WIRE_DTYPES
 from headrace.cluster.serve.args import IngressArgs
 from headrace.cluster.serve.gateway import Answer, Gateway, http_status
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 class TensorJSON(BaseModel):
     """A tensor in JSON: ``data`` is the flat (C-order) list of values."""
 
-    dtype: str = Field("float32", description=f"one of {sorted(DTYPES)}")
+    dtype: str = Field("float32", description=f"one of {sorted(WIRE_DTYPES)}")
     shape: list[int] = Field(..., description="per-sample shape (no batch dimension)")
     data: list[Any] = Field(..., description="flat list of shape-product values")
 

@@ -78,12 +78,16 @@ function parseArgs(argv) {
   if (!(opts.partitions >= 0 && opts.partitions <= MAX_PARTITIONS)) {
     throw new Error(`--partitions must be between 1 and ${MAX_PARTITIONS} (0 or absent: the workers' value)`);
   }
-  if (!TYPED[opts.dtype]) throw new Error(`--dtype must be one of ${Object.keys(TYPED).join(', ')}`);
+  if (!TYPED[opts.dtype] && opts.dtype !== 'string') {
+    throw new Error(`--dtype must be one of ${Object.keys(TYPED).join(', ')}, string`);
+  }
   return opts;
 }
 
-// A wire tensor: {dtype, shape, data}, data = raw little-endian C-order bytes.
+// A wire tensor: {dtype, shape, data}, data = raw little-endian C-order bytes; a string
+// tensor's data is an array of strings instead.
 function encodeTensor(dtype, shape, values) {
+  if (dtype === 'string') return { dtype, shape, data: values.map(String) };
   if (os.endianness() !== 'LE') throw new Error('this example assumes a little-endian host');
   const Typed = TYPED[dtype];
   const big = Typed === BigInt64Array || Typed === BigUint64Array;
@@ -92,6 +96,7 @@ function encodeTensor(dtype, shape, values) {
 }
 
 function decodeTensor(t) {
+  if (t.dtype === 'string') return { dtype: t.dtype, shape: t.shape, data: t.data };
   const Typed = TYPED[t.dtype];
   if (!Typed) return { dtype: t.dtype, shape: t.shape, data: null };
   // Copy into a fresh (aligned) buffer: msgpack bin data may start at any offset.
@@ -115,13 +120,15 @@ function requestFields({ id, replyTo, model, deadlineMs, body, samples }) {
 // The body of samples first..first+size-1: one sample as before, several as one
 // multi-sample entry ({texts} or {samples, inputs} with a leading sample dimension).
 function requestBody(opts, base, first, size) {
+  // sample k sends the values plus k (numbers), or the same strings
+  const shift = (v, k) => (opts.dtype === 'string' ? v : v + k);
   if (size === 1) {
     return opts.text !== null ? { text: opts.text }
-      : { inputs: { [opts.input]: encodeTensor(opts.dtype, [base.length], base.map((v) => v + first)) } };
+      : { inputs: { [opts.input]: encodeTensor(opts.dtype, [base.length], base.map((v) => shift(v, first))) } };
   }
   if (opts.text !== null) return { texts: Array(size).fill(opts.text) };
   const values = [];
-  for (let k = first; k < first + size; k++) values.push(...base.map((v) => v + k));
+  for (let k = first; k < first + size; k++) values.push(...base.map((v) => shift(v, k)));
   return { samples: size, inputs: { [opts.input]: encodeTensor(opts.dtype, [size, base.length], values) } };
 }
 
@@ -280,7 +287,7 @@ async function main() {
     const me = `node-${process.pid}-${crypto.randomBytes(3).toString('hex')}`;
     const prefixes = Array.from({ length: partitions }, (_, p) => keyPrefix(opts, p, partitions));
     const replyTos = prefixes.map((prefix) => `${prefix}:reply:${me}`);
-    const base = opts.values.split(',').map(Number);
+    const base = opts.dtype === 'string' ? opts.values.split(',') : opts.values.split(',').map(Number);
     const ids = [];
     const sizes = new Map();
     for (let k = 0; k < opts.count; k += opts.chunk) {

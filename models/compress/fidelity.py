@@ -231,7 +231,7 @@ def infer_kind(name: str, reference: np.ndarray[Any, Any], postprocess: str = "n
     """The output kind that picks the fidelity metrics, guessed from the output's name, the
     manifest's post-processing and the fp32 values (pass ``kind`` explicitly to override).
 
-    * integer outputs and ``[n, c]`` outputs named like logits/probabilities/scores, or with
+    * integer and string outputs (labels), and ``[n, c]`` outputs named like logits/probabilities/scores, or with
       ``softmax``/``argmax`` post-processing, or with 2 <= c <= 32: ``classification``;
     * ``[n]`` / ``[n, 1]`` floats inside [0, 1]: ``binary`` (a probability, e.g. a detector);
     * ``[n, d]`` floats with ``l2_normalize`` post-processing, an embedding-like name, or d > 32:
@@ -240,7 +240,7 @@ def infer_kind(name: str, reference: np.ndarray[Any, Any], postprocess: str = "n
     """
     ref = np.asarray(reference)
     lname = name.lower()
-    if ref.dtype.kind in "iub":
+    if ref.dtype.kind in "iubOU":
         return "classification"
     flat = ref.reshape(ref.shape[0], -1) if ref.ndim >= 1 and ref.shape[0] else ref
     if ref.ndim in (1, 2) and flat.shape[-1] == 1 and float(ref.min()) >= 0.0 and float(ref.max()) <= 1.0:
@@ -258,9 +258,10 @@ def infer_kind(name: str, reference: np.ndarray[Any, Any], postprocess: str = "n
 
 
 def labels_of(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """Class predictions of a classification output: argmax of scores, or the labels themselves."""
+    """Class predictions of a classification output: argmax of scores, or the labels themselves
+    (integers or strings)."""
     v = np.asarray(values)
-    if v.dtype.kind in "iub":
+    if v.dtype.kind in "iubOU":
         return v.reshape(len(v), -1)[:, 0] if v.ndim > 1 else v
     return np.asarray(v.reshape(len(v), -1).argmax(axis=1))
 
@@ -279,6 +280,9 @@ def fidelity_for(kind: str, reference: np.ndarray[Any, Any], output: np.ndarray[
     ref, out = np.asarray(reference), np.asarray(output)
     if ref.shape != out.shape:
         raise ConfigError(f"output shape {out.shape} differs from the reference's {ref.shape}")
+    if kind != "classification" and (ref.dtype.kind in "OU" or out.dtype.kind in "OU"):
+        raise ConfigError(f"a string output (labels) is judged by agreement only: its kind must be classification, "
+                          f"not {kind!r}")
     if kind == "embedding":
         e = embedding_fidelity(ref.reshape(len(ref), -1), out.reshape(len(out), -1))
         return {**e.to_dict(), "score": e.mean_cosine}

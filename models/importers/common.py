@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from headrace.client.errors import ModelError
-from headrace.client.protocol import DTYPES
+from headrace.client.protocol import STRING, WIRE_DTYPES
+from headrace.client.wire import dtype_name
 from headrace.models.repository.manifest import NO_BATCH, IOSpec
 
 Array = np.ndarray[Any, Any]
@@ -102,8 +103,8 @@ def parse_io(text: str) -> IOSpec:
     nobatch = len(parts) == 4
     if nobatch and parts[3] != "nobatch":
         raise ModelError(f"{text!r}: the 4th field may only be 'nobatch'")
-    if dtype not in DTYPES:
-        raise ModelError(f"{text!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if dtype not in WIRE_DTYPES:
+        raise ModelError(f"{text!r}: dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
     dims: list[int] = []
     axis = 0
     tokens = [t.strip() for t in shape_text.split(",")] if shape_text.strip() else []
@@ -179,21 +180,27 @@ def load_npz(path: Path) -> dict[str, Array]:
             arrays = {k: np.asarray(z[k]) for k in z.files}
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot read example {path}: {e} (save it with numpy.savez)") from e
-    bad = {k: a.dtype.name for k, a in arrays.items() if a.dtype.name not in DTYPES}
+    bad = {k: a.dtype.name for k, a in arrays.items() if dtype_name(a.dtype) not in WIRE_DTYPES}
     if bad:
-        raise ModelError(f"example {path}: dtypes {bad} are not wire dtypes ({sorted(DTYPES)})")
+        raise ModelError(f"example {path}: dtypes {bad} are not wire dtypes ({sorted(WIRE_DTYPES)}; "
+                         f"strings as numpy str arrays)")
     return arrays
 
 
 def synth_example(inputs: Sequence[IOSpec], batched: bool, batch: int = 2, seed: int = 0) -> dict[str, Array]:
     """Model inputs made from a signature (dynamic dims = 1 .. 4, a batch of ``batch``):
-    small random values, ints in [0, 2)."""
+    small random values, ints in [0, 2), short words for strings (numpy str arrays, which
+    ``numpy.savez`` stores without pickle)."""
     rng = np.random.default_rng(seed)
     out: dict[str, Array] = {}
     for s in inputs:
         dims = [d if d != -1 else 4 for d in s.shape]
         if batched and s.batched:
             dims.insert(s.batch_axis, batch)
+        if s.dtype == STRING:
+            words = np.array(["headrace", "checks", "this", "model"])
+            out[s.name] = words[rng.integers(0, len(words), dims)]
+            continue
         dt = np.dtype(s.dtype)
         if dt.kind == "f":
             out[s.name] = rng.standard_normal(dims).astype(dt)

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from headrace.client.errors import RepositoryError
-from headrace.client.protocol import DTYPES
+from headrace.client.protocol import WIRE_DTYPES
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -118,8 +118,8 @@ class IOSpec:
         name, dtype, shape = d["name"], d["dtype"], d["shape"]
         if not isinstance(name, str) or not name:
             raise RepositoryError(f"signature name {name!r} must be a non-empty string")
-        if dtype not in DTYPES:
-            raise RepositoryError(f"{name}: dtype {dtype!r} is not a wire dtype ({sorted(DTYPES)})")
+        if dtype not in WIRE_DTYPES:
+            raise RepositoryError(f"{name}: dtype {dtype!r} is not a wire dtype ({sorted(WIRE_DTYPES)})")
         if not isinstance(shape, (list, tuple)) or not all(
                 isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in shape):
             raise RepositoryError(f"{name}: shape {shape!r} must be a list of ints >= -1 (-1 = dynamic)")

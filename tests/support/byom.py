@@ -119,6 +119,8 @@ def sdk_infer(url: str, model: str, samples: Sequence[Mapping[str, Array]] = (),
 
 def _tensor(a: Array) -> dict[str, Any]:
     a = np.asarray(a, order="C")  # not ascontiguousarray: it turns a scalar into shape [1]
+    if a.dtype.kind in "UO":  # docs/protocol.md: strings are a msgpack array of str
+        return {"dtype": "string", "shape": list(a.shape), "data": [str(v) for v in a.ravel()]}
     return {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.astype(a.dtype.newbyteorder("<")).tobytes()}
 
 
@@ -145,11 +147,16 @@ def raw_infer(url: str, model: str, samples: Sequence[Mapping[str, Array]] = (),
                 last = eid
                 assert f[b"status"] == b"ok", (f[b"code"], f.get(b"message"))
                 body = msgpack.unpackb(f[b"body"])
-                outs = {k: np.frombuffer(t["data"], np.dtype(t["dtype"]).newbyteorder("<")).reshape(t["shape"])
-                        for k, t in body["outputs"].items()}
+                outs = {k: _from_wire(t) for k, t in body["outputs"].items()}
                 got[f[b"id"].decode()] = {"outputs": outs, "batch_size": body["timings"].get("batch_size", 0)}
     r.delete(reply)
     return [got[i] for i in ids]
+
+
+def _from_wire(t: Mapping[str, Any]) -> Array:
+    if t["dtype"] == "string":
+        return np.array(t["data"], dtype=object).reshape(t["shape"])
+    return np.frombuffer(t["data"], np.dtype(t["dtype"]).newbyteorder("<")).reshape(t["shape"])
 
 
 def max_batch_seen(results: Sequence[Any]) -> int:

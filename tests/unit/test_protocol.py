@@ -216,7 +216,9 @@ def test_bad_dtype() -> None:
     t = {"dtype": "complex64", "shape": [1], "data": b"\0" * 8}
     assert _code(P.decode_request, _fields(body=_body({"inputs": {"x": t}}))) == E.BAD_DTYPE
     assert _code(P.encode_tensor, np.ones(2, np.complex64)) == E.BAD_DTYPE
-    assert _code(P.encode_tensor, np.array(["a"], dtype=object)) == E.BAD_DTYPE
+    # an object array is a string tensor only when every element is a str
+    assert _code(P.encode_tensor, np.array([{"a": 1}], dtype=object)) == E.BAD_DTYPE
+    assert _code(P.encode_tensor, np.array(["a", None], dtype=object)) == E.BAD_DTYPE
 
 
 @pytest.mark.parametrize("shape,data", [
@@ -284,8 +286,10 @@ def test_dtype_name_matches_numpy_for_every_byte_order_and_falls_back() -> None:
     for base in DTYPES.values():
         for dt in (base, base.newbyteorder(">"), base.newbyteorder("="), base.newbyteorder("<")):
             assert dtype_name(dt) == dt.name
-    for other in (np.dtype("complex64"), np.dtype("datetime64[s]"), np.dtype([("a", "<f4")]), np.dtype("U3")):
+    for other in (np.dtype("complex64"), np.dtype("datetime64[s]"), np.dtype([("a", "<f4")]), np.dtype("S3")):
         assert dtype_name(other) == other.name
+    # numpy str and object arrays are string tensors (their elements are checked on encode)
+    assert dtype_name(np.dtype("U3")) == dtype_name(np.dtype(object)) == "string"
     with pytest.raises(E.InvalidTensorError):
         P.encode_tensor(np.ones(2, np.complex64))
     back = P.decode_tensor(P.encode_tensor(np.arange(3, dtype=">i4")))

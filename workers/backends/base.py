@@ -36,8 +36,9 @@ class TensorSpec:
 KSERVE_DATATYPES = {
     "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64", "int8": "INT8",
     "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16", "float32": "FP32", "float64": "FP64",
+    "string": "BYTES",
 }
-"""numpy dtype name -> KServe v2 / Triton datatype."""
+"""Wire dtype name -> KServe v2 / Triton datatype."""
 
 
 def tensor_description(spec: TensorSpec) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from headrace.client.errors import ModelError
-from headrace.client.protocol import Request
+from headrace.client.protocol import STRING, Request, numpy_dtype
+from headrace.client.wire import take_row
 from headrace.models.repository.manifest import NO_BATCH
 from headrace.models.repository.store import IOSpec, Manifest
 from headrace.workers.backends.base import Servable, TensorSpec
@@ -42,8 +43,12 @@ def _group_key(request: Request, inputs: Sequence[TensorSpec]) -> tuple[Any, ...
     key: list[Any] = []
     for s in inputs:
         a = request.inputs[s.name]
-        key.append(tuple(a.shape) if s.batch_axis != NO_BATCH
-                   else (tuple(a.shape), np.asarray(a, dtype=s.dtype).tobytes()))
+        if s.batch_axis != NO_BATCH:
+            key.append(tuple(a.shape))
+        elif s.dtype == STRING:  # an object array's bytes are pointers, not its values
+            key.append((tuple(a.shape), tuple(np.asarray(a).ravel().tolist())))
+        else:
+            key.append((tuple(a.shape), np.asarray(a, dtype=s.dtype).tobytes()))
     return tuple(key)
 
 
@@ -65,16 +70,17 @@ def stack(requests: Sequence[Request], idx: Sequence[int], inputs: Sequence[Tens
     feed: dict[str, Array] = {}
     for s in inputs:
         if s.batch_axis == NO_BATCH:
-            feed[s.name] = np.asarray(requests[idx[0]].inputs[s.name], dtype=s.dtype)
+            feed[s.name] = np.asarray(requests[idx[0]].inputs[s.name], dtype=numpy_dtype(s.dtype))
         else:
-            feed[s.name] = np.stack([np.asarray(requests[i].inputs[s.name], dtype=s.dtype) for i in idx],
+            feed[s.name] = np.stack([np.asarray(requests[i].inputs[s.name], dtype=numpy_dtype(s.dtype)) for i in idx],
                                     axis=s.batch_axis)
     return feed
 
 
 def postprocess(kind: str, arr: Array) -> Array:
-    """Apply the manifest's post-processing to one batch output (along the last axis)."""
-    if kind == "none":
+    """Apply the manifest's post-processing to one batch output (along the last axis); string
+    outputs (labels) are passed through."""
+    if kind == "none" or arr.dtype.kind == "O":
         return arr
     if kind == "l2_normalize":
         a = arr.astype(np.float32, copy=False)
@@ -109,7 +115,7 @@ def split(outputs: Mapping[str, Array], n: int, kind: str,
         if a.ndim <= axis or a.shape[axis] != n:
             raise ModelError(f"output {name!r} has shape {list(a.shape)}; expected {n} rows on its batch axis {axis}")
         for i, out in enumerate(per_request):
-            out[name] = np.take(a, i, axis=axis) if axis else a[i]
+            out[name] = np.take(a, i, axis=axis) if axis else take_row(a, i)
     return per_request
 
 
@@ -121,7 +127,7 @@ def run_tensor_batch(requests: Sequence[Request], manifest: Manifest, inputs: Se
     each request on its own, tensors as sent."""
     if not manifest.batched:
         return [{k: postprocess(manifest.postprocess, np.asarray(v)) for k, v in
-                 run({s.name: np.asarray(r.inputs[s.name], dtype=s.dtype) for s in inputs}).items()}
+                 run({s.name: np.asarray(r.inputs[s.name], dtype=numpy_dtype(s.dtype)) for s in inputs}).items()}
                 for r in requests]
     results: list[dict[str, Array] | None] = [None] * len(requests)
     for idx in shape_groups(requests, inputs, manifest.max_batch):
@@ -231,7 +237,7 @@ class ManifestServable(Servable):
         """Run stacked samples in calls of at most the manifest's ``max_batch``, post-processed.
         Raises ModelError if the backend fails."""
         n = len(request_ids)
-        feed = {s.name: np.asarray(inputs[s.name], dtype=s.dtype) for s in self.inputs}
+        feed = {s.name: np.asarray(inputs[s.name], dtype=numpy_dtype(s.dtype)) for s in self.inputs}
         step = self.manifest.max_batch or n or 1
         chunks: list[dict[str, Array]] = []
         for start in range(0, n, step):

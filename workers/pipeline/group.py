@@ -18,7 +18,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import DTYPES, STATUS_ERROR, STATUS_OK, Envelope, Result, Status, error_result
-from headrace.client.wire import dtype_name
+from headrace.client.wire import dtype_name, take_row
 from headrace.workers.pipeline.entry import Entry
 
 #: what a slot answered by a block holds (its outputs are rows of the block's arrays).
@@ -68,7 +68,7 @@ class Group:
             done = False
             for j in range(count):
                 done = self.fill(index + j, Result(self.envelope.request_id, STATUS_OK,
-                                                   {k: v[j] for k, v in outputs.items()})) or done
+                                                   {k: take_row(v, j) for k, v in outputs.items()})) or done
             return done
         self.slots[index:index + count] = [IN_BLOCK] * count
         self.blocks.append((index, count, outputs))
@@ -110,19 +110,25 @@ class Group:
         slots = list(self.slots)
         for index, count, outputs in self.blocks:
             for j in range(count):
-                slots[index + j] = Result(self.envelope.request_id, STATUS_OK, {k: v[j] for k, v in outputs.items()})
+                slots[index + j] = Result(self.envelope.request_id, STATUS_OK,
+                                          {k: take_row(v, j) for k, v in outputs.items()})
         out: list[Result] = []
         for res in slots:
             assert res is not None, "results() of an incomplete group"
             bad = [k for k, v in res.outputs.items() if not _encodable(v)]
             if bad:
                 res = error_result(res.request_id, E.MODEL_ERROR, f"cannot encode the model output {bad[0]!r}: its "
-                                   "dtype is not a wire dtype")
+                                   "dtype is not a wire dtype, or it is a string tensor holding a non-str")
             out.append(res)
         return tuple(out)
 
 
 def _encodable(value: Any) -> bool:
-    """Whether ``value`` has a wire dtype (checked per sample: the fast name lookup)."""
+    """Whether ``value`` has a wire dtype (checked per sample: the fast name lookup; an object
+    array's elements must all be str)."""
     dt = getattr(value, "dtype", None)
-    return isinstance(dt, np.dtype) and dtype_name(dt) in DTYPES
+    if not isinstance(dt, np.dtype):
+        return False
+    if dt.kind in "UO":
+        return dt.kind == "U" or all(isinstance(v, str) for v in value.flat)
+    return dtype_name(dt) in DTYPES
