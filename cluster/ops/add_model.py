@@ -72,6 +72,12 @@ def _fill(imp: Imported, opts: ImportOptions, work: Path) -> Imported:
             raise E.ModelError("a text model (preprocess bert_tokenizer) needs --tokenizer tokenizer.json")
         return imp
     example = dict(opts.example) if opts.example is not None else imp.example
+    extra = sorted(set(example or {}) - {s.name for s in imp.inputs})
+    if example is not None and extra:
+        # kept, a misspelt input would be published in example.npz and never be checked
+        example = {k: v for k, v in example.items() if k not in extra}
+        imp.notes.append(f"example array(s) {extra} are not inputs of the model "
+                         f"({[s.name for s in imp.inputs]}): left out")
     if example is None:
         example = synth_example(imp.inputs, imp.batch_dim != NO_BATCH)
         imp.notes.append("no --example: checked with random inputs made from the signature")
@@ -119,11 +125,12 @@ def _publish(repo: ModelRepository, name: str, imp: Imported, *, description: st
 
 
 def check_staged(repo: ModelRepository, manifest: Manifest, servable_ref: str = ""
-                 ) -> tuple[list[dict[str, Array]], dict[str, Any], list[str]]:
+                 ) -> tuple[list[dict[str, Array]], dict[str, Any], list[str] | None]:
     """Load ``manifest``'s version with the servable a worker would use and run its example;
     for a batched tensor model that may batch, also each example request alone. Returns the
     outputs, the servable's ``describe()``, and the outputs whose values changed with the
-    other requests of the call (:mod:`headrace.workers.backends.call_mates`).
+    other requests of the call (:mod:`headrace.workers.backends.call_mates`; None when the
+    example's requests are too few or all alike to tell).
 
     Raises:
         ModelError / RepositoryError / ConfigError: the model does not load, its manifest does
@@ -148,11 +155,12 @@ def check_staged(repo: ModelRepository, manifest: Manifest, servable_ref: str = 
             signature.check_results(manifest, servable.outputs, outputs)
         else:
             outputs = signature.smoke_run(servable, manifest, example)
-        moved: list[str] = []
+        moved: list[str] | None = []
         if manifest.batched and manifest.max_batch != 1 and not manifest.accepts_text:
-            from headrace.workers.backends.call_mates import outputs_moved_by_call_mates
+            from headrace.workers.backends.call_mates import can_judge, outputs_moved_by_call_mates
 
-            moved = outputs_moved_by_call_mates(servable, signature.example_requests(manifest, example), outputs)
+            requests = signature.example_requests(manifest, example)
+            moved = outputs_moved_by_call_mates(servable, requests, outputs) if can_judge(requests) else None
         return outputs, servable.describe(), moved
     finally:
         servable.close()
@@ -190,7 +198,11 @@ def add_model(repo_root: str | Path, name: str, source: str | Path, opts: Import
             outputs, described, moved = check_staged(stage, staged, servable)
         except E.HeadraceError as e:
             raise type(e)(f"{name} was not added: {e.message}", code=e.code) from e
-        if moved:
+        if moved is None:
+            imp.notes.append("the example's requests are all alike (or just one), so whether a request's answer "
+                             "depends on the other requests of its model call was not checked: give an --example "
+                             "of different rows (docs/models.md, Batch axes)")
+        elif moved:
             imp.max_batch = 1
             staged = replace(staged, max_batch=1)
             imp.notes.append(f"output(s) {moved} of a request change with the other requests of its model call "

@@ -3,8 +3,9 @@
 * names and dtypes from the graph's inputs and outputs (initializers that are also graph
   inputs are left out: they have defaults);
 * the batch axis: a symbolic dim shared by the inputs (``batch``, ``N``, ...), found
-  wherever it sits (``state [2, batch, 128]`` has it on axis 1); for graphs with unnamed
-  dims, axis 0 when every input's axis 0 is dynamic. A tensor without it has no batch axis
+  wherever it sits (``state [2, batch, 128]`` has it on axis 1; see :func:`_batch_name`);
+  for graphs with unnamed dims, or inputs each leading with a name of their own, axis 0
+  when every input's axis 0 is dynamic. A tensor without it has no batch axis
   (an input shared by a model call, like a sample rate). A graph with no batch axis at all
   (every dim fixed, e.g. ``[1, 3, 224, 224]``) is served unbatched, and ``add`` says so;
 * dynamic dims become -1;
@@ -33,6 +34,8 @@ GraphTensor = tuple[str, str, tuple[Dim, ...]]
 def _np_dtype(elem_type: int) -> str:
     import onnx
 
+    if elem_type == onnx.TensorProto.STRING:
+        return "string"
     try:
         return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
     except (KeyError, TypeError, ValueError):
@@ -119,9 +122,25 @@ def refine_with_runtime(sess: Any, tensors: list[GraphTensor], outputs: bool) ->
     return out
 
 
-def _batch_name(inputs: list[GraphTensor]) -> str | None:
-    names = Counter(dims[0] for _, _, dims in inputs if dims and isinstance(dims[0], str))
-    return names.most_common(1)[0][0] if names else None
+def _batch_name(inputs: list[GraphTensor], outputs: list[GraphTensor]) -> str | None:
+    """The symbolic dim that is the batch, in this order: the one dim of the inputs named like
+    a batch (``batch``, ``batch_size``: a time-major ``x [seq, batch, 5]`` has it on axis 1);
+    the leading dim shared by the most inputs, when two or more share it or only one input
+    has a named leading dim; the inputs' leading name an output leads with. None when the
+    inputs each lead with a name of their own and nothing tells them apart (torch's
+    ``dynamic_axes`` given as lists names ``a_dynamic_axes_1``, ``b_dynamic_axes_1``): the
+    caller then reads the graph as one with unnamed dims."""
+    batchy = {d for _, _, dims in inputs for d in dims if isinstance(d, str) and "batch" in d.lower()}
+    if len(batchy) == 1:
+        return batchy.pop()
+    leading = Counter(dims[0] for _, _, dims in inputs if dims and isinstance(dims[0], str))
+    if not leading:
+        return None
+    top, count = leading.most_common(1)[0]
+    if count >= 2 or len(leading) == 1:
+        return top
+    led = {dims[0] for _, _, dims in outputs if dims and isinstance(dims[0], str)} & set(leading)
+    return led.pop() if len(led) == 1 else None
 
 
 def batch_axes(inputs: list[GraphTensor], outputs: list[GraphTensor]) -> tuple[dict[str, int], list[str]]:
@@ -129,7 +148,7 @@ def batch_axes(inputs: list[GraphTensor], outputs: list[GraphTensor]) -> tuple[d
     axis cannot be told from the graph."""
     axes: dict[str, int] = {}
     unclear: list[str] = []
-    name = _batch_name(inputs)
+    name = _batch_name(inputs, outputs)
     if name is not None:
         for n, _, dims in inputs + outputs:
             axes[n] = dims.index(name) if name in dims else NO_BATCH
@@ -159,12 +178,12 @@ def to_spec(t: GraphTensor, axis: int, batched: bool) -> IOSpec:
 
 
 def _check_types(tensors: list[GraphTensor], kind: str, path: Path) -> None:
-    from headrace.client.protocol import DTYPES
+    from headrace.client.protocol import WIRE_DTYPES
 
-    bad = {n: dtype or "a sequence/map" for n, dtype, _ in tensors if dtype not in DTYPES}
+    bad = {n: dtype or "a sequence/map" for n, dtype, _ in tensors if dtype not in WIRE_DTYPES}
     if bad:
         raise ModelError(f"{path.name}: {kind}s {bad} have types headrace cannot carry on the wire "
-                         f"(it carries {sorted(DTYPES)}); export the model with numeric tensors there")
+                         f"(it carries {sorted(WIRE_DTYPES)}); export the model with tensors of those types there")
 
 
 def import_onnx(path: Path, opts: ImportOptions) -> Imported:

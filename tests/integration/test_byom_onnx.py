@@ -248,3 +248,62 @@ def test_indices_counted_over_the_call_answer_each_request_with_its_own(redis_ur
     for got, want in zip(raw, expected[:3], strict=True):
         np.testing.assert_array_equal(np.asarray(got["outputs"]["where"]).reshape(-1, 2), want)
     assert max_batch_seen(results) == 1
+
+
+def test_string_labels_and_string_inputs_are_served_as_string_tensors(redis_url: str, tmp_path: Path) -> None:
+    # A classifier fitted on class names answers with strings (skl2onnx: a tensor(string)
+    # label); a category lookup takes strings. Both travel as docs/protocol.md's "string"
+    # tensors: through single requests, multi-sample entries (map, map_arrays) and a raw producer.
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    data = load_iris()
+    x = data.data.astype(np.float32)
+    clf = LogisticRegression(max_iter=1000).fit(x, data.target_names[data.target])
+    labeller = tmp_path / "labels.onnx"
+    labeller.write_bytes(to_onnx(clf, x[:1], options={LogisticRegression: {"zipmap": False}},
+                                 target_opset=17).SerializeToString())
+    words = ["setosa", "versicolor", "virginica"]
+    graph = h.make_graph([h.make_node("CategoryMapper", ["word"], ["code"], domain="ai.onnx.ml",
+                                      cats_strings=words, cats_int64s=[0, 1, 2], default_int64=-1)], "lookup",
+                         [h.make_tensor_value_info("word", T.STRING, ["N"])],
+                         [h.make_tensor_value_info("code", T.INT64, ["N"])])
+    lookup = tmp_path / "lookup.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)]),
+              str(lookup))
+    repo = tmp_path / "repo"
+    proc = models_add(repo, "labels", labeller)
+    assert {s.name: s.dtype for s in latest(repo, "labels").outputs} == {"label": "string", "probabilities": "float32"}
+    assert "string" in proc.stdout
+    models_add(repo, "lookup", lookup)
+    assert [(s.name, s.dtype, s.shape) for s in latest(repo, "lookup").inputs] == [("word", "string", ())]
+    rows = x[::10]
+    with serving(redis_url, repo, "labels", tmp_path / "labels.log", "--max-batch", "8"):
+        single = sdk_infer(redis_url, "labels", [{"X": r} for r in rows])
+        raw = raw_infer(redis_url, "labels", [{"X": r} for r in rows[:4]])
+        with Client(redis_url) as c:
+            mapped = c.map("labels", [{"X": r} for r in rows], chunk_size=4)
+            bulk = c.map_arrays("labels", {"X": rows}, chunk_size=4)
+    want = list(clf.predict(rows))
+    assert [str(r.outputs["label"]) for r in single] == want
+    assert all(isinstance(r.outputs["label"], np.ndarray) and r.outputs["label"].shape == () for r in single)
+    assert [str(r["outputs"]["label"]) for r in raw] == want[:4]
+    assert [str(r.outputs["label"]) for r in mapped] == want
+    assert list(bulk.outputs["label"]) == want
+    np.testing.assert_allclose(bulk.outputs["probabilities"], clf.predict_proba(rows), rtol=1e-4, atol=1e-5)
+    sent = ["virginica", "setosa", "rose", "versicolor", ""]
+    with serving(redis_url, repo, "lookup", tmp_path / "lookup.log", "--max-batch", "8"):
+        single = sdk_infer(redis_url, "lookup", [{"word": np.array(w)} for w in sent])
+        raw = raw_infer(redis_url, "lookup", [{"word": np.array(w)} for w in sent])
+        with Client(redis_url) as c:
+            mapped = c.map("lookup", [{"word": np.array(w)} for w in sent], chunk_size=3)
+            bad = c.submit("lookup", {"word": np.array(3, dtype=np.int64)}).result(timeout_s=30)
+    codes = [2, 0, -1, 1, -1]
+    assert [int(r.outputs["code"]) for r in single] == codes
+    assert [int(r["outputs"]["code"]) for r in raw] == codes
+    assert [int(r.outputs["code"]) for r in mapped] == codes
+    assert not bad.ok and bad.code == "bad_dtype"

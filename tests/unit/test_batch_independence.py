@@ -174,6 +174,22 @@ def test_models_add_serves_a_model_mixing_the_rows_of_a_call_one_request_per_cal
     assert any("['y'] of a request change with the other requests" in n for n in res.notes)
 
 
+def test_models_add_says_when_the_example_cannot_show_call_mates_and_leaves_out_arrays_the_model_lacks(
+        tmp_path: Path) -> None:
+    from headrace.cluster.ops.add_model import add_model
+
+    path = _save(tmp_path / "mix.onnx", [h.make_node("Softmax", ["x"], ["y"], axis=0)], _x(), _y())
+    same = np.ones((3, 8), np.float32)  # alike rows: mixing or not, alone equals together
+    res = add_model(tmp_path / "repo", "mix", path, ImportOptions(example={"x": same, "labels": np.arange(3)}),
+                    dry_run=True)
+    assert any("requests are all alike (or just one)" in n and "was not checked" in n for n in res.notes)
+    assert any(n.startswith("example array(s) ['labels'] are not inputs of the model") for n in res.notes)
+    res = add_model(tmp_path / "repo", "mix", path, ImportOptions(example={"x": same[:1], "labels": np.arange(1)}))
+    assert any("was not checked" in n for n in res.notes)
+    stored = np.load(tmp_path / "repo" / "mix" / res.manifest.version / "example.npz")
+    assert stored.files == ["x"]
+
+
 def test_models_add_keeps_batching_a_row_wise_model_also_when_dynamically_quantized(tmp_path: Path) -> None:
     # Dynamic INT8 quantisation scales activations over the whole call: small differences
     # between a row alone and in a call, which must not be taken for mixing.

@@ -62,6 +62,26 @@ def test_batch_axes_from_a_named_dim_wherever_it_sits() -> None:
     assert batch_axes(ins, outs) == ({"input": 0, "state": 1, "sr": -1, "output": 0, "stateN": 1}, [])
 
 
+@pytest.mark.parametrize(("ins", "outs", "axes"), [
+    # time-major (nn.LSTM's default): the dim named batch sits on axis 1 of x, h0, c0
+    ([("x", "float32", ("seq", "batch", 5)), ("h0", "float32", (1, "batch", 16))],
+     [("logits", "float32", ("batch", 2)), ("h", "float32", (1, "batch", 16))],
+     {"x": 1, "h0": 1, "logits": 0, "h": 1}),
+    # torch dynamic_axes given as lists: every tensor leads with a name of its own
+    ([("a", "float32", ("a_dynamic_axes_1", 4)), ("b", "float32", ("b_dynamic_axes_1", 6))],
+     [("y", "float32", ("y_dynamic_axes_1", 3))], {"a": 0, "b": 0, "y": 0}),
+    # a shared table of its own length: the output leads with the batched input's name
+    ([("x", "float32", ("N", 4)), ("table", "float32", ("K", 3))], [("y", "float32", ("N", 3))],
+     {"x": 0, "table": -1, "y": 0}),
+    # a sequence dim shared by two inputs (ids [batch, seq]) does not win over batch
+    ([("ids", "int64", ("batch_size", "sequence")), ("mask", "int64", ("batch_size", "sequence")),
+      ("pos", "int64", ("sequence",))], [("out", "float32", ("batch_size", "sequence", 8))],
+     {"ids": 0, "mask": 0, "pos": -1, "out": 0}),
+])
+def test_batch_axes_name_the_batch_dim_by_its_name_sharing_or_the_outputs(ins: Any, outs: Any, axes: Any) -> None:
+    assert batch_axes(ins, outs) == (axes, [])
+
+
 def test_batch_axes_of_unnamed_dims_asks_when_it_cannot_tell() -> None:
     ins = [("input", "float32", (None, None)), ("state", "float32", (2, None, 128)), ("sr", "int64", ())]
     axes, unclear = batch_axes(ins, [("out", "float32", (None, 1))])

@@ -30,7 +30,13 @@ MIXING_SHARE = 0.1
 MAX_ALONE = 8
 
 
-def _distinct(requests: Sequence[Request]) -> bool:
+def can_judge(requests: Sequence[Request]) -> bool:
+    """Whether the check can tell anything from ``requests``: two or more of its first
+    :data:`MAX_ALONE`, not all alike (alike requests give the same answers alone or together,
+    mixing or not)."""
+    requests = requests[:MAX_ALONE]
+    if len(requests) < 2:
+        return False
     first = requests[0].inputs
     return any(any(not np.array_equal(np.asarray(r.inputs[k]), np.asarray(v)) for k, v in first.items())
                for r in requests[1:])
@@ -48,7 +54,7 @@ def outputs_moved_by_call_mates(servable: Servable, requests: Sequence[Request],
         ModelError (and whatever ``servable.infer`` raises): a request fails alone.
     """
     requests, batched = requests[:MAX_ALONE], batched[:MAX_ALONE]
-    if len(requests) < 2 or not _distinct(requests):
+    if not can_judge(requests):
         return []
     moved: list[str] = []
     alone = [servable.infer([r])[0] for r in requests]
