@@ -100,7 +100,7 @@ def open_session(path: Path) -> Any:
 
     try:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # the probes' failed runs are expected; load errors still raise
         opts.intra_op_num_threads = 1
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidGraph/RuntimeException
@@ -218,16 +218,17 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
         raise ModelError(f"cannot tell the batch axis of input(s) {shown} from the graph (unnamed dims). "
                          f"Say where it is, e.g. --input {unclear[0]}:DTYPE:2,B,128 (B = batch axis), or "
                          f"--input {unclear[0]}:DTYPE:SHAPE:nobatch for an input shared by a call")
-    batched = any(a != NO_BATCH for n, a in axes.items() if n in {i[0] for i in inputs}) or \
-        any(s.batch_axis != NO_BATCH for s in opts.inputs.values())
-    in_specs = merge_overrides("input", [to_spec(t, axes[t[0]], batched) for t in inputs], opts.inputs,
-                               [t[0] for t in inputs])
-    out_specs = merge_overrides("output", [to_spec(t, axes[t[0]], batched) for t in outputs], opts.outputs,
-                                [t[0] for t in outputs])
-    batched = batched and any(s.batched for s in in_specs)
-    if not batched:
-        in_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in in_specs)
-        out_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in out_specs)
+    in_specs, out_specs, batched = _specs(inputs, outputs, axes, opts)
+    left = [n for n, _, dims in inputs if dims and isinstance(dims[0], str) and axes[n] == NO_BATCH
+            and n not in opts.inputs]
+    if batched and left and not _runs(sess, in_specs, opts):
+        # A dynamic leading dim named apart from the batch (A [N, 4] + B [M, 4]) may be the
+        # batch all the same; the reading the model runs with at two batch sizes wins.
+        alt = _specs(inputs, outputs, {**axes, **dict.fromkeys(left, 0)}, opts)
+        if _runs(sess, alt[0], opts):
+            in_specs, out_specs, batched = alt
+            notes.append(f"input(s) {left} lead with a dim named apart from the batch, but the model runs only "
+                         f"with them batched: read as batched on axis 0")
     if not batched:
         notes.append("no batch axis in the graph: served unbatched (one request = one model call, "
                      "tensors sent as the model takes them)")
@@ -245,6 +246,32 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
     return Imported(files=files, format="onnx", model_file="model.onnx", inputs=in_specs, outputs=out_specs,
                     batch_dim=0 if batched else NO_BATCH,
                     max_batch=1 if whole or not batched else opts.max_batch, source=path.name, notes=notes)
+
+
+def _specs(inputs: list[GraphTensor], outputs: list[GraphTensor], axes: dict[str, int], opts: ImportOptions
+           ) -> tuple[tuple[IOSpec, ...], tuple[IOSpec, ...], bool]:
+    """The input and output signatures of one reading of the batch axes (``--input`` /
+    ``--output`` flags applied), and whether the model is batched at all."""
+    batched = any(a != NO_BATCH for n, a in axes.items() if n in {i[0] for i in inputs}) or \
+        any(s.batch_axis != NO_BATCH for s in opts.inputs.values())
+    in_specs = merge_overrides("input", [to_spec(t, axes[t[0]], batched) for t in inputs], opts.inputs,
+                               [t[0] for t in inputs])
+    out_specs = merge_overrides("output", [to_spec(t, axes[t[0]], batched) for t in outputs], opts.outputs,
+                                [t[0] for t in outputs])
+    batched = batched and any(s.batched for s in in_specs)
+    if not batched:
+        in_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in in_specs)
+        out_specs = tuple(IOSpec(s.name, s.dtype, s.shape, NO_BATCH) for s in out_specs)
+    return in_specs, out_specs, batched
+
+
+def _runs(sess: Any, in_specs: tuple[IOSpec, ...], opts: ImportOptions) -> bool:
+    """Whether the model runs on the example (``--example``, else made from ``in_specs``) at
+    its ``n`` rows and at ``n + 1``, read with ``in_specs``' batch axes."""
+    from headrace.models.importers.common import synth_example
+
+    example = dict(opts.example) if opts.example is not None else synth_example(in_specs, True)
+    return len(_output_shapes(sess, in_specs, [o.name for o in sess.get_outputs()], example)) == 2
 
 
 def _unfollowed_to_whole(sess: Any, in_specs: tuple[IOSpec, ...], out_specs: tuple[IOSpec, ...],

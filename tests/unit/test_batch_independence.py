@@ -104,6 +104,26 @@ def test_the_batch_probe_uses_the_given_example_and_keeps_outputs_given_by_flag(
     assert next(s for s in imp.outputs if s.name == "where") == given and imp.max_batch == 8
 
 
+def test_an_input_leading_with_its_own_dim_name_is_batched_when_the_model_only_runs_that_way(tmp_path: Path) -> None:
+    # A [N, 4] + B [M, 4] -> Y [N, 4]: the names say B is shared, but Add only runs with M == N
+    path = _save(tmp_path / "add.onnx", [h.make_node("Add", ["A", "B"], ["Y"])],
+                 [h.make_tensor_value_info("A", T.FLOAT, ["N", 4]), h.make_tensor_value_info("B", T.FLOAT, ["M", 4])],
+                 [h.make_tensor_value_info("Y", T.FLOAT, ["N", 4])])
+    for example in (None, {"A": np.ones((3, 4), np.float32), "B": np.ones((3, 4), np.float32)}):
+        imp = import_onnx(path, ImportOptions(example=example))
+        assert {s.name: s.batch_axis for s in (*imp.inputs, *imp.outputs)} == {"A": 0, "B": 0, "Y": 0}
+        assert any("['B'] lead with a dim named apart from the batch" in n for n in imp.notes)
+    # a table of its own length that the model reduces runs as a shared input: it stays one
+    path = _save(tmp_path / "table.onnx",
+                 [h.make_node("ReduceSum", ["table", "zero"], ["row"], keepdims=0), h.make_node("Add", ["x", "row"], ["y"])],
+                 [h.make_tensor_value_info("x", T.FLOAT, ["N", 3]), h.make_tensor_value_info("table", T.FLOAT, ["K", 3])],
+                 [h.make_tensor_value_info("y", T.FLOAT, ["N", 3])],
+                 inits=[onnx.numpy_helper.from_array(np.zeros(1, np.int64), "zero")])
+    imp = import_onnx(path, ImportOptions())
+    assert {s.name: s.batch_axis for s in (*imp.inputs, *imp.outputs)} == {"x": 0, "table": NO_BATCH, "y": 0}
+    assert not any("named apart" in n for n in imp.notes)
+
+
 def test_a_model_failing_on_the_probe_is_left_as_the_graph_says(tmp_path: Path) -> None:
     # ids + 5 always miss the one-row table, so the run fails; the import keeps the graph's
     # reading (the check after it reports the failure) instead of judging 'where'.
