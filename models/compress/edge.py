@@ -18,10 +18,13 @@ call; what transformers keep their accuracy with).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -211,6 +214,11 @@ def _calibration_files(declared: Mapping[str, Any], samples: Sequence[Feed], out
     return cind
 
 
+# TensorFlow's start-up lines (absl info/warning lines, the oneDNN and CUDA notices), which
+# say nothing about why a conversion failed
+_TF_NOISE = re.compile(r"^([IW]\d{4} |WARNING: All log messages before absl|off, set the environment variable)")
+
+
 def _convert(args: Mapping[str, Any], source_name: str) -> None:
     """Run onnx2tf in a child process.
 
@@ -221,14 +229,22 @@ def _convert(args: Mapping[str, Any], source_name: str) -> None:
         # onnx2tf runs the onnxsim command line when it is installed: put this interpreter's
         # scripts folder first on PATH so a virtual environment's copy is found unactivated.
         env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        # TensorFlow's C++ info lines would fill the error's tail, hiding onnx2tf's own reason
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
                               timeout=CONVERT_TIMEOUT_S, check=False, env=env)
     except subprocess.TimeoutExpired as e:
         raise ModelError(f"onnx2tf did not finish in {CONVERT_TIMEOUT_S}s") from e
     found = [p for p in Path(args["out"]).glob(f"*{SUFFIX[args['quant']]}") if "_full_integer" not in p.name]
     if proc.returncode != 0 or not found:
-        tail = (proc.stderr or proc.stdout)[-1500:]
-        raise ModelError(f"onnx2tf failed on {source_name} (exit {proc.returncode}): {tail}")
+        said = ["\n".join(ln for ln in (out or "").splitlines() if not _TF_NOISE.match(ln)).strip()
+                for out in (proc.stderr, proc.stdout)]
+        tail = (said[0] or said[1])[-1500:] or "(no message)"
+        how = f"exit {proc.returncode}"
+        if proc.returncode < 0:
+            with contextlib.suppress(ValueError):
+                how = f"crashed with {signal.Signals(-proc.returncode).name}: onnx2tf cannot convert this graph here"
+        raise ModelError(f"onnx2tf failed on {source_name} ({how}): {tail}")
 
 
 class LiteRTRunner:

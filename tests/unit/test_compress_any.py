@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -359,3 +360,28 @@ def test_bert_family_encoder_heads_pruned_and_layers_dropped(tmp_path: Path, tor
     assert keep_layers(4) == [0, 2, 3] and keep_layers(6) == [0, 2, 4, 5] and keep_layers(2) == [0, 1]
     assert rows["student 3L"].comparison is not None and rows["student 3L"].comparison.kinds == {"embeddings": "embedding"}
     assert "overlap_at_k" in rows["student 3L"].comparison.metrics["embeddings"]
+
+
+def test_an_onnx2tf_crash_is_a_model_error_naming_the_signal_without_tensorflow_start_up_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # onnx2tf dies by SIGSEGV on some graphs (an LSTM here); the step must fail with its reason
+    # in view, not the tail of TensorFlow's oneDNN/CUDA notices.
+    import subprocess
+
+    from headrace.client.errors import ModelError
+    from headrace.models.compress import edge
+
+    noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+             "I0000 00:00:1796303751.260946   17074 port.cc:153] oneDNN custom operations are on.\n"
+             "W0000 00:00:1796303751.261393   17074 cudart_stub.cc:31] Could not find cuda drivers\n")
+
+    def crashed(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        assert kwargs["env"]["TF_CPP_MIN_LOG_LEVEL"] == "2"
+        return subprocess.CompletedProcess(args[0], -11, stdout="Saved artifact at 'x/tflite'\n", stderr=noise)
+
+    monkeypatch.setattr(edge.subprocess, "run", crashed)
+    with pytest.raises(ModelError) as info:
+        edge._convert({"out": str(tmp_path), "quant": "dynamic"}, "model.onnx")
+    msg = info.value.message
+    assert "crashed with SIGSEGV" in msg and "Saved artifact" in msg
+    assert "oneDNN" not in msg and "cuda" not in msg
