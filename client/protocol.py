@@ -61,6 +61,7 @@ from headrace.client.wire import (
     Limits,
     Status,
     decode_tensor,
+    encode_named,
     encode_tensor,
     field_bytes,
     field_text,
@@ -125,7 +126,7 @@ def encode_request(req: Request) -> dict[bytes, bytes]:
                               code=E.MISSING_FIELD)
     body: dict[str, Any] = (
         {"text": req.text} if req.text is not None
-        else {"inputs": {k: encode_tensor(v) for k, v in req.inputs.items()}}
+        else {"inputs": encode_named(req.inputs, "input")}
     )
     env = req.envelope
     fields = {

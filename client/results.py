@@ -27,6 +27,7 @@ from headrace.client.wire import (
     Limits,
     Status,
     decode_tensor,
+    encode_named,
     encode_tensor,
     field_bytes,
     field_text,
@@ -127,26 +128,10 @@ def error_result(request_id: str, code: str, message: str, status: Status = STAT
     return Result(request_id=request_id, status=status, code=code, message=message[:1000], **kw)
 
 
-def encode_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Named output arrays as wire tensors.
-
-    Raises:
-        InvalidTensorError: naming the output whose dtype is not a wire dtype, or whose
-            string tensor holds something that is not a str.
-    """
-    out: dict[str, Any] = {}
-    for name, value in outputs.items():
-        try:
-            out[name] = encode_tensor(value)
-        except E.InvalidTensorError as err:
-            raise E.InvalidTensorError(f"output {name!r}: {err.message}", code=err.code) from err
-    return out
-
-
 def encode_result(res: Result) -> dict[bytes, bytes]:
     """Encode a result as reply-stream entry fields."""
     body: dict[str, Any] = {
-        "outputs": encode_outputs(res.outputs),
+        "outputs": encode_named(res.outputs, "output"),
         "timings": res.timings.to_wire(),
         "model": res.model,
         "version": res.version,
@@ -177,7 +162,7 @@ def encode_stacked_result(request_id: str, outputs: Mapping[str, np.ndarray[Any,
         "outputs": {}, "timings": timings.to_wire(), "model": model, "version": version,
         # the slot every sample gets (msgpack writes one map per sample)
         "samples": [{"status": STATUS_OK}] * count,
-        "stacked": encode_outputs(outputs),
+        "stacked": encode_named(outputs, "output"),
     }
     return _result_fields(request_id, STATUS_OK, "", "", body)
 
@@ -271,7 +256,7 @@ def samples_to_wire(samples: Sequence[Result]) -> tuple[list[dict[str, Any]], di
 def _slot_to_wire(res: Result, with_outputs: bool) -> dict[str, Any]:
     slot: dict[str, Any] = {"status": res.status}
     if with_outputs and res.outputs:
-        slot["outputs"] = encode_outputs(res.outputs)
+        slot["outputs"] = encode_named(res.outputs, "output")
     if res.code:
         slot["code"], slot["message"] = res.code, res.message
     return slot

@@ -33,9 +33,8 @@ from headrace.client.protocol import (
     Request,
     decode_tensor,
     encode_request,
-    encode_tensor,
 )
-from headrace.client.wire import take_row
+from headrace.client.wire import encode_named, quote, take_row
 
 #: the entry field holding the sample count of a multi-sample entry.
 SAMPLES_FIELD: Final = b"n"
@@ -80,7 +79,7 @@ class MultiRequest:
             arrays = {k: np.asarray(v) for k, v in (self.inputs or {}).items()}
             if any(a.ndim == 0 or a.shape[0] != n for a in arrays.values()):
                 raise E.InvalidTensorError(f"every input needs the leading (sample) dim {n}", code=E.BAD_SHAPE)
-            body = {"samples": n, "inputs": {k: encode_tensor(a) for k, a in arrays.items()}}
+            body = {"samples": n, "inputs": encode_named(arrays, "input")}
         # The envelope fields come from the single-sample encoder (one source of truth).
         fields = encode_request(Request(self.envelope, text=""))
         fields[b"body"] = msgpack.packb(body, use_bin_type=True)
@@ -174,7 +173,7 @@ def decode_sample_arrays(body: dict[str, Any], declared: int | None, max_samples
         raise E.ProtocolError("a text body has no sample arrays", code=E.BAD_VALUE)
     n = body.get("samples")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise E.ProtocolError(f"'samples' must be a positive int, got {type(n).__name__}", code=E.BAD_VALUE)
+        raise E.ProtocolError(f"'samples' must be a positive int, got {quote(n)}", code=E.BAD_VALUE)
     _check_count(n, declared, max_samples)
     if "text" in body:
         raise E.DecodeError("a multi-sample body sends texts as 'texts', not 'text'")

@@ -102,6 +102,22 @@ def string_array(value: Any) -> np.ndarray[Any, Any]:
     return a
 
 
+def _utf8(strings: list[str]) -> list[str]:
+    """``strings``, checked to be encodable as UTF-8 (a lone surrogate is not).
+
+    Raises:
+        InvalidTensorError: ``bad_value``, naming the first string that is not.
+    """
+    for s in strings:
+        if not s.isascii():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise E.InvalidTensorError(f"a string tensor holds {quote(s)}, which is not valid UTF-8 ({e.reason})",
+                                           code=E.BAD_VALUE) from e
+    return strings
+
+
 MAX_DIMS: Final = 8
 # Used with fullmatch: "$" would also accept the string with one trailing newline.
 ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -155,13 +171,29 @@ def encode_tensor(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     name = dtype_name(a.dtype)
     if name == STRING:
         a = string_array(a)
-        return {"dtype": STRING, "shape": list(a.shape), "data": a.ravel().tolist()}
+        return {"dtype": STRING, "shape": list(a.shape), "data": _utf8(a.ravel().tolist())}
     if name not in DTYPES:
         raise E.InvalidTensorError(f"dtype {name!r} is not a wire dtype; use one of {sorted(WIRE_DTYPES)}",
                                    code=E.BAD_DTYPE)
     # asarray(order="C"), not ascontiguousarray: the latter turns 0-d scalars into shape (1,).
     a = np.asarray(a, dtype=DTYPES[name], order="C")
     return {"dtype": name, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def encode_named(tensors: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Named arrays (``what``: "input" or "output", for messages) as wire tensors.
+
+    Raises:
+        InvalidTensorError: naming the tensor whose dtype is not a wire dtype, or whose string
+            tensor holds something that is not a str or not valid UTF-8.
+    """
+    out: dict[str, Any] = {}
+    for name, value in tensors.items():
+        try:
+            out[name] = encode_tensor(value)
+        except E.InvalidTensorError as err:
+            raise E.InvalidTensorError(f"{what} {name!r}: {err.message}", code=err.code) from err
+    return out
 
 
 def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor") -> np.ndarray[Any, Any]:
@@ -210,8 +242,11 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
 
 def _decode_strings(name: str, shape: Sequence[int], data: Any, limits: Limits) -> np.ndarray[Any, Any]:
     n = math.prod(shape)
-    if n > limits.max_elements or math.prod(d or 1 for d in shape) > limits.max_elements:
+    if n > limits.max_elements:
         raise E.PayloadTooLargeError(f"{name}: shape {quote(shape)} holds more than {limits.max_elements} strings")
+    if math.prod(d or 1 for d in shape) > limits.max_elements:
+        raise E.InvalidTensorError(f"{name}: shape {quote(shape)} has dimensions beyond "
+                                   f"{limits.max_elements} elements", code=E.BAD_SHAPE)
     if not isinstance(data, (list, tuple)) or not all(isinstance(v, str) for v in data):
         raise E.DecodeError(f"{name}: string tensor data must be a msgpack array of str")
     if len(data) != n:

@@ -52,7 +52,8 @@ def test_string_tensors_round_trip_as_object_arrays(value: np.ndarray[Any, Any])
     ({"dtype": "string", "shape": [2], "data": ["a", b"b"]}, E.DecodeError, E.DECODE_ERROR),
     ({"dtype": "string", "shape": [2], "data": [["a"], ["b"]]}, E.DecodeError, E.DECODE_ERROR),
     ({"dtype": "string", "shape": [3], "data": ["a", "b"]}, E.InvalidTensorError, E.BAD_SHAPE),
-    ({"dtype": "string", "shape": [2**40, 0], "data": []}, E.PayloadTooLargeError, E.PAYLOAD_TOO_LARGE),
+    ({"dtype": "string", "shape": [2**40], "data": []}, E.PayloadTooLargeError, E.PAYLOAD_TOO_LARGE),
+    ({"dtype": "string", "shape": [0, 2**63], "data": []}, E.InvalidTensorError, E.BAD_SHAPE),
     ({"dtype": "string", "shape": [1], "data": ["x" * 11]}, E.PayloadTooLargeError, E.PAYLOAD_TOO_LARGE),
     ({"dtype": "String", "shape": [1], "data": ["x"]}, E.InvalidTensorError, E.BAD_DTYPE),
 ])
@@ -68,6 +69,13 @@ def test_an_object_array_that_is_not_all_str_is_not_encoded() -> None:
     with pytest.raises(E.InvalidTensorError, match="holds a dict") as info:
         encode_tensor(np.array(["a", {"k": 1}], dtype=object))
     assert info.value.code == E.BAD_DTYPE
+    with pytest.raises(E.InvalidTensorError, match="not valid UTF-8") as info:
+        encode_tensor(np.array(["ok", "\ud800"], dtype=object))  # a lone surrogate
+    assert info.value.code == E.BAD_VALUE
+    with pytest.raises(E.InvalidTensorError, match="^\\[bad_dtype\\] input 'word': a string tensor holds a NoneType"):
+        encode_request(Request(Envelope("r1", AFF), inputs={"word": np.array([None], dtype=object)}))
+    with pytest.raises(E.InvalidTensorError, match="input 'word'"):
+        MultiRequest(Envelope("r2", AFF), inputs={"word": np.array([["a"], [None]], dtype=object)}).encode()
     assert decode_tensor(encode_tensor(np.array(["a", "b"]))).tolist() == ["a", "b"]  # numpy str arrays too
     assert DEFAULT_LIMITS.max_text_chars >= 10_000
 
@@ -85,7 +93,8 @@ class Labeller(AffineServable):
 
 
 @pytest.mark.timeout(20)
-async def test_string_outputs_are_answered_per_sample_and_a_non_string_output_fails_only_its_sample() -> None:
+async def test_string_outputs_are_answered_per_sample_and_a_non_string_output_fails_only_its_sample(
+        caplog: pytest.LogCaptureFixture) -> None:
     store = MemoryStore()
     w = StreamWorker(WorkerSettings(model="affine", max_batch=8, max_wait_ms=20, block_ms=5), Labeller(),
                      MemoryBroker(store, "w"))
@@ -93,9 +102,12 @@ async def test_string_outputs_are_answered_per_sample_and_a_non_string_output_fa
     with store.lock:
         store.add(MultiRequest(Envelope("many", AFF), inputs={"x": rows}).encode())
         store.add(MultiRequest(Envelope("mixed", AFF), inputs={"x": np.array([[9] * 4, [4] * 4], np.float32)}).encode())
+        # a NaN row is refused alone; its entry's other samples run one by one and keep their labels
+        store.add(MultiRequest(Envelope("nan", AFF), inputs={"x": np.array([[0] * 4, [np.nan] * 4, [3] * 4],
+                                                                          np.float32)}).encode())
         for rid, x in (("one", 4.0), ("bad", 9.0), ("after", 0.0)):
             store.add(encode_request(Request(Envelope(rid, AFF), inputs={"x": np.full(4, x, np.float32)})))
-    await serve_until(w, lambda: len(store.results(AFF)) == 5)
+    await serve_until(w, lambda: len(store.results(AFF)) == 6)
     got = {r.request_id: r for r in store.results(AFF)}
     many = got["many"].samples
     assert [str(s.outputs["label"]) for s in many] == ["small", "big", "big"]
@@ -103,7 +115,11 @@ async def test_string_outputs_are_answered_per_sample_and_a_non_string_output_fa
     np.testing.assert_array_equal(np.stack([s.outputs["y"] for s in many]), rows * 2 + 1)
     mixed = got["mixed"].samples
     assert mixed[0].code == E.MODEL_ERROR and "label" in mixed[0].message
+    assert any("mixed" in r.getMessage() and "'label' cannot be sent" in r.getMessage() for r in caplog.records)
     assert mixed[1].ok and str(mixed[1].outputs["label"]) == "big"
+    nan = got["nan"].samples
+    assert [s.code for s in nan] == ["", E.BAD_VALUE, ""]
+    assert [str(nan[i].outputs["label"]) for i in (0, 2)] == ["small", "big"]
     assert got["one"].ok and str(got["one"].outputs["label"]) == "big"
     assert not got["bad"].ok and got["bad"].code == E.MODEL_ERROR and "label" in got["bad"].message
     assert got["after"].ok and str(got["after"].outputs["label"]) == "small"

@@ -76,7 +76,7 @@ def check_tensors(request: Request, specs: Sequence[TensorSpec], reject_non_fini
             raise E.MissingFieldError(f"input {spec.name!r} is missing")
         if dtype_name(arr.dtype) != spec.dtype:
             raise E.InvalidTensorError(
-                f"input {spec.name!r} has dtype {arr.dtype.name}, expected {spec.dtype}", code=E.BAD_DTYPE)
+                f"input {spec.name!r} has dtype {dtype_name(arr.dtype)}, expected {spec.dtype}", code=E.BAD_DTYPE)
         if not _shape_matches(tuple(arr.shape), tuple(spec.shape)):
             raise E.InvalidTensorError(
                 f"input {spec.name!r} has shape {list(arr.shape)}, expected {list(spec.shape)} "

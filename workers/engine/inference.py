@@ -33,6 +33,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Result, Timings, now_ms
+from headrace.client.wire import take_row
 from headrace.workers.backends.base import Servable, runs_stacked
 from headrace.workers.engine.batcher import split_by_length
 from headrace.workers.engine.daemon import DaemonExecutor
@@ -203,7 +204,7 @@ class BatchRunner:
             if w.block:
                 out.append({k: v[at:at + w.count] for k, v in outs.items()})
             else:
-                out.append({k: v[at] for k, v in outs.items()})
+                out.append({k: take_row(v, at) for k, v in outs.items()})
             at += w.count
         return out
 

@@ -12,6 +12,7 @@ single-sample entry.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
 
 import numpy as np
@@ -20,6 +21,8 @@ from headrace.client import errors as E
 from headrace.client.protocol import DTYPES, STATUS_ERROR, STATUS_OK, Envelope, Result, Status, error_result
 from headrace.client.wire import dtype_name, take_row
 from headrace.workers.pipeline.entry import Entry
+
+log = logging.getLogger(__name__)
 
 #: what a slot answered by a block holds (its outputs are rows of the block's arrays).
 IN_BLOCK: Final = Result("", STATUS_OK)
@@ -117,6 +120,8 @@ class Group:
             assert res is not None, "results() of an incomplete group"
             bad = [k for k, v in res.outputs.items() if not _encodable(v)]
             if bad:
+                log.warning("request %s: a sample's model output %r cannot be sent (%s); that sample is answered "
+                            "model_error", res.request_id, bad[0], type(res.outputs[bad[0]]).__name__)
                 res = error_result(res.request_id, E.MODEL_ERROR, f"cannot encode the model output {bad[0]!r}: its "
                                    "dtype is not a wire dtype, or it is a string tensor holding a non-str")
             out.append(res)
