@@ -88,8 +88,8 @@ def block_arrays(block: Any) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
     arrays = {str(k): np.asarray(v, order="C") for k, v in block.items()}
     counts = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
     if None in counts.values() or len(set(counts.values())) != 1:
-        raise E.InvalidTensorError(f"every input of a block needs the same leading (sample) axis, got {counts}",
-                                   code=E.BAD_SHAPE)
+        raise E.InvalidTensorError(f"every input of a block needs the same leading (sample) axis, got {counts} "
+                                   f"(None: a single value, with no sample axis)", code=E.BAD_SHAPE)
     n = next(iter(counts.values()))
     assert n is not None
     if n < 1:
