@@ -125,8 +125,18 @@ async def test_string_outputs_are_answered_per_sample_and_a_non_string_output_fa
     assert got["after"].ok and str(got["after"].outputs["label"]) == "small"
 
 
-def test_the_http_gateway_takes_string_tensors_as_json_strings() -> None:
+def test_the_http_gateway_takes_string_tensors_as_json_strings_and_answers_with_them() -> None:
+    import json
+
+    from headrace.client.protocol import Result
+    from headrace.cluster.serve.gateway import Gateway
     from headrace.cluster.serve.http_body import parse_body
+
+    labels = np.array([["setosa"], ["virginica"]], dtype=object)
+    answer = Gateway._answer("iris", "r1", Result("r1", "ok", {"label": labels, "p": np.ones(2, np.float32)}))
+    body = json.loads(json.dumps(answer.content))
+    assert body["outputs"]["label"] == {"dtype": "string", "shape": [2, 1], "data": ["setosa", "virginica"]}
+    assert body["outputs"]["p"]["dtype"] == "float32"
 
     call = parse_body(b'{"inputs": {"w": {"dtype": "string", "shape": [2, 1], "data": ["rose", "\\u00e9t\\u00e9"]}}}')
     assert call.inputs is not None
