@@ -75,9 +75,9 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
 
 
 def take_row(a: np.ndarray[Any, Any], i: int) -> np.ndarray[Any, Any]:
-    """Row ``i`` of ``a`` (a view). A string tensor's single element stays a 0-d object array
-    rather than becoming a bare str, so every output is an array; numeric rows are what
-    ``a[i]`` gives (a numpy scalar for 1-d)."""
+    """Row ``i`` of ``a``: what ``a[i]`` gives (a view, or a numpy scalar for 1-d numeric
+    arrays), except that one element of a 1-d string tensor comes as a new 0-d object array
+    rather than a bare str, so every output keeps a dtype and a shape."""
     row = a[i]
     if a.dtype.kind == "O" and a.ndim == 1:
         out = np.empty((), dtype=object)

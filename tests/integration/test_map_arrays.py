@@ -91,7 +91,7 @@ def test_a_bad_block_is_refused_before_anything_is_sent(redis_url: str) -> None:
             c.map_arrays("affine", {"x": np.ones((4, 2)), "z": np.ones((3, 2))}, progress=False)
         assert info.value.code == E.BAD_SHAPE
         with pytest.raises(E.InvalidTensorError) as dtype:
-            # not a wire dtype (strings are one since the string tensor; a None inside is not)
+            # an object array holding a None is no wire tensor (one of str would be a string tensor)
             c.map_arrays("affine", {"x": np.array([["a"], [None]], dtype=object)}, progress=False)
         assert dtype.value.code == E.BAD_DTYPE
         assert not c.outstanding()
