@@ -67,13 +67,14 @@ def _io_options(values: tuple[str, ...], kind: str) -> dict[str, Any]:
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--version", "version", default=None, help="Version number to publish (default: the next one).")
 @click.option("--input", "inputs", multiple=True, metavar="NAME:DTYPE:SHAPE",
-              help="Override an input's signature: per-sample shape (3,224,224), B marks a batch axis "
-                   "elsewhere (2,B,128), -1 a dynamic dim; ':nobatch' for an input shared by a call. Repeatable.")
+              help="Override an input's signature: DTYPE a wire dtype (float32, int64, ..., string), per-sample "
+                   "shape (3,224,224), B marks a batch axis elsewhere (2,B,128), -1 a dynamic dim; ':nobatch' "
+                   "for an input shared by a call. Repeatable.")
 @click.option("--output", "outputs", multiple=True, metavar="NAME:DTYPE:SHAPE",
               help="Override an output's signature (same syntax). Repeatable.")
 @click.option("--example", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="inputs.npz: model inputs (batch axis included) to check the model with; also fixes a "
-                   "torch program's signature.")
+              help="inputs.npz: model inputs (batch axis included) to check the model with, strings as numpy "
+                   "str arrays; also fixes a torch program's signature.")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="tokenizer.json: requests carry text, tokenised by the worker.")
 @click.option("--task", type=click.Choice(["feature-extraction", "sentence-embedding", "text-classification"]),

@@ -25,7 +25,8 @@ def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
     * ``.npy``: one array, named NAME or the file's stem (``x.npy`` -> ``x``);
     * ``.npz``: every array in it under its own name;
     * ``.json``: a map ``{name: [numbers...]}`` (float32) or
-      ``{name: {"dtype": "int64", "data": [...], "shape": [...]}}`` (``"string"``: a list of strings).
+      ``{name: {"dtype": "int64", "data": [...], "shape": [...]}}`` (``"string"``: a list of strings);
+      bare strings or nested lists of strings are a string tensor.
 
     Raises:
         ProtocolError: unreadable file, unknown suffix or malformed JSON (``bad_value``).
@@ -63,9 +64,26 @@ def _json_inputs(doc: Any, path: Path) -> dict[str, np.ndarray[Any, Any]]:
             if "shape" in value:
                 arr = arr.reshape(value["shape"])
         else:
-            arr = np.asarray(value, dtype=np.float32)
+            arr = _plain_values(value)
         out[str(name)] = arr
     return out
+
+
+def _plain_values(value: Any) -> np.ndarray[Any, Any]:
+    """A bare JSON value or nested list: all strings make a string tensor, else float32."""
+    leaves = _flatten(value)
+    if leaves and all(isinstance(v, str) for v in leaves):
+        arr = np.array(value, dtype=object)  # object, not numpy str: that drops trailing NULs
+        if arr.size != len(leaves) or not all(isinstance(v, str) for v in arr.flat):
+            raise ValueError("nested lists of strings must be rectangular")
+        return arr
+    return np.asarray(value, dtype=np.float32)
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _flatten(item)]
+    return [value]
 
 
 def _preview(arr: np.ndarray[Any, Any], n: int = 6) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import click
 
+from headrace.client.wire import dtype_name
 from headrace.cluster.cli.context import CliConfig, pass_cfg
 
 
@@ -14,7 +16,10 @@ from headrace.cluster.cli.context import CliConfig, pass_cfg
 @click.argument("model")
 @click.option("--text", default=None, help="Text input (text models such as minilm).")
 @click.option("--input", "input_files", multiple=True, metavar="[NAME=]FILE",
-              help="Tensor input from .npy (named by --input NAME=… or the file stem), .npz or .json; repeatable.")
+              help="Tensor input from .npy (named by --input NAME=… or the file stem), .npz (its own names) or "
+                   ".json ({name: numbers or strings} or {name: {dtype, shape, data}}); strings in .npy/.npz as "
+                   "numpy str arrays; one sample as the model takes it (no batch axis) unless --batch. "
+                   "Repeatable.")
 @click.option("--texts", "texts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Many text inputs: a file with one text per line ('-' not supported).")
 @click.option("--batch", is_flag=True, help="The --input arrays carry a leading sample dimension: one result per "
@@ -85,11 +90,15 @@ def _to_file(cfg: CliConfig, model: str, inputs: dict[str, Any] | None, texts: l
             raise click.UsageError(f"--output: {e}") from e
     if "ok" in out.outputs:
         raise click.UsageError(f"model {model!r} has an output named 'ok', which the .npz keeps for the status mask")
-    arrays: dict[str, Any] = {"ok": out.ok, **out.outputs}
-    with open(path, "wb") as f:
-        np.savez(f, allow_pickle=False, **arrays)  # numeric arrays only: never a pickled object
+    # string outputs as numpy str arrays: .npz stores those without pickle, object arrays only with it
+    arrays: dict[str, Any] = {"ok": out.ok, **{k: v.astype(str) if v.dtype.kind == "O" else v
+                                               for k, v in out.outputs.items()}}
+    tmp = f"{path}.part"
+    with open(tmp, "wb") as f:
+        np.savez(f, allow_pickle=False, **arrays)  # never a pickled object
+    os.replace(tmp, path)  # a failed write leaves no half-written file under the name asked for
     click.echo(f"{len(out)} samples, {len(out) - len(out.failures)} ok, {len(out.failures)} failed; "
-               f"outputs {', '.join(f'{k} {v.dtype}{list(v.shape)}' for k, v in out.outputs.items()) or 'none'} "
+               f"outputs {', '.join(f'{k} {dtype_name(v.dtype)}{list(v.shape)}' for k, v in out.outputs.items()) or 'none'} "
                f"written to {path}")
     for i in sorted(out.failures)[:20]:
         res = out.failures[i]

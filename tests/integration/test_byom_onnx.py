@@ -288,7 +288,14 @@ def test_string_labels_and_string_inputs_are_served_as_string_tensors(redis_url:
         with Client(redis_url) as c:
             mapped = c.map("labels", [{"X": r} for r in rows], chunk_size=4)
             bulk = c.map_arrays("labels", {"X": rows}, chunk_size=4)
+        np.save(tmp_path / "rows.npy", rows)
+        batch = subprocess.run([*HEADRACE, "--redis-url", redis_url, "submit", "labels", "--input",
+                                f"X={tmp_path / 'rows.npy'}", "--batch", "--output", str(tmp_path / "out.npz")],
+                               capture_output=True, text=True, timeout=60, check=False)
     want = list(clf.predict(rows))
+    assert batch.returncode == 0, batch.stderr
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as saved:  # strings saved without pickle
+        assert saved["label"].tolist() == want and saved["ok"].all()
     assert [str(r.outputs["label"]) for r in single] == want
     assert all(isinstance(r.outputs["label"], np.ndarray) and r.outputs["label"].shape == () for r in single)
     assert [str(r["outputs"]["label"]) for r in raw] == want[:4]
@@ -302,8 +309,14 @@ def test_string_labels_and_string_inputs_are_served_as_string_tensors(redis_url:
         with Client(redis_url) as c:
             mapped = c.map("lookup", [{"word": np.array(w)} for w in sent], chunk_size=3)
             bad = c.submit("lookup", {"word": np.array(3, dtype=np.int64)}).result(timeout_s=30)
+        (tmp_path / "word.json").write_text(json.dumps({"word": "virginica"}))  # a bare JSON string
+        cli = subprocess.run([*HEADRACE, "--redis-url", redis_url, "submit", "lookup", "--input",
+                              str(tmp_path / "word.json"), "--json"], capture_output=True, text=True, timeout=60,
+                             check=False)
     codes = [2, 0, -1, 1, -1]
     assert [int(r.outputs["code"]) for r in single] == codes
     assert [int(r["outputs"]["code"]) for r in raw] == codes
     assert [int(r.outputs["code"]) for r in mapped] == codes
     assert not bad.ok and bad.code == "bad_dtype"
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["outputs"]["code"]["data"] == 2
