@@ -43,7 +43,7 @@ function parseArgs(argv) {
     url: process.env.HEADRACE_REDIS_URL || 'redis://127.0.0.1:6379/0',
     namespace: process.env.HEADRACE_NAMESPACE || 'headrace',
     model: 'affine', count: 1, text: null, input: 'x', dtype: 'float32', values: '1,2,3,4',
-    plain: false, maxBacklog: 100000, timeoutMs: 30000, deadlineMs: 0, wait: true, chunk: 32, partitions: 0,
+    plain: false, scalar: false, maxBacklog: 100000, timeoutMs: 30000, deadlineMs: 0, wait: true, chunk: 32, partitions: 0,
   };
   for (let i = 2; i < argv.length; i++) {
     const arg = argv[i];
@@ -60,13 +60,14 @@ function parseArgs(argv) {
       case '--dtype': opts.dtype = next(); break;
       case '--values': opts.values = next(); break;
       case '--plain': opts.plain = true; break;
+      case '--scalar': opts.scalar = true; break;
       case '--max-backlog': opts.maxBacklog = parseInt(next(), 10); break;
       case '--timeout-ms': opts.timeoutMs = parseInt(next(), 10); break;
       case '--deadline-ms': opts.deadlineMs = parseInt(next(), 10); break;
       case '--no-wait': opts.wait = false; break;
       case '-h': case '--help':
         console.log('usage: node producer.js [--url URL] [--namespace NS] [--model M] [--count N] [--chunk N] ' +
-          '[--partitions N] [--text T | --input NAME --dtype D --values 1,2,3,4] [--plain] [--max-backlog N] ' +
+          '[--partitions N] [--text T | --input NAME --dtype D --values 1,2,3,4 [--scalar]] [--plain] [--max-backlog N] ' +
           '[--deadline-ms MS] [--timeout-ms MS] [--no-wait]');
         process.exit(0);
         break;
@@ -122,14 +123,17 @@ function requestFields({ id, replyTo, model, deadlineMs, body, samples }) {
 function requestBody(opts, base, first, size) {
   // sample k sends the values plus k (numbers), or the same strings
   const shift = (v, k) => (opts.dtype === 'string' ? v : v + k);
+  // --scalar: each sample is the first value alone (shape []), e.g. one word per request
+  const row = opts.scalar ? base.slice(0, 1) : base;
+  const dims = opts.scalar ? [] : [row.length];
   if (size === 1) {
     return opts.text !== null ? { text: opts.text }
-      : { inputs: { [opts.input]: encodeTensor(opts.dtype, [base.length], base.map((v) => shift(v, first))) } };
+      : { inputs: { [opts.input]: encodeTensor(opts.dtype, dims, row.map((v) => shift(v, first))) } };
   }
   if (opts.text !== null) return { texts: Array(size).fill(opts.text) };
   const values = [];
-  for (let k = first; k < first + size; k++) values.push(...base.map((v) => shift(v, k)));
-  return { samples: size, inputs: { [opts.input]: encodeTensor(opts.dtype, [size, base.length], values) } };
+  for (let k = first; k < first + size; k++) values.push(...row.map((v) => shift(v, k)));
+  return { samples: size, inputs: { [opts.input]: encodeTensor(opts.dtype, [size, ...dims], values) } };
 }
 
 // The key prefix of partition p: the model itself is the Redis Cluster hash tag, a
@@ -307,10 +311,16 @@ async function main() {
       return;
     }
     const { results, missing } = await collect(client, replyTos, ids, opts.timeoutMs);
+    let failed = 0;
     for (const id of ids) {
       if (!results.has(id)) continue;
-      for (const line of sampleLines(results.get(id), sizes.get(id))) console.log(JSON.stringify(line));
+      for (const line of sampleLines(results.get(id), sizes.get(id))) {
+        if (line.status !== 'ok') failed += 1;
+        console.log(JSON.stringify(line));
+      }
     }
+    // exit codes as `headrace submit`: 2 when a sample was answered with an error
+    if (failed) process.exitCode = 2;
     if (missing.length) {
       console.error(`no result within ${opts.timeoutMs} ms for ${missing.length} request(s)`);
       process.exitCode = 3;

@@ -151,8 +151,10 @@ def test_node_producer_spreads_entries_over_a_partitioned_models_partitions(node
 def test_node_text_plain_xadd_and_errors(node_example: Path, redis_url: str, workers: None) -> None:
     out = lines(run_node(node_example, "--url", redis_url, "--model", "length", "--text", "naïve café", "--plain"))
     assert out[0]["status"] == "ok" and out[0]["outputs"]["length"]["data"] == [len("naïve café")]
-    bad = lines(run_node(node_example, "--url", redis_url, "--values", "1,2,3"))
+    failed = run_node(node_example, "--url", redis_url, "--values", "1,2,3", check=False)
+    bad = lines(failed)
     assert bad[0]["status"] == "error" and bad[0]["code"] == E.BAD_SHAPE and not bad[0]["outputs"]
+    assert failed.returncode == 2  # as headrace submit: a sample answered with an error
 
 
 def test_node_submit_function_refuses_when_the_queue_is_full(node_example: Path, redis_url: str) -> None:
@@ -174,3 +176,29 @@ def test_node_producer_gets_the_functions_refusal_with_its_wire_code(node_exampl
     proc = run_node(node_example, "--url", redis_url, "--model", "affine", "--no-wait", check=False)
     assert proc.returncode == 5 and "[payload_too_large]" in proc.stderr and "max_payload_bytes=100" in proc.stderr
     assert queued(r, ModelKeys("headrace", "affine")) == 0
+
+
+def test_node_sends_string_tensors_to_a_model_that_takes_strings(node_example: Path, redis_url: str,
+                                                                 tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from tests.support.byom import models_add, serving
+
+    graph = h.make_graph([h.make_node("CategoryMapper", ["word"], ["code"], domain="ai.onnx.ml",
+                                      cats_strings=["setosa", "versicolor", "virginica"], cats_int64s=[0, 1, 2],
+                                      default_int64=-1)], "lookup",
+                         [h.make_tensor_value_info("word", T.STRING, ["N"])],
+                         [h.make_tensor_value_info("code", T.INT64, ["N"])])
+    path = tmp_path / "lookup.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)]), str(path))
+    models_add(tmp_path / "repo", "lookup", path)
+    with serving(redis_url, tmp_path / "repo", "lookup", tmp_path / "worker.log"):
+        args = ["--url", redis_url, "--model", "lookup", "--input", "word", "--dtype", "string", "--scalar"]
+        one = lines(run_node(node_example, *args, "--values", "virginica"))
+        many = lines(run_node(node_example, *args, "--values", "versicolor", "--count", "5", "--chunk", "2"))
+        unknown = lines(run_node(node_example, *args, "--values", "rose"))
+    assert one[0]["status"] == "ok" and one[0]["outputs"]["code"]["data"] == [2]
+    assert len(many) == 5 and all(r["status"] == "ok" and r["outputs"]["code"]["data"] == [1] for r in many)
+    assert unknown[0]["outputs"]["code"]["data"] == [-1]
