@@ -21,7 +21,17 @@ import redis
 
 from headrace.client import Client
 from headrace.client.errors import UnknownModel
-from tests.support.byom import HEADRACE, describe, latest, max_batch_seen, models_add, raw_infer, sdk_infer, serving
+from tests.support.byom import (
+    HEADRACE,
+    category_mapper,
+    describe,
+    latest,
+    max_batch_seen,
+    models_add,
+    raw_infer,
+    sdk_infer,
+    serving,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -250,13 +260,10 @@ def test_indices_counted_over_the_call_answer_each_request_with_its_own(redis_ur
     assert max_batch_seen(results) == 1
 
 
-def test_string_labels_and_string_inputs_are_served_as_string_tensors(redis_url: str, tmp_path: Path) -> None:
+def test_string_labels_are_served_as_string_tensors(redis_url: str, tmp_path: Path) -> None:
     # A classifier fitted on class names answers with strings (skl2onnx: a tensor(string)
-    # label); a category lookup takes strings. Both travel as docs/protocol.md's "string"
-    # tensors: through single requests, multi-sample entries (map, map_arrays) and a raw producer.
-    import onnx
-    from onnx import TensorProto as T
-    from onnx import helper as h
+    # label), docs/protocol.md's "string" tensors: through single requests, multi-sample
+    # entries (map, map_arrays), a raw producer and headrace submit --batch --output.
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
@@ -267,28 +274,18 @@ def test_string_labels_and_string_inputs_are_served_as_string_tensors(redis_url:
     labeller = tmp_path / "labels.onnx"
     labeller.write_bytes(to_onnx(clf, x[:1], options={LogisticRegression: {"zipmap": False}},
                                  target_opset=17).SerializeToString())
-    words = ["setosa", "versicolor", "virginica"]
-    graph = h.make_graph([h.make_node("CategoryMapper", ["word"], ["code"], domain="ai.onnx.ml",
-                                      cats_strings=words, cats_int64s=[0, 1, 2], default_int64=-1)], "lookup",
-                         [h.make_tensor_value_info("word", T.STRING, ["N"])],
-                         [h.make_tensor_value_info("code", T.INT64, ["N"])])
-    lookup = tmp_path / "lookup.onnx"
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)]),
-              str(lookup))
     repo = tmp_path / "repo"
     proc = models_add(repo, "labels", labeller)
     assert {s.name: s.dtype for s in latest(repo, "labels").outputs} == {"label": "string", "probabilities": "float32"}
     assert "string" in proc.stdout
-    models_add(repo, "lookup", lookup)
-    assert [(s.name, s.dtype, s.shape) for s in latest(repo, "lookup").inputs] == [("word", "string", ())]
     rows = x[::10]
+    np.save(tmp_path / "rows.npy", rows)
     with serving(redis_url, repo, "labels", tmp_path / "labels.log", "--max-batch", "8"):
         single = sdk_infer(redis_url, "labels", [{"X": r} for r in rows])
         raw = raw_infer(redis_url, "labels", [{"X": r} for r in rows[:4]])
         with Client(redis_url) as c:
             mapped = c.map("labels", [{"X": r} for r in rows], chunk_size=4)
             bulk = c.map_arrays("labels", {"X": rows}, chunk_size=4)
-        np.save(tmp_path / "rows.npy", rows)
         batch = subprocess.run([*HEADRACE, "--redis-url", redis_url, "submit", "labels", "--input",
                                 f"X={tmp_path / 'rows.npy'}", "--batch", "--output", str(tmp_path / "out.npz")],
                                capture_output=True, text=True, timeout=60, check=False)
@@ -302,14 +299,22 @@ def test_string_labels_and_string_inputs_are_served_as_string_tensors(redis_url:
     assert [str(r.outputs["label"]) for r in mapped] == want
     assert list(bulk.outputs["label"]) == want
     np.testing.assert_allclose(bulk.outputs["probabilities"], clf.predict_proba(rows), rtol=1e-4, atol=1e-5)
+
+
+def test_string_inputs_are_taken_as_string_tensors(redis_url: str, tmp_path: Path) -> None:
+    # A category lookup takes strings: from the SDK, a raw producer, map and a JSON file for
+    # headrace submit; a number sent for the word is bad_dtype.
+    repo = tmp_path / "repo"
+    models_add(repo, "lookup", category_mapper(tmp_path / "lookup.onnx", ["setosa", "versicolor", "virginica"]))
+    assert [(s.name, s.dtype, s.shape) for s in latest(repo, "lookup").inputs] == [("word", "string", ())]
     sent = ["virginica", "setosa", "rose", "versicolor", ""]
+    (tmp_path / "word.json").write_text(json.dumps({"word": "virginica"}))  # a bare JSON string
     with serving(redis_url, repo, "lookup", tmp_path / "lookup.log", "--max-batch", "8"):
         single = sdk_infer(redis_url, "lookup", [{"word": np.array(w)} for w in sent])
         raw = raw_infer(redis_url, "lookup", [{"word": np.array(w)} for w in sent])
         with Client(redis_url) as c:
             mapped = c.map("lookup", [{"word": np.array(w)} for w in sent], chunk_size=3)
             bad = c.submit("lookup", {"word": np.array(3, dtype=np.int64)}).result(timeout_s=30)
-        (tmp_path / "word.json").write_text(json.dumps({"word": "virginica"}))  # a bare JSON string
         cli = subprocess.run([*HEADRACE, "--redis-url", redis_url, "submit", "lookup", "--input",
                               str(tmp_path / "word.json"), "--json"], capture_output=True, text=True, timeout=60,
                              check=False)

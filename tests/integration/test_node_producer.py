@@ -180,20 +180,10 @@ def test_node_producer_gets_the_functions_refusal_with_its_wire_code(node_exampl
 
 def test_node_sends_string_tensors_to_a_model_that_takes_strings(node_example: Path, redis_url: str,
                                                                  tmp_path: Path) -> None:
-    import onnx
-    from onnx import TensorProto as T
-    from onnx import helper as h
+    from tests.support.byom import category_mapper, models_add, serving
 
-    from tests.support.byom import models_add, serving
-
-    graph = h.make_graph([h.make_node("CategoryMapper", ["word"], ["code"], domain="ai.onnx.ml",
-                                      cats_strings=["setosa", "versicolor", "virginica"], cats_int64s=[0, 1, 2],
-                                      default_int64=-1)], "lookup",
-                         [h.make_tensor_value_info("word", T.STRING, ["N"])],
-                         [h.make_tensor_value_info("code", T.INT64, ["N"])])
-    path = tmp_path / "lookup.onnx"
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)]), str(path))
-    models_add(tmp_path / "repo", "lookup", path)
+    models_add(tmp_path / "repo", "lookup", category_mapper(tmp_path / "lookup.onnx", ["setosa", "versicolor",
+                                                                                      "virginica"]))
     with serving(redis_url, tmp_path / "repo", "lookup", tmp_path / "worker.log"):
         args = ["--url", redis_url, "--model", "lookup", "--input", "word", "--dtype", "string", "--scalar"]
         one = lines(run_node(node_example, *args, "--values", "virginica"))

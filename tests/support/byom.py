@@ -163,3 +163,19 @@ def max_batch_seen(results: Sequence[Any]) -> int:
     """Largest ``timings.batch_size`` among SDK results or raw results."""
     sizes = [r["batch_size"] if isinstance(r, dict) else r.timings.batch_size for r in results]
     return int(max(sizes, default=0))
+
+
+def category_mapper(path: Path, words: Sequence[str]) -> Path:
+    """An ONNX graph taking strings: ``word`` string [N] -> ``code`` int64 [N], the index of
+    the word in ``words`` (-1 for any other), saved at ``path``."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    graph = h.make_graph([h.make_node("CategoryMapper", ["word"], ["code"], domain="ai.onnx.ml",
+                                      cats_strings=list(words), cats_int64s=list(range(len(words))),
+                                      default_int64=-1)], "lookup",
+                         [h.make_tensor_value_info("word", T.STRING, ["N"])],
+                         [h.make_tensor_value_info("code", T.INT64, ["N"])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)]), str(path))
+    return path
