@@ -29,7 +29,8 @@ def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
       bare strings or nested lists of strings are a string tensor.
 
     Raises:
-        ProtocolError: unreadable file, unknown suffix or malformed JSON (``bad_value``).
+        ProtocolError: unreadable file, unknown suffix, malformed JSON, or ``NAME=`` before a
+            ``.npz``/``.json`` file, whose arrays are named in the file (``bad_value``).
     """
     out: dict[str, np.ndarray[Any, Any]] = {}
     for spec in specs:
@@ -37,8 +38,11 @@ def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
         if not sep:
             name, raw_path = "", spec
         path = Path(raw_path)
+        suffix = path.suffix.lower()
+        if name and suffix in (".npz", ".json"):
+            raise E.ProtocolError(f"--input {spec}: NAME= names the array of a .npy; a {suffix} file carries the "
+                                  f"names of its arrays itself", code=E.BAD_VALUE)
         try:
-            suffix = path.suffix.lower()
             if suffix == ".npy":
                 out[name or path.stem] = np.load(path, allow_pickle=False)
             elif suffix == ".npz":

@@ -179,6 +179,8 @@ def test_the_cli_reads_string_inputs_from_json_and_prints_string_outputs(tmp_pat
     path.write_text(json.dumps({"word": {"dtype": "strnig", "data": ["rose"]}}))
     with pytest.raises(E.ProtocolError, match="strnig"):
         load_inputs([str(path)])
+    with pytest.raises(E.ProtocolError, match="NAME= names the array of a .npy"):
+        load_inputs([f"other={path}"])  # a .json names its arrays itself: other= would be ignored
     label = np.empty((), dtype=object)
     label[()] = "setosa"
     res = Result("r", "ok", {"label": label})
