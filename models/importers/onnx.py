@@ -221,12 +221,17 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
     in_specs, out_specs, batched = _specs(inputs, outputs, axes, opts)
     left = [n for n, _, dims in inputs if dims and isinstance(dims[0], str) and axes[n] == NO_BATCH
             and n not in opts.inputs]
-    if batched and left and not _runs(sess, in_specs, opts):
+    judged = any(s.batched and s.name not in opts.outputs for s in out_specs)
+    names = [t[0] for t in outputs]
+    # the model run at n and n + 1 rows, once per reading of the batch axes it is tried with
+    shapes = _probe(sess, in_specs, names, opts) if batched and (left or judged) else {}
+    if batched and left and len(shapes) < 2:
         # A dynamic leading dim named apart from the batch (A [N, 4] + B [M, 4]) may be the
         # batch all the same; the reading the model runs with at two batch sizes wins.
         alt = _specs(inputs, outputs, {**axes, **dict.fromkeys(left, 0)}, opts)
-        if _runs(sess, alt[0], opts):
-            in_specs, out_specs, batched = alt
+        alt_shapes = _probe(sess, alt[0], names, opts)
+        if len(alt_shapes) == 2:
+            (in_specs, out_specs, batched), shapes = alt, alt_shapes
             notes.append(f"input(s) {left} lead with a dim named apart from the batch, but the model runs only "
                          f"with them batched: read as batched on axis 0")
     if not batched:
@@ -238,7 +243,7 @@ def import_onnx(path: Path, opts: ImportOptions) -> Imported:
         elif s.batch_axis > 0:
             notes.append(f"input {s.name!r} carries the batch on axis {s.batch_axis}")
     if batched:
-        out_specs = _unfollowed_to_whole(sess, in_specs, out_specs, outputs, opts, notes)
+        out_specs = _unfollowed_to_whole(shapes, out_specs, outputs, opts, notes)
     batched_inputs = {s.name for s in in_specs if s.batched}
     whole = whole_batch_outputs(out_specs, lambda name: sorted(feeding.get(name, set()) & batched_inputs)) \
         if batched else []
@@ -265,16 +270,18 @@ def _specs(inputs: list[GraphTensor], outputs: list[GraphTensor], axes: dict[str
     return in_specs, out_specs, batched
 
 
-def _runs(sess: Any, in_specs: tuple[IOSpec, ...], opts: ImportOptions) -> bool:
-    """Whether the model runs on the example (``--example``, else made from ``in_specs``) at
-    its ``n`` rows and at ``n + 1``, read with ``in_specs``' batch axes."""
+def _probe(sess: Any, in_specs: tuple[IOSpec, ...], names: list[str], opts: ImportOptions
+           ) -> dict[int, dict[str, tuple[int, ...]]]:
+    """:func:`_output_shapes` of outputs ``names`` on the example (``--example``, else made
+    from ``in_specs``), read with ``in_specs``' batch axes: both row counts when the model
+    runs with that reading."""
     from headrace.models.importers.common import synth_example
 
     example = dict(opts.example) if opts.example is not None else synth_example(in_specs, True)
-    return len(_output_shapes(sess, in_specs, [o.name for o in sess.get_outputs()], example)) == 2
+    return _output_shapes(sess, in_specs, names, example)
 
 
-def _unfollowed_to_whole(sess: Any, in_specs: tuple[IOSpec, ...], out_specs: tuple[IOSpec, ...],
+def _unfollowed_to_whole(shapes: dict[int, dict[str, tuple[int, ...]]], out_specs: tuple[IOSpec, ...],
                          graph_outputs: list[GraphTensor], opts: ImportOptions, notes: list[str]
                          ) -> tuple[IOSpec, ...]:
     """``out_specs`` with the outputs whose batch axis, as read from the graph, does not follow
@@ -283,18 +290,11 @@ def _unfollowed_to_whole(sess: Any, in_specs: tuple[IOSpec, ...], out_specs: tup
     An unnamed or differently named leading dim is taken for the batch by :func:`batch_axes`,
     but it may count something else: ``NonZero`` or ``NonMaxSuppression`` indices over the
     whole call (``[K, 3]``). Served as batched, every call would fail on splitting them. The
-    model runs on the example (``--example``, else made from the signature) at ``n`` and
-    ``n + 1`` rows; an axis that does not hold ``n`` and then ``n + 1`` does not carry the
-    batch. A model that fails on these inputs is left as the graph says (the check after the
-    import runs the example again and reports the failure). Outputs given by ``--output`` are
-    taken as given."""
-    from headrace.models.importers.common import synth_example
-
+    model's ``shapes`` (:func:`_probe`: the example at ``n`` and ``n + 1`` rows) tell: an axis
+    that does not hold ``n`` and then ``n + 1`` does not carry the batch. A model that failed on
+    these inputs (no shapes) is left as the graph says (the check after the import runs the
+    example again and reports the failure). Outputs given by ``--output`` are taken as given."""
     judged = [s for s in out_specs if s.batched and s.name not in opts.outputs]
-    if not judged:
-        return out_specs
-    example = dict(opts.example) if opts.example is not None else synth_example(in_specs, True)
-    shapes = _output_shapes(sess, in_specs, [s.name for s in judged], example)
     graph = {t[0]: t for t in graph_outputs}
     specs = {s.name: s for s in out_specs}
     for s in judged:
