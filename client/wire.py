@@ -222,15 +222,7 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
         return _decode_strings(name, shape, data, limits)
     if not isinstance(data, (bytes, bytearray)):
         raise E.DecodeError(f"{name}: tensor data must be msgpack bin (raw bytes)")
-    # math.prod on Python ints cannot overflow; compare before trusting any allocation.
-    n = math.prod(shape)
-    if n > limits.max_elements:
-        raise E.PayloadTooLargeError(f"{name}: {n} elements exceed the limit of {limits.max_elements}")
-    # An empty tensor may still name absurd dimensions ([0, 2**63]); numpy refuses any shape
-    # whose non-zero dimensions multiply beyond its size limit, so bound them the same way.
-    if math.prod(d or 1 for d in shape) > limits.max_elements:
-        raise E.InvalidTensorError(f"{name}: shape {quote(shape)} has dimensions beyond "
-                                   f"{limits.max_elements} elements", code=E.BAD_SHAPE)
+    n = element_count(name, shape, limits)
     dt = DTYPES[wire_name]
     if n * dt.itemsize != len(data):
         raise E.InvalidTensorError(
@@ -240,24 +232,48 @@ def decode_tensor(obj: Any, limits: Limits = DEFAULT_LIMITS, name: str = "tensor
     return arr.astype(dt.newbyteorder("="), copy=False)
 
 
-def _decode_strings(name: str, shape: Sequence[int], data: Any, limits: Limits) -> np.ndarray[Any, Any]:
+def element_count(name: str, shape: Sequence[int], limits: Limits) -> int:
+    """The element count of a well-formed ``shape``, held to ``limits`` before anything is
+    allocated for it.
+
+    Raises:
+        PayloadTooLargeError: more than ``limits.max_elements`` elements.
+        InvalidTensorError: ``bad_shape``, dimensions no array can have.
+    """
+    # math.prod on Python ints cannot overflow; compare before trusting any allocation.
     n = math.prod(shape)
     if n > limits.max_elements:
-        raise E.PayloadTooLargeError(f"{name}: shape {quote(shape)} holds more than {limits.max_elements} strings")
+        raise E.PayloadTooLargeError(f"{name}: {n} elements exceed the limit of {limits.max_elements}")
+    # An empty tensor may still name absurd dimensions ([0, 2**63]); numpy refuses any shape
+    # whose non-zero dimensions multiply beyond its size limit, so bound them the same way.
     if math.prod(d or 1 for d in shape) > limits.max_elements:
         raise E.InvalidTensorError(f"{name}: shape {quote(shape)} has dimensions beyond "
                                    f"{limits.max_elements} elements", code=E.BAD_SHAPE)
+    return n
+
+
+def strings_within(name: str, strings: Sequence[str], limits: Limits) -> np.ndarray[Any, Any]:
+    """``strings`` (all str) as a 1-d object array, each held to ``limits.max_text_chars``.
+
+    Raises:
+        PayloadTooLargeError: a longer string.
+    """
+    longest = max(map(len, strings), default=0)
+    if longest > limits.max_text_chars:
+        raise E.PayloadTooLargeError(f"{name}: a string of {longest} chars exceeds {limits.max_text_chars}")
+    arr = np.empty(len(strings), dtype=object)
+    arr[:] = strings
+    return arr
+
+
+def _decode_strings(name: str, shape: Sequence[int], data: Any, limits: Limits) -> np.ndarray[Any, Any]:
+    n = element_count(name, shape, limits)
     if not isinstance(data, (list, tuple)) or not all(isinstance(v, str) for v in data):
         raise E.DecodeError(f"{name}: string tensor data must be a msgpack array of str")
     if len(data) != n:
         raise E.InvalidTensorError(f"{name}: shape {list(shape)} needs {n} strings, got {len(data)}",
                                    code=E.BAD_SHAPE)
-    longest = max(map(len, data), default=0)
-    if longest > limits.max_text_chars:
-        raise E.PayloadTooLargeError(f"{name}: a string of {longest} chars exceeds {limits.max_text_chars}")
-    arr = np.empty(n, dtype=object)
-    arr[:] = data
-    return arr.reshape(shape)
+    return strings_within(name, data, limits).reshape(shape)
 
 
 # --- entry fields ------------------------------------------------------------------------

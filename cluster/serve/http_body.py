@@ -24,6 +24,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import DEFAULT_LIMITS, MAX_DIMS, STRING, WIRE_DTYPES, Limits
+from headrace.client.wire import element_count, strings_within
 
 JSON_TYPES: Final = ("application/json",)
 BODY_KEYS: Final = frozenset({"text", "inputs", "timeout_s"})
@@ -161,12 +162,7 @@ def _strings(name: str, data: list[Any], limits: Limits) -> np.ndarray[Any, Any]
     """Flat JSON strings as a 1-d object array (a string tensor), each within ``max_text_chars``."""
     if not all(isinstance(v, str) for v in data):
         raise E.ProtocolError(f"input {name!r}: values of a string tensor must be JSON strings", code=E.BAD_VALUE)
-    longest = max(map(len, data), default=0)
-    if longest > limits.max_text_chars:
-        raise E.PayloadTooLargeError(f"input {name!r}: a string of {longest} chars exceeds {limits.max_text_chars}")
-    arr = np.empty(len(data), dtype=object)
-    arr[:] = data
-    return arr
+    return strings_within(f"input {name!r}", data, limits)
 
 
 def _shape(name: str, shape: Any, limits: Limits) -> list[int]:
@@ -174,12 +170,7 @@ def _shape(name: str, shape: Any, limits: Limits) -> list[int]:
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise E.InvalidTensorError(f"input {name!r}: shape must be a list of at most {MAX_DIMS} non-negative "
                                    f"integers, got {str(shape)[:60]}", code=E.BAD_SHAPE)
-    n = math.prod(shape)
-    if n > limits.max_elements:
-        raise E.PayloadTooLargeError(f"input {name!r}: {n} elements exceed the limit of {limits.max_elements}")
-    if math.prod(d or 1 for d in shape) > limits.max_elements:
-        raise E.InvalidTensorError(f"input {name!r}: shape {str(shape)[:60]} has dimensions beyond "
-                                   f"{limits.max_elements} elements", code=E.BAD_SHAPE)
+    element_count(f"input {name!r}", shape, limits)
     return shape
 
 
