@@ -86,6 +86,11 @@ def take_row(a: np.ndarray[Any, Any], i: int) -> np.ndarray[Any, Any]:
     return row  # type: ignore[no-any-return]
 
 
+def all_str(a: np.ndarray[Any, Any]) -> bool:
+    """Whether every element of an object array is a str (it is then a string tensor)."""
+    return all(isinstance(v, str) for v in a.flat)
+
+
 def string_array(value: Any) -> np.ndarray[Any, Any]:
     """``value`` as an object array of str (what string tensors are everywhere in headrace).
 
@@ -96,7 +101,7 @@ def string_array(value: Any) -> np.ndarray[Any, Any]:
     if a.dtype.kind == "U":
         return a.astype(object)
     a = np.asarray(value, dtype=object)
-    if not all(isinstance(v, str) for v in a.flat):
+    if not all_str(a):
         bad = next(v for v in a.flat if not isinstance(v, str))
         raise E.InvalidTensorError(f"a string tensor holds a {type(bad).__name__}, not str", code=E.BAD_DTYPE)
     return a

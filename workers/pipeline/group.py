@@ -19,7 +19,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.protocol import DTYPES, STATUS_ERROR, STATUS_OK, Envelope, Result, Status, error_result
-from headrace.client.wire import dtype_name, take_row
+from headrace.client.wire import all_str, dtype_name, take_row
 from headrace.workers.pipeline.entry import Entry
 
 log = logging.getLogger(__name__)
@@ -135,5 +135,5 @@ def _encodable(value: Any) -> bool:
     if not isinstance(dt, np.dtype):
         return False
     if dt.kind in "UO":
-        return dt.kind == "U" or all(isinstance(v, str) for v in value.flat)
+        return dt.kind == "U" or all_str(value)
     return dtype_name(dt) in DTYPES
