@@ -14,7 +14,7 @@ from rich.table import Table
 
 from headrace.client import errors as E
 from headrace.client.protocol import Result, numpy_dtype
-from headrace.client.wire import dtype_name
+from headrace.client.wire import all_str, dtype_name
 
 
 def load_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
@@ -78,7 +78,7 @@ def _plain_values(value: Any) -> np.ndarray[Any, Any]:
     leaves = _flatten(value)
     if leaves and all(isinstance(v, str) for v in leaves):
         arr = np.array(value, dtype=object)  # object, not numpy str: that drops trailing NULs
-        if arr.size != len(leaves) or not all(isinstance(v, str) for v in arr.flat):
+        if arr.size != len(leaves) or not all_str(arr):
             raise ValueError("nested lists of strings must be rectangular")
         return arr
     return np.asarray(value, dtype=np.float32)
