@@ -213,11 +213,18 @@ class ModelError(HeadraceError):
 
 class ModelTimeoutError(ModelError):
     """Raised inside a worker when one model call runs longer than ``infer_timeout_s``.
-    The call cannot be interrupted, so the worker reports itself unhealthy and stops
-    consuming; its in-flight requests are redelivered after the lease (and dead-lettered
-    with ``model_error`` if they keep hanging workers)."""
+
+    ``interrupted``: the servable stopped the call (onnxruntime's terminate flag), so the
+    worker fails its requests (a request that ran alone is dead-lettered ``model_error``,
+    batch-mates are run again apart) and goes on. Otherwise the call cannot be interrupted:
+    the worker reports itself unhealthy and stops consuming; a request that ran alone is
+    dead-lettered, the others are redelivered after the lease and run alone."""
 
     code = MODEL_ERROR
+
+    def __init__(self, message: str, *, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.interrupted = interrupted
 
 
 class ModelNotFoundError(ModelError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import typing
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
+from headrace.client import errors as E
 from headrace.workers.backends.fake import FAKE_KINDS
 from headrace.workers.settings import SettingInfo, WorkerSettings, infos
 
@@ -106,7 +108,17 @@ def worker(ctx: click.Context, fake: str | None, log_level: str | None, **values
     settings = build_settings(values, fake, ctx.obj)
     click.echo(f"worker: model {settings.model!r} on {redact_url(settings.effective_redis_url)} "
                f"(namespace {settings.namespace}, consumer {settings.effective_consumer})", err=True)
-    run_mod.run_standalone(settings, _load_fake(fake, settings))
+    try:
+        run_mod.run_standalone(settings, _load_fake(fake, settings))
+    except E.ModelTimeoutError as err:
+        # The stuck call still runs on a daemon thread, maybe inside native code; a normal
+        # interpreter exit would tear down the runtime under it (onnxruntime then aborts the
+        # process: SIGABRT, exit 134, not the documented 2).
+        click.echo(f"Error: {err}", err=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SimpleNamespace:

@@ -150,7 +150,8 @@ def test_worker_thread_serves_and_stops() -> None:
 async def test_redelivered_requests_run_alone_and_a_stuck_call_hands_back_the_rest() -> None:
     """Entries a dead worker left behind are suspects: each runs on its own. A model call
     past infer_timeout_s stops the worker; the entries it never ran are handed back with
-    their delivery count undone, the stuck one keeps its delivery."""
+    their delivery count undone; the stuck one ran alone, so it is the culprit: dead-lettered
+    model_error by this worker, not left to hang the next."""
     store = MemoryStore()
     dead = MemoryBroker(store, "dead")
     await dead.ensure_group()
@@ -165,13 +166,16 @@ async def test_redelivered_requests_run_alone_and_a_stuck_call_hands_back_the_re
         assert w.stuck is not None and w.stats()["infer_timeouts"] == 1
         assert sv.batches == [["hang"]]  # alone: no batch-mate was in the stuck call
         assert {store.pel[i].deliveries for i in ids[1:]} == {1}  # handed back: 2 - 1
-        assert store.pel[ids[0]].deliveries == 2 and store.pel[ids[0]].consumer == "w1"
+        assert ids[0] not in store.pel and [e for e, _ in store.dlq] == [ids[0]]
+        (hung,) = by_id(store)["hang"]
+        assert hung.code == "model_error" and "not retried" in (hung.message or "")
     finally:
         sv.unhang()
     rescuer_sv = AffineServable()
     async with running(StreamWorker(settings(lease_s=0.2), rescuer_sv, MemoryBroker(store, "rescuer"))):
         await wait_for(lambda: len(store.results(REPLY)) == 4)
     assert rescuer_sv.batches and all(len(b) == 1 for b in rescuer_sv.batches)
+    assert sorted(b[0] for b in rescuer_sv.batches) == ["r0", "r1", "r2"]
     assert sorted(by_id(store)) == ["hang", "r0", "r1", "r2"] and store.pending_ids() == []
 
 

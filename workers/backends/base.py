@@ -145,6 +145,19 @@ class Servable(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not run stacked samples")
 
+    def interrupt(self) -> bool:
+        """Ask the model call in progress to stop: the worker calls it from the event loop
+        when a call runs past ``infer_timeout_s``. A servable that can stop a call makes it
+        (and every backend run it starts until :meth:`resume`) raise soon, and returns True;
+        the worker then fails that call's requests and keeps serving. The default, False,
+        means the call cannot be stopped: the worker stops consuming, as it must when its
+        inference thread is stuck."""
+        return False
+
+    def resume(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Let model calls run again after :meth:`interrupt` (called once the interrupted
+        call has ended, before the next one starts)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release sessions/threads. Idempotent."""
 

@@ -107,6 +107,11 @@ class OnnxServable(prepost.ManifestServable):
         cache = Path(os.environ.get("HEADRACE_TRT_CACHE", Path.home() / ".cache" / "headrace" / "trt"))
         cache = cache / f"{manifest.name}-{manifest.version}"
         self.session: Any = None
+        self._run_options = ort.RunOptions()
+        # Failed runs are raised to the worker, which logs them once per request; onnxruntime's
+        # own ERROR line per failed node would double that on stderr (a producer sending
+        # samples the model refuses would fill it).
+        self._run_options.log_severity_level = 4
         last: Exception | None = None
         for start in range(len(chain)):
             tried = chain[start:]
@@ -131,10 +136,20 @@ class OnnxServable(prepost.ManifestServable):
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         try:
-            outs = self.session.run(self._output_names, feed)
+            outs = self.session.run(self._output_names, feed, self._run_options)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidArgument/RuntimeException
             raise E.ModelError(f"{self.name}/{self.version}: onnxruntime run failed: {e}") from e
         return dict(zip(self._output_names, outs, strict=True))
+
+    def interrupt(self) -> bool:
+        """Set onnxruntime's terminate flag: the run in progress (a ``Loop`` whose trip count
+        a request chose, say) returns an error at its next node, and so does every run until
+        :meth:`resume`, such as the other length buckets of the same call."""
+        self._run_options.terminate = True
+        return True
+
+    def resume(self) -> None:
+        self._run_options.terminate = False
 
     def close(self) -> None:
         self.session = None

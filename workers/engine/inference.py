@@ -17,8 +17,10 @@ A call that raises is split in halves (bisection; from :data:`SPLIT_ABOVE` reque
 one request at a time) until the failing request runs alone, so its batch-mates are still
 answered; the failing request is released for redelivery (or
 dead-lettered after ``max_deliveries``). A model call that runs past ``infer_timeout_s``
-cannot be interrupted: :class:`~headrace.client.errors.ModelTimeoutError` propagates to the
-worker, which stops consuming.
+is interrupted when the servable can (:meth:`~Servable.interrupt`: onnxruntime's terminate
+flag) and then fails like any call: split to find the request that hangs it, which is
+dead-lettered alone, not retried. One that cannot be interrupted raises
+:class:`~headrace.client.errors.ModelTimeoutError` to the worker, which stops consuming.
 """
 
 from __future__ import annotations
@@ -45,10 +47,25 @@ from headrace.workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: how long an interrupted model call may take to end (seconds) before the worker takes its
+#: thread for stuck.
+INTERRUPT_GRACE_S = 10.0
+
 #: a failing call of more requests than this is split in halves; up to this many are re-run
 #: one request at a time: as few calls as halving them (<= 8 against 6), and each batch-mate
 #: runs only once more.
 SPLIT_ABOVE = 8
+
+
+class Late:
+    """What happened to one model call past ``infer_timeout_s``."""
+
+    __slots__ = ("grace", "interrupted", "stuck")
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.stuck = False
+        self.grace: asyncio.TimerHandle | None = None
 
 
 class BatchRunner:
@@ -157,18 +174,66 @@ class BatchRunner:
     async def _in_thread(self, works: Sequence[Work], fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the inference thread, bounded by ``infer_timeout_s``.
 
+        Past the limit the servable is asked to :meth:`~Servable.interrupt` the call; one that
+        can has :data:`INTERRUPT_GRACE_S` to end it.
+
         Raises:
-            ModelTimeoutError: still running after ``infer_timeout_s``.
+            ModelTimeoutError: past ``infer_timeout_s``; ``interrupted`` when the call ended
+                on the servable's interrupt (the thread is free again), else it may still be
+                running.
         """
         self.running = list(works)
         call = self.thread.start(fn, *args)
         limit_s = self.settings.infer_timeout_s
+        if limit_s <= 0:
+            return await call
+        # Timers rather than asyncio.wait_for: a timeout must not cancel the call's future
+        # before the interrupted call has ended, or its outcome (and the free thread) is lost.
+        late = Late()
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(limit_s, self._late, call, late, loop)
         try:
-            return await asyncio.wait_for(call, limit_s) if limit_s > 0 else await call
-        except asyncio.TimeoutError as e:
+            return await call
+        except Exception as err:
+            if not late.interrupted:
+                raise
+            n = sum(w.count for w in works)
             raise E.ModelTimeoutError(
-                f"model call on {sum(w.count for w in works)} requests (e.g. {works[0].request.envelope.request_id}) "
-                f"still running after infer_timeout_s={limit_s:g}s") from e
+                f"model call on {n} samples ran past infer_timeout_s={limit_s:g}s and was stopped",
+                interrupted=True) from err
+        finally:
+            timer.cancel()
+            if late.grace is not None:
+                late.grace.cancel()
+            if late.interrupted and call.done() and not late.stuck:
+                self.servable.resume()
+
+    def _late(self, call: asyncio.Future[Any], late: Late, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop, ``infer_timeout_s`` after a call started that has not ended."""
+        if call.done():
+            return
+        try:
+            late.interrupted = bool(self.servable.interrupt())
+        except Exception:  # noqa: BLE001 - a servable's interrupt that fails is one that cannot
+            log.exception("interrupting the model call failed")
+        if late.interrupted:
+            log.warning("a model call ran past infer_timeout_s=%gs; interrupting it",
+                        self.settings.infer_timeout_s)
+            late.grace = loop.call_later(INTERRUPT_GRACE_S, self._stuck, call, late)
+        else:
+            self._stuck(call, late)
+
+    def _stuck(self, call: asyncio.Future[Any], late: Late) -> None:
+        if call.done():
+            return
+        late.stuck = True
+        works = self.running
+        n = sum(w.count for w in works)
+        call.set_exception(E.ModelTimeoutError(
+            f"model call on {n} samples (e.g. {works[0].request.envelope.request_id}) still running after "
+            f"infer_timeout_s={self.settings.infer_timeout_s:g}s" + (
+                f" and {INTERRUPT_GRACE_S:g}s after it was interrupted" if late.interrupted else
+                " (the servable cannot interrupt it)")))
 
     async def _call_model(self, works: Sequence[Work]) -> list[dict[str, Any]]:
         """One output map per work (a block's holds its rows)."""
@@ -212,8 +277,16 @@ class BatchRunner:
         t0 = time.perf_counter()
         try:
             outs = await self._call_model(works)
-        except E.ModelTimeoutError:
-            raise  # the thread is stuck: isolating would queue behind it
+        except E.ModelTimeoutError as err:
+            if not err.interrupted:
+                raise  # the thread is stuck: isolating would queue behind it
+            if len(works) == 1 and works[0].count == 1:
+                self._failed(works[0], err, unit, released)
+                return
+            log.warning("%s; splitting it to isolate the cause", err)
+            for part in isolation_parts(works):
+                await self._run_call(part, unit, released)
+            return
         except Exception as err:  # noqa: BLE001 - isolate the failing request(s) below
             if len(works) == 1 and works[0].count == 1:
                 self._failed(works[0], err, unit, released)
@@ -262,6 +335,12 @@ class BatchRunner:
             self._fill(w, w.group.fail(w.index, E.MODEL_ERROR, f"model failed on sample {w.index}: "
                                        f"{type(err).__name__}: {err}"), unit)
             return
+        if isinstance(err, E.ModelTimeoutError):
+            # Retried, it would hold the next worker's model for infer_timeout_s again.
+            log.warning("request %s: the model call ran past infer_timeout_s alone; dead-lettered", env.request_id)
+            self.answers.dead_letter(entry, env, E.MODEL_ERROR, f"{err.message} (alone: not retried)", unit,
+                                     reply_code=E.MODEL_ERROR)
+            return
         if entry.deliveries >= self.settings.max_deliveries:
             self.answers.dead_letter(entry, env, E.MODEL_ERROR, f"model failed on each of {entry.deliveries} "
                                      f"deliveries; last: {type(err).__name__}: {err}", unit)
@@ -271,6 +350,28 @@ class BatchRunner:
         released.append(w)
         log.warning("request %s failed on delivery %d/%d, will be retried after the lease: %s",
                     env.request_id, entry.deliveries, self.settings.max_deliveries, err)
+
+    def blame_stuck(self, err: E.ModelTimeoutError, unit: Unit) -> bool:
+        """After a call that cannot be stopped: when it ran the samples of one entry only,
+        that entry hung the model by itself, so answer it now (dead-lettered ``model_error``;
+        a multi-sample entry answers each sample not yet answered ``model_error``) instead of
+        leaving it to hang the next worker. True when it was answered (``unit`` holds the op).
+        """
+        if len({w.entry.entry_id for w in self.running}) != 1:
+            return False
+        w = self.running[0]
+        why = f"{err.message}; it ran alone, so it is not retried (it would hang the next worker too)"
+        if w.group is None:
+            self.answers.dead_letter(w.entry, w.request.envelope, E.MODEL_ERROR, why, unit, reply_code=E.MODEL_ERROR)
+            return True
+        if w.group.answered or w.group.complete:
+            return False
+        done = False
+        for i, slot in enumerate(w.group.slots):
+            if slot is None:
+                done = w.group.fail(i, E.MODEL_ERROR, why) or done
+        self._fill(w, done, unit)
+        return True
 
     def close(self) -> None:
         """Let the inference thread go (without waiting: a stuck model call cannot be joined)."""

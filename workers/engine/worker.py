@@ -269,17 +269,20 @@ class StreamWorker:
     def _stuck(self, runner: BatchRunner, unit: Unit, err: E.ModelTimeoutError) -> None:
         # The call cannot be interrupted and holds its inference thread: commit what
         # finished, stop consuming (drain flushes the writer, then the entries never run are
-        # handed back, see _wind_down). The stuck call's own entries keep their delivery:
-        # after lease_s another worker runs each of them alone, and one that hangs every
-        # worker reaches the DLQ after max_deliveries.
+        # handed back, see _wind_down). A call of one entry alone has found its culprit,
+        # answered now; the entries of a call of several keep their delivery: after lease_s
+        # another worker runs each of them alone.
+        blamed = runner.blame_stuck(err, unit)
         self._record_calls(unit)
         self.shared.emit(unit)
-        log.error("%s; this worker stops (unhealthy); requests of that call are retried by other workers after "
-                  "lease_s=%.1f", err, self.settings.lease_s)
+        log.error("%s; this worker stops (unhealthy); %s", err,
+                  "that request ran alone and is dead-lettered" if blamed else
+                  f"requests of that call are retried by other workers after lease_s={self.settings.lease_s:.1f}")
         self.shared.counters["infer_timeouts"] += 1
         self.stuck = err
-        for w in runner.running:
-            self.shared.in_flight.pop(w.entry.entry_id)
+        if not blamed:
+            for w in runner.running:
+                self.shared.in_flight.pop(w.entry.entry_id)
         self._stop_soon(drain=True)
 
     def _record_calls(self, unit: Unit) -> None:
