@@ -94,6 +94,28 @@ async def test_cancel_markers_are_read_per_request_id(h: Any) -> None:
     assert await b.cancel_marks([]) == []
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("h", ["redis"], indirect=True)
+async def test_a_junk_cancel_marker_is_not_read_whole(h: Any) -> None:
+    """A producer's ACL lets it SET any cancel marker to any value (up to 512 MB). The worker
+    reads a bounded prefix of each, so junk costs it neither memory nor network; junk and
+    keys of another type count as no marker."""
+    b = h.broker()
+    await b.ensure_group()
+    h.cancel("real", 1_700_000_000_123)
+    h.r.set(KEYS.cancel("junk"), b"9" * (32 << 20))
+    h.r.rpush(KEYS.cancel("list"), b"1700000000123")
+    ids = ["junk", "real", "list", "none"]
+
+    def sent() -> int:
+        return int(h.r.info("stats")["total_net_output_bytes"])
+
+    before = sent()
+    assert await b.cancel_marks(ids) == [0, 1_700_000_000_123, 0, 0]
+    assert await b.prechecks(ids) == ([False] * 4, [0, 1_700_000_000_123, 0, 0])
+    assert sent() - before < 64 << 10  # the 32 MB value never left Redis
+
+
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("h", ["memory", "redis", "partitioned", "cluster"], indirect=True)
 async def test_prechecks_ask_both_markers_of_each_request_id(h: Any) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from headrace.client import errors as E
 from headrace.client.keys import registry_key
 from headrace.client.protocol import now_ms
+from headrace.workers.broker import scripts
 from headrace.workers.broker.backlog import Backlog, group_backlog, last_entry_id, stale_lag
 from headrace.workers.broker.base import CommitRejected
 from headrace.workers.broker.redis_inbox import RedisInbox
@@ -167,11 +168,12 @@ class RedisBroker(RedisInbox):
             # One round trip for both markers (on a Redis Cluster every key is in the
             # model's slot, so the cluster pipeline sends both to one node): on an idle
             # worker this check sits between every request's read and its model call.
-            # (plain commands: redis-py's cluster pipeline refuses its mget method but routes
-            # a multi-key command of one slot like any other)
+            # (plain commands: redis-py's cluster pipeline refuses some methods but routes
+            # a multi-key command of one slot like any other; plain EVAL for the same reason:
+            # the script text is small, and Redis compiles it once)
             pipe = self.client.pipeline(transaction=False)
             pipe.execute_command("EXISTS", *done_keys)
-            pipe.execute_command("MGET", *cancel_keys)
+            pipe.execute_command("EVAL", scripts.CANCEL_MARKS, len(cancel_keys), *cancel_keys)
             return await pipe.execute()
 
         count, marks = await self._call("dedupe and cancel pre-check", both)
@@ -184,7 +186,7 @@ class RedisBroker(RedisInbox):
         keys = [self.keys.cancel(rid) for rid in request_ids]
 
         async def go() -> Any:
-            return await self.client.mget(keys)
+            return await self.client.execute_command("EVAL", scripts.CANCEL_MARKS, len(keys), *keys)
 
         return [marker_ms(v) for v in await self._call("cancel check", go)]
 

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Final
 
 NAMES: Final = ("COMMIT", "READ", "CLAIM", "REFRESH", "RELEASE", "REPAIR_LAG", "TRIM", "CLEANUP", "REGISTER",
-                "DLQ_REPLAY", "DLQ_PURGE")
+                "DLQ_REPLAY", "DLQ_PURGE", "CANCEL_MARKS")
 
 
 @cache
