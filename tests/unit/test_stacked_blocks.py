@@ -147,6 +147,26 @@ async def test_a_poison_sample_in_a_block_is_found_by_halving_and_the_rest_answe
     assert not store.dlq and len(store.pending_ids()) == 0
 
 
+@pytest.mark.timeout(30)
+async def test_an_entry_of_bad_samples_logs_a_warning_or_two_not_one_per_call(caplog: pytest.LogCaptureFixture) -> None:
+    # Every one of 256 samples fails alone: ~500 model calls on the way down. A producer
+    # sending such entries must not be able to fill the worker's log with them.
+    store = MemoryStore()
+    sv = AffineServable(poison=-1.0)
+    w = StreamWorker(WorkerSettings(model="affine", max_batch=256, preferred_batch=256, max_wait_ms=50, block_ms=5),
+                     sv, MemoryBroker(store, "w"))
+    xs = np.full((256, 4), -1.0, np.float32)
+    with store.lock:
+        store.add(multi("bad", xs))
+    with caplog.at_level("WARNING", logger="headrace.workers.engine.inference"):
+        await serve_until(w, lambda: len(store.results(AFF)) == 1)
+    res = store.results(AFF)[0]
+    assert [s.code for s in res.samples] == [E.MODEL_ERROR] * 256
+    assert len(sv.batches) >= 256
+    warnings = [r for r in caplog.records if r.name == "headrace.workers.engine.inference" and r.levelname == "WARNING"]
+    assert 1 <= len(warnings) <= 2, [r.getMessage() for r in warnings]
+
+
 @pytest.mark.timeout(20)
 async def test_a_block_past_its_deadline_is_answered_expired_in_every_slot() -> None:
     store = MemoryStore()

@@ -273,7 +273,9 @@ class BatchRunner:
             at += w.count
         return out
 
-    async def _run_call(self, works: list[Work], unit: Unit, released: list[Work]) -> None:
+    async def _run_call(self, works: list[Work], unit: Unit, released: list[Work], depth: int = 0) -> None:
+        # depth: how many splits led here; only the first failure of a call is logged as a
+        # warning (a 1024-sample entry of bad samples is ~2000 calls on the way down).
         t0 = time.perf_counter()
         try:
             outs = await self._call_model(works)
@@ -283,18 +285,19 @@ class BatchRunner:
             if len(works) == 1 and works[0].count == 1:
                 self._failed(works[0], err, unit, released)
                 return
-            log.warning("%s; splitting it to isolate the cause", err)
+            log.log(logging.WARNING if depth == 0 else logging.DEBUG, "%s; splitting it to isolate the cause", err)
             for part in isolation_parts(works):
-                await self._run_call(part, unit, released)
+                await self._run_call(part, unit, released, depth + 1)
             return
         except Exception as err:  # noqa: BLE001 - isolate the failing request(s) below
             if len(works) == 1 and works[0].count == 1:
                 self._failed(works[0], err, unit, released)
                 return
-            log.warning("model call on %d requests failed (%s); splitting it to isolate the cause",
-                        sum(w.count for w in works), err)
+            log.log(logging.WARNING if depth == 0 else logging.DEBUG,
+                    "model call on %d requests failed (%s); splitting it to isolate the cause",
+                    sum(w.count for w in works), err)
             for part in isolation_parts(works):
-                await self._run_call(part, unit, released)
+                await self._run_call(part, unit, released, depth + 1)
             return
         infer_s = time.perf_counter() - t0
         size = sum(w.count for w in works)
@@ -331,7 +334,11 @@ class BatchRunner:
         if w.group is not None:
             # One result answers all samples of the entry: a sample the model fails on even
             # alone is answered model_error in its slot; its entry-mates keep their outputs.
-            log.warning("request %s: the model failed on sample %d alone: %s", env.request_id, w.index, err)
+            # One warning per entry: its other failing samples fail the same way, most likely.
+            log.log(logging.DEBUG if w.group.warned else logging.WARNING,
+                    "request %s: the model failed on sample %d alone: %s%s", env.request_id, w.index, err,
+                    "" if w.group.warned else " (its other failing samples are logged at DEBUG)")
+            w.group.warned = True
             self._fill(w, w.group.fail(w.index, E.MODEL_ERROR, f"model failed on sample {w.index}: "
                                        f"{type(err).__name__}: {err}"), unit)
             return

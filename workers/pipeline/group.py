@@ -48,6 +48,8 @@ class Group:
         self.infer_s = 0.0
         self.batch_size = 0
         self.answered = False
+        #: a failing sample of it was logged as a warning (the others go to DEBUG).
+        self.warned = False
         #: (first index, count, outputs with a leading axis of count rows) of each block run.
         self.blocks: list[tuple[int, int, Arrays]] = []
 
