@@ -60,6 +60,21 @@ def _provider_options(name: str, manifest: Manifest, cache_dir: Path) -> dict[st
     return {}
 
 
+#: how far the process may grow past its size after loading the model before runs give the
+#: onnxruntime CPU arena's free memory back (bytes).
+SHRINK_ABOVE_BYTES = 512 << 20
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (bytes; 0 where ``/proc`` is missing: never shrink)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class OnnxServable(prepost.ManifestServable):
     """A manifest-described ONNX model on an onnxruntime ``InferenceSession``.
 
@@ -112,6 +127,16 @@ class OnnxServable(prepost.ManifestServable):
         # own ERROR line per failed node would double that on stderr (a producer sending
         # samples the model refuses would fill it).
         self._run_options.log_severity_level = 4
+        # A run that ends with the process past SHRINK_ABOVE_BYTES over its size after loading
+        # makes the next run give the CPU arena's free chunks back to the OS: otherwise one
+        # request that makes a model allocate gigabytes (a ConstantOfShape sized by its
+        # values) leaves the worker holding them for good. Not every run: shrinking frees and
+        # re-faults the arena each time (measured 5-10 % slower at batch 32 on a 6-layer MLP).
+        self._shrinking = ort.RunOptions()
+        self._shrinking.log_severity_level = 4
+        self._shrinking.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._shrink_next = False
+        self._rss_cap = 0
         last: Exception | None = None
         for start in range(len(chain)):
             tried = chain[start:]
@@ -126,6 +151,7 @@ class OnnxServable(prepost.ManifestServable):
                             self.name, self.version, tried, e, chain[start + 1:] or "nothing")
         if self.session is None:
             raise E.ModelError(f"cannot load {model_path} with onnxruntime: {last}") from last
+        self._rss_cap = rss_bytes() + SHRINK_ABOVE_BYTES
         self.providers = list(self.session.get_providers())
         self._text_inputs = tokens.text_inputs_of(manifest) if self.accepts_text else ()
         signature.check_graph(manifest, signature.ort_specs(self.session.get_inputs()),
@@ -135,21 +161,24 @@ class OnnxServable(prepost.ManifestServable):
         log.info("loaded %s/%s (onnx, %s) on %s", self.name, self.version, manifest.precision, self.providers)
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        options = self._shrinking if self._shrink_next else self._run_options
         try:
-            outs = self.session.run(self._output_names, feed, self._run_options)
+            outs = self.session.run(self._output_names, feed, options)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidArgument/RuntimeException
             raise E.ModelError(f"{self.name}/{self.version}: onnxruntime run failed: {e}") from e
+        finally:
+            self._shrink_next = rss_bytes() > self._rss_cap
         return dict(zip(self._output_names, outs, strict=True))
 
     def interrupt(self) -> bool:
         """Set onnxruntime's terminate flag: the run in progress (a ``Loop`` whose trip count
         a request chose, say) returns an error at its next node, and so does every run until
         :meth:`resume`, such as the other length buckets of the same call."""
-        self._run_options.terminate = True
+        self._run_options.terminate = self._shrinking.terminate = True
         return True
 
     def resume(self) -> None:
-        self._run_options.terminate = False
+        self._run_options.terminate = self._shrinking.terminate = False
 
     def close(self) -> None:
         self.session = None
