@@ -119,8 +119,16 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
 @pass_cfg
 def compress(cfg: CliConfig, name: str, **opts: Any) -> None:
     """Compress NAME (any ONNX/torch repository model with --data; minilm or digits recipes
-    without) into the repository and print the report."""
+    without) into the repository and print the report.
+
+    Exits 1 when nothing was published (every step failed or was refused by the gate),
+    unless --publish none."""
     require_all({"torch": "compress", "onnx": "compress", "onnxruntime": WORKER}, purpose="headrace compress")
     from headrace.models.compress.pipeline import compress_main
 
-    compress_main(build_options(name, cfg.repo, {k: v for k, v in opts.items() if v is not None}))
+    options = build_options(name, cfg.repo, {k: v for k, v in opts.items() if v is not None})
+    res = compress_main(options)
+    if getattr(options, "publish", "none") != "none" and not getattr(res, "published", True):
+        # A script running `compress ... && deploy` must see that nothing was made.
+        raise click.ClickException("nothing was published: every step failed or was refused by the gate (the "
+                                   "reasons are above)")

@@ -21,7 +21,8 @@ from headrace.cluster.cli.context import CliConfig, pass_cfg
                    "numpy str arrays; one sample as the model takes it (no batch axis) unless --batch. "
                    "Repeatable.")
 @click.option("--texts", "texts_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Many text inputs: a file with one text per line ('-' not supported).")
+              help="Many text inputs: a UTF-8 file with one text per line, blank lines included (output "
+                   "row i answers line i; '-' not supported).")
 @click.option("--batch", is_flag=True, help="The --input arrays carry a leading sample dimension: one result per "
                                             "sample, sent in multi-sample entries of --chunk-size.")
 @click.option("--chunk-size", type=click.IntRange(1, 65_536), default=None,
@@ -110,8 +111,10 @@ def _to_file(cfg: CliConfig, model: str, inputs: dict[str, Any] | None, texts: l
 
 
 def _lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    """One text per line, every line kept (a blank line is an empty text) so that output
+    row i answers line i; lines end at "\n" only (a "\r" before it is dropped)."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        return [line.removesuffix("\n").removesuffix("\r") for line in f]
 
 
 def _samples(inputs: dict[str, Any]) -> list[dict[str, Any]]:

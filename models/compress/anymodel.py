@@ -319,7 +319,9 @@ def publish(opts: AnyModelOptions, p: Prepared, e: Evaluated, context: dict[str,
     measured["fidelity"] = e.comparison.to_dict() if e.comparison else {}
     out = p.source.repo.add(
         name, files, format=c.fmt, backend=_backend(c), precision=c.precision, inputs=m.inputs, outputs=m.outputs,
-        preprocess=m.preprocess, postprocess=m.postprocess, model_file=model_file, source=f"{p.source.ref}",
+        # The source's batching facts hold for its compressed copies: a model served one
+        # request per call (outputs that mix rows) must not be batched as its INT8 copy.
+        batch_dim=m.batch_dim, max_batch=m.max_batch, preprocess=m.preprocess, postprocess=m.postprocess, model_file=model_file, source=f"{p.source.ref}",
         recipe=_json_safe([*m.recipe, *c.recipe]), measured=_json_safe(measured), extra={**extra, **c.extra},
         description=f"{m.description or m.name}: {c.label}")
     return f"{out.name}/{out.version}"

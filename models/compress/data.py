@@ -111,7 +111,8 @@ def load_npz(path: str | Path, declared: Declared) -> Samples:
 
     Raises:
         ConfigError: unreadable file, a missing or unknown input, inconsistent sample counts,
-            shapes the graph does not accept, or fewer than 4 samples.
+            shapes the graph does not accept, NaN/Inf in a float input, or fewer than 4
+            samples.
     """
     p = Path(path)
     try:
@@ -138,6 +139,13 @@ def load_npz(path: str | Path, declared: Declared) -> Samples:
             raise ConfigError(f"{p.name}: input {name!r} holds {arrays[name].shape[axis]} samples, "
                               f"{next(iter(declared))!r} holds {n}")
     _check_labels(labels, n, p.name)
+    for name, a in arrays.items():
+        # Workers refuse NaN/Inf requests, so calibrating or judging on them measures
+        # nothing served (all-NaN outputs even "agree" on every argmax).
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = np.argwhere(~np.isfinite(a))[0].tolist()
+            raise ConfigError(f"{p.name}: input {name!r} holds NaN or Inf (first at index {bad}); drop or fix those "
+                              "samples: workers refuse them, so they say nothing about the served model")
     if n < MIN_SAMPLES:
         raise ConfigError(f"{p.name}: {n} samples; give at least {MIN_SAMPLES}")
     return Samples(arrays, axes, n, None if labels is None else labels.reshape(-1), None, p.name)
@@ -157,7 +165,9 @@ def load_text(path: str | Path) -> Samples:
     """
     p = Path(path)
     try:
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+        # "\n" only: str.splitlines also cuts at U+2028, form feeds and other separators
+        # a sentence may hold; a line is a sample, as `headrace submit --texts` reads it.
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").split("\n")]
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {p} as UTF-8 text (one sample per line): {e}") from e
     texts = tuple(ln for ln in lines if ln)

@@ -99,6 +99,13 @@ def test_submit_batch_to_an_npz_through_the_array_path(redis_url: str, workers: 
     assert code == 0 and "3 samples, 3 ok" in out, out
     with np.load(out_file) as saved:
         assert saved["length"][:, 0].tolist() == [1, 2, 3] and saved["ok"].all()
+    # Row i answers line i: a blank line is an empty text, not dropped; "\r\n" ends a line,
+    # a "\u2028" inside one does not.
+    (tmp_path / "t.txt").write_bytes("a\n\nccc\r\nd\u2028e\n".encode())
+    code, out = invoke(redis_url, "submit", "length", "--texts", str(tmp_path / "t.txt"), "--output", str(out_file))
+    assert code == 0 and "4 samples, 4 ok" in out, out
+    with np.load(out_file) as saved:
+        assert saved["length"][:, 0].tolist() == [1, 0, 3, 3]
 
 
 def test_submit_error_result_exits_2(redis_url: str, workers: None, tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ X16 = {"x": [None, 16]}
     ({"x": np.zeros((5, 3), np.float32)}, X16, "the graph wants 16"),
     ({"x": np.zeros((5, 16), np.float32), "labels": np.zeros(5, np.float32)}, X16, "integer class labels"),
     ({"x": np.zeros((2, 16), np.float32)}, X16, "at least 4"),
+    ({"x": np.where(np.arange(80).reshape(5, 16) == 37, np.nan, 0).astype(np.float32)}, X16,
+     r"NaN or Inf \(first at index \[2, 5\]\)"),
+    ({"x": np.full((5, 16), np.inf, np.float32)}, X16, "NaN or Inf"),
 ])
 def test_bad_npz_is_refused_with_a_reason(tmp_path: Path, arrays: dict[str, np.ndarray],
                                           declared: dict[str, list[int | None]], msg: str) -> None:
@@ -61,6 +64,9 @@ def test_text_data_and_the_split_never_overlap(tmp_path: Path) -> None:
     cal, held = D.split(s, 0.2, seed=3)
     assert (cal.n, held.n) == (40, 10) and not set(cal.texts or ()) & set(held.texts or ())
     assert "held-out split" in held.origin
+    # A line is a sample: separators inside a line (U+2028, form feed) do not cut it.
+    p.write_text("one\u2028still one\nform\x0cfeed\nthree\nfour\n")
+    assert D.load(p, {}, text=True).texts == ("one\u2028still one", "form\x0cfeed", "three", "four")
     with pytest.raises(ConfigError, match="takes text"):
         D.load(tmp_path / "x.npz" if (tmp_path / "x.npz").touch() is None else p, {}, text=True)
 
@@ -100,10 +106,28 @@ def test_any_onnx_model_is_quantized_measured_and_published(tmp_path: Path) -> N
     assert m.measured["fidelity"]["kinds"] == {"logits": "classification"}
     assert "accuracy" in m.measured["fidelity"]["outputs"]["logits"]
     assert m.measured["bench"]["held_out"]["n"] == 100
+    assert (m.max_batch, m.batch_dim) == (0, 0)
     report = json.loads((res.report_dir / "report.json").read_text())
     assert {a["label"] for a in report["artifacts"]} >= {"fp32 onnx", "int8 dynamic", "int8 static", "fp16"}
     assert (res.report_dir / "speed-vs-fidelity.png").stat().st_size > 10_000
     assert "| int8 static |" in (res.report_dir / "report.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_compressed_copies_keep_the_sources_batching(tmp_path: Path) -> None:
+    # A model served one request per call (models add found its outputs mix rows) must not
+    # be batched as its INT8 or fp16 copy: the copies would answer with other requests' rows.
+    from headrace.models.repository.store import IOSpec
+
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("mix", {"model.onnx": tiny_mlp_onnx(tmp_path / "mix.onnx")}, format="onnx", max_batch=1,
+             inputs=[IOSpec("x", "float32", (16,))], outputs=[IOSpec("logits", "float32", (4,))])
+    cal, held = mlp_data(tmp_path / "data")
+    res = run_any(AnyModelOptions("mix", data=cal, held_out=held, repo=repo.root, work_dir=tmp_path / "work",
+                                  steps=("quantize-dynamic", "fp16"), threads=1, progress=False, bench=False,
+                                  min_fidelity=0.5))
+    assert res.published == ["mix-int8/1", "mix-fp16/1"], res.refused
+    assert [repo.load_manifest(n).max_batch for n in ("mix-int8", "mix-fp16")] == [1, 1]
 
 
 @pytest.mark.timeout(120)
@@ -202,6 +226,12 @@ def test_cli_compresses_a_repository_model_and_reports_errors(tmp_path: Path) ->
     assert bad.exit_code == 1 and "unknown compress steps ['shrink']" in bad.output
     bad = CliRunner().invoke(main, ["--repo", str(repo.root), "compress", "nope", "--data", str(cal)])
     assert bad.exit_code == 1 and "nope" in bad.output
+    # Nothing passes the gate: the report is printed, and the exit status says nothing was made.
+    gated = CliRunner().invoke(main, [*base, "--data", str(cal), "--held-out", str(held), "--steps",
+                                      "quantize-dynamic", "--no-bench", "--no-progress", "--threads", "1",
+                                      "--work-dir", str(tmp_path / "w"), "--kind", "other", "--min-fidelity", "0.99999"])
+    assert gated.exit_code == 1 and "nothing was published" in gated.output and "refused" in gated.output
+    assert repo.versions("tiny-int8") == []
 
 
 def _if_graph_with_constant_weights(path: Path) -> None:
