@@ -89,7 +89,8 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
               help="Add accepted artifacts as NAME-<suffix> entries, as new versions of NAME, or not at all.")
 @click.option("--kind", type=click.Choice(["classification", "binary", "embedding", "other"]), default=None,
               help="Kind of the gated output (picks the metrics). [default: inferred]")
-@click.option("--output", default=None, help="Output the gate looks at. [default: the first]")
+@click.option("--output", default=None, help="The one output the gate looks at (and the table shows). [default: "
+                                             "every output is gated, each by its kind; the table shows the first]")
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None)
 @click.option("--calibration-limit", type=int, default=None, help="Use at most this many calibration samples.")
 @click.option("--per-channel/--per-tensor", default=None, help="INT8 weight scales per output channel.")

@@ -23,7 +23,7 @@ COLUMNS = {
     "classification": ("agreement", "accuracy", "max_abs_error"),
     "binary": ("agreement", "mean_abs_error", "max_abs_error"),
     "embedding": ("mean_cosine", "min_cosine", "overlap_at_k", "spearman"),
-    "other": ("mean_abs_error", "max_abs_error", "rel_error"),
+    "other": ("mean_abs_error", "max_abs_error", "spread_error"),
 }
 
 

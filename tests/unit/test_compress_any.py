@@ -89,6 +89,34 @@ def test_fidelity_metrics_by_kind() -> None:
     assert infer_kind("stateN", np.zeros((4, 2, 8))) == "other"
 
 
+def test_error_fidelity_is_held_to_the_outputs_spread_not_its_size() -> None:
+    # A regressor around 1000 +- 0.02: an error of 0.06 is 0.006 % of the value and three
+    # times what the output says about its samples. Scored on size it passed a 0.99 gate.
+    rng = np.random.default_rng(1)
+    ref = (1000 + rng.normal(scale=0.02, size=(200, 1))).astype(np.float64)
+    bad = fidelity_for("other", ref, ref + 0.06)
+    assert bad["rel_error"] < 1e-4 and bad["spread_error"] > 2 and bad["score"] == 0.0
+    good = fidelity_for("other", ref, ref + rng.normal(scale=0.0002, size=ref.shape))
+    assert good["score"] > 0.98
+
+
+def test_the_gate_holds_every_output_unless_one_is_named() -> None:
+    from headrace.models.compress.anymodel import Evaluated, gate
+    from headrace.models.compress.evaluate import Comparison
+    from headrace.models.compress.steps import Candidate
+
+    def evaluated() -> Evaluated:
+        cand = Candidate("int8 dynamic", Path("m.onnx"), "onnx", "int8", ({"step": "quantize-dynamic"},))
+        metrics = {"logits": {"agreement": 1.0, "score": 1.0}, "value": {"spread_error": 0.9, "score": 0.1}}
+        return Evaluated(cand, Comparison(1.0, "logits", {"logits": "classification", "value": "other"}, metrics))
+
+    every, named = evaluated(), evaluated()
+    gate([every], 0.99)
+    gate([named], 0.99, only="logits")
+    assert not every.accepted and "held-out value score 0.1000 (other)" in every.reason
+    assert named.accepted
+
+
 @pytest.mark.timeout(240)
 def test_any_onnx_model_is_quantized_measured_and_published(tmp_path: Path) -> None:
     repo = ModelRepository(tmp_path / "repo")
