@@ -17,8 +17,10 @@ Every function writes a new file and never modifies its input.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import platform
 import re
 import tempfile
@@ -66,8 +68,22 @@ def _ort_quant() -> Any:
     return require("onnxruntime.quantization", WORKER, purpose="quantization")
 
 
+@contextlib.contextmanager
+def _in_dir(folder: Path) -> Iterator[None]:
+    """Run with ``folder`` as the working directory: ONNX Runtime's quantization tools drop
+    files there (``sym_shape_infer_temp.onnx``, uuid-named ``.data`` external weights of a
+    model they save and reload), which would otherwise pile up wherever the user ran
+    ``headrace compress``."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _check_paths(src: Path, dst: Path) -> tuple[Path, Path]:
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).absolute(), Path(dst).absolute()
     if not src.is_file():
         raise ModelError(f"no ONNX model at {src}")
     if src.resolve() == dst.resolve():
@@ -85,21 +101,17 @@ def _preprocess(src: Path, tmp: Path) -> Path:
     if constants_to_initializers(src, staged) == 0:
         staged = src
     out = tmp / "preprocessed.onnx"
-    # ORT's symbolic shape inference dumps this file into the working directory when it gives
-    # up (it does on graphs with If subgraphs); it is removed unless it was there before.
-    dump = Path("sym_shape_infer_temp.onnx")
-    existed = dump.exists()
     try:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        quant_pre_process(str(staged), str(out), skip_optimization=True, skip_symbolic_shape=False)
+        # In the scratch folder: symbolic shape inference dumps sym_shape_infer_temp.onnx into
+        # the working directory when it gives up (it does on graphs with If subgraphs).
+        with _in_dir(tmp):
+            quant_pre_process(str(staged), str(out), skip_optimization=True, skip_symbolic_shape=False)
         return out
     except Exception as e:  # noqa: BLE001 - symbolic shape inference gives up on some graphs; only a help
         log.warning("quantization pre-processing of %s failed (%s); quantizing without it", src, e)
         return staged
-    finally:
-        if not existed:
-            dump.unlink(missing_ok=True)
 
 
 # --- dynamic and static INT8 -------------------------------------------------------------
@@ -170,7 +182,7 @@ def quantize_dynamic_int8(
     src, dst = _check_paths(Path(src), Path(dst))
     q = _ort_quant()
     reduce_range = resolve_reduce_range(reduce_range)
-    with tempfile.TemporaryDirectory(prefix="headrace-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="headrace-quant-") as tmp, _in_dir(Path(tmp)):
         pre = _preprocess(src, Path(tmp))
         try:
             q.quantize_dynamic(
@@ -294,7 +306,7 @@ def quantize_static_int8(
     reader = FeedsCalibrationReader(calibration)
     act_type = q.QuantType.QInt8 if symmetric_activations else q.QuantType.QUInt8
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
-    with tempfile.TemporaryDirectory(prefix="headrace-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="headrace-quant-") as tmp, _in_dir(Path(tmp)):
         pre = _preprocess(src, Path(tmp))
         try:
             q.quantize_static(

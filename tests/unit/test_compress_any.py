@@ -142,6 +142,23 @@ def test_any_onnx_model_is_quantized_measured_and_published(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(120)
+def test_quantizing_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ONNX Runtime's quantizer saves and reloads models with their weights as uuid-named
+    # external files; for a Hugging Face encoder one landed in the working directory on every
+    # run (reproduced by hand; this small MLP does not provoke it). The quantizer now runs in
+    # its scratch folder, and a relative destination still lands where the caller meant.
+    from headrace.models.compress.quantize import quantize_dynamic_int8
+
+    src = tiny_mlp_onnx(tmp_path / "src.onnx", width=1024)
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = quantize_dynamic_int8(src, Path("out") / "q.onnx")
+    assert out.is_file() and out.resolve().parent == here / "out"
+    assert [p.name for p in here.iterdir()] == ["out"] and [p.name for p in out.parent.iterdir()] == ["q.onnx"]
+
+
+@pytest.mark.timeout(120)
 def test_compressed_copies_keep_the_sources_batching(tmp_path: Path) -> None:
     # A model served one request per call (models add found its outputs mix rows) must not
     # be batched as its INT8 or fp16 copy: the copies would answer with other requests' rows.
