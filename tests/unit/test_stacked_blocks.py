@@ -147,6 +147,36 @@ async def test_a_poison_sample_in_a_block_is_found_by_halving_and_the_rest_answe
     assert not store.dlq and len(store.pending_ids()) == 0
 
 
+class _Capped(AffineServable):
+    """An affine model that runs at most 4 samples per call (a manifest's max_batch)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "max_batch": 4}
+
+
+@pytest.mark.timeout(30)
+async def test_calls_are_cut_to_the_models_max_batch_and_timings_say_so() -> None:
+    # A model whose manifest says max_batch 4: the worker (max_batch 32) makes calls of at
+    # most 4 samples, cutting a 10-sample block across them, and each answer's
+    # timings.batch_size is its real call; the registry says 4 as well.
+    store = MemoryStore()
+    sv = _Capped()
+    w = StreamWorker(WorkerSettings(model="affine", max_batch=32, preferred_batch=32, max_wait_ms=50, block_ms=5),
+                     sv, MemoryBroker(store, "w"))
+    xs = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
+    with store.lock:
+        store.add(multi("block", xs))
+        for i in range(3):
+            store.add(encode_request(Request(Envelope(f"one{i}", AFF), inputs={"x": np.full(4, i, np.float32)})))
+    await serve_until(w, lambda: len(store.results(AFF)) == 4)
+    assert sv.batches and max(len(b) for b in sv.batches) <= 4 and sum(len(b) for b in sv.batches) == 13
+    by = {r.request_id: r for r in store.results(AFF)}
+    np.testing.assert_array_equal(np.stack([s.outputs["y"] for s in by["block"].samples]), affine_reference(xs))
+    assert all(by[f"one{i}"].timings.batch_size <= 4 for i in range(3))
+    assert by["block"].timings.batch_size <= 4
+    assert w.registry_facts()["max_batch"] == 4
+
+
 @pytest.mark.timeout(30)
 async def test_an_entry_of_bad_samples_logs_a_warning_or_two_not_one_per_call(caplog: pytest.LogCaptureFixture) -> None:
     # Every one of 256 samples fails alone: ~500 model calls on the way down. A producer

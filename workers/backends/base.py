@@ -178,6 +178,15 @@ class Servable(abc.ABC):
                 "batched": True, "max_batch": 0}
 
 
+def call_cap(servable: Servable) -> int:
+    """The servable's largest model call in samples, from :meth:`Servable.describe`'s
+    ``max_batch`` (0 = none of its own: the worker's ``max_batch`` bounds it)."""
+    try:
+        return max(0, int(servable.describe().get("max_batch") or 0))
+    except Exception:  # noqa: BLE001 - a description that fails says nothing about calls
+        return 0
+
+
 def runs_stacked(servable: Servable) -> bool:
     """The servable's :meth:`~Servable.runs_stacked`, unless a subclass changed ``infer`` or
     ``check`` below the class that says it runs stacked (its own ``infer`` is then the truth,

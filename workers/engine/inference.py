@@ -36,7 +36,7 @@ import numpy as np
 from headrace.client import errors as E
 from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Result, Timings, now_ms
 from headrace.client.wire import take_row
-from headrace.workers.backends.base import Servable, runs_stacked
+from headrace.workers.backends.base import Servable, call_cap, runs_stacked
 from headrace.workers.engine.batcher import split_by_length
 from headrace.workers.engine.daemon import DaemonExecutor
 from headrace.workers.pipeline.answers import Answers
@@ -86,6 +86,9 @@ class BatchRunner:
         #: the requests of the model call in progress (or the last one).
         self.running: list[Work] = []
         self.stacked = runs_stacked(servable)
+        #: the servable's largest model call in samples (0 = no limit of its own): stacked
+        #: calls are cut to it here, so each sample's timings.batch_size is its real call.
+        self.cap = call_cap(servable)
 
     async def run_batch(self, batch: Sequence[Work], unit: Unit) -> list[Work]:
         """Run ``batch`` and add the ops to commit to ``unit`` (and its model calls to
@@ -150,7 +153,7 @@ class BatchRunner:
             same: dict[tuple[Any, ...], list[Work]] = {}
             for w in works:
                 same.setdefault(row_signature(w), []).append(w)
-            return list(same.values())
+            return [call for group in same.values() for call in cut_calls(group, self.cap)]
         buckets = (split_by_length([w.length for w in works]) if self.servable.accepts_text
                    else [list(range(len(works)))])
         calls: list[list[Work]] = []
@@ -447,6 +450,31 @@ def infer_text_buckets(servable: Servable, texts: list[str], ids: list[str],
                                    f"{out[name].dtype}{list(out[name].shape[1:])} in another")
             out[name][idx] = v
     return out
+
+
+def cut_calls(works: list[Work], cap: int) -> list[list[Work]]:
+    """``works`` in calls of at most ``cap`` samples (0 = one call), in order; a block that
+    straddles a boundary is cut there (row views)."""
+    if cap <= 0 or sum(w.count for w in works) <= cap:
+        return [works]
+    calls: list[list[Work]] = []
+    call: list[Work] = []
+    room = cap
+    for w in works:
+        while w.count > room:
+            head, w = split_work(w, room) if w.block and room > 0 else (None, w)
+            if head is not None:
+                call.append(head)
+            calls.append(call)
+            call, room = [], cap
+        call.append(w)
+        room -= w.count
+        if room == 0:
+            calls.append(call)
+            call, room = [], cap
+    if call:
+        calls.append(call)
+    return [c for c in calls if c]
 
 
 def isolation_parts(works: list[Work]) -> list[list[Work]]:

@@ -16,6 +16,7 @@ import time
 from typing import Any, Final
 
 from headrace.client import errors as E
+from headrace.workers.backends.base import call_cap
 from headrace.workers.engine.state import Shared
 from headrace.workers.settings import WorkerSettings
 
@@ -36,6 +37,8 @@ class Upkeep:
 
     def __init__(self, shared: Shared, consumer: str) -> None:
         self.shared, self.consumer = shared, consumer
+        #: the model's own largest call (0 = none): the registry's max_batch is the smaller one.
+        self._cap = call_cap(shared.servable)
 
     async def lease_loop(self) -> None:
         s = self.shared
@@ -67,7 +70,8 @@ class Upkeep:
         p50 = recent[len(recent) // 2] if recent else 0.0
         p99 = recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else 0.0
         return {"version": s.servable.version, "backend": type(s.servable).__name__,
-                "max_batch": s.settings.max_batch, "preferred_batch": s.settings.preferred_batch,
+                "max_batch": min(s.settings.max_batch, self._cap or s.settings.max_batch),
+                "preferred_batch": s.settings.preferred_batch,
                 "max_wait_ms": s.settings.max_wait_ms, "host": socket.gethostname(), "pid": os.getpid(),
                 "lag": s.backlog[0], "pending": s.backlog[1], "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
 
