@@ -1,5 +1,5 @@
 -- CANCEL_MARKS: the first 21 bytes of each cancel marker ("" when absent or not a string).
---   KEYS[1..n]: the cancel markers of a batch's request ids. Returns one string per key.
+--   KEYS[1], KEYS[2], ...: the cancel markers of a batch's request ids. Returns one string per key.
 -- Race: none to prevent (it only reads). Why a script rather than MGET: the size of what
 -- comes back. Producers may SET cancel:<id> (their ACL allows it) to any
 -- value up to Redis's 512 MB; MGET would carry every such value whole into the worker's
