@@ -211,6 +211,15 @@ class ModelError(HeadraceError):
     code = MODEL_ERROR
 
 
+class ModelInputError(ModelError):
+    """Raised inside a worker when the model itself refuses a call's inputs, a failure that
+    repeats on every try (onnxruntime's ``INVALID_ARGUMENT``: an index out of range, a shape
+    a node cannot take). A request that fails this way alone is answered ``model_error`` at
+    once rather than redelivered until ``max_deliveries``."""
+
+    code = MODEL_ERROR
+
+
 class ModelTimeoutError(ModelError):
     """Raised inside a worker when one model call runs longer than ``infer_timeout_s``.
 

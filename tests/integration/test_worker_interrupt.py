@@ -6,6 +6,9 @@ One crafted request (``n = 10**13``) would hold onnxruntime for hours. Past
 worker isolates the culprit the way it isolates any failing request: its batch-mates are
 answered, the culprit alone is dead-lettered ``model_error`` (not retried: it would hold the
 next worker as long), and the same worker process keeps serving.
+
+And a request whose inputs the model itself refuses (onnxruntime's INVALID_ARGUMENT: an
+index out of range) is answered ``model_error`` on its first delivery, not retried.
 """
 
 from __future__ import annotations
@@ -83,3 +86,41 @@ def test_a_request_that_hangs_the_model_is_interrupted_and_the_worker_goes_on(re
     assert after.ok and float(after.outputs["y"][0]) == 2.0
     assert "interrupting it" in log
     assert "this worker stops" not in log
+
+
+def gather_model(path: Path) -> Path:
+    """``y = table[idx]`` for int64 ``idx [B, 3]`` into a 10-row table: onnxruntime refuses
+    an index outside [-10, 9] with INVALID_ARGUMENT."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    graph = h.make_graph(
+        [h.make_node("Gather", ["table", "idx"], ["y"], axis=0)], "gather",
+        [h.make_tensor_value_info("idx", T.INT64, ["B", 3])], [h.make_tensor_value_info("y", T.FLOAT, ["B", 3])],
+        initializer=[nh.from_array(np.arange(10, dtype=np.float32) * 10, "table")])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_inputs_the_model_refuses_are_answered_at_once_not_retried(redis_url: str, tmp_path: Path) -> None:
+    # An index out of range is the request's own fault and fails the same on every try:
+    # answered model_error in one delivery, not after max_deliveries x lease_s (90 s here).
+    repo = tmp_path / "repo"
+    models_add(repo, "gather", gather_model(tmp_path / "gather.onnx"))
+    r = redis.Redis.from_url(redis_url)
+    with serving(redis_url, repo, "gather", tmp_path / "worker.log", "--lease-s", "30",
+                 "--max-wait-ms", "200") as worker, Client(redis_url) as client:
+        good = [client.submit("gather", {"idx": np.array([i, 1, 2], np.int64)}) for i in range(4)]
+        bad = client.submit("gather", {"idx": np.array([1, 99, 2], np.int64)})
+        results = client.collect([*good, bad], timeout_s=20)
+        assert worker.proc.poll() is None
+    *oks, refused = results
+    for i, res in enumerate(oks):
+        assert res.ok, res
+        np.testing.assert_array_equal(res.outputs["y"], np.array([i, 1, 2], np.float32) * 10)
+    assert refused.code == "model_error" and "refused the inputs" in (refused.message or ""), refused
+    assert "out of" in (refused.message or "")  # onnxruntime's reason is passed on
+    assert r.xlen(ModelKeys("headrace", "gather").dlq) == 0

@@ -165,7 +165,10 @@ class OnnxServable(prepost.ManifestServable):
         try:
             outs = self.session.run(self._output_names, feed, options)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises Fail/InvalidArgument/RuntimeException
-            raise E.ModelError(f"{self.name}/{self.version}: onnxruntime run failed: {e}") from e
+            # INVALID_ARGUMENT is onnxruntime's verdict on these inputs (it is the same on
+            # every try); FAIL and the rest may be the machine (memory, a device).
+            cls = E.ModelInputError if type(e).__name__ == "InvalidArgument" else E.ModelError
+            raise cls(f"{self.name}/{self.version}: onnxruntime run failed: {e}") from e
         finally:
             self._shrink_next = rss_bytes() > self._rss_cap
         return dict(zip(self._output_names, outs, strict=True))

@@ -345,6 +345,12 @@ class BatchRunner:
             self._fill(w, w.group.fail(w.index, E.MODEL_ERROR, f"model failed on sample {w.index}: "
                                        f"{type(err).__name__}: {err}"), unit)
             return
+        if isinstance(err, E.ModelInputError):
+            # The model refused this request's own inputs, alone: a retry would fail the same.
+            log.warning("request %s: the model refused its inputs: %s", env.request_id, err)
+            self.answers.error(env, entry, E.MODEL_ERROR, f"the model refused the inputs: {err.message}", unit,
+                               read_ms=w.read_ms)
+            return
         if isinstance(err, E.ModelTimeoutError):
             # Retried, it would hold the next worker's model for infer_timeout_s again.
             log.warning("request %s: the model call ran past infer_timeout_s alone; dead-lettered", env.request_id)
