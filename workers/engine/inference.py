@@ -16,7 +16,8 @@ and a failing block in halves, down to the one sample that fails.
 A call that raises is split in halves (bisection; from :data:`SPLIT_ABOVE` requests down,
 one request at a time) until the failing request runs alone, so its batch-mates are still
 answered; the failing request is released for redelivery (or
-dead-lettered after ``max_deliveries``). A model call that runs past ``infer_timeout_s``
+dead-lettered after ``max_deliveries``), unless the model refused its inputs
+(:class:`~headrace.client.errors.ModelInputError`): that is answered ``model_error`` at once. A model call that runs past ``infer_timeout_s``
 is interrupted when the servable can (:meth:`~Servable.interrupt`: onnxruntime's terminate
 flag) and then fails like any call: split to find the request that hangs it, which is
 dead-lettered alone, not retried. One that cannot be interrupted raises
