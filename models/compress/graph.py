@@ -118,6 +118,22 @@ def graph_op_types(model_path: str | Path) -> dict[str, int]:
     return counts
 
 
+def float16_tensors(model_path: str | Path) -> int:
+    """How many float16 initializers and Constant values the graph holds, subgraphs included
+    (0 after an fp16 conversion means it converted nothing)."""
+    from onnx import TensorProto
+
+    graph = _load(model_path).graph
+    count = sum(i.data_type == TensorProto.FLOAT16 for i in graph.initializer)
+    for node, _ in _walk(graph, {}):
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
+                count += sum(i.data_type == TensorProto.FLOAT16 for i in sub.initializer)
+            if node.op_type == "Constant" and attr.HasField("t"):
+                count += attr.t.data_type == TensorProto.FLOAT16
+    return count
+
+
 # Ops that carry a constant weight; each is worth INT8 storage and kernels.
 STATIC_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # In a convolutional graph these sit between quantized convolutions: quantizing them keeps the

@@ -261,9 +261,14 @@ def quantize_static(ctx: StepContext) -> list[Candidate]:
 @step("fp16")
 def fp16(ctx: StepContext) -> list[Candidate]:
     """fp16 weights and compute for GPU execution providers, fp32 graph inputs/outputs."""
+    from headrace.models.compress.graph import float16_tensors
     from headrace.models.compress.quantize import convert_fp16
 
     path = convert_fp16(ctx.onnx_path, ctx.work / "fp16.onnx")
+    if not float16_tensors(path):
+        # e.g. tree ensembles and linear classifiers (ai.onnx.ml ops keep float32/double)
+        raise ModelError("fp16 conversion changed nothing: the graph holds no float weights it could convert "
+                         "(its ops keep their own types); an fp16 entry would be the fp32 model under another name")
     return [Candidate("fp16", path, "onnx", "fp16", [{"step": "fp16", "params": {"keep_io_types": True}}],
                       "GPU target: CPU run checks fidelity only", bench_speed=False)]
 

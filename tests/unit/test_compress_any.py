@@ -159,6 +159,33 @@ def test_quantizing_leaves_nothing_in_the_working_directory(tmp_path: Path, monk
 
 
 @pytest.mark.timeout(120)
+def test_fp16_of_a_graph_without_float_weights_is_a_failed_step_not_a_copy(tmp_path: Path) -> None:
+    # A tree ensemble (ai.onnx.ml TreeEnsembleClassifier) has no tensor fp16 could convert:
+    # the "fp16" artifact was the fp32 graph, published under precision fp16.
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import RandomForestClassifier
+
+    from headrace.models.repository.store import IOSpec
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    forest = RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0).fit(x, y)
+    src = tmp_path / "forest.onnx"
+    src.write_bytes(to_onnx(forest, x[:1], options={"zipmap": False}, target_opset=17).SerializeToString())
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("forest", {"model.onnx": src}, format="onnx", inputs=[IOSpec("X", "float32", (4,))],
+             outputs=[IOSpec("label", "int64", ()), IOSpec("probabilities", "float32", (3,))])
+    np.savez(tmp_path / "cal.npz", X=x[::2])
+    np.savez(tmp_path / "held.npz", X=x[1::2])
+    res = run_any(AnyModelOptions("forest", data=tmp_path / "cal.npz", held_out=tmp_path / "held.npz",
+                                  repo=repo.root, work_dir=tmp_path / "work", steps=("fp16",), threads=1,
+                                  progress=False, bench=False, min_fidelity=0.9))
+    assert res.published == [] and repo.versions("forest-fp16") == []
+    assert "fp16 conversion changed nothing" in res.details["failed"]["fp16"]
+
+
+@pytest.mark.timeout(120)
 def test_compressed_copies_keep_the_sources_batching(tmp_path: Path) -> None:
     # A model served one request per call (models add found its outputs mix rows) must not
     # be batched as its INT8 or fp16 copy: the copies would answer with other requests' rows.
