@@ -104,8 +104,11 @@ def open_source(repo: ModelRepository, name: str, version: str | None = None) ->
     """
     m = repo.verify(name, version or None)
     if m.format not in COMPRESSIBLE:
+        hint = (f"add the file again as ONNX (headrace models add {name} MODEL{'.pt2' if m.format == 'pt2' else '.pt'} "
+                "--to-onnx) and compress that entry" if m.format in ("torchscript", "pt2") else
+                "compress the entry it was made from")
         raise ConfigError(f"{name}/{m.version} is format {m.format!r}; compress works on {list(COMPRESSIBLE)} "
-                          f"entries (compress the entry it was made from)")
+                          f"entries: {hint}")
     folder = repo.path(m.name, m.version)
     if m.format == "onnx":
         onnx_path = repo.file_path(m, m.model_file)

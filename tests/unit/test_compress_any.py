@@ -185,6 +185,18 @@ def test_fp16_of_a_graph_without_float_weights_is_a_failed_step_not_a_copy(tmp_p
     assert "fp16 conversion changed nothing" in res.details["failed"]["fp16"]
 
 
+def test_a_torchscript_entry_is_refused_with_the_way_to_compress_it(tmp_path: Path) -> None:
+    from headrace.models.compress.source import open_source
+    from headrace.models.repository.store import IOSpec
+
+    (tmp_path / "model.pt").write_bytes(b"not read: refused by its format first")
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("scripted", {"model.pt": tmp_path / "model.pt"}, format="torchscript", backend="torch",
+             inputs=[IOSpec("x", "float32", (4,))], outputs=[IOSpec("y", "float32", (4,))])
+    with pytest.raises(ConfigError, match=r"headrace models add scripted MODEL\.pt --to-onnx"):
+        open_source(repo, "scripted")
+
+
 @pytest.mark.timeout(120)
 def test_compressed_copies_keep_the_sources_batching(tmp_path: Path) -> None:
     # A model served one request per call (models add found its outputs mix rows) must not
