@@ -15,12 +15,20 @@ anything else ``feature-extraction``):
 
 The encoder and its head are exported with ``torch.onnx.export`` (the maintained exporter;
 TorchScript path, opset 17, dynamic batch and sequence axes, checked against torch within
-1e-4) and served by ONNX Runtime; the fast tokenizer's ``tokenizer.json`` tokenises in the
-worker, padded with the model's own pad id.
+1e-4, on short texts and on one text of the full ``max_length``) and served by ONNX Runtime;
+the fast tokenizer's ``tokenizer.json`` tokenises in the worker, padded with the model's own
+pad id. The graph's token inputs are those the model's ``forward`` takes (DistilBERT takes
+no ``token_type_ids`` even where its tokenizer files, copied from BERT, list them).
+
+``max_length`` (``--max-length``; default: ``sentence_bert_config.json``'s
+``max_seq_length``, else the tokenizer's ``model_max_length``) never exceeds the positions the
+model has: ``max_position_embeddings``, less ``pad_token_id + 1`` for RoBERTa-style position
+ids that start after the padding index (RoBERTa, XLM-R, CamemBERT: 514 - 2 = 512).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -31,7 +39,11 @@ from headrace.models.importers.common import TASKS, Imported, ImportOptions
 from headrace.models.repository.manifest import IOSpec
 
 CHECK_TEXTS = ("A short text.", "headrace batches requests from Redis Streams for any encoder model it serves.")
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what the worker's tokenising feeds
+#: model types whose position ids start after the padding index (``padding_idx + 1``), for
+#: a model whose position embedding does not say so itself.
+PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "mpnet",
+                    "longformer", "xmod", "ibert")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -114,26 +126,117 @@ def _load(folder: Path, task: str) -> tuple[Any, Any]:
     return model.eval(), tok
 
 
-def _max_length(folder: Path, tok: Any, config: Any, opts: ImportOptions) -> int:
+def usable_positions(model: Any) -> tuple[int, str] | None:
+    """``(positions, why)``: the longest sequence ``model``'s position table holds, and how
+    that follows from its config; None when the config has no ``max_position_embeddings``.
+
+    RoBERTa-style position ids count from ``padding_idx + 1`` (the position embedding's
+    ``padding_idx``, else the config's ``pad_token_id`` for :data:`PADDED_POSITIONS`), so
+    those many positions are never a token's.
+    """
+    config = model.config
+    table = getattr(config, "max_position_embeddings", None)
+    if not isinstance(table, int) or table <= 0:
+        return None
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    pad = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
+    if pad is None and getattr(config, "model_type", "") in PADDED_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and pad >= 0:
+        return table - pad - 1, (f"max_position_embeddings {table} less pad_token_id + 1 = {pad + 1} "
+                                 "(positions start after the padding index)")
+    return table, f"max_position_embeddings {table}"
+
+
+def _max_length(folder: Path, tok: Any, model: Any, opts: ImportOptions) -> int:
+    """Tokens a text is truncated at: ``--max-length``, else the folder's
+    ``max_seq_length``, else the tokenizer's ``model_max_length``, never more than the
+    model's positions.
+
+    Raises:
+        ConfigError: ``--max-length`` is negative or more than the model's positions (a
+            longer text would index past its position table and fail in the worker).
+    """
+    cap = usable_positions(model)
+    if opts.max_length < 0:
+        raise ConfigError(f"--max-length {opts.max_length} must be a positive number of tokens")
     if opts.max_length:
+        if cap is not None and opts.max_length > cap[0]:
+            raise ConfigError(f"--max-length {opts.max_length} is more than the {cap[0]} token positions of "
+                              f"{folder.name} ({cap[1]}): pass --max-length {cap[0]} or less")
         return opts.max_length
+    limit = cap[0] if cap is not None else 512
     st = folder / "sentence_bert_config.json"
-    if st.is_file() and isinstance(_read_json(st).get("max_seq_length"), int):
-        return int(_read_json(st)["max_seq_length"])
-    cap = int(getattr(config, "max_position_embeddings", 512) or 512)
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        cap -= 2  # RoBERTa positions start after the padding index
-    model_max = int(getattr(tok, "model_max_length", cap) or cap)
-    return min(cap, model_max)
+    if st.is_file() and isinstance(seq := _read_json(st).get("max_seq_length"), int) and seq > 0:
+        return min(seq, limit)
+    # model_max_length is a huge sentinel (1e30) when the tokenizer files do not set it
+    model_max = getattr(tok, "model_max_length", None)
+    return min(limit, int(model_max)) if isinstance(model_max, int) and model_max > 0 else limit
+
+
+def _input_names(model: Any, tok: Any) -> list[str]:
+    """The token inputs to export: ids and mask, and ``token_type_ids`` where the tokenizer
+    makes them and the model's ``forward`` takes them (DistilBERT does not)."""
+    try:
+        takes = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # no signature to read: trust the tokenizer
+        takes = set(TEXT_INPUTS)
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in tok.model_input_names and "token_type_ids" in takes:
+        names.append("token_type_ids")
+    return names
+
+
+def _graph_inputs(onnx_path: Path, names: list[str]) -> list[str]:
+    """``names`` that are inputs of the exported graph, in order (an unused input is
+    pruned by the exporter).
+
+    Raises:
+        ModelError: the graph takes an input the worker does not make from a text, or does
+            not take the token ids.
+    """
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    takes = [i.name for i in graph.input if i.name not in inits]
+    bad = [n for n in takes if n not in names]
+    if bad or "input_ids" not in takes:
+        raise ModelError(f"the exported graph takes {takes}; a text model's tokenizer makes {names} "
+                         "(input_ids needed)")
+    return [n for n in names if n in takes]
+
+
+def _full_length_check(model: Any, tok: Any, names: list[str], max_length: int, folder: Path) -> dict[str, Any]:
+    """One text of exactly ``max_length`` tokens (the longest the worker will feed), run
+    through ``model`` in torch first, so a length the model cannot take fails here,
+    clearly, and not in the worker.
+
+    Raises:
+        ModelError: the model fails on it.
+    """
+    import torch
+
+    enc = tok(" ".join([CHECK_TEXTS[1]] * max_length), truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {n: enc[n].to(torch.int64) if n in enc else torch.zeros_like(enc["input_ids"]) for n in names}
+    try:
+        with torch.inference_mode():
+            model(**batch)
+    except Exception as e:  # noqa: BLE001 - an index or shape error from any layer
+        raise ModelError(f"{folder.name} fails on a text of max_length {max_length} tokens: {e}; "
+                         "pass a smaller --max-length") from e
+    return batch
 
 
 def import_huggingface(folder: Path, opts: ImportOptions, work_dir: Path) -> Imported:
     """An :class:`Imported` text model (ONNX + ``tokenizer.json``) for a Hugging Face folder.
 
     Raises:
-        ModelError: the folder does not load offline, has no fast tokenizer, the export fails
-            or differs from torch.
-        ConfigError: transformers is not installed.
+        ModelError: the folder does not load offline, has no fast tokenizer, fails on a text
+            of ``max_length`` tokens, the export fails or differs from torch, or the graph
+            takes an input a tokenizer does not make.
+        ConfigError: transformers is not installed, or ``--max-length`` is more than the
+            model's token positions.
     """
     import torch
 
@@ -145,9 +248,13 @@ def import_huggingface(folder: Path, opts: ImportOptions, work_dir: Path) -> Imp
         raise ModelError(f"--task {task!r} must be one of {list(TASKS)}")
     model, tok = _load(folder, task)
     pooling, normalize = pooling_of(folder) if task == "sentence-embedding" else ("", False)
-    names = [n for n in TEXT_INPUTS if n in tok.model_input_names]
-    enc = tok(list(CHECK_TEXTS), padding=True, return_tensors="pt")
-    example = {n: enc[n].to(torch.int64) for n in names}
+    names = _input_names(model, tok)
+    max_length = _max_length(folder, tok, model, opts)
+    # truncated as the worker truncates: a tokenizer with a small vocabulary makes many
+    # tokens of the check texts, more than a small position table holds
+    enc = tok(list(CHECK_TEXTS), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    example = {n: enc[n].to(torch.int64) if n in enc else torch.zeros_like(enc["input_ids"]) for n in names}
+    full = _full_length_check(model, tok, names, max_length, folder)
     hidden = int(model.config.hidden_size)
     out_name, out_shape = {"sentence-embedding": ("embeddings", (hidden,)),
                            "feature-extraction": ("last_hidden_state", (-1, hidden)),
@@ -156,10 +263,12 @@ def import_huggingface(folder: Path, opts: ImportOptions, work_dir: Path) -> Imp
     axes[out_name] = {0: "batch", 1: "sequence"} if task == "feature-extraction" else {0: "batch"}
     onnx_path = work_dir / "hf" / "model.onnx"
     report = export_onnx(_head(model, task, pooling, normalize), example, onnx_path, output_names=[out_name],
-                         dynamic_axes=axes, opset=opts.opset)
+                         dynamic_axes=axes, opset=opts.opset,
+                         check_inputs=[{n: t.numpy() for n, t in batch.items()} for batch in (example, full)])
+    names = _graph_inputs(onnx_path, names)
     tok_path = work_dir / "hf" / "tokenizer.json"  # the fast tokenizer as one file, for the worker
     tok.backend_tokenizer.save(str(tok_path))
-    extra: dict[str, Any] = {"task": task, "max_length": _max_length(folder, tok, model.config, opts),
+    extra: dict[str, Any] = {"task": task, "max_length": max_length,
                              "pad_id": int(tok.pad_token_id if tok.pad_token_id is not None else 0),
                              "model_type": str(getattr(model.config, "model_type", ""))}
     if task == "text-classification":
