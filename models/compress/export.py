@@ -99,6 +99,23 @@ def _as_tensor_tuple(inputs: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in inputs.values())
 
 
+def _eval_mode(module: torch.nn.Module) -> bool:
+    """``module.eval()``; False for a module without a train/eval mode.
+
+    A ``torch.export`` program's module (``ExportedProgram.module()``) has none: its graph was
+    fixed in the mode it was exported in, and its ``eval()`` / ``train()`` raise
+    ``NotImplementedError``. Only its ``training`` flags are cleared then (what ``eval()``
+    sets), so that the exporter, which reads them, exports it as an inference graph.
+    """
+    try:
+        module.eval()
+    except NotImplementedError:
+        for m in module.modules():
+            m.training = False
+        return False
+    return True
+
+
 def compare_outputs(onnx_path: str | Path, module: torch.nn.Module,
                     batches: Sequence[Mapping[str, np.ndarray[Any, Any]]]) -> tuple[float, float]:
     """Run ``batches`` through the ONNX file (CPU) and the torch module.
@@ -118,7 +135,7 @@ def compare_outputs(onnx_path: str | Path, module: torch.nn.Module,
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"onnxruntime cannot load {onnx_path}: {e}") from e
     max_abs, min_cos = 0.0, 1.0
-    module.eval()
+    _eval_mode(module)
     for batch in batches:
         try:
             got = sess.run(None, {k: np.asarray(v) for k, v in batch.items()})
@@ -200,7 +217,7 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     input_names = list(example_inputs)
     axes = {k: dict(v) for k, v in (dynamic_axes or default_dynamic_axes(input_names, output_names)).items()}
-    module.eval()
+    _eval_mode(module)
     batches = list(check_inputs) if check_inputs else [
         {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in example_inputs.items()}]
     # Export to a temp file in the same folder and rename, so a crash never leaves a
@@ -237,9 +254,12 @@ def _export_checked(module: torch.nn.Module, example_inputs: Mapping[str, Any], 
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            # EVAL makes the exporter call module.train(False), which a torch.export program's
+            # module refuses: that one is exported as it is (PRESERVE), its flags cleared above.
+            mode = torch.onnx.TrainingMode.EVAL if _eval_mode(module) else torch.onnx.TrainingMode.PRESERVE
             torch.onnx.export(module, _as_tensor_tuple(example_inputs), str(tmp), input_names=input_names,
                               output_names=list(output_names), dynamic_axes=axes, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
+                              dynamo=False, do_constant_folding=True, training=mode)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many error types
         raise ModelError(f"ONNX export of {type(module).__name__} failed: {e}") from e
     export_s = time.perf_counter() - t0

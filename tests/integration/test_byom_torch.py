@@ -4,9 +4,10 @@
 * silero-vad's own TorchScript file behind the example operator servable
   (examples/silero_vad: int16 PCM in, custom preprocessing, ``--servable``): answers equal
   silero's ``audio_forward`` on each clip alone, batches > 1;
-* a TorchScript and a ``torch.export`` program served by the torch backend (and one
+* a TorchScript and a ``torch.export`` program served by the torch backend (and each
   converted with ``--to-onnx``): answers equal the module's own;
-* a manifest edited to disagree with its model (a fixed dim, a dtype): the worker exits
+* a manifest edited to disagree with its model (a fixed dim, a dtype, a torch program's
+  output dtype, which the worker never converts): the worker exits
   non-zero naming both sides, before it registers.
 """
 
@@ -87,7 +88,9 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                                         "--output", "total:float32:")),
                                          ("scaler.pt2", ("--output", "y:float32:3", "--output", "total:float32:")),
                                          ("scaler.pt", ("--example", "EXAMPLE", "--to-onnx", "--output", "y:float32:3",
-                                                        "--output", "total:float32:"))])
+                                                        "--output", "total:float32:")),
+                                         ("scaler.pt2", ("--to-onnx", "--output", "y:float32:3",
+                                                         "--output", "total:float32:"))])
 def test_torch_programs_served(source: str, args: tuple[str, ...], programs: dict[str, Any], redis_url: str,
                                tmp_path: Path) -> None:
     repo = tmp_path / "repo"
@@ -155,3 +158,19 @@ def test_wrong_torchscript_manifest_refuses_to_start(programs: dict[str, Any], r
     _edit_manifest(repo, "scaler", wrong_output)
     log = _refused(redis_url, repo, "scaler", tmp_path / "w.log")
     assert "manifest says float32 [4] per sample; the model returned float32 [3]" in log, log
+
+
+def test_torchscript_manifest_with_another_output_dtype_refuses_to_start(programs: dict[str, Any], redis_url: str,
+                                                                         tmp_path: Path) -> None:
+    # The worker used to cast outputs to the manifest's dtype: float32 answers truncated to
+    # int64 in silence. A dtype that is not the model's is a mismatch like a wrong dim.
+    repo = tmp_path / "repo"
+    folder = programs["folder"]
+    models_add(repo, "scaler", folder / "scaler.pt", "--example", str(folder / "example.npz"))
+
+    def wrong_dtype(doc: dict[str, Any]) -> None:
+        doc["outputs"][0]["dtype"] = "int64"
+
+    _edit_manifest(repo, "scaler", wrong_dtype)
+    log = _refused(redis_url, repo, "scaler", tmp_path / "w.log")
+    assert "[model_error]" in log and "output 'output0': manifest says int64; the model returned float32" in log, log

@@ -23,6 +23,8 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client.optional import require
+from headrace.client.wire import dtype_name
+from headrace.models.importers.torch import program_outputs, tensor_to_numpy
 from headrace.models.repository.store import Manifest
 from headrace.models.torch_factory import BUILTIN_ARCHS, FACTORY_PREFIX, Factory, build_module, resolve_factory
 from headrace.workers.backends import prepost, tokens
@@ -96,11 +98,15 @@ class TorchServable(prepost.ManifestServable):
             self.module.eval()
         except NotImplementedError:  # a torch.export program module has no train/eval mode
             pass
+        # True once this servable made the module half precision itself: its float32 outputs
+        # then come back float16, and only that change of ours is undone (see _output).
+        self._halved = False
         if manifest.precision == "fp16":
             # fp16 is a GPU target: CPU kernels for half matmuls are slow or missing, so on a
             # CPU host the same weights run in fp32 (and the log says so).
             if self.device.startswith("cuda"):
                 self.module = self.module.half()
+                self._halved = True
             else:
                 log.warning("%s/%s is fp16 but runs on %s: serving it in fp32", self.name, self.version, self.device)
         self._encoder: tokens.TextEncoder | None = None
@@ -112,6 +118,14 @@ class TorchServable(prepost.ManifestServable):
         log.info("loaded %s/%s (torch, %s) on %s", self.name, self.version, manifest.precision, self.device)
 
     def _run(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        """One model call; the outputs by manifest name, each of its manifest dtype.
+
+        Raises:
+            ModelError: the forward fails, or its answer does not fit the manifest: a dict
+                without a key the manifest names, another number of outputs, a value that
+                is not a tensor, or another dtype. Each is the model's failure (model_error),
+                handled as a forward that raised is.
+        """
         import torch
 
         if self.module is None:
@@ -122,16 +136,43 @@ class TorchServable(prepost.ManifestServable):
                 out = self.module(*args)
         except Exception as e:  # noqa: BLE001 - a model can raise anything; the worker must survive it
             raise E.ModelError(f"{self.name}/{self.version}: torch forward failed: {e}") from e
-        if isinstance(out, dict):
-            outs = [out[s.name] for s in self.outputs]
-        elif isinstance(out, (tuple, list)):
-            outs = list(out)
+        try:
+            items, keyed = program_outputs(out)
+        except E.ModelError as e:
+            raise E.ModelError(f"{self.name}/{self.version}: {e.message}") from e
+        if keyed:
+            # A dict is read by key: the manifest's names are the program's keys. A key that
+            # is missing (a program whose keys vary with its input) is the model's failure.
+            got = dict(items)
+            missing = [s.name for s in self.outputs if s.name not in got]
+            if missing:
+                raise E.ModelError(f"{self.name}/{self.version}: the module returned a dict with keys {sorted(got)}; "
+                                   f"the manifest's outputs {missing} are not among them")
+            outs = [got[s.name] for s in self.outputs]
         else:
-            outs = [out]
+            outs = [t for _, t in items]
         if len(outs) != len(self.outputs):
             raise E.ModelError(f"{self.name}/{self.version}: module returned {len(outs)} outputs, "
                                f"manifest lists {len(self.outputs)}")
-        return {s.name: _to_numpy(o).astype(s.dtype, copy=False) for s, o in zip(self.outputs, outs, strict=True)}
+        return {s.name: self._output(s.name, s.dtype, o) for s, o in zip(self.outputs, outs, strict=True)}
+
+    def _output(self, name: str, dtype: str, t: Any) -> np.ndarray[Any, Any]:
+        """Output ``name`` as numpy, checked against its manifest ``dtype``.
+
+        Raises:
+            ModelError: the module returned another dtype. It is not converted: casting
+                float32 to a manifest's int64 would truncate every value in silence, so a
+                manifest that disagrees with its model must be fixed instead.
+        """
+        arr = tensor_to_numpy(t)
+        got = dtype_name(arr.dtype)
+        if got == dtype:
+            return arr
+        if self._halved and got == "float16" and dtype == "float32":
+            return arr.astype(np.float32)  # our own .half() made it float16: undo only that
+        raise E.ModelError(f"{self.name}/{self.version}: the manifest does not match the model: output {name!r}: "
+                           f"manifest says {dtype}; the model returned {got}. Fix the manifest (headrace models add "
+                           f"re-reads the model) or serve the version it was made for")
 
     def _run_tensors(self, feed: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         # Order the feed like the manifest: the module takes its inputs positionally.
@@ -144,17 +185,6 @@ class TorchServable(prepost.ManifestServable):
         d = super().describe()
         d.update(backend="torch", format=self.manifest.format, precision=self.manifest.precision, device=self.device)
         return d
-
-
-def _to_numpy(t: Any) -> np.ndarray[Any, Any]:
-    import torch
-
-    if not isinstance(t, torch.Tensor):
-        return np.asarray(t)
-    t = t.detach()
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()  # numpy has no bfloat16; the manifest dtype decides what is returned
-    return t.cpu().numpy()  # type: ignore[no-any-return]
 
 
 def load_torch_servable(manifest: Manifest, folder: Path, *, tokenizer_path: Path | None = None,
