@@ -37,6 +37,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from headrace.client import errors as E
 from headrace.client.optional import require
 from headrace.client.protocol import WIRE_DTYPES
 from headrace.cluster.serve.args import IngressArgs
@@ -50,6 +51,7 @@ from fastapi import FastAPI, Path, Request  # noqa: E402 - after the check above
 from fastapi.responses import JSONResponse  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 from ray import serve  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,17 @@ def create_api(gateway: Callable[[], Gateway]) -> FastAPI:
     api = FastAPI(title="headrace", version="1", lifespan=lifespan,
                   description="Batched inference over Redis Streams. Requests share the model's queue and batches "
                               "with every other producer.")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def framework_errors(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing errors come from the framework, not the gateway: they keep the documented
+        # body ({code, message}) every other answer has, not {"detail": ...}.
+        code = E.UNKNOWN_MODEL if exc.status_code == 404 else E.DECODE_ERROR
+        what = "no such route" if exc.status_code == 404 else str(exc.detail).lower()
+        return JSONResponse(status_code=exc.status_code, headers=getattr(exc, "headers", None),
+                            content={"code": code, "message": f"{what}: {request.method} {request.url.path} (routes: "
+                                                              "GET /v1/models, GET /v1/models/{model}, "
+                                                              "POST /v1/models/{model}/infer, GET /healthz)"})
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -193,6 +193,14 @@ def test_unknown_models_are_404(redis_url: str, workers: dict[str, Any]) -> None
         for model in ("nope", "a%20b", "x" * 200):
             res = c.post(f"/v1/models/{model}/infer", json={"text": "x"})
             assert (res.status_code, res.json()["code"]) == (404, "unknown_model"), model
+        # Routes that do not exist, and methods a route does not take: the same error body.
+        for method, path, status in (("POST", "/v1/models/..%2f..%2fx/infer", 404), ("GET", "/v2/anything", 404),
+                                     ("GET", "/v1/models/length/infer", 405), ("DELETE", "/v1/models", 405)):
+            res = c.request(method, path)
+            body = res.json()
+            assert res.status_code == status and set(body) == {"code", "message"}, (method, path, body)
+            assert body["code"] == ("unknown_model" if status == 404 else "decode_error")
+            assert path.split("?")[0] in body["message"] or status == 404
 
 
 async def test_timed_out_calls_do_not_accumulate(redis_url: str) -> None:
