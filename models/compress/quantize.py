@@ -346,10 +346,13 @@ def convert_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
     from onnxruntime.transformers.onnx_model import OnnxModel
     try:
-        model = OnnxModel(onnx.load(str(src)))
-        blocks = list(DEFAULT_OP_BLOCK_LIST) + list(op_block_list or [])
-        model.convert_float_to_float16(keep_io_types=keep_io_types, op_block_list=blocks)
-        model.save_model_to_file(str(dst))
+        # In a scratch folder: the converter's symbolic shape inference drops
+        # sym_shape_infer_temp.onnx into the working directory when it gives up.
+        with tempfile.TemporaryDirectory(prefix="headrace-fp16-") as tmp, _in_dir(Path(tmp)):
+            model = OnnxModel(onnx.load(str(src)))
+            blocks = list(DEFAULT_OP_BLOCK_LIST) + list(op_block_list or [])
+            model.convert_float_to_float16(keep_io_types=keep_io_types, op_block_list=blocks)
+            model.save_model_to_file(str(dst))
     except Exception as e:  # the converter raises plain Exceptions for graphs it cannot type
         raise ModelError(f"fp16 conversion of {src} failed: {e}") from e
     log.info("converted %s -> %s (fp16, io fp32=%s)", src.name, dst, keep_io_types)
