@@ -116,6 +116,7 @@ WORKER_RULES: tuple[Rule, ...] = (
     _r("commit", "workers/metrics.py"),
     _r("encode results", "workers/engine/inference.py", "BatchRunner._answer"),
     _r("batch build", "workers/engine/inference.py"),
+    _r("batch build", "workers/engine/calls.py"),
     _r("batch build", "workers/engine/batcher.py"),
     _r("batch build", "workers/engine/worker.py", "StreamWorker._infer_loop", "StreamWorker._record_calls"),
     _r("housekeeping", "workers/broker/redis_broker.py", "RedisBroker.refresh_lease", "RedisBroker.heartbeat",

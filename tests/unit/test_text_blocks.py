@@ -25,7 +25,7 @@ from headrace.workers.backends.base import runs_stacked
 from headrace.workers.backends.fake import LengthServable
 from headrace.workers.backends.tokens import pad_rows
 from headrace.workers.engine.admission import Admission, Samples
-from headrace.workers.engine.inference import infer_text_buckets, row_signature, text_rows
+from headrace.workers.engine.calls import infer_text_buckets, row_signature, text_rows
 from headrace.workers.engine.thread import WorkerThread
 from headrace.workers.engine.worker import StreamWorker
 from headrace.workers.pipeline.answers import Answers

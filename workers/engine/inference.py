@@ -13,7 +13,7 @@ entries (one array per input) and single samples concatenated on the leading axi
 outputs cut back into row ranges. A failing call of several blocks is split between them,
 and a failing block in halves, down to the one sample that fails.
 
-A call that raises is split in halves (bisection; from :data:`SPLIT_ABOVE` requests down,
+A call that raises is split in halves (bisection; from :data:`~headrace.workers.engine.calls.SPLIT_ABOVE` requests down,
 one request at a time) until the failing request runs alone, so its batch-mates are still
 answered; the failing request is released for redelivery (or
 dead-lettered after ``max_deliveries``), unless the model refused its inputs
@@ -39,10 +39,18 @@ from headrace.client.protocol import STATUS_EXPIRED, STATUS_OK, Result, Timings,
 from headrace.client.wire import take_row
 from headrace.workers.backends.base import Servable, call_cap, runs_stacked
 from headrace.workers.engine.batcher import split_by_length
+from headrace.workers.engine.calls import (
+    cut_calls,
+    infer_text_buckets,
+    isolation_parts,
+    row_signature,
+    stack_rows,
+    text_rows,
+)
 from headrace.workers.engine.daemon import DaemonExecutor
 from headrace.workers.pipeline.answers import Answers
 from headrace.workers.pipeline.entry import elapsed_ms
-from headrace.workers.pipeline.work import Call, Unit, Work, split_work
+from headrace.workers.pipeline.work import Call, Unit, Work
 from headrace.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -51,11 +59,6 @@ T = TypeVar("T")
 #: how long an interrupted model call may take to end (seconds) before the worker takes its
 #: thread for stuck.
 INTERRUPT_GRACE_S = 10.0
-
-#: a failing call of more requests than this is split in halves; up to this many are re-run
-#: one request at a time: as few calls as halving them (<= 8 against 6), and each batch-mate
-#: runs only once more.
-SPLIT_ABOVE = 8
 
 
 class Late:
@@ -283,17 +286,9 @@ class BatchRunner:
         t0 = time.perf_counter()
         try:
             outs = await self._call_model(works)
-        except E.ModelTimeoutError as err:
-            if not err.interrupted:
-                raise  # the thread is stuck: isolating would queue behind it
-            if len(works) == 1 and works[0].count == 1:
-                self._failed(works[0], err, unit, released)
-                return
-            log.log(logging.WARNING if depth == 0 else logging.DEBUG, "%s; splitting it to isolate the cause", err)
-            for part in isolation_parts(works):
-                await self._run_call(part, unit, released, depth + 1)
-            return
         except Exception as err:  # noqa: BLE001 - isolate the failing request(s) below
+            if isinstance(err, E.ModelTimeoutError) and not err.interrupted:
+                raise  # the thread is stuck: isolating would queue behind it
             if len(works) == 1 and works[0].count == 1:
                 self._failed(works[0], err, unit, released)
                 return
@@ -393,102 +388,3 @@ class BatchRunner:
     def close(self) -> None:
         """Let the inference thread go (without waiting: a stuck model call cannot be joined)."""
         self.thread.shutdown()
-
-
-def row_signature(w: Work) -> tuple[Any, ...]:
-    """What rows must share to be stacked together: each input's name, row shape and dtype
-    (texts: nothing, the servable tokenises and pads them)."""
-    if w.texts or w.request.text is not None:
-        return ("texts",)
-    return tuple(sorted((n, a.shape[1:] if w.block else a.shape, a.dtype.str) for n, a in w.request.inputs.items()))
-
-
-def stack_rows(works: Sequence[Work]) -> dict[str, np.ndarray[Any, Any]]:
-    """The inputs of ``works`` (of one :func:`row_signature`) on one leading axis: blocks as
-    they are, single samples as one row each (no copy for a lone block)."""
-    names = list(works[0].request.inputs)
-    if len(works) == 1 and works[0].block:
-        return dict(works[0].request.inputs)
-    return {n: np.concatenate([w.request.inputs[n] if w.block else w.request.inputs[n][None] for w in works])
-            for n in names}
-
-
-def text_rows(works: Sequence[Work]) -> tuple[list[str], list[int]]:
-    """The texts of ``works`` in row order (a block's texts, a single sample's text) and the
-    length hint of each."""
-    texts: list[str] = []
-    lengths: list[int] = []
-    for w in works:
-        if w.block:
-            texts.extend(w.texts)
-            lengths.extend(w.row_lengths if len(w.row_lengths) == w.count else [w.length] * w.count)
-        else:
-            texts.append(w.request.text or "")
-            lengths.append(w.length)
-    return texts, lengths
-
-
-def infer_text_buckets(servable: Servable, texts: list[str], ids: list[str],
-                       buckets: list[list[int]]) -> dict[str, np.ndarray[Any, Any]]:
-    """``servable.infer_texts`` once per length bucket (row indices, see
-    :func:`~headrace.workers.engine.batcher.split_by_length`: texts of similar length are padded
-    together), the outputs put back in row order. Runs on the inference thread.
-
-    Raises:
-        ModelError: the servable failed, or its buckets' outputs do not fit together (row
-            counts, names, row shapes or dtypes differ).
-    """
-    if len(buckets) == 1 and len(buckets[0]) == len(texts):
-        return servable.infer_texts(texts, ids)
-    out: dict[str, np.ndarray[Any, Any]] = {}
-    for idx in buckets:
-        part = servable.infer_texts([texts[i] for i in idx], [ids[i] for i in idx])
-        if out and set(part) != set(out):
-            raise E.ModelError(f"outputs {sorted(part)} of one length bucket differ from {sorted(out)} of another")
-        for name, value in part.items():
-            v = np.asarray(value)
-            if v.ndim == 0 or len(v) != len(idx):
-                raise E.ModelError(f"output {name!r} has shape {list(v.shape)} for {len(idx)} texts; expected a row "
-                                   "per text")
-            if name not in out:
-                out[name] = np.empty((len(texts), *v.shape[1:]), dtype=v.dtype)
-            elif out[name].shape[1:] != v.shape[1:] or out[name].dtype != v.dtype:
-                raise E.ModelError(f"output {name!r} rows of {v.dtype}{list(v.shape[1:])} in one length bucket, "
-                                   f"{out[name].dtype}{list(out[name].shape[1:])} in another")
-            out[name][idx] = v
-    return out
-
-
-def cut_calls(works: list[Work], cap: int) -> list[list[Work]]:
-    """``works`` in calls of at most ``cap`` samples (0 = one call), in order; a block that
-    straddles a boundary is cut there (row views)."""
-    if cap <= 0 or sum(w.count for w in works) <= cap:
-        return [works]
-    calls: list[list[Work]] = []
-    call: list[Work] = []
-    room = cap
-    for w in works:
-        while w.count > room:
-            head, w = split_work(w, room) if w.block and room > 0 else (None, w)
-            if head is not None:
-                call.append(head)
-            calls.append(call)
-            call, room = [], cap
-        call.append(w)
-        room -= w.count
-        if room == 0:
-            calls.append(call)
-            call, room = [], cap
-    if call:
-        calls.append(call)
-    return [c for c in calls if c]
-
-
-def isolation_parts(works: list[Work]) -> list[list[Work]]:
-    """How a failing call is re-run to isolate the failing sample: a lone block in halves;
-    more than :data:`SPLIT_ABOVE` works in halves; else each work alone."""
-    if len(works) == 1:
-        head, tail = split_work(works[0], works[0].count // 2)
-        return [[head], [tail]]
-    half = len(works) // 2
-    return [works[:half], works[half:]] if len(works) > SPLIT_ABOVE else [[w] for w in works]
