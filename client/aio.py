@@ -25,6 +25,7 @@ from headrace.client.config import ClientSettings
 from headrace.client.core import ClientCore
 from headrace.client.effects import Flow
 from headrace.client.failures import broker_error
+from headrace.client.forks import PerProcess
 from headrace.client.health import ModelDescription, ModelStatus
 from headrace.client.pipeline import AutoPipeline
 from headrace.client.progress import ProgressOption, make_progress
@@ -41,8 +42,10 @@ T = TypeVar("T")
 class AsyncClient(CoreViews):
     """asyncio twin of :class:`~headrace.client.Client`; the methods are coroutines.
 
-    Args and raised errors as :class:`~headrace.client.Client`. Use it from one event loop
-    (``ticket.cancel()`` may be called from any thread).
+    Args and raised errors as :class:`~headrace.client.Client`. Use it from one event loop:
+    it binds to the loop it first runs on, and a call from another loop (a second
+    ``asyncio.run``) raises :class:`HeadraceError` before sending anything; create one
+    client per loop. ``ticket.cancel()`` may be called from any thread.
 
     Submits are auto-pipelined: the ``submit``/``infer`` calls that coroutines make during
     one pass of the event loop go to Redis together, one ``EVALSHA`` each in one pipeline
@@ -54,10 +57,13 @@ class AsyncClient(CoreViews):
     def __init__(self, redis_url: str | None = None, *, namespace: str | None = None,
                  settings: ClientSettings | None = None, client_id: str | None = None, retry: Retry | None = None,
                  **overrides: Any) -> None:
-        self.settings, self.client_id = resolve_settings(settings, client_id, redis_url=redis_url,
-                                                         namespace=namespace, **overrides)
-        self._core = ClientCore(self.settings, self.client_id, retry)
-        self._io = AsyncIO(self._core)
+        self.settings, cid = resolve_settings(settings, client_id, redis_url=redis_url, namespace=namespace,
+                                              **overrides)
+        self._proc: PerProcess[AsyncIO] = PerProcess(ClientCore(self.settings, cid, retry), AsyncIO)
+
+    @property
+    def _io(self) -> AsyncIO:
+        return self._proc.current()[1]
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -67,17 +73,21 @@ class AsyncClient(CoreViews):
         await self.close()
 
     async def close(self) -> None:
-        """Stop the reader task and close connections (see :meth:`Client.close`)."""
+        """Stop the reader task and close connections; outstanding tickets fail with
+        :class:`RequestCancelled` (see :meth:`Client.close`). Safe after the client's event
+        loop closed."""
         await self._io.close()
 
     async def ping(self) -> bool:
         """True when Redis answers.
 
         Raises:
-            BrokerError: Redis is unreachable.
+            BrokerError: Redis is unreachable. HeadraceError: used from a second event loop.
         """
+        io = self._io
+        io.bind_loop()
         try:
-            return bool(await self._io.redis.ping())
+            return bool(await io.redis.ping())
         except redis.RedisError as e:
             raise broker_error(e, "PING of Redis") from e
 

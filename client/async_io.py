@@ -6,6 +6,7 @@ a reader task. Nothing here decides anything; the flows and the core do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import NoBackoff
 
+from headrace.client import errors as E
 from headrace.client import flows
 from headrace.client.core import ClientCore, connection_backoff, connection_options
 from headrace.client.effects import (
@@ -86,23 +88,56 @@ class AsyncIO:
         }
         core.cancel_sink = self.send_cancel
 
+    def bind_loop(self) -> None:
+        """Bind this client to the running event loop on its first use.
+
+        Raises:
+            HeadraceError: called from another loop than that one (nothing is sent): its
+                connections, auto-pipeline and reader task belong to that loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise E.HeadraceError(
+                "AsyncClient is bound to the event loop it first ran on (its connections and reply reader live "
+                "there); create one per loop, e.g. inside the coroutine that asyncio.run() runs")
+
     async def run(self, flow: Flow[T]) -> T:
-        self._loop = self._loop or asyncio.get_running_loop()
+        self.bind_loop()
         return await adrive(flow, self.perform)
 
     def iterate(self, flow: Flow[None]) -> AsyncIterator[Any]:
-        return aiterate(flow, self.perform)
+        return aiterate(self._bound(flow), self.perform)
+
+    def _bound(self, flow: Flow[None]) -> Flow[None]:
+        # Checks the loop when the iteration starts (in the loop, before the first effect);
+        # `yield from` hands an early stop (close) on to the flow, whose cleanup cancels.
+        self.bind_loop()
+        return (yield from flow)
 
     async def perform(self, effect: Effect) -> Any:
         return await self._handlers[type(effect)](effect)
 
     async def close(self) -> None:
-        """Send what is queued, stop the reader task, drop the reply streams when nothing is
-        outstanding, disconnect."""
+        """Fail the outstanding tickets (:class:`RequestCancelled`), send what is queued, stop
+        the reader task, drop the reply streams when nothing was outstanding, disconnect.
+        From another loop than the client's: on that loop when it still runs, else the
+        connections are dropped without IO (never raises for a closed loop)."""
         if self.closed.is_set():
             return
-        self.core.closed = True
+        streams = self.core.shut("AsyncClient")  # waiters of outstanding tickets return now
         self.closed.set()
+        loop = self._loop
+        if loop is not None and loop is not asyncio.get_running_loop():
+            if loop.is_running():  # alive in another thread: disconnect there
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._disconnect(streams), loop))
+            else:  # gone (an earlier asyncio.run): nothing can be awaited there any more
+                self._abandon()
+            return
+        await self._disconnect(streams)
+
+    async def _disconnect(self, streams: list[str]) -> None:
         await self.pipeline.aclose()  # submits (and cancel markers) already queued go out first
         if self._reader is not None:
             self._reader.cancel()
@@ -111,13 +146,24 @@ class AsyncIO:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - already logged by the loop
                 pass
         try:
-            streams = self.core.streams_to_drop()
             if streams:
                 await self.redis.delete(*streams)
         except redis.RedisError as e:
             log.debug("could not delete reply streams on close: %s", e)
         await self.reader_redis.aclose()
         await self.redis.aclose()
+
+    def _abandon(self) -> None:
+        """Drop the connections of a closed event loop without awaiting anything: their
+        sockets close when collected (the reply streams expire by ``reply_ttl_s``). The
+        single-connection reader client is detached first: redis.asyncio would otherwise
+        close it through the dead loop when collected, printing a traceback."""
+        for client in (self.reader_redis, self.redis):
+            conn = getattr(client, "connection", None)
+            if conn is not None:
+                client.connection = None
+                with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+                    conn._close()
 
     def send_cancel(self, command: Command) -> None:
         """Queue a cancel marker on the auto-pipeline (from any thread; best effort)."""

@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from headrace.client import errors as E
 from headrace.client import protocol
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Result
 from headrace.client.samples import MultiRequest
-from headrace.client.submit import PreparedRequest, new_request_id, split_item
+from headrace.client.submit import PreparedRequest, check_deadline, new_request_id, split_item
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,9 @@ def prepare_chunk(keys: ModelKeys, reply_to: str, chunk: Chunk, *, request_id: s
 
     Raises:
         ProtocolError: an invalid request id, or inputs that do not encode.
+        ConfigError: a nan or infinite ``deadline_s``.
     """
-    if deadline_s < 0:
-        raise E.ProtocolError(f"deadline_s must be >= 0 seconds, got {deadline_s}", code=E.BAD_VALUE)
+    check_deadline(deadline_s)
     rid = request_id if request_id is not None else new_request_id()
     now = protocol.now_ms()
     env = protocol.Envelope(request_id=rid, reply_to=reply_to, model=keys.model, ts_ms=now,

@@ -27,6 +27,7 @@ from headrace.client.config import ClientSettings
 from headrace.client.core import ClientCore
 from headrace.client.effects import Flow
 from headrace.client.failures import broker_error
+from headrace.client.forks import PerProcess
 from headrace.client.health import ModelDescription, ModelStatus
 from headrace.client.progress import ProgressOption, make_progress
 from headrace.client.protocol import Result
@@ -48,8 +49,9 @@ class Client(CoreViews):
             straight to ``redis.Redis.from_url``; None uses ``HEADRACE_REDIS_URL``.
         namespace: key namespace shared with the workers; None uses ``HEADRACE_NAMESPACE``.
         settings: full :class:`ClientSettings`; None builds them from the environment.
-        client_id: names this client's reply streams; None picks a unique one. Reuse an id
-            only to pick up results of a previous client that is gone.
+        client_id: names this client's reply streams; None picks a unique one (a forked
+            child process always picks a new one). Reuse an id only to pick up results of a
+            previous client that is gone.
         retry: the default :class:`Retry` of every call; None retries only submits Redis
             failed under, ``retry_attempts`` times.
         **overrides: any other :class:`ClientSettings` field (``max_backlog``, ``timeout_s``...).
@@ -61,10 +63,13 @@ class Client(CoreViews):
     def __init__(self, redis_url: str | None = None, *, namespace: str | None = None,
                  settings: ClientSettings | None = None, client_id: str | None = None, retry: Retry | None = None,
                  **overrides: Any) -> None:
-        self.settings, self.client_id = resolve_settings(settings, client_id, redis_url=redis_url,
-                                                         namespace=namespace, **overrides)
-        self._core = ClientCore(self.settings, self.client_id, retry)
-        self._io = SyncIO(self._core)
+        self.settings, cid = resolve_settings(settings, client_id, redis_url=redis_url, namespace=namespace,
+                                              **overrides)
+        self._proc: PerProcess[SyncIO] = PerProcess(ClientCore(self.settings, cid, retry), SyncIO)
+
+    @property
+    def _io(self) -> SyncIO:
+        return self._proc.current()[1]
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -75,7 +80,9 @@ class Client(CoreViews):
         self.close()
 
     def close(self) -> None:
-        """Stop the reader and close connections. Reply streams with nothing outstanding
+        """Stop the reader and close connections. Outstanding tickets fail at once with
+        :class:`RequestCancelled` (threads blocked in ``result``/``map`` return; the requests
+        may still run, their results are dropped). Reply streams with nothing outstanding
         are deleted; others expire by their TTL (``reply_ttl_s``)."""
         self._io.close()
 

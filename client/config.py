@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ DEFAULT_GROUP = "workers"
 #: where producers and workers find Redis when no URL is configured (argument or
 #: ``HEADRACE_REDIS_URL``).
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: the URL schemes redis-py connects with.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def resolve_redis_url(url: str | None, env: Mapping[str, str] | None = None) -> str:
@@ -118,6 +121,8 @@ class Settings:
         """``field`` named the way it was set, with its value: ``HEADRACE_MAX_BACKLOG='3'``
         when it came from the environment, else ``max_backlog=3``."""
         value = getattr(self, field, None)
+        if field == "redis_url" and isinstance(value, str):
+            value = redact_url(value)  # messages and logs must not show its password
         if self.setting_source(field) == "env":
             return f"{self.env_name(field)}={str(value)!r}"
         return f"{field}={value!r}"
@@ -205,13 +210,17 @@ def validate_namespace(namespace: str) -> None:
 
 
 def validate_model_name(model: str) -> None:
-    """Model names become part of Redis keys and repository paths."""
-    ok = bool(model) and len(model) <= 128 and all(c.isalnum() or c in "-_." for c in model)
-    require(
-        ok and model not in {".", ".."},
-        "model",
-        f"{model!r} must be 1-128 characters of letters, digits, '-', '_' or '.'",
-    )
+    """Model names become part of Redis keys and repository paths.
+
+    Raises:
+        ConfigError: not such a name. The message names no environment variable: a model is
+            mostly an argument (SDK calls, CLI commands); settings that hold one (a worker's
+            ``HEADRACE_MODEL``) re-raise it naming how it was set.
+    """
+    ok = isinstance(model, str) and bool(model) and len(model) <= 128 and all(c.isalnum() or c in "-_." for c in model)
+    if not (ok and model not in {".", ".."}):
+        reason = f"{model!r} must be 1-128 characters of letters, digits, '-', '_' or '.'"
+        raise ConfigError(f"model name {reason}", field="model", reason=reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +234,8 @@ class ClientSettings(Settings):
         max_backlog: refuse new work with :class:`QueueFull` when a model's backlog
             reaches this many samples (unread + pending entries times the samples per
             entry the workers publish); 0 disables the check.
-        timeout_s: default wait for a result in ``infer``/``result`` (seconds; per attempt
-            when a retry policy resubmits).
+        timeout_s: default wait for a result in ``infer``/``result`` (seconds, ``inf``
+            waits without limit; per attempt when a retry policy resubmits).
         deadline_s: default time-to-live of a request; 0 means no deadline.
         reply_block_ms: how long one blocking ``XREAD`` on the reply stream waits.
         reply_ttl_s: a client's reply stream expires this long after its last write
@@ -280,10 +289,17 @@ class ClientSettings(Settings):
 
     def validate(self) -> None:
         validate_namespace(self.namespace)
+        # redis-py would raise a bare ValueError at connection time for any other scheme.
+        require(not self.redis_url or self.redis_url.startswith(REDIS_SCHEMES), "redis_url",
+                "must start with redis://, rediss:// (TLS) or unix://, e.g. redis://127.0.0.1:6379/0")
         require(1 <= self.partitions <= 1024, "partitions",
                 "must be between 1 (one stream per model) and 1024; use the workers' value")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 (0 disables the check)")
-        require(self.timeout_s > 0, "timeout_s", "must be > 0 seconds")
+        # nan fails every comparison: say so rather than "must be > 0"; inf means no limit.
+        require(not math.isnan(self.timeout_s), "timeout_s", "is not a number; set seconds > 0 (inf: no limit)")
+        require(self.timeout_s > 0, "timeout_s", "must be > 0 seconds (inf waits without limit)")
+        require(math.isfinite(self.deadline_s), "deadline_s",
+                "must be a finite number of seconds; set 0 for no deadline")
         require(self.deadline_s >= 0, "deadline_s", "must be >= 0 seconds (0 = no deadline)")
         require(self.reply_block_ms >= 1, "reply_block_ms", "must be >= 1 ms")
         require(self.reply_ttl_s >= 1, "reply_ttl_s", "must be >= 1 s")

@@ -19,7 +19,7 @@ from headrace.client import errors as E
 from headrace.client.backoff import BackoffPolicy
 from headrace.client.chunks import Chunk, prepare_chunk
 from headrace.client.config import ClientSettings
-from headrace.client.failures import broker_error
+from headrace.client.failures import broker_error, refused_unsent
 from headrace.client.health import RegistryCache
 from headrace.client.keys import ModelKeys, partition_keys, partition_of
 from headrace.client.pipeline import Command
@@ -72,6 +72,9 @@ class ClientCore:
         client_id: names this client's reply streams.
         retry: the client's default retry policy (None: :func:`default_retry`).
 
+    Raises:
+        ConfigError: ``retry`` is not a :class:`Retry`.
+
     Attributes:
         book: the outstanding tickets and the reader's cursors.
         registry: cached registry reads for the submit checks.
@@ -84,6 +87,9 @@ class ClientCore:
     def __init__(self, settings: ClientSettings, client_id: str, retry: Retry | None = None) -> None:
         self.settings = settings
         self.client_id = client_id
+        if retry is not None and not isinstance(retry, Retry):
+            raise E.ConfigError(f"retry must be a headrace.client.Retry (or None for the default policy), got "
+                                f"{type(retry).__name__} {retry!r}", field="retry")
         self.retry = retry if retry is not None else default_retry(settings)
         self.book = TicketBook()
         self.registry = RegistryCache(settings.registry_cache_s)
@@ -213,14 +219,19 @@ class ClientCore:
         refused = refusal(reply, ticket.prepared) if isinstance(reply, Exception) else None
         if refused is not None:
             refused.__cause__ = reply
+            ticket.submissions -= 1  # nothing enqueued: no cancel marker needed for this one
             return refused
         if isinstance(reply, BaseException):
-            return broker_error(reply, f"submitting request {ticket.request_id} to {ticket.prepared.stream} (it "
-                                "may or may not have been enqueued: retrying with the same request_id is safe)",
-                                ticket.request_id)
+            where = f"submitting request {ticket.request_id} to {ticket.prepared.stream}"
+            if refused_unsent(reply):
+                ticket.submissions -= 1
+                return broker_error(reply, f"{where} (refused by Redis, nothing was enqueued)", ticket.request_id)
+            return broker_error(reply, f"{where} (it may or may not have been enqueued: retrying with the same "
+                                "request_id is safe)", ticket.request_id)
         try:
             ticket.entry_id = parse_reply(reply, ticket.prepared, self.settings.max_backlog)
         except E.QueueFull as e:
+            ticket.submissions -= 1
             return self._queue_full(ticket, e)
         except E.HeadraceError as e:
             return e
@@ -298,6 +309,21 @@ class ClientCore:
         """Put back deletes that failed (Redis down), for the next round."""
         for stream, ids in pending.items():
             self._to_delete.setdefault(stream, [])[:0] = ids
+
+    def shut(self, what: str) -> list[str]:
+        """Close this core: no new calls, and every outstanding ticket fails at once with
+        :class:`RequestCancelled`, so callers blocked on one (``result``, ``map``, ``await``)
+        return instead of waiting out their timeout for a reader that is stopping. Returns
+        the reply streams to delete (see :meth:`streams_to_drop`, decided before the tickets
+        are dropped: streams that still expect results are left to expire)."""
+        streams = self.streams_to_drop()
+        self.closed = True
+        for t in self.book.outstanding():
+            self.book.discard(t)
+            t._fail(E.RequestCancelled(
+                f"request {t.request_id} (model {t.model!r}) was given up: its {what} was closed before the result "
+                "arrived (the request may still run; its result is dropped)", request_id=t.request_id))
+        return streams
 
     def streams_to_drop(self) -> list[str]:
         """Reply streams to delete on close: all of them when nothing is outstanding (else

@@ -18,6 +18,13 @@ def broker_error(err: BaseException, what: str, request_id: str | None = None) -
     return out
 
 
+def refused_unsent(err: BaseException) -> bool:
+    """Whether Redis refused ``err``'s command without running it: the connection's
+    credentials were refused (``WRONGPASS``, ``NOAUTH``) or an ACL forbids the command
+    (``NOPERM``). A submit that failed so enqueued nothing."""
+    return isinstance(err, (redis.AuthenticationError, redis.exceptions.NoPermissionError))
+
+
 def unreachable(err: E.BrokerError) -> bool:
     """Whether ``err`` says a Redis (or one Cluster master) could not be reached or could not
     serve now (master down, cluster down, loading), as opposed to Redis refusing the

@@ -37,9 +37,11 @@ from headrace.client.effects import (
     XRead,
 )
 from headrace.client.failures import permission_denied, unreachable
+from headrace.client.forks import check_owners
 from headrace.client.progress import Progress
 from headrace.client.protocol import Result
 from headrace.client.retry import Attempts, Retry
+from headrace.client.submit import wait_seconds
 from headrace.client.tickets import Ticket, ordered_results
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ def infer(core: ClientCore, ticket: Ticket, timeout_s: float | None, retry: Retr
     """
     policy = retry if retry is not None else core.retry
     attempts = policy.start(ticket.deadline_ms)
-    wait_s = core.settings.timeout_s if timeout_s is None else timeout_s
+    wait_s = wait_seconds(timeout_s, core.settings.timeout_s)
     try:
         yield from submit(core, ticket, attempts)
         while not (yield Wait(ticket, wait_s)):
@@ -147,7 +149,8 @@ def collect(core: ClientCore, tickets: Sequence[Ticket], timeout_s: float | None
     Raises:
         ResultTimeout: not all arrived (the tickets stay collectable). RequestCancelled.
     """
-    wait_s = core.settings.timeout_s if timeout_s is None else timeout_s
+    wait_s = wait_seconds(timeout_s, core.settings.timeout_s)
+    check_owners(tickets)
     missing = yield WaitAll(tickets, wait_s)
     if missing:
         raise E.ResultTimeout(f"{missing} of {len(tickets)} results did not arrive within {wait_s:.3f}s; "
@@ -163,8 +166,9 @@ def results(core: ClientCore, tickets: Iterable[Ticket], timeout_s: float | None
     """
     import time
 
-    wait_s = core.settings.timeout_s if timeout_s is None else timeout_s
+    wait_s = wait_seconds(timeout_s, core.settings.timeout_s)
     pending = list(tickets)
+    check_owners(pending)
     give_up = time.monotonic() + wait_s
     while pending:
         done = yield WaitAny(pending, max(0.0, give_up - time.monotonic()))
@@ -241,7 +245,7 @@ def _run_window(core: ClientCore, model: str, items: Iterable[Any],
     """The loop of :func:`imap` and :func:`imap_arrays`: ``items`` (single items or
     :class:`Chunk` s) through a :class:`MapWindow`; ``take`` turns each run of popped
     ``(ticket, samples)`` into what is emitted."""
-    wait_s = core.settings.timeout_s if timeout_s is None else timeout_s
+    wait_s = wait_seconds(timeout_s, core.settings.timeout_s)
 
     def prepare(source: Source, request_id: str | None) -> Ticket:
         if isinstance(source, Chunk):

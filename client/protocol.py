@@ -69,6 +69,7 @@ from headrace.client.wire import (
     numpy_dtype,
     quote,
     unpack_msgpack,
+    utf8_strings,
 )
 
 # The protocol's public names, wherever they are defined: ``protocol`` is the one import
@@ -119,13 +120,14 @@ def encode_request(req: Request) -> dict[bytes, bytes]:
 
     Raises:
         InvalidTensorError: an input has a dtype that is not a wire dtype.
-        ProtocolError: neither or both of ``inputs`` and ``text`` are given.
+        ProtocolError: neither or both of ``inputs`` and ``text`` are given, or the text is
+            not valid UTF-8 (``bad_value``: a lone surrogate).
     """
     if (req.text is None) == (not req.inputs):
         raise E.ProtocolError("a request carries either inputs or text, exactly one of them",
                               code=E.MISSING_FIELD)
     body: dict[str, Any] = (
-        {"text": req.text} if req.text is not None
+        {"text": utf8_strings([req.text], "the text is", E.ProtocolError)[0]} if req.text is not None
         else {"inputs": encode_named(req.inputs, "input")}
     )
     env = req.envelope

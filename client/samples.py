@@ -34,7 +34,7 @@ from headrace.client.protocol import (
     decode_tensor,
     encode_request,
 )
-from headrace.client.wire import encode_named, quote, take_row
+from headrace.client.wire import encode_named, quote, take_row, utf8_strings
 
 #: the entry field holding the sample count of a multi-sample entry.
 SAMPLES_FIELD: Final = b"n"
@@ -61,8 +61,9 @@ class MultiRequest:
         """Stream entry fields for the submit function.
 
         Raises:
-            ProtocolError: neither or both of ``inputs`` and ``texts``, no samples, or inputs
-                whose leading dims differ (``bad_shape``).
+            ProtocolError: neither or both of ``inputs`` and ``texts``, no samples, inputs
+                whose leading dims differ (``bad_shape``), or a text that is not valid UTF-8
+                (``bad_value``).
             InvalidTensorError: an input dtype that is not a wire dtype.
         """
         import msgpack
@@ -74,7 +75,7 @@ class MultiRequest:
             raise E.ProtocolError("a multi-sample request needs at least one sample", code=E.BAD_VALUE)
         body: dict[str, Any]
         if self.texts is not None:
-            body = {"texts": list(self.texts)}
+            body = {"texts": utf8_strings(list(self.texts), "a text of the entry is", E.ProtocolError)}
         else:
             arrays = {k: np.asarray(v) for k, v in (self.inputs or {}).items()}
             if any(a.ndim == 0 or a.shape[0] != n for a in arrays.values()):

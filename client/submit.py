@@ -7,9 +7,11 @@ function (see ``docs/protocol.md``); :mod:`headrace.client.functions` loads it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,12 +41,52 @@ def resolve_settings(settings: ClientSettings | None, client_id: str | None, **o
     Raises:
         ConfigError: an invalid setting or client id.
     """
+    if settings is not None and not isinstance(settings, ClientSettings):
+        raise E.ConfigError(f"settings must be a headrace.client.ClientSettings (or None for the environment), got "
+                            f"{type(settings).__name__} {settings!r}", field="settings")
     given = {k: v for k, v in overrides.items() if v is not None}
     resolved = settings.replace(**given) if settings is not None else ClientSettings.from_env(**given)
     cid = client_id or new_client_id()
     if not _CLIENT_ID_RE.match(cid):
         raise E.ConfigError(f"client_id {cid!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
     return resolved, cid
+
+
+def wait_seconds(timeout_s: float | None, default: float, name: str = "timeout_s") -> float:
+    """The wait a call's ``timeout_s`` argument asks for (``default`` when None); ``inf``
+    waits without limit.
+
+    Raises:
+        ConfigError: ``timeout_s`` is not a number, or is nan (which no comparison can use).
+    """
+    if timeout_s is None:
+        return default
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or math.isnan(timeout_s):
+        raise E.ConfigError(f"{name}={timeout_s!r} is not a number of seconds; pass seconds >= 0, float('inf') to "
+                            "wait without limit, or None for the client's timeout_s", field=name)
+    return float(timeout_s)
+
+
+def thread_timeout(seconds: float) -> float | None:
+    """``seconds`` as the timeout of a ``threading``/``concurrent.futures`` wait: None (no
+    limit) for ``inf`` or anything beyond ``threading.TIMEOUT_MAX``, where they raise
+    ``OverflowError`` instead of waiting."""
+    return None if seconds >= threading.TIMEOUT_MAX else seconds
+
+
+def check_deadline(deadline_s: float) -> float:
+    """A request's ``deadline_s`` argument, checked before anything is encoded.
+
+    Raises:
+        ConfigError: nan or infinite (``0`` means no deadline).
+        ProtocolError: negative (``bad_value``).
+    """
+    if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not math.isfinite(deadline_s):
+        raise E.ConfigError(f"deadline_s={deadline_s!r} is not a finite number of seconds; pass seconds > 0, or 0 "
+                            "(or None with settings.deadline_s=0) for no deadline", field="deadline_s")
+    if deadline_s < 0:
+        raise E.ProtocolError(f"deadline_s must be >= 0 seconds, got {deadline_s}", code=E.BAD_VALUE)
+    return deadline_s
 
 
 def new_request_id() -> str:
@@ -77,11 +119,12 @@ def prepare_request(keys: ModelKeys, reply_to: str, inputs: Mapping[str, Any] | 
         deadline_s: time-to-live in seconds from now; 0 means no deadline.
 
     Raises:
-        ProtocolError: neither or both of ``inputs``/``text``, or an invalid request id.
+        ProtocolError: neither or both of ``inputs``/``text``, an invalid request id, or a
+            text that is not valid UTF-8 (``bad_value``).
         InvalidTensorError: an input dtype that is not a wire dtype (``bad_dtype``).
+        ConfigError: a nan or infinite ``deadline_s``.
     """
-    if deadline_s < 0:
-        raise E.ProtocolError(f"deadline_s must be >= 0 seconds, got {deadline_s}", code=E.BAD_VALUE)
+    check_deadline(deadline_s)
     if text is not None and not isinstance(text, str):
         raise E.ProtocolError(f"text must be a str, got {type(text).__name__}", code=E.BAD_VALUE)
     arrays = {str(k): np.asarray(v) for k, v in (inputs or {}).items()}

@@ -38,6 +38,7 @@ from headrace.client.pipeline import Command, run_submits
 from headrace.client.registry import read_model
 from headrace.client.sharding import sync_client
 from headrace.client.slot_reader import SlotReader
+from headrace.client.submit import thread_timeout
 from headrace.client.tickets import resolve_all
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,16 @@ class SyncIO:
         return self._handlers[type(effect)](effect)
 
     def close(self) -> None:
-        """Stop the reader, drop the reply streams when nothing is outstanding, disconnect."""
+        """Fail the outstanding tickets (their waiters get :class:`RequestCancelled` at
+        once), stop the reader, drop the reply streams when nothing was outstanding, disconnect."""
         if self.closed.is_set():
             return
-        self.core.closed = True
+        streams = self.core.shut("Client")
         self.closed.set()
         self.wake_reader()
         if self._reader is not None:
             self._reader.join(self.core.settings.reply_block_ms / 1000 + 5)
         try:
-            streams = self.core.streams_to_drop()
             if streams:
                 self.redis.delete(*streams)
         except redis.RedisError as e:
@@ -121,16 +122,17 @@ class SyncIO:
             return [e] * len(effect.commands)
 
     def _wait(self, effect: Wait) -> bool:
-        done, _ = concurrent.futures.wait([effect.ticket._thread_future()], timeout=effect.timeout_s)
+        done, _ = concurrent.futures.wait([effect.ticket._thread_future()], timeout=thread_timeout(effect.timeout_s))
         return bool(done)
 
     def _wait_all(self, effect: WaitAll) -> int:
-        _, not_done = concurrent.futures.wait([t._thread_future() for t in effect.tickets], timeout=effect.timeout_s)
+        _, not_done = concurrent.futures.wait([t._thread_future() for t in effect.tickets],
+                                          timeout=thread_timeout(effect.timeout_s))
         return len(not_done)
 
     def _wait_any(self, effect: WaitAny) -> list[Any]:
         by_future = {t._thread_future(): t for t in effect.tickets}
-        done, _ = concurrent.futures.wait(by_future, timeout=effect.timeout_s,
+        done, _ = concurrent.futures.wait(by_future, timeout=thread_timeout(effect.timeout_s),
                                           return_when=concurrent.futures.FIRST_COMPLETED)
         return [by_future[f] for f in done]
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any
 
 from headrace.client import errors as E
-from headrace.client import protocol
+from headrace.client import forks, protocol
 from headrace.client.protocol import Result
-from headrace.client.submit import PreparedRequest
+from headrace.client.submit import PreparedRequest, thread_timeout, wait_seconds
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class Ticket:
         deadline_ms: absolute Unix deadline in ms (0 = none).
         entry_id: id of the request stream entry of the latest (re)submission.
         submitted: ``time.monotonic()`` of the latest (re)submission.
-        submissions: how many times it was sent to the submit script (retries resubmit the
-            same id); 0 = never sent, so cancelling it tells the workers nothing.
+        submissions: how many times it may have been enqueued (retries resubmit the same
+            id; refused submits do not count); 0 = never, so cancelling it tells nobody.
     """
 
     def __init__(self, prepared: PreparedRequest, entry_id: str = "", default_timeout_s: float = 60.0,
@@ -58,6 +58,7 @@ class Ticket:
         self.submissions = 0
         self.default_timeout_s = default_timeout_s
         self._canceller = canceller
+        self._born = forks.generation()  # a forked child cannot collect it (forks.check_owner)
         # The outcome (a Result or the exception that ended the ticket), _PENDING until then;
         # set once, under _lock, by _complete.
         self._state: Outcome | object = _PENDING
@@ -113,13 +114,15 @@ class Ticket:
 
         Raises:
             ResultTimeout: no result within ``timeout_s`` (the ticket stays collectable).
-            RequestCancelled: the ticket was cancelled or forgotten.
+            RequestCancelled: the ticket was cancelled or forgotten, or its client closed.
+            ConfigError: ``timeout_s`` is nan. HeadraceError: made before this process forked.
         """
         if self._state is not _PENDING:
             return self._done_outcome()
-        wait = self.default_timeout_s if timeout_s is None else timeout_s
+        wait = wait_seconds(timeout_s, self.default_timeout_s)  # inf: no limit
+        forks.check_owner(self._born, self.request_id)
         try:
-            return self._thread_future().result(timeout=wait)
+            return self._thread_future().result(timeout=thread_timeout(wait))
         except concurrent.futures.TimeoutError as e:
             raise self._timeout(wait) from e
 
@@ -132,12 +135,13 @@ class Ticket:
         """Async form of :meth:`result`.
 
         Raises:
-            ResultTimeout: no result within ``timeout_s``.
-            RequestCancelled: the ticket was cancelled or forgotten.
+            ResultTimeout: no result within ``timeout_s``. RequestCancelled, ConfigError,
+            HeadraceError: as :meth:`result`.
         """
         if self._state is not _PENDING:
             return self._done_outcome()
-        wait = self.default_timeout_s if timeout_s is None else timeout_s
+        wait = wait_seconds(timeout_s, self.default_timeout_s)
+        forks.check_owner(self._born, self.request_id)
         waiter = self._async_waiter()
         # The timer completes the waiter with None ("no result yet"); the waiter is private to
         # this call, so neither the timeout nor cancelling the caller touches the ticket.

@@ -4,15 +4,28 @@ reconnects, and key names. Neither twin does I/O here, so one mixin serves both.
 
 from __future__ import annotations
 
+from typing import Any
+
 from headrace.client.core import ClientCore
+from headrace.client.forks import PerProcess
 from headrace.client.keys import ModelKeys
 from headrace.client.retry import Retry
 
 
 class CoreViews:
-    """Read-only views of ``self._core`` (set by the client's constructor)."""
+    """Read-only views of ``self._core``, the core of this process (``self._proc`` is set by
+    the client's constructor; a forked child gets its own, see :mod:`headrace.client.forks`)."""
 
-    _core: ClientCore
+    _proc: PerProcess[Any]
+
+    @property
+    def _core(self) -> ClientCore:
+        return self._proc.current()[0]
+
+    @property
+    def client_id(self) -> str:
+        """Names this client's reply streams (a new one in each forked child process)."""
+        return self._core.client_id
 
     @property
     def retry(self) -> Retry:

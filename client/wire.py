@@ -107,23 +107,31 @@ def string_array(value: Any) -> np.ndarray[Any, Any]:
     return a
 
 
-def _utf8(strings: list[str]) -> list[str]:
-    """``strings``, checked to be encodable as UTF-8 (a lone surrogate is not).
+def utf8_strings(strings: list[str], what: str = "a string tensor holds",
+                 error: type[E.ProtocolError] = E.InvalidTensorError) -> list[str]:
+    """``strings``, checked to be encodable as UTF-8 (a lone surrogate such as ``"\\udcff"``,
+    e.g. from ``os.fsdecode`` of undecodable bytes, is not; msgpack would raise a bare
+    ``UnicodeEncodeError``).
+
+    Args:
+        what: how the message introduces the string (``"a string tensor holds"``).
+        error: the class raised (texts are not tensors: :class:`ProtocolError`).
 
     Raises:
-        InvalidTensorError: ``bad_value``, naming the first string that is not.
+        InvalidTensorError (or ``error``): ``bad_value``, naming the first string that is not.
     """
     for s in strings:
         if not s.isascii():
             try:
                 s.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise E.InvalidTensorError(f"a string tensor holds {quote(s)}, which is not valid UTF-8 ({e.reason})",
-                                           code=E.BAD_VALUE) from e
+                raise error(f"{what} {quote(s)}, which is not valid UTF-8 ({e.reason})", code=E.BAD_VALUE) from e
     return strings
 
 
-MAX_DIMS: Final = 8
+# numpy 1.x's own limit (NPY_MAXDIMS). A multi-sample block adds its sample axis to each
+# sample's shape, so a sample of up to 31 dimensions travels in both forms.
+MAX_DIMS: Final = 32
 # Used with fullmatch: "$" would also accept the string with one trailing newline.
 ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Stream keys are bytes to Redis; we bound them and forbid control characters.
@@ -147,7 +155,9 @@ class Limits:
     max_payload_bytes: int = 4 * 1024 * 1024
     max_elements: int = 16 * 1024 * 1024
     max_text_chars: int = 100_000
-    max_inputs: int = 32
+    # A decoder's KV cache is two inputs per layer (an 80-layer model takes 160 of them);
+    # the msgpack map cap derived from this still refuses a hostile map before building it.
+    max_inputs: int = 512
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -176,7 +186,7 @@ def encode_tensor(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     name = dtype_name(a.dtype)
     if name == STRING:
         a = string_array(a)
-        return {"dtype": STRING, "shape": list(a.shape), "data": _utf8(a.ravel().tolist())}
+        return {"dtype": STRING, "shape": list(a.shape), "data": utf8_strings(a.ravel().tolist())}
     if name not in DTYPES:
         raise E.InvalidTensorError(f"dtype {name!r} is not a wire dtype; use one of {sorted(WIRE_DTYPES)}",
                                    code=E.BAD_DTYPE)

@@ -280,7 +280,8 @@ def oversize(draw: st.DrawFn) -> Case:
         return Case("oversize", with_body(pack({"text": "a" * n})), E.PAYLOAD_TOO_LARGE)
     # More named inputs than max_inputs; beyond the msgpack map-length cap too ("map").
     lo = P.DEFAULT_LIMITS.max_inputs + 1
-    n = draw(st.integers(lo, lo + 50)) if what == "inputs" else draw(st.integers(200, 2000))
+    beyond_map_cap = P.DEFAULT_LIMITS.max_inputs * 4 + 17
+    n = draw(st.integers(lo, lo + 50)) if what == "inputs" else draw(st.integers(beyond_map_cap, beyond_map_cap + 2000))
     body = pack({"inputs": {f"i{i}": tensor() for i in range(n)}})
     return Case("oversize", with_body(body), E.PAYLOAD_TOO_LARGE)
 

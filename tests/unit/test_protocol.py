@@ -224,7 +224,7 @@ def test_bad_dtype() -> None:
 @pytest.mark.parametrize("shape,data", [
     ([4], b"\0" * 12),                 # byte length does not match
     ([-1], b""),                       # negative
-    ([1] * 9, b"\0" * 4),             # too many dims
+    ([1] * (P.MAX_DIMS + 1), b"\0" * 4),  # too many dims
     ("4", b"\0" * 16),                 # not a list
     ([True], b"\0" * 4),               # bool is not a dimension
     ([0, 1 << 63], b""),               # empty, but no array has that dimension (was model_error)
