@@ -14,7 +14,7 @@ def dlq() -> None:
 
 @dlq.command("list")
 @click.argument("model")
-@click.option("--count", type=int, default=20, help="Most entries to show.")
+@click.option("--count", type=click.IntRange(min=1), default=20, help="Most entries to show.")
 @pass_cfg
 def dlq_list_cmd(cfg: CliConfig, model: str, count: int) -> None:
     """Show the oldest dead letters of MODEL."""
@@ -44,6 +44,12 @@ def dlq_replay_cmd(cfg: CliConfig, model: str, ids: tuple[str, ...]) -> None:
     finally:
         r.close()
     click.echo(f"replayed {n} dead letter(s) of {model}")
+    if ids and n < len(set(ids)):
+        # named ids that were not there (a typo, or replayed or purged already): say so, as a failure
+        click.echo(f"{len(set(ids)) - n} of the {len(set(ids))} ids named were not replayed: not in the DLQ of "
+                   f"{model} (already replayed or purged?), or kept as incomplete; see `headrace dlq list {model}`",
+                   err=True)
+        raise SystemExit(1)
 
 
 @dlq.command("purge")

@@ -13,8 +13,8 @@ from headrace.cluster.cli.context import CliConfig, pass_cfg
 @click.command()
 @click.option("--model", "models", multiple=True, help="Only these models (repeatable; default: all known).")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
-@click.option("--interval-s", type=float, default=2.0, help="Refresh interval with --watch (s).")
-@click.option("--window-s", type=float, default=60.0, help="Window of throughput and latency percentiles (s).")
+@click.option("--interval-s", type=click.FloatRange(min=0.1), default=2.0, help="Refresh interval with --watch (s).")
+@click.option("--window-s", type=click.FloatRange(min=0, min_open=True), default=60.0, help="Window of throughput and latency percentiles (s).")
 @pass_cfg
 def status(cfg: CliConfig, models: tuple[str, ...], watch: bool, interval_s: float, window_s: float) -> None:
     """Per model: stream length, lag, pending, consumers, dead letters, throughput, p50/p99."""

@@ -112,9 +112,26 @@ def _to_file(cfg: CliConfig, model: str, inputs: dict[str, Any] | None, texts: l
 
 def _lines(path: str) -> list[str]:
     """One text per line, every line kept (a blank line is an empty text) so that output
-    row i answers line i; lines end at "\n" only (a "\r" before it is dropped)."""
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [line.removesuffix("\n").removesuffix("\r") for line in f]
+    row i answers line i; lines end at "\n" only (a "\r" before it is dropped).
+
+    Raises:
+        ProtocolError: ``bad_value``, the file is not UTF-8 (where it is not is named).
+    """
+    from pathlib import Path
+
+    from headrace.client import errors as E
+
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise E.ProtocolError(f"--texts {path}: not UTF-8 ({e.reason} at byte {e.start}, line {line}); save it "
+                              f"as UTF-8 (e.g. iconv -t utf-8)", code=E.BAD_VALUE) from e
+    lines = text.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line starts no text of its own
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _samples(inputs: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ a dead letter's ``dlq_id`` then names its partition, ``<p>/<stream id>``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,11 +117,22 @@ def _named(partition: int, partitions: int, dlq_id: Any) -> str:
     return f"{partition}/{_s(dlq_id)}" if partitions > 1 else _s(dlq_id)
 
 
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
 def _split(dlq_id: str, partitions: int) -> tuple[int, str]:
+    """``(partition, stream id)`` of a dead letter's id as :func:`dlq_list` names it.
+
+    Raises:
+        ConfigError: not such an id (checked here: Redis would answer a bare "Invalid stream ID").
+    """
     head, sep, rest = dlq_id.partition("/")
-    if partitions > 1 and sep and head.isdigit() and int(head) < partitions:
-        return int(head), rest
-    return 0, dlq_id
+    p, sid = (int(head), rest) if partitions > 1 and sep and head.isdigit() and int(head) < partitions else (0, dlq_id)
+    if not _STREAM_ID.fullmatch(sid):
+        form = "<partition>/<ms>-<seq>, e.g. 0/1700000000000-0" if partitions > 1 else "<ms>-<seq>, e.g. 1700000000000-0"
+        raise E.ConfigError(f"{dlq_id!r} is not a dead letter id: ids look like {form}, as `headrace dlq list` "
+                            f"shows them", field="id")
+    return p, sid
 
 
 def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None = None) -> int:
@@ -134,7 +146,8 @@ def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None
     re-queued (ids that are gone, e.g. replayed concurrently, are skipped).
 
     Raises:
-        BrokerError: Redis unreachable. ConfigError: invalid names.
+        BrokerError: Redis unreachable. ConfigError: invalid names, or an id that is not a
+            dead letter id (nothing is replayed then).
     """
     script = redis.register_script(scripts.source("DLQ_REPLAY"))
     replayed = 0
@@ -144,8 +157,8 @@ def dlq_replay(redis: Any, namespace: str, model: str, ids: Iterable[str] | None
             for keys in parts:
                 replayed += _replay_all(redis, script, keys)
         else:
-            for named in ids:
-                p, dlq_id = _split(named, len(parts))
+            # every id checked before the first replay: a typo in the third leaves none done
+            for p, dlq_id in [_split(named, len(parts)) for named in ids]:
                 page = redis.xrange(parts[p].dlq, min=dlq_id, max=dlq_id)
                 if page:
                     replayed += _replay_one(script, parts[p], DeadLetter.from_entry(page[0][0], page[0][1]))
