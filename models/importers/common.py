@@ -9,7 +9,8 @@ Signature syntax (``--input`` / ``--output``)::
     sr:int64::nobatch          no batch axis: the tensor is the model's own, shared by a call
     x:float32:1,512:nobatch    (an unbatched model takes its tensors as they are)
 
-``-1`` (or ``?``) is a dynamic dim.
+``-1`` (or ``?``) is a dynamic dim. The fields are read from the right, so a name may hold
+``:`` (tf2onnx names tensors ``x:0``): ``x:0:float32:4``.
 """
 
 from __future__ import annotations
@@ -91,19 +92,25 @@ class Imported:
 
 
 def parse_io(text: str) -> IOSpec:
-    """An :class:`IOSpec` from ``NAME:DTYPE:SHAPE[:nobatch]`` (see the module doc).
+    """An :class:`IOSpec` from ``NAME:DTYPE:SHAPE[:nobatch]`` (see the module doc). The fields
+    are read from the right, so NAME may hold ``:`` (tf2onnx's ``x:0``).
 
     Raises:
         ModelError: malformed text, unknown dtype, a bad dim or two ``B``.
     """
     parts = text.split(":")
-    if len(parts) not in (3, 4) or not parts[0]:
+    nobatch = len(parts) >= 4 and parts[-1] == "nobatch"
+    fields = parts[:-1] if nobatch else parts
+    name = ":".join(fields[:-2])
+    if len(fields) < 3 or not name:
         raise ModelError(f"{text!r}: expected NAME:DTYPE:SHAPE (e.g. x:float32:3,224,224 or state:float32:2,B,128)")
-    name, dtype, shape_text = parts[:3]
-    nobatch = len(parts) == 4
-    if nobatch and parts[3] != "nobatch":
-        raise ModelError(f"{text!r}: the 4th field may only be 'nobatch'")
+    dtype, shape_text = fields[-2], fields[-1]
     if dtype not in WIRE_DTYPES:
+        if shape_text in WIRE_DTYPES:
+            raise ModelError(f"{text!r}: expected NAME:DTYPE:SHAPE; the shape is missing "
+                             f"(NAME:{shape_text}: for a scalar per sample)")
+        if any(f in WIRE_DTYPES for f in fields[1:-2]):
+            raise ModelError(f"{text!r}: only 'nobatch' may follow the shape (NAME:DTYPE:SHAPE:nobatch)")
         raise ModelError(f"{text!r}: dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
     dims: list[int] = []
     axis = 0

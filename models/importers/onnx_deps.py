@@ -48,3 +48,71 @@ def inputs_feeding(graph: Any, outputs: Iterable[str]) -> dict[str, set[str]]:
                 todo += _node_reads(node)
         found[out] = seen & graph_inputs
     return found
+
+
+#: Operators whose output length is set by the values they read, not by their input shapes:
+#: an output computed through one counts detections, kept rows or unique values of the whole
+#: call, so its leading dim is no batch axis unless the graph says so (``TopK`` only when its
+#: ``k`` is read from values, see :func:`value_shaped_ops`).
+VALUE_SHAPED_OPS = frozenset({"NonZero", "NonMaxSuppression", "Compress", "Unique", "StringSplit", "TopK"})
+
+#: Operators whose output holds shapes only: a value computed from them alone does not change
+#: with the values of the graph's inputs.
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
+def _subgraph_ops(node: Any) -> list[str]:
+    """The op types of every node of ``node``'s subgraphs (``If`` branches, ``Loop`` bodies)."""
+    ops: list[str] = []
+    for attr in node.attribute:
+        for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            for n in g.node:
+                ops += [n.op_type, *_subgraph_ops(n)]
+    return ops
+
+
+def _reads_values(name: str, producer: dict[str, Any], graph_inputs: set[str]) -> bool:
+    """Whether tensor ``name`` depends on the values of a graph input (not only on shapes)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in graph_inputs:
+            return True
+        node = producer.get(n)
+        if node is not None and node.op_type not in _SHAPE_ONLY_OPS:
+            todo += _node_reads(node)
+    return False
+
+
+def value_shaped_ops(graph: Any, outputs: Iterable[str]) -> dict[str, set[str]]:
+    """For each name in ``outputs``, the :data:`VALUE_SHAPED_OPS` it is computed through
+    (nodes and subgraphs between it and the graph inputs): where one is, the output's length
+    may depend on the values of the call's samples. ``TopK`` counts only when its ``k`` is
+    read from input values (a constant or a shape-derived ``k`` keeps the length fixed)."""
+    producer = {o: node for node in graph.node for o in node.output if o}
+    graph_inputs = {v.name for v in graph.input} - {t.name for t in graph.initializer}
+    found: dict[str, set[str]] = {}
+    for out in outputs:
+        ops: set[str] = set()
+        seen: set[str] = set()
+        todo = [out]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            node = producer.get(name)
+            if node is None:
+                continue
+            todo += _node_reads(node)
+            here = [node.op_type, *_subgraph_ops(node)]
+            if node.op_type == "TopK" and not (len(node.input) > 1 and _reads_values(node.input[1], producer,
+                                                                                       graph_inputs)):
+                here.remove("TopK")
+            ops |= VALUE_SHAPED_OPS.intersection(here)
+        found[out] = ops
+    return found

@@ -264,3 +264,26 @@ def test_call_mates_check_needs_distinct_requests_and_judges_float_outputs_only(
     many = reqs(*[[float(i), -2.0 * i] for i in range(40)])
     assert outputs_moved_by_call_mates(counting, many, counting.infer(many)) == ["y"]
     assert counting.calls == [40] + [1] * MAX_ALONE  # a long example: only its first requests run alone
+
+
+def test_models_add_serves_a_model_padding_to_the_longest_request_of_a_call_one_request_per_call(
+        tmp_path: Path) -> None:
+    # Each request's own values are kept, but its output is cut to the longest request of the
+    # call (int64 tokens, so no float tolerance can explain the difference): run alone, a
+    # short request gets a shorter answer, so its shape depends on its call-mates.
+    from headrace.cluster.ops.add_model import add_model
+
+    zero = onnx.numpy_helper.from_array(np.array(0, np.int64), "zero")
+    ax = onnx.numpy_helper.from_array(np.array([1], np.int64), "ax")
+    start = onnx.numpy_helper.from_array(np.array([0], np.int64), "start")
+    nodes = [h.make_node("Equal", ["t", "zero"], ["pad"]), h.make_node("Not", ["pad"], ["real"]),
+             h.make_node("Cast", ["real"], ["n"], to=T.INT64),
+             h.make_node("ReduceSum", ["n", "ax"], ["lens"], keepdims=0),
+             h.make_node("ReduceMax", ["lens"], ["longest"], keepdims=1),
+             h.make_node("Slice", ["t", "start", "longest", "ax"], ["y"])]
+    path = _save(tmp_path / "trim.onnx", nodes, [h.make_tensor_value_info("t", T.INT64, ["N", 6])],
+                 [h.make_tensor_value_info("y", T.INT64, ["N", "L"])], opset=17, inits=[zero, ax, start])
+    tokens = np.array([[5, 6, 0, 0, 0, 0], [7, 8, 9, 1, 2, 0], [3, 0, 0, 0, 0, 0]], np.int64)
+    res = add_model(tmp_path / "repo", "trim", path, ImportOptions(example={"t": tokens}, max_batch=16))
+    assert res.manifest.max_batch == 1 and res.published, res.notes
+    assert any("['y'] of a request change with the other requests" in n for n in res.notes)

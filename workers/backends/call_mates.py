@@ -46,9 +46,10 @@ def outputs_moved_by_call_mates(servable: Servable, requests: Sequence[Request],
                                 batched: Sequence[Mapping[str, Array]]) -> list[str]:
     """The float outputs whose values for some request of ``requests`` differ, run alone,
     from ``batched`` (their results run as one call) by more than :data:`MIXING_SHARE` of
-    the output's scale. Integer and boolean outputs are not judged (a label can flip on a
-    near tie). The first :data:`MAX_ALONE` requests run alone. Empty when fewer than two
-    distinct requests make the check impossible.
+    the output's scale, and any output whose shape for a request differs alone. Integer and
+    boolean values are not judged (a label can flip on a near tie). The first
+    :data:`MAX_ALONE` requests run alone. Empty when fewer than two distinct requests make
+    the check impossible.
 
     Raises:
         ModelError (and whatever ``servable.infer`` raises): a request fails alone.
@@ -60,7 +61,12 @@ def outputs_moved_by_call_mates(servable: Servable, requests: Sequence[Request],
     alone = [servable.infer([r])[0] for r in requests]
     for name in batched[0]:
         pairs = [(np.asarray(b[name]), np.asarray(a[name])) for b, a in zip(batched, alone, strict=True)]
-        if pairs[0][0].dtype.kind != "f" or any(b.shape != a.shape for b, a in pairs):
+        if any(b.shape != a.shape for b, a in pairs):
+            # A shape that changes with the call-mates (padded to the longest request of the
+            # call, say) is theirs to decide, whatever the dtype: no near tie explains it.
+            moved.append(name)
+            continue
+        if pairs[0][0].dtype.kind != "f":
             continue
         scale = max(float(np.max(np.abs(x), initial=0.0)) for pair in pairs for x in pair)
         worst = max(float(np.max(np.abs(b.astype(np.float64) - a.astype(np.float64)), initial=0.0))

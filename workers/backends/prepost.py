@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from headrace.client.errors import ModelError
+from headrace.client.errors import ModelError, ModelInputError
 from headrace.client.protocol import STRING, Request, numpy_dtype
 from headrace.client.wire import take_row
 from headrace.models.repository.manifest import NO_BATCH
@@ -101,7 +101,8 @@ def split(outputs: Mapping[str, Array], n: int, kind: str,
     every request. Rows are views (no copy).
 
     Raises:
-        ModelError: an output's batch axis does not hold ``n`` rows.
+        ModelInputError: an output's batch axis does not hold ``n`` rows (what these inputs
+            give every time).
     """
     axes = {s.name: s.batch_axis for s in specs}
     per_request: list[dict[str, Array]] = [{} for _ in range(n)]
@@ -113,7 +114,10 @@ def split(outputs: Mapping[str, Array], n: int, kind: str,
                 out[name] = a
             continue
         if a.ndim <= axis or a.shape[axis] != n:
-            raise ModelError(f"output {name!r} has shape {list(a.shape)}; expected {n} rows on its batch axis {axis}")
+            # the same inputs give the same shape: not worth a retry (see ModelInputError)
+            raise ModelInputError(f"output {name!r} has shape {list(a.shape)}; expected {n} rows on its batch axis "
+                                  f"{axis} (a length set by the values, not the batch, must be served whole: "
+                                  f"--output NAME:DTYPE:SHAPE:nobatch)")
         for i, out in enumerate(per_request):
             out[name] = np.take(a, i, axis=axis) if axis else take_row(a, i)
     return per_request

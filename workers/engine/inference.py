@@ -17,7 +17,9 @@ A call that raises is split in halves (bisection; from :data:`~headrace.workers.
 one request at a time) until the failing request runs alone, so its batch-mates are still
 answered; the failing request is released for redelivery (or
 dead-lettered after ``max_deliveries``), unless the model refused its inputs
-(:class:`~headrace.client.errors.ModelInputError`): that is answered ``model_error`` at once. A model call that runs past ``infer_timeout_s``
+(:class:`~headrace.client.errors.ModelInputError`, also raised for a batched output whose rows
+do not match the call's samples, which the same inputs repeat): that is answered
+``model_error`` at once. A model call that runs past ``infer_timeout_s``
 is interrupted when the servable can (:meth:`~Servable.interrupt`: onnxruntime's terminate
 flag) and then fails like any call: split to find the request that hangs it, which is
 dead-lettered alone, not retried. One that cannot be interrupted raises
@@ -265,11 +267,18 @@ class BatchRunner:
         else:
             outs = await self._in_thread(works, self.servable.infer_stacked, stack_rows(works), ids)
         rows = len(ids)
-        if not isinstance(outs, dict) or not all(isinstance(v, np.ndarray) and v.ndim and len(v) == rows
-                                                 for v in outs.values()):
+        if not isinstance(outs, dict) or not all(isinstance(v, np.ndarray) and v.ndim for v in outs.values()):
             got = {k: list(np.shape(v)) for k, v in outs.items()} if isinstance(outs, dict) else type(outs).__name__
             raise E.ModelError(f"servable returned {got} for {rows} stacked samples; expected a map of arrays with "
                                f"{rows} rows each")
+        short = {k: list(v.shape) for k, v in outs.items() if len(v) != rows}
+        if short:
+            # The model's own answer to these inputs: run again, they give the same rows, so
+            # it is answered at once (split first, to answer the call-mates that fit).
+            raise E.ModelInputError(f"output(s) {short} do not hold one row per sample ({rows} stacked); their "
+                                    "length is set by the values, not the batch: add the model again (models add "
+                                    "serves such outputs whole, one request per call) or mark them --output "
+                                    "NAME:DTYPE:SHAPE:nobatch")
         out: list[dict[str, Any]] = []
         at = 0
         for w in works:
