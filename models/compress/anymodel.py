@@ -23,7 +23,9 @@ import numpy as np
 
 from headrace.client.errors import ConfigError
 from headrace.models.compress import data as D
+from headrace.models.compress.candidates import below, refusal
 from headrace.models.compress.evaluate import Comparison, Outputs, collect, compare, ort_run_all
+from headrace.models.compress.lineage import describe_reference
 from headrace.models.compress.source import Source, export_source, open_source, sample_outputs_axes
 from headrace.models.compress.steps import (
     Candidate,
@@ -131,9 +133,9 @@ def load_samples(opts: AnyModelOptions, src: Source) -> tuple[D.Samples, D.Sampl
     if opts.data is None:
         raise ConfigError(f"compressing {opts.name!r} needs --data: an .npz keyed by input name "
                           f"({list(src.declared)}) or a text file for text models")
-    cal = D.load(opts.data, src.declared, text=src.accepts_text)
+    cal = D.load(opts.data, src.declared, text=src.accepts_text, dtypes=src.dtypes)
     if opts.held_out is not None:
-        held, note = D.load(opts.held_out, src.declared, text=src.accepts_text), ""
+        held, note = D.load(opts.held_out, src.declared, text=src.accepts_text, dtypes=src.dtypes), ""
     else:
         cal, held = D.split(cal, opts.held_out_fraction, opts.seed)
         note = held.origin
@@ -244,7 +246,7 @@ def measure(opts: AnyModelOptions, p: Prepared, cands: list[Candidate]) -> list[
     from headrace.models.compress import report as R
 
     outs = p.source.output_names
-    refs = [Evaluated(Candidate("fp32 onnx", p.onnx_path, "onnx", "fp32", [], "your fp32 model"))]
+    refs = [Evaluated(Candidate("fp32 onnx", p.onnx_path, "onnx", "fp32", [], describe_reference(p.source.manifest)))]
     runs: dict[str, Any] = {"fp32 onnx": ort_run_all(p.onnx_path, opts.threads, outs)}
     if p.source.module is not None:
         refs.insert(0, Evaluated(Candidate("fp32 torch", p.source.folder / p.source.manifest.model_file, "torch",
@@ -254,6 +256,10 @@ def measure(opts: AnyModelOptions, p: Prepared, cands: list[Candidate]) -> list[
     arts = []
     for e in evals:
         c = e.candidate
+        # a converted file is loaded here only once a child process survived loading it
+        e.reason = refusal(c, p.held_out, p.source.encode, outs, opts.threads) if c.recipe else ""
+        if e.reason:
+            continue
         try:
             if c.label not in runs:
                 runs[c.label] = runner_for(c, outs, opts.threads)
@@ -300,7 +306,8 @@ def gate(evals: list[Evaluated], floor: float, only: str | None = None) -> None:
                   {k: float(m.get("score", float("nan"))) for k, m in e.comparison.metrics.items()})
         worst = min(scores, key=lambda k: scores[k] if scores[k] == scores[k] else -1.0)
         if not scores[worst] >= floor:
-            e.reason = (f"held-out {worst} score {scores[worst]:.4f} ({e.comparison.kinds.get(worst, '?')}) is below "
+            e.reason = (f"held-out {worst} score {below(scores[worst], floor)} ({e.comparison.kinds.get(worst, '?')}) "
+                        "is below "
                         f"--min-fidelity {floor:g}; not added to the repository")
         else:
             e.accepted = True

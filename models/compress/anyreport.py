@@ -34,7 +34,7 @@ def report_dir(opts: AnyModelOptions, p: Prepared) -> Path:
 
 def data_context(p: Prepared) -> dict[str, Any]:
     """What the figures were measured on (stored with them)."""
-    return {"source": p.source.ref, "calibration": p.calibration.describe(), "held_out": p.held_out.describe(),
+    return {"source": p.source.ref, "source_note": p.source.note, "calibration": p.calibration.describe(), "held_out": p.held_out.describe(),
             "held_out_split": p.split_note or "separate held-out file", "primary_output": p.primary,
             "kinds": p.kinds, "output_sample_axes": p.axes}
 
@@ -138,6 +138,8 @@ def write(res: AnyModelResult, opts: AnyModelOptions, p: Prepared, context: dict
     png = plot(res, res.report_dir / "speed-vs-fidelity.png", title)
     (res.report_dir / "report.md").write_text(f"{title}\n\n{res.markdown}\n", encoding="utf-8")
     (res.report_dir / "report.json").write_text(json.dumps(to_json(res, context), indent=1), encoding="utf-8")
+    if p.source.note:
+        con.print(f"[yellow]source[/yellow]: {escape(p.source.note)}")
     if p.split_note:
         con.print(f"[yellow]held-out data[/yellow]: {escape(p.split_note)}")
     for label, why in res.refused.items():

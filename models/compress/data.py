@@ -106,13 +106,13 @@ def _sample_axis(name: str, arr: np.ndarray[Any, Any], dims: Sequence[int | None
     return None
 
 
-def load_npz(path: str | Path, declared: Declared) -> Samples:
+def load_npz(path: str | Path, declared: Declared, dtypes: Mapping[str, np.dtype[Any]] | None = None) -> Samples:
     """Tensor samples from an ``.npz`` keyed by input name (see the module docstring).
 
     Raises:
         ConfigError: unreadable file, a missing or unknown input, inconsistent sample counts,
-            shapes the graph does not accept, NaN/Inf in a float input, or fewer than 4
-            samples.
+            shapes the graph does not accept, an array of another dtype than its input's in
+            ``dtypes`` (:func:`check_dtypes`), NaN/Inf in a float input, or fewer than 4 samples.
     """
     p = Path(path)
     try:
@@ -139,6 +139,7 @@ def load_npz(path: str | Path, declared: Declared) -> Samples:
             raise ConfigError(f"{p.name}: input {name!r} holds {arrays[name].shape[axis]} samples, "
                               f"{next(iter(declared))!r} holds {n}")
     _check_labels(labels, n, p.name)
+    check_dtypes(arrays, dtypes or {}, p.name)
     for name, a in arrays.items():
         # Workers refuse NaN/Inf requests, so calibrating or judging on them measures
         # nothing served (all-NaN outputs even "agree" on every argmax).
@@ -149,6 +150,27 @@ def load_npz(path: str | Path, declared: Declared) -> Samples:
     if n < MIN_SAMPLES:
         raise ConfigError(f"{p.name}: {n} samples; give at least {MIN_SAMPLES}")
     return Samples(arrays, axes, n, None if labels is None else labels.reshape(-1), None, p.name)
+
+
+def check_dtypes(arrays: Mapping[str, np.ndarray[Any, Any]], dtypes: Mapping[str, np.dtype[Any]],
+                 where: str) -> None:
+    """Every array must have its graph input's dtype (a string input takes any text array).
+    Nothing is cast: float64 -> float32 loses digits, int64 -> int32 can wrap, and a float
+    file for a token-id input is more likely the wrong file than a choice; the user converts.
+
+    Raises:
+        ConfigError: naming the file, the input, the dtype found and the dtype wanted.
+    """
+    for name, want in dtypes.items():
+        if name not in arrays:
+            continue
+        have = arrays[name].dtype
+        if have == want or (want.kind == "O" and have.kind in "USO"):
+            continue
+        wanted = "string" if want.kind == "O" else want.name
+        fix = "" if want.kind == "O" else f" (e.g. np.savez(..., {name}=arr.astype(np.{wanted})))"
+        raise ConfigError(f"{where}: input {name!r} is {have.name}, the model takes {wanted}; save it as "
+                          f"{wanted}{fix}: nothing is cast for you")
 
 
 def _check_labels(labels: np.ndarray[Any, Any] | None, n: int, where: str) -> None:
@@ -189,11 +211,13 @@ def from_arrays(arrays: Mapping[str, np.ndarray[Any, Any]], origin: str,
     return Samples(dict(arrays), dict.fromkeys(arrays, 0), n, labels, None, origin)
 
 
-def load(path: str | Path, declared: Declared, *, text: bool) -> Samples:
+def load(path: str | Path, declared: Declared, *, text: bool,
+         dtypes: Mapping[str, np.dtype[Any]] | None = None) -> Samples:
     """:func:`load_npz` for ``.npz`` files, :func:`load_text` for text models.
 
     Raises:
-        ConfigError: a missing file, a text file for a tensor model or the other way round.
+        ConfigError: a missing file, a text file for a tensor model or the other way round, or
+            (from :func:`load_npz`) data the graph does not take.
     """
     p = Path(path)
     if not p.is_file():
@@ -201,7 +225,7 @@ def load(path: str | Path, declared: Declared, *, text: bool) -> Samples:
     if p.suffix == ".npz":
         if text:
             raise ConfigError(f"{p.name}: this model takes text; give a text file, one sample per line")
-        return load_npz(p, declared)
+        return load_npz(p, declared, dtypes)
     if not text:
         raise ConfigError(f"{p.name}: this model takes tensors; give an .npz keyed by input name "
                           f"({list(declared)})")

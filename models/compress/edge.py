@@ -138,13 +138,15 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
     sample per call and, with ``pad``, shorter token sequences are zero-padded (mask 0) to fit.
 
     Raises:
-        ModelError: onnx2tf is missing or failed, or the result does not run in LiteRT.
+        ModelError: the graph holds ``ai.onnx.ml`` ops (onnx2tf converts none), onnx2tf is
+            missing or failed, or the result does not run in LiteRT.
     """
     import importlib.util
 
     from headrace.models.compress.freeze import freeze_graph
     from headrace.models.compress.source import graph_signature
 
+    _refuse_ml_ops(onnx_path)
     if importlib.util.find_spec("onnx2tf") is None:  # imported by the child process only (TensorFlow)
         raise ModelError('TFLite export needs onnx2tf: pip install "headrace[tf]" and '
                          "pip install --no-deps onnx2tf (its own pins would downgrade numpy/onnx/onnxruntime)")
@@ -173,6 +175,19 @@ def export_tflite(onnx_path: Path, samples: Sequence[Feed], out_dir: Path, *, qu
     litert_run_all(path, 1, exp.manifest_extra())(dict(samples[0]))  # it must run before it is offered
     _check_conversion(onnx_path, out_dir, samples[:4], exp.manifest_extra())
     return exp
+
+
+def _refuse_ml_ops(onnx_path: Path) -> None:
+    """Raises ModelError naming the ``ai.onnx.ml`` ops of the graph (tree ensembles, linear
+    classifiers, scalers of sklearn pipelines): onnx2tf has no converter for any of them, and
+    letting it try ends in a long traceback that says so less clearly."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ml = sorted({n.op_type for n in model.graph.node if n.domain == "ai.onnx.ml"})
+    if ml:
+        raise ModelError(f"onnx2tf has no converter for {', '.join(ml)} (ai.onnx.ml): a TFLite file cannot be "
+                         "made from this graph")
 
 
 def _check_conversion(onnx_path: Path, out_dir: Path, samples: Sequence[Feed], extra: Mapping[str, Any]) -> None:

@@ -55,10 +55,12 @@ def first_output(run: RunAll, name: str) -> Callable[[Feed], np.ndarray[Any, Any
 
 
 def collect(run: RunAll, feeds: Sequence[Feed], axes: Mapping[str, int]) -> Outputs:
-    """Every output over ``feeds``, samples on axis 0.
+    """Every output over ``feeds``, samples on axis 0. An output whose length follows the call
+    (a model that trims padding to the batch's longest row: ``[B, -1, 8]``) is zero-padded to
+    the longest call's shape (:func:`stack_calls`).
 
     Raises:
-        ModelError: the artifact fails on a batch.
+        ModelError: the artifact fails on a batch, or an output changes rank between calls.
     """
     parts: dict[str, list[np.ndarray[Any, Any]]] = {k: [] for k in axes}
     for feed in feeds:
@@ -68,7 +70,28 @@ def collect(run: RunAll, feeds: Sequence[Feed], axes: Mapping[str, int]) -> Outp
             raise ModelError(f"the artifact fails on the data: {e}") from e
         for k, ax in axes.items():
             parts[k].append(np.moveaxis(np.asarray(out[k]), ax, 0))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return {k: stack_calls(k, v) for k, v in parts.items()}
+
+
+def stack_calls(name: str, parts: Sequence[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    """One output's per-call arrays (samples on axis 0) as one array. Calls whose other axes
+    differ are zero-padded at the end of each axis to the largest: the reference and every
+    artifact run the same batches, so they are padded alike and each sample is compared over
+    the same positions (the padding agrees exactly, a trimmed position that one of them
+    filled shows as an error).
+
+    Raises:
+        ModelError: the calls disagree on the output's rank (nothing to line up).
+    """
+    if len({p.shape[1:] for p in parts}) <= 1:
+        return np.concatenate(parts)
+    ranks = {p.ndim for p in parts}
+    if len(ranks) > 1:
+        raise ModelError(f"output {name!r} has {sorted(ranks)} axes in different calls; its samples cannot be "
+                         "lined up to compare (pass --output to gate another output)")
+    widest = np.max([p.shape[1:] for p in parts], axis=0)
+    return np.concatenate([np.pad(p, [(0, 0), *((0, int(w) - d) for w, d in zip(widest, p.shape[1:], strict=True))])
+                           for p in parts])
 
 
 @dataclass(frozen=True)

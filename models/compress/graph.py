@@ -172,3 +172,27 @@ def choose_op_types(model_path: str | Path, mode: str) -> tuple[str, ...]:
         raise ModelError(f"{Path(model_path).name} has no weight-bearing op to quantize "
                          f"(ops: {sorted(present)})")
     return tuple(chosen)
+
+
+ML_DOMAIN = "ai.onnx.ml"
+
+
+def ml_adjacent_nodes(model: Any) -> list[str]:
+    """Names of the top-level nodes that take an ``ai.onnx.ml`` op's output or feed one (an
+    sklearn Pipeline's Sub after a Scaler). ORT's fp16 converter does not know those ops keep
+    float32, so it would bind such a node to float and float16 at once (an invalid graph);
+    kept fp32, the casts go between them and the converted nodes instead."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    used_by: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            used_by.setdefault(i, []).append(n)
+    out = []
+    for n in model.graph.node:
+        if n.domain == ML_DOMAIN or not n.name:
+            continue
+        after_ml = any(i in made_by and made_by[i].domain == ML_DOMAIN for i in n.input)
+        before_ml = any(c.domain == ML_DOMAIN for o in n.output for c in used_by.get(o, []))
+        if after_ml or before_ml:
+            out.append(n.name)
+    return out

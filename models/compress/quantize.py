@@ -41,6 +41,7 @@ from headrace.models.compress.graph import (  # noqa: F401 - re-exported: quanti
     choose_op_types,
     constants_to_initializers,
     graph_op_types,
+    ml_adjacent_nodes,
     weight_nodes,
 )
 from headrace.models.compress.mixed import (  # noqa: F401 - re-exported
@@ -191,13 +192,25 @@ def quantize_dynamic_int8(
                 nodes_to_exclude=_with_gemm_aliases(nodes_to_exclude),
                 # Weights inside If/Loop bodies (e.g. a model with one branch per sample rate)
                 # are only reached with subgraph quantization on.
-                extra_options={"EnableSubgraph": True},
+                extra_options={"EnableSubgraph": True, **_untyped_is_float()},
             )
         except Exception as e:  # the quantizer raises bare Exceptions/ValueErrors for odd graphs
             raise ModelError(f"dynamic INT8 quantization of {src} failed: {e}") from e
     log.info("quantized %s -> %s (dynamic int8, per_channel=%s, reduce_range=%s, %d nodes kept fp32)",
              src.name, dst, per_channel, reduce_range, len(nodes_to_exclude))
     return dst
+
+
+def _untyped_is_float() -> dict[str, int]:
+    """ORT's ``DefaultTensorType`` extra option: the type its quantizer assumes for a tensor
+    that shape inference left untyped, instead of raising "Unable to find data type for
+    weight_name". Inference stops at ``ai.onnx.ml`` ops (an sklearn Pipeline's Scaler feeding
+    a PCA MatMul); compress only quantizes fp32 graphs (see :mod:`.lineage`), so an untyped
+    tensor a MatMul/Gemm takes is float32. (ORT's QDQ quantizer skips untyped tensors rather
+    than asking; the option is harmless there.)"""
+    from onnx import TensorProto
+
+    return {"DefaultTensorType": TensorProto.FLOAT}
 
 
 def _with_gemm_aliases(names: Sequence[str]) -> list[str]:
@@ -305,7 +318,8 @@ def quantize_static_int8(
                   "entropy": q.CalibrationMethod.Entropy}[method]
     reader = FeedsCalibrationReader(calibration)
     act_type = q.QuantType.QInt8 if symmetric_activations else q.QuantType.QUInt8
-    extra: dict[str, Any] = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
+    extra: dict[str, Any] = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
+                             **_untyped_is_float()}
     with tempfile.TemporaryDirectory(prefix="headrace-quant-") as tmp, _in_dir(Path(tmp)):
         pre = _preprocess(src, Path(tmp))
         try:
@@ -333,7 +347,8 @@ def convert_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True
 
     Graph inputs/outputs stay fp32 when ``keep_io_types`` (casts are inserted at the edges),
     so callers and the wire signature do not change. Ops that are numerically fragile in
-    fp16 stay fp32 through ORT's default block list (plus ``op_block_list``). Uses
+    fp16 stay fp32 through ORT's default block list (plus ``op_block_list``), and so do
+    the nodes next to ``ai.onnx.ml`` ops (:func:`~.graph.ml_adjacent_nodes`), which keep float32. Uses
     ORT's transformer-aware converter (symbolic shape inference handles fused contrib ops).
 
     Raises:
@@ -349,9 +364,11 @@ def convert_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True
         # In a scratch folder: the converter's symbolic shape inference drops
         # sym_shape_infer_temp.onnx into the working directory when it gives up.
         with tempfile.TemporaryDirectory(prefix="headrace-fp16-") as tmp, _in_dir(Path(tmp)):
-            model = OnnxModel(onnx.load(str(src)))
+            loaded = onnx.load(str(src))
+            model = OnnxModel(loaded)
             blocks = list(DEFAULT_OP_BLOCK_LIST) + list(op_block_list or [])
-            model.convert_float_to_float16(keep_io_types=keep_io_types, op_block_list=blocks)
+            model.convert_float_to_float16(keep_io_types=keep_io_types, op_block_list=blocks,
+                                           node_block_list=ml_adjacent_nodes(loaded))
             model.save_model_to_file(str(dst))
     except Exception as e:  # the converter raises plain Exceptions for graphs it cannot type
         raise ModelError(f"fp16 conversion of {src} failed: {e}") from e

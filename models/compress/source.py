@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class Source:
         declared: graph input name -> declared dims (None = dynamic).
         output_names: graph outputs, in order.
         encode: texts -> feeds, for text models (``preprocess: bert_tokenizer``).
+        dtypes: graph input name -> the numpy dtype it takes (string inputs: object).
+        note: why this version was opened rather than the one asked for ("" when it was).
     """
 
     repo: ModelRepository
@@ -49,6 +51,8 @@ class Source:
     declared: Declared
     output_names: tuple[str, ...]
     encode: TextEncoder | None
+    note: str = ""
+    dtypes: dict[str, np.dtype[Any]] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -100,9 +104,16 @@ def open_source(repo: ModelRepository, name: str, version: str | None = None) ->
 
     Raises:
         ModelNotFoundError: no such model/version. RepositoryError: a modified file.
-        ConfigError: a format that cannot be compressed here. ModelError: the module cannot be built.
+        ConfigError: a format that cannot be compressed here, or a compress product (INT8, fp16)
+            that cannot be traced back to its fp32 version (:func:`.lineage.resolve`).
+        ModelError: the module cannot be built.
     """
     m = repo.verify(name, version or None)
+    note = ""
+    if m.format in COMPRESSIBLE:  # an INT8/fp16 copy is never "your fp32 model" (see lineage)
+        from headrace.models.compress.lineage import resolve
+
+        m, note = resolve(repo, m, version or None)
     if m.format not in COMPRESSIBLE:
         hint = (f"add the file again as ONNX (headrace models add {name} MODEL{'.pt2' if m.format == 'pt2' else '.pt'} "
                 "--to-onnx) and compress that entry" if m.format in ("torchscript", "pt2") else
@@ -122,7 +133,38 @@ def open_source(repo: ModelRepository, name: str, version: str | None = None) ->
         declared = {s.name: [None, *(None if d == -1 else d for d in s.shape)] for s in m.inputs}
         outputs = tuple(s.name for s in m.outputs)
     encode = _text_encoder(repo, m, list(declared)) if m.accepts_text else None
-    return Source(repo, m, folder, onnx_path, module, declared, outputs, encode)
+    dtypes = input_dtypes(onnx_path) if onnx_path is not None else {s.name: _np_dtype(s.dtype) for s in m.inputs}
+    return Source(repo, m, folder, onnx_path, module, declared, outputs, encode, note, dtypes)
+
+
+def _np_dtype(wire: str) -> np.dtype[Any]:
+    return np.dtype(object) if wire == "string" else np.dtype(wire)
+
+
+def input_dtypes(path: str | Path) -> dict[str, np.dtype[Any]]:
+    """Graph input name -> numpy dtype (initializers excluded; inputs of an unknown element
+    type are left out, so nothing is refused on a guess).
+
+    Raises:
+        ModelError: the file is not a readable ONNX model.
+    """
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError / OSError variants
+        raise ModelError(f"cannot read ONNX model {path}: {e}") from e
+    inits = {i.name for i in model.graph.initializer}
+    out: dict[str, np.dtype[Any]] = {}
+    for i in model.graph.input:
+        elem = i.type.tensor_type.elem_type
+        if i.name not in inits and elem:
+            try:
+                out[i.name] = np.dtype(tensor_dtype_to_np_dtype(elem))
+            except (KeyError, TypeError):  # bfloat16/float8 and the like: no numpy twin to compare
+                continue
+    return out
 
 
 def export_source(src: Source, samples: Samples, work: Path) -> Path:

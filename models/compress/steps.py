@@ -265,12 +265,26 @@ def fp16(ctx: StepContext) -> list[Candidate]:
     from headrace.models.compress.quantize import convert_fp16
 
     path = convert_fp16(ctx.onnx_path, ctx.work / "fp16.onnx")
+    _check_graph(path, "fp16 conversion")
     if not float16_tensors(path):
         # e.g. tree ensembles and linear classifiers (ai.onnx.ml ops keep float32/double)
         raise ModelError("fp16 conversion changed nothing: the graph holds no float weights it could convert "
                          "(its ops keep their own types); an fp16 entry would be the fp32 model under another name")
     return [Candidate("fp16", path, "onnx", "fp16", [{"step": "fp16", "params": {"keep_io_types": True}}],
                       "GPU target: CPU run checks fidelity only", bench_speed=False)]
+
+
+def _check_graph(path: Path, what: str) -> None:
+    """Raises ModelError when ``path`` fails ONNX's full check (strict type and shape inference):
+    a converter's invalid graph is said to be invalid, not "cannot run here" as if another
+    machine could run it."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{what} produced an invalid graph, not offered: {first[:300]}") from e
 
 
 # --- structure ------------------------------------------------------------------------------------
