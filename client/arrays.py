@@ -65,8 +65,10 @@ class ArrayResults:
         res = self.failures[i]
         where = f"sample {i} of {len(self)} (request {res.request_id}; {len(self.failures)} failed in all)"
         if res.status == STATUS_EXPIRED:
-            raise E.RequestExpired(f"{where}: {res.message or 'deadline passed before it ran'}")
-        raise E.InferenceFailed(f"{where}: {res.message}", code=res.code or E.INTERNAL_ERROR)
+            raise E.RequestExpired(f"{where}: {res.message or 'deadline passed before it ran'}",
+                                   request_id=res.request_id, result=res)
+        raise E.InferenceFailed(f"{where}: {res.message}", code=res.code or E.INTERNAL_ERROR,
+                                request_id=res.request_id, result=res)
 
     def __repr__(self) -> str:
         outs = ", ".join(f"{k!r}: {v.dtype}{list(v.shape)}" for k, v in self.outputs.items())

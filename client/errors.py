@@ -22,7 +22,7 @@ Codes that never travel in a result (the SDK's own outcomes) are listed in
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 # Stable error codes of wire protocol v1. Producers in any language match on these strings.
 DECODE_ERROR: Final = "decode_error"
@@ -267,7 +267,19 @@ class RepositoryError(ModelError):
 
 
 class ResultError(HeadraceError):
-    """Raised by the SDK when a result is not a success."""
+    """Raised by the SDK when a result is not a success.
+
+    Attributes:
+        request_id: the request it is about (None when not one request's).
+        result: the :class:`~headrace.client.Result` that came back, when one did (its
+            timings, model version, per-sample statuses); None otherwise.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, request_id: str | None = None,
+                 result: Any = None) -> None:
+        super().__init__(message, code=code)
+        self.request_id = request_id
+        self.result = result
 
 
 class InferenceFailed(ResultError):
@@ -295,8 +307,7 @@ class ResultTimeout(ResultError, TimeoutError):
     code = RESULT_TIMEOUT
 
     def __init__(self, message: str, *, request_id: str | None = None, timeout_s: float = 0.0) -> None:
-        super().__init__(message)
-        self.request_id = request_id
+        super().__init__(message, request_id=request_id)
         self.timeout_s = timeout_s
 
 
@@ -307,8 +318,7 @@ class RequestCancelled(ResultError):
     code = CANCELLED
 
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
+        super().__init__(message, request_id=request_id)
 
 
 # --- config ------------------------------------------------------------------------------

@@ -115,12 +115,15 @@ class Result:
         return encode_result(self)
 
     def raise_for_status(self) -> Result:
-        """Return self when ok, else raise the matching :class:`ResultError`."""
+        """Return self when ok, else raise the matching :class:`ResultError` (its ``request_id``
+        and ``result`` are this result's)."""
         if self.status == STATUS_OK:
             return self
         if self.status == STATUS_EXPIRED:
-            raise E.RequestExpired(f"request {self.request_id}: {self.message or 'deadline passed before it ran'}")
-        raise E.InferenceFailed(f"request {self.request_id}: {self.message}", code=self.code or E.INTERNAL_ERROR)
+            raise E.RequestExpired(f"request {self.request_id}: {self.message or 'deadline passed before it ran'}",
+                                   request_id=self.request_id, result=self)
+        raise E.InferenceFailed(f"request {self.request_id}: {self.message}", code=self.code or E.INTERNAL_ERROR,
+                                request_id=self.request_id, result=self)
 
 
 def error_result(request_id: str, code: str, message: str, status: Status = STATUS_ERROR,

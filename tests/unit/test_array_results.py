@@ -110,6 +110,7 @@ def test_the_assembler_fills_rows_in_any_order_with_failures_in_place() -> None:
     with pytest.raises(InferenceFailed, match="sample 1 of 10") as info:
         out.raise_for_status()
     assert info.value.code == E.BAD_VALUE
+    assert info.value.request_id == "a" and info.value.result is out.failures[1]
 
 
 def test_an_expired_first_failure_raises_request_expired() -> None:

@@ -136,6 +136,11 @@ def test_result_round_trip_ok_and_error() -> None:
     with pytest.raises(E.InferenceFailed) as info:
         back.raise_for_status()
     assert info.value.code == E.BAD_SHAPE
+    assert info.value.request_id == "r2" and info.value.result is back  # what an application logs
+    late = P.decode_result(P.error_result("r3", E.DEADLINE_EXCEEDED, "late", status="expired").encode())
+    with pytest.raises(E.RequestExpired) as expired:
+        late.raise_for_status()
+    assert expired.value.request_id == "r3" and expired.value.result is late
 
 
 def test_expired_and_rejected_results_raise_their_errors() -> None:
