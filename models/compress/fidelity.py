@@ -187,6 +187,9 @@ def classifier_fidelity(
 # --- any model: metrics chosen by output kind -------------------------------------------------
 
 KINDS = ("classification", "binary", "embedding", "other")
+#: Least range (max - min) of a [0, 1] output on the held-out data for it to be taken as a
+#: probability (judged by agreement at 0.5) rather than a value (judged by its error).
+BINARY_MIN_RANGE = 0.5
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,9 @@ def infer_kind(name: str, reference: np.ndarray[Any, Any], postprocess: str = "n
 
     * integer and string outputs (labels), and ``[n, c]`` outputs named like logits/probabilities/scores, or with
       ``softmax``/``argmax`` post-processing, or with 2 <= c <= 32: ``classification``;
-    * ``[n]`` / ``[n, 1]`` floats inside [0, 1]: ``binary`` (a probability, e.g. a detector);
+    * ``[n]`` / ``[n, 1]`` floats inside [0, 1] spread over at least half of it: ``binary`` (a
+      probability, e.g. a detector). Values in a narrow band (a regressor around 0.5) are
+      ``other``: agreement at 0.5 would let errors many times their spread pass;
     * ``[n, d]`` floats with ``l2_normalize`` post-processing, an embedding-like name, or d > 32:
       ``embedding``;
     * anything else: ``other``.
@@ -251,8 +256,9 @@ def infer_kind(name: str, reference: np.ndarray[Any, Any], postprocess: str = "n
     if ref.dtype.kind in "iubOU":
         return "classification"
     flat = ref.reshape(ref.shape[0], -1) if ref.ndim >= 1 and ref.shape[0] else ref
-    if ref.ndim in (1, 2) and flat.shape[-1] == 1 and float(ref.min()) >= 0.0 and float(ref.max()) <= 1.0:
-        return "binary"
+    if ref.ndim in (1, 2) and flat.shape[-1] == 1 and ref.size and float(ref.min()) >= 0.0 \
+            and float(ref.max()) <= 1.0:
+        return "binary" if float(ref.max()) - float(ref.min()) >= BINARY_MIN_RANGE - 1e-9 else "other"
     if ref.ndim != 2:
         return "other"
     c = ref.shape[1]

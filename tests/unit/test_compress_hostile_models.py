@@ -290,3 +290,18 @@ def test_gate_prints_a_score_just_under_the_floor_as_under_it(tmp_path: Path) ->
     e = Evaluated(Candidate("int8 static", tmp_path / "m.onnx", "onnx", "int8", [{"step": "quantize-static"}]), cmp)
     gate([e], 0.99)
     assert not e.accepted and "score 0.989996 (other) is below --min-fidelity 0.99" in e.reason
+
+
+def test_a_regressor_inside_zero_one_is_held_to_its_error_not_to_agreement_at_a_half() -> None:
+    # Outputs of 0.479-0.504: agreement at 0.5 let an INT8 copy with errors of several times
+    # the output's spread pass with a score of 1.0.
+    from headrace.models.compress.fidelity import fidelity_for, infer_kind
+
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(0.479, 0.504, size=(200, 1))
+    assert infer_kind("output", ref) == "other"
+    off = ref + np.where(ref > 0.5, 0.01, -0.01)  # errors of ~1.5x the spread, none across 0.5
+    assert fidelity_for("binary", ref, off)["score"] == 1.0  # what the gate was held to
+    assert fidelity_for(infer_kind("output", ref), ref, off)["score"] < 0.99
+    probs = rng.uniform(0.0, 1.0, size=(200, 1))
+    assert infer_kind("output", probs) == "binary"
