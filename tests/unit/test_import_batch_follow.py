@@ -154,3 +154,24 @@ def test_the_flag_add_suggests_for_an_unclear_batch_axis_parses_and_imports(tmp_
     imp = import_onnx(path, ImportOptions(inputs={"state:0": given}, outputs={"s:0": parse_io("s:0:float32:2,B,3")}))
     assert {s.name: (s.shape, s.batch_axis) for s in imp.inputs} == {"x:0": ((4,), 0), "state:0": ((2, 3), 1)}
     assert parse_io(flags[1]) == IOSpec("state:0", "float32", (2, -1, 3), NO_BATCH)
+
+
+def test_a_dynamically_quantized_model_whose_output_dim_has_its_own_name_stays_batched(tmp_path: Path) -> None:
+    # tf2onnx names output dims unk__N and torch exports often name them apart from the
+    # input's: a guessed batch axis. Dynamic INT8 takes one activation scale over the call,
+    # so each row moves a little with its call-mates: not a reason to serve one per call.
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    w1, w2 = nh.from_array(rng.standard_normal((8, 64)).astype(np.float32), "W1"), \
+        nh.from_array(rng.standard_normal((64, 4)).astype(np.float32), "W2")
+    fp32 = _save(tmp_path / "mlp.onnx", [h.make_node("MatMul", ["x", "W1"], ["a"]), h.make_node("Relu", ["a"], ["r"]),
+                                         h.make_node("MatMul", ["r", "W2"], ["y"])],
+                 [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])], [h.make_tensor_value_info("y", T.FLOAT, ["unk__12", 4])],
+                 [w1, w2])
+    int8 = tmp_path / "mlp_int8.onnx"
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    example = {"x": (rng.standard_normal((8, 8)) * rng.uniform(0.1, 10.0, (8, 1))).astype(np.float32)}
+    for path in (fp32, int8):
+        imp = import_onnx(path, ImportOptions(example=example, max_batch=32))
+        assert imp.max_batch == 32 and [s.batch_axis for s in imp.outputs] == [0], (path.name, imp.notes)
