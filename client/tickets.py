@@ -93,8 +93,11 @@ class Ticket:
         be missing (the request then still runs, for nobody).
 
         Returns:
-            True when the ticket was pending and is now cancelled; False when it was done.
+            True when the ticket was pending and is now cancelled; False when it was done,
+            or was made before this process forked (the parent's request stays the parent's).
         """
+        if self._born != forks.generation():
+            return False
         if not self._fail(E.RequestCancelled(f"request {self.request_id} (model {self.model!r}) was cancelled",
                                              request_id=self.request_id)):
             return False
@@ -161,7 +164,14 @@ class Ticket:
 
     def add_done_callback(self, fn: Callable[[Ticket], None]) -> None:
         """Call ``fn(ticket)`` when the result arrives or the ticket is cancelled (in the
-        thread that completes it)."""
+        thread that completes it).
+
+        Raises:
+            HeadraceError: the ticket is pending and was made before this process was forked
+                (nothing here will ever complete it).
+        """
+        if not self.done():
+            forks.check_owner(self._born, self.request_id)
         # Through a weak reference: a closure over the ticket, kept by its own future, would
         # make every ticket with a callback a reference cycle that only the cyclic garbage
         # collector frees, and its full collections stall the event loop of a busy producer.

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 from headrace.client import AsyncClient, Client, HeadraceError, ResultTimeout
 from headrace.workers.backends.fake import affine_reference
@@ -108,11 +109,21 @@ def test_a_ticket_of_the_parent_fails_clearly_in_the_child(redis_url: str) -> No
                 except HeadraceError as e:
                     assert "forked" in str(e), e
             assert c.outstanding() == []  # the child's book starts empty
+            # cancelling it there would mark the parent's request skipped: the parent would
+            # wait for an answer no worker gives
+            assert ticket.cancel() is False
+            try:
+                ticket.add_done_callback(lambda _t: None)
+            except HeadraceError as e:
+                assert "forked" in str(e), e
+            else:
+                return "a callback nothing will call was accepted"
             return "ok"
 
         [(code, report)] = reap([in_child(child)(0)])
         assert (code, report) == (0, "ok")
-        assert c.outstanding() == [ticket]
+        assert c.outstanding() == [ticket] and not ticket.done()
+        assert not redis.Redis.from_url(redis_url).keys("*cancel*"), "the child cancelled the parent's request"
 
 
 def test_async_client_gets_a_new_id_in_the_child(redis_url: str, affine_worker: Any) -> None:
