@@ -134,6 +134,23 @@ def float16_tensors(model_path: str | Path) -> int:
     return count
 
 
+def float_weight_elements(model_path: str | Path) -> tuple[int, int]:
+    """(float16, float32) elements of the graph's top-level initializers: which precision its
+    weights are stored in (a few float16 constants in an fp32 model do not make it fp16)."""
+    from onnx import TensorProto
+
+    half = full = 0
+    for i in _load(model_path).graph.initializer:
+        n = 1
+        for d in i.dims:
+            n *= int(d)
+        if i.data_type == TensorProto.FLOAT16:
+            half += n
+        elif i.data_type == TensorProto.FLOAT:
+            full += n
+    return half, full
+
+
 # Ops that carry a constant weight; each is worth INT8 storage and kernels.
 STATIC_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # In a convolutional graph these sit between quantized convolutions: quantizing them keeps the

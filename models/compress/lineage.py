@@ -41,13 +41,15 @@ def product_kind(m: Manifest, onnx_path: Path | None) -> str:
         return f"made by {' + '.join(steps)}"
     if onnx_path is None:
         return ""
-    from headrace.models.compress.graph import float16_tensors, graph_op_types
+    from headrace.models.compress.graph import float16_tensors, float_weight_elements, graph_op_types
 
     ops = graph_op_types(onnx_path)
     quantized = sorted(op for op in QUANTIZED_NODES if ops.get(op))
     if quantized:
         return f"already quantized ({', '.join(quantized)} nodes in its graph)"
-    if float16_tensors(onnx_path):
+    half, full = float_weight_elements(onnx_path)
+    # an fp32 model may hold a float16 constant or two (a Cast's operand): its weights decide
+    if half > full or (not full and float16_tensors(onnx_path)):
         return "fp16 (float16 tensors in its graph)"
     return ""
 

@@ -305,3 +305,27 @@ def test_a_regressor_inside_zero_one_is_held_to_its_error_not_to_agreement_at_a_
     assert fidelity_for(infer_kind("output", ref), ref, off)["score"] < 0.99
     probs = rng.uniform(0.0, 1.0, size=(200, 1))
     assert infer_kind("output", probs) == "binary"
+
+
+def test_an_fp32_model_holding_a_float16_constant_is_not_taken_for_an_fp16_product(tmp_path: Path) -> None:
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from headrace.models.compress.lineage import product_kind
+    from headrace.models.repository.manifest import IOSpec
+    from headrace.models.repository.store import ModelRepository
+
+    rng = np.random.default_rng(0)
+    w = nh.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W")
+    eps = nh.from_array(np.array([1e-3], np.float16), "eps16")  # a mixed-precision export's leftover
+    graph = h.make_graph([h.make_node("MatMul", ["x", "W"], ["m"]), h.make_node("Cast", ["eps16"], ["eps"], to=T.FLOAT),
+                          h.make_node("Add", ["m", "eps"], ["logits"])], "g",
+                         [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                         [h.make_tensor_value_info("logits", T.FLOAT, ["N", 4])], initializer=[w, eps])
+    path = tmp_path / "m.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    repo = ModelRepository(tmp_path / "repo")
+    m = repo.add("mixed", {"model.onnx": path}, format="onnx", inputs=[IOSpec("x", "float32", (16,))],
+                 outputs=[IOSpec("logits", "float32", (4,))])
+    assert product_kind(m, repo.file_path(m, m.model_file)) == ""
