@@ -89,7 +89,9 @@ class SyncIO:
         streams = self.core.shut("Client")
         self.closed.set()
         self.wake_reader()
-        if self._reader is not None:
+        # Called from the reader itself (a done-callback runs in the thread that completes the
+        # ticket), joining would raise; the reader leaves its loop once the callback returns.
+        if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(self.core.settings.reply_block_ms / 1000 + 5)
         try:
             if streams:

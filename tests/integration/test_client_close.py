@@ -119,3 +119,28 @@ def _wait_for(cond: Any, timeout_s: float = 5.0) -> bool:
     return False
 
 
+
+
+def test_close_from_a_done_callback_closes_the_client(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The callback runs in the reader thread, which close() used to join: RuntimeError
+    # ("cannot join current thread"), and the connections were left open.
+    worker = start_fake_worker(redis_url, "affine", "affine")
+    try:
+        c = Client(redis_url, reply_block_ms=200, timeout_s=10)
+        closed = threading.Event()
+
+        def close_on_result(_t: Any) -> None:
+            c.close()
+            closed.set()
+
+        ticket = c.submit("affine", affine_inputs(1))
+        ticket.add_done_callback(close_on_result)
+        assert closed.wait(10), "close() did not return in the callback"
+        assert ticket.result(1).ok
+        reader = c._io._reader
+        assert reader is not None
+        reader.join(5)
+        assert not reader.is_alive()
+        assert not [r for r in caplog.records if "callback" in r.getMessage().lower()], caplog.records
+    finally:
+        worker.stop()
