@@ -277,8 +277,11 @@ class RegistryCache:
             raise unknown_model(model, namespace)
         if fail_fast and self._clock() >= got.live_until:
             st = self.status(model)
-            seen = (f"; the last heartbeat is {st.last_seen_s:.0f}s old" if st is not None and st.last_seen_s is not None
-                    else "; no worker has registered it yet")
+            if st is not None and st.last_seen_s is not None:
+                seen = f"; the last heartbeat is {st.last_seen_s:.0f}s old"
+            else:  # a registry entry whose workers all stopped cleanly lists none
+                seen = ("; its workers have all stopped" if got.record is not None
+                        else "; no worker has registered it yet")
             raise E.ModelUnavailable(
                 f"no live worker serves model {model!r}{seen} (fail_fast is on): start workers, or turn "
                 "fail_fast off to queue the request for them", model=model)

@@ -25,7 +25,8 @@ from headrace.client.optional import require
 @click.pass_obj
 def up_cmd(cfg: Any, config_path: str, num_cpus: int | None, dashboard_port: int, metrics_port: int,
            build: bool) -> None:
-    """Start local Ray (with dashboard), Redis unless --redis-url is given, and deploy the config."""
+    """Start local Ray (with dashboard), Redis unless the global --redis-url is given (headrace
+    --redis-url URL up), and deploy the config."""
     require("ray.serve", "ray", purpose="headrace up")
     from headrace.cluster.ops import lifecycle as ops
 

@@ -15,11 +15,16 @@ class CliConfig:
     redis_url: str | None
     namespace: str | None
     repo: str
+    #: the options above that click read from their ``HEADRACE_*`` variable: the settings read
+    #: those themselves, so that a bad value is blamed on the variable, not on an argument
+    from_env: frozenset[str] = frozenset()
 
     def client_settings(self, **overrides: Any) -> Any:
         from headrace.client.config import ClientSettings
 
-        return ClientSettings.from_env(redis_url=self.redis_url, namespace=self.namespace, **overrides)
+        given = {k: v for k, v in (("redis_url", self.redis_url), ("namespace", self.namespace))
+                 if k not in self.from_env}
+        return ClientSettings.from_env(**given, **overrides)
 
     def redis(self) -> Any:
         """A sync client for the configured Redis: a Redis Cluster client when

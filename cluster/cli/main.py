@@ -42,7 +42,9 @@ from headrace.cluster.cli.worker import worker
 def main(ctx: click.Context, redis_url: str | None, namespace: str | None, repo: str, log_level: str) -> None:
     """headrace: batched, effectively-once inference workers on Redis Streams and Ray Serve."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx.obj = CliConfig(redis_url=redis_url, namespace=namespace, repo=repo)
+    from_env = frozenset(name for name in ("redis_url", "namespace")
+                         if ctx.get_parameter_source(name) is click.core.ParameterSource.ENVIRONMENT)
+    ctx.obj = CliConfig(redis_url=redis_url, namespace=namespace, repo=repo, from_env=from_env)
 
 
 for _command in (worker, redis_cmd, submit, status, dlq, functions, models, partitions, compress, demo, bench,

@@ -94,9 +94,26 @@ def resolve(repo: ModelRepository, m: Manifest, version_asked: str | None) -> tu
     if origin is not None:
         raise ConfigError(f"{ref} is {what} made from {origin.name}/{origin.version}; compress works on the fp32 "
                           f"model: run `headrace compress {origin.name} --version {origin.version}`")
+    base = _base_entry(repo, m.name)
+    hint = (f"; `{base.name}` (fp32, version {base.version}) looks like it: `headrace compress {base.name}`"
+            if base is not None else "")
     raise ConfigError(f"{ref} is {what}, not an fp32 model; compressing it again would stack quantization and "
                       "judge fidelity against a copy: compress the fp32 model it was made from (add it with "
-                      "`headrace models add` if the repository lacks it)")
+                      f"`headrace models add` if the repository lacks it){hint}")
+
+
+def _base_entry(repo: ModelRepository, name: str) -> Manifest | None:
+    """The latest fp32 version of the entry ``name`` was published from by ``--publish name``
+    (``digits`` for ``digits-int8``; the built-in recipes record where the data came from, not
+    the entry), or None when there is no such entry."""
+    base, sep, _suffix = name.rpartition("-")
+    if not sep or not base:
+        return None
+    try:
+        m = repo.load_manifest(base)
+    except (ModelNotFoundError, RepositoryError):
+        return None
+    return m if m.format in ("onnx", "torch") and not product_kind(m, _model_path(repo, m)) else None
 
 
 def describe_reference(m: Manifest) -> str:

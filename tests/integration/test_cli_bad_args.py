@@ -78,3 +78,10 @@ def test_a_bad_model_argument_is_named_as_the_argument_it_is(redis_url: str, arg
     code, out = _cli(redis_url, *args)
     assert code == 1 and "[config_error] model name" in out, out
     assert "HEADRACE_MODEL" not in out, "an argument was blamed on an environment variable"
+
+
+def test_a_bad_namespace_from_the_environment_is_blamed_on_the_variable(redis_url: str) -> None:
+    res = CliRunner().invoke(main, ["--redis-url", redis_url, "status"], env={"HEADRACE_NAMESPACE": "a:b"})
+    assert res.exit_code == 1 and "set by the environment variable HEADRACE_NAMESPACE" in res.output, res.output
+    res = CliRunner().invoke(main, ["--redis-url", redis_url, "--namespace", "a:b", "status"])
+    assert res.exit_code == 1 and "set by the argument namespace" in res.output, res.output

@@ -65,6 +65,7 @@ def test_status_describe_and_the_submit_checks(redis_url: str, workers: list[Any
         with pytest.raises(ModelUnavailable) as unavailable:
             fast.submit("affine", affine_inputs(2))
         assert unavailable.value.model == "affine" and "fail_fast" in str(unavailable.value)
+        assert "its workers have all stopped" in str(unavailable.value), "it was registered: say so"
         workers.append(start_fake_worker(redis_url, "affine", "affine"))
         # the cached "no live worker" reading lasts at most registry_cache_s
         assert wait_until(lambda: _accepted(fast), timeout_s=10)

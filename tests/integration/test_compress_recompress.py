@@ -5,6 +5,7 @@ copy, never stacked quantization. Tiny models; no Redis."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -91,3 +92,21 @@ def test_quantized_graph_without_a_known_origin_is_refused(tmp_path: Path, kind:
         r"fp16 \(float16 tensors in its graph\)"
     with pytest.raises(ConfigError, match=f"tiny/1 is {want}, not an fp32 model"):
         run_any(_opts(tmp_path, cal, held))
+
+
+def test_a_copy_published_under_its_own_name_points_at_the_entry_it_came_from(tmp_path: Path) -> None:
+    # --publish name (and the built-in recipes) write NAME-int8 whose source is not NAME/VERSION:
+    # the refusal names the fp32 entry of the same stem that is in the repository
+    from headrace.models.repository.manifest import IOSpec
+    from tests.support.compress import tiny_mlp_onnx
+
+    cal, held = mlp_data(tmp_path / "data", n=40)
+    src = tiny_mlp_onnx(tmp_path / "fp32.onnx")
+    made = quantize_static_int8(src, tmp_path / "m.onnx", [{"x": np.load(cal)["x"][:16]}])
+    repo = ModelRepository(tmp_path / "repo")
+    spec = {"inputs": [IOSpec("x", "float32", (16,))], "outputs": [IOSpec("logits", "float32", (4,))]}
+    repo.add("tiny", {"model.onnx": src}, format="onnx", source="a colleague", **spec)  # type: ignore[arg-type]
+    repo.add("tiny-int8", {"model.onnx": made}, format="onnx", source="sklearn digits", precision="int8",
+             **spec)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"tiny-int8/1 is int8, not an fp32 model; .*`headrace compress tiny`"):
+        run_any(dataclasses.replace(_opts(tmp_path, cal, held), name="tiny-int8"))
