@@ -20,6 +20,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from headrace.client.keys import ModelKeys
+from headrace.client.protocol import DEFAULT_LIMITS
 from headrace.cluster.serve.app import IngressArgs
 from headrace.cluster.serve.auth import key_entry
 from headrace.cluster.serve.gateway import Gateway
@@ -153,7 +154,8 @@ BAD_BODIES: list[tuple[str, Any, dict[str, str], int, str]] = [
      "bad_value"),
     ("strings as data", {"inputs": {"x": {"shape": [1], "data": ["1"]}}}, {}, 400, "bad_value"),
     ("tensor key missing", {"inputs": {"x": {"shape": [1]}}}, {}, 400, "missing_field"),
-    ("33 inputs", {"inputs": {f"x{i}": [1.0] for i in range(33)}}, {}, 413, "payload_too_large"),
+    ("too many inputs", {"inputs": {f"x{i}": [1.0] for i in range(DEFAULT_LIMITS.max_inputs + 1)}}, {}, 413,
+     "payload_too_large"),
     ("text too long", {"text": "x" * 100_001}, {}, 413, "payload_too_large"),
     ("bad timeout_s", {"text": "a", "timeout_s": -1}, {}, 400, "bad_value"),
     ("text to a tensor model", {"text": "affine takes tensors"}, {}, 400, "bad_value"),

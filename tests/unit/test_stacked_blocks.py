@@ -243,7 +243,7 @@ async def test_outputs_a_block_cannot_send_fail_its_samples_and_the_worker_goes_
     got = {r.request_id: r for r in store.results(AFF)}
     assert [s.code for s in got["dtype"].samples] == [E.MODEL_ERROR] * 3
     assert [s.code for s in got["short"].samples] == [E.MODEL_ERROR] * 2
-    assert "rows" in got["short"].samples[0].message
+    assert "one row per sample" in got["short"].samples[0].message
     assert got["fine"].ok and all(s.ok for s in got["fine"].samples)
 
 
