@@ -63,8 +63,8 @@ class Source:
         return self.encode is not None
 
 
-def graph_signature(path: str | Path) -> tuple[dict[str, list[int | None]], tuple[str, ...]]:
-    """(input name -> declared dims with None for dynamic ones, output names) of an ONNX file.
+def _load(path: str | Path) -> Any:
+    """The ONNX model at ``path`` without its external data (only the graph is read here).
 
     Raises:
         ModelError: the file is not a readable ONNX model.
@@ -72,9 +72,18 @@ def graph_signature(path: str | Path) -> tuple[dict[str, list[int | None]], tupl
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError / OSError variants
         raise ModelError(f"cannot read ONNX model {path}: {e}") from e
+
+
+def graph_signature(path: str | Path) -> tuple[dict[str, list[int | None]], tuple[str, ...]]:
+    """(input name -> declared dims with None for dynamic ones, output names) of an ONNX file.
+
+    Raises:
+        ModelError: the file is not a readable ONNX model.
+    """
+    model = _load(path)
     inits = {i.name for i in model.graph.initializer}
     declared: dict[str, list[int | None]] = {}
     for i in model.graph.input:
@@ -148,13 +157,9 @@ def input_dtypes(path: str | Path) -> dict[str, np.dtype[Any]]:
     Raises:
         ModelError: the file is not a readable ONNX model.
     """
-    import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError / OSError variants
-        raise ModelError(f"cannot read ONNX model {path}: {e}") from e
+    model = _load(path)
     inits = {i.name for i in model.graph.initializer}
     out: dict[str, np.dtype[Any]] = {}
     for i in model.graph.input:

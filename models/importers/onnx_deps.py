@@ -29,25 +29,30 @@ def _outer_reads(graph: Any) -> list[str]:
     return [name for n in graph.node for name in _node_reads(n) if name not in local]
 
 
+def _back(start: str, producer: dict[str, Any], through: Any = None) -> tuple[set[str], list[Any]]:
+    """The tensor names reached from ``start`` going back through the nodes that produce them
+    (only nodes ``through(node)`` accepts, when given), and those nodes."""
+    seen: set[str] = set()
+    nodes: list[Any] = []
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None and (through is None or through(node)):
+            nodes.append(node)
+            todo += _node_reads(node)
+    return seen, nodes
+
+
 def inputs_feeding(graph: Any, outputs: Iterable[str]) -> dict[str, set[str]]:
     """For each name in ``outputs``, the graph inputs (``graph.input`` names) it is
     computed from, through every node and subgraph between them."""
     producer = {o: node for node in graph.node for o in node.output if o}
     graph_inputs = {v.name for v in graph.input}
-    found: dict[str, set[str]] = {}
-    for out in outputs:
-        seen: set[str] = set()
-        todo = [out]
-        while todo:
-            name = todo.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            node = producer.get(name)
-            if node is not None:
-                todo += _node_reads(node)
-        found[out] = seen & graph_inputs
-    return found
+    return {out: _back(out, producer)[0] & graph_inputs for out in outputs}
 
 
 #: Operators whose output length is set by the values they read, not by their input shapes:
@@ -73,19 +78,7 @@ def _subgraph_ops(node: Any) -> list[str]:
 
 def _reads_values(name: str, producer: dict[str, Any], graph_inputs: set[str]) -> bool:
     """Whether tensor ``name`` depends on the values of a graph input (not only on shapes)."""
-    seen: set[str] = set()
-    todo = [name]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in graph_inputs:
-            return True
-        node = producer.get(n)
-        if node is not None and node.op_type not in _SHAPE_ONLY_OPS:
-            todo += _node_reads(node)
-    return False
+    return bool(_back(name, producer, lambda node: node.op_type not in _SHAPE_ONLY_OPS)[0] & graph_inputs)
 
 
 def value_shaped_ops(graph: Any, outputs: Iterable[str]) -> dict[str, set[str]]:
@@ -98,17 +91,7 @@ def value_shaped_ops(graph: Any, outputs: Iterable[str]) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for out in outputs:
         ops: set[str] = set()
-        seen: set[str] = set()
-        todo = [out]
-        while todo:
-            name = todo.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            node = producer.get(name)
-            if node is None:
-                continue
-            todo += _node_reads(node)
+        for node in _back(out, producer)[1]:
             here = [node.op_type, *_subgraph_ops(node)]
             if node.op_type == "TopK" and not (len(node.input) > 1 and _reads_values(node.input[1], producer,
                                                                                        graph_inputs)):

@@ -30,10 +30,17 @@ def _cli(redis_url: str, *args: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
-def test_a_malformed_dlq_id_is_refused_before_anything_is_replayed(redis_url: str) -> None:
+@pytest.fixture
+def dead(redis_url: str) -> tuple[redis.Redis, ModelKeys, str]:
+    """A Redis client, the affine model's keys and the id of one complete dead letter."""
     r = redis.Redis.from_url(redis_url)
     keys = ModelKeys(NS, "affine")
-    good = _dead_letter(r, keys, "r1")
+    return r, keys, _dead_letter(r, keys, "r1")
+
+
+def test_a_malformed_dlq_id_is_refused_before_anything_is_replayed(redis_url: str,
+                                                                   dead: tuple[redis.Redis, ModelKeys, str]) -> None:
+    r, keys, good = dead
     code, out = _cli(redis_url, "dlq", "replay", "affine", "--id", good, "--id", "17x")
     assert code == 1, out
     assert "'17x' is not a dead letter id" in out and "headrace dlq list" in out
@@ -44,10 +51,9 @@ def test_a_malformed_dlq_id_is_refused_before_anything_is_replayed(redis_url: st
     assert r.xlen(keys.dlq) == 0 and r.xlen(keys.requests) == 1
 
 
-def test_replaying_ids_that_are_not_in_the_dlq_fails_and_says_so(redis_url: str) -> None:
-    r = redis.Redis.from_url(redis_url)
-    keys = ModelKeys(NS, "affine")
-    good = _dead_letter(r, keys, "r2")
+def test_replaying_ids_that_are_not_in_the_dlq_fails_and_says_so(redis_url: str,
+                                                                  dead: tuple[redis.Redis, ModelKeys, str]) -> None:
+    r, keys, good = dead
     code, out = _cli(redis_url, "dlq", "replay", "affine", "--id", good, "--id", "0-0")
     assert code == 1, out
     assert "replayed 1" in out and "1 of the 2 ids named were not replayed" in out
