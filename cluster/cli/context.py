@@ -22,8 +22,8 @@ class CliConfig:
     def client_settings(self, **overrides: Any) -> Any:
         from headrace.client.config import ClientSettings
 
-        given = {k: v for k, v in (("redis_url", self.redis_url), ("namespace", self.namespace))
-                 if k not in self.from_env}
+        given: dict[str, Any] = {k: v for k, v in (("redis_url", self.redis_url), ("namespace", self.namespace))
+                                 if k not in self.from_env}
         return ClientSettings.from_env(**given, **overrides)
 
     def redis(self) -> Any:
