@@ -101,7 +101,9 @@ def build_options(name: str, repo: str, given: dict[str, Any]) -> Any:
 @click.option("--mixed/--no-mixed", default=None, help="Keep the most sensitive nodes fp32 until the gate holds.")
 @click.option("--prune-fraction", type=float, default=None, help="Share of channels torch-pruning removes.")
 @click.option("--recover-steps", type=int, default=None, help="Recovery distillation steps after pruning.")
-@click.option("--tflite-quant", type=click.Choice(["integer", "dynamic"]), default=None)
+@click.option("--tflite-quant", type=click.Choice(["integer", "dynamic"]), default=None,
+              help="TFLite INT8: integer (weights and activations, calibrated) or dynamic (weights). "
+                   "[default: dynamic for text models, integer otherwise]")
 @click.option("--tflite-seq-length", type=int, default=None,
               help="Token length a text model's TFLite graph is frozen to. [default: the tokenizer's]")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,

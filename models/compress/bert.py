@@ -26,7 +26,9 @@ def _encoder(ctx: StepContext) -> Any:
     from headrace.models.builtin.minilm import MiniLM
 
     if not isinstance(ctx.module, MiniLM) or ctx.calibration.texts is None or ctx.tokenizer is None:
-        raise ConfigError("this step needs a BERT-family torch entry (extra.arch: minilm) and text --data")
+        raise ConfigError("this step needs a torch entry of headrace's BERT-family encoder (extra.arch: minilm, "
+                          "e.g. `headrace models build minilm --torch`) and text --data; a Hugging Face folder "
+                          "is added as ONNX, which these steps cannot reshape")
     return ctx.module
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from headrace.client.errors import ModelError
+from headrace.client.errors import ModelError, ModelInputError
 from headrace.models.compress.data import Feed
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,14 @@ def _pad_to(arr: np.ndarray[Any, Any], shape: Sequence[int]) -> np.ndarray[Any, 
     """Zero-pad the trailing axes of ``arr`` up to ``shape`` (the batch axis is kept).
 
     Raises:
-        ModelError: ``arr`` is longer than ``shape`` on some axis.
+        ModelInputError: ``arr`` is longer than ``shape`` on some axis (the same input never
+            fits: answered at once, not retried).
     """
     want = list(shape[1:])
     have = list(arr.shape[1:])
     if len(have) != len(want) or any(h > w for h, w in zip(have, want, strict=True)):
-        raise ModelError(f"input of shape {list(arr.shape)} does not fit the TFLite model's static shape {list(shape)}")
+        raise ModelInputError(f"input of shape {list(arr.shape)} does not fit the TFLite model's static shape "
+                              f"{list(shape)}")
     return np.pad(arr, [(0, 0)] + [(0, w - h) for h, w in zip(have, want, strict=True)])
 
 

@@ -93,9 +93,17 @@ def model_dims(path: Path) -> set[int]:
     return {d for d in dims if d > 1}
 
 
-def free_length(path: Path, length: int) -> int:
-    """The smallest length >= ``length`` that no dimension of the graph at ``path`` shares."""
+def free_lengths(path: Path, length: int) -> list[int]:
+    """Lengths to freeze a token axis to, best first: ``length`` when no dimension of the graph
+    at ``path`` shares it, else the nearest free one above it and the nearest below it.
+
+    Above keeps every text the tokenizer makes whole, but the tokenizer's limit is often the
+    position table's size itself (BERT: 512 and 512), and one token more has no position to
+    look up: freezing there fails, and the length below is what is left.
+    """
     taken = model_dims(path)
-    while length in taken:
-        length += 1
-    return length
+    if length not in taken:
+        return [length]
+    up = next(n for n in range(length + 1, length + 1 + len(taken) + 1) if n not in taken)
+    down = next((n for n in range(length - 1, 1, -1) if n not in taken), None)
+    return [up] + ([down] if down is not None else [])

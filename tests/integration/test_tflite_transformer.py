@@ -198,3 +198,53 @@ def test_bert_entry_compressed_to_tflite_and_served_on_litert(redis_url: str, tm
         proc.kill()
         proc.wait(10)
         log.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_text_limit_equal_to_the_position_table_freezes_below_it_and_long_texts_are_cut(
+        redis_url: str, tmp_path: Path) -> None:
+    """BERT's usual case: the tokenizer's limit is the position table's size (24 and 24 here),
+    so it is a weight dimension; one token more has no position. The file is frozen one token
+    shorter, the entry's max_length follows it, and a text longer than that is cut and
+    answered at once (it was retried until max_deliveries)."""
+    import time
+
+    import torch
+
+    from headrace.models.builtin.minilm import MiniLM, MiniLMConfig, default_model_path, save_minilm
+    from headrace.models.repository.store import IOSpec
+
+    torch.manual_seed(0)
+    enc = MiniLM(MiniLMConfig(hidden_size=32, head_dim=16, num_heads=(2, 2), intermediate_sizes=(64, 64),
+                              max_position=24, source_layers=(0, 1))).eval()
+    files = {p.name: p for p in save_minilm(enc, tmp_path / "w")}
+    files["tokenizer.json"] = default_model_path() / "tokenizer.json"
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("pos-bert", files, format="torch", backend="torch", preprocess="bert_tokenizer",
+             inputs=[IOSpec("input_ids", "int64", (-1,)), IOSpec("attention_mask", "int64", (-1,))],
+             outputs=[IOSpec("embeddings", "float32", (32,))], extra={"arch": "minilm", "max_length": 24})
+    texts = [f"sentence number {i} about queues and workers" for i in range(40)]
+    (tmp_path / "cal.txt").write_text("\n".join(texts[:20]))
+    (tmp_path / "held.txt").write_text("\n".join(texts[20:]))
+    res = run_any(AnyModelOptions("pos-bert", data=tmp_path / "cal.txt", held_out=tmp_path / "held.txt",
+                                  repo=repo.root, work_dir=tmp_path / "work", steps=("tflite",),
+                                  tflite=TfliteOptions(quant="dynamic"), threads=1, progress=False, bench=False,
+                                  min_fidelity=0.9))
+    assert res.published == ["pos-bert-tflite-int8-dynamic/1"], (res.refused, res.details)
+    m = repo.verify("pos-bert-tflite-int8-dynamic")
+    assert m.extra["tflite_static_shapes"]["input_ids"] == [1, 23] and m.extra["max_length"] == 23
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "headrace.workers", "--model", "pos-bert-tflite-int8-dynamic",
+                             "--model-repo", str(repo.root), "--redis-url", redis_url, "--backend", "litert",
+                             "--consumer", "edge-1", "--block-ms", "50", "--max-wait-ms", "5", "--lease-s", "30"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        with Client(redis_url, timeout_s=120, require_registered=False) as c:
+            assert c.infer("pos-bert-tflite-int8-dynamic", text="a short one", timeout_s=120).ok  # worker up
+            started = time.monotonic()
+            long = c.infer("pos-bert-tflite-int8-dynamic", text="word " * 60, timeout_s=60)
+            assert long.ok and time.monotonic() - started < 25, (long, time.monotonic() - started)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()

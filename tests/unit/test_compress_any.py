@@ -432,7 +432,7 @@ def test_freeze_graph_folds_shapes_and_checks_them(tmp_path: Path) -> None:
     import onnx
 
     from headrace.client.errors import ModelError
-    from headrace.models.compress.freeze import free_length, freeze_graph
+    from headrace.models.compress.freeze import free_lengths, freeze_graph
     from headrace.models.compress.source import graph_signature
 
     src = tiny_mlp_onnx(tmp_path / "mlp.onnx")
@@ -444,7 +444,7 @@ def test_freeze_graph_folds_shapes_and_checks_them(tmp_path: Path) -> None:
         freeze_graph(src, tmp_path / "bad.onnx", {"x": [1]})
     with pytest.raises(ModelError, match="failed"):
         freeze_graph(src, tmp_path / "bad.onnx", {"x": [1, 15]})  # contradicts the 16-wide weights
-    assert free_length(src, 64) == 65 and free_length(src, 63) == 63  # 64: the MLP's width
+    assert free_lengths(src, 64) == [65, 63] and free_lengths(src, 63) == [63]  # 64: the MLP's width
 
 
 @pytest.mark.timeout(300)
