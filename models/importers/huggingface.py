@@ -13,6 +13,11 @@ anything else ``feature-extraction``):
 * ``text-classification``: ``logits [num_labels]``; the config's ``id2label`` goes into the
   manifest (``extra.labels``) and the registry, so producers can name the classes.
 
+Weights the task runs on that the folder does not hold (transformers' ``missing_keys``: the
+classifier, or the pooler a BERT classifier reads) are refused, not initialised at random; a
+head the importer does not serve (``*ForTokenClassification``, ...) gets a note that only the
+encoder is served.
+
 The encoder and its head are exported with ``torch.onnx.export`` (the maintained exporter;
 TorchScript path, opset 17, dynamic batch and sequence axes, checked against torch within
 1e-4, on short texts and on one text of the full ``max_length``) and served by ONNX Runtime;
@@ -110,7 +115,9 @@ def _head(model: Any, task: str, pooling: str, normalize: bool) -> Any:
     return Head().eval()
 
 
-def _load(folder: Path, task: str) -> tuple[Any, Any]:
+def _load(folder: Path, task: str) -> tuple[Any, Any, list[str]]:
+    """``(model, fast tokenizer, missing keys)``: the keys of the model that the folder's
+    weights do not hold (newly initialised, random)."""
     try:
         import transformers
     except ImportError as e:
@@ -118,12 +125,48 @@ def _load(folder: Path, task: str) -> tuple[Any, Any]:
     cls = transformers.AutoModelForSequenceClassification if task == "text-classification" else transformers.AutoModel
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
-        model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager",
+                                          output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
         raise ModelError(f"transformers cannot load {folder} offline: {e}") from e
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"{folder}: no fast tokenizer (tokenizer.json); headrace tokenises with the tokenizers library")
-    return model.eval(), tok
+    return model.eval(), tok, sorted(str(k) for k in (info or {}).get("missing_keys") or ())
+
+
+def unserved_heads(config: dict[str, Any]) -> list[str]:
+    """The folder's ``architectures`` with a trained head this importer does not serve
+    (``*ForTokenClassification``, ``*ForMaskedLM``, ``*ForQuestionAnswering``, ...)."""
+    return [str(a) for a in config.get("architectures") or []
+            if "For" in str(a) and not str(a).endswith("ForSequenceClassification")]
+
+
+def check_weights(folder: Path, config: dict[str, Any], task: str, missing: list[str]) -> None:
+    """Refuse a folder whose weights lack what ``task`` runs on (transformers would
+    initialise them at random and the model would serve noise).
+
+    ``text-classification`` needs every weight (the head, and the pooler a BERT head
+    classifies from); the other tasks everything but the pooler they never read.
+
+    Raises:
+        ConfigError: weights the task needs are missing, naming them and the task to use.
+    """
+    needed = missing if task == "text-classification" else [
+        k for k in missing if ".pooler." not in f".{k}"]
+    if not needed:
+        return
+    shown = ", ".join(needed[:8]) + (f" and {len(needed) - 8} more" if len(needed) > 8 else "")
+    verb = "is" if len(needed) == 1 else "are"
+    if task == "text-classification":
+        other = default_task(folder, config)
+        other = "feature-extraction" if other == "text-classification" else other
+        heads = unserved_heads(config)
+        what = f"; its config names {', '.join(heads)}, a head headrace does not serve" if heads else ""
+        raise ConfigError(f"{folder.name}: this folder has no trained classification head ({shown} {verb} missing, "
+                          f"transformers would initialise them at random{what}): add it with --task {other}")
+    raise ConfigError(f"{folder.name}: the folder's weights do not hold the {config.get('model_type') or 'encoder'} "
+                      f"encoder that --task {task} runs ({shown} {verb} missing, transformers would initialise "
+                      "them at random)")
 
 
 def usable_positions(model: Any) -> tuple[int, str] | None:
@@ -246,7 +289,8 @@ def import_huggingface(folder: Path, opts: ImportOptions, work_dir: Path) -> Imp
     task = opts.task or default_task(folder, config_raw)
     if task not in TASKS:
         raise ModelError(f"--task {task!r} must be one of {list(TASKS)}")
-    model, tok = _load(folder, task)
+    model, tok, missing = _load(folder, task)
+    check_weights(folder, config_raw, task, missing)
     pooling, normalize = pooling_of(folder) if task == "sentence-embedding" else ("", False)
     names = _input_names(model, tok)
     max_length = _max_length(folder, tok, model, opts)
@@ -284,4 +328,7 @@ def import_huggingface(folder: Path, opts: ImportOptions, work_dir: Path) -> Imp
                                               "pooling": pooling, "normalize": normalize,
                                               "max_abs_diff": report.max_abs_diff}}],
         notes=[f"{task} of a {extra['model_type'] or 'transformers'} encoder, exported to ONNX "
-               f"(max |onnx - torch| {report.max_abs_diff:.2g})"])
+               f"(max |onnx - torch| {report.max_abs_diff:.2g})",
+               *(f"the folder's trained {head} head is not served (headrace serves sentence-embedding, "
+                 f"feature-extraction and text-classification): this entry is the encoder's {task} "
+                 "without it" for head in unserved_heads(config_raw) if task != "text-classification")])
