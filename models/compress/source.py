@@ -95,13 +95,23 @@ def graph_signature(path: str | Path) -> tuple[dict[str, list[int | None]], tupl
 
 
 def _text_encoder(repo: ModelRepository, m: Manifest, names: Sequence[str]) -> TextEncoder:
-    from headrace.models.tokenizer import encode_batch, load_tokenizer
+    """Texts -> feeds as the worker makes them: truncated at ``extra.max_length`` (a long
+    text tokenised only as far as that needs), padded with ``extra.pad_id``. Each text is
+    tokenised once: compression feeds the same texts many times (calibration, checks,
+    evaluation of every step), so the ids are kept for the encoder's life."""
+    from headrace.models.tokenizer import PrefixTokenizer, pad_ids
 
-    tok = load_tokenizer(repo.file_path(m, str(m.extra.get("tokenizer", "tokenizer.json"))),
-                         max_length=int(m.extra.get("max_length", 256)))
+    tok = PrefixTokenizer(repo.file_path(m, str(m.extra.get("tokenizer", "tokenizer.json"))),
+                          max_length=int(m.extra.get("max_length", 256)))
+    pad = m.extra.get("pad_id")
+    pad_id = int(pad) if isinstance(pad, int) else tok.pad_id
+    known: dict[str, list[int]] = {}
 
     def encode(texts: Sequence[str]) -> Feed:
-        ids, mask = encode_batch(tok, list(texts))
+        new = [t for t in dict.fromkeys(texts) if t not in known]
+        if new:
+            known.update(zip(new, tok.ids_of(new), strict=True))
+        ids, mask = pad_ids([known[t] for t in texts], pad_id)
         every = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         return {n: every[n] for n in names}
 

@@ -140,7 +140,8 @@ async def test_texts_are_checked_and_costed_off_the_event_loop() -> None:
 
 def test_long_texts_are_cut_before_tokenising_without_changing_what_the_model_sees() -> None:
     from headrace.models.builtin.minilm import default_model_path
-    from headrace.workers.backends.tokens import CHARS_PER_TOKEN, TextEncoder
+    from headrace.models.tokenizer import CHARS_PER_TOKEN
+    from headrace.workers.backends.tokens import TextEncoder
 
     enc = TextEncoder(default_model_path(), 128)
     assert enc.max_chars == 128 * CHARS_PER_TOKEN
