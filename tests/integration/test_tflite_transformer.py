@@ -139,28 +139,38 @@ def _served_as_tensor_entry(path: Path, extra: dict[str, Any], feed: dict[str, A
     assert err.value.code == E.BAD_SHAPE
 
 
+def _tiny_bert(tmp_path: Path, name: str, *, max_position: int, max_length: int) -> tuple[Any, ModelRepository]:
+    """headrace's encoder, 2 layers of 2 heads, hidden 32, as torch entry ``name`` of a new
+    repository (the MiniLM tokenizer, cut at ``max_length``)."""
+    import torch
+
+    from headrace.models.builtin.minilm import MiniLM, MiniLMConfig, default_model_path, save_minilm
+    from headrace.models.repository.store import IOSpec
+
+    torch.manual_seed(0)
+    enc = MiniLM(MiniLMConfig(hidden_size=32, head_dim=16, num_heads=(2, 2), intermediate_sizes=(64, 64),
+                              max_position=max_position, source_layers=(0, 1))).eval()
+    files = {p.name: p for p in save_minilm(enc, tmp_path / "w")}
+    files["tokenizer.json"] = default_model_path() / "tokenizer.json"
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add(name, files, format="torch", backend="torch", preprocess="bert_tokenizer",
+             inputs=[IOSpec("input_ids", "int64", (-1,)), IOSpec("attention_mask", "int64", (-1,))],
+             outputs=[IOSpec("embeddings", "float32", (32,))], extra={"arch": "minilm", "max_length": max_length})
+    return enc, repo
+
+
 @pytest.mark.timeout(300)
 def test_bert_entry_compressed_to_tflite_and_served_on_litert(redis_url: str, tmp_path: Path) -> None:
     """``--steps tflite`` on a BERT-family repository entry (headrace's encoder, 2 layers, 2
     heads): dynamic-range INT8, gated at cosine 0.99, published, answered by a LiteRT worker."""
     import onnxruntime as ort
-    import torch
 
     from headrace.models.builtin.corpus import load_corpus
-    from headrace.models.builtin.minilm import MiniLM, MiniLMConfig, default_model_path, save_minilm
+    from headrace.models.builtin.minilm import default_model_path
     from headrace.models.compress.export import MINILM_AXES, export_onnx
-    from headrace.models.repository.store import IOSpec
     from headrace.models.tokenizer import load_tokenizer
 
-    torch.manual_seed(0)
-    enc = MiniLM(MiniLMConfig(hidden_size=32, head_dim=16, num_heads=(2, 2), intermediate_sizes=(64, 64),
-                              max_position=64, source_layers=(0, 1))).eval()
-    files = {p.name: p for p in save_minilm(enc, tmp_path / "w")}
-    files["tokenizer.json"] = default_model_path() / "tokenizer.json"
-    repo = ModelRepository(tmp_path / "repo")
-    repo.add("tiny-bert", files, format="torch", backend="torch", preprocess="bert_tokenizer",
-             inputs=[IOSpec("input_ids", "int64", (-1,)), IOSpec("attention_mask", "int64", (-1,))],
-             outputs=[IOSpec("embeddings", "float32", (32,))], extra={"arch": "minilm", "max_length": 32})
+    enc, repo = _tiny_bert(tmp_path, "tiny-bert", max_position=64, max_length=32)
     corpus = load_corpus(["pydoc"])
     (tmp_path / "cal.txt").write_text("\n".join(corpus.train[:40]))
     (tmp_path / "held.txt").write_text("\n".join(corpus.held_out[:40]))
@@ -209,20 +219,7 @@ def test_a_text_limit_equal_to_the_position_table_freezes_below_it_and_long_text
     answered at once (it was retried until max_deliveries)."""
     import time
 
-    import torch
-
-    from headrace.models.builtin.minilm import MiniLM, MiniLMConfig, default_model_path, save_minilm
-    from headrace.models.repository.store import IOSpec
-
-    torch.manual_seed(0)
-    enc = MiniLM(MiniLMConfig(hidden_size=32, head_dim=16, num_heads=(2, 2), intermediate_sizes=(64, 64),
-                              max_position=24, source_layers=(0, 1))).eval()
-    files = {p.name: p for p in save_minilm(enc, tmp_path / "w")}
-    files["tokenizer.json"] = default_model_path() / "tokenizer.json"
-    repo = ModelRepository(tmp_path / "repo")
-    repo.add("pos-bert", files, format="torch", backend="torch", preprocess="bert_tokenizer",
-             inputs=[IOSpec("input_ids", "int64", (-1,)), IOSpec("attention_mask", "int64", (-1,))],
-             outputs=[IOSpec("embeddings", "float32", (32,))], extra={"arch": "minilm", "max_length": 24})
+    _, repo = _tiny_bert(tmp_path, "pos-bert", max_position=24, max_length=24)
     texts = [f"sentence number {i} about queues and workers" for i in range(40)]
     (tmp_path / "cal.txt").write_text("\n".join(texts[:20]))
     (tmp_path / "held.txt").write_text("\n".join(texts[20:]))
