@@ -189,12 +189,14 @@ def load_text(path: str | Path) -> Samples:
     try:
         # "\n" only: str.splitlines also cuts at U+2028, form feeds and other separators
         # a sentence may hold; a line is a sample, as `headrace submit --texts` reads it.
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").split("\n")]
+        # utf-8-sig: a byte-order mark some editors write is no part of the first text
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").split("\n")]
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {p} as UTF-8 text (one sample per line): {e}") from e
     texts = tuple(ln for ln in lines if ln)
     if len(texts) < MIN_SAMPLES:
-        raise ConfigError(f"{p.name}: {len(texts)} non-blank lines; give at least {MIN_SAMPLES}")
+        raise ConfigError(f"{p.name}: {len(texts)} non-blank line{'' if len(texts) == 1 else 's'}; give at least "
+                          f"{MIN_SAMPLES}")
     return Samples(n=len(texts), texts=texts, origin=p.name)
 
 

@@ -93,6 +93,9 @@ def _check_paths(src: Path, dst: Path) -> tuple[Path, Path]:
     return src, dst
 
 
+_PREPROCESS_WARNED: set[str] = set()
+
+
 def _preprocess(src: Path, tmp: Path) -> Path:
     """Shape inference before quantization (ORT's recommended pre-processing), which lets the
     quantizer see activation shapes and dtypes, after moving Constant-node weights into
@@ -111,7 +114,10 @@ def _preprocess(src: Path, tmp: Path) -> Path:
             quant_pre_process(str(staged), str(out), skip_optimization=True, skip_symbolic_shape=False)
         return out
     except Exception as e:  # noqa: BLE001 - symbolic shape inference gives up on some graphs; only a help
-        log.warning("quantization pre-processing of %s failed (%s); quantizing without it", src, e)
+        # once per graph: the mixed-precision search quantizes the same graph many times
+        level = logging.DEBUG if str(src) in _PREPROCESS_WARNED else logging.WARNING
+        _PREPROCESS_WARNED.add(str(src))
+        log.log(level, "quantization pre-processing of %s failed (%s); quantizing without it", src, e)
         return staged
 
 

@@ -329,3 +329,15 @@ def test_an_fp32_model_holding_a_float16_constant_is_not_taken_for_an_fp16_produ
     m = repo.add("mixed", {"model.onnx": path}, format="onnx", inputs=[IOSpec("x", "float32", (16,))],
                  outputs=[IOSpec("logits", "float32", (4,))])
     assert product_kind(m, repo.file_path(m, m.model_file)) == ""
+
+
+def test_a_text_file_saved_with_a_byte_order_mark_does_not_pass_it_on_as_text(tmp_path: Path) -> None:
+    from headrace.client.errors import ConfigError
+    from headrace.models.compress.data import load_text
+
+    f = tmp_path / "cal.txt"
+    f.write_bytes("\ufefffirst text\nsecond\nthird\nfourth\n".encode())
+    assert load_text(f).texts[0] == "first text"
+    f.write_text("only one\n\n")
+    with pytest.raises(ConfigError, match="1 non-blank line; give at least"):
+        load_text(f)
