@@ -25,7 +25,7 @@ def constants_to_initializers(src: str | Path, dst: str | Path) -> int:
 
     Returns the number of constants moved.
     """
-    model = _load(src)
+    model = load_graph(src)
     moved = 0
 
     def visit(graph: Any) -> None:
@@ -75,7 +75,12 @@ def _walk(graph: Any, inits: dict[str, Any]) -> Iterator[tuple[Any, dict[str, An
                 yield from _walk(sub, scope)
 
 
-def _load(model_path: str | Path) -> Any:
+def load_graph(model_path: str | Path) -> Any:
+    """The ONNX model at ``model_path`` without its external data (only the graph is read).
+
+    Raises:
+        ModelError: the file is not a readable ONNX model.
+    """
     import onnx
 
     try:
@@ -93,7 +98,7 @@ def weight_nodes(model_path: str | Path, op_types: Sequence[str] = WEIGHT_OPS) -
         ModelError: the file is not a readable ONNX model, or a node has no name (the
             quantizer addresses nodes by name).
     """
-    model = _load(model_path)
+    model = load_graph(model_path)
     out: list[WeightNode] = []
     consts = {n.output[0]: a.t for n, _ in _walk(model.graph, {}) if n.op_type == "Constant"
               for a in n.attribute if a.name == "value" and a.HasField("t")}
@@ -113,7 +118,7 @@ def weight_nodes(model_path: str | Path, op_types: Sequence[str] = WEIGHT_OPS) -
 def graph_op_types(model_path: str | Path) -> dict[str, int]:
     """Op type -> count over the graph and its subgraphs."""
     counts: dict[str, int] = {}
-    for node, _ in _walk(_load(model_path).graph, {}):
+    for node, _ in _walk(load_graph(model_path).graph, {}):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
 
@@ -123,7 +128,7 @@ def float16_tensors(model_path: str | Path) -> int:
     (0 after an fp16 conversion means it converted nothing)."""
     from onnx import TensorProto
 
-    graph = _load(model_path).graph
+    graph = load_graph(model_path).graph
     count = sum(i.data_type == TensorProto.FLOAT16 for i in graph.initializer)
     for node, _ in _walk(graph, {}):
         for attr in node.attribute:
@@ -140,7 +145,7 @@ def float_weight_elements(model_path: str | Path) -> tuple[int, int]:
     from onnx import TensorProto
 
     half = full = 0
-    for i in _load(model_path).graph.initializer:
+    for i in load_graph(model_path).graph.initializer:
         n = 1
         for d in i.dims:
             n *= int(d)

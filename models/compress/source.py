@@ -19,6 +19,7 @@ import numpy as np
 
 from headrace.client.errors import ConfigError, ModelError
 from headrace.models.compress.data import Declared, Feed, Samples, TextEncoder
+from headrace.models.compress.graph import load_graph
 from headrace.models.repository.manifest import Manifest
 from headrace.models.repository.store import ModelRepository
 
@@ -63,27 +64,13 @@ class Source:
         return self.encode is not None
 
 
-def _load(path: str | Path) -> Any:
-    """The ONNX model at ``path`` without its external data (only the graph is read here).
-
-    Raises:
-        ModelError: the file is not a readable ONNX model.
-    """
-    import onnx
-
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError / OSError variants
-        raise ModelError(f"cannot read ONNX model {path}: {e}") from e
-
-
 def graph_signature(path: str | Path) -> tuple[dict[str, list[int | None]], tuple[str, ...]]:
     """(input name -> declared dims with None for dynamic ones, output names) of an ONNX file.
 
     Raises:
         ModelError: the file is not a readable ONNX model.
     """
-    model = _load(path)
+    model = load_graph(path)
     inits = {i.name for i in model.graph.initializer}
     declared: dict[str, list[int | None]] = {}
     for i in model.graph.input:
@@ -169,7 +156,7 @@ def input_dtypes(path: str | Path) -> dict[str, np.dtype[Any]]:
     """
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    model = _load(path)
+    model = load_graph(path)
     inits = {i.name for i in model.graph.initializer}
     out: dict[str, np.dtype[Any]] = {}
     for i in model.graph.input:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,21 @@ from headrace.models.compress.anymodel import AnyModelOptions, run_any  # noqa: 
 from headrace.models.compress.steps import TfliteOptions  # noqa: E402
 from headrace.models.repository.store import ModelRepository  # noqa: E402
 from tests.support.procs import ROOT  # noqa: E402
+
+
+@contextmanager
+def _litert_worker(model: str, repo: ModelRepository, redis_url: str, log_path: Path, *extra: str) -> Iterator[Any]:
+    """A ``--backend litert`` worker process for ``model``, killed on exit (its output in ``log_path``)."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "headrace.workers", "--model", model,
+                                 "--model-repo", str(repo.root), "--redis-url", redis_url, "--backend", "litert",
+                                 "--consumer", "edge-1", "--block-ms", "50", "--max-wait-ms", "5", *extra],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait(10)
 
 
 def _cosines(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -189,25 +206,16 @@ def test_bert_entry_compressed_to_tflite_and_served_on_litert(redis_url: str, tm
     export_onnx(enc, feeds[0], onnx_path, output_names=["embeddings"], dynamic_axes=MINILM_AXES)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     ref = np.concatenate([sess.run(None, f)[0] for f in feeds])
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "headrace.workers", "--model", "tiny-bert-tflite-int8-dynamic",
-                             "--model-repo", str(repo.root), "--redis-url", redis_url, "--backend", "litert",
-                             "--consumer", "edge-1", "--block-ms", "50", "--max-wait-ms", "5"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        with Client(redis_url, timeout_s=120, require_registered=False) as c:
-            tickets = [c.submit("tiny-bert-tflite-int8-dynamic", text=t) for t in sentences]
-            got = np.stack([t.result(120).raise_for_status().outputs["embeddings"] for t in tickets])
-            assert _cosines(got, ref).min() >= 0.99, _cosines(got, ref)
-            bad = c.submit("tiny-bert-tflite-int8-dynamic", {"input_ids": np.ones(4, np.int64)}).result(60)
-            assert bad.status != "ok"  # a text entry takes text
-            again = c.infer("tiny-bert-tflite-int8-dynamic", text=sentences[0], timeout_s=60)  # still serving
-            np.testing.assert_allclose(again.outputs["embeddings"], got[0], atol=1e-5)
+    with _litert_worker("tiny-bert-tflite-int8-dynamic", repo, redis_url, tmp_path / "worker.log") as proc, \
+            Client(redis_url, timeout_s=120, require_registered=False) as c:
+        tickets = [c.submit("tiny-bert-tflite-int8-dynamic", text=t) for t in sentences]
+        got = np.stack([t.result(120).raise_for_status().outputs["embeddings"] for t in tickets])
+        assert _cosines(got, ref).min() >= 0.99, _cosines(got, ref)
+        bad = c.submit("tiny-bert-tflite-int8-dynamic", {"input_ids": np.ones(4, np.int64)}).result(60)
+        assert bad.status != "ok"  # a text entry takes text
+        again = c.infer("tiny-bert-tflite-int8-dynamic", text=sentences[0], timeout_s=60)  # still serving
+        np.testing.assert_allclose(again.outputs["embeddings"], got[0], atol=1e-5)
         assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
 
 
 @pytest.mark.timeout(300)
@@ -230,18 +238,9 @@ def test_a_text_limit_equal_to_the_position_table_freezes_below_it_and_long_text
     assert res.published == ["pos-bert-tflite-int8-dynamic/1"], (res.refused, res.details)
     m = repo.verify("pos-bert-tflite-int8-dynamic")
     assert m.extra["tflite_static_shapes"]["input_ids"] == [1, 23] and m.extra["max_length"] == 23
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "headrace.workers", "--model", "pos-bert-tflite-int8-dynamic",
-                             "--model-repo", str(repo.root), "--redis-url", redis_url, "--backend", "litert",
-                             "--consumer", "edge-1", "--block-ms", "50", "--max-wait-ms", "5", "--lease-s", "30"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        with Client(redis_url, timeout_s=120, require_registered=False) as c:
-            assert c.infer("pos-bert-tflite-int8-dynamic", text="a short one", timeout_s=120).ok  # worker up
-            started = time.monotonic()
-            long = c.infer("pos-bert-tflite-int8-dynamic", text="word " * 60, timeout_s=60)
-            assert long.ok and time.monotonic() - started < 25, (long, time.monotonic() - started)
-    finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
+    with _litert_worker("pos-bert-tflite-int8-dynamic", repo, redis_url, tmp_path / "worker.log", "--lease-s", "30"), \
+            Client(redis_url, timeout_s=120, require_registered=False) as c:
+        assert c.infer("pos-bert-tflite-int8-dynamic", text="a short one", timeout_s=120).ok  # worker up
+        started = time.monotonic()
+        long = c.infer("pos-bert-tflite-int8-dynamic", text="word " * 60, timeout_s=60)
+        assert long.ok and time.monotonic() - started < 25, (long, time.monotonic() - started)
