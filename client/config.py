@@ -32,6 +32,9 @@ DEFAULT_GROUP = "workers"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: the URL schemes redis-py connects with.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: The longest request deadline, in seconds (about 31 years): the wire's ``deadline_ms`` field
+#: holds at most 18 digits, and a longer one is no deadline in practice (pass 0 for none).
+MAX_DEADLINE_S = 1e9
 
 
 def resolve_redis_url(url: str | None, env: Mapping[str, str] | None = None) -> str:
@@ -201,6 +204,27 @@ def require(cond: bool, field: str, message: str, cls_prefix: str = ENV_PREFIX) 
         raise ConfigError(f"{field}: {message} (env {cls_prefix}{field.upper()})", field=field, reason=message)
 
 
+def validate_redis_url(url: str) -> None:
+    """An empty ``url`` (the default) or one redis-py can connect with.
+
+    Raises:
+        ConfigError: another scheme, or a port/db/option redis-py cannot read (it would raise
+            a bare ``ValueError`` at the first connection instead). The message never repeats
+            the URL, which may hold a password.
+    """
+    if not url:
+        return
+    # redis-py would raise a bare ValueError at connection time for any other scheme.
+    require(url.startswith(REDIS_SCHEMES), "redis_url",
+            "must start with redis://, rediss:// (TLS) or unix://, e.g. redis://127.0.0.1:6379/0")
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as e:
+        require(False, "redis_url", f"cannot be read: {e}; e.g. redis://user:password@127.0.0.1:6379/0")
+
+
 def validate_namespace(namespace: str) -> None:
     require(
         bool(namespace) and not any(c in namespace for c in "{}: \t\n"),
@@ -289,9 +313,7 @@ class ClientSettings(Settings):
 
     def validate(self) -> None:
         validate_namespace(self.namespace)
-        # redis-py would raise a bare ValueError at connection time for any other scheme.
-        require(not self.redis_url or self.redis_url.startswith(REDIS_SCHEMES), "redis_url",
-                "must start with redis://, rediss:// (TLS) or unix://, e.g. redis://127.0.0.1:6379/0")
+        validate_redis_url(self.redis_url)
         require(1 <= self.partitions <= 1024, "partitions",
                 "must be between 1 (one stream per model) and 1024; use the workers' value")
         require(self.max_backlog >= 0, "max_backlog", "must be >= 0 (0 disables the check)")
@@ -300,7 +322,8 @@ class ClientSettings(Settings):
         require(self.timeout_s > 0, "timeout_s", "must be > 0 seconds (inf waits without limit)")
         require(math.isfinite(self.deadline_s), "deadline_s",
                 "must be a finite number of seconds; set 0 for no deadline")
-        require(self.deadline_s >= 0, "deadline_s", "must be >= 0 seconds (0 = no deadline)")
+        require(0 <= self.deadline_s <= MAX_DEADLINE_S, "deadline_s",
+                f"must be between 0 (no deadline) and {MAX_DEADLINE_S:.0e} seconds")
         require(self.reply_block_ms >= 1, "reply_block_ms", "must be >= 1 ms")
         require(self.reply_ttl_s >= 1, "reply_ttl_s", "must be >= 1 s")
         require(self.max_in_flight >= 1, "max_in_flight", "must be >= 1")

@@ -21,7 +21,7 @@ import numpy as np
 
 from headrace.client import errors as E
 from headrace.client import protocol
-from headrace.client.config import ClientSettings
+from headrace.client.config import MAX_DEADLINE_S, ClientSettings
 from headrace.client.functions import SUBMIT_FUNCTION, function_missing
 from headrace.client.keys import ModelKeys
 
@@ -79,13 +79,16 @@ def check_deadline(deadline_s: float) -> float:
 
     Raises:
         ConfigError: nan or infinite (``0`` means no deadline).
-        ProtocolError: negative (``bad_value``).
+        ProtocolError: negative, or beyond :data:`MAX_DEADLINE_S` (``bad_value``).
     """
     if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not math.isfinite(deadline_s):
         raise E.ConfigError(f"deadline_s={deadline_s!r} is not a finite number of seconds; pass seconds > 0, or 0 "
                             "(or None with settings.deadline_s=0) for no deadline", field="deadline_s")
     if deadline_s < 0:
         raise E.ProtocolError(f"deadline_s must be >= 0 seconds, got {deadline_s}", code=E.BAD_VALUE)
+    if deadline_s > MAX_DEADLINE_S:
+        raise E.ProtocolError(f"deadline_s must be at most {MAX_DEADLINE_S:.0e} seconds (about 31 years), got "
+                              f"{deadline_s}; pass 0 for no deadline", code=E.BAD_VALUE)
     return deadline_s
 
 

@@ -33,6 +33,7 @@ from headrace.client.config import (
     require,
     validate_model_name,
     validate_namespace,
+    validate_redis_url,
 )
 from headrace.client.keys import validate_partitions
 from headrace.client.protocol import Limits
@@ -177,6 +178,7 @@ class WorkerSettings(Settings):
     def validate(self) -> None:
         validate_model_name(self.model)
         validate_namespace(self.namespace)
+        validate_redis_url(self.redis_url)
         validate_partitions(self.partitions)
         require(bool(self.group) and "{" not in self.group, "group", "must be a non-empty name")
         require(self.backend in {"", "onnx", "torch", "litert"}, "backend",

@@ -55,6 +55,10 @@ def test_unknown_override_is_refused() -> None:
     ("max_backlog", -1, "HEADRACE_MAX_BACKLOG"),
     ("timeout_s", 0, "HEADRACE_TIMEOUT_S"),
     ("deadline_s", -1.0, "HEADRACE_DEADLINE_S"),
+    ("deadline_s", 1e20, "HEADRACE_DEADLINE_S"),
+    ("redis_url", "redis://127.0.0.1:abc", "HEADRACE_REDIS_URL"),
+    ("redis_url", "redis://h:70000/0", "HEADRACE_REDIS_URL"),
+    ("redis_url", "redis://h:6379/0?db=x", "HEADRACE_REDIS_URL"),
     ("reply_block_ms", 0, "HEADRACE_REPLY_BLOCK_MS"),
     ("reply_ttl_s", 0, "HEADRACE_REPLY_TTL_S"),
     ("max_in_flight", 0, "HEADRACE_MAX_IN_FLIGHT"),
@@ -84,6 +88,9 @@ def test_worker_settings_validation() -> None:
         WorkerSettings(max_batch=4, preferred_batch=8)
     with pytest.raises(E.ConfigError, match="backend"):
         WorkerSettings(backend="tensorflow")
+    with pytest.raises(E.ConfigError, match="redis_url") as info:  # at start, not at the first connection
+        WorkerSettings(redis_url="redis://user:hunter2@h:port/0")
+    assert "hunter2" not in str(info.value)
     w = WorkerSettings(max_batch=8)
     assert w.effective_preferred_batch == 8 and w.limits.max_payload_bytes == w.max_payload_bytes
 

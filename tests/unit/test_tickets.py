@@ -47,6 +47,7 @@ def test_prepare_request_encodes_a_decodable_entry() -> None:
     ({"inputs": {"x": np.ones(1)}, "text": "t"}, E.MISSING_FIELD),
     ({"inputs": None, "text": "t", "request_id": "bad id"}, E.DECODE_ERROR),
     ({"inputs": None, "text": "t", "deadline_s": -1}, E.BAD_VALUE),
+    ({"inputs": None, "text": "t", "deadline_s": 1e20}, E.BAD_VALUE),  # past the wire's 18 digits of ms
     ({"inputs": None, "text": b"bytes"}, E.BAD_VALUE),
     ({"inputs": {"x": np.ones(1, np.complex64)}, "text": None}, E.BAD_DTYPE),
 ])
