@@ -36,7 +36,7 @@ from headrace.client.config import (
     validate_redis_url,
 )
 from headrace.client.keys import validate_partitions
-from headrace.client.protocol import Limits
+from headrace.client.protocol import DEFAULT_LIMITS, Limits
 from headrace.workers.pipeline.entry import ENVELOPE_ALLOWANCE_BYTES
 
 
@@ -236,7 +236,11 @@ class WorkerSettings(Settings):
     def limits(self) -> Limits:
         # cached: the decoder asks for it on every entry (settings are frozen; a live change
         # makes new settings)
-        return Limits(max_payload_bytes=self.max_payload_bytes)
+        # A numeric tensor's bytes are all in the body, so the element cap only bounds what a
+        # shape could claim beyond them: it follows a raised max_payload_bytes, or a worker
+        # allowed 64 MiB bodies would still refuse a 20 Mi-element uint8 image batch.
+        return Limits(max_payload_bytes=self.max_payload_bytes,
+                      max_elements=max(DEFAULT_LIMITS.max_elements, self.max_payload_bytes))
 
 
 def infos(cls: type[Settings] = WorkerSettings) -> list[tuple[dataclasses.Field[Any], SettingInfo]]:

@@ -141,3 +141,17 @@ def test_backoff_policy_grows_caps_and_jitters() -> None:
     for bad in ({"base_s": -1.0}, {"base_s": 2.0, "cap_s": 1.0}, {"factor": 0.5}, {"jitter": 1.5}):
         with pytest.raises(E.ConfigError):
             BackoffPolicy(**bad)  # type: ignore[arg-type]
+
+
+def test_a_raised_payload_limit_raises_the_element_cap_with_it() -> None:
+    """A 20 Mi-element uint8 batch (20 MiB of bytes) fits a worker allowed 64 MiB bodies;
+    the default worker still refuses it as too large, before allocating."""
+    import numpy as np
+
+    from headrace.client.wire import decode_tensor, encode_tensor
+
+    wire = encode_tensor(np.zeros((5, 4, 1024, 1024), np.uint8))
+    big = WorkerSettings(max_payload_bytes=64 * 1024 * 1024, memory_budget_bytes=1 << 30).limits
+    assert decode_tensor(wire, big).shape == (5, 4, 1024, 1024)
+    with pytest.raises(E.PayloadTooLargeError):
+        decode_tensor(wire, WorkerSettings().limits)
