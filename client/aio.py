@@ -117,7 +117,7 @@ class AsyncClient(CoreViews):
         """
         self._core.check_open("AsyncClient")
         ticket = self._core.new_ticket(model, inputs, text, request_id, deadline_s)
-        policy = retry if retry is not None else self._core.retry
+        policy = self._core.policy(retry)
         await self._run(flows.submit(self._core, ticket, policy.start(ticket.deadline_ms)))
         return ticket
 

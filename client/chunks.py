@@ -19,7 +19,7 @@ from headrace.client import protocol
 from headrace.client.keys import ModelKeys
 from headrace.client.protocol import Result
 from headrace.client.samples import MultiRequest
-from headrace.client.submit import PreparedRequest, check_deadline, new_request_id, split_item
+from headrace.client.submit import PreparedRequest, check_deadline, named_arrays, new_request_id, split_item
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def chunked(items: Iterable[Any], chunk_size: int) -> Iterator[Any]:
     kind: Hashable = None
     for item in items:
         inputs, text = split_item(item)
-        arrays = None if inputs is None else {str(k): np.asarray(v) for k, v in inputs.items()}
+        arrays = None if inputs is None else named_arrays(inputs)
         this = "text" if arrays is None else tuple((k, a.shape, a.dtype.str) for k, a in sorted(arrays.items()))
         if run and (this != kind or len(run) >= chunk_size):
             yield _pack(run)

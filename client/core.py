@@ -34,6 +34,18 @@ READ_COUNT = 512
 """Entries one reply-stream ``XREAD`` returns at most per stream."""
 
 
+def check_retry(retry: Retry | None) -> Retry | None:
+    """``retry`` as given (a client's or a call's policy), refused when not a :class:`Retry`.
+
+    Raises:
+        ConfigError: anything else but None (``retry=3`` would fail deep inside the call).
+    """
+    if retry is not None and not isinstance(retry, Retry):
+        raise E.ConfigError(f"retry must be a headrace.client.Retry (or None for the default policy), got "
+                            f"{type(retry).__name__} {retry!r}", field="retry")
+    return retry
+
+
 def default_retry(settings: ClientSettings) -> Retry:
     """The client's retry policy when none is given: ``retry_attempts`` submissions when
     Redis fails under a submit (:class:`BrokerError`) only."""
@@ -84,13 +96,18 @@ class ClientCore:
         cancel_sink: where cancel-marker commands go (set by the shell; best effort).
     """
 
+    def policy(self, retry: Retry | None) -> Retry:
+        """A call's ``retry``, or the client's when None.
+
+        Raises:
+            ConfigError: ``retry`` is not a :class:`Retry`.
+        """
+        return check_retry(retry) or self.retry
+
     def __init__(self, settings: ClientSettings, client_id: str, retry: Retry | None = None) -> None:
         self.settings = settings
         self.client_id = client_id
-        if retry is not None and not isinstance(retry, Retry):
-            raise E.ConfigError(f"retry must be a headrace.client.Retry (or None for the default policy), got "
-                                f"{type(retry).__name__} {retry!r}", field="retry")
-        self.retry = retry if retry is not None else default_retry(settings)
+        self.retry = check_retry(retry) or default_retry(settings)
         self.book = TicketBook()
         self.registry = RegistryCache(settings.registry_cache_s)
         self.closed = False

@@ -122,7 +122,7 @@ def infer(core: ClientCore, ticket: Ticket, timeout_s: float | None, retry: Retr
     Raises:
         UnknownModel, ModelUnavailable, QueueFull, BrokerError, ResultTimeout, RequestCancelled.
     """
-    policy = retry if retry is not None else core.retry
+    policy = core.policy(retry)
     attempts = policy.start(ticket.deadline_ms)
     wait_s = wait_seconds(timeout_s, core.settings.timeout_s)
     try:
@@ -252,7 +252,7 @@ def _run_window(core: ClientCore, model: str, items: Iterable[Any],
             return core.new_chunk_ticket(model, source, request_id, deadline_s)
         return core.new_ticket(model, source[0], source[1], request_id, deadline_s)
 
-    window = MapWindow(items, core.settings.max_in_flight, wait_s, prepare, retry if retry is not None else core.retry)
+    window = MapWindow(items, core.settings.max_in_flight, wait_s, prepare, core.policy(retry))
     checked = False
     try:
         while True:

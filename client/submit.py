@@ -122,15 +122,16 @@ def prepare_request(keys: ModelKeys, reply_to: str, inputs: Mapping[str, Any] | 
         deadline_s: time-to-live in seconds from now; 0 means no deadline.
 
     Raises:
-        ProtocolError: neither or both of ``inputs``/``text``, an invalid request id, or a
-            text that is not valid UTF-8 (``bad_value``).
-        InvalidTensorError: an input dtype that is not a wire dtype (``bad_dtype``).
+        ProtocolError: neither or both of ``inputs``/``text``, an invalid request id, a
+            text that is not valid UTF-8 or ``inputs`` that are not a mapping (``bad_value``).
+        InvalidTensorError: an input dtype that is not a wire dtype (``bad_dtype``), or a
+            value that is not one array (``bad_shape``).
         ConfigError: a nan or infinite ``deadline_s``.
     """
     check_deadline(deadline_s)
     if text is not None and not isinstance(text, str):
         raise E.ProtocolError(f"text must be a str, got {type(text).__name__}", code=E.BAD_VALUE)
-    arrays = {str(k): np.asarray(v) for k, v in (inputs or {}).items()}
+    arrays = named_arrays(inputs)
     rid = request_id if request_id is not None else new_request_id()
     now = protocol.now_ms()
     env = protocol.Envelope(request_id=rid, reply_to=reply_to, model=keys.model, ts_ms=now,
@@ -216,6 +217,29 @@ def parse_reply(reply: Any, prepared: PreparedRequest, max_backlog: int) -> str:
             f"request {prepared.request_id} was not enqueued: retry later, add workers, or raise max_backlog",
             backlog=int(value), max_backlog=max_backlog, request_id=prepared.request_id, model=prepared.model)
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def named_arrays(inputs: Mapping[str, Any] | None) -> dict[str, np.ndarray[Any, Any]]:
+    """A request's ``inputs`` as named numpy arrays (empty for None).
+
+    Raises:
+        ProtocolError: ``inputs`` is not a mapping (``bad_value``).
+        InvalidTensorError: a value numpy cannot make one array of, such as ragged nested
+            lists (``bad_shape``).
+    """
+    if inputs is None:
+        return {}
+    if not isinstance(inputs, Mapping):
+        raise E.ProtocolError(f"inputs must be a mapping of input name -> array, got {type(inputs).__name__}; "
+                              "wrap a bare array as {'<input name>': array}", code=E.BAD_VALUE)
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for k, v in inputs.items():
+        try:
+            out[str(k)] = np.asarray(v)
+        except (ValueError, TypeError) as e:  # ragged lists; objects numpy cannot take
+            raise E.InvalidTensorError(f"input {str(k)!r} is not one array: {str(e).split('. ')[0]}",
+                                       code=E.BAD_SHAPE) from e
+    return out
 
 
 def split_item(item: Any) -> tuple[Mapping[str, Any] | None, str | None]:

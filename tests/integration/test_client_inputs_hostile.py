@@ -99,6 +99,27 @@ def test_a_text_with_a_lone_surrogate_is_a_protocol_error(client: Client, redis_
     assert queued(redis.Redis.from_url(redis_url), client.model_keys("length")) == 0
 
 
+def test_a_per_call_retry_of_the_wrong_kind_and_inputs_that_are_not_arrays(client: Client, redis_url: str) -> None:
+    """``retry=3`` on a call, ``inputs`` as a list and ragged nested lists raised AttributeError /
+    ValueError from deep inside; they are the documented errors, and nothing is enqueued."""
+    x = affine_inputs(0)
+    for call in [lambda: client.submit("affine", x, retry=3),  # type: ignore[arg-type]
+                 lambda: client.infer("affine", x, retry="x"),  # type: ignore[arg-type]
+                 lambda: client.map("affine", [x], retry=3, progress=False)]:  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="retry must be") as info:
+            call()
+        assert info.value.field == "retry"
+    with pytest.raises(ProtocolError, match="must be a mapping") as bad:
+        client.submit("affine", [1.0, 2.0])  # type: ignore[arg-type]
+    assert bad.value.code == E.BAD_VALUE
+    for call in [lambda: client.submit("affine", {"x": [[1.0, 2.0], [3.0]]}),
+                 lambda: client.map("affine", [x, {"x": [[1.0], [2.0, 3.0]]}], progress=False)]:
+        with pytest.raises(E.InvalidTensorError, match="'x' is not one array") as ragged:
+            call()
+        assert ragged.value.code == E.BAD_SHAPE
+    assert queued(redis.Redis.from_url(redis_url), client.model_keys("affine")) == 0
+
+
 @pytest.mark.parametrize("kw", [{"retry": "x"}, {"settings": "x"}, {"redis_url": "http://127.0.0.1:6379"},
                                 {"redis_url": "not a url"}, {"redis_url": "http://u:s3cret@127.0.0.1:6379"}])
 def test_arguments_of_the_wrong_kind_fail_at_construction(kw: dict[str, Any]) -> None:

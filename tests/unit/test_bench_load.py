@@ -93,13 +93,15 @@ def test_closed_loop_stops_at_max_requests() -> None:
     assert len(rr.samples) == 25
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(30)
 def test_open_loop_follows_the_schedule_and_sheds_beyond_max_in_flight() -> None:
     target = SleepTarget(delay_s=0.001)
-    limits = RunLimits(duration_s=0.3, warmup_s=0.0, max_requests=10_000, timeout_s=1.0)
+    # generous bounds: this checks the schedule is followed and the run ends, not its speed
+    # (a 1 ms sleep took over a second on a machine at load average 19)
+    limits = RunLimits(duration_s=0.3, warmup_s=0.0, max_requests=10_000, timeout_s=10.0)
     t0 = time.perf_counter()
     rr = asyncio.run(open_loop(target, 400.0, limits, seed=1))
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 15.0
     assert len(rr.samples) == len(poisson_schedule(400.0, 0.3, seed=1))
     assert len(rr.lateness_ms) == len(rr.samples) and rr.shed == 0
     assert all(s.ok for s in rr.samples)
