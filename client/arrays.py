@@ -87,7 +87,11 @@ def block_arrays(block: Any) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
         raise E.ProtocolError("a block is a non-empty mapping of input name -> array with a leading sample axis, "
                               f"got {type(block).__name__}", code=E.BAD_VALUE)
     # asarray(order="C"), not ascontiguousarray, which would make a 0-d input shape (1,)
-    arrays = {str(k): np.asarray(v, order="C") for k, v in block.items()}
+    try:
+        arrays = {str(k): np.asarray(v, order="C") for k, v in block.items()}
+    except (ValueError, TypeError) as e:  # ragged lists; objects numpy cannot take
+        raise E.InvalidTensorError(f"an input of the block is not one array: {str(e).split('. ')[0]}",
+                                   code=E.BAD_SHAPE) from e
     counts = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
     if None in counts.values() or len(set(counts.values())) != 1:
         raise E.InvalidTensorError(f"every input of a block needs the same leading (sample) axis, got {counts} "

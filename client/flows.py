@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -213,6 +213,9 @@ def imap_arrays(core: ClientCore, model: str, blocks: Iterable[Any], *, timeout_
         as :func:`imap`; ProtocolError also for a malformed block or an output whose row
         shape changes between entries.
     """
+    if isinstance(blocks, (Mapping, str)):  # iterating it would take its keys/characters for blocks
+        raise E.ProtocolError(f"imap_arrays takes an iterable of blocks, got one {type(blocks).__name__}; "
+                              "pass [block], or call map_arrays for a single block", code=E.BAD_VALUE)
     size = _chunk_size(core, chunk_size)
     plan: Plan = collections.deque()
 

@@ -117,6 +117,11 @@ def test_a_per_call_retry_of_the_wrong_kind_and_inputs_that_are_not_arrays(clien
         with pytest.raises(E.InvalidTensorError, match="'x' is not one array") as ragged:
             call()
         assert ragged.value.code == E.BAD_SHAPE
+    with pytest.raises(E.InvalidTensorError, match="not one array") as block:
+        client.map_arrays("affine", {"x": [[1.0, 2.0], [3.0]]})
+    assert block.value.code == E.BAD_SHAPE
+    with pytest.raises(ProtocolError, match="iterable of blocks"):  # its keys were taken for text blocks
+        list(client.imap_arrays("affine", {"x": np.ones((2, 4), np.float32)}))
     assert queued(redis.Redis.from_url(redis_url), client.model_keys("affine")) == 0
 
 
